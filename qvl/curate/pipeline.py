@@ -1,0 +1,321 @@
+"""The local streaming engine of `qvl curate filter`.
+
+Phase 1, per input shard (in parallel processes): read batches, run the rules and
+language id, write the shard's rejects and its survivors routed to dedup hash
+partitions. Phase 2, per partition: drop duplicates, write the kept rows. Every output
+file is written atomically and followed by a marker in ``OUT/_state``; a run that is
+killed and started again skips what its markers say is done and ends with the same
+result. ``kept + rejected == input`` always: each row is written exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import queue
+import shutil
+from collections import defaultdict
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from qvl import __version__, storage
+from qvl.curate import dedup, langid, readers, rules
+from qvl.curate import stats as st
+from qvl.curate.readers import Shard
+from qvl.curate.settings import FilterSettings, RunSettings
+from qvl.progress import progress_bar
+from qvl.schemas import CURATED_PAIR, REJECTED_PAIR
+
+INTERNAL = {"_seq", "_part", "_input_error", "_lang_fasttext"}
+INTERNAL_PREFIXES = ("_fail_", "_changed_")
+
+
+class RunStateError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+    out: Path
+
+    @property
+    def kept(self) -> Path:
+        return self.out / "kept"
+
+    @property
+    def rejected(self) -> Path:
+        return self.out / "rejected"
+
+    @property
+    def survivors(self) -> Path:
+        return self.out / "_work" / "survivors"
+
+    @property
+    def state(self) -> Path:
+        return self.out / "_state"
+
+    def shard_marker(self, shard: Shard) -> Path:
+        return self.state / "shards" / f"{shard.key}.json"
+
+    def partition_marker(self, k: int) -> Path:
+        return self.state / "partitions" / f"{k:05d}.json"
+
+
+def _public(frame: pl.DataFrame, schema: pa.Schema) -> pa.Table:
+    """The output table: the schema's columns with their exact types, then passthrough."""
+    extra = [
+        c for c in frame.columns
+        if c not in schema.names and c not in INTERNAL and not c.startswith(INTERNAL_PREFIXES)
+    ]
+    table = frame.select([*schema.names, *extra]).to_arrow()
+    return table.cast(pa.schema([*schema, *[table.schema.field(c) for c in extra]]))
+
+
+# ---------------------------------------------------------------- phase 1
+
+
+def process_shard(
+    shard: Shard, out: Path, settings: FilterSettings, batch_rows: int, partitions: int,
+    progress: "mp.Queue | None" = None,
+) -> dict:
+    """Rules and language id over one shard; returns its marker (stats, row groups)."""
+    paths = Paths(out)
+    stats: dict = {}
+    rejected_sink: storage.ParquetSink | None = None
+    survivor_sink: storage.ParquetSink | None = None
+    row_groups: dict[int, list[int]] = defaultdict(list)
+    n_groups = 0
+    try:
+        for frame in readers.read_batches(shard, batch_rows):
+            frame = rules.apply(frame, settings)
+            st.count_by(stats, "input", frame, ["source"])
+            for name in rules.REWRITES:
+                if f"_changed_{name}" in frame.columns:
+                    st.count_by(stats, "rewritten", frame.filter(pl.col(f"_changed_{name}")).with_columns(
+                        _rule=pl.lit(name)), ["_rule", "source"])
+            st.count_by(stats, "clip_unscored", frame.filter(pl.col("clip_score").is_null()), ["source"])
+
+            survivors = langid.tag(frame.filter(pl.col("drop_reason").is_null()), settings)
+            survivors = survivors.with_columns(
+                drop_reason=pl.when(pl.col("_fail_lang")).then(pl.lit(rules.LANG))
+            )
+            st.count_by(stats, "lang_relabelled", survivors.filter(pl.col("lang_by") == "script")
+                        .with_columns(_to=pl.col("_lang_fasttext") + "->" + pl.col("lang")), ["_to"])
+            rejected = pl.concat(
+                [frame.filter(pl.col("drop_reason").is_not_null()), survivors.filter(pl.col("_fail_lang"))],
+                how="diagonal_relaxed",
+            )
+            rejected = rejected.with_columns(failed_rules=rules.failed_rules(rejected))
+            st.count_by(stats, "dropped", rejected, ["drop_reason", "source"])
+            table = _public(rejected.with_columns(
+                [pl.col(c).cast(t) for c, t in (("lang", pl.String), ("lang_score", pl.Float32),
+                                                ("lang_by", pl.String))]
+            ), REJECTED_PAIR)
+            if rejected_sink is None:
+                rejected_sink = storage.ParquetSink(paths.rejected / f"{shard.key}.parquet", table.schema)
+            rejected_sink.write(table)
+
+            kept = survivors.filter(~pl.col("_fail_lang"))
+            if kept.height:
+                kept = kept.with_columns(_part=dedup.partition_of(kept, partitions))
+                for (k,), part in kept.partition_by("_part", as_dict=True, maintain_order=True).items():
+                    keep_cols = [c for c in part.columns if c in ("_seq", "_part") or not (
+                        c in INTERNAL or c.startswith(INTERNAL_PREFIXES))]
+                    t = part.select(keep_cols).to_arrow()
+                    if survivor_sink is None:
+                        survivor_sink = storage.ParquetSink(
+                            paths.survivors / f"{shard.key}.parquet", t.schema, compression="lz4")
+                    survivor_sink.write(t)  # one write, one row group: phase 2 reads only its own
+                    row_groups[int(k)].append(n_groups)
+                    n_groups += 1
+            if progress is not None:
+                progress.put(frame.height)
+        if rejected_sink is None:
+            rejected_sink = storage.ParquetSink(paths.rejected / f"{shard.key}.parquet", REJECTED_PAIR)
+        rejected_sink.commit()
+        if survivor_sink is not None:
+            survivor_sink.commit()
+    except BaseException:
+        for sink in (rejected_sink, survivor_sink):
+            if sink is not None:
+                sink.abort()
+        raise
+    marker = {"shard": str(shard.path), "stats": stats, "row_groups": {str(k): v for k, v in row_groups.items()},
+              "survivors": str(paths.survivors / f"{shard.key}.parquet") if survivor_sink else None}
+    storage.write_json(paths.shard_marker(shard), marker)
+    return marker
+
+
+# ---------------------------------------------------------------- phase 2
+
+
+def dedup_partition(out: Path, k: int, sources: list[tuple[str, list[int]]]) -> dict:
+    """De-duplicate partition ``k`` from the row groups the shards routed to it."""
+    paths = Paths(out)
+    stats: dict = {}
+    frames = [pl.from_arrow(pq.ParquetFile(path).read_row_groups(groups)) for path, groups in sources]
+    if frames:
+        frame = pl.concat(frames, how="diagonal_relaxed")
+        kept, dups = dedup.split_duplicates(frame)
+    else:
+        kept = dups = None
+    if kept is not None and kept.height:
+        storage.write_parquet(paths.kept / f"part-{k:05d}.parquet", _public(kept, CURATED_PAIR))
+        st.count_by(stats, "kept", kept, ["source", "lang"])
+    if dups is not None and dups.height:
+        dups = dups.with_columns(drop_reason=pl.lit(rules.DUPLICATE), failed_rules=pl.lit([rules.DUPLICATE]))
+        storage.write_parquet(paths.rejected / f"duplicate-{k:05d}.parquet", _public(dups, REJECTED_PAIR))
+        st.count_by(stats, "dropped", dups, ["drop_reason", "source"])
+    marker = {"partition": k, "stats": stats}
+    storage.write_json(paths.partition_marker(k), marker)
+    return marker
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _fingerprint(shards: list[Shard], settings: FilterSettings, mapping, source) -> str:
+    inputs = [(str(s.path.resolve()), s.path.stat().st_size, s.path.stat().st_mtime_ns) for s in shards]
+    blob = json.dumps(
+        {"inputs": inputs, "settings": dataclasses.asdict(settings), "mapping": mapping, "source": source,
+         "qvl": __version__, "polars": pl.__version__},
+        sort_keys=True, default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _prepare(out: Path, shards: list[Shard], settings: FilterSettings, run: RunSettings,
+             mapping, source, overwrite: bool) -> int:
+    """Create or check the run's state; returns the partition count."""
+    paths = Paths(out)
+    state_file = paths.state / "run.json"
+    fingerprint = _fingerprint(shards, settings, mapping, source)
+    if state_file.exists() and not overwrite:
+        state = storage.read_json(state_file)
+        if state["fingerprint"] != fingerprint:
+            raise RunStateError(
+                f"{out}: holds a run of other inputs or settings; use another --out, or --overwrite to replace it"
+            )
+        partitions = int(state["partitions"])
+    else:
+        if overwrite:
+            for sub in ("kept", "rejected", "_work", "_state"):
+                shutil.rmtree(out / sub, ignore_errors=True)
+            for name in ("report.json", "report.md", "funnel.png"):
+                (out / name).unlink(missing_ok=True)
+        elif out.exists() and any(out.iterdir()):
+            raise RunStateError(f"{out}: exists and is not a qvl filter run; choose an empty --out")
+        partitions = dedup.partition_count(sum(s.est_rows for s in shards), run.rows_per_partition,
+                                           run.max_partitions)
+        storage.write_json(state_file, {"fingerprint": fingerprint, "partitions": partitions,
+                                        "inputs": [str(s.path) for s in shards]})
+    for folder in (paths.kept, paths.rejected, paths.survivors):  # leftovers of a killed run
+        if folder.exists():
+            for tmp in folder.glob("*.tmp-*"):
+                tmp.unlink()
+    return partitions
+
+
+_worker_progress: "mp.Queue | None" = None
+
+
+def _init_worker(progress_queue) -> None:
+    global _worker_progress
+    _worker_progress = progress_queue
+
+
+def _shard_task(shard, out, settings, batch_rows, partitions) -> dict:
+    return process_shard(shard, out, settings, batch_rows, partitions, _worker_progress)
+
+
+def run_filter(
+    inputs: list[str | Path], out: str | Path, settings: FilterSettings | None = None,
+    run: RunSettings | None = None, mapping: dict[str, str] | None = None, source: str | None = None,
+    overwrite: bool = False, show_progress: bool = True,
+) -> dict:
+    """Filter ``inputs`` into ``out``; returns the report (also written as JSON/MD/PNG)."""
+    from qvl.curate import report as report_mod
+
+    settings = settings or FilterSettings()
+    run = run or RunSettings()
+    out = Path(out)
+    paths = Paths(out)
+    shards = [readers.open_shard(p, i, mapping, source) for i, p in enumerate(readers.discover(inputs))]
+    langid.identifier(settings.lang_model)  # fail now, not in a worker, if the model is missing
+    partitions = _prepare(out, shards, settings, run, mapping, source, overwrite)
+    workers = run.workers or os.cpu_count() or 1
+
+    markers: dict[str, dict] = {}
+    todo = []
+    for shard in shards:
+        marker_path = paths.shard_marker(shard)
+        if marker_path.exists():
+            markers[shard.key] = storage.read_json(marker_path)
+        else:
+            todo.append(shard)
+
+    with progress_bar(disable=not show_progress) as bar:
+        rows_task = bar.add_task("filter", total=sum(s.est_rows for s in todo), unit="rows")
+        if workers == 1 or len(todo) <= 1:
+            for shard in todo:
+                q: queue.SimpleQueue = queue.SimpleQueue()
+                markers[shard.key] = process_shard(shard, out, settings, run.batch_rows, partitions, q)
+                while not q.empty():
+                    bar.advance(rows_task, q.get())
+        else:
+            ctx = mp.get_context("spawn")
+            progress_queue = ctx.Queue()
+            threads = str(max(1, (os.cpu_count() or 1) // workers))
+            previous = os.environ.get("POLARS_MAX_THREADS")
+            os.environ["POLARS_MAX_THREADS"] = threads
+            try:
+                with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                         initargs=(progress_queue,)) as pool:
+                    pending = {pool.submit(_shard_task, s, out, settings, run.batch_rows, partitions): s
+                               for s in todo}
+                    while pending:
+                        done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                        while True:
+                            try:
+                                bar.advance(rows_task, progress_queue.get_nowait())
+                            except queue.Empty:
+                                break
+                        for fut in done:
+                            shard = pending.pop(fut)
+                            markers[shard.key] = fut.result()
+            finally:
+                if previous is None:
+                    os.environ.pop("POLARS_MAX_THREADS", None)
+                else:
+                    os.environ["POLARS_MAX_THREADS"] = previous
+        bar.update(rows_task, total=bar.tasks[rows_task].completed)
+
+        part_markers: dict[int, dict] = {}
+        part_task = bar.add_task("dedup", total=partitions, unit="partitions")
+        sources_of: dict[int, list[tuple[str, list[int]]]] = defaultdict(list)
+        for shard in shards:
+            m = markers[shard.key]
+            for k, groups in m["row_groups"].items():
+                sources_of[int(k)].append((m["survivors"], groups))
+        for k in range(partitions):
+            marker_path = paths.partition_marker(k)
+            if marker_path.exists():
+                part_markers[k] = storage.read_json(marker_path)
+            else:
+                part_markers[k] = dedup_partition(out, k, sources_of.get(k, []))
+            bar.advance(part_task)
+
+    totals: dict = {}
+    for m in [*markers.values(), *part_markers.values()]:
+        st.merge(totals, m["stats"])
+    report = report_mod.build(totals, settings, shards, partitions)
+    report_mod.write(out, report)
+    shutil.rmtree(out / "_work", ignore_errors=True)
+    return report

@@ -1,0 +1,216 @@
+"""Qwen-VL stage-1 cleaning rules, one small pure function each (DESIGN.md §1).
+
+A drop rule maps settings to a boolean polars expression, true where a row fails; a
+rewrite rule maps the text expression to a cleaned one. Expressions run vectorised over a
+whole batch, on one machine or inside a Ray task, unchanged. ``apply`` evaluates them all
+and names, per row, the first rule that failed (``drop_reason``) and every one that did
+(``failed_rules``). Language id (``lang``) and de-duplication (``duplicate``) are rules 11
+and 12 too, but need a model and a global view: see ``langid`` and ``dedup``.
+"""
+
+from __future__ import annotations
+
+import html as _html
+from dataclasses import dataclass
+from typing import Callable
+
+import polars as pl
+
+from qvl.curate.settings import FilterSettings
+
+# ---------------------------------------------------------------- patterns
+
+# A real HTML tag: a letter after "<" (so "< 3" or "<3" stay), optional attributes.
+HTML_TAG = r"</?[A-Za-z][A-Za-z0-9:-]*(?:\s[^<>]*)?/?>"
+HTML_ENTITY = r"&(?:#[0-9]{1,7}|#[xX][0-9A-Fa-f]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});"
+# URLs, e-mail addresses, file names and camera file stems, in one pass.
+IRREGULAR = "|".join(
+    [
+        r"(?i:\b(?:https?|ftp)://\S+)",
+        r"(?i:\bwww\.\S+)",
+        r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+",
+        r"(?i:\b[\w-]+\.(?:jpe?g|png|gif|bmp|webp|tiff?|heic|svg|mp4|mov|pdf)\b)",
+        r"\b(?:IMG|DSC|DSCN|DSCF|DCIM|PXL|MVIMG)[_-]?\d{3,}\w*\b",
+    ]
+)
+PUNCTUATION = r"!?.,;:*~#=_+|/\\-"
+# Emoji: presentation-by-default pictographs, flags (regional indicators), the emoji
+# variation selector, ZWJ joiners, keycaps, skin tones and tag sequences.
+EMOJI = (
+    r"[\p{Emoji_Presentation}\p{Regional_Indicator}\x{FE0F}\x{200D}\x{20E3}"
+    r"\x{1F3FB}-\x{1F3FF}\x{E0020}-\x{E007F}]"
+)
+# What English/Chinese captions may hold: Latin (ASCII, Latin-1), CJK ideographs (with
+# extensions A/B and compatibility), CJK symbols and punctuation, full-width forms,
+# general punctuation, whitespace. Anything else drops the row.
+NOT_EN_ZH = (
+    r"[^\x{0000}-\x{00FF}\x{2000}-\x{206F}\x{3000}-\x{303F}\x{3400}-\x{4DBF}"
+    r"\x{4E00}-\x{9FFF}\x{F900}-\x{FAFF}\x{FF00}-\x{FFEF}\x{20000}-\x{2A6DF}\s]"
+)
+HAN = r"\p{Han}"
+WORD = r"[^\s\p{Han}\x{3000}-\x{303F}\x{FF00}-\x{FFEF}]+"
+
+TEXT_RAW = pl.col("text_raw")
+TEXT = pl.col("text")
+
+
+# ---------------------------------------------------------------- rules
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    kind: str  # "drop" or "rewrite"
+    build: Callable  # drop: (settings) -> fail expr; rewrite: (text expr, settings) -> text expr
+    setting: Callable[[FilterSettings], str]  # the setting in force, for the report
+
+
+def missing_url(s: FilterSettings) -> pl.Expr:
+    return pl.col("url").is_null() | (pl.col("url").str.strip_chars() == "")
+
+
+def dataset_tag(s: FilterSettings) -> pl.Expr:
+    if not s.dataset_tags:
+        return pl.lit(False)
+    tags = "|".join(t.replace("\\", "\\\\") for t in s.dataset_tags)
+    return TEXT_RAW.str.contains(f"<(?:{tags})>").fill_null(False)
+
+
+def _unescape(values: pl.Series) -> pl.Series:
+    """html.unescape on just the rows that hold an entity (a few percent of web text)."""
+    has = values.str.contains(HTML_ENTITY).fill_null(False)
+    if not has.any():
+        return values
+    idx = has.arg_true()
+    return values.scatter(idx, [_html.unescape(v) for v in values.gather(idx).to_list()])
+
+
+def strip_html(text: pl.Expr, s: FilterSettings) -> pl.Expr:
+    return text.str.replace_all(HTML_TAG, " ").map_batches(_unescape, return_dtype=pl.String)
+
+
+def remove_irregular(text: pl.Expr, s: FilterSettings) -> pl.Expr:
+    marks = PUNCTUATION
+    run = f"([{marks}])[{marks}]{{{s.max_punct_run},}}"
+    return (
+        text.str.replace_all(IRREGULAR, " ")
+        .str.replace_all(run, "$1")
+        .str.replace_all(r"\s+", " ")
+        .str.strip_chars()
+    )
+
+
+def empty_text(s: FilterSettings) -> pl.Expr:
+    return TEXT.is_null() | (TEXT == "")
+
+
+def _short_side() -> pl.Expr:
+    return pl.min_horizontal("width", "height")
+
+
+def aspect_ratio(s: FilterSettings) -> pl.Expr:
+    long_side = pl.max_horizontal("width", "height").cast(pl.Float64)
+    short = _short_side().cast(pl.Float64)
+    known = pl.col("width").is_not_null() & pl.col("height").is_not_null()
+    return (known & ((short <= 0) | (long_side / short > s.max_aspect_ratio))).fill_null(False)
+
+
+def too_small(s: FilterSettings) -> pl.Expr:
+    known = pl.col("width").is_not_null() & pl.col("height").is_not_null()
+    return (known & (_short_side() < s.min_side)).fill_null(False)
+
+
+def clip_threshold(s: FilterSettings) -> pl.Expr:
+    """The clip_score threshold that applies to each row's source (null: none)."""
+    return pl.col("source").replace_strict(
+        s.clip_thresholds, default=s.clip_threshold_default, return_dtype=pl.Float64
+    )
+
+
+def clip_score(s: FilterSettings) -> pl.Expr:
+    return (pl.col("clip_score") < clip_threshold(s)).fill_null(False)
+
+
+def emoji(s: FilterSettings) -> pl.Expr:
+    return TEXT.str.contains(EMOJI).fill_null(False)
+
+
+def non_en_zh_chars(s: FilterSettings) -> pl.Expr:
+    return TEXT.str.contains(NOT_EN_ZH).fill_null(False)
+
+
+def length_units(text: pl.Expr) -> pl.Expr:
+    """Whitespace-separated words (outside CJK) plus CJK characters."""
+    return text.str.count_matches(HAN) + text.str.count_matches(WORD)
+
+
+def length(s: FilterSettings) -> pl.Expr:
+    units = length_units(TEXT)
+    return ((units < s.min_units) | (units > s.max_units)).fill_null(False)
+
+
+# Pipeline order. Input checks first (a row that could not be read or has no URL never
+# reaches the text rules), then DESIGN.md's rules 1-10; `lang` (11) and `duplicate` (12)
+# follow in langid.py and dedup.py.
+RULES: tuple[Rule, ...] = (
+    Rule("missing_url", "drop", missing_url, lambda s: "url null or blank"),
+    Rule("dataset_tag", "drop", dataset_tag, lambda s: "<" + ">, <".join(s.dataset_tags) + ">"),
+    Rule("html", "rewrite", strip_html, lambda s: "tags removed, entities unescaped"),
+    Rule("irregular", "rewrite", remove_irregular,
+         lambda s: f"URLs, e-mails, file names removed; punctuation runs > {s.max_punct_run} collapsed"),
+    Rule("empty_text", "drop", empty_text, lambda s: "nothing left after rewriting"),
+    Rule("aspect_ratio", "drop", aspect_ratio, lambda s: f"long/short side > {s.max_aspect_ratio}"),
+    Rule("too_small", "drop", too_small, lambda s: f"short side < {s.min_side} px"),
+    Rule("clip_score", "drop", clip_score,
+         lambda s: ", ".join(f"{k} < {v}" for k, v in s.clip_thresholds.items())
+         + (f", other < {s.clip_threshold_default}" if s.clip_threshold_default is not None else "")),
+    Rule("emoji", "drop", emoji, lambda s: "any emoji"),
+    Rule("non_en_zh_chars", "drop", non_en_zh_chars, lambda s: "a character outside Latin/CJK/punctuation"),
+    Rule("length", "drop", length, lambda s: f"units < {s.min_units} or > {s.max_units}"),
+)
+INPUT_ERRORS = ("malformed_row", "invalid_utf8")
+LANG = "lang"
+DUPLICATE = "duplicate"
+DROP_ORDER: tuple[str, ...] = (
+    INPUT_ERRORS + tuple(r.name for r in RULES if r.kind == "drop") + (LANG, DUPLICATE)
+)
+REWRITES: tuple[str, ...] = tuple(r.name for r in RULES if r.kind == "rewrite")
+
+
+def fail_column(name: str) -> str:
+    return f"_fail_{name}"
+
+
+def apply(frame: pl.DataFrame, s: FilterSettings) -> pl.DataFrame:
+    """Rewrite ``text_raw`` into ``text`` and evaluate every drop rule on every row.
+
+    Adds ``text``, ``_changed_<rewrite>`` flags, ``_fail_<rule>`` flags and ``drop_reason``
+    (null for survivors). A rule named in ``s.skip_rules`` is evaluated as never failing.
+    """
+    active = [r for r in RULES if r.name not in s.skip_rules]
+    text = TEXT_RAW
+    steps = []
+    for rule in (r for r in active if r.kind == "rewrite"):
+        steps.append((rule.name, text, rule.build(text, s)))
+        text = pl.col(f"_after_{rule.name}")
+    for name, before, after in steps:
+        frame = frame.with_columns(after.alias(f"_after_{name}")).with_columns(
+            (before.ne_missing(pl.col(f"_after_{name}"))).alias(f"_changed_{name}")
+        )
+    frame = frame.with_columns(text.alias("text")).drop([f"_after_{n}" for n, _, _ in steps])
+    drops = [r for r in active if r.kind == "drop"]
+    frame = frame.with_columns([r.build(s).alias(fail_column(r.name)) for r in drops])
+    reasons = [pl.col("_input_error")] + [
+        pl.when(pl.col(fail_column(r.name))).then(pl.lit(r.name)) for r in drops
+    ]
+    return frame.with_columns(drop_reason=pl.coalesce(reasons))
+
+
+def failed_rules(frame: pl.DataFrame) -> pl.Expr:
+    """Every rule that failed on a row, in pipeline order (input errors included)."""
+    parts = [pl.col("_input_error")] + [
+        pl.when(pl.col(fail_column(name))).then(pl.lit(name))
+        for name in DROP_ORDER
+        if fail_column(name) in frame.columns
+    ]
+    return pl.concat_list(parts).list.drop_nulls()

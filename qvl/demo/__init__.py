@@ -1,0 +1,1 @@
+"""The bundled demo: a deterministic synthetic world and the pipeline run on it."""

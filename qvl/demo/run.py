@@ -1,0 +1,25 @@
+"""`qvl demo`: the whole pipeline on the bundled synthetic data, end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qvl.curate.pipeline import run_filter
+from qvl.curate.settings import RunSettings
+from qvl.demo.pairs import write_demo_pairs
+
+
+def run_demo(out: Path, rows_per_shard: int = 4000, show_progress: bool = True) -> dict:
+    """Generate the demo pairs and curate them; returns the paths a person looks at."""
+    raw = write_demo_pairs(out / "raw_pairs", rows_per_shard=rows_per_shard)
+    curated = out / "curated"
+    report = run_filter(raw, curated, run=RunSettings(), overwrite=True, show_progress=show_progress)
+    return {
+        "raw pairs": out / "raw_pairs",
+        "kept pairs": curated / "kept",
+        "rejected pairs": curated / "rejected",
+        "report": curated / "report.md",
+        "funnel": curated / "funnel.png",
+        "summary": f"{report['input_rows']:,} raw pairs -> {report['kept_rows']:,} kept "
+        + ", ".join(f"{k} {v['share_pct']:.1f}%" for k, v in report["by_language"].items()),
+    }

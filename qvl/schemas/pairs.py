@@ -1,0 +1,101 @@
+"""Image-text pair tables: raw (as read, canonical names), curated (kept) and rejected.
+
+Input layouts (LAION, DataComp, ...) are mapped onto the canonical raw columns by
+``qvl.curate.layouts``; every column not mapped is carried through unchanged, so the
+schemas below name the columns qvl relies on, not every column a table may hold.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.types as pat
+
+
+class SchemaError(ValueError):
+    """A table does not have the columns or types a room needs; the message says where."""
+
+
+RAW_PAIR = pa.schema(
+    [
+        pa.field("url", pa.string(), nullable=True),
+        pa.field("text", pa.string(), nullable=True),
+        pa.field("width", pa.int64(), nullable=True),
+        pa.field("height", pa.int64(), nullable=True),
+        pa.field("clip_score", pa.float64(), nullable=True),
+        pa.field("source", pa.string(), nullable=False),
+    ]
+)
+"""Canonical raw pair; ``width``/``height``/``clip_score`` may be absent in the input (null)."""
+
+_TRACKING = [
+    pa.field("row_id", pa.string(), nullable=False),  # "<file stem>:<0-based row>"
+    pa.field("text_raw", pa.string(), nullable=True),
+]
+
+CURATED_PAIR = pa.schema(
+    _TRACKING
+    + list(RAW_PAIR)
+    + [
+        pa.field("lang", pa.string(), nullable=False),
+        pa.field("lang_score", pa.float32(), nullable=False),
+        # "fasttext", or "script" where the script cross-check overrode fastText's label
+        pa.field("lang_by", pa.string(), nullable=False),
+    ]
+)
+
+REJECTED_PAIR = pa.schema(
+    _TRACKING
+    + list(RAW_PAIR)
+    + [
+        pa.field("lang", pa.string(), nullable=True),
+        pa.field("lang_score", pa.float32(), nullable=True),
+        pa.field("lang_by", pa.string(), nullable=True),
+        pa.field("drop_reason", pa.string(), nullable=False),
+        pa.field("failed_rules", pa.list_(pa.string()), nullable=False),
+    ]
+)
+
+_KINDS = {
+    "string": lambda t: pat.is_string(t) or pat.is_large_string(t) or pat.is_binary(t)
+    or pat.is_large_binary(t) or pat.is_string_view(t) or pat.is_null(t),
+    "number": lambda t: pat.is_integer(t) or pat.is_floating(t) or pat.is_null(t)
+    or pat.is_decimal(t),
+}
+
+
+
+def check_columns(
+    schema: pa.Schema, required: dict[str, str], where: str, optional: dict[str, str] | None = None
+) -> None:
+    """Check that ``schema`` has ``required`` columns of the given kinds ("string"/"number").
+
+    ``optional`` columns are type-checked only when present. Raises SchemaError naming
+    ``where`` (the file), the column and what is wrong.
+    """
+    names = set(schema.names)
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise SchemaError(
+            f"{where}: missing column(s) {', '.join(missing)}; "
+            f"the file has: {', '.join(schema.names) or '(no columns)'}"
+        )
+    for column, kind in {**required, **(optional or {})}.items():
+        if column not in names:
+            continue
+        t = schema.field(column).type
+        if not _KINDS[kind](t):
+            raise SchemaError(f"{where}: column {column!r} is {t}, expected a {kind} column")
+
+
+def validate_table(table: pa.Table, schema: pa.Schema, where: str) -> None:
+    """Check that ``table`` holds every field of ``schema`` with its exact type and nullability."""
+    for field in schema:
+        if field.name not in table.column_names:
+            raise SchemaError(f"{where}: missing column {field.name!r}")
+        col = table.column(field.name)
+        if col.type != field.type:
+            raise SchemaError(
+                f"{where}: column {field.name!r} is {col.type}, expected {field.type}"
+            )
+        if not field.nullable and col.null_count:
+            raise SchemaError(f"{where}: column {field.name!r} has {col.null_count} null(s)")

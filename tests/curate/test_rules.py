@@ -1,0 +1,126 @@
+"""Each rule alone, on crafted rows: the exact drop_reason, and every failed rule listed."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from qvl.curate import rules
+from qvl.curate.settings import FilterSettings
+
+
+def frame(rows: list[dict]) -> pl.DataFrame:
+    base = {"url": "https://x.test/a.jpg", "text_raw": "a dog on the beach", "width": 640, "height": 480,
+            "clip_score": 0.35, "source": "laion", "_input_error": None}
+    return pl.DataFrame([{**base, **r} for r in rows],
+                        schema_overrides={"_input_error": pl.String, "clip_score": pl.Float64,
+                                          "url": pl.String, "text_raw": pl.String})
+
+
+def run(rows: list[dict], **settings) -> pl.DataFrame:
+    return rules.apply(frame(rows), FilterSettings(**settings))
+
+
+def reasons(rows: list[dict], **settings) -> list[str | None]:
+    return run(rows, **settings).get_column("drop_reason").to_list()
+
+
+def test_clean_row_survives_unchanged():
+    out = run([{}])
+    assert out.get_column("drop_reason").to_list() == [None]
+    assert out.get_column("text").to_list() == ["a dog on the beach"]
+
+
+@pytest.mark.parametrize(
+    "row, reason",
+    [
+        ({"url": None}, "missing_url"),
+        ({"url": "  "}, "missing_url"),
+        ({"text_raw": "Photo of <PERSON> at the beach"}, "dataset_tag"),
+        ({"text_raw": None}, "empty_text"),
+        ({"text_raw": "<br/> <img src='x.jpg'>"}, "empty_text"),
+        ({"text_raw": "https://example.com/photo.jpg"}, "empty_text"),
+        ({"width": 1200, "height": 300}, "aspect_ratio"),  # 4.0 > 3.0
+        ({"width": 199, "height": 400}, "too_small"),
+        ({"clip_score": 0.279}, "clip_score"),  # LAION B/32 threshold 0.28
+        ({"text_raw": "a dog on the beach 😀"}, "emoji"),
+        ({"text_raw": "a flag on the beach 🇨🇳"}, "emoji"),
+        ({"text_raw": "a family on the beach 👨‍👩‍👧"}, "emoji"),
+        ({"text_raw": "keycap one 1️⃣ on the beach"}, "emoji"),
+        ({"text_raw": "Красивый дом у реки"}, "non_en_zh_chars"),
+        ({"text_raw": "川の近くの美しい家"}, "non_en_zh_chars"),
+        ({"text_raw": "two words"}, "length"),
+        ({"text_raw": " ".join(["word"] * 257)}, "length"),
+        ({"_input_error": "invalid_utf8"}, "invalid_utf8"),
+    ],
+)
+def test_each_rule_names_itself(row, reason):
+    assert reasons([row]) == [reason]
+
+
+def test_thresholds_are_edges_not_off_by_one():
+    assert reasons([{"width": 900, "height": 300}]) == [None]  # exactly 3.0 passes
+    assert reasons([{"width": 200, "height": 200}]) == [None]  # exactly 200 passes
+    assert reasons([{"clip_score": 0.28}]) == [None]
+    assert reasons([{"text_raw": "three short words"}]) == [None]
+    assert reasons([{"text_raw": " ".join(["word"] * 256)}]) == [None]
+
+
+def test_unknown_sizes_and_scores_pass():
+    assert reasons([{"width": None, "height": None, "clip_score": None}]) == [None]
+
+
+def test_clip_threshold_is_per_source():
+    rows = [{"source": "datacomp", "clip_score": 0.25}, {"source": "laion", "clip_score": 0.25},
+            {"source": "mine", "clip_score": 0.01}]
+    assert reasons(rows) == [None, "clip_score", None]
+    assert reasons(rows, clip_threshold_default=0.1) == [None, "clip_score", "clip_score"]
+
+
+def test_chinese_length_counts_characters():
+    assert reasons([{"text_raw": "一只狗"}]) == [None]  # 3 characters = 3 units
+    assert reasons([{"text_raw": "小狗"}]) == ["length"]
+    assert rules_units("一只金毛犬 on the beach") == 8
+
+
+def rules_units(text: str) -> int:
+    return pl.select(rules.length_units(pl.lit(text))).item()
+
+
+def test_html_rewrite_strips_tags_and_unescapes():
+    out = run([{"text_raw": "<p><b>Fish</b> &amp; chips &#39;fresh&#x27; &lt;3</p>"}])
+    assert out.get_column("text").to_list() == ["Fish & chips 'fresh' <3"]
+    assert out.get_column("_changed_html").to_list() == [True]
+
+
+def test_irregular_rewrite():
+    raw = "Sunset   over the sea!!!!!! see https://t.co/x www.foo.com mail me@ex.com IMG_1234.jpg DSC_0042 ..."
+    out = run([{"text_raw": raw}])
+    assert out.get_column("text").to_list() == ["Sunset over the sea! see mail ..."]
+    assert out.get_column("_changed_irregular").to_list() == [True]
+
+
+def test_text_that_needs_no_rewrite_is_not_counted_as_changed():
+    out = run([{"text_raw": "a < b and 3 > 2 on the beach"}])
+    assert out.get_column("text").to_list() == ["a < b and 3 > 2 on the beach"]
+    assert out.get_column("_changed_html").to_list() == [False]
+
+
+def test_failed_rules_lists_every_failure_in_order():
+    out = run([{"text_raw": "<PERSON> 😀", "width": 100, "height": 1000, "clip_score": 0.1}])
+    rej = out.filter(pl.col("drop_reason").is_not_null())
+    assert rej.get_column("drop_reason").to_list() == ["dataset_tag"]
+    assert rej.select(rules.failed_rules(rej)).to_series().to_list() == [
+        ["dataset_tag", "aspect_ratio", "too_small", "clip_score", "emoji", "non_en_zh_chars", "length"]
+    ]
+
+
+def test_skipped_rule_never_drops():
+    assert reasons([{"text_raw": "two words"}], skip_rules=("length",)) == [None]
+    # an emoji is also outside the en/zh characters: skipping `emoji` hands the row on
+    assert reasons([{"text_raw": "a dog on the beach 😀"}], skip_rules=("emoji",)) == ["non_en_zh_chars"]
+
+
+def test_dataset_tags_are_a_setting():
+    assert reasons([{"text_raw": "a photo of <CITY> at night"}]) == [None]
+    assert reasons([{"text_raw": "a photo of <CITY> at night"}], dataset_tags=("CITY",)) == ["dataset_tag"]
