@@ -51,6 +51,8 @@ class Shard:
     layout: Layout
     source: str | None  # fixed source name (``--source``); else a `source` column or the layout
     est_rows: int
+    # text formats: the columns not mapped, read as text (types of a stream are not knowable up front)
+    passthrough: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -166,7 +168,9 @@ def open_shard(
             )
     except (LayoutError, SchemaError) as e:
         raise InputError(str(e)) from None
-    return Shard(path, index, fmt, compression, layout, source, est_rows)
+    mapped = set(layout.columns.values())
+    passthrough = tuple(c for c in columns if c not in mapped) if schema is None else ()
+    return Shard(path, index, fmt, compression, layout, source, est_rows, passthrough)
 
 
 # ---------------------------------------------------------------- decoding
@@ -290,6 +294,7 @@ def _delimited_batches(shard: Shard, batch_rows: int) -> Iterator[pl.DataFrame]:
     cols = shard.layout.columns
     column_types = {cols["url"]: pa.binary(), cols["text"]: pa.binary()}
     column_types.update({cols[c]: pa.float64() for c in ("width", "height", "clip_score") if c in cols})
+    column_types.update({c: pa.string() for c in shard.passthrough})
     reader = pacsv.open_csv(
         _open_text(shard.path, shard.compression),
         read_options=pacsv.ReadOptions(
@@ -371,17 +376,25 @@ def _jsonl_batches(shard: Shard, batch_rows: int) -> Iterator[pl.DataFrame]:
                 if len(records) >= batch_rows:
                     break
             if records:
-                yield _canonical(_records_table(records, cols, wanted), shard, np.array(lines, dtype=np.int64))
+                table = _records_table(records, wanted, shard.passthrough)
+                yield _canonical(table, shard, np.array(lines, dtype=np.int64))
             if bad:
                 yield _malformed(shard, bad)
             if not records and not bad:
                 return
 
 
-def _records_table(records: list[dict], cols: dict[str, str], wanted: dict[str, str]) -> pa.Table:
+def _records_table(records: list[dict], wanted: dict[str, str], passthrough: tuple[str, ...]) -> pa.Table:
     """JSON objects -> a table of the mapped columns; values of the wrong type become null
-    text (url/text) or null numbers, never a crash."""
-    data: dict[str, list] = {}
+    text (url/text) or null numbers, never a crash. Other fields of the first line are
+    carried as text (strings as they are, anything else as JSON)."""
+    data: dict[str, pa.Array] = {}
+    for name in passthrough:
+        values = [r.get(name) for r in records]
+        data[name] = pa.array(
+            [v if isinstance(v, str) or v is None else json.dumps(v, ensure_ascii=False) for v in values],
+            pa.string(),
+        )
     for input_name, canonical in wanted.items():
         values = [r.get(input_name) for r in records]
         if canonical in ("url", "text"):

@@ -1,0 +1,77 @@
+"""fastText language id with the real lid.176 model, and the script cross-check."""
+
+from __future__ import annotations
+
+import fasttext
+import polars as pl
+import pytest
+
+from qvl.curate import langid
+from qvl.curate.settings import FilterSettings
+
+TEXTS = ["a dog playing on the beach at sunset", "一只金毛犬在海滩上玩耍", "une maison près de la rivière",
+         "ein Haus am Fluss", "the cat sleeps on the sofa"]
+
+
+@pytest.fixture(scope="module")
+def ident():
+    return langid.identifier(None)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_batch_prediction_equals_per_string_public_api(ident, n):
+    """fasttext-predict's own list predict drops probabilities and mis-shapes lists of two;
+    ours must equal the public single-string API for every list length."""
+    model = fasttext.load_model(str(langid.default_model_path()))
+    l1, p1, l2, p2 = ident.predict(TEXTS[:n])
+    for i, text in enumerate(TEXTS[:n]):
+        labels, probs = model.predict(text, k=2)
+        assert (l1[i], l2[i]) == (labels[0][9:], labels[1][9:])
+        assert p1[i] == pytest.approx(probs[0], abs=1e-6)
+        assert p2[i] == pytest.approx(probs[1], abs=1e-6)
+
+
+def test_empty_list(ident):
+    l1, p1, _, _ = ident.predict([])
+    assert l1 == [] and len(p1) == 0
+
+
+def tag(texts: list[str], **settings) -> pl.DataFrame:
+    return langid.tag(pl.DataFrame({"text": texts}), FilterSettings(**settings))
+
+
+def test_short_chinese_caption_is_not_lost_to_ja():
+    out = tag(["一只金毛犬在海滩上玩耍"])
+    assert out.get_column("_lang_fasttext").to_list() == ["ja"]  # what fastText says alone
+    assert out.get_column("lang").to_list() == ["zh"]
+    assert out.get_column("lang_by").to_list() == ["script"]
+    assert out.get_column("_fail_lang").to_list() == [False]
+
+
+def test_han_without_latin_is_chinese_even_when_fasttext_says_en():
+    out = tag(["猫在睡觉"])
+    assert out.get_column("lang").to_list() == ["zh"]
+
+
+def test_japanese_with_kana_stays_japanese_and_fails():
+    out = tag(["日本語のテキストです"])
+    assert out.get_column("lang").to_list() == ["ja"]
+    assert out.get_column("_fail_lang").to_list() == [True]
+
+
+def test_latin_only_text_is_never_zh():
+    out = tag(["ni hao ma zhong guo", "a dog on the beach"])
+    assert "zh" not in out.get_column("lang").to_list()
+
+
+def test_other_languages_and_low_scores_fail():
+    out = tag(["une belle maison près de la rivière en été", "a dog playing on the beach at sunset"])
+    assert out.get_column("lang").to_list() == ["fr", "en"]
+    assert out.get_column("_fail_lang").to_list() == [True, False]
+    strict = tag(["a dog playing on the beach at sunset"], min_lang_score=0.9999)
+    assert strict.get_column("_fail_lang").to_list() == [True]
+
+
+def test_missing_model_file_is_a_clear_error(tmp_path):
+    with pytest.raises(langid.LangModelError, match="not found"):
+        langid.LanguageIdentifier(tmp_path / "nope.ftz")

@@ -1,0 +1,153 @@
+"""`qvl curate filter` end to end: accounting, dedup, resume after a kill, run state."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from qvl.curate.pipeline import RunStateError, run_filter
+from qvl.curate.settings import FilterSettings, RunSettings
+from qvl.demo.pairs import write_demo_pairs
+from qvl.schemas import CURATED_PAIR, REJECTED_PAIR, validate_table
+
+
+def outputs(out: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
+    kept = pl.concat([pl.read_parquet(p) for p in sorted((out / "kept").glob("*.parquet"))], how="diagonal_relaxed")
+    rejected = pl.concat([pl.read_parquet(p) for p in sorted((out / "rejected").glob("*.parquet"))],
+                         how="diagonal_relaxed")
+    return kept.sort("row_id"), rejected.sort("row_id")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    raw = write_demo_pairs(root / "raw", rows_per_shard=1500)
+    report = run_filter(raw, root / "out", run=RunSettings(workers=2, batch_rows=700), show_progress=False)
+    return raw, root / "out", report
+
+
+def test_every_row_is_kept_or_rejected_exactly_once(demo_run):
+    raw, out, report = demo_run
+    kept, rejected = outputs(out)
+    assert report["accounted"] and report["input_rows"] == 1500 * 3 + 750
+    assert kept.height + rejected.height == report["input_rows"]
+    ids = pl.concat([kept.get_column("row_id"), rejected.get_column("row_id")])
+    assert ids.n_unique() == report["input_rows"]
+    assert report["kept_rows"] == kept.height
+    for rule in report["funnel"][1:]:
+        assert rejected.filter(pl.col("drop_reason") == rule["step"]).height == rule["dropped"]
+
+
+def test_outputs_follow_the_schemas(demo_run):
+    _, out, _ = demo_run
+    for part in (out / "kept").glob("*.parquet"):
+        validate_table(pq.read_table(part), CURATED_PAIR, str(part))
+    for part in (out / "rejected").glob("*.parquet"):
+        validate_table(pq.read_table(part), REJECTED_PAIR, str(part))
+    assert (out / "funnel.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Funnel" in (out / "report.md").read_text()
+
+
+def test_kept_rows_are_clean_and_tagged(demo_run):
+    _, out, report = demo_run
+    kept, rejected = outputs(out)
+    assert set(kept.get_column("lang").unique()) == {"en", "zh"}
+    assert kept.get_column("url").n_unique() == kept.height
+    assert not kept.get_column("text").str.contains("<|&amp;|http").any()
+    zh_share = report["by_language"]["zh"]["share_pct"]
+    assert 10 < zh_share < 35  # the demo is ~25% Chinese before cleaning
+    # the layouts' own columns travel along: DataComp's uid, the LAION passthrough
+    assert "uid" in kept.columns
+    reasons = set(rejected.get_column("drop_reason").unique())
+    assert {"dataset_tag", "emoji", "non_en_zh_chars", "length", "lang", "duplicate", "clip_score",
+            "too_small", "aspect_ratio", "empty_text"} <= reasons
+
+
+def test_duplicates_keep_the_longest_caption(tmp_path):
+    p = tmp_path / "d.jsonl"
+    rows = [{"url": "http://a/1", "text": "a dog on the beach"},
+            {"url": "http://a/1", "text": "a brown dog running on the sandy beach"},
+            {"url": "http://a/2", "text": "a cat on the sofa"},
+            {"url": "http://a/1", "text": "a dog on a beach"},
+            {"url": "http://a/2", "text": "a cat in the sofa"}]  # same length: first one wins
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = run_filter([p], tmp_path / "out", run=RunSettings(workers=1), show_progress=False)
+    kept, rejected = outputs(tmp_path / "out")
+    assert kept.get_column("row_id").to_list() == ["d.jsonl:2", "d.jsonl:3"]
+    assert rejected.get_column("drop_reason").to_list() == ["duplicate"] * 3
+    assert rejected.get_column("failed_rules").to_list() == [["duplicate"]] * 3
+    assert report["funnel"][-1] == {**report["funnel"][-1], "step": "duplicate", "dropped": 3}
+
+
+def test_dedup_across_shards_and_partitions(tmp_path):
+    """The same URL in two shards meets in one hash partition, whatever the partition count."""
+    urls = [f"http://x/{i}" for i in range(200)]
+    for k in range(2):
+        pq.write_table(pa.table({"url": urls, "text": [f"a dog on the beach number {i}" + " x" * k
+                                                      for i in range(200)]}), tmp_path / f"s{k}.parquet")
+    run_filter([tmp_path / "s0.parquet", tmp_path / "s1.parquet"], tmp_path / "out",
+               run=RunSettings(workers=1, rows_per_partition=37), show_progress=False)
+    kept, rejected = outputs(tmp_path / "out")
+    assert len(list((tmp_path / "out" / "_state" / "partitions").glob("*.json"))) == 11
+    assert kept.height == 200 and kept.get_column("row_id").str.starts_with("s1.parquet").all()
+    assert rejected.height == 200
+
+
+def test_bad_rows_go_to_rejects_with_reasons(tmp_path):
+    p = tmp_path / "cc.tsv"
+    p.write_bytes(b"a dog on the beach\thttp://x/1\nbroken line\n\xff\xfe bad bytes here\thttp://x/2\n"
+                  b"a cat on the sofa\t\n")
+    run_filter([p], tmp_path / "out", run=RunSettings(workers=1), show_progress=False)
+    kept, rejected = outputs(tmp_path / "out")
+    assert kept.get_column("row_id").to_list() == ["cc.tsv:1"]
+    assert dict(zip(rejected.get_column("row_id"), rejected.get_column("drop_reason"))) == {
+        "cc.tsv:2": "malformed_row", "cc.tsv:3": "invalid_utf8", "cc.tsv:4": "missing_url"}
+
+
+def test_a_run_refuses_other_settings_in_the_same_folder(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"url": "http://a/1", "text": "a dog on the beach"}) + "\n")
+    run_filter([p], tmp_path / "out", run=RunSettings(workers=1), show_progress=False)
+    with pytest.raises(RunStateError, match="other inputs or settings"):
+        run_filter([p], tmp_path / "out", FilterSettings(min_side=10), RunSettings(workers=1), show_progress=False)
+    report = run_filter([p], tmp_path / "out", FilterSettings(min_side=10), RunSettings(workers=1),
+                        overwrite=True, show_progress=False)
+    assert report["settings"]["min_side"] == 10
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    raw = write_demo_pairs(tmp_path / "raw", rows_per_shard=30000, seed=7)
+    raw += write_demo_pairs(tmp_path / "raw2", rows_per_shard=30000, seed=8)
+    args = [sys.executable, "-m", "qvl.cli", "curate", "filter", *map(str, raw), "--workers", "1",
+            "--batch-rows", "5000", "--no-progress"]
+    subprocess.run([*args, "--out", str(tmp_path / "whole")], check=True, capture_output=True)
+
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen([*args, "--out", str(interrupted)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    markers = interrupted / "_state" / "shards"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (markers.is_dir() and any(markers.glob("*.json"))):
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(markers.glob("*.json")))
+    assert 1 <= done < len(raw), "the run must have been killed part-way"
+    assert not (interrupted / "report.json").exists()
+
+    subprocess.run([*args, "--out", str(interrupted)], check=True, capture_output=True)
+    kept_a, rejected_a = outputs(tmp_path / "whole")
+    kept_b, rejected_b = outputs(interrupted)
+    assert kept_a.equals(kept_b) and rejected_a.equals(rejected_b)
+    assert json.loads((tmp_path / "whole" / "report.json").read_text())["funnel"] == \
+        json.loads((interrupted / "report.json").read_text())["funnel"]
+    assert not list(interrupted.rglob("*.tmp-*"))

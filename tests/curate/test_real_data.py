@@ -1,0 +1,27 @@
+"""Real public captions (../shared/data): CC3M validation and LAION rows."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from qvl.curate.pipeline import run_filter
+from qvl.curate.settings import RunSettings
+
+
+def test_cc3m_validation_captions(shared_data, tmp_path):
+    tsv = shared_data / "cc3m" / "Validation_GCC-1.1.0-Validation.tsv"
+    report = run_filter([tsv], tmp_path / "out", run=RunSettings(workers=1), show_progress=False)
+    assert report["input_rows"] == 15_833 and report["accounted"]
+    assert list(report["by_source"]) == ["cc3m"]
+    # CC3M captions are English, hypernymised and already clean: nearly all survive
+    assert report["by_language"]["en"]["kept"] > 0.95 * 15_833
+    kept = pl.read_parquet(tmp_path / "out" / "kept" / "*.parquet")
+    assert kept.get_column("row_id").str.starts_with("Validation_GCC-1.1.0-Validation.tsv:").all()
+
+
+def test_laion_rows(shared_data, tmp_path):
+    parquet = shared_data / "external" / "laion_img2dataset" / "test_10000.parquet"
+    report = run_filter([parquet], tmp_path / "out", run=RunSettings(workers=1), show_progress=False)
+    assert report["input_rows"] == 10_000 and report["accounted"]
+    assert report["by_source"]["laion"]["clip_unscored"] == 10_000  # this file has no similarity column
+    assert report["funnel"][-2]["step"] == "lang" and report["funnel"][-2]["dropped"] > 1000  # multilingual

@@ -1,0 +1,74 @@
+"""The Typer app: every command of the design is listed; errors are messages, not tracebacks."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from qvl.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_every_command():
+    assert all(c in runner.invoke(app, ["--help"]).output for c in ("curate", "format", "train", "demo"))
+    out = runner.invoke(app, ["curate", "--help"]).output
+    assert all(c in out for c in ("filter", "download", "clip-score", "report"))
+    out = runner.invoke(app, ["format", "--help"]).output
+    assert "multitask" in out and "sft" in out
+
+
+@pytest.mark.parametrize("args", [["curate", "download"], ["curate", "clip-score"], ["format", "multitask"],
+                                  ["format", "sft"], ["train"]])
+def test_unbuilt_commands_say_so_and_fail(args):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "not built yet" in result.output
+
+
+def test_filter_with_recipe_and_options(tmp_path):
+    p = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"URL": ["http://a/1", "http://a/2"], "TEXT": ["a dog on the beach", "a cat 😀 on a mat"],
+                             "WIDTH": [150.0, 800.0], "HEIGHT": [150.0, 600.0], "similarity": [0.2, 0.3]}), p)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[filter]\nmin_side = 100\nskip_rules = ["emoji"]\n[run]\nworkers = 1\n')
+    result = runner.invoke(app, ["curate", "filter", str(p), "--out", str(tmp_path / "o"), "--recipe", str(recipe),
+                                 "--clip-threshold", "laion=0.1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["settings"]["min_side"] == 100 and report["settings"]["clip_thresholds"]["laion"] == 0.1
+    dropped = {r["step"]: r["dropped"] for r in report["funnel"]}
+    assert dropped["too_small"] == 0 and dropped["clip_score"] == 0 and dropped["emoji"] == 0
+    assert dropped["non_en_zh_chars"] == 1  # the emoji still is no en/zh character
+    shown = runner.invoke(app, ["curate", "report", str(tmp_path / "o")])
+    assert shown.exit_code == 0 and "Funnel" in shown.output
+
+
+@pytest.mark.parametrize("recipe_text, message", [
+    ("[filter]\nmin_sid = 3\n", "unknown setting(s) min_sid"),
+    ("[filter\n", "not valid TOML"),
+    ("[filtre]\n", "unknown table(s) filtre"),
+    ('[filter]\nskip_rules = ["emojis"]\n', "unknown rule(s) to skip: emojis"),
+])
+def test_bad_recipes_are_clear_errors(tmp_path, recipe_text, message):
+    p = tmp_path / "pairs.jsonl"
+    p.write_text('{"url": "u", "text": "t"}\n')
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(recipe_text)
+    result = runner.invoke(app, ["curate", "filter", str(p), "--out", str(tmp_path / "o"), "--recipe", str(recipe)])
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_bad_input_is_a_message(tmp_path):
+    p = tmp_path / "x.parquet"
+    p.write_bytes(b"PAR1 not really")
+    result = runner.invoke(app, ["curate", "filter", str(p), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert "x.parquet: not a readable parquet file" in result.output
+    result = runner.invoke(app, ["curate", "report", str(tmp_path / "nothing")])
+    assert result.exit_code == 1 and "no report here" in result.output
