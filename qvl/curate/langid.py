@@ -78,6 +78,11 @@ def identifier(model_path: str | None) -> LanguageIdentifier:
 
 def tag(frame: pl.DataFrame, s: FilterSettings) -> pl.DataFrame:
     """Add ``lang``, ``lang_score``, ``lang_by``, ``_lang_fasttext`` and ``_fail_lang``."""
+    if "lang" in s.skip_rules:  # no model call at all: every row passes untagged
+        return frame.with_columns(
+            lang=pl.lit("und"), lang_score=pl.lit(0.0, pl.Float32), lang_by=pl.lit("skipped"),
+            _lang_fasttext=pl.lit(None, pl.String), _fail_lang=pl.lit(False),
+        )
     if frame.height == 0:
         return frame.with_columns(
             lang=pl.lit(None, pl.String), lang_score=pl.lit(None, pl.Float32),
@@ -105,7 +110,4 @@ def tag(frame: pl.DataFrame, s: FilterSettings) -> pl.DataFrame:
     )
     allowed = pl.col("lang").is_in(list(s.languages))
     confident = (pl.col("lang_by") == "script") | (pl.col("lang_score") >= s.min_lang_score)
-    fail = ~(allowed & confident)
-    if "lang" in s.skip_rules:
-        fail = pl.lit(False)
-    return out.with_columns(_fail_lang=fail).drop("_l1", "_p1", "_l2", "_p2")
+    return out.with_columns(_fail_lang=~(allowed & confident)).drop("_l1", "_p1", "_l2", "_p2")

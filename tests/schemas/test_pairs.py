@@ -19,7 +19,9 @@ def test_validate_table_checks_types_and_nulls():
     table = pa.table({name: pa.nulls(1, CURATED_PAIR.field(name).type) for name in CURATED_PAIR.names})
     with pytest.raises(SchemaError, match="out.parquet: column 'row_id' has 1 null"):
         validate_table(table, CURATED_PAIR, "out.parquet")
-    table = table.set_column(0, "row_id", pa.array(["f:0"]))
+    table = pa.table({name: pa.array([{"string": "x", "float": 0.5}.get(str(CURATED_PAIR.field(name).type), None)],
+                                     CURATED_PAIR.field(name).type) for name in CURATED_PAIR.names})
+    validate_table(table, CURATED_PAIR, "out.parquet")
     with pytest.raises(SchemaError, match="missing column 'lang'"):
         validate_table(table.drop(["lang"]), CURATED_PAIR, "out.parquet")
     with pytest.raises(SchemaError, match="column 'source' is int64, expected string"):

@@ -1,0 +1,200 @@
+"""Throughput and memory of `qvl curate filter`, beside a per-row Python baseline.
+
+    python benchmarks/curate_filter.py [--rows 3000000] [--rss-sizes 1000000,10000000]
+
+Generates DataComp-shaped parquet shards (vectorised, seeded; ~30% of rows carry noise
+the rules remove), then in one run prints: rows/s of the whole pipeline, rows/s without
+language id, fastText texts/s on one core, the same rules as a per-row Python loop (the
+way per-sample curation tools run them), and peak RSS at each size in --rss-sizes.
+Each pipeline run is a fresh subprocess so its peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+ROWS_PER_SHARD = 500_000
+
+EN = ("a small red dog playing on the beach at sunset with a view of the hills near the old wooden "
+      "house in the park under a blue sky with children and flowers during the summer festival").split()
+ZH = list("一只小狗在海滩上玩耍红色的汽车停在街道旁边古老房子公园里有很多人")
+NOISE = ["", "", "", "", "", "", " <b>sale</b> &amp; more", " https://example.com/p/123", " IMG_4821.JPG",
+         " 😀", " Красивый", " !!!!!!", " <PERSON>"]
+
+
+def generate(final: Path, rows: int, seed: int = 0) -> None:
+    """Write the shards into a temporary folder renamed into place: a reused --workdir
+    never holds half a data set."""
+    folder = final.with_name(final.name + ".partial")
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for start in range(0, rows, ROWS_PER_SHARD):
+        n = min(ROWS_PER_SHARD, rows - start)
+        length = rng.integers(3, 14, n)
+        words = rng.integers(0, len(EN), (n, 13))
+        # vectorised caption assembly: join word columns, then cut to each row's length
+        cols = [pl.Series(np.array(EN)[words[:, j]]) for j in range(13)]
+        frame = pl.DataFrame({f"w{j}": c for j, c in enumerate(cols)})
+        text = frame.select(pl.concat_list(pl.all()).list.head(pl.lit(pl.Series(length))).list.join(" ")).to_series()
+        zh_chars = rng.integers(0, len(ZH), (n, 12))
+        zh = pl.DataFrame({f"c{j}": np.array(ZH)[zh_chars[:, j]] for j in range(12)}).select(
+            pl.concat_list(pl.all()).list.head(pl.lit(pl.Series(length))).list.join("")).to_series()
+        is_zh = rng.random(n) < 0.25
+        text = pl.select(pl.when(pl.Series(is_zh)).then(zh).otherwise(text)).to_series()
+        noise = pl.Series(np.array(NOISE)[rng.integers(0, len(NOISE), n)])
+        text = text + noise
+        ids = np.arange(start, start + n)
+        dup = rng.random(n) < 0.03
+        url_ids = np.where(dup, rng.integers(start, start + n, n), ids)
+        width = rng.integers(120, 1600, n)
+        height = rng.integers(120, 1600, n)
+        table = pl.DataFrame({
+            "uid": pl.Series(ids).cast(pl.String),
+            "url": "https://img.example.com/" + pl.Series(url_ids).cast(pl.String) + ".jpg",
+            "text": text,
+            "original_width": width, "original_height": height,
+            "clip_b32_similarity_score": rng.uniform(0.15, 0.4, n),
+            "clip_l14_similarity_score": rng.uniform(0.15, 0.4, n),
+        })
+        path = folder / f"datacomp-{start // ROWS_PER_SHARD:05d}.parquet"
+        table.write_parquet(path)
+    folder.rename(final)
+
+
+def run_pipeline(folder: Path, out: Path, extra: list[str]) -> dict:
+    """One `qvl curate filter` in a fresh process: wall time and that process tree's peak RSS."""
+    code = (
+        "import resource, sys, time, json;"
+        "from qvl.cli import app;"
+        "t=time.perf_counter();"
+        "\ntry: app(sys.argv[1:])\nexcept SystemExit as e: assert not e.code, e.code\n"
+        "s=time.perf_counter()-t;"
+        "own=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        "kids=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss;"
+        "print(json.dumps({'seconds': s, 'rss_mib': max(own, kids)/1024}))"
+    )
+    args = [sys.executable, "-c", code, "curate", "filter", str(folder), "--out", str(out), "--overwrite",
+            "--no-progress", *extra]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"pipeline run failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads((out / "report.json").read_text())
+    result["rows"] = report["input_rows"]
+    result["kept"] = report["kept_rows"]
+    return result
+
+
+# ---------------------------------------------------------------- per-row baseline
+
+TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9:-]*(?:\s[^<>]*)?/?>")
+IRREGULAR = re.compile(r"(?i:\b(?:https?|ftp)://\S+)|(?i:\bwww\.\S+)|[\w.+-]+@[\w-]+(?:\.[\w-]+)+"
+                       r"|(?i:\b[\w-]+\.(?:jpe?g|png|gif|bmp|webp|tiff?|heic|svg|mp4|mov|pdf)\b)"
+                       r"|\b(?:IMG|DSC|DSCN|DSCF|DCIM|PXL|MVIMG)[_-]?\d{3,}\w*\b")
+PUNCT = re.compile(r"([!?.,;:*~#=_+|/\\-])[!?.,;:*~#=_+|/\\-]{3,}")
+SPACE = re.compile(r"\s+")
+DATASET_TAG = re.compile(r"<(?:PERSON|ORGANIZATION|LOCATION|NAME)>")
+EMOJI = re.compile("[\U0001F000-\U0001FAFF\u2600-\u27BF\uFE0F\u200D\u20E3\U000E0020-\U000E007F]")
+NOT_EN_ZH = re.compile("[^\u0000-\u00FF\u2000-\u206F\u3000-\u303F\u3400-\u4DBF\u4E00-\u9FFF\uF900-\uFAFF"
+                       "\uFF00-\uFFEF\U00020000-\U0002A6DF\\s]")
+HAN = re.compile("[\u3400-\u4DBF\u4E00-\u9FFF\uF900-\uFAFF]")
+WORD = re.compile("[^\\s\u3400-\u4DBF\u4E00-\u9FFF\uF900-\uFAFF\u3000-\u303F\uFF00-\uFFEF]+")
+
+
+def per_row_baseline(rows: list[dict]) -> tuple[int, int]:
+    """The same rules, one row at a time (without language id): (kept, seen)."""
+    kept = 0
+    seen_urls: dict[str, int] = {}
+    for row in rows:
+        text_raw = row["text"]
+        if not row["url"] or text_raw is None or DATASET_TAG.search(text_raw):
+            continue
+        text = html.unescape(TAG.sub(" ", text_raw))
+        text = SPACE.sub(" ", PUNCT.sub(r"\1", IRREGULAR.sub(" ", text))).strip()
+        w, h = row["original_width"], row["original_height"]
+        if not text or max(w, h) / min(w, h) > 3.0 or min(w, h) < 200:
+            continue
+        if row["clip_l14_similarity_score"] < 0.243 or EMOJI.search(text) or NOT_EN_ZH.search(text):
+            continue
+        units = len(HAN.findall(text)) + len(WORD.findall(text))
+        if units < 3 or units > 256:
+            continue
+        best = seen_urls.get(row["url"])
+        if best is None or len(text) > best:
+            kept += best is None
+            seen_urls[row["url"]] = len(text)
+    return kept, len(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=3_000_000)
+    parser.add_argument("--rss-sizes", default="1000000,10000000",
+                        help="sizes at which the no-language-id pipeline's peak RSS is compared ('' to skip)")
+    parser.add_argument("--baseline-rows", type=int, default=300_000)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="qvl-bench-"))
+    print(f"machine: {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"polars {pl.__version__}")
+    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    t = time.perf_counter()
+    data = work / f"rows-{args.rows}"
+    if not data.exists():
+        generate(data, args.rows)
+    print(f"generated {args.rows:,} DataComp-shaped rows in {time.perf_counter() - t:.1f}s under {data}\n")
+
+    no_lang = run_pipeline(data, work / "out-nolang", ["--skip-rule", "lang"])
+    whole = run_pipeline(data, work / "out-whole", [])
+
+    from qvl.curate.langid import identifier
+
+    texts = pl.read_parquet(next(data.glob("*.parquet")), columns=["text"]).get_column("text").head(200_000)
+    texts = [t.replace("\n", " ") for t in texts.to_list()]
+    ident = identifier(None)
+    t = time.perf_counter()
+    ident.predict(texts)
+    fasttext_rate = len(texts) / (time.perf_counter() - t)
+
+    sample = pl.read_parquet(next(data.glob("*.parquet"))).head(args.baseline_rows).to_dicts()
+    t = time.perf_counter()
+    per_row_baseline(sample)
+    baseline_rate = len(sample) / (time.perf_counter() - t)
+
+    rate_no_lang = no_lang["rows"] / no_lang["seconds"]
+    rate_whole = whole["rows"] / whole["seconds"]
+    print("| measure | figure | target |")
+    print("|---|---:|---:|")
+    print(f"| pipeline without language id | {rate_no_lang:,.0f} rows/s | >= 3,000,000 |")
+    print(f"| per-row Python loop, same rules (baseline) | {baseline_rate:,.0f} rows/s | |")
+    print(f"| speed-up over the per-row loop | {rate_no_lang / baseline_rate:.1f}x | >= 20x |")
+    print(f"| whole pipeline with language id | {rate_whole:,.0f} input rows/s | >= 150,000 |")
+    print(f"| fastText lid.176 (1 core, top-2) | {fasttext_rate:,.0f} texts/s | |")
+    print(f"| rows reaching language id | {whole['rows'] and no_lang['kept'] / no_lang['rows']:.1%} of input | |")
+    print(f"| peak RSS, {args.rows:,} rows, whole pipeline | {whole['rss_mib']:,.0f} MiB | |")
+    for size in [int(s) for s in args.rss_sizes.split(",") if s]:
+        folder = work / f"rows-{size}"
+        if not folder.exists():
+            generate(folder, size)
+        r = run_pipeline(folder, work / f"out-rss-{size}", ["--skip-rule", "lang"])
+        print(f"| peak RSS, {size:,} rows, without language id | {r['rss_mib']:,.0f} MiB "
+              f"({r['rows'] / r['seconds']:,.0f} rows/s) | flat |")
+
+
+if __name__ == "__main__":
+    main()
