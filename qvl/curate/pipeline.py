@@ -248,7 +248,8 @@ def run_filter(
     out = Path(out)
     paths = Paths(out)
     shards = [readers.open_shard(p, i, mapping, source) for i, p in enumerate(readers.discover(inputs))]
-    langid.identifier(settings.lang_model)  # fail now, not in a worker, if the model is missing
+    if rules.LANG not in settings.skip_rules:
+        langid.identifier(settings.lang_model)  # fail now, not in a worker, if the model is missing
     partitions = _prepare(out, shards, settings, run, mapping, source, overwrite)
     workers = run.workers or os.cpu_count() or 1
 
