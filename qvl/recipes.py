@@ -48,17 +48,9 @@ def fill(cls: type[T], values: dict[str, Any], where: str) -> T:
         raise RecipeError(
             f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
         )
-    coerced = {}
-    for key, value in values.items():
-        default = getattr(cls(), key) if _has_defaults(cls) else None
-        if isinstance(default, tuple) and isinstance(value, list):
-            value = tuple(value)
-        coerced[key] = value
+    # TOML and YAML have lists, not tuples: a tuple-typed setting takes a list
+    coerced = {
+        key: tuple(value) if isinstance(value, list) and str(names[key].type).startswith("tuple") else value
+        for key, value in values.items()
+    }
     return cls(**coerced)
-
-
-def _has_defaults(cls: type) -> bool:
-    return all(
-        f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-        for f in dataclasses.fields(cls)
-    )
