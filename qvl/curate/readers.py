@@ -57,7 +57,7 @@ class Shard:
     @property
     def key(self) -> str:
         """A name unique within the run, safe as a file name."""
-        return f"{self.index:05d}-{self.path.name}"
+        return f"{self.index:05d}-{self.path.name.replace('.', '_')}"
 
 
 def _format_of(path: Path) -> tuple[str, str | None]:
