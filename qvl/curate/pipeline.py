@@ -17,6 +17,7 @@ import multiprocessing as mp
 import os
 import queue
 import shutil
+import time
 from collections import defaultdict
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -223,7 +224,7 @@ def _prepare(out: Path, shards: list[Shard], settings: FilterSettings, run: RunS
     return partitions
 
 
-_worker_progress: "mp.Queue | None" = None
+_worker_progress: "mp.Queue | queue.SimpleQueue | None" = None
 
 
 def _init_worker(progress_queue) -> None:
@@ -233,6 +234,61 @@ def _init_worker(progress_queue) -> None:
 
 def _shard_task(shard, out, settings, batch_rows, partitions) -> dict:
     return process_shard(shard, out, settings, batch_rows, partitions, _worker_progress)
+
+
+class _Executor:
+    """Runs tasks inline (one worker) or in a pool of spawned processes, forwarding the
+    rows they report to a progress callback. Spawned, not forked: polars' thread pool
+    does not survive a fork. Each worker gets an equal share of polars threads."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> "_Executor":
+        if self.workers > 1:
+            ctx = mp.get_context("spawn")
+            self.queue = ctx.Queue()
+            self._previous = os.environ.get("POLARS_MAX_THREADS")
+            os.environ["POLARS_MAX_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.workers))
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
+                                            initargs=(self.queue,))
+        else:
+            self.queue = queue.SimpleQueue()
+            _init_worker(self.queue)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            if self._previous is None:
+                os.environ.pop("POLARS_MAX_THREADS", None)
+            else:
+                os.environ["POLARS_MAX_THREADS"] = self._previous
+        else:
+            _init_worker(None)
+
+    def _drain(self, on_progress) -> None:
+        while True:
+            try:
+                on_progress(self.queue.get_nowait())
+            except queue.Empty:
+                return
+
+    def run(self, fn, jobs: dict, on_progress):
+        """Yield (key, result) for every ``key: args`` job, as each one finishes."""
+        if self.pool is None or len(jobs) <= 1:
+            for key, args in jobs.items():
+                result = fn(*args)
+                self._drain(on_progress)
+                yield key, result
+            return
+        pending = {self.pool.submit(fn, *args): key for key, args in jobs.items()}
+        while pending:
+            done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            self._drain(on_progress)
+            for fut in done:
+                yield pending.pop(fut), fut.result()
 
 
 def run_filter(
@@ -253,70 +309,37 @@ def run_filter(
     partitions = _prepare(out, shards, settings, run, mapping, source, overwrite)
     workers = run.workers or os.cpu_count() or 1
 
-    markers: dict[str, dict] = {}
-    todo = []
-    for shard in shards:
-        marker_path = paths.shard_marker(shard)
-        if marker_path.exists():
-            markers[shard.key] = storage.read_json(marker_path)
-        else:
-            todo.append(shard)
-
-    with progress_bar(disable=not show_progress) as bar:
-        rows_task = bar.add_task("filter", total=sum(s.est_rows for s in todo), unit="rows")
-        if workers == 1 or len(todo) <= 1:
-            for shard in todo:
-                q: queue.SimpleQueue = queue.SimpleQueue()
-                markers[shard.key] = process_shard(shard, out, settings, run.batch_rows, partitions, q)
-                while not q.empty():
-                    bar.advance(rows_task, q.get())
-        else:
-            ctx = mp.get_context("spawn")
-            progress_queue = ctx.Queue()
-            threads = str(max(1, (os.cpu_count() or 1) // workers))
-            previous = os.environ.get("POLARS_MAX_THREADS")
-            os.environ["POLARS_MAX_THREADS"] = threads
-            try:
-                with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                         initargs=(progress_queue,)) as pool:
-                    pending = {pool.submit(_shard_task, s, out, settings, run.batch_rows, partitions): s
-                               for s in todo}
-                    while pending:
-                        done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                        while True:
-                            try:
-                                bar.advance(rows_task, progress_queue.get_nowait())
-                            except queue.Empty:
-                                break
-                        for fut in done:
-                            shard = pending.pop(fut)
-                            markers[shard.key] = fut.result()
-            finally:
-                if previous is None:
-                    os.environ.pop("POLARS_MAX_THREADS", None)
-                else:
-                    os.environ["POLARS_MAX_THREADS"] = previous
+    markers = {s.key: storage.read_json(paths.shard_marker(s)) for s in shards if paths.shard_marker(s).exists()}
+    shard_jobs = {s.key: (s, out, settings, run.batch_rows, partitions) for s in shards if s.key not in markers}
+    part_markers = {k: storage.read_json(paths.partition_marker(k)) for k in range(partitions)
+                    if paths.partition_marker(k).exists()}
+    timing = {}
+    with progress_bar(disable=not show_progress) as bar, _Executor(workers) as executor:
+        rows_task = bar.add_task("filter", total=sum(j[0].est_rows for j in shard_jobs.values()), unit="rows")
+        started = time.perf_counter()
+        for key, marker in executor.run(_shard_task, shard_jobs, lambda n: bar.advance(rows_task, n)):
+            markers[key] = marker
+        timing["filter_s"] = round(time.perf_counter() - started, 3)
         bar.update(rows_task, total=bar.tasks[rows_task].completed)
 
-        part_markers: dict[int, dict] = {}
-        part_task = bar.add_task("dedup", total=partitions, unit="partitions")
         sources_of: dict[int, list[tuple[str, list[int]]]] = defaultdict(list)
         for shard in shards:
             m = markers[shard.key]
             for k, groups in m["row_groups"].items():
                 sources_of[int(k)].append((m["survivors"], groups))
-        for k in range(partitions):
-            marker_path = paths.partition_marker(k)
-            if marker_path.exists():
-                part_markers[k] = storage.read_json(marker_path)
-            else:
-                part_markers[k] = dedup_partition(out, k, sources_of.get(k, []))
+        part_jobs = {k: (out, k, sources_of.get(k, [])) for k in range(partitions) if k not in part_markers}
+        part_task = bar.add_task("dedup", total=len(part_jobs), unit="partitions")
+        started = time.perf_counter()
+        for k, marker in executor.run(dedup_partition, part_jobs, lambda n: None):
+            part_markers[k] = marker
             bar.advance(part_task)
+        timing["dedup_s"] = round(time.perf_counter() - started, 3)
 
     totals: dict = {}
     for m in [*markers.values(), *part_markers.values()]:
         st.merge(totals, m["stats"])
     report = report_mod.build(totals, settings, shards, partitions)
+    report["timing"] = timing  # of this invocation only: a resumed run reports what it did
     report_mod.write(out, report)
     shutil.rmtree(out / "_work", ignore_errors=True)
     return report
