@@ -132,16 +132,95 @@ def curate_clip_score() -> None:
     _not_built("qvl curate clip-score", 5)
 
 
+def _format(kind: str, inputs: list[Path], out: Path, images: Optional[Path], downloads: Optional[Path],
+            tokenizer: str, image_tokens: int, max_len: int, pack_to: Optional[int], overwrite: bool,
+            progress: bool) -> None:
+    from qvl.formats.build import FormatInputError, FormatSettings, run_format
+    from qvl.formats.tokenizers import TokenizerError
+
+    settings = FormatSettings(tokenizer=tokenizer, image_tokens=image_tokens, max_len=max_len, pack_to=pack_to)
+    try:
+        manifest = run_format(kind, inputs, out, images, downloads, settings, overwrite, progress)
+    except (FormatInputError, TokenizerError, FileExistsError) as e:
+        _fail(str(e))
+    packing = manifest["packing"]["efficiency"]
+    console.print(
+        f"[green]{manifest['samples']:,}[/] samples ({manifest['tokens']:,} tokens, "
+        f"{manifest['supervised_tokens']:,} supervised) in {manifest['rows']:,} rows, "
+        f"{manifest['rejected']:,} rejected {manifest['rejected_by_reason'] or ''}"
+        + (f"; packing efficiency {packing:.1%}" if packing is not None else "") + f" -> {out}")
+
+
+TokenizerOpt = Annotated[str, typer.Option(help="qwen-vl, bytes, or a folder with tokenizer.json")]
+ImagesOpt = Annotated[Optional[Path], typer.Option(help="folder that image paths are relative to")]
+DownloadsOpt = Annotated[Optional[Path], typer.Option(help="img2dataset output, for images given as URLs")]
+
+
 @format_app.command("multitask")
-def format_multitask() -> None:
+def format_multitask(
+    inputs: Annotated[list[Path], typer.Option("--input", "-i", help="annotations (.jsonl, .json, curated .parquet)")],
+    out: Annotated[Path, typer.Option("--out", "-o")],
+    images: ImagesOpt = None,
+    downloads: DownloadsOpt = None,
+    tokenizer: TokenizerOpt = "qwen-vl",
+    image_tokens: Annotated[int, typer.Option(help="<imgpad> tokens per image (256 for Qwen-VL)")] = 256,
+    max_len: Annotated[int, typer.Option(help="longer samples are rejected")] = 2048,
+    pack_to: Annotated[Optional[int], typer.Option(help="pack samples of a task into rows of N tokens")] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> None:
     """Render the seven multitask pre-training formats into tokenized Arrow shards."""
-    _not_built("qvl format multitask", 3)
+    _format("multitask", inputs, out, images, downloads, tokenizer, image_tokens, max_len, pack_to, overwrite,
+            progress)
 
 
 @format_app.command("sft")
-def format_sft() -> None:
-    """Render conversations in Qwen-VL's ChatML SFT format into tokenized Arrow shards."""
-    _not_built("qvl format sft", 3)
+def format_sft(
+    inputs: Annotated[list[Path], typer.Option("--input", "-i", help="conversations (.jsonl or .json list)")],
+    out: Annotated[Path, typer.Option("--out", "-o")],
+    images: ImagesOpt = None,
+    downloads: DownloadsOpt = None,
+    tokenizer: TokenizerOpt = "qwen-vl",
+    image_tokens: Annotated[int, typer.Option(help="<imgpad> tokens per image (256 for Qwen-VL)")] = 256,
+    max_len: Annotated[int, typer.Option(help="longer conversations are rejected, never truncated")] = 2048,
+    pack_to: Annotated[Optional[int], typer.Option(help="pack conversations into rows of N tokens")] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> None:
+    """Render conversations (Qwen-VL, LLaVA, ShareGPT) in Qwen-VL's ChatML into tokenized shards."""
+    _format("sft", inputs, out, images, downloads, tokenizer, image_tokens, max_len, pack_to, overwrite, progress)
+
+
+@format_app.command("inspect")
+def format_inspect(
+    folder: Annotated[Path, typer.Argument(help="output folder of qvl format")],
+    row: Annotated[int, typer.Option(help="which row")] = 0,
+) -> None:
+    """Print one row decoded, supervised spans in green, the rest dim."""
+    from rich.text import Text
+
+    from qvl.formats.inspect import spans
+    from qvl.formats.shards import read_manifest
+    from qvl.formats.tokenizers import load_tokenizer
+
+    try:
+        import datasets
+
+        manifest = read_manifest(folder)
+        ds = datasets.load_from_disk(str(folder))
+    except (OSError, ValueError) as e:
+        _fail(f"{folder}: not a qvl format output ({e})")
+    if not 0 <= row < len(ds):
+        _fail(f"{folder}: row {row} out of range (0..{len(ds) - 1})")
+    sample = ds.with_format(None)[row]
+    tok = load_tokenizer(manifest["tokenizer"])
+    console.print(f"[bold]{sample['id']}[/] task={sample['task']} tokens={len(sample['input_ids'])} "
+                  f"images={len(sample['images'])} samples={sample['sample_ids']}  "
+                  "[green]green = supervised[/], [dim]dim = no loss[/]")
+    text = Text()
+    for piece, supervised in spans(sample["input_ids"], sample["labels"], tok):
+        text.append(piece, style="green" if supervised else "dim")
+    console.print(text)
 
 
 @app.command("train")

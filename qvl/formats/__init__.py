@@ -1,0 +1,1 @@
+"""Annotations and conversations -> tokenized training sequences with loss masks."""

@@ -1,0 +1,88 @@
+"""Boxes and quads in Qwen-VL's integer coordinate space [0, 1000).
+
+Input boxes are pixel ``xyxy`` (default), pixel ``xywh`` (COCO) or ``norm`` (0-1 xyxy).
+A box outside the image, inverted or empty is an error for its sample; an overshoot of
+up to one pixel (rounding in the source annotations) is clamped instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+BOX_FORMATS = ("xyxy", "xywh", "norm")
+SCALE = 1000
+
+
+class AnnotationError(ValueError):
+    """One sample is wrong: it goes to the rejects with ``reason`` (a short name to count
+    by) and the message (what exactly is wrong)."""
+
+    def __init__(self, message: str, reason: str = "bad_sample"):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _to_pixels_xyxy(box, width: int, height: int, box_format: str) -> list[float]:
+    if box_format not in BOX_FORMATS:
+        raise AnnotationError(f"unknown box_format {box_format!r} (use {', '.join(BOX_FORMATS)})")
+    if not isinstance(box, (list, tuple)) or len(box) != 4:
+        raise AnnotationError(f"bad box {box!r}: expected 4 numbers", "bad_box")
+    try:
+        x1, y1, a, b = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise AnnotationError(f"bad box {box!r}: not numbers", "bad_box") from None
+    if box_format == "xywh":
+        return [x1, y1, x1 + a, y1 + b]
+    if box_format == "norm":
+        return [x1 * width, y1 * height, a * width, b * height]
+    return [x1, y1, a, b]
+
+
+def _scaled(v: float, size: int) -> int:
+    return min(SCALE - 1, max(0, int(v / size * SCALE)))
+
+
+def _check_point(x: float, y: float, width: int, height: int, what) -> tuple[float, float]:
+    if not (math.isfinite(x) and math.isfinite(y)):
+        raise AnnotationError(f"bad {what}: coordinates must be finite", "bad_box")
+    if x < -1 or y < -1 or x > width + 1 or y > height + 1:
+        raise AnnotationError(f"bad {what}: outside the {width}x{height} image", "bad_box")
+    return min(max(x, 0.0), float(width)), min(max(y, 0.0), float(height))
+
+
+def normalize_box(box, width: int, height: int, box_format: str = "xyxy") -> tuple[int, int, int, int]:
+    x1, y1, x2, y2 = _to_pixels_xyxy(box, width, height, box_format)
+    x1, y1 = _check_point(x1, y1, width, height, f"box {list(box)}")
+    x2, y2 = _check_point(x2, y2, width, height, f"box {list(box)}")
+    if x2 < x1 or y2 < y1:
+        raise AnnotationError(f"bad box {list(box)}: inverted (x2 < x1 or y2 < y1)", "bad_box")
+    if x2 == x1 or y2 == y1:
+        raise AnnotationError(f"bad box {list(box)}: empty (zero width or height)", "bad_box")
+    return _scaled(x1, width), _scaled(y1, height), _scaled(x2, width), _scaled(y2, height)
+
+
+def normalize_quad(quad, width: int, height: int, box_format: str = "xyxy") -> list[tuple[int, int]]:
+    """Four corner points; ``norm`` means 0-1 coordinates, anything else pixels."""
+    if not isinstance(quad, (list, tuple)) or len(quad) != 4:
+        raise AnnotationError(f"bad quad {quad!r}: expected 4 points", "bad_box")
+    points = []
+    for point in quad:
+        if not isinstance(point, (list, tuple)) or len(point) != 2:
+            raise AnnotationError(f"bad quad {quad!r}: a point is not [x, y]", "bad_box")
+        try:
+            x, y = float(point[0]), float(point[1])
+        except (TypeError, ValueError):
+            raise AnnotationError(f"bad quad {quad!r}: not numbers", "bad_box") from None
+        if box_format == "norm":
+            x, y = x * width, y * height
+        x, y = _check_point(x, y, width, height, f"quad {list(quad)}")
+        points.append((_scaled(x, width), _scaled(y, height)))
+    return points
+
+
+def box_text(box: tuple[int, int, int, int]) -> str:
+    return f"({box[0]},{box[1]}),({box[2]},{box[3]})"
+
+
+def quad_text(points: list[tuple[int, int]]) -> str:
+    return ",".join(f"({x},{y})" for x, y in points)

@@ -1,0 +1,238 @@
+"""`qvl format multitask|sft`: records in, tokenized shards + manifest + rejects out.
+
+Records stream in batches: render (errors -> rejects), tokenize the whole batch at once,
+check the length, read the images, then write rows in input order — or pack them, per
+task, best-fit into rows of at most ``pack_to`` tokens. Every input record ends up in a
+shard or in ``rejects.parquet`` with its file, line and reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.parquet as pq
+
+from qvl import __version__
+from qvl.formats import chatml, multitask
+from qvl.formats.boxes import AnnotationError
+from qvl.formats.images import ImageStore
+from qvl.formats.sequence import Encoded, Plan, assemble
+from qvl.formats.shards import ShardWriter
+from qvl.formats.tokenizers import load_tokenizer
+from qvl.progress import progress_bar
+
+
+@dataclass
+class FormatSettings:
+    tokenizer: str = "qwen-vl"
+    image_tokens: int = 256  # <imgpad> per image: the adapter's query count
+    max_len: int = 2048  # longer samples are rejected, never truncated
+    pack_to: int | None = None  # pack samples of one task into rows of at most this many tokens
+    pack_buffer: int = 4096  # samples per task considered together by best-fit
+    batch: int = 512
+    shard_rows: int = 20_000
+
+
+class FormatInputError(ValueError):
+    """A whole input file cannot be read; the message names it."""
+
+
+def iter_records(path: Path) -> Iterator[tuple[int, dict | AnnotationError]]:
+    """(line, record) for JSONL (1-based lines), a JSON list (1-based item number), or
+    parquet (1-based row); a line that is not a JSON object yields an error instead."""
+    if not path.is_file():
+        raise FormatInputError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            table = pq.ParquetFile(path)
+        except Exception as e:
+            raise FormatInputError(f"{path}: not a readable parquet file ({e})") from None
+        n = 0
+        for batch in table.iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                n += 1
+                yield n, _curated_pair(row)
+        return
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FormatInputError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, list):
+            raise FormatInputError(f"{path}: a .json input must hold a list of records")
+        for i, record in enumerate(data, start=1):
+            yield i, record if isinstance(record, dict) else AnnotationError("not a JSON object", "malformed_json")
+        return
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
+                yield n, AnnotationError("empty line", "malformed_json")
+                continue
+            try:
+                record = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                yield n, AnnotationError(f"not valid JSON: {e}", "malformed_json")
+                continue
+            yield n, record if isinstance(record, dict) else AnnotationError("not a JSON object", "malformed_json")
+
+
+def _curated_pair(row: dict) -> dict:
+    """A kept row of `qvl curate filter` (url/text/lang) is a stage-1 caption sample."""
+    if "task" in row:
+        return row
+    return {"task": "caption", "image": row.get("url"), "caption": row.get("text"),
+            "lang": row.get("lang") if row.get("lang") in ("en", "zh") else "en",
+            "id": row.get("row_id"), "source": row.get("source", "curated")}
+
+
+def _best_fit(samples: list[Encoded], capacity: int) -> list[list[Encoded]]:
+    """Best-fit decreasing: each sample into the fullest bin it still fits."""
+    bins: list[list[Encoded]] = []
+    free: list[int] = []
+    for s in sorted(samples, key=lambda e: -len(e.input_ids)):
+        n = len(s.input_ids)
+        best = -1
+        for i, room in enumerate(free):
+            if n <= room and (best < 0 or room < free[best]):
+                best = i
+        if best < 0:
+            bins.append([s])
+            free.append(capacity - n)
+        else:
+            bins[best].append(s)
+            free[best] -= n
+    return bins
+
+
+def run_format(
+    kind: str, inputs: list[Path], out: Path, images: Path | None = None, downloads: Path | None = None,
+    settings: FormatSettings | None = None, overwrite: bool = False, show_progress: bool = True,
+) -> dict:
+    settings = settings or FormatSettings()
+    tok = load_tokenizer(settings.tokenizer)
+    store = ImageStore(images, downloads)
+    ctx = multitask.Context(tok, settings.image_tokens, store.size)
+    limit = min(settings.max_len, settings.pack_to or settings.max_len)
+    writer = ShardWriter(out, overwrite, max_rows=settings.shard_rows)
+    stats: Counter = Counter()
+    rejected: Counter = Counter()
+    by_task: dict[str, Counter] = defaultdict(Counter)
+    buffers: dict[str, list[Encoded]] = defaultdict(list)
+
+    def emit(rows: list[list[Encoded]]) -> None:
+        if not rows:
+            return
+        columns: dict[str, list] = {k: [] for k in ("id", "input_ids", "labels", "images", "task", "source",
+                                                    "sample_ids", "sample_lengths")}
+        for row in rows:
+            columns["id"].append(row[0].id if len(row) == 1 else f"packed:{row[0].id}+{len(row) - 1}")
+            columns["input_ids"].append([i for s in row for i in s.input_ids])
+            columns["labels"].append([i for s in row for i in s.labels])
+            columns["images"].append([img for s in row for img in s.loaded])  # type: ignore[attr-defined]
+            columns["task"].append(row[0].task)
+            columns["source"].append(row[0].source)
+            columns["sample_ids"].append([s.id for s in row])
+            columns["sample_lengths"].append([len(s.input_ids) for s in row])
+            stats["rows"] += 1
+            stats["row_tokens"] += len(columns["input_ids"][-1])
+        writer.write(columns)
+
+    def flush_packed(task: str) -> None:
+        emit(_best_fit(buffers.pop(task, []), settings.pack_to))
+
+    def process(batch: list[tuple[str, int, Plan]]) -> None:
+        encoded = assemble([plan for _, _, plan in batch], tok)
+        ready = []
+        for (file, line, _), sample in zip(batch, encoded):
+            n = len(sample.input_ids)
+            if n > limit:
+                writer.reject(file, line, sample.id, "too_long", f"{n} tokens > {limit}")
+                rejected["too_long"] += 1
+                continue
+            try:
+                sample.loaded = [dict(zip(("bytes", "path"), store.read(ref))) for ref in sample.images]
+            except AnnotationError as e:
+                writer.reject(file, line, sample.id, e.reason, str(e))
+                rejected[e.reason] += 1
+                continue
+            stats["samples"] += 1
+            stats["tokens"] += n
+            stats["supervised_tokens"] += sum(1 for label in sample.labels if label != -100)
+            stats["images"] += len(sample.images)
+            by_task[sample.task]["samples"] += 1
+            by_task[sample.task]["tokens"] += n
+            ready.append(sample)
+        if settings.pack_to:
+            for sample in ready:
+                buffers[sample.task].append(sample)
+                if len(buffers[sample.task]) >= settings.pack_buffer:
+                    flush_packed(sample.task)
+        else:
+            emit([[s] for s in ready])
+
+    try:
+        with progress_bar(disable=not show_progress) as bar:
+            task_id = bar.add_task(f"format {kind}", total=None, unit="samples")
+            for path in inputs:
+                batch: list[tuple[str, int, Plan]] = []
+                for line, record in iter_records(path):
+                    stats["records"] += 1
+                    bar.advance(task_id)
+                    sample_id = f"{path.name}:{line}"
+                    try:
+                        if isinstance(record, AnnotationError):
+                            raise record
+                        if record.get("id") is not None:
+                            sample_id = str(record["id"])
+                        if kind == "sft":
+                            plan = chatml.render(chatml.parse(record), sample_id, tok, settings.image_tokens)
+                        else:
+                            plan = multitask.render(record, sample_id, ctx)
+                    except AnnotationError as e:
+                        writer.reject(str(path), line, None if isinstance(record, AnnotationError) else sample_id,
+                                      e.reason, str(e))
+                        rejected[e.reason] += 1
+                        continue
+                    batch.append((str(path), line, plan))
+                    if len(batch) >= settings.batch:
+                        process(batch)
+                        batch = []
+                if batch:
+                    process(batch)
+            for task in list(buffers):
+                flush_packed(task)
+        capacity = stats["rows"] * settings.pack_to if settings.pack_to else None
+        manifest = {
+            "kind": kind,
+            "qvl": __version__,
+            "tokenizer": tok.name,
+            "vocab_size": tok.vocab_size,
+            "settings": dataclasses.asdict(settings),
+            "inputs": [str(p) for p in inputs],
+            "records": stats["records"],
+            "samples": stats["samples"],
+            "rows": stats["rows"],
+            "rejected": sum(rejected.values()),
+            "rejected_by_reason": dict(sorted(rejected.items())),
+            "tokens": stats["tokens"],
+            "supervised_tokens": stats["supervised_tokens"],
+            "images": stats["images"],
+            "by_task": {t: dict(c) for t, c in sorted(by_task.items())},
+            "packing": {"capacity_tokens": capacity, "real_tokens": stats["row_tokens"],
+                        "efficiency": round(stats["row_tokens"] / capacity, 4) if capacity else None},
+        }
+        manifest["fingerprint"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+        if manifest["records"] != manifest["samples"] + manifest["rejected"]:
+            raise AssertionError("format: records lost between input and output")
+        writer.finish(manifest)
+        return manifest
+    except BaseException:
+        writer.abort()
+        raise

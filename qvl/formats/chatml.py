@@ -1,0 +1,122 @@
+"""Stage-3 SFT: conversations in Qwen-VL's ChatML, with the reference loss mask.
+
+Three input formats become one conversation type: Qwen-VL's own (``conversations`` of
+``{from, value}`` with ``Picture N: <img>path</img>``), LLaVA (``human``/``gpt`` with an
+``image`` field and ``<image>`` placeholders) and ShareGPT/OpenAI (``messages`` of
+``{role, content}`` plus ``images``). Rendering and labels follow Qwen-VL's finetune.py:
+each turn is ``<|im_start|>{role}\\n{content}<|im_end|>\\n``; ``<|im_start|>``,
+``<|im_end|>`` and the newline after it are supervised in every turn; the role name, its
+newline, system and user content are not; assistant content is. The role name, the
+newline and the content are tokenized separately, as that code does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qvl.formats.boxes import AnnotationError
+from qvl.formats.sequence import Plan
+from qvl.formats.tokenizers import IMG_END, IMG_START, Tokenizer
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+PLACEHOLDER = "<image>"
+ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+                "system": "system"}
+
+
+@dataclass
+class Conversation:
+    id: str | None
+    system: str
+    turns: list[tuple[str, str]]  # (user|assistant, content with <img>ref</img> spans)
+    source: str
+
+
+def _role(value, where: str) -> str:
+    role = ROLE_ALIASES.get(value) if isinstance(value, str) else None
+    if role is None:
+        raise AnnotationError(f"unknown role {value!r} in {where} (use user/assistant/system, human/gpt)", "unknown_role")
+    return role
+
+
+def _with_pictures(texts: list[str], images: list[str]) -> list[str]:
+    """Replace ``<image>`` placeholders, in order, by ``Picture N: <img>path</img>\\n``."""
+    count = sum(t.count(PLACEHOLDER) for t in texts)
+    if count != len(images):
+        raise AnnotationError(f"{count} <image> placeholder(s) but {len(images)} image(s)", "placeholder_mismatch")
+    n = 0
+    out = []
+    for text in texts:
+        parts = text.split(PLACEHOLDER)
+        rebuilt = parts[0]
+        for part in parts[1:]:
+            n += 1
+            rebuilt += f"Picture {n}: {IMG_START}{images[n - 1]}{IMG_END}\n" + part.lstrip("\n")
+        out.append(rebuilt)
+    return out
+
+
+def parse(record: dict) -> Conversation:
+    """Any of the three formats -> a Conversation (leading system message taken as the
+    system prompt; a leading non-user turn after it dropped, as finetune.py does)."""
+    if not isinstance(record, dict):
+        raise AnnotationError("a conversation must be a JSON object")
+    source = str(record.get("source", "sft"))
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list):
+            raise AnnotationError("'messages' must be a list")
+        turns = []
+        for m in messages:
+            if not isinstance(m, dict):
+                raise AnnotationError("a message must be an object with role and content")
+            content = m.get("content")
+            if isinstance(content, list):  # OpenAI parts: text and images
+                content = "".join(p.get("text", "") if p.get("type") == "text" else PLACEHOLDER
+                                  for p in content if isinstance(p, dict))
+            if not isinstance(content, str):
+                raise AnnotationError("message content must be text")
+            turns.append((_role(m.get("role"), "messages"), content))
+        images = record.get("images") or []
+    elif "conversations" in record:
+        conv = record["conversations"]
+        if not isinstance(conv, list):
+            raise AnnotationError("'conversations' must be a list")
+        turns = []
+        for m in conv:
+            if not isinstance(m, dict) or not isinstance(m.get("value"), str):
+                raise AnnotationError("a turn must be an object with 'from' and a text 'value'")
+            turns.append((_role(m.get("from"), "conversations"), m["value"]))
+        image = record.get("image")
+        images = [image] if isinstance(image, str) else (image or [])
+    else:
+        raise AnnotationError("no 'conversations' or 'messages' field")
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise AnnotationError("images must be a list of paths or URLs")
+    if images or any(PLACEHOLDER in t for _, t in turns):
+        texts = _with_pictures([t for _, t in turns], images)
+        turns = [(r, t) for (r, _), t in zip(turns, texts)]
+    system = DEFAULT_SYSTEM
+    if turns and turns[0][0] == "system":
+        system = turns.pop(0)[1]
+    if any(r == "system" for r, _ in turns):
+        raise AnnotationError("a system message may only come first")
+    if turns and turns[0][0] != "user":
+        turns = turns[1:]
+    if not turns:
+        raise AnnotationError("no turns")
+    sample_id = record.get("id")
+    return Conversation(str(sample_id) if sample_id is not None else None, system, turns, source)
+
+
+def render(conv: Conversation, sample_id: str, tok: Tokenizer, image_tokens: int) -> Plan:
+    plan = Plan(sample_id, "sft", conv.source)
+    im_start, im_end = [tok.special("<|im_start|>")], [tok.special("<|im_end|>")]
+    for role, content in [("system", conv.system), *conv.turns]:
+        plan.ids(im_start, True)
+        plan.text(role, False)
+        plan.text("\n", False)
+        plan.content(content, role == "assistant", tok, image_tokens)
+        plan.ids(im_end, True)
+        plan.text("\n", True)
+    return plan

@@ -1,0 +1,74 @@
+"""Where the images of annotations come from: a folder nothing may escape, or local
+img2dataset output for URLs. Nothing is ever fetched while formatting."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from functools import lru_cache
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
+from qvl.formats.boxes import AnnotationError
+
+
+class ImageStore:
+    def __init__(self, root: Path | None, downloads: Path | None = None):
+        self.root = root.resolve() if root else None
+        self.downloads = downloads
+        self._url_index: dict[str, tuple[Path, str]] | None = None
+
+    def _path(self, ref: str) -> Path:
+        if self.root is None:
+            raise AnnotationError(f"image {ref!r}: no --images folder given", "missing_image")
+        candidate = Path(ref)
+        if candidate.is_absolute() or ".." in candidate.parts:
+            raise AnnotationError(f"image {ref!r}: must be a relative path inside --images", "unsafe_image_path")
+        resolved = (self.root / candidate).resolve()
+        if not resolved.is_relative_to(self.root):
+            raise AnnotationError(f"image {ref!r}: resolves outside --images (a symlink out?)", "unsafe_image_path")
+        if not resolved.is_file():
+            raise AnnotationError(f"image {ref!r}: missing under {self.root}", "missing_image")
+        return resolved
+
+    def _index(self) -> dict[str, tuple[Path, str]]:
+        """url -> (tar, member) over img2dataset's per-shard parquet files (status success)."""
+        if self._url_index is None:
+            self._url_index = {}
+            if self.downloads is not None:
+                for meta in sorted(self.downloads.glob("*.parquet")):
+                    table = pq.read_table(meta, columns=["url", "key", "status"]).to_pylist()
+                    tar = meta.with_suffix(".tar")
+                    for row in table:
+                        if row["status"] == "success":
+                            self._url_index[row["url"]] = (tar, f"{row['key']}.jpg")
+        return self._url_index
+
+    def read(self, ref: str) -> tuple[bytes, str]:
+        """(bytes, path as recorded) of an image reference, checked to decode."""
+        if ref.startswith(("http://", "https://")):
+            found = self._index().get(ref)
+            if found is None:
+                raise AnnotationError(f"image {ref!r}: URL not in the local img2dataset output (--downloads)", "missing_image")
+            tar, member = found
+            with tarfile.open(tar) as t:
+                data = t.extractfile(member).read()
+        else:
+            data = self._path(ref).read_bytes()
+        _size_of(data, ref)
+        return data, ref
+
+    @lru_cache(maxsize=65536)
+    def size(self, ref: str) -> tuple[int, int]:
+        return _size_of(self.read(ref)[0], ref)
+
+
+def _size_of(data: bytes, ref: str) -> tuple[int, int]:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.verify()
+            return img.size
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise AnnotationError(f"image {ref!r}: corrupt or not an image ({e})", "corrupt_image") from None

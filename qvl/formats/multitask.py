@@ -1,0 +1,167 @@
+"""The seven multitask pre-training formats of Qwen-VL (stage 2), and stage-1 captions.
+
+Each renderer turns one annotation into a plan: a prefix that takes no loss and a target
+(ending in ``<|endoftext|>``) that does. Boxes are normalised to [0, 1000) with the image's
+real size. Templates follow the Qwen-VL paper (Table 9 and §3.2).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from qvl.formats.boxes import AnnotationError, box_text, normalize_box, normalize_quad, quad_text
+from qvl.formats.sequence import Plan
+from qvl.formats.tokenizers import Tokenizer
+
+EOS = "<|endoftext|>"
+CAPTION_PROMPT = {"en": "Generate the caption in English:", "zh": "Generate the caption in Chinese:"}
+GROUNDING_PROMPT = {"en": "Generate the caption in English with grounding:",
+                    "zh": "Generate the caption in Chinese with grounding:"}
+OCR_PROMPT = "OCR with grounding:"
+
+
+class Context:
+    """What a renderer needs besides the record: the tokenizer, and image sizes."""
+
+    def __init__(self, tok: Tokenizer, image_tokens: int, image_size: Callable[[str], tuple[int, int]]):
+        self.tok = tok
+        self.image_tokens = image_tokens
+        self.image_size = image_size
+
+
+def _field(record: dict, name: str, kind=str):
+    value = record.get(name)
+    if value is None or (kind is str and not isinstance(value, str)) or (kind is list and not isinstance(value, list)):
+        raise AnnotationError(f"missing or bad field {name!r} (expected {kind.__name__})")
+    if kind is str and not value.strip():
+        raise AnnotationError(f"empty field {name!r}")
+    return value
+
+
+def _size(record: dict, ctx: Context) -> tuple[int, int]:
+    if isinstance(record.get("width"), int) and isinstance(record.get("height"), int):
+        return record["width"], record["height"]
+    return ctx.image_size(_field(record, "image"))
+
+
+def _start(plan: Plan, record: dict, ctx: Context) -> None:
+    plan.image(_field(record, "image"), False, ctx.tok, ctx.image_tokens)
+
+
+def _end(plan: Plan, ctx: Context) -> None:
+    plan.ids([ctx.tok.special(EOS)], True)
+
+
+def _lang(record: dict) -> str:
+    lang = record.get("lang", "en")
+    if lang not in CAPTION_PROMPT:
+        raise AnnotationError(f"unknown lang {lang!r} (use en or zh)")
+    return lang
+
+
+def caption(plan: Plan, record: dict, ctx: Context) -> None:
+    _start(plan, record, ctx)
+    plan.text(CAPTION_PROMPT[_lang(record)], False)
+    plan.content(" " + _field(record, "caption").strip(), True, ctx.tok, ctx.image_tokens)
+    _end(plan, ctx)
+
+
+def vqa(plan: Plan, record: dict, ctx: Context) -> None:
+    _start(plan, record, ctx)
+    plan.content(" " + _field(record, "question").strip() + " Answer:", False, ctx.tok, ctx.image_tokens)
+    plan.content(" " + _field(record, "answer").strip(), True, ctx.tok, ctx.image_tokens)
+    _end(plan, ctx)
+
+
+def grounding(plan: Plan, record: dict, ctx: Context) -> None:
+    """Caption with ``<ref>phrase</ref><box>…</box>`` at the character spans of its regions."""
+    text = _field(record, "caption")
+    regions = _field(record, "regions", list)
+    width, height = _size(record, ctx)
+    fmt = record.get("box_format", "xyxy")
+    spans = []
+    for region in regions:
+        span = region.get("span") if isinstance(region, dict) else None
+        boxes = region.get("boxes") if isinstance(region, dict) else None
+        if not (isinstance(span, list) and len(span) == 2 and all(isinstance(v, int) for v in span)):
+            raise AnnotationError(f"bad region span {span!r}: expected [start, end] character offsets")
+        if not (0 <= span[0] < span[1] <= len(text)):
+            raise AnnotationError(f"bad region span {span!r} for a caption of {len(text)} characters")
+        if not isinstance(boxes, list) or not boxes:
+            raise AnnotationError(f"region {span} has no boxes")
+        spans.append((span[0], span[1], [normalize_box(b, width, height, fmt) for b in boxes]))
+    spans.sort()
+    for (_, end, _), (start, _, _) in zip(spans, spans[1:]):
+        if start < end:
+            raise AnnotationError("region spans overlap")
+    out, pos = [], 0
+    for start, end, boxes in spans:
+        out.append(text[pos:start] + "<ref>" + text[start:end] + "</ref>" + "".join(
+            f"<box>{box_text(b)}</box>" for b in boxes))
+        pos = end
+    out.append(text[pos:])
+    _start(plan, record, ctx)
+    plan.text(GROUNDING_PROMPT[_lang(record)], False)
+    plan.content(" " + "".join(out).strip(), True, ctx.tok, ctx.image_tokens)
+    _end(plan, ctx)
+
+
+def ref_grounding(plan: Plan, record: dict, ctx: Context) -> None:
+    width, height = _size(record, ctx)
+    box = normalize_box(_field(record, "box", list), width, height, record.get("box_format", "xyxy"))
+    _start(plan, record, ctx)
+    plan.content("<ref>" + _field(record, "ref").strip() + "</ref>", False, ctx.tok, ctx.image_tokens)
+    plan.content(f"<box>{box_text(box)}</box>", True, ctx.tok, ctx.image_tokens)
+    _end(plan, ctx)
+
+
+def grounded_caption(plan: Plan, record: dict, ctx: Context) -> None:
+    width, height = _size(record, ctx)
+    box = normalize_box(_field(record, "box", list), width, height, record.get("box_format", "xyxy"))
+    _start(plan, record, ctx)
+    plan.content(f"<ref>This</ref><box>{box_text(box)}</box>", False, ctx.tok, ctx.image_tokens)
+    plan.content(" is " + _field(record, "caption").strip(), True, ctx.tok, ctx.image_tokens)
+    _end(plan, ctx)
+
+
+def ocr(plan: Plan, record: dict, ctx: Context) -> None:
+    lines = _field(record, "lines", list)
+    if not lines:
+        raise AnnotationError("no OCR lines")
+    width, height = _size(record, ctx)
+    fmt = record.get("box_format", "xyxy")
+    target = []
+    for line in lines:
+        if not isinstance(line, dict):
+            raise AnnotationError(f"bad OCR line {line!r}")
+        target.append(f"<ref>{_field(line, 'text')}</ref><quad>"
+                      f"{quad_text(normalize_quad(line.get('quad'), width, height, fmt))}</quad>")
+    _start(plan, record, ctx)
+    plan.text(OCR_PROMPT, False)
+    plan.content("".join(target), True, ctx.tok, ctx.image_tokens)
+    _end(plan, ctx)
+
+
+def text(plan: Plan, record: dict, ctx: Context) -> None:
+    plan.content(_field(record, "text"), True, ctx.tok, ctx.image_tokens)
+    _end(plan, ctx)
+
+
+RENDERERS: dict[str, Callable[[Plan, dict, Context], None]] = {
+    "caption": caption,
+    "vqa": vqa,
+    "grounding": grounding,
+    "ref_grounding": ref_grounding,
+    "grounded_caption": grounded_caption,
+    "ocr": ocr,
+    "text": text,
+}
+
+
+def render(record: dict, sample_id: str, ctx: Context) -> Plan:
+    task = record.get("task")
+    if task not in RENDERERS:
+        raise AnnotationError(f"unknown task {task!r} (use {', '.join(RENDERERS)})", "unknown_task")
+    plan = Plan(sample_id, task, str(record.get("source", "multitask")))
+    RENDERERS[task](plan, record, ctx)
+    return plan

@@ -1,0 +1,104 @@
+"""Arrow shards that Hugging Face ``datasets`` opens, written whole or not at all.
+
+The output folder has the layout of ``Dataset.save_to_disk``: ``data-XXXXX-of-NNNNN.arrow``
+(Arrow IPC streams, what ``Dataset.from_file`` reads), ``state.json`` and
+``dataset_info.json``, plus qvl's ``manifest.json`` and ``rejects.parquet``. It is
+built in a temporary folder beside the target and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from qvl import storage
+from qvl.schemas.samples import REJECT, SAMPLE
+
+
+def _features() -> dict:
+    import datasets
+
+    return datasets.Features({
+        "id": datasets.Value("string"),
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "labels": datasets.Sequence(datasets.Value("int32")),
+        "images": datasets.Sequence(datasets.Image()),
+        "task": datasets.Value("string"),
+        "source": datasets.Value("string"),
+        "sample_ids": datasets.Sequence(datasets.Value("string")),
+        "sample_lengths": datasets.Sequence(datasets.Value("int32")),
+    }).to_dict()
+
+
+class ShardWriter:
+    def __init__(self, out: Path, overwrite: bool, max_rows: int = 20_000, max_bytes: int = 512 << 20):
+        self.out = out
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise FileExistsError(f"{out}: exists and is not empty; choose another --out or --overwrite")
+        self.tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.max_rows, self.max_bytes = max_rows, max_bytes
+        self.files: list[Path] = []
+        self._writer: pa.ipc.RecordBatchStreamWriter | None = None
+        self._rows = self._bytes = 0
+        self.rejects: list[dict] = []
+
+    def _open(self) -> None:
+        path = self.tmp / f"data-{len(self.files):05d}.arrow"
+        self.files.append(path)
+        self._writer = pa.ipc.new_stream(str(path), SAMPLE)
+        self._rows = self._bytes = 0
+
+    def write(self, rows: dict[str, list]) -> None:
+        batch = pa.RecordBatch.from_pydict(rows, schema=SAMPLE)
+        if self._writer is None or self._rows >= self.max_rows or self._bytes >= self.max_bytes:
+            if self._writer is not None:
+                self._writer.close()
+            self._open()
+        self._writer.write_batch(batch)
+        self._rows += batch.num_rows
+        self._bytes += batch.nbytes
+
+    def reject(self, file: str, line: int, sample_id: str | None, reason: str, detail: str) -> None:
+        self.rejects.append({"file": file, "line": line, "id": sample_id, "reason": reason, "detail": detail})
+
+    def finish(self, manifest: dict) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        n = len(self.files)
+        names = []
+        for i, path in enumerate(self.files):
+            name = f"data-{i:05d}-of-{n:05d}.arrow"
+            path.rename(self.tmp / name)
+            names.append(name)
+        storage.write_json(self.tmp / "state.json", {
+            "_data_files": [{"filename": name} for name in names], "_fingerprint": manifest["fingerprint"],
+            "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
+            "_output_all_columns": False, "_split": None})
+        storage.write_json(self.tmp / "dataset_info.json", {
+            "citation": "", "description": "qvl tokenized training samples", "features": _features(),
+            "homepage": "", "license": ""})
+        pq.write_table(pa.Table.from_pylist(self.rejects, schema=REJECT), self.tmp / "rejects.parquet")
+        storage.write_json(self.tmp / "manifest.json", {**manifest, "shards": names})
+        if self.out.exists():
+            old = self.out.with_name(f"{self.out.name}.old-{os.getpid()}")
+            self.out.rename(old)
+            self.tmp.rename(self.out)
+            shutil.rmtree(old)
+        else:
+            self.tmp.rename(self.out)
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def read_manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text(encoding="utf-8"))

