@@ -231,6 +231,8 @@ def run_format(
         manifest["fingerprint"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
         if manifest["records"] != manifest["samples"] + manifest["rejected"]:
             raise AssertionError("format: records lost between input and output")
+        order = {str(p): i for i, p in enumerate(inputs)}
+        writer.rejects.sort(key=lambda r: (order[r["file"]], r["line"]))
         writer.finish(manifest)
         return manifest
     except BaseException:

@@ -1,0 +1,68 @@
+"""The seven multitask formats: exact prefix/target text and where the loss starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from qvl.formats import multitask
+from qvl.formats.boxes import AnnotationError
+from qvl.formats.sequence import assemble
+from qvl.formats.tokenizers import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("qwen-vl")
+
+
+def run(record, tok, size=(640, 480)):
+    ctx = multitask.Context(tok, 4, lambda ref: size)
+    sample = assemble([multitask.render(record, "s", ctx)], tok)[0]
+    split = next(i for i, label in enumerate(sample.labels) if label != -100)
+    assert all(label != -100 for label in sample.labels[split:])  # one supervised tail
+    return tok.decode(sample.input_ids[:split]), tok.decode(sample.input_ids[split:]), sample
+
+
+@pytest.mark.parametrize("record, prefix, target", [
+    ({"task": "caption", "image": "a.jpg", "caption": "a dog on the beach"},
+     "<img></img>Generate the caption in English:", " a dog on the beach<|endoftext|>"),
+    ({"task": "caption", "image": "a.jpg", "caption": "一只狗", "lang": "zh"},
+     "<img></img>Generate the caption in Chinese:", " 一只狗<|endoftext|>"),
+    ({"task": "vqa", "image": "a.jpg", "question": "What color is the car?", "answer": "red"},
+     "<img></img> What color is the car? Answer:", " red<|endoftext|>"),
+    ({"task": "grounding", "image": "a.jpg", "caption": "a dog chases a ball",
+      "regions": [{"span": [0, 5], "boxes": [[64, 48, 320, 240]]}, {"span": [13, 19], "boxes": [[0, 0, 64, 48]]}]},
+     "<img></img>Generate the caption in English with grounding:",
+     " <ref>a dog</ref><box>(100,100),(500,500)</box> chases <ref>a ball</ref><box>(0,0),(100,100)</box>"
+     "<|endoftext|>"),
+    ({"task": "ref_grounding", "image": "a.jpg", "ref": "the red car", "box": [64, 48, 320, 240]},
+     "<img></img><ref>the red car</ref>", "<box>(100,100),(500,500)</box><|endoftext|>"),
+    ({"task": "grounded_caption", "image": "a.jpg", "box": [64, 48, 320, 240], "caption": "a red car"},
+     "<img></img><ref>This</ref><box>(100,100),(500,500)</box>", " is a red car<|endoftext|>"),
+    ({"task": "ocr", "image": "a.jpg", "lines": [{"text": "SALE", "quad": [[0, 0], [64, 0], [64, 48], [0, 48]]}]},
+     "<img></img>OCR with grounding:", "<ref>SALE</ref><quad>(0,0),(100,0),(100,100),(0,100)</quad><|endoftext|>"),
+])
+def test_templates(tok, record, prefix, target):
+    got_prefix, got_target, sample = run(record, tok)
+    assert (got_prefix, got_target) == (prefix, target)
+    assert sample.input_ids.count(tok.special("<imgpad>")) == 4 and sample.images == ["a.jpg"]
+
+
+def test_pure_text_is_all_target(tok):
+    ctx = multitask.Context(tok, 4, lambda ref: (1, 1))
+    sample = assemble([multitask.render({"task": "text", "text": "Plain text."}, "s", ctx)], tok)[0]
+    assert sample.labels == sample.input_ids and tok.decode(sample.input_ids) == "Plain text.<|endoftext|>"
+
+
+@pytest.mark.parametrize("record, reason", [
+    ({"task": "poetry", "image": "a.jpg"}, "unknown_task"),
+    ({"task": "ref_grounding", "image": "a.jpg", "ref": "x", "box": [10, 10, 5, 5]}, "bad_box"),
+    ({"task": "grounding", "image": "a.jpg", "caption": "abc", "regions": [{"span": [0, 9], "boxes": [[1, 1, 2, 2]]}]},
+     "bad_sample"),
+    ({"task": "vqa", "image": "a.jpg", "question": "q"}, "bad_sample"),
+])
+def test_bad_annotations(tok, record, reason):
+    ctx = multitask.Context(tok, 4, lambda ref: (640, 480))
+    with pytest.raises(AnnotationError) as e:
+        multitask.render(record, "s", ctx)
+    assert e.value.reason == reason
