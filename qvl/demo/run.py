@@ -7,6 +7,8 @@ from pathlib import Path
 from qvl.curate.pipeline import run_filter
 from qvl.curate.settings import RunSettings
 from qvl.demo.pairs import write_demo_pairs
+from qvl.demo.world import write_annotations
+from qvl.formats.build import FormatSettings, run_format
 
 
 def run_demo(out: Path, rows_per_shard: int = 4000, show_progress: bool = True) -> dict:
@@ -14,12 +16,21 @@ def run_demo(out: Path, rows_per_shard: int = 4000, show_progress: bool = True) 
     raw = write_demo_pairs(out / "raw_pairs", rows_per_shard=rows_per_shard)
     curated = out / "curated"
     report = run_filter(raw, curated, run=RunSettings(), overwrite=True, show_progress=show_progress)
+    world = write_annotations(out / "world")
+    formatted = {}
+    for kind in ("multitask", "sft"):
+        formatted[kind] = run_format(kind, [world[kind]], out / "shards" / kind, world["images"],
+                                     settings=FormatSettings(), overwrite=True, show_progress=show_progress)
     return {
         "raw pairs": out / "raw_pairs",
         "kept pairs": curated / "kept",
         "rejected pairs": curated / "rejected",
         "report": curated / "report.md",
         "funnel": curated / "funnel.png",
+        "multitask shards": out / "shards" / "multitask",
+        "sft shards": out / "shards" / "sft",
         "summary": f"{report['input_rows']:,} raw pairs -> {report['kept_rows']:,} kept "
-        + ", ".join(f"{k} {v['share_pct']:.1f}%" for k, v in report["by_language"].items()),
+        + ", ".join(f"{k} {v['share_pct']:.1f}%" for k, v in report["by_language"].items())
+        + "; " + "; ".join(f"{k}: {m['samples']:,} samples, {m['tokens']:,} tokens, {m['rejected']} rejected"
+                           for k, m in formatted.items()),
     }

@@ -20,19 +20,22 @@ from qvl import storage
 from qvl.schemas.samples import REJECT, SAMPLE
 
 
-def _features() -> dict:
-    import datasets
+def _sequence(value_type: str) -> dict:
+    return {"feature": {"dtype": value_type, "_type": "Value"}, "_type": "List"}
 
-    return datasets.Features({
-        "id": datasets.Value("string"),
-        "input_ids": datasets.Sequence(datasets.Value("int32")),
-        "labels": datasets.Sequence(datasets.Value("int32")),
-        "images": datasets.Sequence(datasets.Image()),
-        "task": datasets.Value("string"),
-        "source": datasets.Value("string"),
-        "sample_ids": datasets.Sequence(datasets.Value("string")),
-        "sample_lengths": datasets.Sequence(datasets.Value("int32")),
-    }).to_dict()
+
+# datasets' Features.to_dict() of the SAMPLE schema, written out so that formatting never
+# pays for importing datasets (a test checks it against datasets' own).
+FEATURES = {
+    "id": {"dtype": "string", "_type": "Value"},
+    "input_ids": _sequence("int32"),
+    "labels": _sequence("int32"),
+    "images": {"feature": {"_type": "Image"}, "_type": "List"},
+    "task": {"dtype": "string", "_type": "Value"},
+    "source": {"dtype": "string", "_type": "Value"},
+    "sample_ids": _sequence("string"),
+    "sample_lengths": _sequence("int32"),
+}
 
 
 class ShardWriter:
@@ -55,7 +58,7 @@ class ShardWriter:
         self._writer = pa.ipc.new_stream(str(path), SAMPLE)
         self._rows = self._bytes = 0
 
-    def write(self, rows: dict[str, list]) -> None:
+    def write(self, rows: dict) -> None:
         batch = pa.RecordBatch.from_pydict(rows, schema=SAMPLE)
         if self._writer is None or self._rows >= self.max_rows or self._bytes >= self.max_bytes:
             if self._writer is not None:
@@ -82,7 +85,7 @@ class ShardWriter:
             "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
             "_output_all_columns": False, "_split": None})
         storage.write_json(self.tmp / "dataset_info.json", {
-            "citation": "", "description": "qvl tokenized training samples", "features": _features(),
+            "citation": "", "description": "qvl tokenized training samples", "features": FEATURES,
             "homepage": "", "license": ""})
         pq.write_table(pa.Table.from_pylist(self.rejects, schema=REJECT), self.tmp / "rejects.parquet")
         storage.write_json(self.tmp / "manifest.json", {**manifest, "shards": names})

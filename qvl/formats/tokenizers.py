@@ -88,7 +88,15 @@ class QwenTokenizer(Tokenizer):
         return self._enc.encode_ordinary(text)
 
     def encode_text_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._enc.encode_ordinary_batch(texts, num_threads=2)
+        """Straight into tiktoken's Rust encoder, which releases the GIL: two threads each
+        take a contiguous half. (tiktoken's own batch call makes one future per text,
+        which costs more than the encoding of a short piece.)"""
+        encode = self._enc._core_bpe.encode_ordinary
+        if len(texts) < 256:
+            return [encode(t) for t in texts]
+        half = len(texts) // 2
+        future = _pool().submit(lambda: [encode(t) for t in texts[half:]])
+        return [encode(t) for t in texts[:half]] + future.result()
 
     def decode(self, ids: list[int]) -> str:
         return self._enc.decode([i for i in ids if i < QWEN_VOCAB_SIZE and i != self.specials[IMG_PAD]])
@@ -150,6 +158,13 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: list[int]) -> str:
         pad = self.specials[IMG_PAD]
         return self._tok.decode([i for i in ids if i != pad], skip_special_tokens=False)
+
+
+@lru_cache(maxsize=1)
+def _pool():
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(1, thread_name_prefix="qvl-tokenize")
 
 
 def _qwen_ranks_path() -> Path:

@@ -120,3 +120,17 @@ def test_cli_sft_inspect_and_existing_output(tmp_path, images):
     assert shown.exit_code == 0 and "Red." in shown.output and "<imgpad>×256" in shown.output
     missing = runner.invoke(app, ["format", "sft", "-i", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "x")])
     assert missing.exit_code == 1 and "nope.jsonl: no such file" in missing.output
+
+
+def test_written_features_equal_datasets_own():
+    import datasets
+
+    from qvl.formats.shards import FEATURES
+
+    own = datasets.Features({
+        "id": datasets.Value("string"), "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "labels": datasets.Sequence(datasets.Value("int32")), "images": datasets.Sequence(datasets.Image()),
+        "task": datasets.Value("string"), "source": datasets.Value("string"),
+        "sample_ids": datasets.Sequence(datasets.Value("string")),
+        "sample_lengths": datasets.Sequence(datasets.Value("int32"))})
+    assert own.to_dict() == FEATURES
