@@ -72,9 +72,14 @@ def draw_text_scene(rng: random.Random, size: int) -> tuple[Image.Image, list[di
     draw = ImageDraw.Draw(img)
     lines = []
     for row, word in enumerate(rng.sample(WORDS, 2)):
-        x, y = rng.randint(2, size // 3), 4 + row * (size // 2) + rng.randint(0, size // 6)
-        left, top, right, bottom = draw.textbbox((x, y), word)
+        left, top, right, bottom = draw.textbbox((0, 0), word)
+        w, h = right - left, bottom - top
+        if w >= size or h * 2 >= size:
+            continue  # too small a canvas for this word: no line rather than a line outside
+        x = rng.randint(0, size - w - 1) - left
+        y = row * (size // 2) + rng.randint(0, size // 2 - h - 1) - top
         draw.text((x, y), word, fill="black")
+        left, top, right, bottom = draw.textbbox((x, y), word)
         lines.append({"text": word, "quad": [[left, top], [right, top], [right, bottom], [left, bottom]]})
     return img, lines
 
@@ -119,8 +124,9 @@ def write_annotations(folder: Path, n_images: int = 120, size: int = 96, seed: i
         if i % 3 == 0:
             text_name = f"text_{i:05d}.png"
             text_img, lines = draw_text_scene(rng, size)
-            text_img.save(images / text_name)
-            multitask.append({"task": "ocr", "image": text_name, "lines": lines})
+            if lines:
+                text_img.save(images / text_name)
+                multitask.append({"task": "ocr", "image": text_name, "lines": lines})
             multitask.append({"task": "text", "text": f"The scene shows {en}."})
     paths = {"images": images, "multitask": folder / "multitask.jsonl", "sft": folder / "conversations.jsonl"}
     for key, records in (("multitask", multitask), ("sft", conversations)):

@@ -1,0 +1,1 @@
+"""The bundled trainer: a Qwen-VL-style model and its three training stages."""

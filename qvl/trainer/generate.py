@@ -1,0 +1,68 @@
+"""Greedy generation with images inserted, and the grounding evaluation built on it."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from qvl.formats.sequence import Plan, assemble
+from qvl.formats.tokenizers import Tokenizer
+from qvl.trainer.data import load_image
+from qvl.trainer.model import QwenVL
+
+BOX = re.compile(r"<box>\((\d+),(\d+)\),\((\d+),(\d+)\)</box>")
+
+
+@torch.no_grad()
+def greedy(model: QwenVL, tok: Tokenizer, prompt_ids: list[int], pixels: torch.Tensor | None,
+           max_new_tokens: int = 32) -> list[int]:
+    """Continue ``prompt_ids`` until ``<|endoftext|>`` (not returned) or the token limit."""
+    model.eval()
+    eos = tok.special("<|endoftext|>")
+    ids = list(prompt_ids)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor([ids]), pixels)
+        nxt = int(logits[0, -1].argmax())
+        if nxt == eos:
+            break
+        ids.append(nxt)
+        out.append(nxt)
+    return out
+
+
+def prompt_ids(tok: Tokenizer, image_tokens: int, text: str) -> list[int]:
+    """``<img>`` + pads + ``</img>`` then ``text`` (grounding tags special), as the renderers do."""
+    plan = Plan("prompt", "eval", "eval")
+    plan.image("x", False, tok, image_tokens)
+    plan.content(text, False, tok, image_tokens)
+    return assemble([plan], tok)[0].input_ids
+
+
+def iou(a, b) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def grounding_accuracy(model: QwenVL, tok: Tokenizer, cases: list[dict], resolution: int) -> dict:
+    """Share of ``cases`` ({image bytes, ref, box in [0,1000)}) whose predicted box has IoU >= 0.5."""
+    hits, parsed = 0, 0
+    examples = []
+    for case in cases:
+        pixels = load_image(case["image"], resolution).unsqueeze(0)
+        ids = prompt_ids(tok, model.config.image_tokens, f"<ref>{case['ref']}</ref>")
+        text = tok.decode(greedy(model, tok, ids, pixels, max_new_tokens=40))
+        match = BOX.search(text)
+        ok = False
+        if match:
+            parsed += 1
+            ok = iou(tuple(int(v) for v in match.groups()), case["box"]) >= 0.5
+            hits += ok
+        if len(examples) < 5:
+            examples.append({"ref": case["ref"], "truth": case["box"], "predicted": text, "hit": ok})
+    n = max(1, len(cases))
+    return {"accuracy": hits / n, "parsed": parsed / n, "n": len(cases), "examples": examples}

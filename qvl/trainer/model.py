@@ -1,0 +1,185 @@
+"""A Qwen-VL-style model: open_clip ViT -> position-aware adapter -> causal LM.
+
+The adapter is one cross-attention layer whose learnable queries (256 in Qwen-VL) read
+the ViT's patch tokens; fixed 2-D sin-cos positions are added to queries and keys (the
+keys' grid follows the patch grid at any resolution), not to values. Its outputs replace
+the LLM's input embeddings at the ``<imgpad>`` positions, image by image, in order.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PRESETS = Path(__file__).parent / "presets"
+
+
+@dataclass
+class ModelConfig:
+    name: str
+    tokenizer: str
+    image_tokens: int
+    vision: dict
+    adapter: dict
+    llm: dict
+    stages: dict = field(default_factory=dict)
+
+
+def load_preset(name_or_path: str) -> ModelConfig:
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = PRESETS / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.toml")))
+        raise ValueError(f"preset {name_or_path!r}: not a file and not one of {known}")
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    return ModelConfig(data["name"], data["tokenizer"], int(data["image_tokens"]), data.get("vision", {}),
+                       data.get("adapter", {}), data.get("llm", {}), data.get("stages", {}))
+
+
+def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos positions (half the channels for y, half for x): [h*w, dim]."""
+    if dim % 4:
+        raise ValueError("sin-cos positions need a width divisible by 4")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64),
+                            indexing="ij")
+    parts = []
+    for coord in (ys.reshape(-1), xs.reshape(-1)):
+        angles = coord[:, None] * omega[None]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+class VisionEncoder(nn.Module):
+    """open_clip's VisionTransformer, all patch tokens out (no class token, no pooling)."""
+
+    def __init__(self, cfg: dict, image_size: int):
+        super().__init__()
+        from open_clip.transformer import VisionTransformer
+
+        if "open_clip_config" in cfg:
+            import open_clip
+
+            oc = open_clip.get_model_config(cfg["open_clip_config"])["vision_cfg"]
+            cfg = {"width": oc["width"], "layers": oc["layers"], "heads": oc["width"] // oc.get("head_width", 64),
+                   "patch_size": oc["patch_size"], "mlp_ratio": oc.get("mlp_ratio", 4.0)}
+        self.cfg = dict(cfg)
+        self.vit = VisionTransformer(
+            image_size=image_size, patch_size=cfg["patch_size"], width=cfg["width"], layers=cfg["layers"],
+            heads=cfg["heads"], mlp_ratio=cfg.get("mlp_ratio", 4.0), output_dim=cfg["width"], output_tokens=True)
+        self.vit.proj = None  # the pooled CLIP embedding is not used: every parameter must reach the loss
+        self.width = cfg["width"]
+        self.patch_size = cfg["patch_size"]
+        self.resolution = image_size
+
+    @property
+    def grid(self) -> int:
+        return self.resolution // self.patch_size
+
+    def set_resolution(self, size: int) -> None:
+        """Interpolate the learned position embedding to a new square resolution (224 -> 448)."""
+        if size == self.resolution:
+            return
+        if size % self.patch_size:
+            raise ValueError(f"resolution {size} is not a multiple of the patch size {self.patch_size}")
+        old, new = self.grid, size // self.patch_size
+        pos = self.vit.positional_embedding.data
+        cls, grid = pos[:1], pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+        self.vit.positional_embedding = nn.Parameter(
+            torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(new * new, -1)]), requires_grad=pos.requires_grad)
+        self.vit.grid_size = (new, new)
+        self.vit.image_size = (size, size)
+        self.resolution = size
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        _, tokens = self.vit(pixels)
+        return tokens
+
+    def layer_of(self, name: str) -> int:
+        """Depth of a parameter for layer-wise LR decay: 0 embeddings, 1..L blocks, L+1 head."""
+        if name.startswith("vit.transformer.resblocks."):
+            return int(name.split(".")[3]) + 1
+        if name.startswith(("vit.conv1", "vit.class_embedding", "vit.positional_embedding", "vit.ln_pre")):
+            return 0
+        return self.cfg["layers"] + 1
+
+
+class Adapter(nn.Module):
+    """Position-aware vision-language adapter: one cross-attention layer, learnable queries."""
+
+    def __init__(self, queries: int, kv_dim: int, out_dim: int, heads: int):
+        super().__init__()
+        side = int(math.isqrt(queries))
+        if side * side != queries:
+            raise ValueError(f"adapter queries must be a square number (got {queries})")
+        self.side = side
+        self.query = nn.Parameter(torch.randn(queries, out_dim) * 0.02)
+        self.register_buffer("query_pos", sincos_2d(out_dim, side, side), persistent=False)
+        self.kv_proj = nn.Linear(kv_dim, out_dim, bias=False)
+        self.ln_q, self.ln_kv, self.ln_post = nn.LayerNorm(out_dim), nn.LayerNorm(out_dim), nn.LayerNorm(out_dim)
+        self.attn = nn.MultiheadAttention(out_dim, heads, batch_first=True)
+        self.proj = nn.Parameter(torch.randn(out_dim, out_dim) * out_dim ** -0.5)
+        self.out_dim = out_dim
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        b, n, _ = patches.shape
+        grid = int(math.isqrt(n))
+        key_pos = sincos_2d(self.out_dim, grid, grid).to(patches.device, patches.dtype)
+        kv = self.ln_kv(self.kv_proj(patches))
+        q = self.ln_q(self.query).unsqueeze(0).expand(b, -1, -1)
+        out, _ = self.attn(q + self.query_pos.to(q.dtype), kv + key_pos, kv, need_weights=False)
+        return self.ln_post(out) @ self.proj
+
+
+def build_llm(cfg: dict, vocab_size: int, llm_path: str | None) -> nn.Module:
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    if llm_path:
+        return AutoModelForCausalLM.from_pretrained(llm_path, local_files_only=True, attn_implementation="sdpa",
+                                                    torch_dtype=torch.float32)
+    config = Qwen2Config(vocab_size=vocab_size, tie_word_embeddings=True, **cfg)
+    config._attn_implementation = "sdpa"
+    return Qwen2ForCausalLM(config)
+
+
+class QwenVL(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, image_pad_id: int, resolution: int,
+                 llm_path: str | None = None):
+        super().__init__()
+        self.config = cfg
+        self.image_pad_id = image_pad_id
+        self.vision = VisionEncoder(cfg.vision, resolution)
+        self.llm = build_llm(cfg.llm, vocab_size, llm_path)
+        width = self.llm.get_input_embeddings().weight.shape[1]
+        self.adapter = Adapter(cfg.image_tokens, self.vision.width, width, cfg.adapter.get("heads", 8))
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.adapter(self.vision(pixels))
+
+    def forward(self, input_ids: torch.Tensor, pixels: torch.Tensor | None, attention_mask=None,
+                position_ids=None) -> torch.Tensor:
+        """Logits. Without images the vision tower still runs (on one blank image, adding
+        zero), so data-parallel ranks with and without images run the same graph."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        is_pad = input_ids == self.image_pad_id
+        if pixels is None or pixels.shape[0] == 0:
+            size = self.vision.resolution
+            blank = torch.zeros(1, 3, size, size, device=embeds.device, dtype=embeds.dtype)
+            embeds = embeds + 0.0 * self.image_features(blank).sum()
+        else:
+            features = self.image_features(pixels).to(embeds.dtype)
+            if int(is_pad.sum()) != features.shape[0] * features.shape[1]:
+                raise ValueError(f"{int(is_pad.sum())} <imgpad> tokens for {features.shape[0]} images of "
+                                 f"{features.shape[1]} tokens each")
+            embeds = embeds.masked_scatter(is_pad.unsqueeze(-1), features.reshape(-1, features.shape[-1]))
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
+        return out.logits

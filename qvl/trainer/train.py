@@ -1,0 +1,271 @@
+"""`qvl train --stage N`: one file, top to bottom — setup, model, data, optimiser, loop,
+checkpoint. Runs on a CPU (tiny preset) or under torchrun (DDP, one process per device).
+
+The loss of an optimiser step is the mean over every supervised token of the step, on
+every rank: each micro-batch contributes its token *sum*, divided by the step's total
+supervised-token count (all-reduced before the backward passes), so the value does not
+depend on micro-batch size, accumulation, rank count or packing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+
+from qvl import storage
+from qvl.formats.tokenizers import IMG_PAD, load_tokenizer
+from qvl.schemas.samples import IGNORE_INDEX
+from qvl.trainer.data import Loader, Shards
+from qvl.trainer.model import QwenVL, load_preset
+from qvl.trainer.stages import STAGES, Stage
+
+
+@dataclass
+class TrainSettings:
+    stage: int
+    data: Path
+    out: Path
+    preset: str = "tiny"
+    max_steps: int | None = None
+    init: Path | None = None  # a checkpoint folder of the previous stage
+    resume: bool = False
+    llm: str | None = None  # local Hugging Face folder (real preset)
+    vision_weights: Path | None = None  # open_clip checkpoint (.safetensors) for the real preset
+    seed: int = 0
+    checkpoint_every: int = 100
+    max_rejected: float = 0.01
+    overrides: dict = dataclasses.field(default_factory=dict)  # stage fields from a recipe / CLI
+    log: bool = True
+
+
+def stage_for(settings: TrainSettings, preset) -> Stage:
+    """The paper's row, scaled by the preset's per-stage overrides, then the user's."""
+    stage = dataclasses.replace(STAGES[settings.stage])
+    for key, values in preset.stages.items():
+        setattr(stage, key, values[settings.stage - 1])
+    for key, value in settings.overrides.items():
+        if not hasattr(stage, key):
+            raise ValueError(f"unknown stage setting {key!r}")
+        setattr(stage, key, value)
+    if settings.max_steps is not None:
+        stage.max_steps = settings.max_steps
+    return stage
+
+
+def lr_at(step: int, stage: Stage) -> float:
+    """Linear warm-up to the peak, cosine decay to the minimum at max_steps."""
+    if step < stage.warmup_steps:
+        return stage.lr * (step + 1) / stage.warmup_steps
+    progress = min(1.0, (step - stage.warmup_steps) / max(1, stage.max_steps - stage.warmup_steps))
+    return stage.min_lr + 0.5 * (stage.lr - stage.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: QwenVL, stage: Stage) -> list[dict]:
+    """AdamW groups: no decay on biases, norms, embeddings and queries; the ViT's layers
+    scaled by decay ** (depth from the top)."""
+    groups: dict[tuple, dict] = {}
+    top = model.vision.cfg["layers"] + 1
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim < 2 or "embed" in name or "norm" in name or name.endswith(".query") or ".ln_" in name
+        scale = stage.vit_layer_decay ** (top - model.vision.layer_of(name[len("vision."):])) \
+            if name.startswith("vision.") else 1.0
+        key = (no_decay, scale)
+        group = groups.setdefault(key, {"params": [], "weight_decay": 0.0 if no_decay else stage.weight_decay,
+                                        "lr_scale": scale, "name": f"{'no_decay' if no_decay else 'decay'}@{scale:.3f}"})
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def train(s: TrainSettings) -> dict:
+    # ---------------------------------------------------------------- setup
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    main = rank == 0
+    random.seed(s.seed)
+    np.random.seed(s.seed)
+    torch.manual_seed(s.seed)
+    s.out.mkdir(parents=True, exist_ok=True)
+
+    def say(message: str) -> None:
+        if main and s.log:
+            print(message, flush=True)
+
+    # ---------------------------------------------------------------- model
+    preset = load_preset(s.preset)
+    stage = stage_for(s, preset)
+    tok = load_tokenizer(preset.tokenizer)
+    # built at the resolution the weights were trained at, then interpolated to this stage's
+    start_res = json.loads((Path(s.init) / "meta.json").read_text())["resolution"] if s.init else stage.resolution
+    model = QwenVL(preset, tok.vocab_size, tok.special(IMG_PAD), start_res, s.llm)
+    if s.init is not None:
+        load_model(model, str(Path(s.init) / "model.safetensors"))
+    model.vision.set_resolution(stage.resolution)
+    for part in ("vision", "adapter", "llm"):
+        getattr(model, part).requires_grad_(part in stage.trains)
+    model.to(device)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    # ---------------------------------------------------------------- data
+    shards = Shards(s.data, s.max_rejected)
+    manifest = shards.manifest
+    if manifest["tokenizer"] != tok.name or manifest["settings"]["image_tokens"] != preset.image_tokens:
+        raise ValueError(f"{s.data}: formatted with tokenizer {manifest['tokenizer']} and "
+                         f"{manifest['settings']['image_tokens']} image tokens; preset {preset.name} needs "
+                         f"{tok.name} and {preset.image_tokens} (re-run qvl format with --tokenizer/--image-tokens)")
+    loader = Loader(shards, stage.micro_batch, stage.resolution, tok.special("<|endoftext|>"), stage.seq_len,
+                    s.seed, rank, world, log=say)
+
+    # ---------------------------------------------------------------- optimiser
+    groups = param_groups(model, stage)
+    optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=stage.betas, eps=stage.eps)
+    step = 0
+    metrics_path = s.out / "metrics.jsonl"
+    if s.resume and (s.out / "checkpoint" / "state.pt").is_file():
+        load_model(model, str(s.out / "checkpoint" / "model.safetensors"))
+        state = torch.load(s.out / "checkpoint" / "state.pt", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        loader.restore(state["loader"][rank] if isinstance(state["loader"], list) else state["loader"])
+        step = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+        say(f"resumed at step {step}")
+        if main and metrics_path.exists():  # drop lines past the checkpoint: the curve continues exactly
+            lines = metrics_path.read_text().splitlines()
+            storage.write_text(metrics_path, "".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
+    elif main and metrics_path.exists():
+        metrics_path.unlink()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+
+    def save_checkpoint() -> None:
+        loaders = [None] * world
+        if world > 1:
+            dist.all_gather_object(loaders, loader.state())
+        else:
+            loaders = [loader.state()]
+        if not main:
+            return
+        folder = s.out / "checkpoint"
+        folder.mkdir(parents=True, exist_ok=True)
+        with storage.atomic_path(folder / "model.safetensors") as tmp:
+            save_model(model, str(tmp))
+        with storage.atomic_path(folder / "state.pt") as tmp:
+            torch.save({"optimizer": optimizer.state_dict(), "loader": loaders, "step": step,
+                        "torch_rng": torch.get_rng_state()}, tmp)
+        storage.write_json(folder / "meta.json", {"stage": stage.number, "step": step, "preset": preset.name,
+                                                  "resolution": stage.resolution, "settings": str(s)})
+
+    # ---------------------------------------------------------------- loop
+    say(f"stage {stage.number} ({stage.name}): trains {', '.join(stage.trains)}; {stage.max_steps} steps of "
+        f"{stage.micro_batch}x{stage.accumulation}x{world}; lr {stage.lr:g}->{stage.min_lr:g}, "
+        f"res {stage.resolution}, {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable")
+    total_loss = float("nan")
+    while step < stage.max_steps:
+        started = time.perf_counter()
+        lr = lr_at(step, stage)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        micro = [loader.next() for _ in range(stage.accumulation)]
+        tokens = torch.tensor(float(sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in micro)))
+        if world > 1:
+            dist.all_reduce(tokens)
+        total_loss = 0.0
+        task_loss: dict[str, list[float]] = {}
+        for i, batch in enumerate(micro):
+            with autocast:
+                logits = ddp(batch.input_ids.to(device), None if batch.pixels is None else batch.pixels.to(device),
+                             batch.attention_mask.to(device), batch.position_ids.to(device))
+            targets = batch.labels[:, 1:].to(device)
+            per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
+                                        ignore_index=IGNORE_INDEX, reduction="none")
+            loss = per_token.sum() / tokens.clamp(min=1) * world  # DDP averages gradients over ranks
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"step {step}: loss is {loss.item()} on samples {batch.sample_ids}")
+            sync = world == 1 or i == len(micro) - 1
+            if sync:
+                loss.backward()
+            else:
+                with ddp.no_sync():
+                    loss.backward()
+            total_loss += loss.item() / world
+            for row, task in enumerate(batch.tasks):
+                n = int((targets[row] != IGNORE_INDEX).sum())
+                entry = task_loss.setdefault(task, [0.0, 0])
+                entry[0] += float(per_token[row].detach().sum())
+                entry[1] += n
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if world > 1:
+            reduced = torch.tensor([total_loss])
+            dist.all_reduce(reduced)
+            total_loss = float(reduced)
+        step += 1
+        seconds = time.perf_counter() - started
+        n_tokens = sum(b.input_ids.numel() for b in micro) * world
+        n_images = sum(0 if b.pixels is None else b.pixels.shape[0] for b in micro) * world
+        record = {"step": step, "loss": round(total_loss, 6), "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
+                  "grad_norm": round(grad_norm, 4), "tokens_per_s": round(n_tokens / seconds, 1),
+                  "images_per_s": round(n_images / seconds, 1),
+                  "task_loss": {t: round(v[0] / max(1, v[1]), 6) for t, v in sorted(task_loss.items())}}
+        if main:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            if s.log and (step % 10 == 0 or step == stage.max_steps):
+                say(f"step {step}/{stage.max_steps} loss {total_loss:.4f} lr {lr:.2e} "
+                    f"grad {grad_norm:.2f} {record['tokens_per_s']:.0f} tok/s")
+        if step % s.checkpoint_every == 0 and step < stage.max_steps:
+            save_checkpoint()
+
+    save_checkpoint()  # the final weights, also for a zero-step run (a stage's starting point)
+    if main and metrics_path.exists():
+        plot_loss(metrics_path, s.out / "loss.png")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return {"steps": step, "out": str(s.out)}
+
+
+def plot_loss(metrics: Path, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="total", lw=2)
+    for task in sorted({t for r in rows for t in r["task_loss"]}):
+        pts = [(r["step"], r["task_loss"][task]) for r in rows if task in r["task_loss"]]
+        if len({t for r in rows for t in r["task_loss"]}) > 1:
+            ax.plot(*zip(*pts), label=task, lw=0.8, alpha=0.7)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean over supervised tokens)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with storage.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
