@@ -224,9 +224,67 @@ def format_inspect(
 
 
 @app.command("train")
-def train() -> None:
-    """Train a Qwen-VL-style model, stage 1, 2 or 3."""
-    _not_built("qvl train", 4)
+def train(
+    stage: Annotated[int, typer.Option(help="1 pre-train, 2 multitask, 3 SFT (Qwen-VL Table 8)", min=1, max=3)],
+    data: Annotated[Path, typer.Option(help="output folder of qvl format")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="run folder: metrics.jsonl, loss.png, checkpoint/")],
+    preset: Annotated[str, typer.Option(help="tiny, qwen-vl, or a preset .toml")] = "tiny",
+    recipe: Annotated[Optional[Path], typer.Option(help="TOML/YAML with a [stage] table of overrides")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="optimiser steps")] = None,
+    init: Annotated[Optional[Path], typer.Option(help="checkpoint folder of the previous stage")] = None,
+    resume: Annotated[bool, typer.Option(help="continue this run from its checkpoint")] = False,
+    llm: Annotated[Optional[str], typer.Option(help="local Hugging Face LLM folder (real preset)")] = None,
+    micro_batch: Annotated[Optional[int], typer.Option(help="rows per micro-batch")] = None,
+    accumulation: Annotated[Optional[int], typer.Option(help="micro-batches per optimiser step")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="peak learning rate")] = None,
+    max_rejected: Annotated[float, typer.Option(help="refuse shards whose rejects exceed this fraction")] = 0.01,
+    seed: int = 0,
+) -> None:
+    """Train a Qwen-VL-style model, stage 1, 2 or 3 (torchrun for several processes)."""
+    from qvl.recipes import RecipeError, load_recipe
+    from qvl.trainer.data import DataError
+    from qvl.trainer.train import TrainSettings
+    from qvl.trainer.train import train as run_train
+
+    try:
+        overrides = dict(load_recipe(recipe).get("stage", {})) if recipe else {}
+        overrides.update({k: v for k, v in {"micro_batch": micro_batch, "accumulation": accumulation,
+                                            "lr": lr}.items() if v is not None})
+        result = run_train(TrainSettings(stage=stage, data=data, out=out, preset=preset, max_steps=max_steps,
+                                         init=init, resume=resume, llm=llm, seed=seed, max_rejected=max_rejected,
+                                         overrides=overrides))
+    except (DataError, RecipeError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    console.print(f"[green]trained {result['steps']} steps[/] -> {out}/checkpoint, {out}/metrics.jsonl, {out}/loss.png")
+
+
+@app.command("generate")
+def generate(
+    checkpoint: Annotated[Path, typer.Option(help="a run's checkpoint folder")],
+    image: Annotated[Path, typer.Option(help="the image")],
+    prompt: Annotated[str, typer.Option(help="text after the image, e.g. '<ref>the red circle</ref>'")],
+    preset: Annotated[str, typer.Option(help="the preset the checkpoint was trained with")] = "tiny",
+    max_new_tokens: int = 64,
+) -> None:
+    """Greedy generation from a checkpoint, the image inserted before the prompt."""
+    from safetensors.torch import load_model
+
+    from qvl.formats.tokenizers import IMG_PAD, load_tokenizer
+    from qvl.trainer.data import load_image
+    from qvl.trainer.generate import greedy, prompt_ids
+    from qvl.trainer.model import QwenVL, load_preset
+
+    meta_path = checkpoint / "meta.json"
+    if not meta_path.is_file() or not image.is_file():
+        _fail(f"{meta_path if not meta_path.is_file() else image}: not found")
+    meta = json.loads(meta_path.read_text())
+    cfg = load_preset(preset)
+    tok = load_tokenizer(cfg.tokenizer)
+    model = QwenVL(cfg, tok.vocab_size, tok.special(IMG_PAD), meta["resolution"])
+    load_model(model, str(checkpoint / "model.safetensors"))
+    pixels = load_image(image.read_bytes(), meta["resolution"]).unsqueeze(0)
+    out = greedy(model, tok, prompt_ids(tok, cfg.image_tokens, prompt), pixels, max_new_tokens)
+    typer.echo(tok.decode(out))
 
 
 @app.command("demo")
@@ -234,11 +292,13 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="where the demo writes everything")] = Path("demo_out"),
     rows_per_shard: Annotated[int, typer.Option(help="synthetic pairs per shard")] = 4000,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+    learn: Annotated[bool, typer.Option(help="train stages 1-3 on the tiny preset and evaluate (minutes)")] = True,
 ) -> None:
     """Run the pipeline on bundled synthetic data and print where its outputs are."""
     from qvl.demo.run import run_demo
 
-    results = run_demo(out, rows_per_shard=rows_per_shard, show_progress=progress)
+    results = run_demo(out, rows_per_shard=rows_per_shard, show_progress=progress, learn=learn,
+                       log=lambda m: console.print(m))
     console.print(f"[bold green]demo done[/]: {results.pop('summary')}")
     for name, path in results.items():
         console.print(f"  {name:15s} {path}")

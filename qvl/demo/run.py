@@ -7,21 +7,24 @@ from pathlib import Path
 from qvl.curate.pipeline import run_filter
 from qvl.curate.settings import RunSettings
 from qvl.demo.pairs import write_demo_pairs
+from qvl.demo.learn import DemoWorld, run_learning_demo
 from qvl.demo.world import write_annotations
 from qvl.formats.build import FormatSettings, run_format
 
 
-def run_demo(out: Path, rows_per_shard: int = 4000, show_progress: bool = True) -> dict:
+def run_demo(out: Path, rows_per_shard: int = 4000, show_progress: bool = True, learn: bool = True,
+             world: DemoWorld | None = None, log=print) -> dict:
     """Generate the demo pairs and curate them; returns the paths a person looks at."""
     raw = write_demo_pairs(out / "raw_pairs", rows_per_shard=rows_per_shard)
     curated = out / "curated"
     report = run_filter(raw, curated, run=RunSettings(), overwrite=True, show_progress=show_progress)
-    world = write_annotations(out / "world")
+    annotations = write_annotations(out / "world")
     formatted = {}
     for kind in ("multitask", "sft"):
-        formatted[kind] = run_format(kind, [world[kind]], out / "shards" / kind, world["images"],
+        formatted[kind] = run_format(kind, [annotations[kind]], out / "shards" / kind, annotations["images"],
                                      settings=FormatSettings(), overwrite=True, show_progress=show_progress)
-    return {
+    learned = run_learning_demo(out / "learn", out / "eval.json", world, log) if learn else None
+    results = {
         "raw pairs": out / "raw_pairs",
         "kept pairs": curated / "kept",
         "rejected pairs": curated / "rejected",
@@ -34,3 +37,11 @@ def run_demo(out: Path, rows_per_shard: int = 4000, show_progress: bool = True) 
         + "; " + "; ".join(f"{k}: {m['samples']:,} samples, {m['tokens']:,} tokens, {m['rejected']} rejected"
                            for k, m in formatted.items()),
     }
+    if learned is not None:
+        results["training runs"] = out / "learn"
+        results["evaluation"] = out / "eval.json"
+        results["summary"] += (
+            f"; after stages 1-3 ({learned['minutes']:.1f} min): grounding accuracy {learned['grounding_acc']:.2f} "
+            f"(untrained {learned['grounding_acc_untrained']:.2f}), caption exact match {learned['caption_em']:.2f}, "
+            f"VQA exact match {learned['vqa_em']:.2f}")
+    return results

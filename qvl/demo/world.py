@@ -33,16 +33,20 @@ class Thing:
         return f"a {self.color} {self.shape}"
 
 
-def draw_scene(rng: random.Random, size: int, n_objects: int) -> tuple[Image.Image, list[Thing]]:
-    """A scene with ``n_objects`` shapes of distinct (colour, shape) that do not overlap."""
+def draw_scene(rng: random.Random, size: int, n_objects: int, grid: int = 1,
+               sides: tuple[int, int] | None = None) -> tuple[Image.Image, list[Thing]]:
+    """A scene with ``n_objects`` shapes of distinct (colour, shape) that do not overlap;
+    positions and sizes snap to multiples of ``grid`` pixels (a coarser world is learnt faster)."""
     img = Image.new("RGB", (size, size), (245, 245, 240))
     draw = ImageDraw.Draw(img)
     things: list[Thing] = []
     kinds = rng.sample([(c, s) for c in COLORS for s in SHAPES], n_objects)
     for color, shape in kinds:
         for _ in range(100):
-            side = rng.randint(size // 6, size // 3)
-            x, y = rng.randint(0, size - side), rng.randint(0, size - side)
+            low, high = sides or (size // 6, size // 3)
+            side = max(grid, rng.randint(low, high) // grid * grid)
+            x = rng.randint(0, (size - side) // grid) * grid
+            y = rng.randint(0, (size - side) // grid) * grid
             box = (x, y, x + side, y + side)
             if all(box[2] <= t.box[0] or t.box[2] <= box[0] or box[3] <= t.box[1] or t.box[3] <= box[1]
                    for t in things):

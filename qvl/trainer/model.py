@@ -2,7 +2,7 @@
 
 The adapter is one cross-attention layer whose learnable queries (256 in Qwen-VL) read
 the ViT's patch tokens; fixed 2-D sin-cos positions are added to queries and keys (the
-keys' grid follows the patch grid at any resolution), not to values. Its outputs replace
+queries' grid interpolated to the patch grid, at any resolution), not to values. Its outputs replace
 the LLM's input embeddings at the ``<imgpad>`` positions, image by image, in order.
 """
 
@@ -127,13 +127,21 @@ class Adapter(nn.Module):
         self.kv_proj = nn.Linear(kv_dim, out_dim, bias=False)
         self.ln_q, self.ln_kv, self.ln_post = nn.LayerNorm(out_dim), nn.LayerNorm(out_dim), nn.LayerNorm(out_dim)
         self.attn = nn.MultiheadAttention(out_dim, heads, batch_first=True)
-        self.proj = nn.Parameter(torch.randn(out_dim, out_dim) * out_dim ** -0.5)
+        # outputs start at the scale of the LLM's token embeddings (std 0.02), not 100x above it
+        self.proj = nn.Parameter(torch.randn(out_dim, out_dim) * 0.02 * out_dim ** -0.5)
         self.out_dim = out_dim
+
+
+    def key_positions(self, grid: int) -> torch.Tensor:
+        """The queries' sin-cos grid interpolated to the patch grid (as Qwen-VL's get_abs_pos
+        does): a key and a query at the same place in the image get the same position."""
+        pos = self.query_pos.reshape(1, self.side, self.side, -1).permute(0, 3, 1, 2)
+        pos = F.interpolate(pos, size=(grid, grid), mode="bicubic", align_corners=False)
+        return pos.permute(0, 2, 3, 1).reshape(grid * grid, -1)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         b, n, _ = patches.shape
-        grid = int(math.isqrt(n))
-        key_pos = sincos_2d(self.out_dim, grid, grid).to(patches.device, patches.dtype)
+        key_pos = self.key_positions(int(math.isqrt(n))).to(patches.dtype)
         kv = self.ln_kv(self.kv_proj(patches))
         q = self.ln_q(self.query).unsqueeze(0).expand(b, -1, -1)
         out, _ = self.attn(q + self.query_pos.to(q.dtype), kv + key_pos, kv, need_weights=False)
