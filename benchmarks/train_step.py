@@ -78,16 +78,17 @@ def main() -> None:
         t = time.perf_counter()
         n = 0
         while time.perf_counter() - t < 3:
-            batch = loader.next()
+            loader.next()
             n += 1
         loader_rate = n / (time.perf_counter() - t)
-        step_s = micro / (img_s / max(1e-9, 1)) if img_s else float("nan")
         rows.append((Path(preset).stem, tok_s, img_s, loader_rate, micro))
-    print("| preset | model tokens/s | model images/s | loader batches/s | model batches/s | loader / model |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| preset | model tokens/s | model images/s | step time | loader batches/s | model batches/s | "
+          "loader / model |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, tok_s, img_s, loader_rate, micro in rows:
         model_rate = img_s / micro if img_s else float("nan")
-        print(f"| {name} | {tok_s:,.0f} | {img_s:,.1f} | {loader_rate:,.1f} | {model_rate:,.2f} | "
+        print(f"| {name} | {tok_s:,.0f} | {img_s:,.1f} | {1000 / model_rate:,.0f} ms | {loader_rate:,.1f} | "
+              f"{model_rate:,.2f} | "
               f"{loader_rate / model_rate:,.1f}x |")
 
     # padding vs packing at 2048, same samples

@@ -14,8 +14,9 @@ def test_demo_runs_every_stage_and_writes_eval(tmp_path):
     report = json.loads((tmp_path / "curated" / "report.json").read_text())
     assert report["accounted"] and report["input_rows"] == 300 * 3 + 150
     evaluation = json.loads((tmp_path / "eval.json").read_text())
-    for key in ("grounding_acc", "grounding_acc_untrained", "caption_em", "vqa_em"):
+    for key in ("grounding_acc", "grounding_acc_untrained", "chat_caption_em"):
         assert 0.0 <= evaluation[key] <= 1.0
+    assert set(evaluation["stage2"]) == {"grounding_acc", "caption_em", "vqa_em"}
     assert evaluation["held_out_images"] == 6 and evaluation["examples"]
     for stage in (1, 2, 3):
         assert (tmp_path / "learn" / f"stage{stage}" / "checkpoint" / "model.safetensors").is_file()

@@ -42,6 +42,8 @@ def run_demo(out: Path, rows_per_shard: int = 4000, show_progress: bool = True, 
         results["evaluation"] = out / "eval.json"
         results["summary"] += (
             f"; after stages 1-3 ({learned['minutes']:.1f} min): grounding accuracy {learned['grounding_acc']:.2f} "
-            f"(untrained {learned['grounding_acc_untrained']:.2f}), caption exact match {learned['caption_em']:.2f}, "
-            f"VQA exact match {learned['vqa_em']:.2f}")
+            f"(untrained {learned['grounding_acc_untrained']:.2f}), caption exact match "
+            f"{learned['chat_caption_em']:.2f}; stage 2 on the multitask prompts: grounding "
+            f"{learned['stage2']['grounding_acc']:.2f}, caption {learned['stage2']['caption_em']:.2f}, "
+            f"VQA {learned['stage2']['vqa_em']:.2f}")
     return results

@@ -17,15 +17,15 @@ BOX = re.compile(r"<box>\((\d+),(\d+)\),\((\d+),(\d+)\)</box>")
 @torch.no_grad()
 def greedy(model: QwenVL, tok: Tokenizer, prompt_ids: list[int], pixels: torch.Tensor | None,
            max_new_tokens: int = 32) -> list[int]:
-    """Continue ``prompt_ids`` until ``<|endoftext|>`` (not returned) or the token limit."""
+    """Continue ``prompt_ids`` until ``<|endoftext|>`` or ``<|im_end|>`` (not returned) or the limit."""
     model.eval()
-    eos = tok.special("<|endoftext|>")
+    stop = {tok.special("<|endoftext|>"), tok.special("<|im_end|>")}
     ids = list(prompt_ids)
     out: list[int] = []
     for _ in range(max_new_tokens):
         logits = model(torch.tensor([ids]), pixels)
         nxt = int(logits[0, -1].argmax())
-        if nxt == eos:
+        if nxt in stop:
             break
         ids.append(nxt)
         out.append(nxt)
@@ -40,6 +40,17 @@ def prompt_ids(tok: Tokenizer, image_tokens: int, text: str) -> list[int]:
     return assemble([plan], tok)[0].input_ids
 
 
+def chat_prompt_ids(tok: Tokenizer, image_tokens: int, question: str) -> list[int]:
+    """A one-turn ChatML conversation about one picture, ending where the assistant speaks."""
+    from qvl.formats.chatml import DEFAULT_SYSTEM, Conversation, render
+
+    conv = Conversation(None, DEFAULT_SYSTEM, [("user", f"Picture 1: <img>x</img>\n{question}")], "eval")
+    plan = render(conv, "prompt", tok, image_tokens)
+    plan.ids([tok.special("<|im_start|>")], False)
+    plan.text("assistant\n", False)
+    return assemble([plan], tok)[0].input_ids
+
+
 def iou(a, b) -> float:
     ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -48,13 +59,18 @@ def iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def grounding_accuracy(model: QwenVL, tok: Tokenizer, cases: list[dict], resolution: int) -> dict:
-    """Share of ``cases`` ({image bytes, ref, box in [0,1000)}) whose predicted box has IoU >= 0.5."""
+def grounding_accuracy(model: QwenVL, tok: Tokenizer, cases: list[dict], resolution: int,
+                       chat: bool = False) -> dict:
+    """Share of ``cases`` ({image bytes, ref, box in [0,1000)}) whose predicted box has IoU >= 0.5;
+    asked as Qwen-VL's referring-grounding prompt, or (``chat``) as an SFT question."""
     hits, parsed = 0, 0
     examples = []
     for case in cases:
         pixels = load_image(case["image"], resolution).unsqueeze(0)
-        ids = prompt_ids(tok, model.config.image_tokens, f"<ref>{case['ref']}</ref>")
+        if chat:
+            ids = chat_prompt_ids(tok, model.config.image_tokens, f"Where is {case['ref']}?")
+        else:
+            ids = prompt_ids(tok, model.config.image_tokens, f"<ref>{case['ref']}</ref>")
         text = tok.decode(greedy(model, tok, ids, pixels, max_new_tokens=40))
         match = BOX.search(text)
         ok = False
