@@ -169,6 +169,7 @@ class QwenVL(nn.Module):
         self.llm = build_llm(cfg.llm, vocab_size, llm_path)
         width = self.llm.get_input_embeddings().weight.shape[1]
         self.adapter = Adapter(cfg.image_tokens, self.vision.width, width, cfg.adapter.get("heads", 8))
+        self.image_token_spread: float | None = None  # std across a batch's images, averaged
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.adapter(self.vision(pixels))
@@ -185,6 +186,8 @@ class QwenVL(nn.Module):
             embeds = embeds + 0.0 * self.image_features(blank).sum()
         else:
             features = self.image_features(pixels).to(embeds.dtype)
+            if features.shape[0] > 1:  # LEARNING.md: collapse shows as this falling towards 0
+                self.image_token_spread = float(features.detach().float().std(0).mean())
             if int(is_pad.sum()) != features.shape[0] * features.shape[1]:
                 raise ValueError(f"{int(is_pad.sum())} <imgpad> tokens for {features.shape[0]} images of "
                                  f"{features.shape[1]} tokens each")

@@ -227,6 +227,7 @@ def train(s: TrainSettings) -> dict:
         record = {"step": step, "loss": round(total_loss, 6), "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
                   "grad_norm": round(grad_norm, 4), "tokens_per_s": round(n_tokens / seconds, 1),
                   "images_per_s": round(n_images / seconds, 1),
+                  "image_token_spread": None if model.image_token_spread is None else round(model.image_token_spread, 6),
                   "task_loss": {t: round(v[0] / max(1, v[1]), 6) for t, v in sorted(task_loss.items())}}
         if main:
             with open(metrics_path, "a", encoding="utf-8") as f:

@@ -44,6 +44,8 @@ def test_loss_on_a_repeated_batch_falls(micro, tmp_path):
                         overrides={"micro_batch": 4, "warmup_steps": 2}, log=False))
     curve = losses(tmp_path)
     assert sum(curve[-5:]) / 5 < 0.7 * sum(curve[:5]) / 5
+    spread = [json.loads(line)["image_token_spread"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(s is not None and s >= 0 for s in spread)
 
 
 def test_resume_continues_the_same_curve(micro, tmp_path):
