@@ -17,19 +17,19 @@ BOX = re.compile(r"<box>\((\d+),(\d+)\),\((\d+),(\d+)\)</box>")
 @torch.no_grad()
 def greedy(model: QwenVL, tok: Tokenizer, prompt_ids: list[int], pixels: torch.Tensor | None,
            max_new_tokens: int = 32) -> list[int]:
-    """Continue ``prompt_ids`` until ``<|endoftext|>`` or ``<|im_end|>`` (not returned) or the limit."""
+    """Continue ``prompt_ids`` until ``<|endoftext|>`` or ``<|im_end|>`` (not returned) or the
+    limit; the prompt (image included) is encoded once, then one token at a time on the KV cache."""
     model.eval()
     stop = {tok.special("<|endoftext|>"), tok.special("<|im_end|>")}
-    ids = list(prompt_ids)
-    out: list[int] = []
+    out = model.llm(inputs_embeds=model.embed(torch.tensor([prompt_ids]), pixels), use_cache=True)
+    generated: list[int] = []
     for _ in range(max_new_tokens):
-        logits = model(torch.tensor([ids]), pixels)
-        nxt = int(logits[0, -1].argmax())
+        nxt = int(out.logits[0, -1].argmax())
         if nxt in stop:
             break
-        ids.append(nxt)
-        out.append(nxt)
-    return out
+        generated.append(nxt)
+        out = model.llm(input_ids=torch.tensor([[nxt]]), cache=out.cache, use_cache=True)
+    return generated
 
 
 def prompt_ids(tok: Tokenizer, image_tokens: int, text: str) -> list[int]:

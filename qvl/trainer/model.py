@@ -174,23 +174,27 @@ class QwenVL(nn.Module):
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.adapter(self.vision(pixels))
 
-    def forward(self, input_ids: torch.Tensor, pixels: torch.Tensor | None, attention_mask=None,
-                position_ids=None) -> torch.Tensor:
-        """Logits. Without images the vision tower still runs (on one blank image, adding
-        zero), so data-parallel ranks with and without images run the same graph."""
+    def embed(self, input_ids: torch.Tensor, pixels: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the adapter's outputs at the ``<imgpad>`` positions. Without
+        images the vision tower still runs (on one blank image, adding zero), so data-parallel
+        ranks with and without images run the same graph."""
         embeds = self.llm.get_input_embeddings()(input_ids)
         is_pad = input_ids == self.image_pad_id
         if pixels is None or pixels.shape[0] == 0:
             size = self.vision.resolution
             blank = torch.zeros(1, 3, size, size, device=embeds.device, dtype=embeds.dtype)
-            embeds = embeds + 0.0 * self.image_features(blank).sum()
-        else:
-            features = self.image_features(pixels).to(embeds.dtype)
-            if features.shape[0] > 1:  # LEARNING.md: collapse shows as this falling towards 0
-                self.image_token_spread = float(features.detach().float().std(0).mean())
-            if int(is_pad.sum()) != features.shape[0] * features.shape[1]:
-                raise ValueError(f"{int(is_pad.sum())} <imgpad> tokens for {features.shape[0]} images of "
-                                 f"{features.shape[1]} tokens each")
-            embeds = embeds.masked_scatter(is_pad.unsqueeze(-1), features.reshape(-1, features.shape[-1]))
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
+            return embeds + 0.0 * self.image_features(blank).sum()
+        features = self.image_features(pixels).to(embeds.dtype)
+        if features.shape[0] > 1:  # LEARNING.md: collapse shows as this falling towards 0
+            self.image_token_spread = float(features.detach().float().std(0).mean())
+        if int(is_pad.sum()) != features.shape[0] * features.shape[1]:
+            raise ValueError(f"{int(is_pad.sum())} <imgpad> tokens for {features.shape[0]} images of "
+                             f"{features.shape[1]} tokens each")
+        return embeds.masked_scatter(is_pad.unsqueeze(-1), features.reshape(-1, features.shape[-1]))
+
+    def forward(self, input_ids: torch.Tensor, pixels: torch.Tensor | None, attention_mask=None,
+                position_ids=None) -> torch.Tensor:
+        """Logits over the vocabulary for every position."""
+        out = self.llm(inputs_embeds=self.embed(input_ids, pixels), attention_mask=attention_mask,
+                       position_ids=position_ids)
         return out.logits
