@@ -6,8 +6,10 @@ import polars as pl
 
 from qvl.curate.pipeline import run_filter
 from qvl.curate.settings import RunSettings
+from tests.conftest import needs_shared_data
 
 
+@needs_shared_data
 def test_cc3m_validation_captions(shared_data, tmp_path):
     tsv = shared_data / "cc3m" / "Validation_GCC-1.1.0-Validation.tsv"
     report = run_filter([tsv], tmp_path / "out", run=RunSettings(workers=1), show_progress=False)
@@ -19,6 +21,7 @@ def test_cc3m_validation_captions(shared_data, tmp_path):
     assert kept.get_column("row_id").str.starts_with("Validation_GCC-1.1.0-Validation.tsv:").all()
 
 
+@needs_shared_data
 def test_laion_rows(shared_data, tmp_path):
     parquet = shared_data / "external" / "laion_img2dataset" / "test_10000.parquet"
     report = run_filter([parquet], tmp_path / "out", run=RunSettings(workers=1), show_progress=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tests.conftest import needs_shared_data
+
 import json
 import unicodedata
 
@@ -84,6 +86,7 @@ def test_ids_and_labels_equal_the_reference(qwen, conversation):
     assert ours.labels == labels
 
 
+@needs_shared_data
 def test_official_finetune_example(qwen, shared_data):
     records = json.loads((shared_data / "qwen_vl" / "readme_finetune_example.json").read_text())
     for record in records:
@@ -118,6 +121,7 @@ def test_sharegpt_format_and_picture_numbers_count_across_turns(qwen):
     assert conv.turns[2][1].startswith("Picture 2: <img>b.jpg</img>\n")
 
 
+@needs_shared_data
 def test_real_llava_and_sharegpt_files(qwen, shared_data):
     llava = json.loads((shared_data / "external" / "llava" / "scienceqa_llava_test_CQM-A.json").read_text())[:50]
     for record in llava:
