@@ -19,6 +19,8 @@ class ImageStore:
         self.root = root.resolve() if root else None
         self.downloads = downloads
         self._url_index: dict[str, tuple[Path, str]] | None = None
+        # a grounding sample asks for the size, then the bytes: read and verify each image once
+        self._load = lru_cache(maxsize=64)(self._load_uncached)
 
     def _path(self, ref: str) -> Path:
         if self.root is None:
@@ -48,6 +50,12 @@ class ImageStore:
 
     def read(self, ref: str) -> tuple[bytes, str]:
         """(bytes, path as recorded) of an image reference, checked to decode."""
+        return self._load(ref)[0], ref
+
+    def size(self, ref: str) -> tuple[int, int]:
+        return self._load(ref)[1]
+
+    def _load_uncached(self, ref: str) -> tuple[bytes, tuple[int, int]]:
         if ref.startswith(("http://", "https://")):
             found = self._index().get(ref)
             if found is None:
@@ -57,12 +65,7 @@ class ImageStore:
                 data = t.extractfile(member).read()
         else:
             data = self._path(ref).read_bytes()
-        _size_of(data, ref)
-        return data, ref
-
-    @lru_cache(maxsize=65536)
-    def size(self, ref: str) -> tuple[int, int]:
-        return _size_of(self.read(ref)[0], ref)
+        return data, _size_of(data, ref)
 
 
 def _size_of(data: bytes, ref: str) -> tuple[int, int]:

@@ -145,7 +145,7 @@ def train(s: TrainSettings) -> dict:
         load_model(model, str(s.out / "checkpoint" / "model.safetensors"))
         state = torch.load(s.out / "checkpoint" / "state.pt", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
-        loader.restore(state["loader"][rank] if isinstance(state["loader"], list) else state["loader"])
+        loader.restore(state["loader"][rank])
         step = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
         say(f"resumed at step {step}")
