@@ -11,11 +11,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from array import array
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from itertools import chain
 from typing import Iterator
 
 import numpy as np
@@ -96,12 +94,11 @@ def _curated_pair(row: dict) -> dict:
             "id": row.get("row_id"), "source": row.get("source", "curated")}
 
 
-def _int_lists(pieces: list[list[int]], lengths: list[int]) -> pa.Array:
-    """Rows of ints as an Arrow list<int32> column: one flat C-level copy, no per-row objects."""
-    flat = array("i", chain.from_iterable(pieces))
+def _int_lists(pieces: list[np.ndarray], lengths: list[int]) -> pa.Array:
+    """Rows of int32 arrays as an Arrow list<int32> column: one flat copy, no per-row objects."""
     offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.frombuffer(flat, dtype=np.int32)))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(pieces)))
 
 
 def _best_fit(samples: list[Encoded], capacity: int) -> list[list[Encoded]]:
@@ -176,7 +173,7 @@ def run_format(
                 continue
             stats["samples"] += 1
             stats["tokens"] += n
-            stats["supervised_tokens"] += n - sample.labels.count(-100)
+            stats["supervised_tokens"] += sample.supervised
             stats["images"] += len(sample.images)
             by_task[sample.task]["samples"] += 1
             by_task[sample.task]["tokens"] += n

@@ -12,6 +12,7 @@ newline and the content are tokenized separately, as that code does.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 from qvl.formats.boxes import AnnotationError
@@ -111,12 +112,16 @@ def parse(record: dict) -> Conversation:
 
 def render(conv: Conversation, sample_id: str, tok: Tokenizer, image_tokens: int) -> Plan:
     plan = Plan(sample_id, "sft", conv.source)
-    im_start, im_end = [tok.special("<|im_start|>")], [tok.special("<|im_end|>")]
+    im_start, im_end = array("i", [tok.special("<|im_start|>")]), array("i", [tok.special("<|im_end|>")])
+    newline = tok.fixed("\n")
     for role, content in [("system", conv.system), *conv.turns]:
         plan.ids(im_start, True)
-        plan.text(role, False)
-        plan.text("\n", False)
-        plan.content(content, role == "assistant", tok, image_tokens)
+        plan.ids(tok.fixed(role), False)
+        plan.ids(newline, False)
+        if role == "system" and content == DEFAULT_SYSTEM:
+            plan.ids(tok.fixed(content), False)
+        else:
+            plan.content(content, role == "assistant", tok, image_tokens)
         plan.ids(im_end, True)
-        plan.text("\n", True)
+        plan.ids(newline, True)
     return plan

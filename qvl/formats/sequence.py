@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from array import array
 from dataclasses import dataclass, field
 
-from qvl.formats.tokenizers import IMG_END, IMG_PAD, IMG_START, TAGS, Tokenizer
+import numpy as np
+
+from qvl.formats.tokenizers import IMG_END, IMG_START, TAGS, Tokenizer
 from qvl.schemas.samples import IGNORE_INDEX
 
 _IMAGE_SPAN = re.compile(re.escape(IMG_START) + r"(.*?)" + re.escape(IMG_END), re.S)
@@ -49,9 +52,8 @@ class Plan:
 
     def image(self, ref: str, supervised: bool, tok: Tokenizer, image_tokens: int) -> None:
         self.images.append(ref)
-        span = [tok.special(IMG_START)] + [tok.special(IMG_PAD)] * image_tokens + [tok.special(IMG_END)]
         # image tokens are inputs, never targets: the model does not predict pixels
-        self.pieces.append((span, False))
+        self.pieces.append((tok.image_span(image_tokens), False))
 
     def _tagged(self, text: str, supervised: bool, tok: Tokenizer) -> None:
         for i, piece in enumerate(_TAG_SPLIT.split(text)):
@@ -66,21 +68,33 @@ class Encoded:
     id: str
     task: str
     source: str
-    input_ids: list[int]
-    labels: list[int]
+    input_ids: np.ndarray  # int32
+    labels: np.ndarray  # int32, IGNORE_INDEX where no loss is taken
     images: list[str]
+
+    @property
+    def supervised(self) -> int:
+        return int(np.count_nonzero(self.labels != IGNORE_INDEX))
 
 
 def assemble(plans: list[Plan], tok: Tokenizer) -> list[Encoded]:
+    """Ids and a supervised flag per token go into two flat C buffers for the whole batch;
+    labels are then one numpy select, and each sample a view into them."""
     texts = [p for plan in plans for p, _ in plan.pieces if isinstance(p, str)]
     encoded = iter(tok.encode_text_batch(texts))
-    out = []
+    ids = array("i")
+    flags = bytearray()
+    ends = []
     for plan in plans:
-        ids: list[int] = []
-        labels: list[int] = []
         for piece, supervised in plan.pieces:
             piece_ids = next(encoded) if isinstance(piece, str) else piece
             ids.extend(piece_ids)
-            labels.extend(piece_ids if supervised else [IGNORE_INDEX] * len(piece_ids))
-        out.append(Encoded(plan.id, plan.task, plan.source, ids, labels, plan.images))
+            flags += (b"\x01" if supervised else b"\x00") * len(piece_ids)
+        ends.append(len(ids))
+    flat_ids = np.frombuffer(ids, dtype=np.int32)
+    flat_labels = np.where(np.frombuffer(flags, dtype=np.bool_), flat_ids, np.int32(IGNORE_INDEX)).astype(np.int32)
+    out, start = [], 0
+    for plan, end in zip(plans, ends):
+        out.append(Encoded(plan.id, plan.task, plan.source, flat_ids[start:end], flat_labels[start:end], plan.images))
+        start = end
     return out

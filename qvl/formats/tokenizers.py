@@ -18,6 +18,7 @@ import base64
 import importlib.util
 import re
 import unicodedata
+from array import array
 from functools import lru_cache
 from pathlib import Path
 
@@ -57,6 +58,24 @@ class Tokenizer:
 
     def special(self, token: str) -> int:
         return self.specials[token]
+
+    def fixed(self, text: str) -> array:
+        """Plain ids of a string every sample repeats (a role name, a newline, the default
+        system message), encoded once into a C array: most of a chat's pieces are these."""
+        cache = self.__dict__.setdefault("_fixed", {})
+        ids = cache.get(text)
+        if ids is None:
+            ids = cache[text] = array("i", self.encode_text(text))
+        return ids
+
+    def image_span(self, image_tokens: int) -> array:
+        """``<img>`` + ``image_tokens`` x ``<imgpad>`` + ``</img>``, built once per count."""
+        cache = self.__dict__.setdefault("_spans", {})
+        span = cache.get(image_tokens)
+        if span is None:
+            span = cache[image_tokens] = array(
+                "i", [self.special(IMG_START)] + [self.special(IMG_PAD)] * image_tokens + [self.special(IMG_END)])
+        return span
 
     def encode(self, text: str) -> list[int]:
         """Content: grounding tags special, everything else plain."""

@@ -37,7 +37,7 @@ def prompt_ids(tok: Tokenizer, image_tokens: int, text: str) -> list[int]:
     plan = Plan("prompt", "eval", "eval")
     plan.image("x", False, tok, image_tokens)
     plan.content(text, False, tok, image_tokens)
-    return assemble([plan], tok)[0].input_ids
+    return assemble([plan], tok)[0].input_ids.tolist()
 
 
 def chat_prompt_ids(tok: Tokenizer, image_tokens: int, question: str) -> list[int]:
@@ -48,7 +48,7 @@ def chat_prompt_ids(tok: Tokenizer, image_tokens: int, question: str) -> list[in
     plan = render(conv, "prompt", tok, image_tokens)
     plan.ids([tok.special("<|im_start|>")], False)
     plan.text("assistant\n", False)
-    return assemble([plan], tok)[0].input_ids
+    return assemble([plan], tok)[0].input_ids.tolist()
 
 
 def iou(a, b) -> float:
