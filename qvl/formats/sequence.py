@@ -36,8 +36,8 @@ class Plan:
         if text:
             self.pieces.append((text, supervised))
 
-    def ids(self, ids: list[int], supervised: bool) -> None:
-        self.pieces.append((ids, supervised))
+    def ids(self, ids: "list[int] | array", supervised: bool) -> None:
+        self.pieces.append((ids if isinstance(ids, array) else array("i", ids), supervised))
 
     def content(self, text: str, supervised: bool, tok: Tokenizer, image_tokens: int) -> None:
         """Dataset/user text: ``<img>ref</img>`` becomes an image span, grounding tags their
@@ -58,7 +58,7 @@ class Plan:
     def _tagged(self, text: str, supervised: bool, tok: Tokenizer) -> None:
         for i, piece in enumerate(_TAG_SPLIT.split(text)):
             if i % 2:
-                self.pieces.append(([tok.special(piece)], supervised))
+                self.pieces.append((array("i", [tok.special(piece)]), supervised))
             elif piece:
                 self.pieces.append((piece, supervised))
 
@@ -81,18 +81,21 @@ def assemble(plans: list[Plan], tok: Tokenizer) -> list[Encoded]:
     """Ids and a supervised flag per token go into two flat C buffers for the whole batch;
     labels are then one numpy select, and each sample a view into them."""
     texts = [p for plan in plans for p, _ in plan.pieces if isinstance(p, str)]
-    encoded = iter(tok.encode_text_batch(texts))
-    ids = array("i")
-    flags = bytearray()
+    encoded = iter(tok.encode_text_buffers(texts))
+    ids = bytearray()
+    lengths: list[int] = []
+    flags: list[bool] = []
     ends = []
     for plan in plans:
         for piece, supervised in plan.pieces:
             piece_ids = next(encoded) if isinstance(piece, str) else piece
-            ids.extend(piece_ids)
-            flags += (b"\x01" if supervised else b"\x00") * len(piece_ids)
-        ends.append(len(ids))
+            ids += piece_ids
+            lengths.append(len(piece_ids))
+            flags.append(supervised)
+        ends.append(len(ids) >> 2)
     flat_ids = np.frombuffer(ids, dtype=np.int32)
-    flat_labels = np.where(np.frombuffer(flags, dtype=np.bool_), flat_ids, np.int32(IGNORE_INDEX)).astype(np.int32)
+    supervised_mask = np.repeat(np.array(flags, dtype=np.bool_), lengths)
+    flat_labels = np.where(supervised_mask, flat_ids, np.int32(IGNORE_INDEX)).astype(np.int32)
     out, start = [], 0
     for plan, end in zip(plans, ends):
         out.append(Encoded(plan.id, plan.task, plan.source, flat_ids[start:end], flat_labels[start:end], plan.images))

@@ -68,3 +68,10 @@ def test_hf_tokenizer_json_gets_the_special_tokens(tmp_path):
 def test_unknown_tokenizer_is_a_clear_error():
     with pytest.raises(TokenizerError, match="use qwen-vl, bytes"):
         load_tokenizer("no-such-tokenizer")
+
+
+@pytest.mark.parametrize("count", [1, 2, 300])  # 300: past the size where a second thread takes half
+def test_buffers_equal_plain_encoding(qwen, count):
+    texts = [f"<|im_start|>line {i}<|endoftext|> 你好 {i * 7}" for i in range(count)]
+    for tok in (qwen, ByteTokenizer()):
+        assert [list(b) for b in tok.encode_text_buffers(texts)] == [tok.encode_text(t) for t in texts]
