@@ -7,6 +7,7 @@ and after cleaning), with the funnel rule by rule so every dropped row has a rea
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from qvl import storage
@@ -68,13 +69,50 @@ def build(totals: dict, settings: FilterSettings, shards, partitions: int) -> di
     }
 
 
+def extend(base: dict, stage: str, steps: dict[str, str], dropped: dict[str, dict[str, int]],
+           kept: dict[str, dict[str, int]], extra: dict | None = None) -> dict:
+    """The funnel of ``base`` (a filter report) continued by a later stage's drop steps.
+
+    ``steps``: step name -> its setting, in order; ``dropped``: step -> source -> rows;
+    ``kept``: source -> language -> rows kept after the stage. Rows the stage received are
+    ``base``'s kept rows, so input == kept + rejected still holds across both stages."""
+    report = json.loads(json.dumps(base))  # a deep copy
+    remaining = report["kept_rows"]
+    for name, setting in steps.items():
+        n = sum(dropped.get(name, {}).values())
+        remaining -= n
+        report["funnel"].append({
+            "step": name, "setting": setting, "skipped": False, "dropped": n, "remaining": remaining,
+            "dropped_pct_of_input": round(100 * n / report["input_rows"], 3) if report["input_rows"] else 0.0,
+            "stage": stage})
+    report["kept_rows"] = sum(sum(v.values()) for v in kept.values())
+    report["rejected_rows"] += sum(sum(v.values()) for v in dropped.values())
+    report["accounted"] = report["input_rows"] == report["kept_rows"] + report["rejected_rows"]
+    for source, row in report["by_source"].items():
+        row["kept_by_lang"] = dict(sorted(kept.get(source, {}).items()))
+        row["kept"] = sum(row["kept_by_lang"].values())
+        row["kept_pct"] = round(100 * row["kept"] / row["input"], 2) if row["input"] else 0.0
+        for name in steps:
+            if dropped.get(name, {}).get(source):
+                row["dropped"][name] = dropped[name][source]
+    langs: dict[str, int] = {}
+    for by_lang in kept.values():
+        for lang, n in by_lang.items():
+            langs[lang] = langs.get(lang, 0) + n
+    report["by_language"] = {
+        lang: {"kept": n, "share_pct": round(100 * n / report["kept_rows"], 2) if report["kept_rows"] else 0.0}
+        for lang, n in sorted(langs.items(), key=lambda kv: -kv[1])}
+    report.setdefault("stages", {})[stage] = extra or {}
+    return report
+
+
 def _n(x: int) -> str:
     return f"{x:,}"
 
 
 def markdown(report: dict) -> str:
     lines = [
-        "# qvl curate filter — report",
+        "# qvl curate — report" + (f" (filter, then {', '.join(report['stages'])})" if report.get("stages") else ""),
         "",
         f"**{_n(report['input_rows'])}** input rows → **{_n(report['kept_rows'])}** kept, "
         f"{_n(report['rejected_rows'])} rejected "

@@ -36,10 +36,15 @@ class ImageStore:
         return resolved
 
     def _index(self) -> dict[str, tuple[Path, str]]:
-        """url -> (tar, member) over img2dataset's per-shard parquet files (status success)."""
+        """url -> (tar, member): a `qvl curate download` folder's kept pairs (only images that
+        passed its checks), or plain img2dataset output (every row with status success)."""
         if self._url_index is None:
             self._url_index = {}
-            if self.downloads is not None:
+            if self.downloads is not None and (self.downloads / "kept").is_dir():
+                for part in sorted((self.downloads / "kept").glob("*.parquet")):
+                    for row in pq.read_table(part, columns=["url", "image_tar", "image_key"]).to_pylist():
+                        self._url_index[row["url"]] = (self.downloads / row["image_tar"], f"{row['image_key']}.jpg")
+            elif self.downloads is not None:
                 for meta in sorted(self.downloads.glob("*.parquet")):
                     table = pq.read_table(meta, columns=["url", "key", "status"]).to_pylist()
                     tar = meta.with_suffix(".tar")

@@ -1,0 +1,358 @@
+"""`qvl curate download CURATED --out IMAGES`: the kept pairs' images, fetched and checked.
+
+Only the survivors of `qvl curate filter` are fetched. Each attempt is one img2dataset run
+(webdataset shards under ``IMAGES/attempts/N/``, resumed shard by shard when killed);
+``--retry-failed`` starts a new attempt with only the rows whose latest attempt failed.
+img2dataset's per-row status is folded back, the real pixels of every stored image are
+decoded (a file that is not an image, or is truncated, is ``image_corrupt``), and the
+image rules of the filter (``too_small``, ``aspect_ratio``) run again on the real size.
+Rows whose URL is not http(s) or points at a private address are never fetched.
+
+Outputs continue the filter's contract: ``IMAGES/kept/`` (the curated columns plus the
+image's tar, key, sha256 and size), ``IMAGES/rejected/`` (with ``drop_reason`` and
+``download_error``), ``IMAGES/report.*`` (the filter's funnel continued, so input ==
+kept + rejected across both stages) and ``IMAGES/ledger/download.parquet`` (one row per
+pair with every fact found here, for `qvl curate why`). Thresholds apply to stored facts:
+changing them (or adding CLIP scores) re-derives the outputs without fetching again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+from PIL import Image
+
+from qvl import storage
+from qvl.curate import netcheck
+from qvl.curate import report as report_mod
+from qvl.progress import progress_bar
+
+# drop steps of this stage, in funnel order
+STEPS = ("bad_url", "private_address", "download_failed", "image_corrupt", "image_too_small",
+         "image_aspect_ratio", "clip_score_computed", "duplicate_image")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+class DownloadError(ValueError):
+    """A whole input or output folder cannot be used; the message names it."""
+
+
+@dataclass
+class DownloadSettings:
+    processes: int = 0  # img2dataset processes; 0 = one per core
+    threads: int = 64  # fetching threads per process
+    timeout: int = 10  # seconds per request
+    retries: int = 0  # img2dataset's own retries within an attempt
+    samples_per_shard: int = 10_000
+    image_size: int | None = None  # None: store the bytes as served (no resize, no re-encode)
+    resize_mode: str = "keep_ratio"  # img2dataset's, when image_size is set
+    allow_private: bool = False  # fetch private/loopback/link-local addresses too (tests, intranets)
+    resolve_hosts: bool = True  # refuse names that resolve to private addresses
+    min_side: int | None = None  # image rules on real pixels; None: the filter run's setting
+    max_aspect_ratio: float | None = None
+    check_threads: int = 0  # decoding threads for the pixel checks; 0 = one per core
+
+
+@dataclass(frozen=True)
+class Folders:
+    out: Path
+
+    @property
+    def attempts(self) -> Path:
+        return self.out / "attempts"
+
+    def attempt(self, n: int) -> Path:
+        return self.attempts / f"{n:03d}"
+
+    @property
+    def ledger(self) -> Path:
+        return self.out / "ledger"
+
+    @property
+    def state(self) -> Path:
+        return self.out / "_qvl.json"
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def read_curated(curated: Path) -> tuple[pl.DataFrame, dict]:
+    """The kept rows of a filter run (input order) and its report."""
+    report_path = curated / "report.json"
+    if not report_path.is_file():
+        raise DownloadError(f"{curated}: no report.json (is this the --out of a finished `qvl curate filter`?)")
+    files = sorted((curated / "kept").glob("*.parquet"))
+    if not files:
+        raise DownloadError(f"{curated}/kept: no parquet files")
+    kept = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+    return kept.with_row_index("_order"), storage.read_json(report_path)
+
+
+# ---------------------------------------------------------------- fetching
+
+
+def _fetch(queue: pl.DataFrame, folder: Path, s: DownloadSettings, show_progress: bool) -> None:
+    """One img2dataset run over ``queue`` (row_id, url, text) into ``folder``; resumable."""
+    own = folder / "_qvl"  # img2dataset reads every *.json of its output folder as a shard's stats
+    own.mkdir(parents=True, exist_ok=True)
+    queue_path = own / "queue.parquet"
+    if not queue_path.exists():
+        storage.write_parquet(queue_path, queue.select("url", "text", "row_id").to_arrow())
+    rows = pl.scan_parquet(queue_path).select(pl.len()).collect().item()
+    config = {
+        "url_list": str(queue_path), "input_format": "parquet", "url_col": "url", "caption_col": "text",
+        "save_additional_columns": ["row_id"], "output_format": "webdataset", "output_folder": str(folder),
+        "processes_count": s.processes or os.cpu_count() or 1, "thread_count": s.threads,
+        "number_sample_per_shard": s.samples_per_shard, "timeout": s.timeout, "retries": s.retries,
+        "incremental_mode": "incremental", "enable_wandb": False, "compute_hash": "sha256",
+        "user_agent_token": "qvl", "disallowed_header_directives": [],
+    }
+    if s.image_size:
+        config.update(image_size=s.image_size, resize_mode=s.resize_mode, resize_only_if_bigger=True)
+    else:
+        config.update(disable_all_reencoding=True)
+    storage.write_json(own / "img2dataset.json", config)
+    shards = -(-rows // s.samples_per_shard)
+    log = open(own / "img2dataset.log", "ab")
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "qvl.curate.fetch", str(own / "img2dataset.json")],
+                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+        with progress_bar(disable=not show_progress) as bar:
+            task = bar.add_task(f"download {folder.name}", total=rows, unit="images")
+            while proc.poll() is None:
+                time.sleep(0.5)
+                bar.update(task, completed=_rows_done(folder))
+            bar.update(task, completed=_rows_done(folder))
+    except BaseException:
+        proc.kill()
+        raise
+    finally:
+        log.close()
+    if proc.returncode:
+        tail = (own / "img2dataset.log").read_text(errors="replace")[-2000:]
+        raise DownloadError(f"img2dataset failed (exit {proc.returncode}); its log {own / 'img2dataset.log'} ends:\n{tail}")
+    done = len(list(folder.glob("*_stats.json")))
+    if done < shards:
+        raise DownloadError(f"{folder}: img2dataset finished {done} of {shards} shards; run the command again to resume")
+    storage.write_json(own / "done.json", {"rows": rows, "shards": shards})
+
+
+def _rows_done(folder: Path) -> int:
+    total = 0
+    for stats in folder.glob("*_stats.json"):
+        try:
+            total += json.loads(stats.read_text())["count"]
+        except (OSError, ValueError, KeyError):
+            pass
+    return total
+
+
+def fold(f: Folders) -> pl.DataFrame:
+    """Per row, the outcome of its latest attempt: attempt, shard, key, status, error, sha256."""
+    frames = []
+    for folder in sorted(f.attempts.glob("[0-9]*")):
+        for meta in sorted(folder.glob("[0-9]*.parquet")):
+            table = pl.read_parquet(meta, columns=["row_id", "key", "status", "error_message", "sha256"])
+            frames.append(table.with_columns(attempt=pl.lit(int(folder.name)), shard=pl.lit(meta.stem)))
+    if not frames:
+        return pl.DataFrame(schema={"row_id": pl.String, "key": pl.String, "status": pl.String,
+                                    "error_message": pl.String, "sha256": pl.String, "attempt": pl.Int64,
+                                    "shard": pl.String})
+    facts = pl.concat(frames, how="diagonal_relaxed")
+    return facts.sort("attempt").unique("row_id", keep="last", maintain_order=True)
+
+
+# ---------------------------------------------------------------- pixel checks
+
+
+def _check_tar(tar_path: Path) -> pl.DataFrame:
+    """Decode every image of one shard fully: its real size, or why it is not an image."""
+    keys, widths, heights, errors = [], [], [], []
+    with tarfile.open(tar_path) as tar:
+        for member in tar:
+            stem, dot, suffix = member.name.rpartition(".")
+            if not dot or f".{suffix.lower()}" not in IMAGE_SUFFIXES:
+                continue
+            data = tar.extractfile(member).read()
+            width = height = error = None
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    img.load()
+                    width, height = img.size
+            except Exception as e:  # PIL raises many types for bad bytes; each is "not an image"
+                error = f"{type(e).__name__}: {e}"[:300]
+            keys.append(stem)
+            widths.append(width)
+            heights.append(height)
+            errors.append(error)
+    return pl.DataFrame({"key": keys, "image_width": widths, "image_height": heights, "image_error": errors},
+                        schema={"key": pl.String, "image_width": pl.Int64, "image_height": pl.Int64,
+                                "image_error": pl.String})
+
+
+def check_images(f: Folders, facts: pl.DataFrame, threads: int, show_progress: bool) -> pl.DataFrame:
+    """Pixel checks of every stored image, cached per shard beside its tar."""
+    shards = facts.filter(pl.col("status") == "success").select("attempt", "shard").unique().sort("attempt", "shard")
+    todo, frames = [], []
+    for attempt, shard in shards.iter_rows():
+        cache = f.attempt(attempt) / "_qvl" / f"{shard}.checks.parquet"
+        if cache.exists():
+            frames.append(pl.read_parquet(cache).with_columns(attempt=pl.lit(attempt), shard=pl.lit(shard)))
+        else:
+            todo.append((attempt, shard, cache))
+
+    def run(job):
+        attempt, shard, cache = job
+        checks = _check_tar(f.attempt(attempt) / f"{shard}.tar")
+        storage.write_parquet(cache, checks.to_arrow())
+        return checks.with_columns(attempt=pl.lit(attempt), shard=pl.lit(shard))
+
+    with progress_bar(disable=not show_progress or not todo) as bar, \
+            ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:  # PIL decodes without the GIL
+        task = bar.add_task("check pixels", total=len(todo), unit="shards")
+        for checks in pool.map(run, todo):
+            frames.append(checks)
+            bar.advance(task)
+    if not frames:
+        return pl.DataFrame(schema={"key": pl.String, "image_width": pl.Int64, "image_height": pl.Int64,
+                                    "image_error": pl.String, "attempt": pl.Int64, "shard": pl.String})
+    return pl.concat(frames, how="vertical_relaxed")
+
+
+# ---------------------------------------------------------------- decisions
+
+
+def clip_facts(f: Folders) -> pl.DataFrame | None:
+    path = f.ledger / "clip.parquet"
+    return pl.read_parquet(path) if path.exists() else None
+
+
+def derive(f: Folders, kept: pl.DataFrame, base_report: dict, s: DownloadSettings,
+           clip_thresholds: dict[str, float] | None = None, clip_default: float | None = None) -> dict:
+    """kept/, rejected/, the ledger and the report from the stored facts and thresholds."""
+    settings = base_report["settings"]
+    min_side = s.min_side if s.min_side is not None else settings["min_side"]
+    max_ratio = s.max_aspect_ratio if s.max_aspect_ratio is not None else settings["max_aspect_ratio"]
+    facts = fold(f)
+    checks = check_images(f, facts, s.check_threads, show_progress=False)
+    screened = netcheck.screen(kept.select("row_id", "url"), s.allow_private, s.resolve_hosts)
+    frame = (kept.join(screened.select("row_id", "_refused", "_refused_why"), on="row_id", how="left")
+             .join(facts, on="row_id", how="left")
+             .join(checks, on=["attempt", "shard", "key"], how="left"))
+    clip = clip_facts(f)
+    if clip is not None:
+        frame = frame.join(clip.select("row_id", "clip_score_computed", "clip_model"), on="row_id", how="left")
+        thresholds = clip_thresholds if clip_thresholds is not None else settings["clip_thresholds"]
+        default = clip_default if clip_default is not None else settings["clip_threshold_default"]
+        limit = pl.col("source").replace_strict(thresholds, default=default, return_dtype=pl.Float64)
+        clip_fail = (pl.col("clip_score_computed") < limit).fill_null(False)
+    else:
+        clip_fail = pl.lit(False)
+    short = pl.min_horizontal("image_width", "image_height")
+    long_side = pl.max_horizontal("image_width", "image_height")
+    frame = frame.with_columns(drop_reason=pl.coalesce(
+        pl.col("_refused"),
+        pl.when(pl.col("status").ne_missing("success")).then(pl.lit("download_failed")),
+        pl.when(pl.col("image_error").is_not_null()).then(pl.lit("image_corrupt")),
+        pl.when(short < min_side).then(pl.lit("image_too_small")),
+        pl.when(long_side.cast(pl.Float64) / short > max_ratio).then(pl.lit("image_aspect_ratio")),
+        pl.when(clip_fail).then(pl.lit("clip_score_computed")),
+    ), download_error=pl.coalesce("_refused_why", "error_message", "image_error"))
+    # rule 12 on the image hash: one image, several texts -> keep the longest (then the first)
+    ranked = frame.with_columns(_len=pl.col("text").str.len_chars())
+    survivors = ranked.filter(pl.col("drop_reason").is_null()).sort(
+        ["sha256", "_len", "_order"], descending=[False, True, False])
+    dup_ids = survivors.filter(~pl.col("sha256").is_first_distinct() & pl.col("sha256").is_not_null())
+    frame = frame.with_columns(drop_reason=pl.when(pl.col("row_id").is_in(dup_ids.get_column("row_id").implode()))
+                               .then(pl.lit("duplicate_image")).otherwise(pl.col("drop_reason")))
+    frame = frame.sort("_order").with_columns(
+        image_tar=pl.when(pl.col("status") == "success")
+        .then(pl.format("attempts/{}/{}.tar", pl.col("attempt").cast(pl.String).str.zfill(3), pl.col("shard"))),
+    )
+    if clip is not None:
+        frame = frame.with_columns(clip_score_dataset=pl.col("clip_score"), clip_score=pl.col("clip_score_computed"))
+    internal = ["_order", "_refused", "_refused_why", "error_message", "attempt", "shard", "image_error",
+                "clip_score_computed", "status"]
+    public = frame.rename({"key": "image_key"}).drop([c for c in internal if c in frame.columns])
+    kept_out = public.filter(pl.col("drop_reason").is_null()).drop("drop_reason", "download_error")
+    rejected = public.filter(pl.col("drop_reason").is_not_null()).with_columns(
+        failed_rules=pl.concat_list(pl.col("drop_reason")))
+    for folder in ("kept", "rejected"):
+        shutil.rmtree(f.out / folder, ignore_errors=True)
+    storage.write_parquet(f.out / "kept" / "part-00000.parquet", kept_out.to_arrow())
+    storage.write_parquet(f.out / "rejected" / "download-00000.parquet", rejected.to_arrow())
+    ledger = frame.select(
+        "row_id", "source", "url", pl.col("_refused").alias("refused"), "attempt",
+        pl.col("status").alias("download_status"), "download_error", pl.col("key").alias("image_key"),
+        "image_tar", "sha256", "image_width", "image_height", "image_error",
+        *([pl.col("clip_score_computed"), "clip_model"] if clip is not None else []), "drop_reason")
+    storage.write_parquet(f.ledger / "download.parquet", ledger.to_arrow())
+
+    dropped: dict[str, dict[str, int]] = {}
+    for reason, source, n in rejected.group_by("drop_reason", "source").len().iter_rows():
+        dropped.setdefault(reason, {})[source] = n
+    kept_counts: dict[str, dict[str, int]] = {}
+    for source, lang, n in kept_out.group_by("source", "lang").len().iter_rows():
+        kept_counts.setdefault(source, {})[lang] = n
+    step_settings = {
+        "bad_url": "not an http(s) URL", "private_address": "private, loopback or link-local host"
+        + (" (allowed)" if s.allow_private else ""),
+        "download_failed": f"img2dataset status, timeout {s.timeout}s, {len(list(f.attempts.glob('[0-9]*')))} attempt(s)",
+        "image_corrupt": "stored bytes do not decode as an image", "image_too_small": f"real short side < {min_side} px",
+        "image_aspect_ratio": f"real long/short side > {max_ratio}",
+        "clip_score_computed": (f"{clip['clip_model'][0]} below the source's threshold" if clip is not None and clip.height
+                                else "no CLIP scores computed"),
+        "duplicate_image": "same sha256: keep the longest text"}
+    stats = {"attempts": len(list(f.attempts.glob("[0-9]*"))), "fetched": int((frame["status"] == "success").sum()),
+             "settings": dataclasses.asdict(s)}
+    report = report_mod.extend(base_report, "download", step_settings, dropped, kept_counts, stats)
+    report_mod.write(f.out, report)
+    return report
+
+
+# ---------------------------------------------------------------- the command
+
+
+def run_download(curated: str | Path, out: str | Path, s: DownloadSettings | None = None, retry_failed: bool = False,
+                 overwrite: bool = False, show_progress: bool = True) -> dict:
+    s = s or DownloadSettings()
+    curated, out = Path(curated), Path(out)
+    f = Folders(out)
+    kept, base_report = read_curated(curated)
+    state = {"kind": "download", "from": str(curated.resolve()), "kept_rows": kept.height}
+    if f.state.exists() and not overwrite:
+        previous = storage.read_json(f.state)
+        if {k: previous.get(k) for k in state} != state:
+            raise DownloadError(f"{out}: holds a download of another curated run; use another --out or --overwrite")
+    elif out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise DownloadError(f"{out}: exists and is not a qvl download; choose an empty --out")
+        shutil.rmtree(out)
+    storage.write_json(f.state, {**state, "settings": dataclasses.asdict(s)})
+
+    attempts = sorted(int(p.name) for p in f.attempts.glob("[0-9]*")) if f.attempts.exists() else []
+    unfinished = [n for n in attempts if not (f.attempt(n) / "_qvl" / "done.json").exists()]
+    if unfinished:  # a killed run: img2dataset resumes the same attempt shard by shard
+        _fetch(pl.DataFrame(), f.attempt(unfinished[0]), s, show_progress)
+    elif not attempts or retry_failed:
+        screened = netcheck.screen(kept, s.allow_private, s.resolve_hosts)
+        queue = screened.filter(pl.col("_refused").is_null())
+        if attempts:
+            failed = fold(f).filter(pl.col("status") != "success").get_column("row_id")
+            queue = queue.filter(pl.col("row_id").is_in(failed.implode()))
+        if queue.height:
+            _fetch(queue, f.attempt(attempts[-1] + 1 if attempts else 0), s, show_progress)
+    check_images(f, fold(f), s.check_threads, show_progress)  # cached per shard; derive reads the caches
+    return derive(f, kept, base_report, s)

@@ -1,0 +1,206 @@
+"""`qvl curate download`: img2dataset against a real HTTP server on 127.0.0.1, every pair
+accounted for, pixel checks on the real bytes, private addresses refused, failed rows retried."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import polars as pl
+import pytest
+from PIL import Image
+
+from qvl.curate import netcheck
+from qvl.curate.download import DownloadError, DownloadSettings, run_download
+from qvl.curate.pipeline import run_filter
+from qvl.curate.settings import FilterSettings, RunSettings
+from qvl.formats.images import ImageStore
+
+
+def _jpeg(size, color=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _png(size) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (10, 120, 10)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+GOOD = _jpeg((320, 240))
+BODIES = {
+    "/good.jpg": GOOD,
+    "/same-bytes.jpg": GOOD,  # the same image under another URL: a duplicate by hash
+    "/photo.png": _png((400, 300)),
+    "/tiny.jpg": _jpeg((120, 90)),
+    "/wide.jpg": _jpeg((900, 200)),
+    "/not-an-image.jpg": b"<html>gone</html>",
+    "/truncated.jpg": _jpeg((500, 400), (1, 2, 3))[:400],
+}
+# caption, path, expected drop_reason (None: kept)
+PAIRS = [
+    ("a red square on a white wall", "/good.jpg", None),
+    ("the red square", "/same-bytes.jpg", "duplicate_image"),  # shorter caption loses
+    ("a green field under a grey sky", "/photo.png", None),
+    ("a very small picture of a dog", "/tiny.jpg", "image_too_small"),
+    ("a long panorama of the old harbour", "/wide.jpg", "image_aspect_ratio"),
+    ("this page is not an image", "/not-an-image.jpg", "image_corrupt"),
+    ("a truncated photo of a boat", "/truncated.jpg", "image_corrupt"),
+    ("a picture that is not there", "/missing.jpg", "download_failed"),
+    ("a picture that takes too long", "/slow.jpg", "download_failed"),
+]
+
+
+class Server:
+    def __init__(self):
+        self.slow = True
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                if self.path == "/slow.jpg":
+                    if server.slow:
+                        time.sleep(4)  # past the download timeout
+                    body = _jpeg((300, 300), (5, 5, 200))
+                elif self.path in BODIES:
+                    body = BODIES[self.path]
+                else:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except BrokenPipeError:  # the client gave up (the slow one)
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server()
+    yield s
+    s.httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory, server) -> Path:
+    folder = tmp_path_factory.mktemp("curated")
+    raw = folder / "raw.parquet"
+    pl.DataFrame({"url": [server.base + p for _, p, _ in PAIRS] + ["file:///etc/passwd"],
+                  "text": [c for c, _, _ in PAIRS] + ["a local file that must not be read"]}).write_parquet(raw)
+    run_filter([raw], folder / "out", FilterSettings(skip_rules=("lang",)), RunSettings(workers=1),
+               show_progress=False)
+    return folder / "out"
+
+
+SETTINGS = DownloadSettings(allow_private=True, timeout=2, processes=1, threads=8, samples_per_shard=4)
+
+
+@pytest.fixture(scope="module")
+def downloaded(tmp_path_factory, curated, server) -> Path:
+    out = tmp_path_factory.mktemp("images") / "out"
+    run_download(curated, out, SETTINGS, show_progress=False)
+    return out
+
+
+def _outcomes(out: Path) -> dict[str, str | None]:
+    kept = pl.read_parquet(out / "kept" / "*.parquet")
+    rejected = pl.read_parquet(out / "rejected" / "*.parquet")
+    outcome = {url: None for url in kept["url"]}
+    outcome.update(dict(zip(rejected["url"], rejected["drop_reason"])))
+    return outcome
+
+
+def test_every_pair_gets_its_outcome(downloaded, server):
+    outcome = _outcomes(downloaded)
+    expected = {server.base + p: reason for _, p, reason in PAIRS}
+    expected["file:///etc/passwd"] = "bad_url"
+    assert outcome == expected
+
+
+def test_report_continues_the_filter_funnel(downloaded, curated):
+    import json
+
+    report = json.loads((downloaded / "report.json").read_text())
+    before = json.loads((curated / "report.json").read_text())
+    assert report["accounted"] and report["input_rows"] == before["input_rows"] == len(PAIRS) + 1
+    assert report["kept_rows"] == 2 and report["rejected_rows"] == before["rejected_rows"] + len(PAIRS) - 1
+    steps = {r["step"]: r["dropped"] for r in report["funnel"] if r.get("stage") == "download"}
+    assert steps["image_corrupt"] == 2 and steps["download_failed"] == 2 and steps["bad_url"] == 1
+    assert (downloaded / "funnel.png").stat().st_size > 0 and "image_corrupt" in (downloaded / "report.md").read_text()
+
+
+def test_kept_rows_carry_their_image_and_formats_can_read_it(downloaded, server):
+    kept = pl.read_parquet(downloaded / "kept" / "*.parquet")
+    row = kept.filter(pl.col("url") == server.base + "/photo.png").row(0, named=True)
+    assert (row["image_width"], row["image_height"]) == (400, 300) and len(row["sha256"]) == 64
+    data, _ = ImageStore(None, downloaded).read(row["url"])
+    assert Image.open(io.BytesIO(data)).size == (400, 300)  # the served bytes, not re-encoded
+    rejected = pl.read_parquet(downloaded / "rejected" / "*.parquet")
+    why = dict(zip(rejected["url"], rejected["download_error"]))
+    assert "404" in why[server.base + "/missing.jpg"]
+
+
+def test_ledger_has_one_row_per_curated_pair(downloaded, curated):
+    ledger = pl.read_parquet(downloaded / "ledger" / "download.parquet")
+    kept_before = pl.read_parquet(curated / "kept" / "*.parquet")
+    assert sorted(ledger["row_id"]) == sorted(kept_before["row_id"])
+    assert ledger.filter(pl.col("drop_reason") == "image_too_small")["image_width"].to_list() == [120]
+
+
+def test_running_again_fetches_nothing_new(downloaded, curated):
+    before = sorted(p.name for p in (downloaded / "attempts").iterdir())
+    run_download(curated, downloaded, SETTINGS, show_progress=False)
+    assert sorted(p.name for p in (downloaded / "attempts").iterdir()) == before == ["000"]
+
+
+def test_retry_failed_requeues_only_the_failed_rows(tmp_path, curated, server):
+    out = tmp_path / "out"
+    run_download(curated, out, SETTINGS, show_progress=False)
+    server.slow = False
+    try:
+        run_download(curated, out, SETTINGS, retry_failed=True, show_progress=False)
+    finally:
+        server.slow = True
+    queue = pl.read_parquet(out / "attempts" / "001" / "_qvl" / "queue.parquet")
+    assert sorted(queue["url"]) == sorted(server.base + p for p in ("/missing.jpg", "/slow.jpg"))
+    outcome = _outcomes(out)
+    assert outcome[server.base + "/slow.jpg"] is None and outcome[server.base + "/missing.jpg"] == "download_failed"
+
+
+def test_private_addresses_are_refused_and_never_fetched(tmp_path, curated):
+    out = tmp_path / "out"
+    report = run_download(curated, out, DownloadSettings(timeout=2, processes=1), show_progress=False)
+    assert report["kept_rows"] == 0 and report["accounted"]
+    rejected = pl.read_parquet(out / "rejected" / "*.parquet")
+    assert set(rejected["drop_reason"]) == {"private_address", "bad_url"}
+    assert not (out / "attempts").exists()
+
+
+@pytest.mark.parametrize("host, refused", [
+    ("127.0.0.1", True), ("10.1.2.3", True), ("192.168.0.7", True), ("169.254.169.254", True),
+    ("[::1]", True), ("[::ffff:10.0.0.1]", True), ("localhost", True), ("printer.local", True),
+    ("intranet", True), ("8.8.8.8", False), ("[2001:4860:4860::8888]", False),
+])
+def test_private_hosts(host, refused):
+    frame = netcheck.screen(pl.DataFrame({"url": [f"http://{host}:80/a.jpg"]}), allow_private=False, resolve=False)
+    assert (frame["_refused"][0] == "private_address") is refused
+
+
+def test_a_folder_that_is_not_a_filter_run_is_a_clear_error(tmp_path):
+    with pytest.raises(DownloadError, match="report.json"):
+        run_download(tmp_path, tmp_path / "out", SETTINGS, show_progress=False)
