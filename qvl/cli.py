@@ -121,9 +121,35 @@ def curate_report(
 
 
 @curate_app.command("download")
-def curate_download() -> None:
-    """Fetch the kept pairs' images with img2dataset (webdataset shards)."""
-    _not_built("qvl curate download", 5)
+def curate_download(
+    curated: Annotated[Path, typer.Argument(help="the --out folder of `qvl curate filter`")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder (webdataset shards, kept/, rejected/, report)")],
+    processes: Annotated[int, typer.Option(help="img2dataset processes (0: one per core)")] = 0,
+    threads: Annotated[int, typer.Option(help="fetching threads per process")] = 64,
+    timeout: Annotated[int, typer.Option(help="seconds per request")] = 10,
+    samples_per_shard: Annotated[int, typer.Option(help="images per webdataset shard")] = 10_000,
+    image_size: Annotated[Optional[int], typer.Option(help="resize to this size (default: keep the served bytes)")] = None,
+    resize_mode: Annotated[str, typer.Option(help="img2dataset resize mode, with --image-size")] = "keep_ratio",
+    min_side: Annotated[Optional[int], typer.Option(help="image_too_small on real pixels (default: the filter's)")] = None,
+    max_aspect_ratio: Annotated[Optional[float], typer.Option(help="image_aspect_ratio on real pixels")] = None,
+    allow_private: Annotated[bool, typer.Option(help="also fetch private, loopback and link-local addresses")] = False,
+    retry_failed: Annotated[bool, typer.Option(help="a new attempt with only the rows whose download failed")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing download in --out")] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Fetch the kept pairs' images with img2dataset, check the real pixels, continue the funnel."""
+    from qvl.curate.download import DownloadError, DownloadSettings, run_download
+
+    settings = DownloadSettings(processes=processes, threads=threads, timeout=timeout,
+                                samples_per_shard=samples_per_shard, image_size=image_size, resize_mode=resize_mode,
+                                allow_private=allow_private, min_side=min_side, max_aspect_ratio=max_aspect_ratio)
+    try:
+        report = run_download(curated, out, settings, retry_failed=retry_failed, overwrite=overwrite,
+                              show_progress=progress)
+    except DownloadError as e:
+        _fail(str(e))
+    console.print(f"[green]{report['input_rows']:,}[/] input rows -> [green]{report['kept_rows']:,}[/] pairs with "
+                  f"checked images, {report['rejected_rows']:,} rejected. Report: {out / 'report.md'}")
 
 
 @curate_app.command("clip-score")

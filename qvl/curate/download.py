@@ -254,8 +254,11 @@ def derive(f: Folders, kept: pl.DataFrame, base_report: dict, s: DownloadSetting
     clip = clip_facts(f)
     if clip is not None:
         frame = frame.join(clip.select("row_id", "clip_score_computed", "clip_model"), on="row_id", how="left")
-        thresholds = clip_thresholds if clip_thresholds is not None else settings["clip_thresholds"]
-        default = clip_default if clip_default is not None else settings["clip_threshold_default"]
+        chosen = storage.read_json(f.state).get("clip", {}) if f.state.exists() else {}  # clip-score's thresholds
+        thresholds = next(t for t in (clip_thresholds, chosen.get("thresholds"), settings["clip_thresholds"])
+                          if t is not None)
+        default = next((t for t in (clip_default, chosen.get("default"), settings["clip_threshold_default"])
+                        if t is not None), None)
         limit = pl.col("source").replace_strict(thresholds, default=default, return_dtype=pl.Float64)
         clip_fail = (pl.col("clip_score_computed") < limit).fill_null(False)
     else:
@@ -340,7 +343,8 @@ def run_download(curated: str | Path, out: str | Path, s: DownloadSettings | Non
         if not overwrite:
             raise DownloadError(f"{out}: exists and is not a qvl download; choose an empty --out")
         shutil.rmtree(out)
-    storage.write_json(f.state, {**state, "settings": dataclasses.asdict(s)})
+    clip = storage.read_json(f.state).get("clip") if f.state.exists() else None
+    storage.write_json(f.state, {**state, "settings": dataclasses.asdict(s), **({"clip": clip} if clip else {})})
 
     attempts = sorted(int(p.name) for p in f.attempts.glob("[0-9]*")) if f.attempts.exists() else []
     unfinished = [n for n in attempts if not (f.attempt(n) / "_qvl" / "done.json").exists()]

@@ -4,9 +4,6 @@ accounted for, pixel checks on the real bytes, private addresses refused, failed
 from __future__ import annotations
 
 import io
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import polars as pl
@@ -15,106 +12,8 @@ from PIL import Image
 
 from qvl.curate import netcheck
 from qvl.curate.download import DownloadError, DownloadSettings, run_download
-from qvl.curate.pipeline import run_filter
-from qvl.curate.settings import FilterSettings, RunSettings
 from qvl.formats.images import ImageStore
-
-
-def _jpeg(size, color=(200, 30, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-def _png(size) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, (10, 120, 10)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-GOOD = _jpeg((320, 240))
-BODIES = {
-    "/good.jpg": GOOD,
-    "/same-bytes.jpg": GOOD,  # the same image under another URL: a duplicate by hash
-    "/photo.png": _png((400, 300)),
-    "/tiny.jpg": _jpeg((120, 90)),
-    "/wide.jpg": _jpeg((900, 200)),
-    "/not-an-image.jpg": b"<html>gone</html>",
-    "/truncated.jpg": _jpeg((500, 400), (1, 2, 3))[:400],
-}
-# caption, path, expected drop_reason (None: kept)
-PAIRS = [
-    ("a red square on a white wall", "/good.jpg", None),
-    ("the red square", "/same-bytes.jpg", "duplicate_image"),  # shorter caption loses
-    ("a green field under a grey sky", "/photo.png", None),
-    ("a very small picture of a dog", "/tiny.jpg", "image_too_small"),
-    ("a long panorama of the old harbour", "/wide.jpg", "image_aspect_ratio"),
-    ("this page is not an image", "/not-an-image.jpg", "image_corrupt"),
-    ("a truncated photo of a boat", "/truncated.jpg", "image_corrupt"),
-    ("a picture that is not there", "/missing.jpg", "download_failed"),
-    ("a picture that takes too long", "/slow.jpg", "download_failed"),
-]
-
-
-class Server:
-    def __init__(self):
-        self.slow = True
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's name
-                if self.path == "/slow.jpg":
-                    if server.slow:
-                        time.sleep(4)  # past the download timeout
-                    body = _jpeg((300, 300), (5, 5, 200))
-                elif self.path in BODIES:
-                    body = BODIES[self.path]
-                else:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                try:
-                    self.wfile.write(body)
-                except BrokenPipeError:  # the client gave up (the slow one)
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-
-@pytest.fixture(scope="module")
-def server():
-    s = Server()
-    yield s
-    s.httpd.shutdown()
-
-
-@pytest.fixture(scope="module")
-def curated(tmp_path_factory, server) -> Path:
-    folder = tmp_path_factory.mktemp("curated")
-    raw = folder / "raw.parquet"
-    pl.DataFrame({"url": [server.base + p for _, p, _ in PAIRS] + ["file:///etc/passwd"],
-                  "text": [c for c, _, _ in PAIRS] + ["a local file that must not be read"]}).write_parquet(raw)
-    run_filter([raw], folder / "out", FilterSettings(skip_rules=("lang",)), RunSettings(workers=1),
-               show_progress=False)
-    return folder / "out"
-
-
-SETTINGS = DownloadSettings(allow_private=True, timeout=2, processes=1, threads=8, samples_per_shard=4)
-
-
-@pytest.fixture(scope="module")
-def downloaded(tmp_path_factory, curated, server) -> Path:
-    out = tmp_path_factory.mktemp("images") / "out"
-    run_download(curated, out, SETTINGS, show_progress=False)
-    return out
+from tests.curate.conftest import PAIRS, SETTINGS
 
 
 def _outcomes(out: Path) -> dict[str, str | None]:

@@ -1,0 +1,157 @@
+"""`qvl curate clip-score IMAGES --model NAME --pretrained PATH`: image-text similarity of
+the downloaded pairs with open_clip, from a local checkpoint only.
+
+The model is an open_clip config name (``ViT-B-32``) or a JSON config file (a model of
+your own, or the tiny one the tests build); the weights are a local ``.safetensors``
+(or a ``.pt``/``.bin`` read with ``weights_only=True``) — a missing file is an error, never
+a hub download. Every downloaded image that decodes is scored (so a later threshold can
+use the score whatever else it failed), per shard, cached, on CPU or GPU in batches. The
+scores go to ``IMAGES/ledger/clip.parquet``; the download's outputs are then re-derived
+with the ``clip_score`` rule on the computed score (per-source thresholds), as
+``clip_score_computed`` in the funnel. Kept rows carry ``clip_score`` (computed) and
+``clip_score_dataset`` (the score the dataset shipped, if any).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import torch
+from PIL import Image
+
+from qvl import storage
+from qvl.curate import download as dl
+from qvl.progress import progress_bar
+
+
+class ClipScoreError(ValueError):
+    pass
+
+
+@dataclass
+class ClipSettings:
+    model: str = "ViT-B-32"  # open_clip config name, or a path to a JSON model config
+    pretrained: Path | None = None  # local checkpoint file
+    batch_size: int = 64
+    device: str = "auto"  # auto: cuda when available
+    thresholds: dict[str, float] | None = None  # per source; None: the filter run's clip_thresholds
+    threshold_default: float | None = None
+
+
+def load_model(model: str, pretrained: Path | None, device: torch.device):
+    """(model, preprocess, tokenizer, name) from local files only."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import open_clip
+
+    name = model
+    if model.endswith(".json"):
+        path = Path(model)
+        if not path.is_file():
+            raise ClipScoreError(f"{path}: no such model config")
+        open_clip.add_model_config(path)
+        name = path.stem
+    if name not in open_clip.list_models():
+        raise ClipScoreError(f"{model}: not an open_clip model config (see open_clip.list_models()) or a .json file")
+    if pretrained is None or not Path(pretrained).is_file():
+        raise ClipScoreError(f"--pretrained {pretrained}: a local checkpoint file is required (nothing is downloaded)")
+    try:
+        clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device=device)
+        _load_weights(clip, Path(pretrained))
+    except (RuntimeError, ValueError, OSError) as e:
+        raise ClipScoreError(f"{pretrained}: cannot load into {name} ({e})") from None
+    return clip.eval(), preprocess, open_clip.get_tokenizer(name), name
+
+
+def _load_weights(model: torch.nn.Module, path: Path) -> None:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    model.load_state_dict(state)
+
+
+def _fingerprint(s: ClipSettings) -> str:
+    stat = Path(s.pretrained).stat()
+    return hashlib.sha256(f"{s.model}|{Path(s.pretrained).resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
+@torch.no_grad()
+def score_shard(clip, preprocess, tokenizer, device, tar_path: Path, rows: pl.DataFrame, batch_size: int) -> pl.DataFrame:
+    """Cosine similarity of each (image in the tar, its text); rows: key, row_id, text."""
+    wanted = dict(zip(rows["key"], zip(rows["row_id"], rows["text"])))
+    ids, scores = [], []
+    images, texts = [], []
+
+    def flush():
+        if not images:
+            return
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        with autocast:
+            img = clip.encode_image(torch.stack(images).to(device))
+            txt = clip.encode_text(tokenizer(texts).to(device))
+        img = img.float() / img.float().norm(dim=-1, keepdim=True)
+        txt = txt.float() / txt.float().norm(dim=-1, keepdim=True)
+        scores.extend((img * txt).sum(-1).cpu().tolist())
+        images.clear()
+        texts.clear()
+
+    with tarfile.open(tar_path) as tar:
+        for member in tar:
+            stem, _, suffix = member.name.rpartition(".")
+            if stem not in wanted or f".{suffix.lower()}" not in dl.IMAGE_SUFFIXES:
+                continue
+            with Image.open(io.BytesIO(tar.extractfile(member).read())) as im:
+                images.append(preprocess(im.convert("RGB")))
+            row_id, text = wanted[stem]
+            ids.append(row_id)
+            texts.append(text)
+            if len(images) >= batch_size:
+                flush()
+        flush()
+    return pl.DataFrame({"row_id": ids, "clip_score_computed": scores},
+                        schema={"row_id": pl.String, "clip_score_computed": pl.Float64})
+
+
+def run_clip_score(images: str | Path, s: ClipSettings, show_progress: bool = True) -> dict:
+    f = dl.Folders(Path(images))
+    if not f.state.is_file() or not (f.ledger / "download.parquet").is_file():
+        raise ClipScoreError(f"{images}: not the --out of a finished `qvl curate download`")
+    state = storage.read_json(f.state)
+    device = torch.device("cuda" if s.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if s.device == "auto" else s.device))
+    clip, preprocess, tokenizer, name = load_model(s.model, s.pretrained, device)
+    kept, base_report = dl.read_curated(Path(state["from"]))
+    ledger = pl.read_parquet(f.ledger / "download.parquet")
+    scorable = (ledger.filter((pl.col("download_status") == "success") & pl.col("image_error").is_null())
+                .join(kept.select("row_id", "text"), on="row_id"))
+    cache = f.out / "_qvl" / "clip" / _fingerprint(s)
+    parts = []
+    shards = scorable.partition_by("image_tar", as_dict=True, maintain_order=True)
+    with progress_bar(disable=not show_progress) as bar:
+        task = bar.add_task("clip-score", total=scorable.height, unit="images")
+        for (tar,), rows in shards.items():
+            path = cache / (tar.replace("/", "_").removesuffix(".tar") + ".parquet")
+            if path.exists():
+                part = pl.read_parquet(path)
+            else:
+                part = score_shard(clip, preprocess, tokenizer, device, f.out / tar, rows.rename({"image_key": "key"}),
+                                   s.batch_size)
+                storage.write_parquet(path, part.to_arrow())
+            parts.append(part)
+            bar.advance(task, rows.height)
+    scores = (pl.concat(parts) if parts else pl.DataFrame(schema={"row_id": pl.String, "clip_score_computed": pl.Float64}))
+    storage.write_parquet(f.ledger / "clip.parquet", scores.with_columns(clip_model=pl.lit(name)).to_arrow())
+    storage.write_json(f.state, {**state, "clip": {"model": name, "pretrained": str(s.pretrained),
+                                                   "thresholds": s.thresholds, "default": s.threshold_default}})
+    settings = dl.DownloadSettings(**state.get("settings", {}))
+    return dl.derive(f, kept, base_report, settings)
