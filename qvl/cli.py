@@ -120,6 +120,25 @@ def curate_report(
         console.print(Markdown(report_mod.markdown(data)))
 
 
+@curate_app.command("why")
+def curate_why(
+    folder: Annotated[Path, typer.Argument(help="the --out of `qvl curate filter` or `qvl curate download`")],
+    row_id: Annotated[str, typer.Argument(help="the pair's row_id, FILE:LINE (text files) or FILE:ROW (parquet)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the story as JSON")] = False,
+) -> None:
+    """Why a pair is, or is not, in the training set: every rule's measure and outcome."""
+    from qvl.curate.why import WhyError, explain, markdown
+
+    try:
+        story = explain(folder, row_id)
+    except WhyError as e:
+        _fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(story, indent=2, ensure_ascii=False))
+    else:
+        console.print(Markdown(markdown(story)))
+
+
 @curate_app.command("download")
 def curate_download(
     curated: Annotated[Path, typer.Argument(help="the --out folder of `qvl curate filter`")],

@@ -34,7 +34,7 @@ from qvl.curate.settings import FilterSettings, RunSettings
 from qvl.progress import progress_bar
 from qvl.schemas import CURATED_PAIR, REJECTED_PAIR
 
-INTERNAL = {"_seq", "_part", "_input_error", "_lang_fasttext"}
+INTERNAL = {"_seq", "_part", "_input_error", "_lang_fasttext", "_units"}
 INTERNAL_PREFIXES = ("_fail_", "_changed_")
 
 
@@ -62,11 +62,26 @@ class Paths:
     def state(self) -> Path:
         return self.out / "_state"
 
+    @property
+    def ledger(self) -> Path:
+        return self.out / "ledger"
+
     def shard_marker(self, shard: Shard) -> Path:
         return self.state / "shards" / f"{shard.key}.json"
 
     def partition_marker(self, k: int) -> Path:
         return self.state / "partitions" / f"{k:05d}.json"
+
+
+def ledger_rows(frame: pl.DataFrame) -> pa.Table:
+    """The ledger's facts of evaluated rows: what each rule measured and decided, no text."""
+    return frame.select(
+        "row_id", pl.col("_seq").alias("seq"), "source", "url", "width", "height", "clip_score",
+        pl.col("_units").alias("units"), pl.col("text").str.len_chars().cast(pl.Int64).alias("text_chars"),
+        pl.col("lang").cast(pl.String), pl.col("lang_score").cast(pl.Float32), pl.col("lang_by").cast(pl.String),
+        pl.col("drop_reason").cast(pl.String),
+        pl.col("failed_rules").cast(pl.List(pl.String)),
+    ).sort("seq").to_arrow()
 
 
 def _public(frame: pl.DataFrame, schema: pa.Schema) -> pa.Table:
@@ -91,6 +106,7 @@ def process_shard(
     stats: dict = {}
     rejected_sink: storage.ParquetSink | None = None
     survivor_sink: storage.ParquetSink | None = None
+    ledger_sink: storage.ParquetSink | None = None
     row_groups: dict[int, list[int]] = defaultdict(list)
     n_groups = 0
     try:
@@ -124,6 +140,11 @@ def process_shard(
             rejected_sink.write(table)
 
             kept = survivors.filter(~pl.col("_fail_lang"))
+            facts = ledger_rows(pl.concat([rejected, kept.with_columns(failed_rules=pl.lit([], pl.List(pl.String)))],
+                                          how="diagonal_relaxed"))
+            if ledger_sink is None:
+                ledger_sink = storage.ParquetSink(paths.ledger / "filter" / f"{shard.key}.parquet", facts.schema)
+            ledger_sink.write(facts)
             if kept.height:
                 kept = kept.with_columns(_part=dedup.partition_of(kept, partitions))
                 for (k,), part in kept.partition_by("_part", as_dict=True, maintain_order=True).items():
@@ -141,10 +162,12 @@ def process_shard(
         if rejected_sink is None:
             rejected_sink = storage.ParquetSink(paths.rejected / f"{shard.key}.parquet", REJECTED_PAIR)
         rejected_sink.commit()
+        if ledger_sink is not None:
+            ledger_sink.commit()
         if survivor_sink is not None:
             survivor_sink.commit()
     except BaseException:
-        for sink in (rejected_sink, survivor_sink):
+        for sink in (rejected_sink, survivor_sink, ledger_sink):
             if sink is not None:
                 sink.abort()
         raise
@@ -173,6 +196,10 @@ def dedup_partition(out: Path, k: int, sources: list[tuple[str, list[int]]]) -> 
     if dups is not None and dups.height:
         dups = dups.with_columns(drop_reason=pl.lit(rules.DUPLICATE), failed_rules=pl.lit([rules.DUPLICATE]))
         storage.write_parquet(paths.rejected / f"duplicate-{k:05d}.parquet", _public(dups, REJECTED_PAIR))
+        winners = kept.select(_key=dedup.key_expr(kept.columns), duplicate_of=pl.col("row_id"))
+        lost = dups.with_columns(_key=dedup.key_expr(dups.columns)).join(winners, on="_key", how="left")
+        storage.write_parquet(paths.ledger / "duplicates" / f"{k:05d}.parquet",
+                              lost.select("row_id", "duplicate_of").to_arrow())
         st.count_by(stats, "dropped", dups, ["drop_reason", "source"])
     marker = {"partition": k, "stats": stats}
     storage.write_json(paths.partition_marker(k), marker)
@@ -207,7 +234,7 @@ def _prepare(out: Path, shards: list[Shard], settings: FilterSettings, run: RunS
         partitions = int(state["partitions"])
     else:
         if overwrite:
-            for sub in ("kept", "rejected", "_work", "_state"):
+            for sub in ("kept", "rejected", "ledger", "_work", "_state"):
                 shutil.rmtree(out / sub, ignore_errors=True)
             for name in ("report.json", "report.md", "funnel.png"):
                 (out / name).unlink(missing_ok=True)
@@ -217,7 +244,8 @@ def _prepare(out: Path, shards: list[Shard], settings: FilterSettings, run: RunS
                                            run.max_partitions)
         storage.write_json(state_file, {"fingerprint": fingerprint, "partitions": partitions,
                                         "inputs": [str(s.path) for s in shards]})
-    for folder in (paths.kept, paths.rejected, paths.survivors):  # leftovers of a killed run
+    for folder in (paths.kept, paths.rejected, paths.survivors, paths.ledger / "filter",
+                   paths.ledger / "duplicates"):  # leftovers of a killed run
         if folder.exists():
             for tmp in folder.glob("*.tmp-*"):
                 tmp.unlink()

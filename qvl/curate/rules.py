@@ -169,9 +169,11 @@ def length_units(text: pl.Expr) -> pl.Expr:
     return text.map_batches(_count_units, return_dtype=pl.UInt32)
 
 
-def length(s: FilterSettings, units: pl.Expr | None = None) -> pl.Expr:
-    units = length_units(TEXT) if units is None else units
-    return ((units < s.min_units) | (units > s.max_units)).fill_null(False)
+UNITS = pl.col("_units")  # measured once per row by ``evaluate``; the ledger keeps it
+
+
+def length(s: FilterSettings) -> pl.Expr:
+    return ((UNITS < s.min_units) | (UNITS > s.max_units)).fill_null(False)
 
 
 # Most web captions are plain single-spaced printable ASCII with none of the characters
@@ -188,10 +190,6 @@ def _never(s: FilterSettings) -> pl.Expr:
 
 def _unchanged(text: pl.Expr, s: FilterSettings) -> pl.Expr:
     return text
-
-
-def _plain_length(s: FilterSettings) -> pl.Expr:
-    return length(s, TEXT.str.count_matches(" ", literal=True) + 1)
 
 
 # Pipeline order. Input checks first (a row that could not be read or has no URL never
@@ -213,7 +211,7 @@ RULES: tuple[Rule, ...] = (
     Rule("emoji", "drop", emoji, lambda s: "any emoji", _never),
     Rule("non_en_zh_chars", "drop", non_en_zh_chars, lambda s: "a character outside Latin/CJK/punctuation",
          _never),
-    Rule("length", "drop", length, lambda s: f"units < {s.min_units} or > {s.max_units}", _plain_length),
+    Rule("length", "drop", length, lambda s: f"units < {s.min_units} or > {s.max_units}"),
 )
 INPUT_ERRORS = ("malformed_row", "invalid_utf8")
 LANG = "lang"
@@ -265,6 +263,9 @@ def evaluate(frame: pl.DataFrame, s: FilterSettings, plain: bool = False) -> pl.
             (before.ne_missing(pl.col(f"_after_{name}"))).alias(f"_changed_{name}")
         )
     frame = frame.with_columns(text.alias("text")).drop([f"_after_{n}" for n, _, _ in steps])
+    # plain rows are single-spaced with no CJK: their units are their spaces + 1
+    units = (TEXT.str.count_matches(" ", literal=True) + 1).cast(pl.UInt32) if plain else length_units(TEXT)
+    frame = frame.with_columns(_units=units)
     drops = [r for r in active if r.kind == "drop"]
     frame = frame.with_columns([build(r)(s).alias(fail_column(r.name)) for r in drops])
     reasons = [pl.col("_input_error")] + [

@@ -103,3 +103,20 @@ def test_private_hosts(host, refused):
 def test_a_folder_that_is_not_a_filter_run_is_a_clear_error(tmp_path):
     with pytest.raises(DownloadError, match="report.json"):
         run_download(tmp_path, tmp_path / "out", SETTINGS, show_progress=False)
+
+
+def test_why_tells_the_whole_story(downloaded, curated, server):
+    from qvl.curate.why import WhyError, explain
+
+    ledger = pl.read_parquet(downloaded / "ledger" / "download.parquet")
+    tiny = ledger.filter(pl.col("url") == server.base + "/tiny.jpg")["row_id"][0]
+    story = explain(downloaded, tiny)
+    assert story["verdict"].startswith("rejected by image_too_small")
+    outcome = {s["step"]: s["outcome"] for s in story["steps"]}
+    assert outcome["length"] == "pass" and outcome["lang"] == "switched off" and outcome["image_too_small"] == "FAIL"
+    good = ledger.filter(pl.col("url") == server.base + "/photo.png")["row_id"][0]
+    assert explain(downloaded, good)["verdict"].startswith("kept with its image attempts/000/")
+    dup = ledger.filter(pl.col("url") == server.base + "/same-bytes.jpg")["row_id"][0]
+    assert explain(downloaded, dup)["verdict"] == "rejected by duplicate_image"
+    with pytest.raises(WhyError, match="row ids look like"):
+        explain(curated, "nope:1")

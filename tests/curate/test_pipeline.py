@@ -89,6 +89,24 @@ def test_duplicates_keep_the_longest_caption(tmp_path):
     assert report["funnel"][-1] == {**report["funnel"][-1], "step": "duplicate", "dropped": 3}
 
 
+def test_the_ledger_has_every_row_and_why_reads_it(demo_run):
+    from qvl.curate.why import explain
+
+    raw, out, report = demo_run
+    ledger = pl.read_parquet(out / "ledger" / "filter" / "*.parquet")
+    assert ledger.height == report["input_rows"] and ledger["row_id"].n_unique() == ledger.height
+    short = ledger.filter(pl.col("drop_reason") == "length").row(0, named=True)
+    story = explain(out, short["row_id"])
+    assert story["verdict"] == "rejected by length"
+    assert {s["step"]: s["value"] for s in story["steps"]}["length"] == f"{short['units']} units"
+    dups = pl.read_parquet(out / "ledger" / "duplicates" / "*.parquet")
+    assert dups.height == report["funnel"][-1]["dropped"] and dups["duplicate_of"].null_count() == 0
+    lost = explain(out, dups["row_id"][0])
+    assert lost["verdict"] == "rejected by duplicate" and dups["duplicate_of"][0] in lost["steps"][-1]["value"]
+    winner = explain(out, dups["duplicate_of"][0])
+    assert winner["verdict"].startswith("kept") and {s["step"]: s["outcome"] for s in winner["steps"]}["lang"] == "pass"
+
+
 def test_dedup_across_shards_and_partitions(tmp_path):
     """The same URL in two shards meets in one hash partition, whatever the partition count."""
     urls = [f"http://x/{i}" for i in range(200)]
