@@ -57,6 +57,8 @@ def curate_filter(
     skip_rule: Annotated[list[str], typer.Option(help="switch a rule off by name (repeatable)")] = [],
     workers: Annotated[Optional[int], typer.Option(help="processes (default: one per core)")] = None,
     batch_rows: Annotated[Optional[int], typer.Option(help="rows per batch")] = None,
+    engine: Annotated[Optional[str], typer.Option(help="local (processes here) or ray")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: a local Ray)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run in --out")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
@@ -87,7 +89,8 @@ def curate_filter(
             thresholds.update(filter_values.get("clip_thresholds", {}))
             thresholds.update({k: float(v) for k, v in _pairs(clip_threshold, "--clip-threshold").items()})
             filter_values["clip_thresholds"] = thresholds
-        run_values.update({k: v for k, v in {"workers": workers, "batch_rows": batch_rows}.items() if v is not None})
+        run_values.update({k: v for k, v in {"workers": workers, "batch_rows": batch_rows, "engine": engine,
+                                             "address": address}.items() if v is not None})
         settings = fill(FilterSettings, filter_values, str(recipe or "options"))
         known = {r.name for r in rules.RULES} | {rules.LANG, rules.DUPLICATE}
         bad = [r for r in settings.skip_rules if r not in known]
@@ -96,7 +99,7 @@ def curate_filter(
         run = fill(RunSettings, run_values, str(recipe or "options"))
         report = run_filter(inputs, out, settings, run, mapping=_pairs(map_, "--map") or None, source=source,
                             overwrite=overwrite, show_progress=progress)
-    except (InputError, RecipeError, RunStateError, LayoutError, LangModelError, ValueError) as e:
+    except (InputError, RecipeError, RunStateError, LayoutError, LangModelError, ValueError, RuntimeError) as e:
         _fail(str(e))
     console.print(f"[green]{report['input_rows']:,}[/] rows -> [green]{report['kept_rows']:,}[/] kept, "
                   f"{report['rejected_rows']:,} rejected. Report: {out / 'report.md'}, {out / 'funnel.png'}")

@@ -15,11 +15,9 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import queue
 import shutil
 import time
 from collections import defaultdict
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import polars as pl
@@ -27,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qvl import __version__, storage
-from qvl.curate import dedup, langid, readers, rules
+from qvl.curate import dedup, engines, langid, readers, rules
 from qvl.curate import stats as st
 from qvl.curate.readers import Shard
 from qvl.curate.settings import FilterSettings, RunSettings
@@ -252,73 +250,6 @@ def _prepare(out: Path, shards: list[Shard], settings: FilterSettings, run: RunS
     return partitions
 
 
-_worker_progress: "mp.Queue | queue.SimpleQueue | None" = None
-
-
-def _init_worker(progress_queue) -> None:
-    global _worker_progress
-    _worker_progress = progress_queue
-
-
-def _shard_task(shard, out, settings, batch_rows, partitions) -> dict:
-    return process_shard(shard, out, settings, batch_rows, partitions, _worker_progress)
-
-
-class _Executor:
-    """Runs tasks inline (one worker) or in a pool of spawned processes, forwarding the
-    rows they report to a progress callback. Spawned, not forked: polars' thread pool
-    does not survive a fork. Each worker gets an equal share of polars threads."""
-
-    def __init__(self, workers: int):
-        self.workers = workers
-        self.pool: ProcessPoolExecutor | None = None
-
-    def __enter__(self) -> "_Executor":
-        if self.workers > 1:
-            ctx = mp.get_context("spawn")
-            self.queue = ctx.Queue()
-            self._previous = os.environ.get("POLARS_MAX_THREADS")
-            os.environ["POLARS_MAX_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.workers))
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
-                                            initargs=(self.queue,))
-        else:
-            self.queue = queue.SimpleQueue()
-            _init_worker(self.queue)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
-            if self._previous is None:
-                os.environ.pop("POLARS_MAX_THREADS", None)
-            else:
-                os.environ["POLARS_MAX_THREADS"] = self._previous
-        else:
-            _init_worker(None)
-
-    def _drain(self, on_progress) -> None:
-        while True:
-            try:
-                on_progress(self.queue.get_nowait())
-            except queue.Empty:
-                return
-
-    def run(self, fn, jobs: dict, on_progress):
-        """Yield (key, result) for every ``key: args`` job, as each one finishes."""
-        if self.pool is None or len(jobs) <= 1:
-            for key, args in jobs.items():
-                result = fn(*args)
-                self._drain(on_progress)
-                yield key, result
-            return
-        pending = {self.pool.submit(fn, *args): key for key, args in jobs.items()}
-        while pending:
-            done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-            self._drain(on_progress)
-            for fut in done:
-                yield pending.pop(fut), fut.result()
-
-
 def run_filter(
     inputs: list[str | Path], out: str | Path, settings: FilterSettings | None = None,
     run: RunSettings | None = None, mapping: dict[str, str] | None = None, source: str | None = None,
@@ -342,10 +273,10 @@ def run_filter(
     part_markers = {k: storage.read_json(paths.partition_marker(k)) for k in range(partitions)
                     if paths.partition_marker(k).exists()}
     timing = {}
-    with progress_bar(disable=not show_progress) as bar, _Executor(workers) as executor:
+    with progress_bar(disable=not show_progress) as bar, engines.open_engine(run, workers) as executor:
         rows_task = bar.add_task("filter", total=sum(j[0].est_rows for j in shard_jobs.values()), unit="rows")
         started = time.perf_counter()
-        for key, marker in executor.run(_shard_task, shard_jobs, lambda n: bar.advance(rows_task, n)):
+        for key, marker in executor.run(engines.shard_task, shard_jobs, lambda n: bar.advance(rows_task, n)):
             markers[key] = marker
         timing["filter_s"] = round(time.perf_counter() - started, 3)
         bar.update(rows_task, total=bar.tasks[rows_task].completed)
