@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -24,10 +25,6 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def _not_built(what: str, issue: int) -> None:
-    _fail(f"`{what}` is not built yet (tracked in issue #{issue}).", code=2)
-
-
 def _pairs(values: list[str], option: str) -> dict[str, str]:
     out = {}
     for item in values:
@@ -41,8 +38,10 @@ def _pairs(values: list[str], option: str) -> dict[str, str]:
 
 @curate_app.command("filter")
 def curate_filter(
-    inputs: Annotated[list[Path], typer.Argument(help="parquet/jsonl/csv/tsv files or folders of shards")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
+    inputs: Annotated[Optional[list[Path]], typer.Argument(help="parquet/jsonl/csv/tsv files or folders of shards")] = None,
+    from_ledger: Annotated[Optional[Path], typer.Option(
+        help="re-decide a finished run's rows with new thresholds (no inputs; text rules not run again)")] = None,
     source: Annotated[Optional[str], typer.Option(help="dataset name for all rows (default: from the layout)")] = None,
     map_: Annotated[list[str], typer.Option("--map", help="column mapping, e.g. url=image_url,text=caption")] = [],
     recipe: Annotated[Optional[Path], typer.Option(help="TOML/YAML with [filter] and [run] tables")] = None,
@@ -68,15 +67,20 @@ def curate_filter(
     from qvl.curate.layouts import LayoutError
     from qvl.curate.pipeline import RunStateError, run_filter
     from qvl.curate.readers import InputError
+    from qvl.curate.rethreshold import LedgerError, previous_settings
     from qvl.curate.settings import FilterSettings, RunSettings
     from qvl.recipes import RecipeError, fill, load_recipe
 
     try:
+        if not inputs and from_ledger is None:
+            raise RecipeError("give input files or folders (or --from-ledger PREVIOUS_RUN)")
+        # with --from-ledger, what is not set again stays as the previous run had it
+        base = dataclasses.asdict(previous_settings(from_ledger)) if from_ledger else {}
         data = load_recipe(recipe) if recipe else {}
         unknown = set(data) - {"filter", "run"}
         if unknown:
             raise RecipeError(f"{recipe}: unknown table(s) {', '.join(sorted(unknown))}; use [filter] and [run]")
-        filter_values = dict(data.get("filter", {}))
+        filter_values = {**base, **data.get("filter", {})}
         run_values = dict(data.get("run", {}))
         cli_values = {"min_side": min_side, "max_aspect_ratio": max_aspect_ratio, "min_units": min_units,
                       "max_units": max_units, "min_lang_score": min_lang_score,
@@ -85,7 +89,7 @@ def curate_filter(
                       "skip_rules": tuple(skip_rule) or None}
         filter_values.update({k: v for k, v in cli_values.items() if v is not None})
         if clip_threshold:
-            thresholds = dict(FilterSettings().clip_thresholds)
+            thresholds = dict(base.get("clip_thresholds", FilterSettings().clip_thresholds))
             thresholds.update(filter_values.get("clip_thresholds", {}))
             thresholds.update({k: float(v) for k, v in _pairs(clip_threshold, "--clip-threshold").items()})
             filter_values["clip_thresholds"] = thresholds
@@ -97,9 +101,10 @@ def curate_filter(
         if bad:
             raise RecipeError(f"unknown rule(s) to skip: {', '.join(bad)}; rules: {', '.join(sorted(known))}")
         run = fill(RunSettings, run_values, str(recipe or "options"))
-        report = run_filter(inputs, out, settings, run, mapping=_pairs(map_, "--map") or None, source=source,
-                            overwrite=overwrite, show_progress=progress)
-    except (InputError, RecipeError, RunStateError, LayoutError, LangModelError, ValueError, RuntimeError) as e:
+        report = run_filter(inputs or [], out, settings, run, mapping=_pairs(map_, "--map") or None, source=source,
+                            overwrite=overwrite, show_progress=progress, from_ledger=from_ledger)
+    except (InputError, RecipeError, RunStateError, LayoutError, LangModelError, LedgerError, ValueError,
+            RuntimeError) as e:
         _fail(str(e))
     console.print(f"[green]{report['input_rows']:,}[/] rows -> [green]{report['kept_rows']:,}[/] kept, "
                   f"{report['rejected_rows']:,} rejected. Report: {out / 'report.md'}, {out / 'funnel.png'}")
@@ -175,9 +180,27 @@ def curate_download(
 
 
 @curate_app.command("clip-score")
-def curate_clip_score() -> None:
-    """Score image-text similarity with open_clip from a local checkpoint."""
-    _not_built("qvl curate clip-score", 5)
+def curate_clip_score(
+    images: Annotated[Path, typer.Argument(help="the --out folder of `qvl curate download`")],
+    model: Annotated[str, typer.Option(help="open_clip config name (ViT-B-32 ...) or a JSON model config")],
+    pretrained: Annotated[Path, typer.Option(help="local checkpoint (.safetensors, or .pt/.bin read weights-only)")],
+    batch_size: Annotated[int, typer.Option(help="pairs per forward pass")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    clip_threshold: Annotated[list[str], typer.Option(help="threshold per source, SOURCE=VALUE")] = [],
+    clip_threshold_default: Annotated[Optional[float], typer.Option(help="threshold for other sources")] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Score image-text similarity with open_clip from a local checkpoint; threshold per source."""
+    from qvl.curate.clipscore import ClipScoreError, ClipSettings, run_clip_score
+
+    thresholds = {k: float(v) for k, v in _pairs(clip_threshold, "--clip-threshold").items()} or None
+    settings = ClipSettings(model=model, pretrained=pretrained, batch_size=batch_size, device=device,
+                            thresholds=thresholds, threshold_default=clip_threshold_default)
+    try:
+        report = run_clip_score(images, settings, show_progress=progress)
+    except ClipScoreError as e:
+        _fail(str(e))
+    console.print(f"scored; [green]{report['kept_rows']:,}[/] pairs kept. Report: {images / 'report.md'}")
 
 
 def _format(kind: str, inputs: list[Path], out: Path, images: Optional[Path], downloads: Optional[Path],

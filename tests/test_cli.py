@@ -22,11 +22,16 @@ def test_help_lists_every_command():
     assert "multitask" in out and "sft" in out
 
 
-@pytest.mark.parametrize("args", [["curate", "download"], ["curate", "clip-score"]])
-def test_unbuilt_commands_say_so_and_fail(args):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2
-    assert "not built yet" in result.output
+@pytest.mark.parametrize("args, message", [
+    (["curate", "download", "{tmp}", "--out", "{tmp}/o"], "no report.json"),
+    (["curate", "clip-score", "{tmp}", "--model", "ViT-B-32", "--pretrained", "{tmp}/w.safetensors"],
+     "not the --out of a finished `qvl curate download`"),
+    (["curate", "why", "{tmp}", "x:1"], "no ledger here"),
+    (["curate", "filter", "--out", "{tmp}/o"], "give input files"),
+])
+def test_image_commands_explain_a_wrong_folder(tmp_path, args, message):
+    result = runner.invoke(app, [a.format(tmp=tmp_path) for a in args])
+    assert result.exit_code == 1 and message in " ".join(result.output.split()), result.output
 
 
 def test_filter_with_recipe_and_options(tmp_path):

@@ -25,14 +25,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qvl import __version__, storage
-from qvl.curate import dedup, engines, langid, readers, rules
+from qvl.curate import dedup, engines, langid, readers, rethreshold, rules
 from qvl.curate import stats as st
 from qvl.curate.readers import Shard
 from qvl.curate.settings import FilterSettings, RunSettings
 from qvl.progress import progress_bar
 from qvl.schemas import CURATED_PAIR, REJECTED_PAIR
 
-INTERNAL = {"_seq", "_part", "_input_error", "_lang_fasttext", "_units"}
+INTERNAL = {"_seq", "_part", "_input_error", "_lang_fasttext"}
 INTERNAL_PREFIXES = ("_fail_", "_changed_")
 
 
@@ -75,7 +75,7 @@ def ledger_rows(frame: pl.DataFrame) -> pa.Table:
     """The ledger's facts of evaluated rows: what each rule measured and decided, no text."""
     return frame.select(
         "row_id", pl.col("_seq").alias("seq"), "source", "url", "width", "height", "clip_score",
-        pl.col("_units").alias("units"), pl.col("text").str.len_chars().cast(pl.Int64).alias("text_chars"),
+        pl.col("units"), pl.col("text").str.len_chars().cast(pl.Int64).alias("text_chars"),
         pl.col("lang").cast(pl.String), pl.col("lang_score").cast(pl.Float32), pl.col("lang_by").cast(pl.String),
         pl.col("drop_reason").cast(pl.String),
         pl.col("failed_rules").cast(pl.List(pl.String)),
@@ -107,9 +107,12 @@ def process_shard(
     ledger_sink: storage.ParquetSink | None = None
     row_groups: dict[int, list[int]] = defaultdict(list)
     n_groups = 0
+    again = shard.format == rethreshold.FORMAT  # --from-ledger: a previous run's rows, decided anew
+    read, evaluate, tag = ((rethreshold.read_batches, rethreshold.evaluate, rethreshold.tag) if again
+                           else (readers.read_batches, rules.apply, langid.tag))
     try:
-        for frame in readers.read_batches(shard, batch_rows):
-            frame = rules.apply(frame, settings)
+        for frame in read(shard, batch_rows):
+            frame = evaluate(frame, settings)
             st.count_by(stats, "input", frame, ["source"])
             for name in rules.REWRITES:
                 if f"_changed_{name}" in frame.columns:
@@ -117,7 +120,7 @@ def process_shard(
                         _rule=pl.lit(name)), ["_rule", "source"])
             st.count_by(stats, "clip_unscored", frame.filter(pl.col("clip_score").is_null()), ["source"])
 
-            survivors = langid.tag(frame.filter(pl.col("drop_reason").is_null()), settings)
+            survivors = tag(frame.filter(pl.col("drop_reason").is_null()), settings)
             survivors = survivors.with_columns(
                 drop_reason=pl.when(pl.col("_fail_lang")).then(pl.lit(rules.LANG))
             )
@@ -253,16 +256,26 @@ def _prepare(out: Path, shards: list[Shard], settings: FilterSettings, run: RunS
 def run_filter(
     inputs: list[str | Path], out: str | Path, settings: FilterSettings | None = None,
     run: RunSettings | None = None, mapping: dict[str, str] | None = None, source: str | None = None,
-    overwrite: bool = False, show_progress: bool = True,
+    overwrite: bool = False, show_progress: bool = True, from_ledger: str | Path | None = None,
 ) -> dict:
-    """Filter ``inputs`` into ``out``; returns the report (also written as JSON/MD/PNG)."""
+    """Filter ``inputs`` into ``out`` — or, with ``from_ledger``, re-decide a previous run's
+    rows with new thresholds; returns the report (also written as JSON/MD/PNG)."""
     from qvl.curate import report as report_mod
 
     settings = settings or FilterSettings()
     run = run or RunSettings()
     out = Path(out)
     paths = Paths(out)
-    shards = [readers.open_shard(p, i, mapping, source) for i, p in enumerate(readers.discover(inputs))]
+    if from_ledger is not None:
+        prev = Path(from_ledger)
+        if inputs:
+            raise rethreshold.LedgerError("--from-ledger reads the previous run's rows: give no inputs")
+        rethreshold.check_settings(rethreshold.previous_settings(prev), settings)
+        if prev.resolve() == out.resolve():
+            raise rethreshold.LedgerError("--from-ledger needs a new --out (the previous run is its input)")
+        shards = rethreshold.shards_of(prev)
+    else:
+        shards = [readers.open_shard(p, i, mapping, source) for i, p in enumerate(readers.discover(inputs))]
     if rules.LANG not in settings.skip_rules:
         langid.identifier(settings.lang_model)  # fail now, not in a worker, if the model is missing
     partitions = _prepare(out, shards, settings, run, mapping, source, overwrite)
@@ -298,6 +311,9 @@ def run_filter(
     for m in [*markers.values(), *part_markers.values()]:
         st.merge(totals, m["stats"])
     report = report_mod.build(totals, settings, shards, partitions)
+    if from_ledger is not None:  # rewrites were not run again: they are the previous run's
+        previous = storage.read_json(Path(from_ledger) / "report.json")
+        report.update(rewrites=previous["rewrites"], inputs=previous["inputs"], from_ledger=str(from_ledger))
     report["timing"] = timing  # of this invocation only: a resumed run reports what it did
     report_mod.write(out, report)
     shutil.rmtree(out / "_work", ignore_errors=True)

@@ -169,7 +169,7 @@ def length_units(text: pl.Expr) -> pl.Expr:
     return text.map_batches(_count_units, return_dtype=pl.UInt32)
 
 
-UNITS = pl.col("_units")  # measured once per row by ``evaluate``; the ledger keeps it
+UNITS = pl.col("units")  # measured once per row by ``evaluate``; kept in the outputs and the ledger
 
 
 def length(s: FilterSettings) -> pl.Expr:
@@ -265,7 +265,7 @@ def evaluate(frame: pl.DataFrame, s: FilterSettings, plain: bool = False) -> pl.
     frame = frame.with_columns(text.alias("text")).drop([f"_after_{n}" for n, _, _ in steps])
     # plain rows are single-spaced with no CJK: their units are their spaces + 1
     units = (TEXT.str.count_matches(" ", literal=True) + 1).cast(pl.UInt32) if plain else length_units(TEXT)
-    frame = frame.with_columns(_units=units)
+    frame = frame.with_columns(units=units)
     drops = [r for r in active if r.kind == "drop"]
     frame = frame.with_columns([build(r)(s).alias(fail_column(r.name)) for r in drops])
     reasons = [pl.col("_input_error")] + [

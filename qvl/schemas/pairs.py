@@ -32,10 +32,14 @@ _TRACKING = [
     pa.field("text_raw", pa.string(), nullable=True),
 ]
 
+# the length rule's measure of the cleaned text: whitespace-separated words + CJK characters
+_UNITS = pa.field("units", pa.uint32(), nullable=True)
+
 CURATED_PAIR = pa.schema(
     _TRACKING
     + list(RAW_PAIR)
     + [
+        _UNITS,
         pa.field("lang", pa.string(), nullable=False),
         pa.field("lang_score", pa.float32(), nullable=False),
         # "fasttext", or "script" where the script cross-check overrode fastText's label
@@ -47,6 +51,7 @@ REJECTED_PAIR = pa.schema(
     _TRACKING
     + list(RAW_PAIR)
     + [
+        _UNITS,
         pa.field("lang", pa.string(), nullable=True),
         pa.field("lang_score", pa.float32(), nullable=True),
         pa.field("lang_by", pa.string(), nullable=True),

@@ -169,3 +169,25 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert json.loads((tmp_path / "whole" / "report.json").read_text())["funnel"] == \
         json.loads((interrupted / "report.json").read_text())["funnel"]
     assert not list(interrupted.rglob("*.tmp-*"))
+
+
+def test_from_ledger_equals_a_fresh_run_with_the_new_thresholds(demo_run, tmp_path):
+    raw, out, report = demo_run
+    looser = FilterSettings(min_side=100, min_units=2, clip_thresholds={"laion": 0.2, "coyo": 0.28, "datacomp": 0.2})
+    again = run_filter([], tmp_path / "again", looser, RunSettings(workers=2, batch_rows=700), from_ledger=out,
+                       show_progress=False)
+    fresh = run_filter(raw, tmp_path / "fresh", looser, RunSettings(workers=2, batch_rows=700), show_progress=False)
+    assert again["kept_rows"] > report["kept_rows"]  # looser thresholds let more through
+    assert again["funnel"] == fresh["funnel"] and again["by_language"] == fresh["by_language"]
+    (k1, r1), (k2, r2) = outputs(tmp_path / "again"), outputs(tmp_path / "fresh")
+    cols = ["row_id", "text", "lang", "units"]
+    assert k1.select(cols).equals(k2.select(cols))
+    assert r1.select("row_id", "drop_reason", "failed_rules").equals(r2.select("row_id", "drop_reason", "failed_rules"))
+
+
+def test_from_ledger_refuses_what_needs_the_raw_text(demo_run, tmp_path):
+    from qvl.curate.rethreshold import LedgerError
+
+    raw, out, report = demo_run
+    with pytest.raises(LedgerError, match="dataset_tags"):
+        run_filter([], tmp_path / "x", FilterSettings(dataset_tags=("PERSON",)), from_ledger=out, show_progress=False)

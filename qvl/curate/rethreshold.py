@@ -1,0 +1,124 @@
+"""`qvl curate filter --from-ledger PREV --out NEW`: new thresholds, no text rules again.
+
+A finished run holds every input row once (kept or rejected) with its cleaned text and
+the measures its rules took: width and height, the CLIP score, ``units`` (the length
+rule's), the language label and score, and ``failed_rules`` (every rule that failed).
+Re-thresholding reads those rows back as its input and decides again: the text rules
+(``dataset_tag``, ``emoji``, ``non_en_zh_chars`` …) keep their recorded outcome, the
+threshold rules (``aspect_ratio``, ``too_small``, ``clip_score``, ``length``, ``lang``)
+are evaluated on the recorded measures with the new settings. Language id runs only on
+rows that now survive and were never labelled; duplicates are found again among the new
+survivors. The new run has the full output contract (kept, rejected, ledger, report).
+
+Settings that change the text or a recorded outcome (``dataset_tags``,
+``max_punct_run``, the rewrites, ``lang_model``, switching a rule back on) cannot be
+re-derived and are refused: run the filter on the raw input for those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Iterator
+
+import polars as pl
+import pyarrow.parquet as pq
+
+from qvl import storage
+from qvl.curate import langid, layouts, rules
+from qvl.curate.readers import SEQ_ROW_BITS, Shard
+from qvl.curate.settings import FilterSettings
+
+RETHRESHOLDABLE = {"min_side", "max_aspect_ratio", "clip_thresholds", "clip_threshold_default", "min_units",
+                   "max_units", "languages", "min_lang_score", "skip_rules"}
+TEXT_RULES = ("missing_url", "dataset_tag", "empty_text", "emoji", "non_en_zh_chars")
+FORMAT = "qvl-run"  # Shard.format of a previous run's output file
+
+
+class LedgerError(ValueError):
+    pass
+
+
+def previous_settings(prev: Path) -> FilterSettings:
+    report = prev / "report.json"
+    if not report.is_file() or not (prev / "_state" / "run.json").is_file():
+        raise LedgerError(f"{prev}: not the --out of a finished `qvl curate filter` (no report.json / _state)")
+    values = storage.read_json(report)["settings"]
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return FilterSettings(**values)
+
+
+def check_settings(old: FilterSettings, new: FilterSettings) -> None:
+    changed = [f.name for f in dataclasses.fields(FilterSettings) if getattr(old, f.name) != getattr(new, f.name)]
+    fixed = [name for name in changed if name not in RETHRESHOLDABLE]
+    if fixed:
+        raise LedgerError(f"--from-ledger cannot change {', '.join(fixed)}: they change the text or a recorded "
+                          "outcome; run the filter on the raw input instead")
+    back_on = [r for r in old.skip_rules if r not in new.skip_rules and r not in
+               ("aspect_ratio", "too_small", "clip_score", "length", rules.LANG, rules.DUPLICATE)]
+    if back_on:
+        raise LedgerError(f"--from-ledger cannot switch {', '.join(back_on)} back on: the previous run never "
+                          "evaluated it")
+
+
+def shards_of(prev: Path) -> list[Shard]:
+    """Every output file of the previous run (kept and rejected) as an input shard."""
+    inputs = storage.read_json(prev / "_state" / "run.json")["inputs"]
+    names = [Path(p).name for p in inputs]
+    if len(set(names)) != len(names):
+        raise LedgerError(f"{prev}: input file names repeat, so row ids do not name one input row")
+    files = sorted((prev / "kept").glob("*.parquet")) + sorted((prev / "rejected").glob("*.parquet"))
+    layout = layouts.from_mapping({"url": "url", "text": "text"})
+    return [Shard(path, i, FORMAT, None, layout, None, pq.ParquetFile(path).metadata.num_rows, tuple(names))
+            for i, path in enumerate(files)]
+
+
+def read_batches(shard: Shard, batch_rows: int) -> Iterator[pl.DataFrame]:
+    """A previous run's rows, with their original order key rebuilt from the row id."""
+    index = {name: i for i, name in enumerate(shard.passthrough)}
+    for batch in pq.ParquetFile(shard.path).iter_batches(batch_size=batch_rows):
+        frame = pl.from_arrow(batch)
+        if "failed_rules" not in frame.columns:
+            frame = frame.with_columns(failed_rules=pl.lit([], pl.List(pl.String)))
+        # row ids are "<file>:<line>"; a file name holding ":" keeps its last part as the line
+        file = frame.get_column("row_id").str.replace(r":[0-9]+$", "")
+        line = frame.get_column("row_id").str.extract(r":([0-9]+)$", 1).cast(pl.Int64)
+        seq = file.replace_strict(index, return_dtype=pl.Int64) * (1 << SEQ_ROW_BITS) + line
+        errors = frame.get_column("failed_rules").list.first().cast(pl.String)
+        frame = frame.with_columns(
+            _seq=seq,
+            _input_error=pl.when(errors.is_in(list(rules.INPUT_ERRORS))).then(errors),
+        ).drop([c for c in ("drop_reason",) if c in frame.columns])
+        yield frame
+
+
+def evaluate(frame: pl.DataFrame, s: FilterSettings) -> pl.DataFrame:
+    """Rules 1-10 again: recorded outcomes for the text rules, new thresholds on measures."""
+    failed = pl.col("failed_rules")
+    checks = {}
+    for rule in rules.RULES:
+        if rule.kind != "drop" or rule.name in s.skip_rules:
+            continue
+        if rule.name in TEXT_RULES:
+            checks[rule.name] = failed.list.contains(rule.name)
+        else:
+            checks[rule.name] = rule.build(s)
+    frame = frame.with_columns([expr.alias(rules.fail_column(name)) for name, expr in checks.items()])
+    reasons = [pl.col("_input_error")] + [pl.when(pl.col(rules.fail_column(n))).then(pl.lit(n)) for n in checks]
+    frame = frame.with_columns(drop_reason=pl.coalesce(reasons))
+    # rules.failed_rules rebuilds the list from the _fail_ columns, lang included below
+    return frame.drop("failed_rules")
+
+
+def tag(survivors: pl.DataFrame, s: FilterSettings) -> pl.DataFrame:
+    """Language: the recorded label and score where there is one, fastText on the rest."""
+    if rules.LANG in s.skip_rules:
+        return langid.tag(survivors, s)
+    labelled = pl.col("lang_by").is_in(["fasttext", "script"]).fill_null(False)
+    known = survivors.filter(labelled)
+    allowed = pl.col("lang").is_in(list(s.languages))
+    confident = (pl.col("lang_by") == "script") | (pl.col("lang_score") >= s.min_lang_score)
+    known = known.with_columns(_lang_fasttext=pl.lit(None, pl.String), _fail_lang=~(allowed & confident))
+    fresh = langid.tag(survivors.filter(~labelled).drop("lang", "lang_score", "lang_by", strict=False), s)
+    out = pl.concat([known, fresh], how="diagonal_relaxed")
+    return out.sort("_seq") if out.height else out
