@@ -114,9 +114,17 @@ class VisionEncoder(nn.Module):
 
 
 class Adapter(nn.Module):
-    """Position-aware vision-language adapter: one cross-attention layer, learnable queries."""
+    """Position-aware vision-language adapter: one cross-attention layer, learnable queries.
 
-    def __init__(self, queries: int, kv_dim: int, out_dim: int, heads: int):
+    Two options for models trained from scratch in minutes (the tiny preset; off in the
+    paper's): ``window`` lets each query read only the patches inside its cell of the
+    query grid, and ``slot_positions`` adds each query's 2-D position (projected) to its
+    output token. A from-scratch ViT trained on captions spreads *what* is in the image
+    over every patch, and a 3-layer LLM cannot recover slot order from RoPE alone: without
+    both, the demo's model learns captions but never *where* (issue #4's note)."""
+
+    def __init__(self, queries: int, kv_dim: int, out_dim: int, heads: int, window: bool = False,
+                 slot_positions: bool = False):
         super().__init__()
         side = int(math.isqrt(queries))
         if side * side != queries:
@@ -130,7 +138,10 @@ class Adapter(nn.Module):
         # outputs start at the scale of the LLM's token embeddings (std 0.02), not 100x above it
         self.proj = nn.Parameter(torch.randn(out_dim, out_dim) * 0.02 * out_dim ** -0.5)
         self.out_dim = out_dim
-
+        self.window = window
+        self.slot_proj = nn.Linear(out_dim, out_dim, bias=False) if slot_positions else None
+        if self.slot_proj is not None:
+            nn.init.normal_(self.slot_proj.weight, std=0.02 * out_dim ** -0.5)
 
     def key_positions(self, grid: int) -> torch.Tensor:
         """The queries' sin-cos grid interpolated to the patch grid (as Qwen-VL's get_abs_pos
@@ -139,13 +150,32 @@ class Adapter(nn.Module):
         pos = F.interpolate(pos, size=(grid, grid), mode="bicubic", align_corners=False)
         return pos.permute(0, 2, 3, 1).reshape(grid * grid, -1)
 
+    def window_mask(self, grid: int) -> torch.Tensor:
+        """[queries, grid*grid] additive mask: a query sees the patches whose centre lies in
+        its cell of the query grid (the nearest patch when its cell holds none)."""
+        centre = (torch.arange(grid, dtype=torch.float64) + 0.5) * self.side / grid  # in query cells
+        cell = centre.floor().long()
+        qy, qx = torch.meshgrid(torch.arange(self.side), torch.arange(self.side), indexing="ij")
+        py, px = torch.meshgrid(cell, cell, indexing="ij")
+        inside = (qy.reshape(-1, 1) == py.reshape(1, -1)) & (qx.reshape(-1, 1) == px.reshape(1, -1))
+        cy, cx = torch.meshgrid(centre, centre, indexing="ij")
+        dist = (qy.reshape(-1, 1) + 0.5 - cy.reshape(1, -1)) ** 2 + (qx.reshape(-1, 1) + 0.5 - cx.reshape(1, -1)) ** 2
+        nearest = F.one_hot(dist.argmin(1), grid * grid).bool()
+        allowed = torch.where(inside.any(1, keepdim=True), inside, nearest)
+        return torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         b, n, _ = patches.shape
-        key_pos = self.key_positions(int(math.isqrt(n))).to(patches.dtype)
+        grid = int(math.isqrt(n))
+        key_pos = self.key_positions(grid).to(patches.dtype)
         kv = self.ln_kv(self.kv_proj(patches))
         q = self.ln_q(self.query).unsqueeze(0).expand(b, -1, -1)
-        out, _ = self.attn(q + self.query_pos.to(q.dtype), kv + key_pos, kv, need_weights=False)
-        return self.ln_post(out) @ self.proj
+        mask = self.window_mask(grid).to(device=patches.device, dtype=q.dtype) if self.window else None
+        out, _ = self.attn(q + self.query_pos.to(q.dtype), kv + key_pos, kv, attn_mask=mask, need_weights=False)
+        out = self.ln_post(out) @ self.proj
+        if self.slot_proj is not None:
+            out = out + self.slot_proj(self.query_pos.to(out.dtype))
+        return out
 
 
 def build_llm(cfg: dict, vocab_size: int, llm_path: str | None) -> nn.Module:
@@ -168,7 +198,8 @@ class QwenVL(nn.Module):
         self.vision = VisionEncoder(cfg.vision, resolution)
         self.llm = build_llm(cfg.llm, vocab_size, llm_path)
         width = self.llm.get_input_embeddings().weight.shape[1]
-        self.adapter = Adapter(cfg.image_tokens, self.vision.width, width, cfg.adapter.get("heads", 8))
+        self.adapter = Adapter(cfg.image_tokens, self.vision.width, width, cfg.adapter.get("heads", 8),
+                               cfg.adapter.get("window", False), cfg.adapter.get("slot_positions", False))
         self.image_token_spread: float | None = None  # std across a batch's images, averaged
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,22 @@ def test_adapter_shapes_at_224_and_448():
         assert adapter(tokens).shape == (2, 256, 96)
 
 
+def test_windowed_queries_read_only_their_own_cell():
+    torch.manual_seed(0)
+    adapter = Adapter(16, 32, 48, 4, window=True, slot_positions=True).eval()
+    patches = torch.randn(1, 64, 32)  # an 8x8 patch grid: each of the 4x4 queries owns 2x2 patches
+    changed = patches.clone().reshape(1, 8, 8, 32)
+    changed[0, 6:, 6:] += 5.0  # only the bottom-right cell's patches
+    a, b = adapter(patches), adapter(changed.reshape(1, 64, 32))
+    moved = (a - b).abs().amax(-1)[0]
+    assert moved[15] > 1e-3 and torch.all(moved[:15] == 0)
+    # the same content everywhere still gives each slot its own token (its place on the grid)
+    flat = adapter(torch.ones(1, 64, 32))[0]
+    assert torch.unique(flat.round(decimals=6), dim=0).shape[0] == 16
+    # a grid with fewer patches than queries: every query still sees its nearest patch
+    assert adapter(torch.randn(2, 9, 32)).isfinite().all()
+
+
 def test_position_embedding_interpolation_keeps_the_grid():
     vision = VisionEncoder({"width": 32, "layers": 1, "heads": 2, "patch_size": 8}, 32)
     before = vision.vit.positional_embedding.detach().clone()
