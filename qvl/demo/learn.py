@@ -1,10 +1,12 @@
 """The demo's proof that training works: format -> stage 1 -> 2 -> 3 on the tiny preset,
 then held-out evaluation beside the same model untrained.
 
-The world is designed for a CPU budget of minutes (LEARNING.md): one object per image at
-first, large enough that a box within a few pixels still overlaps it by IoU >= 0.5,
-positions on a coarse grid, with every task of the paper present but referring grounding
-the most frequent, so the adapter learns *where* before it learns *what else*.
+The world is designed for a CPU budget of minutes (LEARNING.md): one object per 64-px
+image, its box on the 16-px grid of the adapter's query cells (16, 32 or 48 px wide), so
+each image token holds either object or background; every task of the paper is present,
+referring grounding the most frequent. Measured (issue #4's note): with this world and the
+tiny preset's windowed adapter, referring grounding reaches IoU >= 0.5 on 0.99 of held-out
+images after 600 steps of 64; the paper's adapter on the same world stays position-blind.
 """
 
 from __future__ import annotations
@@ -32,11 +34,11 @@ from qvl.trainer.train import TrainSettings, train
 @dataclass
 class DemoWorld:
     size: int = 64
-    grid: int = 8
-    sides: tuple[int, int] = (24, 32)
+    grid: int = 16  # positions and sides snap to the query cells (64 px / 4x4 queries)
+    sides: tuple[int, int] = (16, 48)
     train_images: int = 3000
     held_out: int = 200
-    steps: tuple[int, int, int] = (150, 1000, 150)
+    steps: tuple[int, int, int] = (100, 300, 150)
     seed: int = 0
 
 
@@ -45,6 +47,14 @@ def _scene(rng: random.Random, world: DemoWorld):
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return buf.getvalue(), things[0]
+
+
+def place_of(box, size: int) -> str:
+    """Where a box's centre lies, in words: "at the top left" ... "in the centre"."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    col = ("left", "", "right")[min(2, int(3 * cx / size))]
+    row = ("top", "", "bottom")[min(2, int(3 * cy / size))]
+    return f"at the {row} {col}".replace("  ", " ").strip() if row or col else "in the centre"
 
 
 def write_world(folder: Path, world: DemoWorld) -> dict:
@@ -57,25 +67,33 @@ def write_world(folder: Path, world: DemoWorld) -> dict:
         name = f"{i:05d}.png"
         (images / name).write_bytes(data)
         ref = f"the {t.color} {t.shape}"
-        stage1.append({"task": "caption", "image": name, "caption": t.phrase})
+        # stage 1's alt-text says where the thing is, as web captions often do: trained through
+        # a frozen LLM on "what" alone, the ViT spreads the object over every patch and
+        # stage 2 can no longer learn where (measured: issue #4's note)
+        stage1.append({"task": "caption", "image": name, "caption": f"{t.phrase} {place_of(t.box, world.size)}"})
+        # captions and VQA are learnt in a few dozen steps, *where* takes hundreds: four of
+        # every five samples ask for a box
         stage2 += [
             {"task": "ref_grounding", "image": name, "ref": ref, "box": list(t.box)},
             {"task": "ref_grounding", "image": name, "ref": ref, "box": list(t.box)},
-            {"task": "caption", "image": name, "caption": t.phrase, "lang": "en"},
-            {"task": "vqa", "image": name, "question": "What shape is it?", "answer": t.shape},
+            {"task": "ref_grounding", "image": name, "ref": ref, "box": list(t.box)},
             {"task": "grounding", "image": name, "caption": t.phrase,
              "regions": [{"span": [0, len(t.phrase)], "boxes": [list(t.box)]}]},
-            {"task": "grounded_caption", "image": name, "box": list(t.box), "caption": t.phrase},
+            [{"task": "caption", "image": name, "caption": t.phrase, "lang": "en"},
+             {"task": "vqa", "image": name, "question": "What shape is it?", "answer": t.shape},
+             {"task": "grounded_caption", "image": name, "box": list(t.box), "caption": t.phrase}][i % 3],
         ]
         if i % 10 == 0:
             stage2.append({"task": "caption", "image": name, "caption": caption_of([t], "zh"), "lang": "zh"})
             stage2.append({"task": "text", "text": f"A picture of {t.phrase}."})
         box = tuple(min(999, int(v / world.size * 1000)) for v in t.box)
-        sft.append({"id": f"c{i}", "conversations": [
-            {"from": "user", "value": f"Picture 1: <img>{name}</img>\nWhat is in the picture?"},
-            {"from": "assistant", "value": f"It is {t.phrase}."},
-            {"from": "user", "value": f"Where is {ref}?"},
-            {"from": "assistant", "value": f"<ref>{ref}</ref><box>({box[0]},{box[1]}),({box[2]},{box[3]})</box>"}]})
+        what = [{"from": "user", "value": "What is in the picture?"}, {"from": "assistant", "value": f"It is {t.phrase}."}]
+        where = [{"from": "user", "value": f"Where is {ref}?"},
+                 {"from": "assistant", "value": f"<ref>{ref}</ref><box>({box[0]},{box[1]}),({box[2]},{box[3]})</box>"}]
+        # one question or both, in either order: the answer must follow the question, not the turn
+        turns = [what, where, what + where, where + what][i % 4]
+        turns[0] = {**turns[0], "value": f"Picture 1: <img>{name}</img>\n" + turns[0]["value"]}
+        sft.append({"id": f"c{i}", "conversations": turns})
     held = []
     for _ in range(world.held_out):
         data, t = _scene(rng, world)
