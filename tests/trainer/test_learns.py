@@ -1,5 +1,5 @@
 """The tiny preset learns *where*: referring grounding on the demo world, from scratch, in
-about a minute and a half on two cores — the regression test of issue #4's finding (the
+about two minutes on two cores — the regression test of issue #4's finding (the
 paper's adapter on the same data stays position-blind; see the README)."""
 
 from __future__ import annotations
