@@ -1,5 +1,6 @@
 """`qvl train --stage N`: one file, top to bottom — setup, model, data, optimiser, loop,
-checkpoint. Runs on a CPU (tiny preset) or under torchrun (DDP, one process per device).
+checkpoint. Runs on a CPU (tiny preset) or under torchrun, one process per device: DDP, or
+FSDP (``--fsdp``) for models that do not fit one device.
 
 The loss of an optimiser step is the mean over every supervised token of the step, on
 every rank: each micro-batch contributes its token *sum*, divided by the step's total
@@ -22,11 +23,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from qvl import storage
 from qvl.formats.tokenizers import IMG_PAD, load_tokenizer
 from qvl.schemas.samples import IGNORE_INDEX
+from qvl.trainer import parallel
 from qvl.trainer.data import Loader, Shards
 from qvl.trainer.model import QwenVL, load_preset
 from qvl.trainer.stages import STAGES, Stage
@@ -45,6 +47,7 @@ class TrainSettings:
     vision_weights: Path | None = None  # open_clip checkpoint (.safetensors) for the real preset
     seed: int = 0
     checkpoint_every: int = 100
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimiser state (else DDP)
     max_rejected: float = 0.01
     overrides: dict = dataclasses.field(default_factory=dict)  # stage fields from a recipe / CLI
     log: bool = True
@@ -124,7 +127,8 @@ def train(s: TrainSettings) -> dict:
     for part in ("vision", "adapter", "llm"):
         getattr(model, part).requires_grad_(part in stage.trains)
     model.to(device)
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    fsdp = s.fsdp and world > 1
+    wrapped = parallel.wrap(model, world, fsdp)
 
     # ---------------------------------------------------------------- data
     shards = Shards(s.data, s.max_rejected)
@@ -142,9 +146,13 @@ def train(s: TrainSettings) -> dict:
     step = 0
     metrics_path = s.out / "metrics.jsonl"
     if s.resume and (s.out / "checkpoint" / "state.pt").is_file():
-        load_model(model, str(s.out / "checkpoint" / "model.safetensors"))
         state = torch.load(s.out / "checkpoint" / "state.pt", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+        if fsdp:
+            weights = load_file(str(s.out / "checkpoint" / "model.safetensors")) if main else {}
+            parallel.load_full_state(model, optimizer, weights, state["optimizer"] if main else {})
+        else:
+            load_model(model, str(s.out / "checkpoint" / "model.safetensors"))
+            optimizer.load_state_dict(state["optimizer"])
         loader.restore(state["loader"][rank])
         step = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
@@ -162,14 +170,18 @@ def train(s: TrainSettings) -> dict:
             dist.all_gather_object(loaders, loader.state())
         else:
             loaders = [loader.state()]
+        weights, optimizer_state = parallel.full_state(model, optimizer, fsdp)  # a collective under FSDP
         if not main:
             return
         folder = s.out / "checkpoint"
         folder.mkdir(parents=True, exist_ok=True)
         with storage.atomic_path(folder / "model.safetensors") as tmp:
-            save_model(model, str(tmp))
+            if fsdp:
+                save_file(parallel.unique_tensors(weights), str(tmp))
+            else:
+                save_model(model, str(tmp))
         with storage.atomic_path(folder / "state.pt") as tmp:
-            torch.save({"optimizer": optimizer.state_dict(), "loader": loaders, "step": step,
+            torch.save({"optimizer": optimizer_state, "loader": loaders, "step": step,
                         "torch_rng": torch.get_rng_state()}, tmp)
         storage.write_json(folder / "meta.json", {"stage": stage.number, "step": step, "preset": preset.name,
                                                   "resolution": stage.resolution, "settings": str(s)})
@@ -192,19 +204,18 @@ def train(s: TrainSettings) -> dict:
         task_loss: dict[str, list[float]] = {}
         for i, batch in enumerate(micro):
             with autocast:
-                logits = ddp(batch.input_ids.to(device), None if batch.pixels is None else batch.pixels.to(device),
+                logits = wrapped(batch.input_ids.to(device), None if batch.pixels is None else batch.pixels.to(device),
                              batch.attention_mask.to(device), batch.position_ids.to(device))
             targets = batch.labels[:, 1:].to(device)
             per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
                                         ignore_index=IGNORE_INDEX, reduction="none")
-            loss = per_token.sum() / tokens.clamp(min=1) * world  # DDP averages gradients over ranks
+            loss = per_token.sum() / tokens.clamp(min=1) * world  # DDP and FSDP average gradients over ranks
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"step {step}: loss is {loss.item()} on samples {batch.sample_ids}")
-            sync = world == 1 or i == len(micro) - 1
-            if sync:
+            if i == len(micro) - 1:
                 loss.backward()
             else:
-                with ddp.no_sync():
+                with parallel.no_sync(wrapped, world, fsdp):
                     loss.backward()
             total_loss += loss.item() / world
             for row, task in enumerate(batch.tasks):
@@ -213,7 +224,7 @@ def train(s: TrainSettings) -> dict:
                 entry[0] += float(per_token[row].detach().sum())
                 entry[1] += n
         trainable = [p for p in model.parameters() if p.requires_grad]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip))
+        grad_norm = parallel.grad_norm(torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if world > 1:

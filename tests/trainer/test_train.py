@@ -68,20 +68,30 @@ def test_init_from_previous_stage_and_bad_data(micro, tmp_path):
                             log=False))
 
 
-def test_two_processes_give_the_loss_of_one(micro, tmp_path):
-    """torchrun with 2 CPU processes (gloo) and micro-batch 4 sees the rows that one process
-    with accumulation 2 sees; the mean over supervised tokens makes their losses equal."""
+@pytest.mark.parametrize("fsdp, port", [(False, 29533), (True, 29534)])
+def test_two_processes_give_the_loss_of_one(micro, tmp_path, fsdp, port):
+    """torchrun with 2 CPU processes (gloo; DDP or FSDP) and micro-batch 4 sees the rows that
+    one process with accumulation 2 sees; the mean over supervised tokens makes their losses
+    equal, and the checkpoint holds the whole model either way."""
     script = (
         "import sys; from pathlib import Path; from qvl.trainer.train import TrainSettings, train; "
         f"train(TrainSettings(stage=2, data=Path({str(micro['multitask'])!r}), out=Path(sys.argv[1]), "
-        f"preset={micro['preset']!r}, max_steps=2, log=False, overrides={{'accumulation': int(sys.argv[2])}}))"
+        f"preset={micro['preset']!r}, max_steps=sys.argv[3] == 'resume' and 3 or 2, log=False, fsdp={fsdp}, "
+        "checkpoint_every=2, resume=sys.argv[3] == 'resume', overrides={'accumulation': int(sys.argv[2])}))"
     )
     (tmp_path / "run.py").write_text(script)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                    "127.0.0.1", "--master_port", "29533", str(tmp_path / "run.py"), str(tmp_path / "two"), "1"],
-                   check=True, capture_output=True, timeout=300)
-    subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "one"), "2"], check=True,
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                "127.0.0.1", "--master_port", str(port), str(tmp_path / "run.py"), str(tmp_path / "two"), "1"]
+    done = subprocess.run(torchrun + ["fresh"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "one"), "2", "fresh"], check=True,
                    capture_output=True, timeout=300)
     two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
     assert len(two) == len(one) == 2
     assert two == pytest.approx(one, rel=2e-3)
+    whole = weights(tmp_path / "one")
+    assert {k: v.shape for k, v in weights(tmp_path / "two").items() if k in whole} == \
+        {k: v.shape for k, v in whole.items()}
+    done = subprocess.run(torchrun + ["resume"], capture_output=True, text=True, timeout=300)  # one more step
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert losses(tmp_path / "two")[:2] == two and len(losses(tmp_path / "two")) == 3
