@@ -240,13 +240,14 @@ def clip_facts(f: Folders) -> pl.DataFrame | None:
 
 
 def derive(f: Folders, kept: pl.DataFrame, base_report: dict, s: DownloadSettings,
-           clip_thresholds: dict[str, float] | None = None, clip_default: float | None = None) -> dict:
+           clip_thresholds: dict[str, float] | None = None, clip_default: float | None = None,
+           show_progress: bool = False) -> dict:
     """kept/, rejected/, the ledger and the report from the stored facts and thresholds."""
     settings = base_report["settings"]
     min_side = s.min_side if s.min_side is not None else settings["min_side"]
     max_ratio = s.max_aspect_ratio if s.max_aspect_ratio is not None else settings["max_aspect_ratio"]
     facts = fold(f)
-    checks = check_images(f, facts, s.check_threads, show_progress=False)
+    checks = check_images(f, facts, s.check_threads, show_progress)
     screened = netcheck.screen(kept.select("row_id", "url"), s.allow_private, s.resolve_hosts)
     frame = (kept.join(screened.select("row_id", "_refused", "_refused_why"), on="row_id", how="left")
              .join(facts, on="row_id", how="left")
@@ -358,5 +359,4 @@ def run_download(curated: str | Path, out: str | Path, s: DownloadSettings | Non
             queue = queue.filter(pl.col("row_id").is_in(failed.implode()))
         if queue.height:
             _fetch(queue, f.attempt(attempts[-1] + 1 if attempts else 0), s, show_progress)
-    check_images(f, fold(f), s.check_threads, show_progress)  # cached per shard; derive reads the caches
-    return derive(f, kept, base_report, s)
+    return derive(f, kept, base_report, s, show_progress=show_progress)
