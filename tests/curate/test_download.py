@@ -54,6 +54,16 @@ def test_kept_rows_carry_their_image_and_formats_can_read_it(downloaded, server)
     assert "404" in why[server.base + "/missing.jpg"]
 
 
+def test_the_kept_pairs_format_into_caption_samples_with_their_images(downloaded, tmp_path):
+    from qvl.formats.build import FormatSettings, run_format
+
+    kept = sorted((downloaded / "kept").glob("*.parquet"))
+    manifest = run_format("multitask", kept, tmp_path / "shards", downloads=downloaded, show_progress=False,
+                          settings=FormatSettings(tokenizer="bytes", image_tokens=4))
+    assert manifest["samples"] == manifest["records"] == 2 and manifest["images"] == 2
+    assert manifest["by_task"] == {"caption": {"samples": 2, "tokens": manifest["tokens"]}}
+
+
 def test_ledger_has_one_row_per_curated_pair(downloaded, curated):
     ledger = pl.read_parquet(downloaded / "ledger" / "download.parquet")
     kept_before = pl.read_parquet(curated / "kept" / "*.parquet")
