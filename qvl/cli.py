@@ -305,6 +305,7 @@ def train(
     init: Annotated[Optional[Path], typer.Option(help="checkpoint folder of the previous stage")] = None,
     resume: Annotated[bool, typer.Option(help="continue this run from its checkpoint")] = False,
     fsdp: Annotated[bool, typer.Option(help="under torchrun: shard the model (FSDP) instead of replicating it (DDP)")] = False,
+    progress: Annotated[bool, typer.Option(help="a progress bar (else a log line every 10 steps)")] = True,
     llm: Annotated[Optional[str], typer.Option(help="local Hugging Face LLM folder (real preset)")] = None,
     micro_batch: Annotated[Optional[int], typer.Option(help="rows per micro-batch")] = None,
     accumulation: Annotated[Optional[int], typer.Option(help="micro-batches per optimiser step")] = None,
@@ -324,8 +325,7 @@ def train(
                                             "lr": lr}.items() if v is not None})
         result = run_train(TrainSettings(stage=stage, data=data, out=out, preset=preset, max_steps=max_steps,
                                          init=init, resume=resume, llm=llm, seed=seed, max_rejected=max_rejected,
-                                         fsdp=fsdp,
-                                         overrides=overrides))
+                                         fsdp=fsdp, progress=progress, overrides=overrides))
     except (DataError, RecipeError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
     console.print(f"[green]trained {result['steps']} steps[/] -> {out}/checkpoint, {out}/metrics.jsonl, {out}/loss.png")

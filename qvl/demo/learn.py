@@ -140,7 +140,8 @@ def evaluate_chat(model: QwenVL, tok, held: list[dict], resolution: int) -> dict
     }
 
 
-def run_learning_demo(out: Path, eval_path: Path, world: DemoWorld | None = None, log=print) -> dict:
+def run_learning_demo(out: Path, eval_path: Path, world: DemoWorld | None = None, log=print,
+                      show_progress: bool = False) -> dict:
     world = world or DemoWorld()
     started = time.perf_counter()
     files = write_world(out / "world", world)
@@ -156,7 +157,7 @@ def run_learning_demo(out: Path, eval_path: Path, world: DemoWorld | None = None
         run = out / f"stage{stage}"
         log(f"training stage {stage} for {steps} steps ...")
         train(TrainSettings(stage=stage, data=shards[key], out=run, preset="tiny", max_steps=steps, init=init,
-                            seed=world.seed, log=False))
+                            seed=world.seed, log=False, progress=show_progress))
         init = run / "checkpoint"
     tok = load_tokenizer(preset.tokenizer)
     resolution = json.loads((init / "meta.json").read_text())["resolution"]

@@ -23,7 +23,7 @@ def run_demo(out: Path, rows_per_shard: int = 4000, show_progress: bool = True, 
     for kind in ("multitask", "sft"):
         formatted[kind] = run_format(kind, [annotations[kind]], out / "shards" / kind, annotations["images"],
                                      settings=FormatSettings(), overwrite=True, show_progress=show_progress)
-    learned = run_learning_demo(out / "learn", out / "eval.json", world, log) if learn else None
+    learned = run_learning_demo(out / "learn", out / "eval.json", world, log, show_progress) if learn else None
     results = {
         "raw pairs": out / "raw_pairs",
         "kept pairs": curated / "kept",

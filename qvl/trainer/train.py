@@ -27,6 +27,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from qvl import storage
 from qvl.formats.tokenizers import IMG_PAD, load_tokenizer
+from qvl.progress import progress_bar
 from qvl.schemas.samples import IGNORE_INDEX
 from qvl.trainer import parallel
 from qvl.trainer.data import Loader, Shards
@@ -51,6 +52,7 @@ class TrainSettings:
     max_rejected: float = 0.01
     overrides: dict = dataclasses.field(default_factory=dict)  # stage fields from a recipe / CLI
     log: bool = True
+    progress: bool = False  # a progress bar (steps/s, ETA, loss) instead of a line every 10 steps
 
 
 def stage_for(settings: TrainSettings, preset) -> Stage:
@@ -191,63 +193,67 @@ def train(s: TrainSettings) -> dict:
         f"{stage.micro_batch}x{stage.accumulation}x{world}; lr {stage.lr:g}->{stage.min_lr:g}, "
         f"res {stage.resolution}, {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable")
     total_loss = float("nan")
-    while step < stage.max_steps:
-        started = time.perf_counter()
-        lr = lr_at(step, stage)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        micro = [loader.next() for _ in range(stage.accumulation)]
-        tokens = torch.tensor(float(sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in micro)))
-        if world > 1:
-            dist.all_reduce(tokens)
-        total_loss = 0.0
-        task_loss: dict[str, list[float]] = {}
-        for i, batch in enumerate(micro):
-            with autocast:
-                logits = wrapped(batch.input_ids.to(device), None if batch.pixels is None else batch.pixels.to(device),
-                             batch.attention_mask.to(device), batch.position_ids.to(device))
-            targets = batch.labels[:, 1:].to(device)
-            per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
-                                        ignore_index=IGNORE_INDEX, reduction="none")
-            loss = per_token.sum() / tokens.clamp(min=1) * world  # DDP and FSDP average gradients over ranks
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"step {step}: loss is {loss.item()} on samples {batch.sample_ids}")
-            if i == len(micro) - 1:
-                loss.backward()
-            else:
-                with parallel.no_sync(wrapped, world, fsdp):
+    bar = progress_bar(disable=not (main and s.progress))
+    bar_task = bar.add_task(f"stage {stage.number}", total=stage.max_steps, completed=step, unit="steps")
+    with bar:
+        while step < stage.max_steps:
+            started = time.perf_counter()
+            lr = lr_at(step, stage)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            micro = [loader.next() for _ in range(stage.accumulation)]
+            tokens = torch.tensor(float(sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in micro)))
+            if world > 1:
+                dist.all_reduce(tokens)
+            total_loss = 0.0
+            task_loss: dict[str, list[float]] = {}
+            for i, batch in enumerate(micro):
+                with autocast:
+                    logits = wrapped(batch.input_ids.to(device), None if batch.pixels is None else batch.pixels.to(device),
+                                 batch.attention_mask.to(device), batch.position_ids.to(device))
+                targets = batch.labels[:, 1:].to(device)
+                per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
+                                            ignore_index=IGNORE_INDEX, reduction="none")
+                loss = per_token.sum() / tokens.clamp(min=1) * world  # DDP and FSDP average gradients over ranks
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"step {step}: loss is {loss.item()} on samples {batch.sample_ids}")
+                if i == len(micro) - 1:
                     loss.backward()
-            total_loss += loss.item() / world
-            for row, task in enumerate(batch.tasks):
-                n = int((targets[row] != IGNORE_INDEX).sum())
-                entry = task_loss.setdefault(task, [0.0, 0])
-                entry[0] += float(per_token[row].detach().sum())
-                entry[1] += n
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        grad_norm = parallel.grad_norm(torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if world > 1:
-            reduced = torch.tensor([total_loss])
-            dist.all_reduce(reduced)
-            total_loss = float(reduced)
-        step += 1
-        seconds = time.perf_counter() - started
-        n_tokens = sum(b.input_ids.numel() for b in micro) * world
-        n_images = sum(0 if b.pixels is None else b.pixels.shape[0] for b in micro) * world
-        record = {"step": step, "loss": round(total_loss, 6), "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
-                  "grad_norm": round(grad_norm, 4), "tokens_per_s": round(n_tokens / seconds, 1),
-                  "images_per_s": round(n_images / seconds, 1),
-                  "image_token_spread": None if model.image_token_spread is None else round(model.image_token_spread, 6),
-                  "task_loss": {t: round(v[0] / max(1, v[1]), 6) for t, v in sorted(task_loss.items())}}
-        if main:
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            if s.log and (step % 10 == 0 or step == stage.max_steps):
-                say(f"step {step}/{stage.max_steps} loss {total_loss:.4f} lr {lr:.2e} "
-                    f"grad {grad_norm:.2f} {record['tokens_per_s']:.0f} tok/s")
-        if step % s.checkpoint_every == 0 and step < stage.max_steps:
-            save_checkpoint()
+                else:
+                    with parallel.no_sync(wrapped, world, fsdp):
+                        loss.backward()
+                total_loss += loss.item() / world
+                for row, task in enumerate(batch.tasks):
+                    n = int((targets[row] != IGNORE_INDEX).sum())
+                    entry = task_loss.setdefault(task, [0.0, 0])
+                    entry[0] += float(per_token[row].detach().sum())
+                    entry[1] += n
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            grad_norm = parallel.grad_norm(torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if world > 1:
+                reduced = torch.tensor([total_loss])
+                dist.all_reduce(reduced)
+                total_loss = float(reduced)
+            step += 1
+            seconds = time.perf_counter() - started
+            n_tokens = sum(b.input_ids.numel() for b in micro) * world
+            n_images = sum(0 if b.pixels is None else b.pixels.shape[0] for b in micro) * world
+            record = {"step": step, "loss": round(total_loss, 6), "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
+                      "grad_norm": round(grad_norm, 4), "tokens_per_s": round(n_tokens / seconds, 1),
+                      "images_per_s": round(n_images / seconds, 1),
+                      "image_token_spread": None if model.image_token_spread is None else round(model.image_token_spread, 6),
+                      "task_loss": {t: round(v[0] / max(1, v[1]), 6) for t, v in sorted(task_loss.items())}}
+            if main:
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.update(bar_task, completed=step, description=f"stage {stage.number} loss {total_loss:.3f}")
+                if s.log and not s.progress and (step % 10 == 0 or step == stage.max_steps):
+                    say(f"step {step}/{stage.max_steps} loss {total_loss:.4f} lr {lr:.2e} "
+                        f"grad {grad_norm:.2f} {record['tokens_per_s']:.0f} tok/s")
+            if step % s.checkpoint_every == 0 and step < stage.max_steps:
+                save_checkpoint()
 
     save_checkpoint()  # the final weights, also for a zero-step run (a stage's starting point)
     if main and metrics_path.exists():
