@@ -288,8 +288,9 @@ def derive(f: Folders, kept: pl.DataFrame, base_report: dict, s: DownloadSetting
     if clip is not None:
         frame = frame.with_columns(clip_score_dataset=pl.col("clip_score"), clip_score=pl.col("clip_score_computed"))
     internal = ["_order", "_refused", "_refused_why", "error_message", "attempt", "shard", "image_error",
-                "clip_score_computed", "status"]
-    public = frame.rename({"key": "image_key"}).drop([c for c in internal if c in frame.columns])
+                "clip_score_computed"]
+    public = frame.with_columns(download_status=pl.col("status").fill_null("not fetched")).rename(
+        {"key": "image_key"}).drop([c for c in [*internal, "status"] if c in frame.columns])
     kept_out = public.filter(pl.col("drop_reason").is_null()).drop("drop_reason", "download_error")
     rejected = public.filter(pl.col("drop_reason").is_not_null()).with_columns(
         failed_rules=pl.concat_list(pl.col("drop_reason")))

@@ -52,6 +52,9 @@ def test_kept_rows_carry_their_image_and_formats_can_read_it(downloaded, server)
     rejected = pl.read_parquet(downloaded / "rejected" / "*.parquet")
     why = dict(zip(rejected["url"], rejected["download_error"]))
     assert "404" in why[server.base + "/missing.jpg"]
+    status = dict(zip(rejected["url"], rejected["download_status"]))
+    assert status["file:///etc/passwd"] == "not fetched" and status[server.base + "/missing.jpg"] == "failed_to_download"
+    assert set(kept["download_status"]) == {"success"}
 
 
 def test_the_kept_pairs_format_into_caption_samples_with_their_images(downloaded, tmp_path):
