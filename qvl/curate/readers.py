@@ -53,6 +53,8 @@ class Shard:
     est_rows: int
     # text formats: the columns not mapped, read as text (types of a stream are not knowable up front)
     passthrough: tuple[str, ...] = ()
+    # a previous run's output file (--from-ledger): that run's input file names, in shard order
+    origin: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:

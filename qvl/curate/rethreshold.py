@@ -69,13 +69,13 @@ def shards_of(prev: Path) -> list[Shard]:
         raise LedgerError(f"{prev}: input file names repeat, so row ids do not name one input row")
     files = sorted((prev / "kept").glob("*.parquet")) + sorted((prev / "rejected").glob("*.parquet"))
     layout = layouts.from_mapping({"url": "url", "text": "text"})
-    return [Shard(path, i, FORMAT, None, layout, None, pq.ParquetFile(path).metadata.num_rows, tuple(names))
+    return [Shard(path, i, FORMAT, None, layout, None, pq.ParquetFile(path).metadata.num_rows, origin=tuple(names))
             for i, path in enumerate(files)]
 
 
 def read_batches(shard: Shard, batch_rows: int) -> Iterator[pl.DataFrame]:
     """A previous run's rows, with their original order key rebuilt from the row id."""
-    index = {name: i for i, name in enumerate(shard.passthrough)}
+    index = {name: i for i, name in enumerate(shard.origin)}
     for batch in pq.ParquetFile(shard.path).iter_batches(batch_size=batch_rows):
         frame = pl.from_arrow(batch)
         if "failed_rules" not in frame.columns:
