@@ -96,7 +96,16 @@ def read_curated(curated: Path) -> tuple[pl.DataFrame, dict]:
     files = sorted((curated / "kept").glob("*.parquet"))
     if not files:
         raise DownloadError(f"{curated}/kept: no parquet files")
-    kept = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+    frames = []
+    for path in files:
+        try:
+            frames.append(pl.read_parquet(path))
+        except (pl.exceptions.PolarsError, OSError) as e:
+            raise DownloadError(f"{path}: not a readable parquet file ({e})") from None
+    kept = pl.concat(frames, how="diagonal_relaxed")
+    missing = [c for c in ("row_id", "url", "text", "source", "lang") if c not in kept.columns]
+    if missing:
+        raise DownloadError(f"{curated}/kept: missing column(s) {', '.join(missing)} (not a qvl filter output)")
     return kept.with_row_index("_order"), storage.read_json(report_path)
 
 

@@ -116,6 +116,11 @@ def test_private_hosts(host, refused):
 def test_a_folder_that_is_not_a_filter_run_is_a_clear_error(tmp_path):
     with pytest.raises(DownloadError, match="report.json"):
         run_download(tmp_path, tmp_path / "out", SETTINGS, show_progress=False)
+    (tmp_path / "report.json").write_text("{}")
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "part-00000.parquet").write_bytes(b"PAR1 truncated")
+    with pytest.raises(DownloadError, match="part-00000.parquet: not a readable parquet file"):
+        run_download(tmp_path, tmp_path / "out", SETTINGS, show_progress=False)
 
 
 def test_why_tells_the_whole_story(downloaded, curated, server):
