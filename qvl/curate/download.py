@@ -250,14 +250,15 @@ def clip_facts(f: Folders) -> pl.DataFrame | None:
 
 def derive(f: Folders, kept: pl.DataFrame, base_report: dict, s: DownloadSettings,
            clip_thresholds: dict[str, float] | None = None, clip_default: float | None = None,
-           show_progress: bool = False) -> dict:
+           show_progress: bool = False, screened: pl.DataFrame | None = None) -> dict:
     """kept/, rejected/, the ledger and the report from the stored facts and thresholds."""
     settings = base_report["settings"]
     min_side = s.min_side if s.min_side is not None else settings["min_side"]
     max_ratio = s.max_aspect_ratio if s.max_aspect_ratio is not None else settings["max_aspect_ratio"]
     facts = fold(f)
     checks = check_images(f, facts, s.check_threads, show_progress)
-    screened = netcheck.screen(kept.select("row_id", "url"), s.allow_private, s.resolve_hosts)
+    if screened is None:
+        screened = netcheck.screen(kept.select("row_id", "url"), s.allow_private, s.resolve_hosts)
     frame = (kept.join(screened.select("row_id", "_refused", "_refused_why"), on="row_id", how="left")
              .join(facts, on="row_id", how="left")
              .join(checks, on=["attempt", "shard", "key"], how="left"))
@@ -331,6 +332,7 @@ def derive(f: Folders, kept: pl.DataFrame, base_report: dict, s: DownloadSetting
         "duplicate_image": "same sha256: keep the longest text"}
     stats = {"attempts": len(list(f.attempts.glob("[0-9]*"))), "fetched": int((frame["status"] == "success").sum()),
              "settings": dataclasses.asdict(s)}
+    step_settings = {name: step_settings[name] for name in STEPS}  # the funnel's order
     report = report_mod.extend(base_report, "download", step_settings, dropped, kept_counts, stats)
     report_mod.write(f.out, report)
     return report
@@ -358,15 +360,16 @@ def run_download(curated: str | Path, out: str | Path, s: DownloadSettings | Non
     storage.write_json(f.state, {**state, "settings": dataclasses.asdict(s), **({"clip": clip} if clip else {})})
 
     attempts = sorted(int(p.name) for p in f.attempts.glob("[0-9]*")) if f.attempts.exists() else []
+    screened = netcheck.screen(kept.select("row_id", "url"), s.allow_private, s.resolve_hosts)
     unfinished = [n for n in attempts if not (f.attempt(n) / "_qvl" / "done.json").exists()]
     if unfinished:  # a killed run: img2dataset resumes the same attempt shard by shard
         _fetch(pl.DataFrame(), f.attempt(unfinished[0]), s, show_progress)
     elif not attempts or retry_failed:
-        screened = netcheck.screen(kept, s.allow_private, s.resolve_hosts)
-        queue = screened.filter(pl.col("_refused").is_null())
+        allowed = screened.filter(pl.col("_refused").is_null()).get_column("row_id")
+        queue = kept.filter(pl.col("row_id").is_in(allowed.implode()))  # input order
         if attempts:
             failed = fold(f).filter(pl.col("status") != "success").get_column("row_id")
             queue = queue.filter(pl.col("row_id").is_in(failed.implode()))
         if queue.height:
             _fetch(queue, f.attempt(attempts[-1] + 1 if attempts else 0), s, show_progress)
-    return derive(f, kept, base_report, s, show_progress=show_progress)
+    return derive(f, kept, base_report, s, show_progress=show_progress, screened=screened)

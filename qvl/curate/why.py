@@ -13,7 +13,7 @@ from pathlib import Path
 import polars as pl
 
 from qvl import storage
-from qvl.curate import rules
+from qvl.curate import download, rules
 
 
 class WhyError(ValueError):
@@ -73,8 +73,7 @@ def _download_story(folder: Path, row_id: str) -> tuple[list[dict], str]:
     facts = _lookup([folder / "ledger" / "download.parquet"], row_id)
     if facts is None:
         return [], "never reached the download (rejected by the filter)"
-    order = ("bad_url", "private_address", "download_failed", "image_corrupt", "image_too_small",
-             "image_aspect_ratio", "clip_score_computed", "duplicate_image")
+    order = download.STEPS
     size = f"{facts['image_width']}x{facts['image_height']}" if facts["image_width"] else ""
     values = {"download_failed": f"{facts['download_status'] or 'not fetched'}"
               + (f" in attempt {facts['attempt']}" if facts["attempt"] is not None else ""),
