@@ -19,7 +19,6 @@ changing them (or adding CLIP scores) re-derives the outputs without fetching ag
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import shutil
@@ -32,15 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
-from PIL import Image
 
-from qvl import storage
-from qvl.curate import netcheck
+from qvl import pixels, storage
+from qvl.curate import fetch, netcheck
 from qvl.curate import report as report_mod
 from qvl.progress import progress_bar
 
 # drop steps of this stage, in funnel order
-STEPS = ("bad_url", "private_address", "download_failed", "image_corrupt", "image_too_small",
+STEPS = ("bad_url", "private_address", "download_failed", "image_corrupt", "image_too_large", "image_too_small",
          "image_aspect_ratio", "clip_score_computed", "duplicate_image")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
@@ -63,6 +61,7 @@ class DownloadSettings:
     min_side: int | None = None  # image rules on real pixels; None: the filter run's setting
     max_aspect_ratio: float | None = None
     check_threads: int = 0  # decoding threads for the pixel checks; 0 = one per core
+    max_pixels: int = pixels.MAX_PIXELS  # larger images are refused before decoding (bombs)
 
 
 @dataclass(frozen=True)
@@ -126,7 +125,7 @@ def _fetch(queue: pl.DataFrame, folder: Path, s: DownloadSettings, show_progress
         "processes_count": s.processes or os.cpu_count() or 1, "thread_count": s.threads,
         "number_sample_per_shard": s.samples_per_shard, "timeout": s.timeout, "retries": s.retries,
         "incremental_mode": "incremental", "enable_wandb": False, "compute_hash": "sha256",
-        "user_agent_token": "qvl", "disallowed_header_directives": [],
+        "user_agent_token": "qvl", "disallowed_header_directives": [], "max_image_area": s.max_pixels,
     }
     if s.image_size:
         config.update(image_size=s.image_size, resize_mode=s.resize_mode, resize_only_if_bigger=True)
@@ -137,7 +136,8 @@ def _fetch(queue: pl.DataFrame, folder: Path, s: DownloadSettings, show_progress
     log = open(own / "img2dataset.log", "ab")
     try:
         proc = subprocess.Popen([sys.executable, "-m", "qvl.curate.fetch", str(own / "img2dataset.json")],
-                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", fetch.MAX_PIXELS: str(s.max_pixels),
+                                     fetch.ALLOW_PRIVATE: "1" if s.allow_private else "0"})
         with progress_bar(disable=not show_progress) as bar:
             task = bar.add_task(f"download {folder.name}", total=rows, unit="images")
             while proc.poll() is None:
@@ -186,7 +186,7 @@ def fold(f: Folders) -> pl.DataFrame:
 # ---------------------------------------------------------------- pixel checks
 
 
-def _check_tar(tar_path: Path) -> pl.DataFrame:
+def _check_tar(tar_path: Path, max_pixels: int) -> pl.DataFrame:
     """Decode every image of one shard fully: its real size, or why it is not an image."""
     keys, widths, heights, errors = [], [], [], []
     with tarfile.open(tar_path) as tar:
@@ -194,14 +194,11 @@ def _check_tar(tar_path: Path) -> pl.DataFrame:
             stem, dot, suffix = member.name.rpartition(".")
             if not dot or f".{suffix.lower()}" not in IMAGE_SUFFIXES:
                 continue
-            data = tar.extractfile(member).read()
             width = height = error = None
             try:
-                with Image.open(io.BytesIO(data)) as img:
-                    img.load()
-                    width, height = img.size
-            except Exception as e:  # PIL raises many types for bad bytes; each is "not an image"
-                error = f"{type(e).__name__}: {e}"[:300]
+                width, height = pixels.decoded_size(tar.extractfile(member).read(), max_pixels)
+            except pixels.BadImage as e:
+                error = f"{e.reason}: {e}"
             keys.append(stem)
             widths.append(width)
             heights.append(height)
@@ -211,7 +208,7 @@ def _check_tar(tar_path: Path) -> pl.DataFrame:
                                 "image_error": pl.String})
 
 
-def check_images(f: Folders, facts: pl.DataFrame, threads: int, show_progress: bool) -> pl.DataFrame:
+def check_images(f: Folders, facts: pl.DataFrame, threads: int, max_pixels: int, show_progress: bool) -> pl.DataFrame:
     """Pixel checks of every stored image, cached per shard beside its tar."""
     shards = facts.filter(pl.col("status") == "success").select("attempt", "shard").unique().sort("attempt", "shard")
     todo, frames = [], []
@@ -224,7 +221,7 @@ def check_images(f: Folders, facts: pl.DataFrame, threads: int, show_progress: b
 
     def run(job):
         attempt, shard, cache = job
-        checks = _check_tar(f.attempt(attempt) / f"{shard}.tar")
+        checks = _check_tar(f.attempt(attempt) / f"{shard}.tar", max_pixels)
         storage.write_parquet(cache, checks.to_arrow())
         return checks.with_columns(attempt=pl.lit(attempt), shard=pl.lit(shard))
 
@@ -256,7 +253,7 @@ def derive(f: Folders, kept: pl.DataFrame, base_report: dict, s: DownloadSetting
     min_side = s.min_side if s.min_side is not None else settings["min_side"]
     max_ratio = s.max_aspect_ratio if s.max_aspect_ratio is not None else settings["max_aspect_ratio"]
     facts = fold(f)
-    checks = check_images(f, facts, s.check_threads, show_progress)
+    checks = check_images(f, facts, s.check_threads, s.max_pixels, show_progress)
     if screened is None:
         screened = netcheck.screen(kept.select("row_id", "url"), s.allow_private, s.resolve_hosts)
     frame = (kept.join(screened.select("row_id", "_refused", "_refused_why"), on="row_id", how="left")
@@ -276,10 +273,17 @@ def derive(f: Folders, kept: pl.DataFrame, base_report: dict, s: DownloadSetting
         clip_fail = pl.lit(False)
     short = pl.min_horizontal("image_width", "image_height")
     long_side = pl.max_horizontal("image_width", "image_height")
+    # what the fetching processes refused: a connection or redirect to a private address,
+    # bytes that are no image or have too many pixels (never stored)
+    error = pl.coalesce("error_message", "image_error").fill_null("")
     frame = frame.with_columns(drop_reason=pl.coalesce(
         pl.col("_refused"),
+        pl.when(error.str.contains(netcheck.REFUSED, literal=True)).then(pl.lit("private_address")),
+        pl.when(error.str.starts_with("too_many_pixels") | (error == "image area too large"))
+        .then(pl.lit("image_too_large")),
+        pl.when((pl.col("status") == "failed_to_resize") | pl.col("image_error").is_not_null())
+        .then(pl.lit("image_corrupt")),
         pl.when(pl.col("status").ne_missing("success")).then(pl.lit("download_failed")),
-        pl.when(pl.col("image_error").is_not_null()).then(pl.lit("image_corrupt")),
         pl.when(short < min_side).then(pl.lit("image_too_small")),
         pl.when(long_side.cast(pl.Float64) / short > max_ratio).then(pl.lit("image_aspect_ratio")),
         pl.when(clip_fail).then(pl.lit("clip_score_computed")),
@@ -325,7 +329,9 @@ def derive(f: Folders, kept: pl.DataFrame, base_report: dict, s: DownloadSetting
         "bad_url": "not an http(s) URL", "private_address": "private, loopback or link-local host"
         + (" (allowed)" if s.allow_private else ""),
         "download_failed": f"img2dataset status, timeout {s.timeout}s, {len(list(f.attempts.glob('[0-9]*')))} attempt(s)",
-        "image_corrupt": "stored bytes do not decode as an image", "image_too_small": f"real short side < {min_side} px",
+        "image_corrupt": "the bytes do not decode as an image (never stored)",
+        "image_too_large": f"over {s.max_pixels / 1e6:g} Mpx (refused before decoding)",
+        "image_too_small": f"real short side < {min_side} px",
         "image_aspect_ratio": f"real long/short side > {max_ratio}",
         "clip_score_computed": (f"{clip['clip_model'][0]} below the source's threshold" if clip is not None and clip.height
                                 else "no CLIP scores computed"),
@@ -368,7 +374,9 @@ def run_download(curated: str | Path, out: str | Path, s: DownloadSettings | Non
         allowed = screened.filter(pl.col("_refused").is_null()).get_column("row_id")
         queue = kept.filter(pl.col("row_id").is_in(allowed.implode()))  # input order
         if attempts:
-            failed = fold(f).filter(pl.col("status") != "success").get_column("row_id")
+            # a network failure may pass next time; bytes that were no image, or a refusal, will not
+            failed = fold(f).filter((pl.col("status") == "failed_to_download") & ~pl.col("error_message").fill_null("")
+                                    .str.contains(netcheck.REFUSED, literal=True)).get_column("row_id")
             queue = queue.filter(pl.col("row_id").is_in(failed.implode()))
         if queue.height:
             _fetch(queue, f.attempt(attempts[-1] + 1 if attempts else 0), s, show_progress)

@@ -1,8 +1,12 @@
 """Runs one img2dataset download in its own process: ``python -m qvl.curate.fetch CONFIG.json``.
 
-img2dataset starts its workers with "spawn", so its call must sit under ``__main__`` of a
-module that re-imports cleanly; albumentations (imported by it) must not look for
-updates over the network.
+img2dataset starts its workers with "spawn", which imports this module again in each of
+them (as ``__mp_main__``): what ``guard`` installs at import therefore holds in every
+process that fetches. It makes img2dataset's ``urllib.request.urlopen`` go through the
+address screen (every connection and redirect hop, unless ``QVL_ALLOW_PRIVATE=1``), and
+makes its store-as-served path decode every image before it is written, so bytes that are
+not an image (a page, a truncated file, a decompression bomb) never reach a shard.
+albumentations (imported by img2dataset) must not look for updates over the network.
 """
 
 from __future__ import annotations
@@ -11,9 +15,44 @@ import json
 import os
 import sys
 
+ALLOW_PRIVATE = "QVL_ALLOW_PRIVATE"
+MAX_PIXELS = "QVL_MAX_PIXELS"
+
+
+def guard() -> None:
+    import urllib.request
+
+    from img2dataset import resizer
+
+    from qvl import pixels
+    from qvl.curate import netcheck
+
+    if os.environ.get(ALLOW_PRIVATE) != "1":
+        urllib.request.install_opener(netcheck.opener())
+    max_pixels = int(os.environ.get(MAX_PIXELS, pixels.MAX_PIXELS))
+    call = resizer.Resizer.__call__
+
+    def checked(self, img_stream, blurring_bbox_list=None):
+        if not self.disable_all_reencoding:  # img2dataset decodes (and bounds the area) itself
+            return call(self, img_stream, blurring_bbox_list)
+        data = img_stream.read()
+        try:
+            width, height = pixels.decoded_size(data, max_pixels)
+        except pixels.BadImage as e:
+            return None, None, None, None, None, f"{e.reason}: {e}"
+        return data, width, height, width, height, None
+
+    if not getattr(call, "qvl_checked", False):
+        checked.qvl_checked = True
+        resizer.Resizer.__call__ = checked
+
+
+if __name__ in ("__main__", "__mp_main__"):  # this process, or a worker img2dataset spawned
+    os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+    guard()
+
 
 def main() -> None:
-    os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
     from img2dataset import download
 
     with open(sys.argv[1], encoding="utf-8") as f:

@@ -54,13 +54,29 @@ PAIRS = [
 ]
 
 
+# path -> where it redirects (a hostile dataset's server sending the client elsewhere)
+REDIRECTS = {
+    "/to-good.jpg": "/good.jpg",
+    "/to-metadata.jpg": "http://169.254.169.254/latest/meta-data/",
+    "/to-file.jpg": "file:///etc/passwd",
+    "/to-encoded-loopback.jpg": "http://127.0.0.%31:{port}/good.jpg",
+}
+
+
 class Server:
     def __init__(self):
         self.slow = True
+        self.hits: list[str] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 - http.server's name
+                server.hits.append(self.path)
+                if self.path in REDIRECTS:
+                    self.send_response(302)
+                    self.send_header("Location", REDIRECTS[self.path].format(port=server.port))
+                    self.end_headers()
+                    return
                 if self.path == "/slow.jpg":
                     if server.slow:
                         time.sleep(4)  # past the download timeout
@@ -83,7 +99,8 @@ class Server:
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.port = self.httpd.server_address[1]
+        self.base = f"http://127.0.0.1:{self.port}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from qvl.curate import netcheck
 from qvl.curate.download import DownloadError, DownloadSettings, run_download
 from qvl.formats.images import ImageStore
-from tests.curate.conftest import PAIRS, SETTINGS
+from tests.curate.conftest import BODIES, PAIRS, SETTINGS
 
 
 def _outcomes(out: Path) -> dict[str, str | None]:
@@ -138,3 +138,123 @@ def test_why_tells_the_whole_story(downloaded, curated, server):
     assert explain(downloaded, dup)["verdict"] == "rejected by duplicate_image"
     with pytest.raises(WhyError, match="row ids look like"):
         explain(curated, "nope:1")
+
+
+# ---------------------------------------------------------------- the address screen, as the client connects
+
+
+@pytest.mark.parametrize("url, host", [
+    ("http://127.0.0.%31:80/x.jpg", "127.0.0.1"),
+    ("http://%31%32%37.%30.%30.%31:80/x.jpg", "127.0.0.1"),
+    ("HTTP://LocalHost./x.jpg", "localhost"),
+    ("http://\uff4c\uff4f\uff43\uff41\uff4c\uff48\uff4f\uff53\uff54/x.jpg", "localhost"),  # full-width letters
+    ("http://\uff11\uff12\uff17\uff0e\uff10\uff0e\uff10\uff0e\uff11/x", "127.0.0.1"),  # full-width digits and dot
+    ("http://user:pw@10.0.0.1:8080/x", "10.0.0.1"),
+    ("http://[::ffff:7f00:1]:80/x", "[::ffff:7f00:1]"),
+    ("https://images.example.com/a.jpg?x=1", "images.example.com"),
+    ("file:///etc/passwd", None),
+    ("gopher://127.0.0.1/x", None),
+    ("http:///x.jpg", None),
+])
+def test_host_as_the_client_connects_to_it(url, host):
+    assert netcheck.host_of(url) == host
+
+
+@pytest.mark.parametrize("host", [
+    "127.0.0.%31", "%31%32%37.%30.%30.%31", "127.1", "0x7f.0.0.1", "0177.0.0.1", "2130706433", "0x7f000001",
+    "[::ffff:127.0.0.1]", "[64:ff9b::a00:1]", "[2002:a9fe:a9fe::]", "[::127.0.0.1]", "0.0.0.0", "localhost.",
+    "%6c%6f%63%61%6c%68%6f%73%74", "\uff11\uff12\uff17\uff0e\uff10\uff0e\uff10\uff0e\uff11", "169.254.169.254",
+    "100.64.0.1", "[fe80::1%25eth0]",
+])
+def test_every_spelling_of_a_private_address_is_refused(host):
+    frame = netcheck.screen(pl.DataFrame({"url": [f"http://{host}:8000/a.jpg"]}), allow_private=False, resolve=False)
+    assert frame["_refused"][0] == "private_address", frame["_refused_why"][0]
+
+
+def _curated_urls(tmp_path: Path, urls: list[str]) -> Path:
+    from qvl.curate.pipeline import run_filter
+    from qvl.curate.settings import FilterSettings, RunSettings
+
+    raw = tmp_path / "raw.parquet"
+    pl.DataFrame({"url": urls, "text": [f"a photo of a red square number {i}" for i in range(len(urls))]}).write_parquet(raw)
+    run_filter([raw], tmp_path / "curated", FilterSettings(skip_rules=("lang",)), RunSettings(workers=1),
+               show_progress=False)
+    return tmp_path / "curated"
+
+
+def test_encoded_loopback_urls_are_refused_and_the_server_never_hit(tmp_path, server):
+    port = server.port
+    urls = [f"http://127.0.0.%31:{port}/good.jpg", f"http://%31%32%37.%30.%30.%31:{port}/photo.png",
+            f"http://0x7f.1:{port}/good.jpg", f"http://2130706433:{port}/photo.png",
+            f"http://[::ffff:7f00:1]:{port}/good.jpg", f"http://localhost.:{port}/photo.png"]
+    curated = _curated_urls(tmp_path, urls)
+    hits = len(server.hits)
+    report = run_download(curated, tmp_path / "out", DownloadSettings(timeout=2, processes=1), show_progress=False)
+    rejected = pl.read_parquet(tmp_path / "out" / "rejected" / "*.parquet")
+    assert report["kept_rows"] == 0 and report["accounted"]
+    assert rejected["drop_reason"].to_list() == ["private_address"] * len(urls)
+    assert len(server.hits) == hits and not (tmp_path / "out" / "attempts").exists()
+
+
+def _public_loopback() -> netcheck.Screen:
+    """The test server on 127.0.0.1 stands for a public site; everything else private stays private."""
+    import ipaddress
+
+    loopback = ipaddress.ip_address("127.0.0.1")
+    return netcheck.Screen(is_private=lambda ip: ip != loopback and netcheck.private_address(ip))
+
+
+def test_every_redirect_hop_is_screened(server):
+    """img2dataset's own fetch function, through the opener the download processes install."""
+    import urllib.request
+
+    from img2dataset.downloader import download_image
+
+    previous = urllib.request._opener
+    urllib.request.install_opener(netcheck.opener(_public_loopback()))
+    try:
+        def fetch(path):
+            return download_image((0, server.base + path), 2, "qvl", None)
+
+        _, stream, error = fetch("/to-good.jpg")  # a redirect to a public address is followed
+        assert error is None and stream.getvalue() == BODIES["/good.jpg"]
+        for path in ("/to-metadata.jpg", "/to-file.jpg"):
+            hits = len(server.hits)
+            _, stream, error = fetch(path)
+            assert stream is None and netcheck.REFUSED in error, error
+            assert server.hits[hits:] == [path]  # the hop to the private address was never made
+    finally:
+        urllib.request.install_opener(previous)
+
+
+def test_the_connection_screen_sees_the_decoded_host(server):
+    """Whatever the pre-screen missed, the connection itself refuses loopback however spelt."""
+    import urllib.error
+
+    screen_opener = netcheck.opener()
+    hits = len(server.hits)
+    for url in (server.base + "/good.jpg", f"http://127.0.0.%31:{server.port}/good.jpg",
+                f"http://0x7f.1:{server.port}/good.jpg"):
+        with pytest.raises(urllib.error.URLError, match="address screen"):
+            screen_opener.open(url, timeout=2)
+    assert server.hits[hits:] == []
+    # a hop to 127.0.0.%31 reaches 127.0.0.1: followed only where that address counts as public
+    public = netcheck.opener(_public_loopback())
+    assert public.open(server.base + "/to-encoded-loopback.jpg", timeout=2).read() == BODIES["/good.jpg"]
+    assert server.hits[hits:] == ["/to-encoded-loopback.jpg", "/good.jpg"]
+
+
+def test_bytes_that_are_not_an_image_are_never_stored(downloaded, server):
+    import tarfile
+
+    ledger = pl.read_parquet(downloaded / "ledger" / "download.parquet")
+    bad = ledger.filter(pl.col("drop_reason") == "image_corrupt")
+    assert sorted(bad["url"]) == sorted(server.base + p for p in ("/not-an-image.jpg", "/truncated.jpg"))
+    assert all(e.startswith("corrupt_image") for e in bad["download_error"])
+    stored = set()
+    for tar in (downloaded / "attempts").rglob("*.tar"):
+        with tarfile.open(tar) as t:
+            stored |= {m.name for m in t.getmembers() if m.name.endswith(".jpg")}
+    kept_keys = set(ledger.filter(pl.col("download_status") == "success")["image_key"])
+    assert {name.rsplit(".", 1)[0] for name in stored} == kept_keys
+    assert not set(bad["image_key"].drop_nulls()) & kept_keys

@@ -1,0 +1,43 @@
+"""Decoding untrusted image bytes: the size read from the header is checked against a
+pixel limit *before* any pixel is decoded, so a 20000x20000 PNG of a few kilobytes (a
+decompression bomb) is refused rather than expanded to gigabytes; then every pixel is
+decoded, so truncated or non-image bytes are found here and not in a training step."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image
+
+# What a 448-px model can use many times over; larger images are refused, not decoded.
+MAX_PIXELS = 64_000_000
+
+
+class BadImage(ValueError):
+    """The bytes are not a usable image; ``reason`` is ``too_many_pixels`` or ``corrupt_image``."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def decoded_size(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) of an image that decodes fully and has at most ``max_pixels``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise BadImage(f"{width}x{height} = {width * height / 1e6:.0f} Mpx, over the limit of "
+                                   f"{max_pixels / 1e6:g} Mpx", "too_many_pixels")
+                img.load()
+                return width, height
+    except BadImage:
+        raise
+    except Image.DecompressionBombError as e:  # PIL's own guard, above twice its default limit
+        raise BadImage(str(e), "too_many_pixels") from None
+    except Exception as e:  # PIL raises many types for bad bytes (OSError, SyntaxError, ValueError...)
+        raise BadImage(f"not a decodable image ({type(e).__name__}: {e})"[:300], "corrupt_image") from None
+
