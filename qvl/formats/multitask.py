@@ -3,6 +3,11 @@
 Each renderer turns one annotation into a plan: a prefix that takes no loss and a target
 (ending in ``<|endoftext|>``) that does. Boxes are normalised to [0, 1000) with the image's
 real size. Templates follow the Qwen-VL paper (Table 9 and §3.2).
+
+The structure of a sample comes from its structured fields only (``image``, ``regions``,
+``box``, ``lines``): text fields (caption, question, answer, ref, text, OCR line text) are
+web text and stay plain text, so a caption that says ``<img>secret.png</img>`` or
+``<ref>…</ref><box>(…)</box>`` can neither load a file nor forge grounding tokens.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 from typing import Callable
 
 from qvl.formats.boxes import AnnotationError, box_text, normalize_box, normalize_quad, quad_text
-from qvl.formats.sequence import Plan
+from qvl.formats.sequence import Plan, Tag
 from qvl.formats.tokenizers import Tokenizer
 
 EOS = "<|endoftext|>"
@@ -18,6 +23,8 @@ CAPTION_PROMPT = {"en": "Generate the caption in English:", "zh": "Generate the 
 GROUNDING_PROMPT = {"en": "Generate the caption in English with grounding:",
                     "zh": "Generate the caption in Chinese with grounding:"}
 OCR_PROMPT = "OCR with grounding:"
+REF, REF_END, BOX, BOX_END, QUAD, QUAD_END = (Tag(t) for t in ("<ref>", "</ref>", "<box>", "</box>", "<quad>",
+                                                              "</quad>"))
 
 
 class Context:
@@ -62,14 +69,14 @@ def _lang(record: dict) -> str:
 def caption(plan: Plan, record: dict, ctx: Context) -> None:
     _start(plan, record, ctx)
     plan.text(CAPTION_PROMPT[_lang(record)], False)
-    plan.content(" " + _field(record, "caption").strip(), True, ctx.tok, ctx.image_tokens)
+    plan.structured([" " + _field(record, "caption").strip()], True, ctx.tok)
     _end(plan, ctx)
 
 
 def vqa(plan: Plan, record: dict, ctx: Context) -> None:
     _start(plan, record, ctx)
-    plan.content(" " + _field(record, "question").strip() + " Answer:", False, ctx.tok, ctx.image_tokens)
-    plan.content(" " + _field(record, "answer").strip(), True, ctx.tok, ctx.image_tokens)
+    plan.structured([" " + _field(record, "question").strip() + " Answer:"], False, ctx.tok)
+    plan.structured([" " + _field(record, "answer").strip()], True, ctx.tok)
     _end(plan, ctx)
 
 
@@ -94,15 +101,18 @@ def grounding(plan: Plan, record: dict, ctx: Context) -> None:
     for (_, end, _), (start, _, _) in zip(spans, spans[1:]):
         if start < end:
             raise AnnotationError("region spans overlap")
-    out, pos = [], 0
+    out, pos = [" "], 0
     for start, end, boxes in spans:
-        out.append(text[pos:start] + "<ref>" + text[start:end] + "</ref>" + "".join(
-            f"<box>{box_text(b)}</box>" for b in boxes))
+        out += [text[pos:start], REF, text[start:end], REF_END]
+        for b in boxes:
+            out += [BOX, box_text(b), BOX_END]
         pos = end
     out.append(text[pos:])
+    out[1] = out[1].lstrip()  # the caption stripped, as the other tasks'
+    out[-1] = out[-1].rstrip()
     _start(plan, record, ctx)
     plan.text(GROUNDING_PROMPT[_lang(record)], False)
-    plan.content(" " + "".join(out).strip(), True, ctx.tok, ctx.image_tokens)
+    plan.structured(out, True, ctx.tok)
     _end(plan, ctx)
 
 
@@ -110,8 +120,8 @@ def ref_grounding(plan: Plan, record: dict, ctx: Context) -> None:
     width, height = _size(record, ctx)
     box = normalize_box(_field(record, "box", list), width, height, record.get("box_format", "xyxy"))
     _start(plan, record, ctx)
-    plan.content("<ref>" + _field(record, "ref").strip() + "</ref>", False, ctx.tok, ctx.image_tokens)
-    plan.content(f"<box>{box_text(box)}</box>", True, ctx.tok, ctx.image_tokens)
+    plan.structured([REF, _field(record, "ref").strip(), REF_END], False, ctx.tok)
+    plan.structured([BOX, box_text(box), BOX_END], True, ctx.tok)
     _end(plan, ctx)
 
 
@@ -119,8 +129,8 @@ def grounded_caption(plan: Plan, record: dict, ctx: Context) -> None:
     width, height = _size(record, ctx)
     box = normalize_box(_field(record, "box", list), width, height, record.get("box_format", "xyxy"))
     _start(plan, record, ctx)
-    plan.content(f"<ref>This</ref><box>{box_text(box)}</box>", False, ctx.tok, ctx.image_tokens)
-    plan.content(" is " + _field(record, "caption").strip(), True, ctx.tok, ctx.image_tokens)
+    plan.structured([REF, "This", REF_END, BOX, box_text(box), BOX_END], False, ctx.tok)
+    plan.structured([" is " + _field(record, "caption").strip()], True, ctx.tok)
     _end(plan, ctx)
 
 
@@ -134,16 +144,16 @@ def ocr(plan: Plan, record: dict, ctx: Context) -> None:
     for line in lines:
         if not isinstance(line, dict):
             raise AnnotationError(f"bad OCR line {line!r}")
-        target.append(f"<ref>{_field(line, 'text')}</ref><quad>"
-                      f"{quad_text(normalize_quad(line.get('quad'), width, height, fmt))}</quad>")
+        target += [REF, _field(line, "text"), REF_END,
+                   QUAD, quad_text(normalize_quad(line.get("quad"), width, height, fmt)), QUAD_END]
     _start(plan, record, ctx)
     plan.text(OCR_PROMPT, False)
-    plan.content("".join(target), True, ctx.tok, ctx.image_tokens)
+    plan.structured(target, True, ctx.tok)
     _end(plan, ctx)
 
 
 def text(plan: Plan, record: dict, ctx: Context) -> None:
-    plan.content(_field(record, "text"), True, ctx.tok, ctx.image_tokens)
+    plan.structured([_field(record, "text")], True, ctx.tok)
     _end(plan, ctx)
 
 

@@ -22,6 +22,10 @@ _IMAGE_SPAN = re.compile(re.escape(IMG_START) + r"(.*?)" + re.escape(IMG_END), r
 _TAG_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in TAGS if t not in (IMG_START, IMG_END)) + ")")
 
 
+class Tag(str):
+    """A format tag (``<ref>``, ``<box>`` ...) that a renderer emits from a structured field."""
+
+
 @dataclass
 class Plan:
     """One sample: pieces (str to encode, or token ids) with a supervised flag each."""
@@ -49,6 +53,21 @@ class Plan:
             self.image(match.group(1).strip(), supervised, tok, image_tokens)
             pos = match.end()
         self._tagged(text[pos:], supervised, tok)
+
+    def structured(self, segments: list, supervised: bool, tok: Tokenizer) -> None:
+        """A renderer's own markup around dataset text: ``Tag`` segments become their special
+        ids, every ``str`` segment is plain text whatever it holds (a caption typed with
+        ``<img>x</img>`` or ``<ref>`` stays those characters). Adjacent strings are encoded
+        together, as one string would be."""
+        text = ""
+        for segment in segments:
+            if isinstance(segment, Tag):
+                self.text(unicodedata.normalize("NFC", text), supervised)
+                self.ids([tok.special(segment)], supervised)
+                text = ""
+            else:
+                text += segment
+        self.text(unicodedata.normalize("NFC", text), supervised)
 
     def image(self, ref: str, supervised: bool, tok: Tokenizer, image_tokens: int) -> None:
         self.images.append(ref)
