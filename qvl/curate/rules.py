@@ -11,6 +11,7 @@ and 12 too, but need a model and a global view: see ``langid`` and ``dedup``.
 from __future__ import annotations
 
 import html as _html
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,7 +23,10 @@ from qvl.curate.settings import FilterSettings
 
 # A real HTML tag: a letter after "<" (so "< 3" or "<3" stay), optional attributes.
 HTML_TAG = r"</?[A-Za-z][A-Za-z0-9:-]*(?:\s[^<>]*)?/?>"
-HTML_ENTITY = r"&(?:#[0-9]{1,7}|#[xX][0-9A-Fa-f]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});"
+# C0 controls but tab/newline/CR (whitespace, collapsed by `irregular`), DEL, C1 controls,
+# zero-width space, LRM/RLM, bidi embeddings/overrides (U+202A-E) and isolates (U+2066-9),
+# the BOM: invisible, and able to make text render other than it reads.
+CONTROL_CHARS = r"[\x{00}-\x{08}\x{0B}\x{0C}\x{0E}-\x{1F}\x{7F}-\x{9F}\x{200B}\x{200E}\x{200F}\x{202A}-\x{202E}\x{2066}-\x{2069}\x{FEFF}]"
 # URLs, e-mails, file names and camera file stems, in one pass. ASCII classes and ASCII
 # word boundaries keep the regex on the fast engine (a Unicode \b is ~10x slower).
 IRREGULAR = "|".join(
@@ -82,17 +86,37 @@ def dataset_tag(s: FilterSettings) -> pl.Expr:
     return TEXT_RAW.str.contains(f"<(?:{tags})>").fill_null(False)
 
 
-def _unescape(values: pl.Series) -> pl.Series:
-    """html.unescape on just the rows that hold an entity (a few percent of web text)."""
-    has = values.str.contains(HTML_ENTITY).fill_null(False)
+_HTML_TAG_RE = re.compile(HTML_TAG)
+
+
+def _html_to_text(text: str) -> str:
+    """Unescape, then strip tags, until nothing changes: ``&lt;b&gt;`` is a tag once
+    unescaped, ``&amp;lt;`` an entity twice, ``<<b>img>`` a tag once the inner one is gone."""
+    while True:
+        cleaned = _HTML_TAG_RE.sub(" ", _html.unescape(text))
+        if cleaned == text:
+            return text
+        text = cleaned
+
+
+def _strip_html(values: pl.Series) -> pl.Series:
+    """On just the rows that hold ``<`` or ``&`` (a few percent of web text)."""
+    has = values.str.contains("[<&]").fill_null(False)
     if not has.any():
         return values
     idx = has.arg_true()
-    return values.scatter(idx, [_html.unescape(v) for v in values.gather(idx).to_list()])
+    return values.scatter(idx, [_html_to_text(v) for v in values.gather(idx).to_list()])
 
 
 def strip_html(text: pl.Expr, s: FilterSettings) -> pl.Expr:
-    return text.str.replace_all(HTML_TAG, " ").map_batches(_unescape, return_dtype=pl.String)
+    return text.map_batches(_strip_html, return_dtype=pl.String)
+
+
+def clean_unicode(text: pl.Expr, s: FilterSettings) -> pl.Expr:
+    """NFC first, so a decomposed ``café`` meets the character rules as the ``café`` it is;
+    invisible controls become a space (never nothing: removing one could join ``<`` and a
+    letter into a tag, or two words into one)."""
+    return text.str.normalize("NFC").str.replace_all(CONTROL_CHARS, " ")
 
 
 def remove_irregular(text: pl.Expr, s: FilterSettings) -> pl.Expr:
@@ -193,12 +217,14 @@ def _unchanged(text: pl.Expr, s: FilterSettings) -> pl.Expr:
 
 
 # Pipeline order. Input checks first (a row that could not be read or has no URL never
-# reaches the text rules), then DESIGN.md's rules 1-10; `lang` (11) and `duplicate` (12)
+# reaches the text rules), then DESIGN.md's rules 1-10 (with ``unicode``, qvl's, between 2 and 3); `lang` (11) and `duplicate` (12)
 # follow in langid.py and dedup.py.
 RULES: tuple[Rule, ...] = (
     Rule("missing_url", "drop", missing_url, lambda s: "url null or blank"),
     Rule("dataset_tag", "drop", dataset_tag, lambda s: "<" + ">, <".join(s.dataset_tags) + ">", _never),
-    Rule("html", "rewrite", strip_html, lambda s: "tags removed, entities unescaped", _unchanged),
+    Rule("html", "rewrite", strip_html, lambda s: "entities unescaped and tags removed, to a fixed point", _unchanged),
+    Rule("unicode", "rewrite", clean_unicode,
+         lambda s: "NFC; C0/C1 controls, DEL, zero-width and bidi controls -> space", _unchanged),
     Rule("irregular", "rewrite", remove_irregular,
          lambda s: f"URLs, e-mails, file names removed; punctuation runs > {s.max_punct_run} collapsed",
          _unchanged),

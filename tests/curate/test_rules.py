@@ -145,3 +145,37 @@ def test_plain_row_shortcuts_give_the_same_result_as_every_rule(tmp_path):
             fast = rules.apply(data, settings)
             full = rules.evaluate(data, settings)
             assert fast.equals(full)
+
+
+@pytest.mark.parametrize("raw, text", [
+    ("&lt;b&gt;bold&lt;/b&gt; text on a page", "bold text on a page"),  # tags found after unescaping
+    ("fish &amp;amp; chips on a plate", "fish & chips on a plate"),  # unescaped to a fixed point
+    ("&lt;img&gt;secret.png&lt;/img&gt; a dog on a beach", "a dog on a beach"),
+    ("&amp;lt;ref&amp;gt;a cat&amp;lt;/ref&amp;gt; on a mat", "a cat on a mat"),
+    ("<<b>img>a cat on a mat", "< img>a cat on a mat"),  # a tag becomes a space: no tag joins up again
+    ("<i<b>>mg>a cat on a mat", "mg>a cat on a mat"),  # <i > left by the inner tag is a tag itself
+    ("3 &lt; 4 and 5 &gt; 2 ok", "3 < 4 and 5 > 2 ok"),  # not markup: stays
+])
+def test_cleaning_never_emits_markup(raw, text):
+    assert run([{"text_raw": raw}]).get_column("text").to_list() == [text]
+
+
+@pytest.mark.parametrize("raw, text", [
+    ("a dog\u202eon the beach", "a dog on the beach"),  # bidi override
+    ("a dog\u2066on\u2069 the beach", "a dog on the beach"),  # isolates
+    ("a\x00 dog\x07 on\x7f the\x85 beach\u200b", "a dog on the beach"),  # C0, DEL, C1, zero-width space
+    ("a dog &#x202E;on the beach", "a dog on the beach"),  # one that an entity spelt
+    ("<\u202eimg>a dog on the beach", "< img>a dog on the beach"),  # removal never makes a tag
+])
+def test_control_and_bidi_characters_become_spaces(raw, text):
+    out = run([{"text_raw": raw}])
+    assert out.get_column("text").to_list() == [text]
+    assert out.get_column("_changed_unicode").to_list() == [True]
+
+
+def test_nfc_before_the_character_rules():
+    nfd, nfc = "un caf\u0065\u0301 au bord de la mer", "un caf\u00e9 au bord de la mer"
+    out = run([{"text_raw": nfd}, {"text_raw": nfc}])
+    assert out.get_column("drop_reason").to_list() == [None, None]
+    assert out.get_column("text").to_list() == [nfc, nfc]
+    assert out.get_column("_changed_unicode").to_list() == [True, False]
