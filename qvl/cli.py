@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.markdown import Markdown
+from rich.markup import escape
 
 from qvl.progress import console
 
@@ -21,8 +22,11 @@ app.add_typer(format_app, name="format")
 
 
 def _fail(message: str, code: int = 1) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # "[filter]" is text
     raise typer.Exit(code)
+
+
+MaxPixelsOpt = Annotated[int, typer.Option(help="reject larger images before decoding them (decompression bombs)")]
 
 
 def _pairs(values: list[str], option: str) -> dict[str, str]:
@@ -33,6 +37,16 @@ def _pairs(values: list[str], option: str) -> dict[str, str]:
                 _fail(f"{option} takes KEY=VALUE, got {part!r}")
             key, value = part.split("=", 1)
             out[key.strip()] = value.strip()
+    return out
+
+
+def _thresholds(values: list[str], option: str) -> dict[str, float]:
+    out = {}
+    for key, value in _pairs(values, option).items():
+        try:
+            out[key] = float(value)
+        except ValueError:
+            _fail(f"{option} {key}={value}: not a number")
     return out
 
 
@@ -62,14 +76,13 @@ def curate_filter(
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Run the Qwen-VL stage-1 cleaning rules; write kept/, rejected/ and the funnel report."""
-    from qvl.curate import rules
     from qvl.curate.langid import LangModelError
     from qvl.curate.layouts import LayoutError
     from qvl.curate.pipeline import RunStateError, run_filter
     from qvl.curate.readers import InputError
     from qvl.curate.rethreshold import LedgerError, previous_settings
     from qvl.curate.settings import FilterSettings, RunSettings
-    from qvl.recipes import RecipeError, fill, load_recipe
+    from qvl.recipes import RecipeError, fill, load_recipe, table
 
     try:
         if not inputs and from_ledger is None:
@@ -80,8 +93,8 @@ def curate_filter(
         unknown = set(data) - {"filter", "run"}
         if unknown:
             raise RecipeError(f"{recipe}: unknown table(s) {', '.join(sorted(unknown))}; use [filter] and [run]")
-        filter_values = {**base, **data.get("filter", {})}
-        run_values = dict(data.get("run", {}))
+        filter_values = {**base, **table(data, "filter", str(recipe))}
+        run_values = dict(table(data, "run", str(recipe)))
         cli_values = {"min_side": min_side, "max_aspect_ratio": max_aspect_ratio, "min_units": min_units,
                       "max_units": max_units, "min_lang_score": min_lang_score,
                       "lang_model": str(lang_model) if lang_model else None,
@@ -91,16 +104,12 @@ def curate_filter(
         if clip_threshold:
             thresholds = dict(base.get("clip_thresholds", FilterSettings().clip_thresholds))
             thresholds.update(filter_values.get("clip_thresholds", {}))
-            thresholds.update({k: float(v) for k, v in _pairs(clip_threshold, "--clip-threshold").items()})
+            thresholds.update(_thresholds(clip_threshold, "--clip-threshold"))
             filter_values["clip_thresholds"] = thresholds
         run_values.update({k: v for k, v in {"workers": workers, "batch_rows": batch_rows, "engine": engine,
                                              "address": address}.items() if v is not None})
-        settings = fill(FilterSettings, filter_values, str(recipe or "options"))
-        known = {r.name for r in rules.RULES} | {rules.LANG, rules.DUPLICATE}
-        bad = [r for r in settings.skip_rules if r not in known]
-        if bad:
-            raise RecipeError(f"unknown rule(s) to skip: {', '.join(bad)}; rules: {', '.join(sorted(known))}")
-        run = fill(RunSettings, run_values, str(recipe or "options"))
+        settings = fill(FilterSettings, filter_values, f"{recipe} [filter]" if recipe else "options")
+        run = fill(RunSettings, run_values, f"{recipe} [run]" if recipe else "options")
         report = run_filter(inputs or [], out, settings, run, mapping=_pairs(map_, "--map") or None, source=source,
                             overwrite=overwrite, show_progress=progress, from_ledger=from_ledger)
     except (InputError, RecipeError, RunStateError, LayoutError, LangModelError, LedgerError, ValueError,
@@ -159,21 +168,23 @@ def curate_download(
     resize_mode: Annotated[str, typer.Option(help="img2dataset resize mode, with --image-size")] = "keep_ratio",
     min_side: Annotated[Optional[int], typer.Option(help="image_too_small on real pixels (default: the filter's)")] = None,
     max_aspect_ratio: Annotated[Optional[float], typer.Option(help="image_aspect_ratio on real pixels")] = None,
+    max_pixels: MaxPixelsOpt = 64_000_000,
     allow_private: Annotated[bool, typer.Option(help="also fetch private, loopback and link-local addresses")] = False,
     retry_failed: Annotated[bool, typer.Option(help="a new attempt with only the rows whose download failed")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing download in --out")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Fetch the kept pairs' images with img2dataset, check the real pixels, continue the funnel."""
-    from qvl.curate.download import DownloadError, DownloadSettings, run_download
+    from qvl.curate.download import DownloadSettings, run_download
 
-    settings = DownloadSettings(processes=processes, threads=threads, timeout=timeout,
-                                samples_per_shard=samples_per_shard, image_size=image_size, resize_mode=resize_mode,
-                                allow_private=allow_private, min_side=min_side, max_aspect_ratio=max_aspect_ratio)
     try:
+        settings = DownloadSettings(processes=processes, threads=threads, timeout=timeout,
+                                    samples_per_shard=samples_per_shard, image_size=image_size,
+                                    resize_mode=resize_mode, allow_private=allow_private, min_side=min_side,
+                                    max_aspect_ratio=max_aspect_ratio, max_pixels=max_pixels)
         report = run_download(curated, out, settings, retry_failed=retry_failed, overwrite=overwrite,
                               show_progress=progress)
-    except DownloadError as e:
+    except ValueError as e:  # DownloadError, a setting out of range
         _fail(str(e))
     console.print(f"[green]{report['input_rows']:,}[/] input rows -> [green]{report['kept_rows']:,}[/] pairs with "
                   f"checked images, {report['rejected_rows']:,} rejected. Report: {out / 'report.md'}")
@@ -193,7 +204,7 @@ def curate_clip_score(
     """Score image-text similarity with open_clip from a local checkpoint; threshold per source."""
     from qvl.curate.clipscore import ClipScoreError, ClipSettings, run_clip_score
 
-    thresholds = {k: float(v) for k, v in _pairs(clip_threshold, "--clip-threshold").items()} or None
+    thresholds = _thresholds(clip_threshold, "--clip-threshold") or None
     settings = ClipSettings(model=model, pretrained=pretrained, batch_size=batch_size, device=device,
                             thresholds=thresholds, threshold_default=clip_threshold_default)
     try:
@@ -204,16 +215,20 @@ def curate_clip_score(
 
 
 def _format(kind: str, inputs: list[Path], out: Path, images: Optional[Path], downloads: Optional[Path],
-            tokenizer: str, image_tokens: int, max_len: int, pack_to: Optional[int], overwrite: bool,
-            progress: bool) -> None:
-    from qvl.formats.build import FormatInputError, FormatSettings, run_format
-    from qvl.formats.tokenizers import TokenizerError
+            tokenizer: str, image_tokens: int, max_len: int, pack_to: Optional[int], max_pixels: int,
+            overwrite: bool, progress: bool) -> None:
+    from qvl.formats.build import FormatSettings, run_format
 
-    settings = FormatSettings(tokenizer=tokenizer, image_tokens=image_tokens, max_len=max_len, pack_to=pack_to)
     try:
+        settings = FormatSettings(tokenizer=tokenizer, image_tokens=image_tokens, max_len=max_len, pack_to=pack_to,
+                                  max_pixels=max_pixels)
         manifest = run_format(kind, inputs, out, images, downloads, settings, overwrite, progress)
-    except (FormatInputError, TokenizerError, FileExistsError) as e:
+    except (ValueError, FileExistsError) as e:  # bad settings, inputs, tokenizer or --out: a message
         _fail(str(e))
+    duplicates = manifest["duplicate_ids"]
+    if duplicates["samples"]:
+        console.print(f"[yellow]warning:[/] {duplicates['samples']:,} sample(s) repeat an earlier id, e.g. "
+                      f"{escape(', '.join(duplicates['examples'][:3]))} (kept; counted in manifest.json)")
     packing = manifest["packing"]["efficiency"]
     console.print(
         f"[green]{manifest['samples']:,}[/] samples ({manifest['tokens']:,} tokens, "
@@ -237,12 +252,13 @@ def format_multitask(
     image_tokens: Annotated[int, typer.Option(help="<imgpad> tokens per image (256 for Qwen-VL)")] = 256,
     max_len: Annotated[int, typer.Option(help="longer samples are rejected")] = 2048,
     pack_to: Annotated[Optional[int], typer.Option(help="pack samples of a task into rows of N tokens")] = None,
+    max_pixels: MaxPixelsOpt = 64_000_000,
     overwrite: bool = False,
     progress: bool = True,
 ) -> None:
     """Render the seven multitask pre-training formats into tokenized Arrow shards."""
-    _format("multitask", inputs, out, images, downloads, tokenizer, image_tokens, max_len, pack_to, overwrite,
-            progress)
+    _format("multitask", inputs, out, images, downloads, tokenizer, image_tokens, max_len, pack_to, max_pixels,
+            overwrite, progress)
 
 
 @format_app.command("sft")
@@ -255,11 +271,13 @@ def format_sft(
     image_tokens: Annotated[int, typer.Option(help="<imgpad> tokens per image (256 for Qwen-VL)")] = 256,
     max_len: Annotated[int, typer.Option(help="longer conversations are rejected, never truncated")] = 2048,
     pack_to: Annotated[Optional[int], typer.Option(help="pack conversations into rows of N tokens")] = None,
+    max_pixels: MaxPixelsOpt = 64_000_000,
     overwrite: bool = False,
     progress: bool = True,
 ) -> None:
     """Render conversations (Qwen-VL, LLaVA, ShareGPT) in Qwen-VL's ChatML into tokenized shards."""
-    _format("sft", inputs, out, images, downloads, tokenizer, image_tokens, max_len, pack_to, overwrite, progress)
+    _format("sft", inputs, out, images, downloads, tokenizer, image_tokens, max_len, pack_to, max_pixels, overwrite,
+            progress)
 
 
 @format_app.command("inspect")
@@ -281,6 +299,9 @@ def format_inspect(
         ds = datasets.load_from_disk(str(folder))
     except (OSError, ValueError) as e:
         _fail(f"{folder}: not a qvl format output ({e})")
+    if len(ds) == 0:
+        _fail(f"{folder}: holds no rows ({manifest['rejected']:,} of {manifest['records']:,} records rejected; "
+              "see rejects.parquet)")
     if not 0 <= row < len(ds):
         _fail(f"{folder}: row {row} out of range (0..{len(ds) - 1})")
     sample = ds.with_format(None)[row]

@@ -1,7 +1,8 @@
 """Decoding untrusted image bytes: the size read from the header is checked against a
 pixel limit *before* any pixel is decoded, so a 20000x20000 PNG of a few kilobytes (a
 decompression bomb) is refused rather than expanded to gigabytes; then every pixel is
-decoded, so truncated or non-image bytes are found here and not in a training step."""
+decoded, so truncated or non-image bytes are found here and not in a training step (a
+JPEG at 1/8 scale, which its format allows: every byte is still read, at a tenth of the cost)."""
 
 from __future__ import annotations
 
@@ -32,12 +33,13 @@ def decoded_size(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
                 if width * height > max_pixels:
                     raise BadImage(f"{width}x{height} = {width * height / 1e6:.0f} Mpx, over the limit of "
                                    f"{max_pixels / 1e6:g} Mpx", "too_many_pixels")
+                img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))  # JPEG: decode at 1/8 scale
                 img.load()
                 return width, height
     except BadImage:
         raise
     except Image.DecompressionBombError as e:  # PIL's own guard, above twice its default limit
-        raise BadImage(str(e), "too_many_pixels") from None
+        raise BadImage(f"over the limit of {max_pixels / 1e6:g} Mpx ({e})", "too_many_pixels") from None
     except Exception as e:  # PIL raises many types for bad bytes (OSError, SyntaxError, ValueError...)
         raise BadImage(f"not a decodable image ({type(e).__name__}: {e})"[:300], "corrupt_image") from None
 

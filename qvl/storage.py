@@ -83,3 +83,49 @@ class ParquetSink:
         self._writer.close()
         if self.tmp.exists():
             self.tmp.unlink()
+
+
+# ---------------------------------------------------------------- output folders
+
+MARKER = ".qvl"  # written into every output folder: what qvl may later resume, replace or delete
+
+
+class OutputError(ValueError):
+    """An output folder that cannot be used; the message names it and says why."""
+
+
+def claim(out: Path, kind: str, legacy: tuple[str, ...] = (), create: bool = True) -> bool:
+    """Check that ``out`` can be ``kind``'s output folder and mark it as one (``create``).
+
+    Returns True when ``out`` already holds a ``kind`` output (to resume or, with
+    --overwrite, to replace); a folder with other content — no marker, and none of the
+    ``legacy`` files that outputs of earlier qvl versions hold — is refused, so qvl never
+    deletes what it did not write. A file where the folder should be, or a folder it may
+    not write to, is an error too."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: is a file, not a folder; choose a folder for --out")
+    existing = False
+    if out.is_dir() and any(out.iterdir()):
+        marker = out / MARKER
+        owner = None
+        if marker.is_file():
+            try:
+                owner = read_json(marker).get("kind")
+            except (OSError, ValueError, AttributeError):
+                owner = None
+        elif any((out / name).exists() for name in legacy):
+            owner = kind
+        if owner is None:
+            raise OutputError(f"{out}: exists, is not empty and is not a qvl output; choose a new or empty --out "
+                              "(qvl only ever replaces what it wrote)")
+        if owner != kind:
+            raise OutputError(f"{out}: holds a qvl {owner} output, not a {kind} output; choose another --out")
+        existing = True
+    if create:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / MARKER, {"kind": kind})
+        except OSError as e:
+            raise OutputError(f"{out}: cannot write here ({e.strerror})") from None
+    return existing

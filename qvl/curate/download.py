@@ -36,6 +36,7 @@ from qvl import pixels, storage
 from qvl.curate import fetch, netcheck
 from qvl.curate import report as report_mod
 from qvl.progress import progress_bar
+from qvl.recipes import require
 
 # drop steps of this stage, in funnel order
 STEPS = ("bad_url", "private_address", "download_failed", "image_corrupt", "image_too_large", "image_too_small",
@@ -62,6 +63,12 @@ class DownloadSettings:
     max_aspect_ratio: float | None = None
     check_threads: int = 0  # decoding threads for the pixel checks; 0 = one per core
     max_pixels: int = pixels.MAX_PIXELS  # larger images are refused before decoding (bombs)
+
+    def __post_init__(self) -> None:
+        require(self.processes >= 0, "processes", f"{self.processes}: >= 0 (0 = one per core)")
+        for key in ("threads", "timeout", "samples_per_shard", "max_pixels"):
+            require(getattr(self, key) >= 1, key, f"{getattr(self, key)}: must be >= 1")
+        require(self.image_size is None or self.image_size >= 1, "image_size", f"{self.image_size}: must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -354,14 +361,17 @@ def run_download(curated: str | Path, out: str | Path, s: DownloadSettings | Non
     f = Folders(out)
     kept, base_report = read_curated(curated)
     state = {"kind": "download", "from": str(curated.resolve()), "kept_rows": kept.height}
-    if f.state.exists() and not overwrite:
+    try:
+        existing = storage.claim(out, "curate download", legacy=("_qvl.json",))
+    except storage.OutputError as e:
+        raise DownloadError(str(e)) from None
+    if existing and overwrite:  # a qvl download (the marker says so): replace it whole
+        shutil.rmtree(out)
+        storage.claim(out, "curate download")
+    elif f.state.exists():
         previous = storage.read_json(f.state)
         if {k: previous.get(k) for k in state} != state:
             raise DownloadError(f"{out}: holds a download of another curated run; use another --out or --overwrite")
-    elif out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise DownloadError(f"{out}: exists and is not a qvl download; choose an empty --out")
-        shutil.rmtree(out)
     clip = storage.read_json(f.state).get("clip") if f.state.exists() else None
     storage.write_json(f.state, {**state, "settings": dataclasses.asdict(s), **({"clip": clip} if clip else {})})
 

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qvl import __version__, storage
+from qvl.inputs import DuplicateInput, input_names
 from qvl.curate import dedup, engines, langid, readers, rethreshold, rules
 from qvl.curate import stats as st
 from qvl.curate.readers import Shard
@@ -32,7 +33,7 @@ from qvl.curate.settings import FilterSettings, RunSettings
 from qvl.progress import progress_bar
 from qvl.schemas import CURATED_PAIR, REJECTED_PAIR
 
-INTERNAL = {"_seq", "_part", "_input_error", "_lang_fasttext"}
+INTERNAL = {"_seq", "_part", "_input_error", "_lang_fasttext", "_non_finite"}
 INTERNAL_PREFIXES = ("_fail_", "_changed_")
 
 
@@ -119,6 +120,8 @@ def process_shard(
                     st.count_by(stats, "rewritten", frame.filter(pl.col(f"_changed_{name}")).with_columns(
                         _rule=pl.lit(name)), ["_rule", "source"])
             st.count_by(stats, "clip_unscored", frame.filter(pl.col("clip_score").is_null()), ["source"])
+            if "_non_finite" in frame.columns:
+                st.count_by(stats, "non_finite", frame.filter(pl.col("_non_finite")), ["source"])
 
             survivors = tag(frame.filter(pl.col("drop_reason").is_null()), settings)
             survivors = survivors.with_columns(
@@ -226,6 +229,7 @@ def _prepare(out: Path, shards: list[Shard], settings: FilterSettings, run: RunS
     paths = Paths(out)
     state_file = paths.state / "run.json"
     fingerprint = _fingerprint(shards, settings, mapping, source)
+    storage.claim(out, "curate filter", legacy=("_state/run.json",))
     if state_file.exists() and not overwrite:
         state = storage.read_json(state_file)
         if state["fingerprint"] != fingerprint:
@@ -239,12 +243,11 @@ def _prepare(out: Path, shards: list[Shard], settings: FilterSettings, run: RunS
                 shutil.rmtree(out / sub, ignore_errors=True)
             for name in ("report.json", "report.md", "funnel.png"):
                 (out / name).unlink(missing_ok=True)
-        elif out.exists() and any(out.iterdir()):
-            raise RunStateError(f"{out}: exists and is not a qvl filter run; choose an empty --out")
         partitions = dedup.partition_count(sum(s.est_rows for s in shards), run.rows_per_partition,
                                            run.max_partitions)
         storage.write_json(state_file, {"fingerprint": fingerprint, "partitions": partitions,
-                                        "inputs": [str(s.path) for s in shards]})
+                                        "inputs": [str(s.path) for s in shards],
+                                        "input_names": [s.name for s in shards]})
     for folder in (paths.kept, paths.rejected, paths.survivors, paths.ledger / "filter",
                    paths.ledger / "duplicates"):  # leftovers of a killed run
         if folder.exists():
@@ -264,6 +267,10 @@ def run_filter(
 
     settings = settings or FilterSettings()
     run = run or RunSettings()
+    known = {r.name for r in rules.RULES} | {rules.LANG, rules.DUPLICATE}
+    bad = [r for r in settings.skip_rules if r not in known]
+    if bad:
+        raise RunStateError(f"unknown rule(s) to skip: {', '.join(bad)}; rules: {', '.join(sorted(known))}")
     out = Path(out)
     paths = Paths(out)
     if from_ledger is not None:
@@ -275,7 +282,12 @@ def run_filter(
             raise rethreshold.LedgerError("--from-ledger needs a new --out (the previous run is its input)")
         shards = rethreshold.shards_of(prev)
     else:
-        shards = [readers.open_shard(p, i, mapping, source) for i, p in enumerate(readers.discover(inputs))]
+        files = readers.discover(inputs)
+        try:
+            names = input_names(files)
+        except DuplicateInput as e:
+            raise readers.InputError(str(e)) from None
+        shards = [readers.open_shard(p, i, mapping, source, name) for i, (p, name) in enumerate(zip(files, names))]
     if rules.LANG not in settings.skip_rules:
         langid.identifier(settings.lang_model)  # fail now, not in a worker, if the model is missing
     partitions = _prepare(out, shards, settings, run, mapping, source, overwrite)

@@ -10,6 +10,8 @@ Problems with a whole file (missing, truncated, unknown columns) raise InputErro
 from __future__ import annotations
 
 import bz2
+import csv
+import dataclasses
 import gzip
 import io
 import json
@@ -55,6 +57,8 @@ class Shard:
     passthrough: tuple[str, ...] = ()
     # a previous run's output file (--from-ledger): that run's input file names, in shard order
     origin: tuple[str, ...] = ()
+    layout_note: str = ""  # how the layout was recognised, when it took more than a header
+    name: str = ""  # the file's name in row ids (qvl.inputs); default: its file name
 
     @property
     def key(self) -> str:
@@ -111,19 +115,52 @@ def _open_text(path: Path, compression: str | None) -> io.BufferedIOBase:
     return open(path, "rb")
 
 
-def _first_line(path: Path, compression: str | None) -> str:
+SAMPLE_LINES = 200  # lines read to recognise a text file's layout
+MAX_LINE_BYTES = 256 << 20  # one JSONL record may be large; a "line" beyond this is no record
+BOM = b"\xef\xbb\xbf"
+
+
+def _sample_lines(path: Path, compression: str | None) -> list[str]:
+    """The first lines of a text file (the UTF-8 BOM removed), for recognising its layout."""
+    lines = []
     try:
         with _open_text(path, compression) as f:
-            line = f.readline(1 << 20)
-    except (OSError, pa.ArrowException) as e:
+            for i in range(SAMPLE_LINES):
+                line = f.readline(MAX_LINE_BYTES + 1)
+                if not line:
+                    break
+                if len(line) > MAX_LINE_BYTES:
+                    raise InputError(f"{path}:{i + 1}: a line of over {MAX_LINE_BYTES >> 20} MiB (is this a text file?)")
+                lines.append((line.removeprefix(BOM) if i == 0 else line).decode("utf-8", errors="replace"))
+    except (OSError, EOFError, pa.ArrowException) as e:
         raise InputError(f"{path}: cannot read ({e})") from None
-    return line.decode("utf-8", errors="replace")
+    return lines
+
+
+def _json_columns(path: Path, lines: list[str]) -> list[str]:
+    """The keys of the first line that is a JSON object (a bad first line is a reject, not the file's end)."""
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            return list(obj)
+    if any(line.strip() for line in lines):
+        raise InputError(f"{path}: none of the first {len(lines)} lines is a JSON object (is this JSONL?)")
+    return []
 
 
 def open_shard(
-    path: Path, index: int, mapping: dict[str, str] | None = None, source: str | None = None
+    path: Path, index: int, mapping: dict[str, str] | None = None, source: str | None = None, name: str = ""
 ) -> Shard:
     """Recognise a file's format and layout and check its columns, before any row is read."""
+    return dataclasses.replace(_open_shard(path, index, mapping, source), name=name or path.name)
+
+
+def _open_shard(path: Path, index: int, mapping: dict[str, str] | None, source: str | None) -> Shard:
     fmt, compression = _format_of(path)
     where = str(path)
     if fmt == "parquet":
@@ -135,23 +172,22 @@ def open_shard(
         schema = meta.schema.to_arrow_schema()
         est_rows = meta.num_rows
     else:
+        lines = _sample_lines(path, compression)
         size = path.stat().st_size
-        first = _first_line(path, compression)
-        est_rows = max(1, size // max(1, len(first.encode()))) if first else 0
+        sampled = sum(len(line.encode()) for line in lines)
+        est_rows = max(1, size * len(lines) // max(1, sampled)) if lines else 0
         if fmt == "jsonl":
-            if not first.strip():
-                columns = []
-            else:
-                try:
-                    columns = list(json.loads(first))
-                except (json.JSONDecodeError, TypeError):
-                    raise InputError(f"{path}:1: first line is not a JSON object") from None
+            columns = _json_columns(path, lines)
         else:
-            headerless = layouts.headerless_tsv(first) if fmt == "tsv" and not mapping else None
+            try:
+                headerless = layouts.headerless_tsv(lines, where) if fmt == "tsv" and not mapping else None
+            except LayoutError as e:
+                raise InputError(str(e)) from None
             if headerless is not None:
-                layout = headerless
-                return Shard(path, index, fmt, compression, layout, source, est_rows)
-            columns = first.rstrip("\r\n").split("\t" if fmt == "tsv" else ",")
+                layout, note = headerless
+                return Shard(path, index, fmt, compression, layout, source, est_rows, layout_note=note)
+            header = lines[0].rstrip("\r\n") if lines else ""
+            columns = header.split("\t") if fmt == "tsv" else next(csv.reader([header]), [])
         schema = None
     try:
         layout = layouts.from_mapping(mapping) if mapping else layouts.detect(columns, where)
@@ -208,6 +244,31 @@ def _decode_utf8(arr: pa.Array) -> tuple[pa.Array, np.ndarray | None]:
     return pa.array(out, pa.string()), bad
 
 
+# sizes and scores beyond this are not measurements (and would not survive an int64 cast)
+MAX_NUMBER = float(1 << 53)
+
+
+def _numbers(arr: pa.Array) -> tuple[pa.Array, np.ndarray | None, np.ndarray]:
+    """A size or score column as float64: (values, rows whose text is not a number, rows
+    whose number is not finite or absurdly large). Those numbers become null — unknown, as
+    if the column had no value there — and are counted; unparsable text rejects its row."""
+    unparsable = None
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or pa.types.is_binary(arr.type):
+        text = pl.Series(_decode_utf8(arr)[0]).str.strip_chars()
+        text = text.set(text == "", None)
+        parsed = text.cast(pl.Float64, strict=False)
+        unparsable = (text.is_not_null() & parsed.is_null()).to_numpy()
+        arr = parsed.to_arrow()
+    elif pa.types.is_null(arr.type) or pa.types.is_boolean(arr.type):
+        return pa.nulls(len(arr), pa.float64()), None, np.zeros(len(arr), dtype=bool)
+    values = pl.Series(arr.cast(pa.float64()))
+    bad = values.is_not_null() & ~(values.abs() < MAX_NUMBER).fill_null(False)  # NaN compares false
+    bad_np = bad.to_numpy()
+    if bad_np.any():
+        values = values.set(bad, None)
+    return values.to_arrow(), unparsable, bad_np
+
+
 def _canonical(
     table: pa.Table, shard: Shard, lines: np.ndarray, errors: np.ndarray | None = None
 ) -> pl.DataFrame:
@@ -223,12 +284,14 @@ def _canonical(
         out[name] = arr
         if bad is not None:
             input_error[bad & (input_error == None)] = "invalid_utf8"  # noqa: E711
+    non_finite = np.zeros(n, dtype=bool)
     for name, dtype in (("width", pa.int64()), ("height", pa.int64()), ("clip_score", pa.float64())):
         if name in cols:
-            col = table.column(cols[name])
-            if pa.types.is_floating(col.type) and dtype == pa.int64():
-                col = pa.compute.round(col)
-            out[name] = col.cast(dtype, safe=False).combine_chunks()
+            values, unparsable, missing = _numbers(table.column(cols[name]).combine_chunks())
+            if unparsable is not None:
+                input_error[unparsable & (input_error == None)] = "malformed_row"  # noqa: E711
+            non_finite |= missing
+            out[name] = pa.compute.round(values).cast(dtype) if dtype == pa.int64() else values
         else:
             out[name] = pa.nulls(n, dtype)
     mapped = set(cols.values())
@@ -240,24 +303,25 @@ def _canonical(
         frame = frame.with_columns(source=pl.lit(shard.source or shard.layout.name))
     else:
         frame = frame.with_columns(pl.col("source").cast(pl.String).fill_null(shard.layout.name))
-    stem = shard.path.name
+    stem = shard.name or shard.path.name
     line = pl.Series("_line", lines, dtype=pl.Int64)
     return frame.with_columns(
         row_id=pl.lit(stem + ":") + line.cast(pl.String),
         _seq=(pl.lit(shard.index, pl.Int64) * (1 << SEQ_ROW_BITS)) + line,
         _input_error=pl.Series(input_error.tolist(), dtype=pl.String),
+        _non_finite=pl.Series(non_finite),
     ).rename({"text": "text_raw"})
 
 
 def _malformed(shard: Shard, rows: list[tuple[int, str, str]]) -> pl.DataFrame:
     """Rows that could not be parsed, as canonical rows flagged with their error."""
     lines = np.array([r[0] for r in rows], dtype=np.int64)
-    raw = pa.table(
-        {
-            shard.layout.columns["url"]: pa.nulls(len(rows), pa.string()),
-            shard.layout.columns["text"]: pa.array([r[1] for r in rows], pa.string()),
-        }
-    )
+    cols = shard.layout.columns
+    raw = pa.table({
+        **{column: pa.nulls(len(rows), pa.float64()) for name, column in cols.items() if name not in ("url", "text")},
+        cols["url"]: pa.nulls(len(rows), pa.string()),
+        cols["text"]: pa.array([r[1] for r in rows], pa.string()),
+    })
     return _canonical(raw, shard, lines, np.array([r[2] for r in rows], dtype=object))
 
 
@@ -270,8 +334,10 @@ def read_batches(shard: Shard, batch_rows: int) -> Iterator[pl.DataFrame]:
             yield from _parquet_batches(shard, batch_rows)
         elif shard.format == "jsonl":
             yield from _jsonl_batches(shard, batch_rows)
+        elif shard.format == "csv":
+            yield from _csv_batches(shard, batch_rows)
         else:
-            yield from _delimited_batches(shard, batch_rows)
+            yield from _tsv_batches(shard, batch_rows)
     except (OSError, EOFError, pa.ArrowException) as e:
         raise InputError(f"{shard.path}: read failed ({e})") from None
 
@@ -285,7 +351,8 @@ def _parquet_batches(shard: Shard, batch_rows: int) -> Iterator[pl.DataFrame]:
         yield _canonical(pa.Table.from_batches([batch]), shard, lines)
 
 
-def _delimited_batches(shard: Shard, batch_rows: int) -> Iterator[pl.DataFrame]:
+def _tsv_batches(shard: Shard, batch_rows: int) -> Iterator[pl.DataFrame]:
+    """TSV has no quoting: one line, one row; a line with the wrong field count is a reject."""
     invalid: list[tuple[int, str, str]] = []
 
     def on_invalid(row) -> str:
@@ -295,7 +362,7 @@ def _delimited_batches(shard: Shard, batch_rows: int) -> Iterator[pl.DataFrame]:
     headerless = bool(shard.layout.headerless)
     cols = shard.layout.columns
     column_types = {cols["url"]: pa.binary(), cols["text"]: pa.binary()}
-    column_types.update({cols[c]: pa.float64() for c in ("width", "height", "clip_score") if c in cols})
+    column_types.update({cols[c]: pa.string() for c in ("width", "height", "clip_score") if c in cols})
     column_types.update({c: pa.string() for c in shard.passthrough})
     reader = pacsv.open_csv(
         _open_text(shard.path, shard.compression),
@@ -305,9 +372,8 @@ def _delimited_batches(shard: Shard, batch_rows: int) -> Iterator[pl.DataFrame]:
             block_size=1 << 24,
         ),
         parse_options=pacsv.ParseOptions(
-            delimiter="\t" if shard.format == "tsv" else ",",
-            # web captions hold stray quotes; TSV has no quoting at all
-            quote_char=False if shard.format == "tsv" else '"',
+            delimiter="\t",
+            quote_char=False,  # web captions hold stray quotes; TSV has no quoting at all
             invalid_row_handler=on_invalid,
             ignore_empty_lines=False,
         ),
@@ -340,6 +406,75 @@ def _delimited_batches(shard: Shard, batch_rows: int) -> Iterator[pl.DataFrame]:
         yield _malformed(shard, invalid)
 
 
+class _Lines:
+    """A binary file's lines as text for the csv module, remembering the last one read.
+    Bytes that are not UTF-8 survive as surrogates and are flagged per row later."""
+
+    def __init__(self, f):
+        self.f, self.last, self.first = f, "", True
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line = self.f.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            raise StopIteration
+        if self.first:
+            line, self.first = line.removeprefix(BOM), False
+        self.last = line.decode("utf-8", errors="surrogateescape")
+        return self.last
+
+
+def _csv_batches(shard: Shard, batch_rows: int) -> Iterator[pl.DataFrame]:
+    """CSV as RFC 4180 says, strictly: a quoted field may span lines (the row takes the
+    number of its first line); a quote that is never closed, or closed in the middle of a
+    field, would swallow the following lines into one row — that is an error naming the
+    lines, never a silent merge. A line with the wrong field count is a reject."""
+    with _open_text(shard.path, shard.compression) as f:
+        lines = _Lines(f)
+        reader = csv.reader(lines, strict=True)
+        header = next(reader, [])
+        names = {name: i for i, name in enumerate(header)}
+        cols = shard.layout.columns
+        wanted = [*cols.values(), *shard.passthrough]
+        finished = False
+        while not finished:
+            rows: list[list[str]] = []
+            numbers: list[int] = []
+            bad: list[tuple[int, str, str]] = []
+            while len(rows) < batch_rows:
+                start = reader.line_num + 1
+                try:
+                    record = next(reader)
+                except StopIteration:
+                    finished = True
+                    break
+                except csv.Error as e:
+                    if reader.line_num > start or not lines.last.endswith("\n"):
+                        raise InputError(
+                            f"{shard.path}:{start}: {e}: a quoted field opened on line {start} is not closed properly "
+                            f"(read on to line {reader.line_num}); fix the quoting — qvl does not merge lines") from None
+                    bad.append((start, lines.last.rstrip("\r\n"), "malformed_row"))
+                    continue
+                if len(record) != len(header):
+                    bad.append((start, lines.last.rstrip("\r\n") if reader.line_num == start else ",".join(record),
+                                "malformed_row"))
+                    continue
+                rows.append(record)
+                numbers.append(start)
+            if rows:
+                table = pa.table({name: pa.array([r[names[name]].encode("utf-8", "surrogateescape") for r in rows],
+                                                 pa.binary()) for name in wanted})
+                for name in shard.passthrough:  # carried as text: bytes that are not UTF-8 shown replaced
+                    table = table.set_column(table.schema.get_field_index(name), name,
+                                             _decode_utf8(table.column(name).combine_chunks())[0])
+                yield _canonical(table, shard, np.array(numbers, dtype=np.int64))
+            if bad:
+                yield _malformed(shard, [(n, t.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), r)
+                                         for n, t, r in bad])
+
+
 def _assign_lines(first: int, n: int, skipped: set[int]) -> tuple[np.ndarray, int]:
     """Line numbers of ``n`` parsed rows starting at ``first``, stepping over lines the
     parser rejected (those become malformed rows with their own line numbers)."""
@@ -362,6 +497,8 @@ def _jsonl_batches(shard: Shard, batch_rows: int) -> Iterator[pl.DataFrame]:
             bad: list[tuple[int, str, str]] = []
             for raw in f:
                 line_no += 1
+                if line_no == 1:
+                    raw = raw.removeprefix(BOM)
                 try:
                     obj = json.loads(raw)
                 except UnicodeDecodeError:
@@ -387,8 +524,8 @@ def _jsonl_batches(shard: Shard, batch_rows: int) -> Iterator[pl.DataFrame]:
 
 
 def _records_table(records: list[dict], wanted: dict[str, str], passthrough: tuple[str, ...]) -> pa.Table:
-    """JSON objects -> a table of the mapped columns; values of the wrong type become null
-    text (url/text) or null numbers, never a crash. Other fields of the first line are
+    """JSON objects -> a table of the mapped columns; url/text of the wrong type become
+    null text, numbers that are not numbers reject their row, never a crash. Other fields of the first line are
     carried as text (strings as they are, anything else as JSON)."""
     data: dict[str, pa.Array] = {}
     for name in passthrough:
@@ -401,9 +538,8 @@ def _records_table(records: list[dict], wanted: dict[str, str], passthrough: tup
         values = [r.get(input_name) for r in records]
         if canonical in ("url", "text"):
             data[input_name] = pa.array([v if isinstance(v, str) else None for v in values], pa.string())
-        else:
+        else:  # numbers as text, parsed with those of CSV/TSV: a string or list there is no size
             data[input_name] = pa.array(
-                [float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None for v in values],
-                pa.float64(),
-            )
+                [None if v is None else repr(v) if isinstance(v, (int, float)) and not isinstance(v, bool)
+                 else v if isinstance(v, str) else json.dumps(v) for v in values], pa.string())
     return pa.table(data)

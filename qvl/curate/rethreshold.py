@@ -63,8 +63,8 @@ def check_settings(old: FilterSettings, new: FilterSettings) -> None:
 
 def shards_of(prev: Path) -> list[Shard]:
     """Every output file of the previous run (kept and rejected) as an input shard."""
-    inputs = storage.read_json(prev / "_state" / "run.json")["inputs"]
-    names = [Path(p).name for p in inputs]
+    state = storage.read_json(prev / "_state" / "run.json")
+    names = state.get("input_names") or [Path(p).name for p in state["inputs"]]  # runs before qvl.inputs
     if len(set(names)) != len(names):
         raise LedgerError(f"{prev}: input file names repeat, so row ids do not name one input row")
     files = sorted((prev / "kept").glob("*.parquet")) + sorted((prev / "rejected").glob("*.parquet"))

@@ -6,7 +6,10 @@ qvl's. Every one can be set from the CLI or a recipe's ``[filter]`` table.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+
+from qvl.recipes import require
 
 
 def _default_clip_thresholds() -> dict[str, float]:
@@ -38,6 +41,25 @@ class FilterSettings:
     # rules to switch off by name (e.g. ("emoji",)); a switched-off rule never drops a row
     skip_rules: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        require(all(isinstance(t, str) and t for t in self.dataset_tags), "dataset_tags", "a list of tag names")
+        require(self.max_punct_run >= 1, "max_punct_run", f"{self.max_punct_run}: must be >= 1")
+        require(self.max_aspect_ratio >= 1, "max_aspect_ratio", f"{self.max_aspect_ratio}: must be >= 1")
+        require(self.min_side >= 0, "min_side", f"{self.min_side}: must be >= 0")
+        require(isinstance(self.clip_thresholds, dict), "clip_thresholds",
+                "a table of SOURCE = threshold (e.g. { laion = 0.28 })")
+        for source, value in self.clip_thresholds.items():
+            require(-1 <= value <= 1, f"clip_thresholds.{source}", f"{value}: a cosine similarity is in [-1, 1]")
+        require(self.clip_threshold_default is None or -1 <= self.clip_threshold_default <= 1,
+                "clip_threshold_default", f"{self.clip_threshold_default}: a cosine similarity is in [-1, 1]")
+        require(self.min_units >= 0, "min_units", f"{self.min_units}: must be >= 0")
+        require(self.max_units >= self.min_units, "max_units",
+                f"{self.max_units}: must be >= min_units ({self.min_units}), or every row is dropped")
+        bad = [l for l in self.languages if not (isinstance(l, str) and re.fullmatch(r"[a-z]{2,3}", l))]
+        require(len(self.languages) > 0 and not bad, "languages",
+                f"{', '.join(map(repr, bad)) or 'empty'}: a list of lid.176 language codes (en, zh, ja ...)")
+        require(0 <= self.min_lang_score <= 1, "min_lang_score", f"{self.min_lang_score}: a probability is in [0, 1]")
+
 
 @dataclass
 class RunSettings:
@@ -49,3 +71,10 @@ class RunSettings:
     engine: str = "local"  # "local" (processes on this machine) or "ray"
     address: str | None = None  # Ray cluster address (default: start a local Ray)
     max_partitions: int = 4096
+
+    def __post_init__(self) -> None:
+        require(self.batch_rows >= 1, "batch_rows", f"{self.batch_rows}: must be >= 1")
+        require(self.workers >= 0, "workers", f"{self.workers}: processes, >= 0 (0 = one per core)")
+        require(self.rows_per_partition >= 1, "rows_per_partition", f"{self.rows_per_partition}: must be >= 1")
+        require(self.engine in ("local", "ray"), "engine", f"{self.engine!r}: use local or ray")
+        require(self.max_partitions >= 1, "max_partitions", f"{self.max_partitions}: must be >= 1")

@@ -22,15 +22,19 @@ class AnnotationError(ValueError):
         self.reason = reason
 
 
+def is_number(value) -> bool:
+    """An int or float from the record itself: JSON's ``"12"`` and ``true`` are not numbers."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _to_pixels_xyxy(box, width: int, height: int, box_format: str) -> list[float]:
     if box_format not in BOX_FORMATS:
         raise AnnotationError(f"unknown box_format {box_format!r} (use {', '.join(BOX_FORMATS)})")
     if not isinstance(box, (list, tuple)) or len(box) != 4:
         raise AnnotationError(f"bad box {box!r}: expected 4 numbers", "bad_box")
-    try:
-        x1, y1, a, b = (float(v) for v in box)
-    except (TypeError, ValueError):
-        raise AnnotationError(f"bad box {box!r}: not numbers", "bad_box") from None
+    if not all(is_number(v) for v in box):
+        raise AnnotationError(f"bad box {box!r}: not numbers (strings and booleans are not coordinates)", "bad_box")
+    x1, y1, a, b = (float(v) for v in box)
     if box_format == "xywh":
         return [x1, y1, x1 + a, y1 + b]
     if box_format == "norm":
@@ -69,10 +73,10 @@ def normalize_quad(quad, width: int, height: int, box_format: str = "xyxy") -> l
     for point in quad:
         if not isinstance(point, (list, tuple)) or len(point) != 2:
             raise AnnotationError(f"bad quad {quad!r}: a point is not [x, y]", "bad_box")
-        try:
-            x, y = float(point[0]), float(point[1])
-        except (TypeError, ValueError):
-            raise AnnotationError(f"bad quad {quad!r}: not numbers", "bad_box") from None
+        if not (is_number(point[0]) and is_number(point[1])):
+            raise AnnotationError(f"bad quad {quad!r}: not numbers (strings and booleans are not coordinates)",
+                                  "bad_box")
+        x, y = float(point[0]), float(point[1])
         if box_format == "norm":
             x, y = x * width, y * height
         x, y = _check_point(x, y, width, height, f"quad {list(quad)}")

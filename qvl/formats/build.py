@@ -20,14 +20,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qvl import __version__
+from qvl import __version__, pixels
 from qvl.formats import chatml, multitask
 from qvl.formats.boxes import AnnotationError
 from qvl.formats.images import ImageStore
 from qvl.formats.sequence import Encoded, Plan, assemble
 from qvl.formats.shards import ShardWriter
 from qvl.formats.tokenizers import load_tokenizer
+from qvl.inputs import DuplicateInput, input_names
 from qvl.progress import progress_bar
+from qvl.recipes import require
 
 
 @dataclass
@@ -39,6 +41,14 @@ class FormatSettings:
     pack_buffer: int = 4096  # samples per task considered together by best-fit
     batch: int = 512
     shard_rows: int = 20_000
+    max_pixels: int = pixels.MAX_PIXELS  # larger images are rejected before decoding (bombs)
+
+    def __post_init__(self) -> None:
+        require(self.image_tokens >= 1, "image_tokens", f"{self.image_tokens}: an image needs at least one token")
+        require(self.max_len >= 1, "max_len", f"{self.max_len}: must be >= 1")
+        require(self.pack_to is None or self.pack_to >= 1, "pack_to", f"{self.pack_to}: must be >= 1")
+        for key in ("pack_buffer", "batch", "shard_rows", "max_pixels"):
+            require(getattr(self, key) >= 1, key, f"{getattr(self, key)}: must be >= 1")
 
 
 class FormatInputError(ValueError):
@@ -125,8 +135,15 @@ def run_format(
     settings: FormatSettings | None = None, overwrite: bool = False, show_progress: bool = True,
 ) -> dict:
     settings = settings or FormatSettings()
+    for folder, option in ((images, "--images"), (downloads, "--downloads")):
+        if folder is not None and not Path(folder).is_dir():
+            raise FormatInputError(f"{option} {folder}: no such folder")
+    try:
+        names = input_names(inputs)
+    except DuplicateInput as e:
+        raise FormatInputError(str(e)) from None
     tok = load_tokenizer(settings.tokenizer)
-    store = ImageStore(images, downloads)
+    store = ImageStore(images, downloads, settings.max_pixels)
     ctx = multitask.Context(tok, settings.image_tokens, store.size)
     limit = min(settings.max_len, settings.pack_to or settings.max_len)
     writer = ShardWriter(out, overwrite, max_rows=settings.shard_rows)
@@ -134,6 +151,8 @@ def run_format(
     rejected: Counter = Counter()
     by_task: dict[str, Counter] = defaultdict(Counter)
     buffers: dict[str, list[Encoded]] = defaultdict(list)
+    seen_ids: set[str] = set()
+    duplicates: Counter = Counter()
 
     def emit(rows: list[list[Encoded]]) -> None:
         if not rows:
@@ -189,17 +208,20 @@ def run_format(
     try:
         with progress_bar(disable=not show_progress) as bar:
             task_id = bar.add_task(f"format {kind}", total=None, unit="samples")
-            for path in inputs:
+            for path, name in zip(inputs, names):
                 batch: list[tuple[str, int, Plan]] = []
                 for line, record in iter_records(path):
                     stats["records"] += 1
                     bar.advance(task_id)
-                    sample_id = f"{path.name}:{line}"
+                    sample_id = f"{name}:{line}"
                     try:
                         if isinstance(record, AnnotationError):
                             raise record
                         if record.get("id") is not None:
                             sample_id = str(record["id"])
+                        if sample_id in seen_ids:  # kept (the records differ), counted and shown
+                            duplicates[sample_id] += 1
+                        seen_ids.add(sample_id)
                         if kind == "sft":
                             plan = chatml.render(chatml.parse(record), sample_id, tok, settings.image_tokens)
                         else:
@@ -234,6 +256,7 @@ def run_format(
             "supervised_tokens": stats["supervised_tokens"],
             "images": stats["images"],
             "by_task": {t: dict(c) for t, c in sorted(by_task.items())},
+            "duplicate_ids": {"samples": sum(duplicates.values()), "examples": sorted(duplicates)[:20]},
             "packing": {"capacity_tokens": capacity, "real_tokens": stats["row_tokens"],
                         "efficiency": round(stats["row_tokens"] / capacity, 4) if capacity else None},
         }

@@ -3,21 +3,21 @@ img2dataset output for URLs. Nothing is ever fetched while formatting."""
 
 from __future__ import annotations
 
-import io
 import tarfile
 from functools import lru_cache
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
 
+from qvl import pixels
 from qvl.formats.boxes import AnnotationError
 
 
 class ImageStore:
-    def __init__(self, root: Path | None, downloads: Path | None = None):
+    def __init__(self, root: Path | None, downloads: Path | None = None, max_pixels: int = pixels.MAX_PIXELS):
         self.root = root.resolve() if root else None
         self.downloads = downloads
+        self.max_pixels = max_pixels
         self._url_index: dict[str, tuple[Path, str]] | None = None
         # a grounding sample asks for the size, then the bytes: read and verify each image once
         self._load = lru_cache(maxsize=64)(self._load_uncached)
@@ -25,13 +25,20 @@ class ImageStore:
     def _path(self, ref: str) -> Path:
         if self.root is None:
             raise AnnotationError(f"image {ref!r}: no --images folder given", "missing_image")
+        if not ref or "\x00" in ref or any(ord(c) < 32 for c in ref):
+            raise AnnotationError(f"image {ref!r}: not a usable path (empty, or a control character in it)",
+                                  "unsafe_image_path")
         candidate = Path(ref)
         if candidate.is_absolute() or ".." in candidate.parts:
             raise AnnotationError(f"image {ref!r}: must be a relative path inside --images", "unsafe_image_path")
-        resolved = (self.root / candidate).resolve()
+        try:
+            resolved = (self.root / candidate).resolve()
+            is_file = resolved.is_file()
+        except OSError as e:  # a name too long, a loop of links...
+            raise AnnotationError(f"image {ref!r}: not a usable path ({e.strerror})", "unsafe_image_path") from None
         if not resolved.is_relative_to(self.root):
             raise AnnotationError(f"image {ref!r}: resolves outside --images (a symlink out?)", "unsafe_image_path")
-        if not resolved.is_file():
+        if not is_file:
             raise AnnotationError(f"image {ref!r}: missing under {self.root}", "missing_image")
         return resolved
 
@@ -66,17 +73,18 @@ class ImageStore:
             if found is None:
                 raise AnnotationError(f"image {ref!r}: URL not in the local img2dataset output (--downloads)", "missing_image")
             tar, member = found
-            with tarfile.open(tar) as t:
-                data = t.extractfile(member).read()
+            try:
+                with tarfile.open(tar) as t:
+                    data = t.extractfile(member).read()
+            except (OSError, KeyError, tarfile.TarError) as e:
+                raise AnnotationError(f"image {ref!r}: cannot read {member} from {tar} ({e})", "missing_image") from None
         else:
-            data = self._path(ref).read_bytes()
-        return data, _size_of(data, ref)
-
-
-def _size_of(data: bytes, ref: str) -> tuple[int, int]:
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.verify()
-            return img.size
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise AnnotationError(f"image {ref!r}: corrupt or not an image ({e})", "corrupt_image") from None
+            path = self._path(ref)
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise AnnotationError(f"image {ref!r}: cannot read {path} ({e.strerror})", "missing_image") from None
+        try:
+            return data, pixels.decoded_size(data, self.max_pixels)
+        except pixels.BadImage as e:
+            raise AnnotationError(f"image {ref!r}: {e}", e.reason) from None

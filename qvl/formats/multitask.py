@@ -12,9 +12,10 @@ web text and stay plain text, so a caption that says ``<img>secret.png</img>`` o
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
-from qvl.formats.boxes import AnnotationError, box_text, normalize_box, normalize_quad, quad_text
+from qvl.formats.boxes import AnnotationError, box_text, is_number, normalize_box, normalize_quad, quad_text
 from qvl.formats.sequence import Plan, Tag
 from qvl.formats.tokenizers import Tokenizer
 
@@ -46,8 +47,12 @@ def _field(record: dict, name: str, kind=str):
 
 
 def _size(record: dict, ctx: Context) -> tuple[int, int]:
-    if isinstance(record.get("width"), int) and isinstance(record.get("height"), int):
-        return record["width"], record["height"]
+    width, height = record.get("width"), record.get("height")
+    if width is not None or height is not None:  # the record's own size, when it gives one: checked
+        if not (is_number(width) and is_number(height) and width >= 1 and height >= 1
+                and math.isfinite(width) and math.isfinite(height)):
+            raise AnnotationError(f"bad image size width={width!r} height={height!r}", "bad_box")
+        return width, height
     return ctx.image_size(_field(record, "image"))
 
 
@@ -90,7 +95,8 @@ def grounding(plan: Plan, record: dict, ctx: Context) -> None:
     for region in regions:
         span = region.get("span") if isinstance(region, dict) else None
         boxes = region.get("boxes") if isinstance(region, dict) else None
-        if not (isinstance(span, list) and len(span) == 2 and all(isinstance(v, int) for v in span)):
+        if not (isinstance(span, list) and len(span) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in span)):
             raise AnnotationError(f"bad region span {span!r}: expected [start, end] character offsets")
         if not (0 <= span[0] < span[1] <= len(text)):
             raise AnnotationError(f"bad region span {span!r} for a caption of {len(text)} characters")

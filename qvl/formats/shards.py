@@ -8,6 +8,7 @@ built in a temporary folder beside the target and renamed into place at the end.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -23,6 +24,8 @@ from qvl.schemas.samples import REJECT, SAMPLE
 def _sequence(value_type: str) -> dict:
     return {"feature": {"dtype": value_type, "_type": "Value"}, "_type": "List"}
 
+
+KIND = "format"
 
 # datasets' Features.to_dict() of the SAMPLE schema, written out so that formatting never
 # pays for importing datasets (a test checks it against datasets' own).
@@ -41,11 +44,15 @@ FEATURES = {
 class ShardWriter:
     def __init__(self, out: Path, overwrite: bool, max_rows: int = 20_000, max_bytes: int = 512 << 20):
         self.out = out
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise FileExistsError(f"{out}: exists and is not empty; choose another --out or --overwrite")
+        if storage.claim(out, KIND, legacy=("manifest.json",), create=False) and not overwrite:
+            raise FileExistsError(f"{out}: holds a qvl format output; choose another --out or --overwrite")
+        _remove_stale(out)
         self.tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
         shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+        try:
+            self.tmp.mkdir(parents=True)
+        except OSError as e:
+            raise storage.OutputError(f"{out}: cannot write beside it ({e.strerror})") from None
         self.max_rows, self.max_bytes = max_rows, max_bytes
         self.files: list[Path] = []
         self._writer: pa.ipc.RecordBatchStreamWriter | None = None
@@ -72,8 +79,9 @@ class ShardWriter:
         self.rejects.append({"file": file, "line": line, "id": sample_id, "reason": reason, "detail": detail})
 
     def finish(self, manifest: dict) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        if self._writer is None:  # no sample: one empty shard, so that datasets can open the folder
+            self._open()
+        self._writer.close()
         n = len(self.files)
         names = []
         for i, path in enumerate(self.files):
@@ -89,6 +97,7 @@ class ShardWriter:
             "homepage": "", "license": ""})
         pq.write_table(pa.Table.from_pylist(self.rejects, schema=REJECT), self.tmp / "rejects.parquet")
         storage.write_json(self.tmp / "manifest.json", {**manifest, "shards": names})
+        storage.write_json(self.tmp / storage.MARKER, {"kind": KIND})
         if self.out.exists():
             old = self.out.with_name(f"{self.out.name}.old-{os.getpid()}")
             self.out.rename(old)
@@ -101,6 +110,26 @@ class ShardWriter:
         if self._writer is not None:
             self._writer.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _remove_stale(out: Path) -> None:
+    """Folders a killed run left beside ``out`` (``OUT.tmp-PID``, ``OUT.old-PID``), when that
+    process is gone."""
+    for kind in ("tmp", "old"):
+        for leftover in out.parent.glob(f"{glob.escape(out.name)}.{kind}-*"):
+            pid = leftover.name.rsplit("-", 1)[1]
+            if leftover.is_dir() and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def read_manifest(folder: Path) -> dict:

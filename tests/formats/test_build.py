@@ -115,7 +115,7 @@ def test_cli_sft_inspect_and_existing_output(tmp_path, images):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     again = runner.invoke(app, args)
-    assert again.exit_code == 1 and "exists and is not empty" in again.output
+    assert again.exit_code == 1 and "holds a qvl format output" in again.output
     shown = runner.invoke(app, ["format", "inspect", str(tmp_path / "o")])
     assert shown.exit_code == 0 and "Red." in shown.output and "<imgpad>×256" in shown.output
     missing = runner.invoke(app, ["format", "sft", "-i", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "x")])
