@@ -65,7 +65,7 @@ def main() -> None:
                    settings=FormatSettings(tokenizer="bytes", image_tokens=image_tokens), overwrite=True,
                    show_progress=False)
         out = work / f"run-{size}"
-        train(TrainSettings(stage=2, data=data, out=out, preset=preset, max_steps=args.steps, log=False))
+        train(TrainSettings(stage=2, data=data, out=out, preset=preset, max_steps=args.steps, log=False, overwrite=True))
         import json
 
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][3:]

@@ -325,7 +325,9 @@ def train(
     max_steps: Annotated[Optional[int], typer.Option(help="optimiser steps")] = None,
     init: Annotated[Optional[Path], typer.Option(help="checkpoint folder of the previous stage")] = None,
     resume: Annotated[bool, typer.Option(help="continue this run from its checkpoint")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace the run in --out (its checkpoint and metrics)")] = False,
     fsdp: Annotated[bool, typer.Option(help="under torchrun: shard the model (FSDP) instead of replicating it (DDP)")] = False,
+    precision: Annotated[str, typer.Option(help="auto (bf16 where the device has it natively, else fp32), bf16, fp32")] = "auto",
     progress: Annotated[bool, typer.Option(help="a progress bar (else a log line every 10 steps)")] = True,
     llm: Annotated[Optional[str], typer.Option(help="local Hugging Face LLM folder (real preset)")] = None,
     micro_batch: Annotated[Optional[int], typer.Option(help="rows per micro-batch")] = None,
@@ -345,8 +347,8 @@ def train(
         overrides.update({k: v for k, v in {"micro_batch": micro_batch, "accumulation": accumulation,
                                             "lr": lr}.items() if v is not None})
         result = run_train(TrainSettings(stage=stage, data=data, out=out, preset=preset, max_steps=max_steps,
-                                         init=init, resume=resume, llm=llm, seed=seed, max_rejected=max_rejected,
-                                         fsdp=fsdp, progress=progress, overrides=overrides))
+                                         init=init, resume=resume, overwrite=overwrite, llm=llm, seed=seed, max_rejected=max_rejected,
+                                         fsdp=fsdp, precision=precision, progress=progress, overrides=overrides))
     except (DataError, RecipeError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
     console.print(f"[green]trained {result['steps']} steps[/] -> {out}/checkpoint, {out}/metrics.jsonl, {out}/loss.png")

@@ -35,6 +35,7 @@ import polars as pl
 from qvl import pixels, storage
 from qvl.curate import fetch, netcheck
 from qvl.curate import report as report_mod
+from qvl.lifeline import PARENT_ENV
 from qvl.progress import progress_bar
 from qvl.recipes import require
 
@@ -144,7 +145,8 @@ def _fetch(queue: pl.DataFrame, folder: Path, s: DownloadSettings, show_progress
     try:
         proc = subprocess.Popen([sys.executable, "-m", "qvl.curate.fetch", str(own / "img2dataset.json")],
                                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", fetch.MAX_PIXELS: str(s.max_pixels),
-                                     fetch.ALLOW_PRIVATE: "1" if s.allow_private else "0"})
+                                     fetch.ALLOW_PRIVATE: "1" if s.allow_private else "0",
+                                     PARENT_ENV: str(os.getpid())})
         with progress_bar(disable=not show_progress) as bar:
             task = bar.add_task(f"download {folder.name}", total=rows, unit="images")
             while proc.poll() is None:

@@ -14,13 +14,16 @@ import queue
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
 from qvl.curate.settings import RunSettings
+from qvl.lifeline import exit_with_parent
 
 _worker_progress: "mp.Queue | queue.SimpleQueue | None" = None
 
 
-def _init_worker(progress_queue) -> None:
+def _init_worker(progress_queue, parent: int | None = None) -> None:
     global _worker_progress
     _worker_progress = progress_queue
+    if parent is not None:
+        exit_with_parent(parent)
 
 
 def shard_task(shard, out, settings, batch_rows, partitions) -> dict:
@@ -45,7 +48,7 @@ class LocalEngine:
             self._previous = os.environ.get("POLARS_MAX_THREADS")
             os.environ["POLARS_MAX_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.workers))
             self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
-                                            initargs=(self.queue,))
+                                            initargs=(self.queue, os.getpid()))
         else:
             self.queue = queue.SimpleQueue()
             _init_worker(self.queue)

@@ -48,12 +48,19 @@ def guard() -> None:
 
 
 if __name__ in ("__main__", "__mp_main__"):  # this process, or a worker img2dataset spawned
+    from qvl.lifeline import exit_with_parent
+
     os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+    exit_with_parent()
     guard()
 
 
 def main() -> None:
     from img2dataset import download
+
+    from qvl.lifeline import PARENT_ENV
+
+    os.environ[PARENT_ENV] = str(os.getpid())  # img2dataset's workers watch this process
 
     with open(sys.argv[1], encoding="utf-8") as f:
         download(**json.load(f))

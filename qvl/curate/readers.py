@@ -319,6 +319,7 @@ def _malformed(shard: Shard, rows: list[tuple[int, str, str]]) -> pl.DataFrame:
     cols = shard.layout.columns
     raw = pa.table({
         **{column: pa.nulls(len(rows), pa.float64()) for name, column in cols.items() if name not in ("url", "text")},
+        **{column: pa.nulls(len(rows), pa.string()) for column in shard.passthrough},
         cols["url"]: pa.nulls(len(rows), pa.string()),
         cols["text"]: pa.array([r[1] for r in rows], pa.string()),
     })

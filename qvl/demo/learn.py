@@ -157,7 +157,7 @@ def run_learning_demo(out: Path, eval_path: Path, world: DemoWorld | None = None
         run = out / f"stage{stage}"
         log(f"training stage {stage} for {steps} steps ...")
         train(TrainSettings(stage=stage, data=shards[key], out=run, preset="tiny", max_steps=steps, init=init,
-                            seed=world.seed, log=False, progress=show_progress))
+                            seed=world.seed, log=False, progress=show_progress, overwrite=True))
         init = run / "checkpoint"
     tok = load_tokenizer(preset.tokenizer)
     resolution = json.loads((init / "meta.json").read_text())["resolution"]

@@ -79,8 +79,9 @@ class ShardWriter:
         self.rejects.append({"file": file, "line": line, "id": sample_id, "reason": reason, "detail": detail})
 
     def finish(self, manifest: dict) -> None:
-        if self._writer is None:  # no sample: one empty shard, so that datasets can open the folder
+        if self._writer is None:  # no sample: one shard holding one empty batch, which datasets opens
             self._open()
+            self._writer.write_batch(pa.RecordBatch.from_arrays([pa.array([], f.type) for f in SAMPLE], schema=SAMPLE))
         self._writer.close()
         n = len(self.files)
         names = []

@@ -1,0 +1,290 @@
+"""`qvl curate filter` against broken and hostile inputs: each case ends either with every
+input line in kept or rejected (a reject naming its row and reason) or with a one-line
+error naming the file, the line or the setting — never a traceback, never a silent loss."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from qvl.cli import app
+
+runner = CliRunner()
+CAPTION = "a red bus parked on a quiet street"
+
+
+def filter_cli(tmp_path: Path, inputs: list[Path], *extra: str, out: Path | None = None, quick: bool = True):
+    """The command as a user types it; ``quick``: one process, no language id."""
+    out = out or tmp_path / "out"
+    result = runner.invoke(app, ["curate", "filter", *map(str, inputs), "--out", str(out), "--no-progress",
+                                 *(["--skip-rule", "lang", "--workers", "1"] if quick else []), *extra])
+    return result, out
+
+
+def outcomes(out: Path) -> dict[str, str | None]:
+    """row_id -> drop_reason (None: kept), over both outputs."""
+    kept = pl.read_parquet(out / "kept" / "*.parquet") if list((out / "kept").glob("*.parquet")) else None
+    rejected = pl.read_parquet(out / "rejected" / "*.parquet")
+    found = {} if kept is None else dict.fromkeys(kept["row_id"])
+    found.update(zip(rejected["row_id"], rejected["drop_reason"]))
+    return found
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.output.startswith("error:"), result.output
+    return " ".join(result.output.split())
+
+
+# ---------------------------------------------------------------- one bad row: a reject, never a crash
+
+ROW_CASES = {
+    # file name, content, expected outcome per row id
+    "malformed JSONL line, layout with sizes and scores": (
+        "pairs.jsonl",
+        json.dumps({"URL": "http://x.test/1.jpg", "TEXT": CAPTION, "WIDTH": 640, "HEIGHT": 480, "similarity": 0.3})
+        + "\n{\"URL\": \"http://x.test/2.jpg\", \"TEXT\": \n"
+        + json.dumps({"URL": "http://x.test/3.jpg", "TEXT": CAPTION + " again", "WIDTH": 640, "HEIGHT": 480,
+                      "similarity": 0.3}) + "\n",
+        {"pairs.jsonl:1": None, "pairs.jsonl:2": "malformed_row", "pairs.jsonl:3": None}),
+    "first JSONL line malformed": (
+        "pairs.jsonl",
+        "not json at all\n" + json.dumps({"url": "http://x.test/1.jpg", "text": CAPTION}) + "\n",
+        {"pairs.jsonl:1": "malformed_row", "pairs.jsonl:2": None}),
+    "UTF-8 BOM before the first JSONL line": (
+        "pairs.jsonl", "\ufeff" + json.dumps({"url": "http://x.test/1.jpg", "text": CAPTION}) + "\n",
+        {"pairs.jsonl:1": None}),
+    "JSONL size that is a string, a list or a boolean": (
+        "pairs.jsonl",
+        "".join(json.dumps({"url": f"http://x.test/{i}.jpg", "text": f"{CAPTION} {i}", "width": w, "height": 480}) + "\n"
+                for i, w in enumerate(["640", [640], True, "wide"])),
+        {"pairs.jsonl:1": None, "pairs.jsonl:2": "malformed_row", "pairs.jsonl:3": "malformed_row",
+         "pairs.jsonl:4": "malformed_row"}),
+    "NaN and infinite sizes and scores in JSONL (Python's json reads them)": (
+        "pairs.jsonl",
+        '{"url": "http://x.test/1.jpg", "text": "%s", "width": NaN, "height": 480, "clip_score": Infinity}\n'
+        '{"url": "http://x.test/2.jpg", "text": "%s two", "width": 1e400, "height": -Infinity}\n' % (CAPTION, CAPTION),
+        {"pairs.jsonl:1": None, "pairs.jsonl:2": None}),
+    "malformed CSV line in a layout with sizes": (
+        "pairs.csv",
+        f"URL,TEXT,WIDTH,HEIGHT,similarity\nhttp://x.test/1.jpg,{CAPTION},640,480,0.3\nonly,three,fields\n"
+        f"http://x.test/3.jpg,{CAPTION} three,640,480,0.3\n",
+        {"pairs.csv:2": None, "pairs.csv:3": "malformed_row", "pairs.csv:4": None}),
+    "CSV size that is not a number": (
+        "pairs.csv", f"url,text,width,height\nhttp://x.test/1.jpg,{CAPTION},wide,480\n"
+        f"http://x.test/2.jpg,{CAPTION} two,nan,480\n",
+        {"pairs.csv:2": "malformed_row", "pairs.csv:3": None}),
+    "CSV quoted caption over two lines keeps the line numbers true": (
+        "pairs.csv", f'url,text\nhttp://x.test/1.jpg,"{CAPTION}\nover two lines"\nhttp://x.test/2.jpg,{CAPTION}\n',
+        {"pairs.csv:2": None, "pairs.csv:4": None}),
+    "TSV with a row of the wrong field count and a size that is text": (
+        "pairs.tsv", f"url\ttext\twidth\thttp\nhttp://x.test/1.jpg\t{CAPTION}\n"
+        f"http://x.test/2.jpg\t{CAPTION}\tx\t3\nhttp://x.test/3.jpg\t{CAPTION} 3\t640\t1\n",
+        {"pairs.tsv:2": "malformed_row", "pairs.tsv:3": "malformed_row", "pairs.tsv:4": None}),
+    "bytes that are not UTF-8": (
+        "pairs.tsv", None,  # written below as bytes
+        {"pairs.tsv:1": "invalid_utf8", "pairs.tsv:2": None}),
+    "headerless CC12M TSV whose first line is odd": (
+        "cc12m.tsv", "caption\turl\n" + "".join(f"http://x.test/{i}.jpg\t{CAPTION} {i}\n" for i in range(20)),
+        {"cc12m.tsv:1": "length", **{f"cc12m.tsv:{i + 2}": None for i in range(20)}}),  # "url" is one word
+    "empty lines and control characters": (
+        "pairs.jsonl",
+        "\n" + json.dumps({"url": "http://x.test/1.jpg", "text": "a red\u202e bus\x00 on a street"}) + "\n\n",
+        {"pairs.jsonl:1": "malformed_row", "pairs.jsonl:2": None, "pairs.jsonl:3": "malformed_row"}),
+}
+
+
+@pytest.mark.parametrize("case", list(ROW_CASES))
+def test_one_bad_row_is_a_reject_with_its_reason(tmp_path, case):
+    name, content, expected = ROW_CASES[case]
+    path = tmp_path / name
+    if content is None:
+        path.write_bytes(b"http://x.test/1.jpg\ta caption \xff\xfe broken\nhttp://x.test/2.jpg\t" + CAPTION.encode() + b"\n")
+        path = path.with_name("pairs.tsv")
+        args = ["--map", "url=url,text=text"]
+        path.write_bytes(b"url\ttext\n" + path.read_bytes())
+        expected = {"pairs.tsv:2": "invalid_utf8", "pairs.tsv:3": None}
+    else:
+        path.write_text(content, encoding="utf-8")
+        args = []
+    result, out = filter_cli(tmp_path, [path], *args)
+    assert result.exit_code == 0, result.output
+    assert outcomes(out) == expected
+    report = json.loads((out / "report.json").read_text())
+    assert report["accounted"] and report["input_rows"] == len(expected)
+
+
+def test_non_finite_numbers_are_unknown_and_counted(tmp_path):
+    path = tmp_path / "laion.parquet"
+    pq.write_table(pa.table({"URL": [f"http://x.test/{i}.jpg" for i in range(4)], "TEXT": [CAPTION + f" {i}" for i in range(4)],
+                             "WIDTH": [float("nan"), 640.0, float("inf"), 1e300], "HEIGHT": [480.0] * 4,
+                             "similarity": [float("nan"), float("-inf"), 0.3, 0.3]}), path)
+    result, out = filter_cli(tmp_path, [path])
+    assert result.exit_code == 0, result.output
+    kept = pl.read_parquet(out / "kept" / "*.parquet").sort("row_id")
+    assert kept["width"].to_list() == [None, 640, None, None]  # never -9223372036854775808
+    assert kept["clip_score"].to_list() == [None, None, 0.3, 0.3]
+    report = json.loads((out / "report.json").read_text())
+    assert report["by_source"]["laion"]["non_finite_numbers"] == 4
+    assert report["by_source"]["laion"]["clip_unscored"] == 2
+
+
+# ---------------------------------------------------------------- a whole file or setting: one clear line
+
+
+def test_unterminated_csv_quote_is_an_error_never_a_merge(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text(f'url,text\nhttp://x.test/1.jpg,"{CAPTION}\nhttp://x.test/2.jpg,{CAPTION}\n'
+                    f'http://x.test/3.jpg,{CAPTION}\n')
+    message = one_line_error(filter_cli(tmp_path, [path])[0])
+    assert "pairs.csv:2:" in message and "not closed" in message and "line 4" in message
+    path.write_text(f'url,text\nhttp://x.test/1.jpg,"a dog\nhttp://x.test/2.jpg,"a cat",x\n')  # closed mid-field
+    assert "pairs.csv:2:" in one_line_error(filter_cli(tmp_path, [path], out=tmp_path / "out2")[0])
+
+
+def test_same_file_twice_is_refused_and_same_names_stay_apart(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "part.jsonl").write_text(json.dumps({"url": f"http://x.test/{folder}.jpg",
+                                                                  "text": f"{CAPTION} {folder}"}) + "\n")
+    message = one_line_error(filter_cli(tmp_path, [tmp_path / "a" / "part.jsonl", tmp_path / "a" / ".." / "a" / "part.jsonl"])[0])
+    assert "given twice" in message
+    result, out = filter_cli(tmp_path, [tmp_path / "a", tmp_path / "b"])
+    assert result.exit_code == 0, result.output
+    assert set(outcomes(out)) == {"a/part.jsonl:1", "b/part.jsonl:1"}
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ('[filter]\nmin_side = "big"\n', "r.toml [filter]: min_side: 'big' is not int"),
+    ("[filter]\nclip_thresholds = 0.3\n", "r.toml [filter]: clip_thresholds: 0.3 is not dict"),
+    ('[filter]\nskip_rules = "emoji"\n', "r.toml [filter]: skip_rules: 'emoji' is not tuple"),
+    ("[filter]\nmin_units = 9\nmax_units = 3\n", "r.toml [filter]: max_units: 3: must be >= min_units (9)"),
+    ('[filter]\nlanguages = ["english"]\n', "r.toml [filter]: languages: 'english'"),
+    ("[filter]\nmin_lang_score = 2\n", "min_lang_score: 2.0: a probability is in [0, 1]"),
+    ("[run]\nworkers = -3\n", "r.toml [run]: workers: -3"),
+    ("[run]\nbatch_rows = 0\n", "r.toml [run]: batch_rows: 0: must be >= 1"),
+    ('[run]\nengine = "spark"\n', "engine: 'spark': use local or ray"),
+    ("filter = 3\n", "r.toml: [filter] must be a table"),
+    ("[filtre]\n", "unknown table(s) filtre; use [filter] and [run]"),
+])
+def test_recipe_values_are_checked_with_file_and_key(tmp_path, recipe, message):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"url": "http://x.test/1.jpg", "text": CAPTION}) + "\n")
+    (tmp_path / "r.toml").write_text(recipe)
+    text = one_line_error(filter_cli(tmp_path, [path], "--recipe", str(tmp_path / "r.toml"), quick=False)[0])
+    assert message in text and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--min-units", "5", "--max-units", "2"], "max_units: 2: must be >= min_units (5)"),
+    (["--languages", "en,"], "languages"),
+    (["--clip-threshold", "laion=high"], "--clip-threshold laion=high: not a number"),
+    (["--engine", "spark"], "engine: 'spark'"),
+])
+def test_option_values_are_checked(tmp_path, options, message):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"url": "http://x.test/1.jpg", "text": CAPTION}) + "\n")
+    assert message in one_line_error(filter_cli(tmp_path, [path], *options)[0])
+
+
+def test_out_that_is_a_file_or_unwritable(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"url": "http://x.test/1.jpg", "text": CAPTION}) + "\n")
+    (tmp_path / "file").write_text("x")
+    assert "is a file, not a folder" in one_line_error(filter_cli(tmp_path, [path], out=tmp_path / "file")[0])
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert "cannot write here" in one_line_error(filter_cli(tmp_path, [path], out=locked / "out")[0])
+
+
+def test_overwrite_never_deletes_a_folder_qvl_did_not_write(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"url": "http://x.test/1.jpg", "text": CAPTION}) + "\n")
+    precious = tmp_path / "home"
+    (precious / "kept").mkdir(parents=True)
+    (precious / "kept" / "thesis.parquet").write_text("years of work")
+    (precious / "report.md").write_text("notes")
+    message = one_line_error(filter_cli(tmp_path, [path], "--overwrite", out=precious)[0])
+    assert "not a qvl output" in message
+    assert (precious / "kept" / "thesis.parquet").read_text() == "years of work" and (precious / "report.md").exists()
+    result, out = filter_cli(tmp_path, [path])
+    assert result.exit_code == 0
+    again, _ = filter_cli(tmp_path, [path], "--min-side", "10", "--overwrite")  # a qvl run: replaced
+    assert again.exit_code == 0 and json.loads((out / "report.json").read_text())["settings"]["min_side"] == 10
+
+
+@pytest.mark.parametrize("content, message", [
+    ("x" * 50 + "\n", "none of the first 1 lines is a JSON object"),
+])
+def test_a_file_that_is_no_jsonl(tmp_path, content, message):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(content)
+    assert message in one_line_error(filter_cli(tmp_path, [path])[0])
+
+
+def test_a_long_first_jsonl_line_is_read(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    big = {"url": "http://x.test/1.jpg", "text": CAPTION, "exif": "x" * (2 << 20)}  # a valid 2 MiB line
+    path.write_text(json.dumps(big) + "\n" + json.dumps({"url": "http://x.test/2.jpg", "text": CAPTION + " 2"}) + "\n")
+    result, out = filter_cli(tmp_path, [path])
+    assert result.exit_code == 0, result.output
+    assert outcomes(out) == {"pairs.jsonl:1": None, "pairs.jsonl:2": None}
+
+
+def test_headerless_tsv_layout_is_a_majority_and_said(tmp_path):
+    from qvl.curate import readers
+
+    path = tmp_path / "cc.tsv"
+    path.write_text("".join(f"http://x.test/{i}.jpg\t{CAPTION}\n" for i in range(9)) + f"{CAPTION}\thttp://x.test/9.jpg\n")
+    shard = readers.open_shard(path, 0)
+    assert shard.layout.name == "cc12m" and shard.layout_note == "cc12m: 9 of 10 sampled lines are url<TAB>caption"
+    path.write_text("".join(f"http://x.test/{i}.jpg\t{CAPTION}\n" for i in range(5))
+                    + "".join(f"{CAPTION}\thttp://x.test/{i}.jpg\n" for i in range(5)))
+    assert "clear majority" in one_line_error(filter_cli(tmp_path, [path])[0])
+
+
+def test_killing_the_main_process_ends_its_workers(tmp_path):
+    """kill -9 of `qvl curate filter` must not leave its worker processes running."""
+    for i in range(4):
+        pl.DataFrame({"url": [f"http://x.test/{i}/{j}.jpg" for j in range(300_000)],
+                      "text": [f"{CAPTION} {j}" for j in range(300_000)]}).write_parquet(tmp_path / f"p{i}.parquet")
+    proc = subprocess.Popen([sys.executable, "-m", "qvl.cli", "curate", "filter", str(tmp_path), "--out",
+                             str(tmp_path / "out"), "--workers", "2", "--skip-rule", "lang", "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children() -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == proc.pid:
+                    found.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                pass
+        return found
+
+    deadline = time.time() + 60
+    while len(children()) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    workers = children()
+    assert workers, "the filter never started its workers"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    alive = workers
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()
+                 and (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z")]
+    assert not alive, f"workers {alive} outlived the killed filter"

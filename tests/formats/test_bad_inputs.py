@@ -1,0 +1,162 @@
+"""`qvl format` against broken and hostile inputs: one bad record is a reject with its file,
+line and reason; a bad setting or folder is a one-line error; nothing is lost, no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from qvl.cli import app
+from qvl.formats.build import FormatSettings, run_format
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.new("RGB", (64, 48), "red").save(root / "red.png")
+    Image.new("RGB", (600, 500), "blue").save(root / "big.png")  # 0.3 Mpx
+    (root / "bomb.png").write_bytes(_png_header_only(20_000, 20_000))
+    good = (root / "red.png").read_bytes()
+    (root / "truncated.png").write_bytes(good[: len(good) // 2])
+    return root
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG that claims 20000x20000 pixels: a decompression bomb's header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    rows = zlib.compress(b"\x00" * (width + 1) * 16)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def cli(*args: str):
+    return runner.invoke(app, ["format", *args, "--no-progress"])
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.output.startswith("error:"), result.output
+    return " ".join(result.output.split())
+
+
+REC = {"task": "caption", "image": "red.png", "caption": "a red square"}
+CASES = [
+    # record, reason
+    ({**REC, "image": "bomb.png"}, "too_many_pixels"),
+    ({**REC, "image": "big.png"}, "too_many_pixels"),  # over --max-pixels 100000 below
+    ({**REC, "image": "truncated.png"}, "corrupt_image"),
+    ({**REC, "image": "red\x00.png"}, "unsafe_image_path"),
+    ({**REC, "image": "x" * 5000 + ".png"}, "unsafe_image_path"),  # a name too long for the file system
+    ({**REC, "image": ""}, "bad_sample"),
+    ({**REC, "image": 7}, "bad_sample"),
+    ({"task": "ref_grounding", "image": "red.png", "ref": "it", "box": ["1", "2", "30", "40"]}, "bad_box"),
+    ({"task": "ref_grounding", "image": "red.png", "ref": "it", "box": [True, 2, 30, 40]}, "bad_box"),
+    ({"task": "ref_grounding", "image": "red.png", "ref": "it", "box": [1, 2, 30, None]}, "bad_box"),
+    ({"task": "ocr", "image": "red.png", "lines": [{"text": "x", "quad": [[0, 0], ["1", 0], [1, 1], [0, 1]]}]}, "bad_box"),
+    ({"task": "grounding", "image": "red.png", "caption": "a dog", "regions": [{"span": [False, 3], "boxes": [[1, 1, 5, 5]]}]},
+     "bad_sample"),
+    ({"task": "ref_grounding", "image": "red.png", "ref": "it", "box": [1, 2, 30, 40], "width": "64", "height": 48},
+     "bad_box"),
+    ({"task": "ref_grounding", "image": "red.png", "ref": "it", "box": [1, 2, 30, 40], "width": float("nan"),
+      "height": 48}, "bad_box"),
+    ({"task": "nope"}, "unknown_task"),
+    ("[1, 2]", "malformed_json"),
+]
+
+
+def test_each_bad_record_is_a_reject_and_the_run_goes_on(tmp_path, images):
+    src = write_jsonl(tmp_path / "ann.jsonl", [REC] + [r for r, _ in CASES] + [REC])
+    manifest = run_format("multitask", [src], tmp_path / "out", images, show_progress=False,
+                          settings=FormatSettings(tokenizer="bytes", image_tokens=4, max_pixels=100_000))
+    rejects = pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()
+    assert [(r["line"], r["reason"]) for r in rejects] == [(i + 2, reason) for i, (_, reason) in enumerate(CASES)]
+    assert all(r["file"] == str(src) and r["detail"] for r in rejects)
+    assert manifest["samples"] == 2 and manifest["records"] == len(CASES) + 2
+    bomb = next(r for r in rejects if r["line"] == 2)
+    assert "400000000 pixels" in bomb["detail"]  # refused from its header, never decoded
+
+
+def test_an_output_with_no_sample_opens_and_inspect_says_so(tmp_path, images):
+    import datasets
+
+    src = write_jsonl(tmp_path / "ann.jsonl", [{**REC, "image": "missing.png"}])
+    result = cli("multitask", "-i", str(src), "--images", str(images), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert len(datasets.load_from_disk(str(tmp_path / "out"))) == 0
+    message = one_line_error(runner.invoke(app, ["format", "inspect", str(tmp_path / "out")]))
+    assert "holds no rows (1 of 1 records rejected" in message
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--images", "{tmp}/nowhere"], "--images {tmp}/nowhere: no such folder"),
+    (["--image-tokens", "0"], "image_tokens: 0: an image needs at least one token"),
+    (["--max-len", "0"], "max_len: 0: must be >= 1"),
+    (["--pack-to", "-5"], "pack_to: -5: must be >= 1"),
+    (["--max-pixels", "0"], "max_pixels: 0: must be >= 1"),
+    (["--tokenizer", "{tmp}/no-tokenizer"], "--tokenizer"),
+    (["-i", "{tmp}/ann.jsonl"], "given twice"),
+])
+def test_bad_settings_and_folders_are_one_line_errors(tmp_path, images, args, message):
+    src = write_jsonl(tmp_path / "ann.jsonl", [REC])
+    args = [a.format(tmp=tmp_path) for a in args]
+    result = cli("multitask", "-i", str(src), "--out", str(tmp_path / "out"),
+                 *(["--images", str(images)] if "--images" not in args else []), *args)
+    assert message.format(tmp=tmp_path) in one_line_error(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_duplicate_ids_are_counted_and_warned(tmp_path, images):
+    src = write_jsonl(tmp_path / "ann.jsonl", [{**REC, "id": "a"}, {**REC, "id": "a"}, {**REC, "id": "b"}])
+    result = cli("multitask", "-i", str(src), "--images", str(images), "--out", str(tmp_path / "out"),
+                 "--tokenizer", "bytes", "--image-tokens", "4")
+    assert result.exit_code == 0 and "1 sample(s) repeat an earlier id" in result.output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["duplicate_ids"] == {"samples": 1, "examples": ["a"]} and manifest["samples"] == 3
+
+
+def test_same_file_names_in_two_folders_get_distinct_ids(tmp_path, images):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        write_jsonl(tmp_path / folder / "ann.jsonl", [REC])
+    manifest = run_format("multitask", [tmp_path / "a" / "ann.jsonl", tmp_path / "b" / "ann.jsonl"], tmp_path / "out",
+                          images, settings=FormatSettings(tokenizer="bytes", image_tokens=4), show_progress=False)
+    import datasets
+
+    assert sorted(datasets.load_from_disk(str(tmp_path / "out"))["id"]) == ["a/ann.jsonl:1", "b/ann.jsonl:1"]
+    assert manifest["duplicate_ids"]["samples"] == 0
+
+
+def test_overwrite_only_replaces_a_qvl_output_and_stale_temp_folders_go(tmp_path, images):
+    src = write_jsonl(tmp_path / "ann.jsonl", [REC])
+    precious = tmp_path / "notes"
+    precious.mkdir()
+    (precious / "todo.txt").write_text("keep me")
+    message = one_line_error(cli("multitask", "-i", str(src), "--images", str(images), "--out", str(precious),
+                                 "--overwrite"))
+    assert "not a qvl output" in message and (precious / "todo.txt").read_text() == "keep me"
+    stale = tmp_path / f"out.tmp-{2 ** 22 + 12345}"  # a pid above Linux's limit: that process is gone
+    stale.mkdir()
+    (stale / "data-00000.arrow").write_bytes(b"half")
+    mine = tmp_path / f"out.tmp-{os.getpid()}x"  # not a pid: left alone
+    mine.mkdir()
+    result = cli("multitask", "-i", str(src), "--images", str(images), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0 and not stale.exists() and mine.exists()
+    again = cli("multitask", "-i", str(src), "--images", str(images), "--out", str(tmp_path / "out"), "--overwrite")
+    assert again.exit_code == 0, again.output
