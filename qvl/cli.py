@@ -320,7 +320,7 @@ def train(
     stage: Annotated[int, typer.Option(help="1 pre-train, 2 multitask, 3 SFT (Qwen-VL Table 8)", min=1, max=3)],
     data: Annotated[Path, typer.Option(help="output folder of qvl format")],
     out: Annotated[Path, typer.Option("--out", "-o", help="run folder: metrics.jsonl, loss.png, checkpoint/")],
-    preset: Annotated[str, typer.Option(help="tiny, qwen-vl, or a preset .toml")] = "tiny",
+    preset: Annotated[Optional[str], typer.Option(help="tiny, qwen-vl, or a preset .toml (default: --init's, else tiny)")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="TOML/YAML with a [stage] table of overrides")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="optimiser steps")] = None,
     init: Annotated[Optional[Path], typer.Option(help="checkpoint folder of the previous stage")] = None,
@@ -356,31 +356,71 @@ def train(
 
 @app.command("generate")
 def generate(
-    checkpoint: Annotated[Path, typer.Option(help="a run's checkpoint folder")],
-    image: Annotated[Path, typer.Option(help="the image")],
-    prompt: Annotated[str, typer.Option(help="text after the image, e.g. '<ref>the red circle</ref>'")],
-    preset: Annotated[str, typer.Option(help="the preset the checkpoint was trained with")] = "tiny",
+    checkpoint: Annotated[Path, typer.Option(help="a checkpoint folder (a run's checkpoint/, or qvl convert's --out)")],
+    prompt: Annotated[str, typer.Option(help="the prompt; <img>PATH</img> spans are images, e.g. "
+                                             "'<img>a.jpg</img><ref>the red circle</ref>'")],
+    images: Annotated[Optional[Path], typer.Option(help="folder the <img> paths are relative to")] = None,
+    image: Annotated[Optional[Path], typer.Option(help="shorthand: this image before the prompt")] = None,
+    chat: Annotated[bool, typer.Option(help="one ChatML user turn after the system message (chat models)")] = False,
+    system: Annotated[Optional[str], typer.Option(help="the system message with --chat")] = None,
     max_new_tokens: int = 64,
+    as_json: Annotated[bool, typer.Option("--json", help='print {"ids": [...], "text": ...}')] = False,
+    preset: Annotated[Optional[str], typer.Option(help="only for checkpoints that carry no preset.json")] = None,
 ) -> None:
-    """Greedy generation from a checkpoint, the image inserted before the prompt."""
-    from safetensors.torch import load_model
+    """Greedy generation from a checkpoint; stops at <|endoftext|>, <|im_end|> or --max-new-tokens."""
+    from qvl.trainer.checkpoint import load_checkpoint
+    from qvl.trainer.generate import generate_text
 
-    from qvl.formats.tokenizers import IMG_PAD, load_tokenizer
-    from qvl.trainer.data import load_image
-    from qvl.trainer.generate import greedy, prompt_ids
-    from qvl.trainer.model import QwenVL, load_preset
+    try:
+        model, cfg, tok, meta = load_checkpoint(checkpoint, preset)
+        if image is not None:
+            if images is not None:
+                raise ValueError("give --image or --images, not both")
+            images, shorthand = image.parent, image.name
+            prompt = (f"Picture 1: <img>{shorthand}</img>\n" if chat else f"<img>{shorthand}</img>") + prompt
+        result = generate_text(model, tok, int(meta["resolution"]), prompt, images, chat, system, max_new_tokens)
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(json.dumps(result, ensure_ascii=False) if as_json else result["text"])
 
-    meta_path = checkpoint / "meta.json"
-    if not meta_path.is_file() or not image.is_file():
-        _fail(f"{meta_path if not meta_path.is_file() else image}: not found")
-    meta = json.loads(meta_path.read_text())
-    cfg = load_preset(preset)
-    tok = load_tokenizer(cfg.tokenizer)
-    model = QwenVL(cfg, tok.vocab_size, tok.special(IMG_PAD), meta["resolution"])
-    load_model(model, str(checkpoint / "model.safetensors"))
-    pixels = load_image(image.read_bytes(), meta["resolution"]).unsqueeze(0)
-    out = greedy(model, tok, prompt_ids(tok, cfg.image_tokens, prompt), pixels, max_new_tokens)
-    typer.echo(tok.decode(out))
+
+convert_app = typer.Typer(help="The released Qwen-VL <-> qvl checkpoints.", no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("from-qwen-vl")
+def convert_from(
+    hf_dir: Annotated[Path, typer.Argument(help="the Hugging Face folder of Qwen-VL or Qwen-VL-Chat")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the qvl checkpoint folder to write")],
+    dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 (default: as stored)")] = None,
+) -> None:
+    """Convert the release's weights into a qvl checkpoint (for train --init, generate)."""
+    from qvl.trainer.release import ConvertError, from_qwen_vl
+
+    try:
+        meta = from_qwen_vl(hf_dir, out, dtype)
+    except ConvertError as e:
+        _fail(str(e))
+    console.print(f"[green]{meta['tensors']:,}[/] tensors, {meta['parameters'] / 1e9:.2f}B parameters "
+                  f"({meta['dtype']}) -> {out}")
+
+
+@convert_app.command("to-qwen-vl")
+def convert_to(
+    checkpoint: Annotated[Path, typer.Argument(help="a qvl checkpoint folder")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the Hugging Face folder to write")],
+    like: Annotated[Path, typer.Option(help="the release's folder: its config.json and remote code are used")],
+    dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 (default: as stored)")] = None,
+) -> None:
+    """Write a qvl checkpoint back in the release's layout (loads with trust_remote_code=True)."""
+    from qvl.trainer.release import ConvertError, to_qwen_vl
+
+    try:
+        done = to_qwen_vl(checkpoint, out, like, dtype)
+    except (ConvertError, ValueError) as e:
+        _fail(str(e))
+    console.print(f"[green]{done['tensors']:,}[/] tensors in {done['shards']} shard(s), "
+                  f"{done['bytes'] / 1e9:.2f} GB -> {out}")
 
 
 @app.command("demo")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 
@@ -40,15 +41,28 @@ def prompt_ids(tok: Tokenizer, image_tokens: int, text: str) -> list[int]:
     return assemble([plan], tok)[0].input_ids.tolist()
 
 
-def chat_prompt_ids(tok: Tokenizer, image_tokens: int, question: str) -> list[int]:
-    """A one-turn ChatML conversation about one picture, ending where the assistant speaks."""
+def render_prompt(tok: Tokenizer, image_tokens: int, text: str, chat: bool = False,
+                  system: str | None = None) -> tuple[list[int], list[str]]:
+    """(ids, image references in order) of a prompt whose ``<img>PATH</img>`` spans are
+    images where they stand: as it is (a base model's prompt), or (``chat``) one ChatML user
+    turn after the system message, ending where the assistant speaks — what the release's
+    ``make_context`` builds."""
     from qvl.formats.chatml import DEFAULT_SYSTEM, Conversation, render
 
-    conv = Conversation(None, DEFAULT_SYSTEM, [("user", f"Picture 1: <img>x</img>\n{question}")], "eval")
-    plan = render(conv, "prompt", tok, image_tokens)
-    plan.ids([tok.special("<|im_start|>")], False)
-    plan.text("assistant\n", False)
-    return assemble([plan], tok)[0].input_ids.tolist()
+    if chat:
+        plan = render(Conversation(None, system or DEFAULT_SYSTEM, [("user", text)], "prompt"), "prompt", tok,
+                      image_tokens)
+        plan.ids([tok.special("<|im_start|>")], False)
+        plan.text("assistant\n", False)
+    else:
+        plan = Plan("prompt", "generate", "generate")
+        plan.content(text, False, tok, image_tokens)
+    return assemble([plan], tok)[0].input_ids.tolist(), plan.images
+
+
+def chat_prompt_ids(tok: Tokenizer, image_tokens: int, question: str) -> list[int]:
+    """A one-turn ChatML conversation about one picture, ending where the assistant speaks."""
+    return render_prompt(tok, image_tokens, f"Picture 1: <img>x</img>\n{question}", chat=True)[0]
 
 
 def iou(a, b) -> float:
@@ -82,3 +96,20 @@ def grounding_accuracy(model: QwenVL, tok: Tokenizer, cases: list[dict], resolut
             examples.append({"ref": case["ref"], "truth": case["box"], "predicted": text, "hit": ok})
     n = max(1, len(cases))
     return {"accuracy": hits / n, "parsed": parsed / n, "n": len(cases), "examples": examples}
+
+
+def generate_text(model: QwenVL, tok: Tokenizer, resolution: int, prompt: str, images: Path | None = None,
+                  chat: bool = False, system: str | None = None, max_new_tokens: int = 64) -> dict:
+    """``{"ids": new token ids, "text": their text}`` for a prompt with ``<img>PATH</img>``
+    spans; the paths are read under ``images`` as `qvl format` reads them (never outside)."""
+    from qvl.formats.boxes import AnnotationError
+    from qvl.formats.images import ImageStore
+
+    ids, refs = render_prompt(tok, model.config.image_tokens, prompt, chat, system)
+    store = ImageStore(images)
+    try:
+        pixels = torch.stack([load_image(store.read(ref)[0], resolution) for ref in refs]) if refs else None
+    except AnnotationError as e:
+        raise ValueError(str(e)) from None
+    new = greedy(model, tok, ids, pixels, max_new_tokens)
+    return {"ids": new, "text": tok.decode(new)}

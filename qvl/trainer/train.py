@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +30,11 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from qvl import storage
 from qvl.formats.tokenizers import IMG_PAD, load_tokenizer
 from qvl.progress import progress_bar
+from qvl.recipes import coerce
 from qvl.schemas.samples import IGNORE_INDEX
 from qvl.trainer import parallel
 from qvl.trainer.data import Loader, Shards
+from qvl.trainer.checkpoint import read_preset
 from qvl.trainer.model import QwenVL, load_preset
 from qvl.trainer.stages import STAGES, Stage
 
@@ -41,7 +44,7 @@ class TrainSettings:
     stage: int
     data: Path
     out: Path
-    preset: str = "tiny"
+    preset: str | None = None  # None: the --init checkpoint's, else "tiny"
     max_steps: int | None = None
     init: Path | None = None  # a checkpoint folder of the previous stage
     resume: bool = False
@@ -63,10 +66,11 @@ def stage_for(settings: TrainSettings, preset) -> Stage:
     stage = dataclasses.replace(STAGES[settings.stage])
     for key, values in preset.stages.items():
         setattr(stage, key, values[settings.stage - 1])
+    hints = typing.get_type_hints(Stage)
     for key, value in settings.overrides.items():
-        if not hasattr(stage, key):
-            raise ValueError(f"unknown stage setting {key!r}")
-        setattr(stage, key, value)
+        if key not in hints:
+            raise ValueError(f"unknown stage setting {key!r}; known: {', '.join(sorted(hints))}")
+        setattr(stage, key, coerce(value, hints[key], f"[stage] {key}"))
     if settings.max_steps is not None:
         stage.max_steps = settings.max_steps
     return stage
@@ -175,17 +179,20 @@ def train(s: TrainSettings) -> dict:
             print(message, flush=True)
 
     # ---------------------------------------------------------------- model
-    preset = load_preset(s.preset)
+    preset = read_preset(s.init, s.preset) if s.init is not None else load_preset(s.preset or "tiny")
     stage = stage_for(s, preset)
     tok = load_tokenizer(preset.tokenizer)
     # built at the resolution the weights were trained at, then interpolated to this stage's
     start_res = json.loads((Path(s.init) / "meta.json").read_text())["resolution"] if s.init else stage.resolution
     model = QwenVL(preset, tok.vocab_size, tok.special(IMG_PAD), start_res, s.llm)
     if s.init is not None:
-        load_model(model, str(Path(s.init) / "model.safetensors"))
+        try:
+            load_model(model, str(Path(s.init) / "model.safetensors"))
+        except (OSError, RuntimeError, ValueError) as e:
+            raise RunError(f"--init {s.init}: cannot load its weights into preset {preset.name} ({str(e)[:300]})") \
+                from None
     model.vision.set_resolution(stage.resolution)
-    for part in ("vision", "adapter", "llm"):
-        getattr(model, part).requires_grad_(part in stage.trains)
+    model.set_trainable(stage.trains)
     model.to(device)
     fsdp = s.fsdp and world > 1
     wrapped = parallel.wrap(model, world, fsdp)
@@ -197,6 +204,10 @@ def train(s: TrainSettings) -> dict:
         raise ValueError(f"{s.data}: formatted with tokenizer {manifest['tokenizer']} and "
                          f"{manifest['settings']['image_tokens']} image tokens; preset {preset.name} needs "
                          f"{tok.name} and {preset.image_tokens} (re-run qvl format with --tokenizer/--image-tokens)")
+    rows = model.llm.get_input_embeddings().weight.shape[0]
+    if manifest.get("vocab_size", 0) > rows:
+        raise ValueError(f"{s.data}: its tokenizer has {manifest['vocab_size']:,} ids; the model's embedding "
+                         f"{rows:,} rows")
     loader = Loader(shards, stage.micro_batch, stage.resolution, tok.special("<|endoftext|>"), stage.seq_len,
                     s.seed, rank, world, log=say)
 
@@ -248,6 +259,7 @@ def train(s: TrainSettings) -> dict:
         with storage.atomic_path(folder / "state.pt") as tmp:
             torch.save({"optimizer": optimizer_state, "loader": loaders, "step": step,
                         "torch_rng": torch.get_rng_state()}, tmp)
+        storage.write_json(folder / "preset.json", preset.to_dict())
         storage.write_json(folder / "meta.json", {"stage": stage.number, "step": step, "preset": preset.name,
                                                   "resolution": stage.resolution,
                                                   "precision": "bf16" if bf16 else "fp32", "settings": str(s)})
