@@ -423,6 +423,69 @@ def convert_to(
                   f"{done['bytes'] / 1e9:.2f} GB -> {out}")
 
 
+eval_app = typer.Typer(help="Score a checkpoint the way the Qwen-VL paper did (RefCOCO, COCO captions, VQAv2 ...).",
+                       no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+def _eval(task: str, data: Path, out: Path, checkpoint: Optional[Path], predictions: Optional[Path],
+          images: Optional[Path], **options) -> None:
+    from qvl.eval.run import EvalSettings, evaluate, headline
+
+    try:
+        metrics = evaluate(EvalSettings(task=task, data=data, out=out, checkpoint=checkpoint, predictions=predictions,
+                                        images=images, **options))
+    except ValueError as e:  # bad data, predictions, settings or --out
+        _fail(str(e))
+    if metrics:  # rank 0 under torchrun
+        console.print(f"[green]{metrics['n']:,}[/] samples: {headline(metrics)} -> {out / 'metrics.json'}, "
+                      f"{out / 'report.md'}")
+
+
+DataArg = Annotated[Path, typer.Option("--data", help="the evaluation data (see qvl/eval/data.py for layouts)")]
+EvalOut = Annotated[Path, typer.Option("--out", "-o", help="folder for answers.jsonl, metrics.json, report.md")]
+CheckpointOpt = Annotated[Optional[Path], typer.Option(help="generate with this checkpoint")]
+PredictionsOpt = Annotated[Optional[Path], typer.Option(help="score these answers instead (JSONL: id, answer)")]
+EvalImages = Annotated[Optional[Path], typer.Option(help="folder the data's image paths are relative to")]
+ChatOpt = Annotated[bool, typer.Option(help="a chat model: the prompt as one ChatML user turn")]
+BatchOpt = Annotated[int, typer.Option(help="samples per generation batch")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
+PromptOpt = Annotated[Optional[str], typer.Option(help="another prompt template ({image}, {sent}, {question})")]
+
+
+@eval_app.command("grounding")
+def eval_grounding(data: DataArg, out: EvalOut, checkpoint: CheckpointOpt = None, predictions: PredictionsOpt = None,
+                   images: EvalImages = None, chat: ChatOpt = False, batch_size: BatchOpt = 8,
+                   device: DeviceOpt = "auto", prompt: PromptOpt = None,
+                   box_scale: Annotated[float, typer.Option(help="999 as the paper's script; 1000 undoes training's")] = 999.0,
+                   progress: bool = True) -> None:
+    """Referring grounding: accuracy at IoU >= 0.5 (RefCOCO/+/g layout: image, sent, bbox, width, height)."""
+    _eval("grounding", data, out, checkpoint, predictions, images, chat=chat, batch_size=batch_size, device=device,
+          prompt=prompt, box_scale=box_scale, progress=progress)
+
+
+@eval_app.command("caption")
+def eval_caption(data: DataArg, out: EvalOut, checkpoint: CheckpointOpt = None, predictions: PredictionsOpt = None,
+                 images: EvalImages = None, chat: ChatOpt = False, batch_size: BatchOpt = 8,
+                 device: DeviceOpt = "auto", prompt: PromptOpt = None, progress: bool = True) -> None:
+    """Captions: CIDEr, BLEU-4, METEOR, ROUGE-L with pycocoevalcap (JSONL or COCO captions JSON)."""
+    _eval("caption", data, out, checkpoint, predictions, images, chat=chat, batch_size=batch_size, device=device,
+          prompt=prompt, progress=progress)
+
+
+@eval_app.command("vqa")
+def eval_vqa(data: DataArg, out: EvalOut, checkpoint: CheckpointOpt = None, predictions: PredictionsOpt = None,
+             images: EvalImages = None, chat: ChatOpt = False, batch_size: BatchOpt = 8,
+             device: DeviceOpt = "auto", prompt: PromptOpt = None,
+             annotations: Annotated[Optional[Path], typer.Option(help="VQAv2's annotations JSON (--data: its questions)")] = None,
+             image_pattern: Annotated[Optional[str], typer.Option(help="VQAv2 image names, e.g. COCO_val2014_{image_id:012d}.jpg")] = None,
+             metric: Annotated[str, typer.Option(help="auto, vqa (ten human answers) or gqa (one answer)")] = "auto",
+             progress: bool = True) -> None:
+    """VQA: the VQAv2 accuracy (or GQA's exact match), with per-type scores."""
+    _eval("vqa", data, out, checkpoint, predictions, images, chat=chat, batch_size=batch_size, device=device,
+          prompt=prompt, annotations=annotations, image_pattern=image_pattern, metric=metric, progress=progress)
+
+
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="where the demo writes everything")] = Path("demo_out"),

@@ -14,19 +14,19 @@ from __future__ import annotations
 import io
 import json
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_model
-
 from qvl import storage
 from qvl.demo.world import caption_of, draw_scene
+from qvl.eval.run import EvalSettings, evaluate
 from qvl.formats.build import FormatSettings, run_format
-from qvl.formats.tokenizers import IMG_PAD, load_tokenizer
+from qvl.formats.tokenizers import load_tokenizer
+from qvl.trainer.checkpoint import load_checkpoint
 from qvl.trainer.data import load_image
-from qvl.trainer.generate import chat_prompt_ids, grounding_accuracy, greedy, prompt_ids
+from qvl.trainer.generate import chat_prompt_ids, greedy, prompt_ids
 from qvl.trainer.model import QwenVL, load_preset
 from qvl.trainer.train import TrainSettings, train
 
@@ -94,12 +94,17 @@ def write_world(folder: Path, world: DemoWorld) -> dict:
         turns = [what, where, what + where, where + what][i % 4]
         turns[0] = {**turns[0], "value": f"Picture 1: <img>{name}</img>\n" + turns[0]["value"]}
         sft.append({"id": f"c{i}", "conversations": turns})
-    held = []
-    for _ in range(world.held_out):
+    held, refs = [], []
+    (folder / "held").mkdir(exist_ok=True)
+    for i in range(world.held_out):
         data, t = _scene(rng, world)
-        held.append({"image": data, "ref": f"the {t.color} {t.shape}", "phrase": t.phrase, "shape": t.shape,
-                     "box": tuple(min(999, int(v / world.size * 1000)) for v in t.box)})
-    paths = {}
+        (folder / "held" / f"{i:04d}.png").write_bytes(data)
+        held.append({"image": data, "ref": f"the {t.color} {t.shape}", "phrase": t.phrase, "shape": t.shape})
+        # the held-out set in the layout of Qwen-VL's RefCOCO eval data, for `qvl eval grounding`
+        refs.append({"image": f"{i:04d}.png", "sent": f"the {t.color} {t.shape}", "bbox": list(t.box),
+                     "width": world.size, "height": world.size})
+    (folder / "held.jsonl").write_text("".join(json.dumps(r) + "\n" for r in refs))
+    paths = {"held_grounding": folder / "held.jsonl", "held_images": folder / "held"}
     for key, records in (("stage1", stage1), ("stage2", stage2), ("sft", sft)):
         paths[key] = folder / f"{key}.jsonl"
         paths[key].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
@@ -115,11 +120,23 @@ def _exact(model, tok, cases, resolution, ids_of, truth_of) -> float:
     return hits / max(1, len(cases))
 
 
+def grounding(checkpoint: Path, files: dict, out: Path, chat: bool) -> dict:
+    """Referring grounding on the held-out images through `qvl eval grounding` (the paper's
+    protocol; boxes scaled by 1000, the convention qvl trains with): the accuracy, and the
+    first answers as examples."""
+    metrics = evaluate(EvalSettings(task="grounding", data=files["held_grounding"], out=out, checkpoint=checkpoint,
+                                    images=files["held_images"], chat=chat, box_scale=1000, batch_size=16,
+                                    progress=False))
+    rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()[:5]]
+    return {"accuracy": metrics["grounding_acc"],
+            "examples": [{"prompt": r["prompt"], "answer": r["answer"], "box": r["box"], "hit": bool(r["score"])}
+                         for r in rows]}
+
+
 def evaluate_multitask(model: QwenVL, tok, held: list[dict], resolution: int) -> dict:
-    """Stage-2 formats: referring grounding, English caption, VQA (exact match)."""
+    """Stage-2 formats: English caption and VQA (exact match)."""
     n = model.config.image_tokens
     return {
-        "grounding_acc": grounding_accuracy(model, tok, held, resolution)["accuracy"],
         "caption_em": _exact(model, tok, held[:50], resolution,
                              lambda c: prompt_ids(tok, n, "Generate the caption in English:"), lambda c: c["phrase"]),
         "vqa_em": _exact(model, tok, held[:50], resolution,
@@ -127,17 +144,11 @@ def evaluate_multitask(model: QwenVL, tok, held: list[dict], resolution: int) ->
     }
 
 
-def evaluate_chat(model: QwenVL, tok, held: list[dict], resolution: int) -> dict:
-    """Stage-3 chat: 'Where is …?' answered with a box, 'What is in the picture?' exactly."""
-    n = model.config.image_tokens
-    grounding = grounding_accuracy(model, tok, held, resolution, chat=True)
-    return {
-        "grounding_acc": grounding["accuracy"],
-        "caption_em": _exact(model, tok, held[:50], resolution,
-                             lambda c: chat_prompt_ids(tok, n, "What is in the picture?"),
-                             lambda c: f"It is {c['phrase']}."),
-        "examples": grounding["examples"],
-    }
+def chat_caption(model: QwenVL, tok, held: list[dict], resolution: int) -> float:
+    """Stage-3 chat: 'What is in the picture?' answered exactly."""
+    return _exact(model, tok, held[:50], resolution,
+                  lambda c: chat_prompt_ids(tok, model.config.image_tokens, "What is in the picture?"),
+                  lambda c: f"It is {c['phrase']}.")
 
 
 def run_learning_demo(out: Path, eval_path: Path, world: DemoWorld | None = None, log=print,
@@ -159,27 +170,32 @@ def run_learning_demo(out: Path, eval_path: Path, world: DemoWorld | None = None
         train(TrainSettings(stage=stage, data=shards[key], out=run, preset="tiny", max_steps=steps, init=init,
                             seed=world.seed, log=False, progress=show_progress, overwrite=True))
         init = run / "checkpoint"
+    # the same model before any step: the baseline every figure is held against
+    train(TrainSettings(stage=2, data=shards["stage2"], out=out / "untrained", preset="tiny", max_steps=0,
+                        seed=world.seed, log=False, overwrite=True))
+    log("evaluating on held-out images ...")
+    shutil.rmtree(out / "eval", ignore_errors=True)  # answers of an earlier demo run's models
+    checkpoints = {"untrained": out / "untrained" / "checkpoint", "stage2": out / "stage2" / "checkpoint",
+                   "final": init}
+    models = {name: load_checkpoint(path)[0] for name, path in checkpoints.items()}
     tok = load_tokenizer(preset.tokenizer)
     resolution = json.loads((init / "meta.json").read_text())["resolution"]
-    torch.manual_seed(world.seed)
-    untrained = QwenVL(preset, tok.vocab_size, tok.special(IMG_PAD), resolution).eval()
-    after_stage2 = QwenVL(preset, tok.vocab_size, tok.special(IMG_PAD), resolution).eval()
-    load_model(after_stage2, str(out / "stage2" / "checkpoint" / "model.safetensors"))
-    final = QwenVL(preset, tok.vocab_size, tok.special(IMG_PAD), resolution).eval()
-    load_model(final, str(init / "model.safetensors"))
-    log("evaluating on held-out images ...")
     held = files["held"]
-    chat, chat_before = evaluate_chat(final, tok, held, resolution), evaluate_chat(untrained, tok, held, resolution)
-    stage2, stage2_before = (evaluate_multitask(m, tok, held, resolution) for m in (after_stage2, untrained))
+    chat = {name: grounding(checkpoints[name], files, out / "eval" / f"{name}-chat", chat=True)
+            for name in ("final", "untrained")}
+    stage2 = {name: {"grounding_acc": grounding(checkpoints[name], files, out / "eval" / f"{name}-referring",
+                                                chat=False)["accuracy"],
+                     **evaluate_multitask(models[name], tok, held, resolution)} for name in ("stage2", "untrained")}
     result = {
         # the finished model (stage 3), asked as a user would: "Where is the red circle?"
-        "grounding_acc": chat["grounding_acc"],
-        "grounding_acc_untrained": chat_before["grounding_acc"],
-        "chat_caption_em": chat["caption_em"], "chat_caption_em_untrained": chat_before["caption_em"],
-        # the stage-2 model on the paper's multitask prompts
-        "stage2": stage2, "stage2_untrained": stage2_before,
+        "grounding_acc": chat["final"]["accuracy"],
+        "grounding_acc_untrained": chat["untrained"]["accuracy"],
+        "chat_caption_em": chat_caption(models["final"], tok, held, resolution),
+        "chat_caption_em_untrained": chat_caption(models["untrained"], tok, held, resolution),
+        # the stage-2 model on the paper's referring prompt (through `qvl eval grounding`) and multitask prompts
+        "stage2": stage2["stage2"], "stage2_untrained": stage2["untrained"],
         "held_out_images": len(held),
-        "examples": chat["examples"],
+        "examples": chat["final"]["examples"],
         "world": {k: v for k, v in world.__dict__.items()},
         "minutes": round((time.perf_counter() - started) / 60, 2),
     }

@@ -1,8 +1,8 @@
-"""Greedy generation with images inserted, and the grounding evaluation built on it."""
+"""Greedy generation with images inserted: one prompt (`qvl generate`) or a left-padded batch
+(`qvl eval`), on the KV cache."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -12,25 +12,57 @@ from qvl.formats.tokenizers import Tokenizer
 from qvl.trainer.data import load_image
 from qvl.trainer.model import QwenVL
 
-BOX = re.compile(r"<box>\((\d+),(\d+)\),\((\d+),(\d+)\)</box>")
+
+
+def stop_ids(tok: Tokenizer) -> set[int]:
+    return {tok.special("<|endoftext|>"), tok.special("<|im_end|>")}
 
 
 @torch.no_grad()
+def greedy_batch(model: QwenVL, tok: Tokenizer, prompts: list[list[int]], pixels: torch.Tensor | None,
+                 max_new_tokens: int = 32, min_new_tokens: int = 0) -> list[list[int]]:
+    """Greedy continuations of several prompts at once: left-padded (positions count from each
+    prompt's first real token, so a padded row computes what it would alone), the prompts
+    encoded once with their images (``pixels``: every image of every prompt, in order), then
+    one token at a time on the KV cache. A row ends at ``<|endoftext|>`` or ``<|im_end|>`` (not
+    returned), which cannot come before ``min_new_tokens`` (the eval scripts' setting)."""
+    model.eval()
+    device = next(model.parameters()).device
+    stop = sorted(stop_ids(tok))
+    pad = tok.special("<|endoftext|>")
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model.llm(inputs_embeds=model.embed(ids, None if pixels is None else pixels.to(device)),
+                    attention_mask=mask, position_ids=positions, use_cache=True)
+    next_position = positions[:, -1:] + 1
+    done = [False] * len(prompts)
+    generated: list[list[int]] = [[] for _ in prompts]
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        if step < min_new_tokens:
+            logits[:, stop] = float("-inf")
+        chosen = logits.argmax(-1)
+        for row, token in enumerate(chosen.tolist()):
+            if not done[row]:
+                if token in stop:
+                    done[row] = True
+                else:
+                    generated[row].append(token)
+        if all(done) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model.llm(input_ids=chosen[:, None], attention_mask=mask, position_ids=next_position, cache=out.cache,
+                        use_cache=True)
+        next_position = next_position + 1
+    return generated
+
+
 def greedy(model: QwenVL, tok: Tokenizer, prompt_ids: list[int], pixels: torch.Tensor | None,
            max_new_tokens: int = 32) -> list[int]:
-    """Continue ``prompt_ids`` until ``<|endoftext|>`` or ``<|im_end|>`` (not returned) or the
-    limit; the prompt (image included) is encoded once, then one token at a time on the KV cache."""
-    model.eval()
-    stop = {tok.special("<|endoftext|>"), tok.special("<|im_end|>")}
-    out = model.llm(inputs_embeds=model.embed(torch.tensor([prompt_ids]), pixels), use_cache=True)
-    generated: list[int] = []
-    for _ in range(max_new_tokens):
-        nxt = int(out.logits[0, -1].argmax())
-        if nxt in stop:
-            break
-        generated.append(nxt)
-        out = model.llm(input_ids=torch.tensor([[nxt]]), cache=out.cache, use_cache=True)
-    return generated
+    """One prompt's greedy continuation (see ``greedy_batch``)."""
+    return greedy_batch(model, tok, [prompt_ids], pixels, max_new_tokens)[0]
 
 
 def prompt_ids(tok: Tokenizer, image_tokens: int, text: str) -> list[int]:
@@ -63,39 +95,6 @@ def render_prompt(tok: Tokenizer, image_tokens: int, text: str, chat: bool = Fal
 def chat_prompt_ids(tok: Tokenizer, image_tokens: int, question: str) -> list[int]:
     """A one-turn ChatML conversation about one picture, ending where the assistant speaks."""
     return render_prompt(tok, image_tokens, f"Picture 1: <img>x</img>\n{question}", chat=True)[0]
-
-
-def iou(a, b) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def grounding_accuracy(model: QwenVL, tok: Tokenizer, cases: list[dict], resolution: int,
-                       chat: bool = False) -> dict:
-    """Share of ``cases`` ({image bytes, ref, box in [0,1000)}) whose predicted box has IoU >= 0.5;
-    asked as Qwen-VL's referring-grounding prompt, or (``chat``) as an SFT question."""
-    hits, parsed = 0, 0
-    examples = []
-    for case in cases:
-        pixels = load_image(case["image"], resolution).unsqueeze(0)
-        if chat:
-            ids = chat_prompt_ids(tok, model.config.image_tokens, f"Where is {case['ref']}?")
-        else:
-            ids = prompt_ids(tok, model.config.image_tokens, f"<ref>{case['ref']}</ref>")
-        text = tok.decode(greedy(model, tok, ids, pixels, max_new_tokens=40))
-        match = BOX.search(text)
-        ok = False
-        if match:
-            parsed += 1
-            ok = iou(tuple(int(v) for v in match.groups()), case["box"]) >= 0.5
-            hits += ok
-        if len(examples) < 5:
-            examples.append({"ref": case["ref"], "truth": case["box"], "predicted": text, "hit": ok})
-    n = max(1, len(cases))
-    return {"accuracy": hits / n, "parsed": parsed / n, "n": len(cases), "examples": examples}
 
 
 def generate_text(model: QwenVL, tok: Tokenizer, resolution: int, prompt: str, images: Path | None = None,

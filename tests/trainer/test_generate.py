@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from qvl.formats.tokenizers import load_tokenizer
-from qvl.trainer.generate import greedy, iou, prompt_ids
+from qvl.trainer.generate import greedy, greedy_batch, prompt_ids
 from qvl.trainer.model import QwenVL, load_preset
 
 
@@ -27,7 +27,14 @@ def test_cached_generation_equals_full_recompute(micro):
     assert cached == full and len(cached) > 0
 
 
-def test_iou():
-    assert iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
-    assert iou((0, 0, 10, 10), (5, 0, 15, 10)) == 1 / 3
-    assert iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
+def test_a_left_padded_batch_answers_as_single_prompts(micro):
+    """Positions count from each prompt's first real token and pads are masked: a batch of
+    prompts of three lengths gives each prompt's own continuation."""
+    tok = load_tokenizer("bytes")
+    torch.manual_seed(2)
+    model = QwenVL(load_preset(micro["preset"]), tok.vocab_size, tok.special("<imgpad>"), 32).eval()
+    prompts = [prompt_ids(tok, 4, text) for text in ("<ref>a</ref>", "<ref>the big red circle</ref>", "x")]
+    pixels = torch.randn(3, 3, 32, 32)
+    alone = [greedy_batch(model, tok, [p], pixels[i:i + 1], 10, min_new_tokens=3)[0] for i, p in enumerate(prompts)]
+    together = greedy_batch(model, tok, prompts, pixels, 10, min_new_tokens=3)
+    assert together == alone and all(len(a) >= 3 for a in alone)
