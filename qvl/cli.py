@@ -216,15 +216,21 @@ def curate_clip_score(
 
 def _format(kind: str, inputs: list[Path], out: Path, images: Optional[Path], downloads: Optional[Path],
             tokenizer: str, image_tokens: int, max_len: int, pack_to: Optional[int], max_pixels: int,
-            overwrite: bool, progress: bool) -> None:
+            overwrite: bool, progress: bool, records=None) -> None:
     from qvl.formats.build import FormatSettings, run_format
 
+    if not inputs:
+        _fail("give input files (--input FILE, or --from LAYOUT FILE...)")
     try:
         settings = FormatSettings(tokenizer=tokenizer, image_tokens=image_tokens, max_len=max_len, pack_to=pack_to,
                                   max_pixels=max_pixels)
-        manifest = run_format(kind, inputs, out, images, downloads, settings, overwrite, progress)
+        manifest = run_format(kind, inputs, out, images, downloads, settings, overwrite, progress, records)
     except (ValueError, FileExistsError) as e:  # bad settings, inputs, tokenizer or --out: a message
         _fail(str(e))
+    _report_format(manifest, out)
+
+
+def _report_format(manifest: dict, out: Path) -> None:
     duplicates = manifest["duplicate_ids"]
     if duplicates["samples"]:
         console.print(f"[yellow]warning:[/] {duplicates['samples']:,} sample(s) repeat an earlier id, e.g. "
@@ -244,8 +250,14 @@ DownloadsOpt = Annotated[Optional[Path], typer.Option(help="img2dataset output, 
 
 @format_app.command("multitask")
 def format_multitask(
-    inputs: Annotated[list[Path], typer.Option("--input", "-i", help="annotations (.jsonl, .json, curated .parquet)")],
     out: Annotated[Path, typer.Option("--out", "-o")],
+    files: Annotated[Optional[list[Path]], typer.Argument(help="the published files, with --from")] = None,
+    inputs: Annotated[list[Path], typer.Option("--input", "-i", help="annotations (.jsonl, .json, curated .parquet)")] = [],
+    from_: Annotated[Optional[str], typer.Option("--from", help="a published layout: coco-captions, vqav2, gqa, textvqa, "
+                                                 "refcoco, visual-genome, grit, textocr, llava-pretrain")] = None,
+    task: Annotated[list[str], typer.Option(help="with --from: the task(s) to take (default: all it gives)")] = [],
+    split: Annotated[Optional[str], typer.Option(help="with --from refcoco: the split (default train)")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="with --from: at most N records (a quick look)")] = None,
     images: ImagesOpt = None,
     downloads: DownloadsOpt = None,
     tokenizer: TokenizerOpt = "qwen-vl",
@@ -256,9 +268,21 @@ def format_multitask(
     overwrite: bool = False,
     progress: bool = True,
 ) -> None:
-    """Render the seven multitask pre-training formats into tokenized Arrow shards."""
-    _format("multitask", inputs, out, images, downloads, tokenizer, image_tokens, max_len, pack_to, max_pixels,
-            overwrite, progress)
+    """Render the seven multitask pre-training formats into tokenized Arrow shards (qvl's own
+    annotation files, or a published dataset's with --from LAYOUT)."""
+    records = None
+    paths = [*inputs, *(files or [])]
+    if from_ is not None:
+        from qvl.formats import importers
+
+        def records():
+            for file, index, record in importers.records(from_, paths, task or None, split, limit):
+                yield file, index, f"{Path(file).name}:{index}", record
+        records = records()
+    elif files:
+        _fail("give annotation files with --input, or published files with --from LAYOUT")
+    _format("multitask", paths, out, images, downloads, tokenizer, image_tokens, max_len, pack_to, max_pixels,
+            overwrite, progress, records)
 
 
 @format_app.command("sft")
@@ -278,6 +302,26 @@ def format_sft(
     """Render conversations (Qwen-VL, LLaVA, ShareGPT) in Qwen-VL's ChatML into tokenized shards."""
     _format("sft", inputs, out, images, downloads, tokenizer, image_tokens, max_len, pack_to, max_pixels, overwrite,
             progress)
+
+
+@format_app.command("mix")
+def format_mix(
+    recipe: Annotated[Path, typer.Argument(help="a TOML/YAML recipe: [mix] and [[source]] tables")],
+    out: Annotated[Path, typer.Option("--out", "-o")],
+    overwrite: bool = False,
+    progress: bool = True,
+) -> None:
+    """The stage-2 mixture: draw each source's share (deterministic in the seed), render, pack per task."""
+    from qvl.formats.mix import run_mix
+
+    try:
+        manifest = run_mix(recipe, out, overwrite, progress)
+    except (ValueError, FileExistsError) as e:
+        _fail(str(e))
+    _report_format(manifest, out)
+    for source, tasks in manifest["by_source"].items():
+        console.print(f"  {source}: " + ", ".join(f"{t} {c['samples']:,} samples / {c['tokens']:,} tokens"
+                                                  for t, c in tasks.items()))
 
 
 @format_app.command("inspect")

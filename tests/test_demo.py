@@ -21,3 +21,17 @@ def test_demo_runs_every_stage_and_writes_eval(tmp_path):
     for stage in (1, 2, 3):
         assert (tmp_path / "learn" / f"stage{stage}" / "checkpoint" / "model.safetensors").is_file()
     assert "grounding accuracy" in results["summary"]
+    # the demo's stage-2 grounding is `qvl eval grounding` on its held-out set: the same figure from the CLI
+    from typer.testing import CliRunner
+
+    from qvl.cli import app
+
+    world_dir = tmp_path / "learn" / "world"
+    cli = CliRunner().invoke(app, ["eval", "grounding", "--data", str(world_dir / "held.jsonl"), "--images",
+                                   str(world_dir / "held"), "--checkpoint",
+                                   str(tmp_path / "learn" / "stage2" / "checkpoint"), "--box-scale", "1000",
+                                   "--out", str(tmp_path / "cli-eval"), "--no-progress"])
+    assert cli.exit_code == 0, cli.output
+    assert json.loads((tmp_path / "cli-eval" / "metrics.json").read_text())["grounding_acc"] == \
+        evaluation["stage2"]["grounding_acc"]
+    assert (tmp_path / "learn" / "eval" / "stage2-referring" / "answers.jsonl").is_file()

@@ -14,7 +14,7 @@ import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -130,18 +130,28 @@ def _best_fit(samples: list[Encoded], capacity: int) -> list[list[Encoded]]:
     return bins
 
 
-def run_format(
-    kind: str, inputs: list[Path], out: Path, images: Path | None = None, downloads: Path | None = None,
-    settings: FormatSettings | None = None, overwrite: bool = False, show_progress: bool = True,
-) -> dict:
-    settings = settings or FormatSettings()
-    for folder, option in ((images, "--images"), (downloads, "--downloads")):
-        if folder is not None and not Path(folder).is_dir():
-            raise FormatInputError(f"{option} {folder}: no such folder")
+def file_records(inputs: list[Path]) -> Iterator[tuple[str, int, str, dict | AnnotationError]]:
+    """(file, line, default id, record) of qvl's own annotation files, ids named as in qvl.inputs."""
     try:
         names = input_names(inputs)
     except DuplicateInput as e:
         raise FormatInputError(str(e)) from None
+    for path, name in zip(inputs, names):
+        for line, record in iter_records(path):
+            yield str(path), line, f"{name}:{line}", record
+
+
+def run_format(
+    kind: str, inputs: list[Path], out: Path, images: Path | None = None, downloads: Path | None = None,
+    settings: FormatSettings | None = None, overwrite: bool = False, show_progress: bool = True,
+    records: Iterable[tuple[str, int, str, dict | AnnotationError]] | None = None, extra: dict | None = None,
+) -> dict:
+    """Render ``inputs`` (qvl's annotation files; or ``records``, from importers) into shards."""
+    settings = settings or FormatSettings()
+    for folder, option in ((images, "--images"), (downloads, "--downloads")):
+        if folder is not None and not Path(folder).is_dir():
+            raise FormatInputError(f"{option} {folder}: no such folder")
+    records = file_records(inputs) if records is None else records
     tok = load_tokenizer(settings.tokenizer)
     store = ImageStore(images, downloads, settings.max_pixels)
     ctx = multitask.Context(tok, settings.image_tokens, store.size)
@@ -150,6 +160,7 @@ def run_format(
     stats: Counter = Counter()
     rejected: Counter = Counter()
     by_task: dict[str, Counter] = defaultdict(Counter)
+    by_source: dict[tuple[str, str], Counter] = defaultdict(Counter)
     buffers: dict[str, list[Encoded]] = defaultdict(list)
     seen_ids: set[str] = set()
     duplicates: Counter = Counter()
@@ -196,6 +207,8 @@ def run_format(
             stats["images"] += len(sample.images)
             by_task[sample.task]["samples"] += 1
             by_task[sample.task]["tokens"] += n
+            by_source[(sample.source, sample.task)]["samples"] += 1
+            by_source[(sample.source, sample.task)]["tokens"] += n
             ready.append(sample)
         if settings.pack_to:
             for sample in ready:
@@ -208,35 +221,33 @@ def run_format(
     try:
         with progress_bar(disable=not show_progress) as bar:
             task_id = bar.add_task(f"format {kind}", total=None, unit="samples")
-            for path, name in zip(inputs, names):
-                batch: list[tuple[str, int, Plan]] = []
-                for line, record in iter_records(path):
-                    stats["records"] += 1
-                    bar.advance(task_id)
-                    sample_id = f"{name}:{line}"
-                    try:
-                        if isinstance(record, AnnotationError):
-                            raise record
-                        if record.get("id") is not None:
-                            sample_id = str(record["id"])
-                        if sample_id in seen_ids:  # kept (the records differ), counted and shown
-                            duplicates[sample_id] += 1
-                        seen_ids.add(sample_id)
-                        if kind == "sft":
-                            plan = chatml.render(chatml.parse(record), sample_id, tok, settings.image_tokens)
-                        else:
-                            plan = multitask.render(record, sample_id, ctx)
-                    except AnnotationError as e:
-                        writer.reject(str(path), line, None if isinstance(record, AnnotationError) else sample_id,
-                                      e.reason, str(e))
-                        rejected[e.reason] += 1
-                        continue
-                    batch.append((str(path), line, plan))
-                    if len(batch) >= settings.batch:
-                        process(batch)
-                        batch = []
-                if batch:
+            batch: list[tuple[str, int, Plan]] = []
+            for path, line, sample_id, record in records:
+                stats["records"] += 1
+                bar.advance(task_id)
+                try:
+                    if isinstance(record, AnnotationError):
+                        raise record
+                    if record.get("id") is not None:
+                        sample_id = str(record["id"])
+                    if sample_id in seen_ids:  # kept (the records differ), counted and shown
+                        duplicates[sample_id] += 1
+                    seen_ids.add(sample_id)
+                    if kind == "sft":
+                        plan = chatml.render(chatml.parse(record), sample_id, tok, settings.image_tokens)
+                    else:
+                        plan = multitask.render(record, sample_id, ctx)
+                except AnnotationError as e:
+                    writer.reject(path, line, None if isinstance(record, AnnotationError) else sample_id,
+                                  e.reason, str(e))
+                    rejected[e.reason] += 1
+                    continue
+                batch.append((path, line, plan))
+                if len(batch) >= settings.batch:
                     process(batch)
+                    batch = []
+            if batch:
+                process(batch)
             for task in list(buffers):
                 flush_packed(task)
         capacity = stats["rows"] * settings.pack_to if settings.pack_to else None
@@ -256,15 +267,18 @@ def run_format(
             "supervised_tokens": stats["supervised_tokens"],
             "images": stats["images"],
             "by_task": {t: dict(c) for t, c in sorted(by_task.items())},
+            "by_source": {source: {t: dict(c) for (src, t), c in sorted(by_source.items()) if src == source}
+                          for source in sorted({src for src, _ in by_source})},
             "duplicate_ids": {"samples": sum(duplicates.values()), "examples": sorted(duplicates)[:20]},
             "packing": {"capacity_tokens": capacity, "real_tokens": stats["row_tokens"],
                         "efficiency": round(stats["row_tokens"] / capacity, 4) if capacity else None},
         }
+        manifest.update(extra or {})
         manifest["fingerprint"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
         if manifest["records"] != manifest["samples"] + manifest["rejected"]:
             raise AssertionError("format: records lost between input and output")
         order = {str(p): i for i, p in enumerate(inputs)}
-        writer.rejects.sort(key=lambda r: (order[r["file"]], r["line"]))
+        writer.rejects.sort(key=lambda r: (order.get(r["file"], len(order)), r["file"], r["line"]))
         writer.finish(manifest)
         return manifest
     except BaseException:

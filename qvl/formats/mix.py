@@ -1,0 +1,149 @@
+"""`qvl format mix RECIPE.toml --out SHARDS`: the stage-2 mixture, drawn from its sources.
+
+A recipe lists sources — a layout (an importer, or ``qvl`` for qvl's own annotation files),
+its files, its images, the tasks to take — each with a sample ``count`` or a ``fraction`` of
+what the source holds. A first pass counts each source's records; the draw then keeps a
+record when a hash of (seed, source, record place) falls under its share, and repeats it
+``floor(share)`` times when a source is asked for more than it holds — deterministic in the
+seed, one record in memory at a time. Counts are met in expectation (binomial), not exactly.
+Everything drawn goes through the same renderers, rejects and packing as `qvl format
+multitask` (the paper packs same-task samples together: ``pack_to`` packs each task apart),
+and the manifest reports samples and tokens per source and task.
+
+    [mix]
+    seed = 0
+    pack_to = 2048
+
+    [[source]]
+    name = "coco"
+    layout = "coco-captions"
+    files = ["annotations/captions_train2014.json"]
+    images = "coco/train2014"
+    count = 500000
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from qvl.formats.boxes import AnnotationError
+from qvl.recipes import RecipeError, fill, load_recipe, require, table
+
+
+@dataclass
+class Source:
+    name: str
+    layout: str  # an importer's name, or "qvl" (qvl's own annotation JSONL/parquet)
+    files: tuple[str, ...]
+    images: str | None = None
+    downloads: str | None = None
+    tasks: tuple[str, ...] = ()  # of those the layout gives (default: all)
+    split: str | None = None
+    count: int | None = None
+    fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        require(bool(self.files), "files", "a source needs its files")
+        require((self.count is None) != (self.fraction is None), "count",
+                f"source {self.name}: give count or fraction, one of them")
+        require(self.count is None or self.count >= 0, "count", f"{self.count}: must be >= 0")
+        require(self.fraction is None or self.fraction >= 0, "fraction", f"{self.fraction}: must be >= 0")
+
+
+@dataclass
+class MixSettings:
+    seed: int = 0
+    tokenizer: str = "qwen-vl"
+    image_tokens: int = 256
+    max_len: int = 2048
+    pack_to: int | None = 2048
+    sources: list[Source] = field(default_factory=list)
+
+
+def load_mix(path: str | Path) -> MixSettings:
+    data = load_recipe(path)
+    unknown = set(data) - {"mix", "source"}
+    if unknown:
+        raise RecipeError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}; use [mix] and [[source]]")
+    raw = data.get("source")
+    if not isinstance(raw, list) or not raw:
+        raise RecipeError(f"{path}: no [[source]] tables")
+    sources = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            raise RecipeError(f"{path}: [[source]] {i + 1} is not a table")
+        sources.append(fill(Source, entry, f"{path} [[source]] {i + 1} ({entry.get('name', '?')})"))
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise RecipeError(f"{path}: source names repeat ({', '.join(names)})")
+    mix = fill(MixSettings, table(data, "mix", str(path)), f"{path} [mix]")
+    mix.sources = sources
+    return mix
+
+
+def _records(source: Source) -> Iterator[tuple[str, int, str, dict | AnnotationError]]:
+    from qvl.formats import importers
+    from qvl.formats.build import file_records
+
+    files = [Path(f) for f in source.files]
+    if source.layout == "qvl":
+        yield from file_records(files)
+        return
+    for file, index, record in importers.records(source.layout, files, list(source.tasks) or None, source.split):
+        yield file, index, f"{Path(file).name}:{index}", record
+
+
+def _uniform(seed: int, source: str, place: str) -> float:
+    digest = hashlib.blake2b(f"{seed}\0{source}\0{place}".encode(), digest_size=8).digest()
+    return struct.unpack("<Q", digest)[0] / 2 ** 64
+
+
+def drawn(mix: MixSettings, totals: dict[str, int], prefixes: dict[str, str]) \
+        -> Iterator[tuple[str, int, str, dict | AnnotationError]]:
+    """Every source's records, each kept ``share`` times in expectation (a deterministic draw),
+    its image path made relative to the mixture's common images folder."""
+    for source in mix.sources:
+        total = totals[source.name]
+        share = source.fraction if source.fraction is not None else (source.count / total if total else 0.0)
+        whole, part = math.floor(share), share - math.floor(share)
+        prefix = prefixes.get(source.name, "")
+        for file, index, sample_id, record in _records(source):
+            copies = whole + (_uniform(mix.seed, source.name, f"{file}:{index}:{sample_id}") < part)
+            for copy in range(copies):
+                if isinstance(record, dict):
+                    image = record.get("image")
+                    moved = {"image": f"{prefix}{image}"} if isinstance(image, str) and prefix \
+                        and not image.startswith(("http://", "https://")) else {}
+                    out = {**record, **moved, "source": source.name,
+                           **({"id": f"{record.get('id', sample_id)}#{copy}"} if copy else {})}
+                    yield file, index, sample_id, out
+                else:
+                    yield file, index, sample_id, record
+
+
+def run_mix(recipe: str | Path, out: Path, overwrite: bool = False, show_progress: bool = True) -> dict:
+    from qvl.formats.build import FormatSettings, run_format
+
+    mix = load_mix(recipe)
+    totals = {source.name: sum(1 for _ in _records(source)) for source in mix.sources}
+    downloads = {s.downloads for s in mix.sources if s.downloads}
+    if len(downloads) > 1:
+        raise RecipeError(f"{recipe}: sources name different downloads folders; one `qvl curate download` folder "
+                          "serves the mixture")
+    roots = {s.name: Path(s.images).resolve() for s in mix.sources if s.images}
+    common = Path(os.path.commonpath(list(roots.values()))) if roots else None
+    prefixes = {name: f"{root.relative_to(common).as_posix()}/" if root != common else ""
+                for name, root in roots.items()}
+    settings = FormatSettings(tokenizer=mix.tokenizer, image_tokens=mix.image_tokens, max_len=mix.max_len,
+                              pack_to=mix.pack_to)
+    asked = {s.name: s.count if s.count is not None else round(s.fraction * totals[s.name]) for s in mix.sources}
+    return run_format("multitask", [Path(f) for s in mix.sources for f in s.files], out, common,
+                      Path(next(iter(downloads))) if downloads else None, settings, overwrite, show_progress,
+                      records=drawn(mix, totals, prefixes),
+                      extra={"mix": {"recipe": str(recipe), "seed": mix.seed, "available": totals, "asked": asked}})

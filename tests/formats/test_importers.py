@@ -1,0 +1,264 @@
+"""Each importer on a fixture in its dataset's published layout (written here from the
+datasets' documented schemas), with the exact rendered text and box numbers — traps included:
+xywh vs xyxy, RefCOCO file names with an annotation suffix, several sentences per ref, GRIT
+chunks that overlap, illegible TextOCR words, unicode captions."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from qvl.cli import app
+from qvl.formats import importers
+from qvl.formats.build import FormatSettings, run_format
+from qvl.formats.importers import LayoutFileError
+from qvl.formats.tokenizers import load_tokenizer
+
+runner = CliRunner()
+
+
+def image(root: Path, name: str, size=(64, 48)) -> None:
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (120, 60, 30)).save(path)
+
+
+def rendered(tmp_path: Path, layout: str, files: list[Path], images: Path | None = None, downloads=None,
+             **kw) -> tuple[dict[str, str], list[dict], dict]:
+    """id -> decoded sample text (bytes tokenizer), the rejects, the manifest."""
+    out = tmp_path / f"out-{layout}-{len(list(tmp_path.glob('out-*')))}"
+    records = ((f, i, f"{Path(f).name}:{i}", r) for f, i, r in importers.records(layout, files, **kw))
+    manifest = run_format("multitask", files, out, images, downloads, records=records, show_progress=False,
+                          settings=FormatSettings(tokenizer="bytes", image_tokens=4))
+    import datasets
+
+    tok = load_tokenizer("bytes")
+    rows = datasets.load_from_disk(str(out)).with_format(None)
+    texts = {row["id"]: tok.decode(row["input_ids"]) for row in rows}
+    return texts, pq.read_table(out / "rejects.parquet").to_pylist(), manifest
+
+
+def test_coco_captions(tmp_path):
+    image(tmp_path / "img", "COCO_train2014_000000581857.jpg")
+    data = {"images": [{"id": 581857, "file_name": "COCO_train2014_000000581857.jpg", "width": 640, "height": 480}],
+            "annotations": [{"id": 1, "image_id": 581857, "caption": "A man riding a wave on a surfboard."},
+                            {"id": 2, "image_id": 581857, "caption": "Ünïcode café surfer"},
+                            {"id": 3, "image_id": 999, "caption": "an orphan caption"}]}
+    (tmp_path / "captions_train2014.json").write_text(json.dumps(data))
+    texts, rejects, _ = rendered(tmp_path, "coco-captions", [tmp_path / "captions_train2014.json"], tmp_path / "img")
+    assert texts == {
+        "coco-caption:1": "<img></img>Generate the caption in English: A man riding a wave on a surfboard.<|endoftext|>",
+        "coco-caption:2": "<img></img>Generate the caption in English: Ünïcode café surfer<|endoftext|>"}
+    assert [(r["line"], r["reason"]) for r in rejects] == [(2, "missing_image")]
+
+
+def test_vqav2_gqa_textvqa(tmp_path):
+    root = tmp_path / "img"
+    for name in ("COCO_val2014_000000000042.jpg", "n161313.jpg", "0054c91397f2fe05.jpg"):
+        image(root, name)
+    (tmp_path / "q.json").write_text(json.dumps({"data_subtype": "val2014", "questions": [
+        {"question_id": 420, "image_id": 42, "question": "What is the man holding?"}]}))
+    (tmp_path / "a.json").write_text(json.dumps({"annotations": [
+        {"question_id": 420, "image_id": 42, "multiple_choice_answer": "surfboard",
+         "answers": [{"answer": "surfboard"}, {"answer": "board"}]}]}))
+    texts, _, _ = rendered(tmp_path, "vqav2", [tmp_path / "a.json", tmp_path / "q.json"], root)
+    assert texts == {"vqav2:420": "<img></img> What is the man holding? Answer: surfboard<|endoftext|>"}
+    (tmp_path / "gqa.json").write_text(json.dumps({"201307251": {
+        "imageId": "n161313", "question": "Is it overcast?", "answer": "no", "fullAnswer": "No, it is clear."}}))
+    texts, _, _ = rendered(tmp_path, "gqa", [tmp_path / "gqa.json"], root)
+    assert texts == {"gqa:201307251": "<img></img> Is it overcast? Answer: no<|endoftext|>"}
+    (tmp_path / "TextVQA_0.5.1_train.json").write_text(json.dumps({"data": [{
+        "question_id": 34602, "image_id": "0054c91397f2fe05", "question": "what is the brand of this phone?",
+        "answers": ["toshiba", "nokia", "nokia", "toshiba", "nokia", "nokia", "unanswerable", "nokia", "nokia",
+                    "nokia"]}]}))
+    texts, _, _ = rendered(tmp_path, "textvqa", [tmp_path / "TextVQA_0.5.1_train.json"], root)
+    assert texts == {"textvqa:34602": "<img></img> what is the brand of this phone? Answer: nokia<|endoftext|>"}
+
+
+def refcoco_files(tmp_path: Path) -> list[Path]:
+    refs = [
+        {"ref_id": 0, "ann_id": 1719310, "image_id": 581857, "split": "train", "category_id": 1,
+         "file_name": "COCO_train2014_000000581857_16.jpg",  # names image 581857, with an annotation suffix
+         "sentences": [{"sent": "the lady with the blue shirt", "sent_id": 0, "tokens": []},
+                       {"sent": "lady w back to us", "sent_id": 1, "tokens": []}]},
+        {"ref_id": 1, "ann_id": 1719310, "image_id": 581857, "split": "testA", "file_name": "x.jpg",
+         "sentences": [{"sent": "not in train", "sent_id": 2}]},
+    ]
+    (tmp_path / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    (tmp_path / "instances.json").write_text(json.dumps({
+        "images": [{"id": 581857, "file_name": "COCO_train2014_000000581857.jpg", "width": 640, "height": 427}],
+        "annotations": [{"id": 1719310, "image_id": 581857, "bbox": [103.93, 200.0, 134.22, 177.42]}]}))
+    return [tmp_path / "refs(unc).p", tmp_path / "instances.json"]
+
+
+def test_refcoco_xywh_suffixed_names_and_several_sentences(tmp_path):
+    image(tmp_path / "img", "COCO_train2014_000000581857.jpg", (640, 427))
+    texts, rejects, _ = rendered(tmp_path, "refcoco", refcoco_files(tmp_path), tmp_path / "img")
+    # xywh [103.93, 200, 134.22, 177.42] is xyxy (103.93, 200, 238.15, 377.42) on 640x427:
+    # int(103.93/640*1000)=162, int(200/427*1000)=468, int(238.15/640*1000)=372, int(377.42/427*1000)=883
+    box = "<box>(162,468),(372,883)</box>"
+    assert texts == {
+        "refcoco:0:0": f"<img></img><ref>the lady with the blue shirt</ref>{box}<|endoftext|>",
+        "refcoco:0:0:caption": f"<img></img><ref>This</ref>{box} is the lady with the blue shirt<|endoftext|>",
+        "refcoco:0:1": f"<img></img><ref>lady w back to us</ref>{box}<|endoftext|>",
+        "refcoco:0:1:caption": f"<img></img><ref>This</ref>{box} is lady w back to us<|endoftext|>"}
+    assert rejects == []
+    texts, _, _ = rendered(tmp_path, "refcoco", refcoco_files(tmp_path), tmp_path / "img", split="testA",
+                           tasks=["ref_grounding"])
+    assert list(texts) == ["refcoco:1:2"]
+
+
+def test_refcoco_pickle_that_calls_a_function_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            import os
+
+            return (os.system, ("echo owned",))
+
+    files = refcoco_files(tmp_path)
+    files[0].write_bytes(pickle.dumps([Evil()]))
+    with pytest.raises(LayoutFileError, match=r"refs\(unc\).p: not a plain refs pickle .*refuses (posix|os).system"):
+        list(importers.records("refcoco", files))
+
+
+def test_visual_genome_regions(tmp_path):
+    image(tmp_path / "img", "VG_100K_2/1.jpg", (800, 600))
+    (tmp_path / "region_descriptions.json").write_text(json.dumps([{"id": 1, "regions": [
+        {"region_id": 1382, "width": 82, "height": 139, "image_id": 1, "phrase": "the clock is green in colour",
+         "y": 57, "x": 421},
+        {"region_id": 1383, "width": 500, "height": 50, "image_id": 1, "phrase": "far off the edge", "y": 10,
+         "x": 700}]}]))
+    (tmp_path / "image_data.json").write_text(json.dumps([{
+        "image_id": 1, "url": "https://cs.stanford.edu/people/rak248/VG_100K_2/1.jpg", "width": 800, "height": 600}]))
+    texts, rejects, _ = rendered(tmp_path, "visual-genome", [tmp_path / "region_descriptions.json",
+                                                             tmp_path / "image_data.json"], tmp_path / "img")
+    # xywh (421, 57, 82, 139) -> xyxy (421, 57, 503, 196) on 800x600 -> (526,95),(628,326)
+    assert texts["vg:1382"] == "<img></img><ref>the clock is green in colour</ref><box>(526,95),(628,326)</box><|endoftext|>"
+    assert texts["vg:1382:caption"].endswith("</box> is the clock is green in colour<|endoftext|>")
+    assert {r["reason"] for r in rejects} == {"bad_box"} and len(rejects) == 2  # x + w = 1200 > 800
+
+
+def test_grit_overlapping_chunks_normalised_boxes_and_downloads(tmp_path):
+    url = "https://grit.example/images/0001.jpg"
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    buf = io.BytesIO()
+    Image.new("RGB", (500, 400), "white").save(buf, "JPEG")
+    with tarfile.open(downloads / "00000.tar", "w") as tar:
+        info = tarfile.TarInfo("000000000.jpg")
+        info.size = len(buf.getvalue())
+        tar.addfile(info, io.BytesIO(buf.getvalue()))
+    pq.write_table(pa.table({"url": [url], "key": ["000000000"], "status": ["success"]}), downloads / "00000.parquet")
+    chunk = pa.list_(pa.float64())
+    pq.write_table(pa.table({
+        "key": ["0001"], "url": [url], "caption": ["a dog and a cat on a sofa"], "width": [500], "height": [400],
+        "noun_chunks": pa.array([[[0, 5, 0.125, 0.25, 0.5, 0.75, 0.9], [2, 5, 0.2, 0.2, 0.4, 0.4, 0.5],
+                                  [10, 15, 0.5, 0.5, 0.875, 0.875, 0.8], [10, 15, 0.625, 0.625, 1.0, 1.0, 0.7]]],
+                                pa.list_(chunk)),
+        "ref_exps": pa.array([[[10, 15, 0.5, 0.5, 0.875, 0.875, 0.8]]], pa.list_(chunk))}),
+        tmp_path / "grit-00000.parquet")
+    texts, rejects, _ = rendered(tmp_path, "grit", [tmp_path / "grit-00000.parquet"], downloads=downloads)
+    # "dog" [2, 5] overlaps "a dog" [0, 5] and is less confident: dropped; "a cat" keeps both its boxes
+    assert texts["grit:0001"] == (
+        "<img></img>Generate the caption in English with grounding: <ref>a dog</ref><box>(125,250),(500,750)</box>"
+        " and <ref>a cat</ref><box>(500,500),(875,875)</box><box>(625,625),(999,999)</box> on a sofa<|endoftext|>")
+    assert texts["grit:0001:ref0"] == "<img></img><ref>a cat</ref><box>(500,500),(875,875)</box><|endoftext|>"
+    assert rejects == []
+
+
+def test_textocr_quads_and_illegible_words(tmp_path):
+    image(tmp_path / "img", "train/a1.jpg", (1024, 768))
+    (tmp_path / "TextOCR_0.1_train.json").write_text(json.dumps({
+        "imgs": {"a1": {"id": "a1", "width": 1024, "height": 768, "file_name": "train/a1.jpg"},
+                 "a2": {"id": "a2", "width": 10, "height": 10, "file_name": "train/a2.jpg"}},
+        "anns": {"a1_1": {"image_id": "a1", "utf8_string": "STOP", "points": [100, 100, 300, 100, 300, 200, 100, 200]},
+                 "a1_2": {"image_id": "a1", "utf8_string": ".", "points": [1, 1, 2, 1, 2, 2, 1, 2]},
+                 "a1_3": {"image_id": "a1", "utf8_string": "Café",
+                          "points": [10, 10, 60, 12, 62, 40, 30, 45, 8, 38]},
+                 "a2_1": {"image_id": "a2", "utf8_string": ".", "points": [1, 1, 2, 1, 2, 2, 1, 2]}},
+        "img2Anns": {"a1": ["a1_1", "a1_2", "a1_3"], "a2": ["a2_1"]}}))
+    texts, rejects, manifest = rendered(tmp_path, "textocr", [tmp_path / "TextOCR_0.1_train.json"], tmp_path / "img")
+    # a five-point polygon becomes its bounding box's corners: x 8..62, y 10..45
+    assert texts == {"textocr:a1": "<img></img>OCR with grounding:<ref>STOP</ref><quad>(97,130),(292,130),(292,260),"
+                                   "(97,260)</quad><ref>Café</ref><quad>(7,13),(60,13),(60,58),(7,58)</quad>"
+                                   "<|endoftext|>"}
+    assert manifest["records"] == 1  # the image with only illegible words gives no sample
+
+
+def test_llava_pretrain_captions_and_the_cli(tmp_path):
+    image(tmp_path / "img", "00453/004539375.jpg")
+    (tmp_path / "blip_laion_cc_sbu_558k.json").write_text(json.dumps([
+        {"id": "004539375", "image": "00453/004539375.jpg", "conversations": [
+            {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
+            {"from": "gpt", "value": "select luxury furniture 3 - inch gel memory foam mattress topper"}]},
+        {"id": "broken", "conversations": []}]))
+    result = runner.invoke(app, ["format", "multitask", "--from", "llava-pretrain",
+                                 str(tmp_path / "blip_laion_cc_sbu_558k.json"), "--images", str(tmp_path / "img"),
+                                 "--out", str(tmp_path / "o"), "--tokenizer", "bytes", "--image-tokens", "4",
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["samples"] == 1 and manifest["rejected"] == 1
+    assert manifest["by_source"] == {"llava-pretrain": {"caption": {"samples": 1, "tokens": manifest["tokens"]}}}
+    bad = runner.invoke(app, ["format", "multitask", "--from", "coco", str(tmp_path / "x.json"), "--out",
+                              str(tmp_path / "o2")])
+    assert bad.exit_code == 1 and "unknown layout" in bad.output
+    bad = runner.invoke(app, ["format", "multitask", "--from", "gqa", str(tmp_path / "x.json"), "--task", "ocr",
+                              "--out", str(tmp_path / "o3")])
+    assert bad.exit_code == 1 and "--from gqa gives vqa, not ocr" in bad.output
+
+
+def test_mix_draws_each_source_its_share_deterministically(tmp_path):
+    root = tmp_path / "data"
+    image(root / "coco", "COCO_train2014_000000581857.jpg")
+    image(root / "gqa", "n1.jpg")
+    (tmp_path / "captions.json").write_text(json.dumps({
+        "images": [{"id": 581857, "file_name": "COCO_train2014_000000581857.jpg"}],
+        "annotations": [{"id": i, "image_id": 581857, "caption": f"a surfer on wave number {i}"} for i in range(2)]}))
+    (tmp_path / "gqa.json").write_text(json.dumps({str(i): {"imageId": "n1", "question": f"Question {i}?",
+                                                           "answer": "yes"} for i in range(40)}))
+    (tmp_path / "mix.toml").write_text(f"""
+[mix]
+seed = 3
+tokenizer = "bytes"
+image_tokens = 4
+pack_to = 512
+
+[[source]]
+name = "captions"
+layout = "coco-captions"
+files = ["{tmp_path / 'captions.json'}"]
+images = "{root / 'coco'}"
+count = 5
+
+[[source]]
+name = "gqa"
+layout = "gqa"
+files = ["{tmp_path / 'gqa.json'}"]
+images = "{root / 'gqa'}"
+fraction = 0.5
+""")
+    result = runner.invoke(app, ["format", "mix", str(tmp_path / "mix.toml"), "--out", str(tmp_path / "m1"),
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "m1" / "manifest.json").read_text())
+    assert manifest["mix"]["available"] == {"captions": 2, "gqa": 40} and manifest["mix"]["asked"] == \
+        {"captions": 5, "gqa": 20}
+    by_source = manifest["by_source"]
+    assert 4 <= by_source["captions"]["caption"]["samples"] <= 6  # each caption twice, a third copy with p = 0.5
+    assert 10 <= by_source["gqa"]["vqa"]["samples"] <= 30 and manifest["rejected"] == 0
+    assert set(manifest["by_task"]) == {"caption", "vqa"} and manifest["packing"]["efficiency"] > 0.5
+    again = runner.invoke(app, ["format", "mix", str(tmp_path / "mix.toml"), "--out", str(tmp_path / "m2"),
+                                "--no-progress"])
+    assert again.exit_code == 0
+    second = json.loads((tmp_path / "m2" / "manifest.json").read_text())
+    assert second["by_source"] == by_source  # the same draw from the same seed
