@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-CANONICAL = ("url", "text", "width", "height", "clip_score")
+SCORES = ("clip_score", "nsfw", "watermark", "aesthetic")  # numbers a layout may carry with each pair
+NUMBERS = ("width", "height", *SCORES)
+CANONICAL = ("url", "text", *NUMBERS)
 REQUIRED = ("url", "text")
 
 
@@ -43,13 +45,17 @@ LAYOUTS: tuple[Layout, ...] = (
             "width": "width",
             "height": "height",
             "clip_score": "clip_similarity_vitb32",
+            "nsfw": "nsfw_score_opennsfw2",
+            "watermark": "watermark_score",
+            "aesthetic": "aesthetic_score_laion_v2",
         },
         identify=frozenset({"url", "text", "clip_similarity_vitb32"}),
         clip_model="ViT-B-32/openai",
     ),
     Layout(
         "laion",
-        {"url": "URL", "text": "TEXT", "width": "WIDTH", "height": "HEIGHT", "clip_score": "similarity"},
+        {"url": "URL", "text": "TEXT", "width": "WIDTH", "height": "HEIGHT", "clip_score": "similarity",
+         "nsfw": "punsafe", "watermark": "pwatermark", "aesthetic": "aesthetic"},
         identify=frozenset({"URL", "TEXT"}),
         clip_model="ViT-B-32/openai",
     ),

@@ -75,7 +75,8 @@ class Paths:
 def ledger_rows(frame: pl.DataFrame) -> pa.Table:
     """The ledger's facts of evaluated rows: what each rule measured and decided, no text."""
     return frame.select(
-        "row_id", pl.col("_seq").alias("seq"), "source", "url", "width", "height", "clip_score",
+        "row_id", pl.col("_seq").alias("seq"), "source", "url", "width", "height", "clip_score", "nsfw",
+        "watermark", "aesthetic",
         pl.col("units"), pl.col("text").str.len_chars().cast(pl.Int64).alias("text_chars"),
         pl.col("lang").cast(pl.String), pl.col("lang_score").cast(pl.Float32), pl.col("lang_by").cast(pl.String),
         pl.col("drop_reason").cast(pl.String),
@@ -120,6 +121,9 @@ def process_shard(
                     st.count_by(stats, "rewritten", frame.filter(pl.col(f"_changed_{name}")).with_columns(
                         _rule=pl.lit(name)), ["_rule", "source"])
             st.count_by(stats, "clip_unscored", frame.filter(pl.col("clip_score").is_null()), ["source"])
+            for score in ("nsfw", "watermark", "aesthetic"):
+                st.count_by(stats, "unscored", frame.filter(pl.col(score).is_null()).with_columns(
+                    _score=pl.lit(score)), ["_score", "source"])
             if "_non_finite" in frame.columns:
                 st.count_by(stats, "non_finite", frame.filter(pl.col("_non_finite")), ["source"])
 

@@ -202,7 +202,7 @@ def _open_shard(path: Path, index: int, mapping: dict[str, str] | None, source: 
                 schema,
                 {cols["url"]: "string", cols["text"]: "string"},
                 where,
-                optional={cols[c]: "number" for c in ("width", "height", "clip_score") if c in cols},
+                optional={cols[c]: "number" for c in layouts.NUMBERS if c in cols},
             )
     except (LayoutError, SchemaError) as e:
         raise InputError(str(e)) from None
@@ -285,7 +285,8 @@ def _canonical(
         if bad is not None:
             input_error[bad & (input_error == None)] = "invalid_utf8"  # noqa: E711
     non_finite = np.zeros(n, dtype=bool)
-    for name, dtype in (("width", pa.int64()), ("height", pa.int64()), ("clip_score", pa.float64())):
+    for name in layouts.NUMBERS:
+        dtype = pa.int64() if name in ("width", "height") else pa.float64()
         if name in cols:
             values, unparsable, missing = _numbers(table.column(cols[name]).combine_chunks())
             if unparsable is not None:
@@ -363,7 +364,7 @@ def _tsv_batches(shard: Shard, batch_rows: int) -> Iterator[pl.DataFrame]:
     headerless = bool(shard.layout.headerless)
     cols = shard.layout.columns
     column_types = {cols["url"]: pa.binary(), cols["text"]: pa.binary()}
-    column_types.update({cols[c]: pa.string() for c in ("width", "height", "clip_score") if c in cols})
+    column_types.update({cols[c]: pa.string() for c in layouts.NUMBERS if c in cols})
     column_types.update({c: pa.string() for c in shard.passthrough})
     reader = pacsv.open_csv(
         _open_text(shard.path, shard.compression),

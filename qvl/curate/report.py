@@ -44,6 +44,9 @@ def build(totals: dict, settings: FilterSettings, shards, partitions: int) -> di
             "dropped": {r: totals["dropped"][r][source] for r in rules.DROP_ORDER
                         if source in totals.get("dropped", {}).get(r, {})},
             "clip_unscored": totals.get("clip_unscored", {}).get(source, 0),
+            # rows without a published score pass its rule: how many, per score
+            "unscored": {score: totals.get("unscored", {}).get(score, {}).get(source, 0)
+                         for score in ("nsfw", "watermark", "aesthetic")},
             # a NaN/infinite size or score: read as unknown (sizes checked after download)
             "non_finite_numbers": totals.get("non_finite", {}).get(source, 0),
         }

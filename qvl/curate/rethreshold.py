@@ -5,7 +5,7 @@ the measures its rules took: width and height, the CLIP score, ``units`` (the le
 rule's), the language label and score, and ``failed_rules`` (every rule that failed).
 Re-thresholding reads those rows back as its input and decides again: the text rules
 (``dataset_tag``, ``emoji``, ``non_en_zh_chars`` …) keep their recorded outcome, the
-threshold rules (``aspect_ratio``, ``too_small``, ``clip_score``, ``length``, ``lang``)
+threshold rules (``aspect_ratio``, ``too_small``, ``clip_score``, the published scores, ``length``, ``lang``)
 are evaluated on the recorded measures with the new settings. Language id runs only on
 rows that now survive and were never labelled; duplicates are found again among the new
 survivors. The new run has the full output contract (kept, rejected, ledger, report).
@@ -29,8 +29,11 @@ from qvl.curate import langid, layouts, rules
 from qvl.curate.readers import SEQ_ROW_BITS, Shard
 from qvl.curate.settings import FilterSettings
 
+SCORE_SETTINGS = {f"{score}_{kind}" for score in ("nsfw", "watermark", "aesthetic")
+                  for kind in ("thresholds", "threshold_default")}
 RETHRESHOLDABLE = {"min_side", "max_aspect_ratio", "clip_thresholds", "clip_threshold_default", "min_units",
-                   "max_units", "languages", "min_lang_score", "skip_rules"}
+                   "max_units", "languages", "min_lang_score", "skip_rules", *SCORE_SETTINGS}
+MEASURED = ("aspect_ratio", "too_small", "clip_score", "nsfw", "watermark", "aesthetic", "length")
 TEXT_RULES = ("missing_url", "dataset_tag", "empty_text", "emoji", "non_en_zh_chars")
 FORMAT = "qvl-run"  # Shard.format of a previous run's output file
 
@@ -45,6 +48,9 @@ def previous_settings(prev: Path) -> FilterSettings:
         raise LedgerError(f"{prev}: not the --out of a finished `qvl curate filter` (no report.json / _state)")
     values = storage.read_json(report)["settings"]
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    # a run from before the published-score rules had none: they were off
+    values.update({f"{s}_threshold_default": None for s in ("nsfw", "watermark", "aesthetic")
+                   if f"{s}_threshold_default" not in values})
     return FilterSettings(**values)
 
 
@@ -55,7 +61,7 @@ def check_settings(old: FilterSettings, new: FilterSettings) -> None:
         raise LedgerError(f"--from-ledger cannot change {', '.join(fixed)}: they change the text or a recorded "
                           "outcome; run the filter on the raw input instead")
     back_on = [r for r in old.skip_rules if r not in new.skip_rules and r not in
-               ("aspect_ratio", "too_small", "clip_score", "length", rules.LANG, rules.DUPLICATE)]
+               (*MEASURED, rules.LANG, rules.DUPLICATE)]
     if back_on:
         raise LedgerError(f"--from-ledger cannot switch {', '.join(back_on)} back on: the previous run never "
                           "evaluated it")
@@ -78,6 +84,8 @@ def read_batches(shard: Shard, batch_rows: int) -> Iterator[pl.DataFrame]:
     index = {name: i for i, name in enumerate(shard.origin)}
     for batch in pq.ParquetFile(shard.path).iter_batches(batch_size=batch_rows):
         frame = pl.from_arrow(batch)
+        frame = frame.with_columns([pl.lit(None, pl.Float64).alias(c) for c in ("nsfw", "watermark", "aesthetic")
+                                    if c not in frame.columns])  # outputs of runs before these scores
         if "failed_rules" not in frame.columns:
             frame = frame.with_columns(failed_rules=pl.lit([], pl.List(pl.String)))
         # row ids are "<file>:<line>"; a file name holding ":" keeps its last part as the line

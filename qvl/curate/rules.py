@@ -161,6 +161,30 @@ def clip_score(s: FilterSettings) -> pl.Expr:
     return (pl.col("clip_score") < clip_threshold(s)).fill_null(False)
 
 
+def score_threshold(s: FilterSettings, score: str) -> pl.Expr:
+    """The threshold of a published score for each row's source (null: the rule is off there)."""
+    return pl.col("source").replace_strict(getattr(s, f"{score}_thresholds"),
+                                           default=getattr(s, f"{score}_threshold_default"), return_dtype=pl.Float64)
+
+
+def nsfw(s: FilterSettings) -> pl.Expr:
+    return (pl.col("nsfw") > score_threshold(s, "nsfw")).fill_null(False)
+
+
+def watermark(s: FilterSettings) -> pl.Expr:
+    return (pl.col("watermark") > score_threshold(s, "watermark")).fill_null(False)
+
+
+def aesthetic(s: FilterSettings) -> pl.Expr:
+    return (pl.col("aesthetic") < score_threshold(s, "aesthetic")).fill_null(False)
+
+
+def _thresholds(s: FilterSettings, score: str, op: str) -> str:
+    table, default = getattr(s, f"{score}_thresholds"), getattr(s, f"{score}_threshold_default")
+    parts = [f"{k} {op} {v}" for k, v in table.items()] + ([f"other {op} {default}"] if default is not None else [])
+    return ", ".join(parts) or "off"
+
+
 def emoji(s: FilterSettings) -> pl.Expr:
     return TEXT.str.contains(EMOJI).fill_null(False)
 
@@ -234,6 +258,10 @@ RULES: tuple[Rule, ...] = (
     Rule("clip_score", "drop", clip_score,
          lambda s: ", ".join(f"{k} < {v}" for k, v in s.clip_thresholds.items())
          + (f", other < {s.clip_threshold_default}" if s.clip_threshold_default is not None else "")),
+    Rule("nsfw", "drop", nsfw, lambda s: "published NSFW probability: " + _thresholds(s, "nsfw", ">")),
+    Rule("watermark", "drop", watermark,
+         lambda s: "published watermark probability: " + _thresholds(s, "watermark", ">")),
+    Rule("aesthetic", "drop", aesthetic, lambda s: "published aesthetic score: " + _thresholds(s, "aesthetic", "<")),
     Rule("emoji", "drop", emoji, lambda s: "any emoji", _never),
     Rule("non_en_zh_chars", "drop", non_en_zh_chars, lambda s: "a character outside Latin/CJK/punctuation",
          _never),

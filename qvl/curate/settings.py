@@ -31,6 +31,15 @@ class FilterSettings:
     # 7 clip_score: per-source threshold; sources not listed use clip_threshold_default
     clip_thresholds: dict[str, float] = field(default_factory=_default_clip_thresholds)
     clip_threshold_default: float | None = None
+    # published scores (LAION punsafe/pwatermark/aesthetic, COYO nsfw/watermark/aesthetic scores):
+    # drop when nsfw or watermark is above, aesthetic below, the source's threshold; None: off;
+    # a row without the score passes and is counted as unscored
+    nsfw_thresholds: dict[str, float] = field(default_factory=dict)
+    nsfw_threshold_default: float | None = 0.5
+    watermark_thresholds: dict[str, float] = field(default_factory=dict)
+    watermark_threshold_default: float | None = 0.8
+    aesthetic_thresholds: dict[str, float] = field(default_factory=dict)
+    aesthetic_threshold_default: float | None = None
     # 10 length: units = whitespace-separated words + CJK characters
     min_units: int = 3
     max_units: int = 256
@@ -52,6 +61,11 @@ class FilterSettings:
             require(-1 <= value <= 1, f"clip_thresholds.{source}", f"{value}: a cosine similarity is in [-1, 1]")
         require(self.clip_threshold_default is None or -1 <= self.clip_threshold_default <= 1,
                 "clip_threshold_default", f"{self.clip_threshold_default}: a cosine similarity is in [-1, 1]")
+        for name in ("nsfw", "watermark"):
+            for key, value in {**getattr(self, f"{name}_thresholds"),
+                               "default": getattr(self, f"{name}_threshold_default")}.items():
+                require(value is None or 0 <= value <= 1, f"{name}_thresholds.{key}",
+                        f"{value}: a probability is in [0, 1]")
         require(self.min_units >= 0, "min_units", f"{self.min_units}: must be >= 0")
         require(self.max_units >= self.min_units, "max_units",
                 f"{self.max_units}: must be >= min_units ({self.min_units}), or every row is dropped")

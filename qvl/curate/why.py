@@ -42,6 +42,10 @@ def _filter_story(folder: Path, row_id: str) -> tuple[list[dict], str]:
         if w is not None and h is not None else "size unknown (checked after download)",
         "too_small": f"short side {min(w, h)}" if w is not None and h is not None else "size unknown",
         "clip_score": "unscored" if score is None else f"{score:.3f} (threshold for {source}: {threshold})",
+        **{score: "unscored" if facts.get(score) is None else
+           f"{facts[score]:.3f} (threshold for {source}: "
+           f"{s.get(score + '_thresholds', {}).get(source, s.get(score + '_threshold_default'))})"
+           for score in ("nsfw", "watermark", "aesthetic")},
         "length": f"{facts['units']} units",
         "lang": "not evaluated (an earlier rule failed)" if facts["lang"] is None
         else f"{facts['lang']} {facts['lang_score']:.2f} by {facts['lang_by']}",

@@ -101,11 +101,16 @@ def write_demo_pairs(folder: Path, rows_per_shard: int = 4000, seed: int = 0) ->
     for k in range(2):
         rows = generate_rows(rows_per_shard, seed + k)
         path = folder / f"laion-{k:03d}.parquet"
+        scores = random.Random(f"{seed + k}-published")  # LAION's NSFW and watermark probabilities: ~2% / ~3% high
         pq.write_table(pa.table({
             "URL": [r["url"] for r in rows], "TEXT": [r["text"] for r in rows],
             "WIDTH": pa.array([float(r["width"]) for r in rows]),
             "HEIGHT": pa.array([float(r["height"]) for r in rows]),
             "similarity": [r["clip"] for r in rows],
+            "punsafe": [round(scores.uniform(0.55, 1.0) if scores.random() < 0.02 else scores.uniform(0, 0.3), 4)
+                        for _ in rows],
+            "pwatermark": [round(scores.uniform(0.85, 1.0) if scores.random() < 0.03 else scores.uniform(0, 0.5), 4)
+                           for _ in rows],
         }), path)
         paths.append(path)
     rows = generate_rows(rows_per_shard, seed + 10)

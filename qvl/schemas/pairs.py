@@ -22,10 +22,14 @@ RAW_PAIR = pa.schema(
         pa.field("width", pa.int64(), nullable=True),
         pa.field("height", pa.int64(), nullable=True),
         pa.field("clip_score", pa.float64(), nullable=True),
+        # the probabilities some datasets publish with each pair (LAION, COYO): null when absent
+        pa.field("nsfw", pa.float64(), nullable=True),
+        pa.field("watermark", pa.float64(), nullable=True),
+        pa.field("aesthetic", pa.float64(), nullable=True),
         pa.field("source", pa.string(), nullable=False),
     ]
 )
-"""Canonical raw pair; ``width``/``height``/``clip_score`` may be absent in the input (null)."""
+"""Canonical raw pair; sizes and scores may be absent in the input (null)."""
 
 _TRACKING = [
     pa.field("row_id", pa.string(), nullable=False),  # "<file stem>:<0-based row>"

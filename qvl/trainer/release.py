@@ -249,6 +249,17 @@ def _convert(entries, tensors: Tensors, forward: bool, expected: dict[str, torch
 # ---------------------------------------------------------------- the two commands
 
 
+def _prepare(out: Path, kind: str, dtype: str | None) -> torch.dtype | None:
+    """The dtype asked for (None: as stored), once ``out`` is claimed as ``kind``'s folder."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ConvertError(f"--dtype {dtype}: use bf16, fp16 or fp32")
+    try:
+        storage.claim(out, kind)
+    except storage.OutputError as e:
+        raise ConvertError(str(e)) from None
+    return DTYPES.get(dtype)
+
+
 def from_qwen_vl(hf_dir: str | Path, out: str | Path, dtype: str | None = None) -> dict:
     """A release folder -> a qvl checkpoint folder (model.safetensors, preset.json, meta.json)."""
     from safetensors.torch import save_file
@@ -264,13 +275,7 @@ def from_qwen_vl(hf_dir: str | Path, out: str | Path, dtype: str | None = None) 
     expected = expected_shapes(preset, resolution)
     _check_names({k for e in entries for k in e[0]}, tensors.keys(), {k for e in entries for k in e[1]},
                  set(expected), str(hf_dir))
-    if dtype is not None and dtype not in DTYPES:
-        raise ConvertError(f"--dtype {dtype}: use bf16, fp16 or fp32")
-    try:
-        storage.claim(out, "checkpoint")
-    except storage.OutputError as e:
-        raise ConvertError(str(e)) from None
-    weights = dict(_convert(entries, tensors, True, expected, DTYPES.get(dtype)))
+    weights = dict(_convert(entries, tensors, True, expected, _prepare(out, "checkpoint", dtype)))
     with storage.atomic_path(out / "model.safetensors") as tmp:
         save_file(weights, str(tmp), metadata={"format": "pt"})
     storage.write_json(out / "preset.json", preset.to_dict())
@@ -303,15 +308,10 @@ def to_qwen_vl(checkpoint: str | Path, out: str | Path, like: str | Path, dtype:
     tensors = Tensors([checkpoint / "model.safetensors"])
     _check_names({k for e in entries for k in e[1]}, tensors.keys(), {k for e in entries for k in e[0]}, None,
                  str(checkpoint))
-    if dtype is not None and dtype not in DTYPES:
-        raise ConvertError(f"--dtype {dtype}: use bf16, fp16 or fp32")
-    try:
-        storage.claim(out, "hf export")
-    except storage.OutputError as e:
-        raise ConvertError(str(e)) from None
+    target = _prepare(out, "hf export", dtype)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
-    for key, tensor in _convert(entries, tensors, False, None, DTYPES.get(dtype)):
+    for key, tensor in _convert(entries, tensors, False, None, target):
         nbytes = tensor.numel() * tensor.element_size()
         if size and size + nbytes > SHARD_BYTES:
             shards.append({})

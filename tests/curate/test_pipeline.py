@@ -173,11 +173,17 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
 
 def test_from_ledger_equals_a_fresh_run_with_the_new_thresholds(demo_run, tmp_path):
     raw, out, report = demo_run
-    looser = FilterSettings(min_side=100, min_units=2, clip_thresholds={"laion": 0.2, "coyo": 0.28, "datacomp": 0.2})
+    looser = FilterSettings(min_side=100, min_units=2, clip_thresholds={"laion": 0.2, "coyo": 0.28, "datacomp": 0.2},
+                            nsfw_threshold_default=0.9, watermark_thresholds={"laion": 0.95})
     again = run_filter([], tmp_path / "again", looser, RunSettings(workers=2, batch_rows=700), from_ledger=out,
                        show_progress=False)
     fresh = run_filter(raw, tmp_path / "fresh", looser, RunSettings(workers=2, batch_rows=700), show_progress=False)
     assert again["kept_rows"] > report["kept_rows"]  # looser thresholds let more through
+    dropped = {r["step"]: r["dropped"] for r in report["funnel"]}
+    assert dropped["nsfw"] > 0 and dropped["watermark"] > 0  # LAION's published scores at work
+    assert report["by_source"]["laion"]["unscored"]["nsfw"] == 0 and report["by_source"]["datacomp"]["unscored"] == \
+        {"nsfw": report["by_source"]["datacomp"]["input"], "watermark": report["by_source"]["datacomp"]["input"],
+         "aesthetic": report["by_source"]["datacomp"]["input"]}
     assert again["funnel"] == fresh["funnel"] and again["by_language"] == fresh["by_language"]
     (k1, r1), (k2, r2) = outputs(tmp_path / "again"), outputs(tmp_path / "fresh")
     cols = ["row_id", "text", "lang", "units"]

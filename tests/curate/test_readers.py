@@ -22,14 +22,15 @@ def read_all(path, **kw) -> pl.DataFrame:
 def test_laion_parquet_is_recognised_and_carries_other_columns(tmp_path):
     p = tmp_path / "laion.parquet"
     pq.write_table(pa.table({"URL": ["http://a/1.jpg"], "TEXT": ["a cat"], "WIDTH": [640.0], "HEIGHT": [480.0],
-                             "similarity": [0.31], "punsafe": [0.01]}), p)
+                             "similarity": [0.31], "punsafe": [0.01], "LICENSE": ["?"]}), p)
     shard = readers.open_shard(p, 3)
     assert shard.layout.name == "laion"
     df = read_all(p)
     row = df.row(0, named=True)
     assert (row["url"], row["text_raw"], row["width"], row["height"], row["clip_score"], row["source"]) == (
         "http://a/1.jpg", "a cat", 640, 480, 0.31, "laion")
-    assert row["punsafe"] == 0.01 and row["row_id"] == "laion.parquet:0"
+    assert row["nsfw"] == 0.01 and row["watermark"] is None and row["LICENSE"] == "?"  # published scores mapped
+    assert row["row_id"] == "laion.parquet:0"
 
 
 def test_datacomp_uses_the_l14_score(tmp_path):

@@ -11,9 +11,11 @@ from qvl.curate.settings import FilterSettings
 
 def frame(rows: list[dict]) -> pl.DataFrame:
     base = {"url": "https://x.test/a.jpg", "text_raw": "a dog on the beach", "width": 640, "height": 480,
-            "clip_score": 0.35, "source": "laion", "_input_error": None}
+            "clip_score": 0.35, "nsfw": None, "watermark": None, "aesthetic": None, "source": "laion",
+            "_input_error": None}
     return pl.DataFrame([{**base, **r} for r in rows],
-                        schema_overrides={"_input_error": pl.String, "clip_score": pl.Float64,
+                        schema_overrides={"_input_error": pl.String, "clip_score": pl.Float64, "nsfw": pl.Float64,
+                                          "watermark": pl.Float64, "aesthetic": pl.Float64,
                                           "url": pl.String, "text_raw": pl.String})
 
 
@@ -43,6 +45,8 @@ def test_clean_row_survives_unchanged():
         ({"width": 1200, "height": 300}, "aspect_ratio"),  # 4.0 > 3.0
         ({"width": 199, "height": 400}, "too_small"),
         ({"clip_score": 0.279}, "clip_score"),  # LAION B/32 threshold 0.28
+        ({"nsfw": 0.51}, "nsfw"),  # LAION punsafe above 0.5
+        ({"watermark": 0.81}, "watermark"),
         ({"text_raw": "a dog on the beach 😀"}, "emoji"),
         ({"text_raw": "a flag on the beach 🇨🇳"}, "emoji"),
         ({"text_raw": "a family on the beach 👨‍👩‍👧"}, "emoji"),
@@ -137,7 +141,8 @@ def test_plain_row_shortcuts_give_the_same_result_as_every_rule(tmp_path):
             "fish & chips ok", "ab cd ef " * 40, "DSC0042 my photo", "a - b - c", "dots ... here ok"]
     frames = [pl.concat(list(readers.read_batches(readers.open_shard(p, i), 100_000)), how="diagonal_relaxed")
               for i, p in enumerate(write_demo_pairs(tmp_path, rows_per_shard=1500))]
-    demo = pl.concat([f.select("url", "text_raw", "width", "height", "clip_score", "source", "_input_error")
+    demo = pl.concat([f.select("url", "text_raw", "width", "height", "clip_score", "nsfw", "watermark", "aesthetic",
+                               "source", "_input_error")
                       for f in frames], how="vertical_relaxed")
     crafted = frame([{"text_raw": t} for t in edge * 60])
     for data in (demo, crafted.select(demo.columns)):
@@ -179,3 +184,12 @@ def test_nfc_before_the_character_rules():
     assert out.get_column("drop_reason").to_list() == [None, None]
     assert out.get_column("text").to_list() == [nfc, nfc]
     assert out.get_column("_changed_unicode").to_list() == [True, False]
+
+
+def test_published_scores_per_source_and_unscored_rows_pass():
+    rows = [{"nsfw": 0.5, "watermark": 0.8}, {"nsfw": None, "watermark": None, "aesthetic": None},
+            {"source": "coyo", "nsfw": 0.3}, {"aesthetic": 4.9}, {"aesthetic": 5.1}]
+    assert reasons(rows) == [None, None, None, None, None]  # at the threshold passes; aesthetic is off
+    assert reasons(rows, nsfw_thresholds={"coyo": 0.2}, aesthetic_threshold_default=5.0) == \
+        [None, None, "nsfw", "aesthetic", None]
+    assert reasons([{"nsfw": 0.99}], nsfw_threshold_default=None) == [None]  # switched off
