@@ -199,6 +199,8 @@ def curate_clip_score(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     clip_threshold: Annotated[list[str], typer.Option(help="threshold per source, SOURCE=VALUE")] = [],
     clip_threshold_default: Annotated[Optional[float], typer.Option(help="threshold for other sources")] = None,
+    aesthetic_head: Annotated[Optional[Path], typer.Option(help="a LAION aesthetic linear head (.pth): "
+                                                                "aesthetic_computed for every scored image")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Score image-text similarity with open_clip from a local checkpoint; threshold per source."""
@@ -206,7 +208,8 @@ def curate_clip_score(
 
     thresholds = _thresholds(clip_threshold, "--clip-threshold") or None
     settings = ClipSettings(model=model, pretrained=pretrained, batch_size=batch_size, device=device,
-                            thresholds=thresholds, threshold_default=clip_threshold_default)
+                            thresholds=thresholds, threshold_default=clip_threshold_default,
+                            aesthetic_head=aesthetic_head)
     try:
         report = run_clip_score(images, settings, show_progress=progress)
     except ClipScoreError as e:

@@ -42,6 +42,30 @@ class ClipSettings:
     device: str = "auto"  # auto: cuda when available
     thresholds: dict[str, float] | None = None  # per source; None: the filter run's clip_thresholds
     threshold_default: float | None = None
+    aesthetic_head: Path | None = None  # a LAION aesthetic linear head: aesthetic_computed beside the score
+
+
+class AestheticHead:
+    """LAION-AI's aesthetic predictor: one linear layer on the unit-norm CLIP image embedding
+    (``sa_0_4_vit_b_32_linear.pth`` for ViT-B/32, ``…_l_14_…`` for ViT-L/14), read weights-only."""
+
+    def __init__(self, path: Path, dim: int):
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                state = load_file(str(path))
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            self.weight, self.bias = state["weight"].float().reshape(-1), state["bias"].float().reshape(())
+        except (OSError, RuntimeError, KeyError, TypeError, AttributeError) as e:
+            raise ClipScoreError(f"--aesthetic-head {path}: not a linear head with weight and bias ({e})") from None
+        if self.weight.numel() != dim:
+            raise ClipScoreError(f"--aesthetic-head {path}: made for {self.weight.numel()}-d embeddings, the CLIP "
+                                 f"model gives {dim}-d (B/32: 512, L/14: 768)")
+
+    def __call__(self, unit_embeddings: torch.Tensor) -> torch.Tensor:
+        return unit_embeddings.float() @ self.weight.to(unit_embeddings.device) + self.bias.to(unit_embeddings.device)
 
 
 def load_model(model: str, pretrained: Path | None, device: torch.device):
@@ -81,15 +105,18 @@ def _load_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def _fingerprint(s: ClipSettings) -> str:
-    stat = Path(s.pretrained).stat()
-    return hashlib.sha256(f"{s.model}|{Path(s.pretrained).resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    files = [Path(p) for p in (s.pretrained, s.aesthetic_head) if p is not None]
+    blob = "|".join([s.model] + [f"{p.resolve()}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in files])
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 @torch.no_grad()
-def score_shard(clip, preprocess, tokenizer, device, tar_path: Path, rows: pl.DataFrame, batch_size: int) -> pl.DataFrame:
-    """Cosine similarity of each (image in the tar, its text); rows: key, row_id, text."""
+def score_shard(clip, preprocess, tokenizer, device, tar_path: Path, rows: pl.DataFrame, batch_size: int,
+                head: AestheticHead | None = None) -> pl.DataFrame:
+    """Cosine similarity of each (image in the tar, its text) and, with ``head``, the image's
+    aesthetic score; rows: key, row_id, text."""
     wanted = dict(zip(rows["key"], zip(rows["row_id"], rows["text"])))
-    ids, scores = [], []
+    ids, scores, aesthetic = [], [], []
     images, texts = [], []
 
     def flush():
@@ -102,6 +129,8 @@ def score_shard(clip, preprocess, tokenizer, device, tar_path: Path, rows: pl.Da
         img = img.float() / img.float().norm(dim=-1, keepdim=True)
         txt = txt.float() / txt.float().norm(dim=-1, keepdim=True)
         scores.extend((img * txt).sum(-1).cpu().tolist())
+        if head is not None:
+            aesthetic.extend(head(img).cpu().tolist())
         images.clear()
         texts.clear()
 
@@ -118,8 +147,9 @@ def score_shard(clip, preprocess, tokenizer, device, tar_path: Path, rows: pl.Da
             if len(images) >= batch_size:
                 flush()
         flush()
-    return pl.DataFrame({"row_id": ids, "clip_score_computed": scores},
-                        schema={"row_id": pl.String, "clip_score_computed": pl.Float64})
+    frame = pl.DataFrame({"row_id": ids, "clip_score_computed": scores},
+                         schema={"row_id": pl.String, "clip_score_computed": pl.Float64})
+    return frame.with_columns(aesthetic_computed=pl.Series(aesthetic, dtype=pl.Float64)) if head is not None else frame
 
 
 def run_clip_score(images: str | Path, s: ClipSettings, show_progress: bool = True) -> dict:
@@ -130,6 +160,7 @@ def run_clip_score(images: str | Path, s: ClipSettings, show_progress: bool = Tr
     device = torch.device("cuda" if s.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if s.device == "auto" else s.device))
     clip, preprocess, tokenizer, name = load_model(s.model, s.pretrained, device)
+    head = AestheticHead(Path(s.aesthetic_head), clip.visual.output_dim) if s.aesthetic_head else None
     kept, base_report = dl.read_curated(Path(state["from"]))
     ledger = pl.read_parquet(f.ledger / "download.parquet")
     scorable = (ledger.filter((pl.col("download_status") == "success") & pl.col("image_error").is_null())
@@ -145,7 +176,7 @@ def run_clip_score(images: str | Path, s: ClipSettings, show_progress: bool = Tr
                 part = pl.read_parquet(path)
             else:
                 part = score_shard(clip, preprocess, tokenizer, device, f.out / tar, rows.rename({"image_key": "key"}),
-                                   s.batch_size)
+                                   s.batch_size, head)
                 storage.write_parquet(path, part.to_arrow())
             parts.append(part)
             bar.advance(task, rows.height)

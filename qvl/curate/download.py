@@ -270,7 +270,9 @@ def derive(f: Folders, kept: pl.DataFrame, base_report: dict, s: DownloadSetting
              .join(checks, on=["attempt", "shard", "key"], how="left"))
     clip = clip_facts(f)
     if clip is not None:
-        frame = frame.join(clip.select("row_id", "clip_score_computed", "clip_model"), on="row_id", how="left")
+        frame = frame.join(clip.select("row_id", "clip_score_computed", "clip_model",
+                                       *[c for c in ("aesthetic_computed",) if c in clip.columns]),
+                           on="row_id", how="left")
         chosen = storage.read_json(f.state).get("clip", {}) if f.state.exists() else {}  # clip-score's thresholds
         thresholds = next(t for t in (clip_thresholds, chosen.get("thresholds"), settings["clip_thresholds"])
                           if t is not None)

@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from qvl.curate.clipscore import ClipScoreError, ClipSettings, run_clip_score
+from tests.conftest import needs_shared_data
 
 TINY = {"embed_dim": 32,
         "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8, "head_width": 32},
@@ -95,3 +96,41 @@ def test_no_checkpoint_no_download(images, tiny_clip):
     with pytest.raises(ClipScoreError, match="not an open_clip model"):
         run_clip_score(images, ClipSettings(model="no-such-model", pretrained=images / "report.json"),
                        show_progress=False)
+
+
+def test_an_aesthetic_head_scores_every_image(images, tiny_clip, tmp_path):
+    config, weights = tiny_clip
+    torch.manual_seed(3)
+    head = {"weight": torch.randn(1, TINY["embed_dim"]), "bias": torch.tensor([5.0])}
+    torch.save(head, tmp_path / "head.pth")
+    run_clip_score(images, ClipSettings(model=str(config), pretrained=weights, aesthetic_head=tmp_path / "head.pth"),
+                   show_progress=False)
+    kept = pl.read_parquet(images / "kept" / "*.parquet")
+    row = kept.row(0, named=True)
+    model, _, preprocess = open_clip.create_model_and_transforms("qvl-tiny-clip", pretrained=str(weights))
+    with tarfile.open(images / row["image_tar"]) as t:
+        image = Image.open(io.BytesIO(t.extractfile(f"{row['image_key']}.jpg").read())).convert("RGB")
+    with torch.no_grad():
+        embedding = model.encode_image(preprocess(image)[None])[0]
+    expected = float(embedding / embedding.norm() @ head["weight"][0] + head["bias"][0])
+    assert row["aesthetic_computed"] == pytest.approx(expected, abs=1e-4)
+    torch.save({"weight": torch.randn(1, 512), "bias": torch.zeros(1)}, tmp_path / "b32.pth")
+    with pytest.raises(ClipScoreError, match="made for 512-d embeddings, the CLIP model gives 32-d"):
+        run_clip_score(images, ClipSettings(model=str(config), pretrained=weights, aesthetic_head=tmp_path / "b32.pth"),
+                       show_progress=False)
+
+
+@needs_shared_data
+def test_laion_aesthetic_heads_on_their_reference_embeddings(shared_data):
+    """The published heads rank the published per-rating embeddings in order (B/32 and L/14)."""
+    import numpy as np
+
+    from qvl.curate.clipscore import AestheticHead
+
+    folder = shared_data / "external" / "laion_aesthetic"
+    for name, dim in (("vit_b_32", 512), ("vit_l_14", 768)):
+        head = AestheticHead(folder / f"sa_0_4_{name}_linear.pth", dim)
+        embeddings = torch.from_numpy(np.stack([np.load(folder / f"{name}_embeddings" / f"rating{r}.npy")[0]
+                                                for r in range(10)]))
+        scores = head(embeddings).tolist()
+        assert scores == sorted(scores) and scores[0] < 0 < scores[2] and 10 < scores[9] < 12
