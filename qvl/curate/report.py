@@ -24,6 +24,13 @@ def build(totals: dict, settings: FilterSettings, shards, partitions: int) -> di
     settings_of = {r.name: r.setting(settings) for r in rules.RULES}
     settings_of[rules.LANG] = f"{', '.join(settings.languages)}; fastText score >= {settings.min_lang_score}"
     settings_of[rules.DUPLICATE] = "same URL (or image hash): keep the longest text"
+    settings_of.update({
+        "clip_top_fraction": f"top {settings.clip_top_fraction} by CLIP score per {settings.clip_top_by}"
+        if settings.clip_top_fraction is not None else "off",
+        "no_entry": f"matches none of {settings.balance_entries}" if settings.balance_entries else "off",
+        "balance": f"MetaCLIP: keep with p = max over matched entries of min(1, {settings.balance_t} / count)"
+        if settings.balance_entries else "off",
+        "lang_mix": ", ".join(f"{k} {v:.1%}" for k, v in settings.lang_mix.items()) if settings.lang_mix else "off"})
     remaining = input_rows
     funnel = [{"step": "input", "dropped": 0, "remaining": remaining}]
     for name in rules.DROP_ORDER:

@@ -32,7 +32,9 @@ from qvl.curate.settings import FilterSettings
 SCORE_SETTINGS = {f"{score}_{kind}" for score in ("nsfw", "watermark", "aesthetic")
                   for kind in ("thresholds", "threshold_default")}
 RETHRESHOLDABLE = {"min_side", "max_aspect_ratio", "clip_thresholds", "clip_threshold_default", "min_units",
-                   "max_units", "languages", "min_lang_score", "skip_rules", *SCORE_SETTINGS}
+                   "max_units", "languages", "min_lang_score", "skip_rules", *SCORE_SETTINGS,
+                   # decided again on the new survivors (their text matched again for balancing)
+                   "clip_top_fraction", "clip_top_by", "balance_entries", "balance_t", "lang_mix", "balance_seed"}
 MEASURED = ("aspect_ratio", "too_small", "clip_score", "nsfw", "watermark", "aesthetic", "length")
 TEXT_RULES = ("missing_url", "dataset_tag", "empty_text", "emoji", "non_en_zh_chars")
 FORMAT = "qvl-run"  # Shard.format of a previous run's output file

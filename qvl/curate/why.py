@@ -59,7 +59,7 @@ def _filter_story(folder: Path, row_id: str) -> tuple[list[dict], str]:
             outcome = "FAIL"
         elif name == rules.LANG and not evaluated_late:
             outcome = "not evaluated"
-        elif name == rules.DUPLICATE:
+        elif name == rules.DUPLICATE or name in rules.BALANCE:
             continue
         else:
             outcome = "pass"
@@ -70,6 +70,11 @@ def _filter_story(folder: Path, row_id: str) -> tuple[list[dict], str]:
         steps.append({"stage": "filter", "step": rules.DUPLICATE, "outcome": "FAIL" if dup else "pass",
                       "value": f"same image as {dup['duplicate_of']}, whose text is longer" if dup else "unique URL"})
         verdict = f"rejected by {rules.DUPLICATE}" if dup else f"kept by the filter ({folder / 'kept'})"
+        balanced = _lookup(sorted((folder / "ledger" / "balance").glob("*.parquet")), row_id) if not dup else None
+        if balanced:
+            steps.append({"stage": "filter", "step": balanced["drop_reason"], "outcome": "FAIL",
+                          "value": "the subset's balance (report.json: balance)"})
+            verdict = f"rejected by {balanced['drop_reason']}"
     return steps, verdict
 
 

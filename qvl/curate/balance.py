@@ -1,0 +1,205 @@
+"""Which clean pairs to keep: the subset's balance, decided after rules 1-12 on their survivors.
+
+Three choices the best curated sets since Qwen-VL made, each optional, each a drop step with
+its reason in the funnel, applied in this order:
+
+1. ``clip_top_fraction`` (DataComp's best baseline keeps the top 30% by CLIP L/14): per source
+   (or per source and language), keep the pairs whose CLIP score is among the top F of their
+   group; the threshold is exact over the whole run (every survivor's score collected in a first
+   pass, the k-th largest taken) and written to the report. Unscored pairs pass and are counted.
+2. ``balance`` (MetaCLIP): each caption is matched against a list of entries (substrings, with
+   Aho-Corasick); counting matches per entry over the run, a pair is kept with probability
+   ``max over its entries of min(1, t / count)``: the head of the distribution is flattened, the
+   tail kept whole. A caption matching no entry is dropped (``no_entry``).
+3. ``lang_mix`` (Qwen-VL's 77.3% English / 22.7% Chinese): the over-represented languages are
+   down-sampled so the kept set has the given mix; a language not in the mix is dropped. Last,
+   so that the mix holds for what is finally kept.
+
+Every random choice is a hash of (seed, step, row id): a rerun, the Ray engine and
+``--from-ledger`` draw alike. Two passes over the kept partitions, each a task on the run's
+engine: one gathers scores and entry counts, one decides and rewrites the partition (its
+dropped rows go to ``rejected/balance-K.parquet``, their facts to ``ledger/balance/K.parquet``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from qvl import storage
+from qvl.curate.settings import FilterSettings
+
+
+
+def active(s: FilterSettings) -> bool:
+    return s.clip_top_fraction is not None or bool(s.balance_entries) or bool(s.lang_mix)
+
+
+@lru_cache(maxsize=2)
+def automaton(path: str):
+    """(Aho-Corasick automaton over the entries, the entries) — built once per process."""
+    import ahocorasick
+
+    entries = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    auto = ahocorasick.Automaton()
+    for i, entry in enumerate(entries):
+        auto.add_word(entry, i)
+    auto.make_automaton()
+    return auto, entries
+
+
+def matches(texts: list[str | None], path: str) -> list[list[int]]:
+    """The entries (indices) each text holds as a substring, each once."""
+    auto, _ = automaton(path)
+    return [sorted({i for _, i in auto.iter(t)}) if t else [] for t in texts]
+
+
+def uniform(seed: int, step: str, row_ids: pl.Series) -> np.ndarray:
+    """A number in [0, 1) per row id, the same wherever and whenever it is drawn."""
+    def one(row_id: str) -> float:
+        digest = hashlib.blake2b(f"{seed}\0{step}\0{row_id}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") / 2 ** 64
+    return np.fromiter((one(r) for r in row_ids.to_list()), dtype=np.float64, count=row_ids.len())
+
+
+def _group(frame: pl.DataFrame, s: FilterSettings) -> pl.Expr:
+    return pl.concat_str(["source", "lang"], separator="/") if s.clip_top_by == "source_lang" else pl.col("source")
+
+
+# ---------------------------------------------------------------- pass 1: what the run holds
+
+
+def gather(path: Path, s: FilterSettings) -> dict:
+    """One kept partition's CLIP scores per group and entry counts."""
+    frame = pl.read_parquet(path, columns=["row_id", "text", "source", "lang", "clip_score"])
+    out: dict = {"rows": frame.height}
+    if s.clip_top_fraction is not None:
+        scored = frame.filter(pl.col("clip_score").is_not_null()).with_columns(_g=_group(frame, s))
+        out["scores"] = {g: part.get_column("clip_score").to_numpy()
+                         for (g,), part in scored.partition_by("_g", as_dict=True).items()}
+    if s.balance_entries:
+        counts: dict[int, int] = {}
+        for found in matches(frame.get_column("text").to_list(), s.balance_entries):
+            for i in found:
+                counts[i] = counts.get(i, 0) + 1
+        out["entry_counts"] = counts
+    return out
+
+
+def thresholds(gathered: list[dict], fraction: float) -> dict[str, dict]:
+    """The exact top-``fraction`` threshold of each group: the k-th largest score."""
+    groups: dict[str, list[np.ndarray]] = {}
+    for g in gathered:
+        for name, scores in g.get("scores", {}).items():
+            groups.setdefault(name, []).append(scores)
+    out = {}
+    for name, parts in sorted(groups.items()):
+        scores = np.concatenate(parts)
+        k = max(1, math.ceil(fraction * scores.size))
+        out[name] = {"threshold": float(np.partition(scores, scores.size - k)[scores.size - k]),
+                     "scored": int(scores.size), "keep": k}
+    return out
+
+
+def merge_counts(gathered: list[dict]) -> dict[int, int]:
+    total: dict[int, int] = {}
+    for g in gathered:
+        for i, n in g.get("entry_counts", {}).items():
+            total[i] = total.get(i, 0) + n
+    return total
+
+
+# ---------------------------------------------------------------- pass 2: decide
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What pass 1 found, for every partition's decisions."""
+
+    top: dict[str, dict]  # group -> threshold
+    entry_counts: dict[int, int]
+
+
+def lang_probabilities(counts: dict[str, int], mix: dict[str, float]) -> dict[str, float]:
+    """Keep probabilities that give the mix from these counts: the largest total whose every
+    language's share fits in what that language holds."""
+    total = min((counts.get(lang, 0) / share for lang, share in mix.items() if share > 0), default=0.0)
+    return {lang: min(1.0, total * mix.get(lang, 0.0) / n) if n else 0.0 for lang, n in counts.items()}
+
+
+def _reasons(frame: pl.DataFrame, s: FilterSettings, plan: Plan) -> tuple[pl.Series, list[list[int]]]:
+    """Steps 1 and 2 on a kept partition: the drop reason (or null) and each caption's entries."""
+    reason = pl.Series("r", [None] * frame.height, dtype=pl.String)
+    if plan.top:
+        limit = frame.select(_group(frame, s).replace_strict({g: t["threshold"] for g, t in plan.top.items()},
+                                                            default=None, return_dtype=pl.Float64)).to_series()
+        below = (frame.get_column("clip_score") < limit).fill_null(False)
+        reason = pl.select(pl.when(below).then(pl.lit("clip_top_fraction")).otherwise(reason)).to_series()
+    found: list[list[int]] = [[] for _ in range(frame.height)]
+    if s.balance_entries:
+        found = matches(frame.get_column("text").to_list(), s.balance_entries)
+        keep_p = np.array([max((min(1.0, s.balance_t / plan.entry_counts[i]) for i in f), default=-1.0)
+                           for f in found])
+        draw = uniform(s.balance_seed, "balance", frame.get_column("row_id"))
+        new = np.where(keep_p < 0, "no_entry", np.where(draw >= keep_p, "balance", None))
+        reason = pl.select(pl.coalesce(reason, pl.Series(new.tolist(), dtype=pl.String))).to_series()
+    return reason, found
+
+
+def first(path: Path, s: FilterSettings, plan: Plan, work: Path) -> dict:
+    """Pass 2: steps 1-2 decided and kept aside; the survivors counted per language."""
+    frame = pl.read_parquet(path, columns=["row_id", "text", "source", "lang", "clip_score"])
+    reason, found = _reasons(frame, s, plan)
+    storage.write_parquet(work, pl.DataFrame({"row_id": frame.get_column("row_id"), "reason": reason,
+                                              "entries": found}, schema={"row_id": pl.String, "reason": pl.String,
+                                                                         "entries": pl.List(pl.Int32)}).to_arrow())
+    survivors = frame.filter(reason.is_null())
+    return {"lang": {k: v for k, v in survivors.group_by("lang").len().iter_rows()}}
+
+
+def finish(path: Path, s: FilterSettings, lang_keep: dict[str, float], work: Path) -> tuple[pl.DataFrame, dict]:
+    """Pass 3: step 3 on what steps 1-2 left; the partition with ``balance_reason``, and the
+    entry counts of what is finally kept."""
+    frame = pl.read_parquet(path)
+    decided = pl.read_parquet(work)
+    reason = decided.get_column("reason")
+    if s.lang_mix:
+        p = frame.get_column("lang").replace_strict(lang_keep, default=0.0, return_dtype=pl.Float64).to_numpy()
+        drop = uniform(s.balance_seed, "lang_mix", frame.get_column("row_id")) >= p
+        reason = pl.select(pl.coalesce(reason, pl.Series(np.where(drop, "lang_mix", None).tolist(),
+                                                           dtype=pl.String))).to_series()
+    after: dict[int, int] = {}
+    for entries, r in zip(decided.get_column("entries").to_list(), reason.to_list()):
+        if r is None:
+            for i in entries:
+                after[i] = after.get(i, 0) + 1
+    return frame.with_columns(balance_reason=reason), after
+
+
+def plot_entries(before: dict[int, int], after: dict[int, int], path: Path) -> None:
+    """The entries' match counts, sorted, before and after balancing (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for counts, label in ((before, "before"), (after, "after")):
+        values = sorted((n for n in counts.values() if n), reverse=True)
+        if values:
+            ax.plot(range(1, len(values) + 1), values, label=f"{label} ({sum(values):,} matches)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("entry rank")
+    ax.set_ylabel("pairs matching the entry")
+    ax.legend()
+    fig.tight_layout()
+    with storage.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

@@ -1,0 +1,147 @@
+"""The subset's balance after rules 1-12: the top-fraction threshold is the exact k-th largest
+score of the whole run, the language mix lands within half a point of its target, MetaCLIP
+balancing keeps about min(count, t) per entry — and the local engine, Ray and --from-ledger
+decide alike."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import polars as pl
+import pytest
+
+from qvl.curate.pipeline import run_filter
+from qvl.curate.settings import FilterSettings, RunSettings
+
+ANIMALS = ["zebra", "giraffe", "lion", "otter", "heron", "walrus"]
+ZH_SUBJECTS = ["一只小狗", "一只小猫", "一辆红色汽车", "一座古老房子", "一棵大树"]
+ZH_PLACES = ["在公园里玩耍", "停在街道旁边", "在河边休息", "在雪地里奔跑"]
+
+
+def write(path, rows: list[dict]) -> None:
+    pl.DataFrame(rows).write_parquet(path)
+
+
+def kept_of(out) -> pl.DataFrame:
+    return pl.concat([pl.read_parquet(p) for p in sorted((out / "kept").glob("*.parquet"))])
+
+
+def counts_by_reason(report: dict) -> dict[str, int]:
+    return {r["step"]: r["dropped"] for r in report["funnel"]}
+
+
+def test_top_fraction_threshold_is_the_kth_largest_of_the_run(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 6000
+    scores = rng.uniform(0.2, 0.45, n).round(6)
+    write(tmp_path / "pairs.parquet", [{"url": f"http://x.test/{i}.jpg", "text": f"a photo of object number {i}",
+                                        "clip_score": float(s), "source": "web" if i % 3 else "other"}
+                                       for i, s in enumerate(scores)])
+    settings = FilterSettings(skip_rules=("lang",), clip_thresholds={}, clip_top_fraction=0.3)
+    report = run_filter([tmp_path / "pairs.parquet"], tmp_path / "out", settings,
+                        RunSettings(workers=2, rows_per_partition=1500), show_progress=False)
+    assert report["dedup_partitions"] > 1
+    kept = kept_of(tmp_path / "out")
+    for source in ("web", "other"):
+        group = np.array([s for i, s in enumerate(scores) if (source == "web") == bool(i % 3)])
+        k = int(np.ceil(0.3 * group.size))
+        expected = float(np.sort(group)[::-1][k - 1])
+        assert report["balance"]["clip_top_fraction"]["groups"][source]["threshold"] == expected
+        mine = kept.filter(pl.col("source") == source)
+        assert mine.height == k and mine["clip_score"].min() == expected
+    assert counts_by_reason(report)["clip_top_fraction"] == n - kept.height and report["accounted"]
+
+
+def test_lang_mix_is_met_within_half_a_point(tmp_path):
+    rng = random.Random(1)
+    rows = []
+    for i in range(100_000):
+        if i % 2:
+            text = f"a {rng.choice(['red', 'blue', 'old'])} {rng.choice(ANIMALS)} standing near the river {i}"
+        else:
+            text = f"{rng.choice(ZH_SUBJECTS)}{rng.choice(ZH_PLACES)}，编号{i}"
+        rows.append({"url": f"http://x.test/{i}.jpg", "text": text})
+    write(tmp_path / "pairs.parquet", rows)
+    settings = FilterSettings(lang_mix={"en": 0.773, "zh": 0.227}, balance_seed=7)
+    report = run_filter([tmp_path / "pairs.parquet"], tmp_path / "out", settings,
+                        RunSettings(workers=2, rows_per_partition=30_000), show_progress=False)
+    shares = {lang: v["share_pct"] for lang, v in report["by_language"].items()}
+    assert abs(shares["en"] - 77.3) <= 0.5 and abs(shares["zh"] - 22.7) <= 0.5, shares
+    assert report["by_language"]["en"]["kept"] == report["balance"]["lang_mix"]["counts_before"]["en"]  # none dropped
+    assert counts_by_reason(report)["lang_mix"] > 0 and report["accounted"]
+
+
+def test_metaclip_balancing_keeps_about_t_per_entry(tmp_path):
+    rng = random.Random(2)
+    sizes = {"zebra": 3000, "giraffe": 1200, "lion": 400, "otter": 150, "heron": 40}
+    rows, i = [], 0
+    for entry, n in sizes.items():
+        for _ in range(n):
+            rows.append({"url": f"http://x.test/{i}.jpg", "text": f"a {entry} seen from far away number {i}"})
+            i += 1
+    for _ in range(200):  # matches no entry
+        rows.append({"url": f"http://x.test/{i}.jpg", "text": f"an empty field under the sky number {i}"})
+        i += 1
+    rng.shuffle(rows)
+    write(tmp_path / "pairs.parquet", rows)
+    entries = tmp_path / "entries.txt"
+    entries.write_text("\n".join([*sizes, "walrus"]) + "\n")
+    t = 500
+    settings = FilterSettings(skip_rules=("lang",), balance_entries=str(entries), balance_t=t)
+    report = run_filter([tmp_path / "pairs.parquet"], tmp_path / "out", settings,
+                        RunSettings(workers=2, rows_per_partition=1500), show_progress=False)
+    kept = kept_of(tmp_path / "out")
+    for entry, n in sizes.items():
+        got = kept.filter(pl.col("text").str.contains(entry)).height
+        p = min(1.0, t / n)
+        assert abs(got - n * p) <= 4 * (n * p * (1 - p)) ** 0.5 + 1e-9, (entry, got, n * p)
+    assert counts_by_reason(report)["no_entry"] == 200
+    entries_report = report["balance"]["entries"]
+    assert entries_report["largest_before"] == 3000 and entries_report["largest_after"] < 700
+    assert (tmp_path / "out" / "balance.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("balance-mixed")
+    rng = random.Random(3)
+    rows = []
+    for i in range(6000):
+        if i % 4 == 0:
+            text = f"{rng.choice(ZH_SUBJECTS)}{rng.choice(ZH_PLACES)}，编号{i}"
+        else:
+            text = f"a {rng.choice(['red', 'blue'])} {rng.choice(ANIMALS)} near the water {i}"
+        rows.append({"url": f"http://x.test/{i}.jpg", "text": text, "clip_score": round(rng.uniform(0.2, 0.4), 5),
+                     "width": rng.choice([150, 400, 800]), "height": 400})
+    write(folder / "pairs.parquet", rows)
+    entries = folder / "entries.txt"
+    entries.write_text("\n".join(ANIMALS + ["小狗", "汽车"]) + "\n")
+    settings = FilterSettings(clip_thresholds={}, clip_top_fraction=0.6, clip_top_by="source_lang",
+                              balance_entries=str(entries), balance_t=400, lang_mix={"en": 0.6, "zh": 0.4})
+    return folder, settings
+
+
+def _rows(out, part: str) -> pl.DataFrame:
+    files = sorted((out / part).glob("*.parquet"))
+    return pl.concat([pl.read_parquet(f).select("row_id", *(["drop_reason"] if part == "rejected" else []))
+                      for f in files]).sort("row_id")
+
+
+def test_ray_and_from_ledger_decide_alike(mixed, tmp_path):
+    pytest.importorskip("ray", reason="Ray is an optional extra; CI installs it")
+    folder, settings = mixed
+    run = RunSettings(workers=2, rows_per_partition=1500)
+    local = run_filter([folder / "pairs.parquet"], tmp_path / "local", settings, run, show_progress=False)
+    on_ray = run_filter([folder / "pairs.parquet"], tmp_path / "ray", settings,
+                        RunSettings(engine="ray", workers=2, rows_per_partition=1500), show_progress=False)
+    assert json.dumps(local["funnel"]) == json.dumps(on_ray["funnel"])
+    for part in ("kept", "rejected"):
+        assert _rows(tmp_path / "local", part).equals(_rows(tmp_path / "ray", part)), part
+    # a looser size rule decided again from the ledger equals a fresh run with it
+    looser = FilterSettings(**{**settings.__dict__, "min_side": 100})
+    again = run_filter([], tmp_path / "again", looser, run, from_ledger=tmp_path / "local", show_progress=False)
+    fresh = run_filter([folder / "pairs.parquet"], tmp_path / "fresh", looser, run, show_progress=False)
+    assert again["funnel"] == fresh["funnel"] and again["kept_rows"] > local["kept_rows"]
+    assert _rows(tmp_path / "again", "kept").equals(_rows(tmp_path / "fresh", "kept"))
