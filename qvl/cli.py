@@ -178,6 +178,8 @@ def curate_download(
     min_side: Annotated[Optional[int], typer.Option(help="image_too_small on real pixels (default: the filter's)")] = None,
     max_aspect_ratio: Annotated[Optional[float], typer.Option(help="image_aspect_ratio on real pixels")] = None,
     max_pixels: MaxPixelsOpt = 64_000_000,
+    near_dup_bits: Annotated[int, typer.Option(help="pHashes this close (bits) are one picture: the longest text "
+                                                    "is kept (-1: off)")] = 4,
     allow_private: Annotated[bool, typer.Option(help="also fetch private, loopback and link-local addresses")] = False,
     retry_failed: Annotated[bool, typer.Option(help="a new attempt with only the rows whose download failed")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing download in --out")] = False,
@@ -190,7 +192,8 @@ def curate_download(
         settings = DownloadSettings(processes=processes, threads=threads, timeout=timeout,
                                     samples_per_shard=samples_per_shard, image_size=image_size,
                                     resize_mode=resize_mode, allow_private=allow_private, min_side=min_side,
-                                    max_aspect_ratio=max_aspect_ratio, max_pixels=max_pixels)
+                                    max_aspect_ratio=max_aspect_ratio, max_pixels=max_pixels,
+                                    near_dup_bits=near_dup_bits)
         report = run_download(curated, out, settings, retry_failed=retry_failed, overwrite=overwrite,
                               show_progress=progress)
     except ValueError as e:  # DownloadError, a setting out of range

@@ -23,8 +23,9 @@ class BadImage(ValueError):
         self.reason = reason
 
 
-def decoded_size(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
-    """(width, height) of an image that decodes fully and has at most ``max_pixels``."""
+def decoded_size(data: bytes, max_pixels: int = MAX_PIXELS, inspect=None):
+    """(width, height) of an image that decodes fully and has at most ``max_pixels`` — and,
+    with ``inspect``, what it returns for the decoded image: (width, height, result)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -35,7 +36,7 @@ def decoded_size(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
                                    f"{max_pixels / 1e6:g} Mpx", "too_many_pixels")
                 img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))  # JPEG: decode at 1/8 scale
                 img.load()
-                return width, height
+                return (width, height) if inspect is None else (width, height, inspect(img))
     except BadImage:
         raise
     except Image.DecompressionBombError as e:  # PIL's own guard, above twice its default limit

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from qvl import pixels, storage
@@ -41,7 +42,9 @@ from qvl.recipes import require
 
 # drop steps of this stage, in funnel order
 STEPS = ("bad_url", "private_address", "download_failed", "image_corrupt", "image_too_large", "image_too_small",
-         "image_aspect_ratio", "clip_score_computed", "duplicate_image")
+         "image_aspect_ratio", "clip_score_computed", "duplicate_image", "near_duplicate_image")
+CHECKS = {"key": pl.String, "image_width": pl.Int64, "image_height": pl.Int64, "image_error": pl.String,
+          "phash": pl.UInt64}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
@@ -64,12 +67,14 @@ class DownloadSettings:
     max_aspect_ratio: float | None = None
     check_threads: int = 0  # decoding threads for the pixel checks; 0 = one per core
     max_pixels: int = pixels.MAX_PIXELS  # larger images are refused before decoding (bombs)
+    near_dup_bits: int = 4  # pHashes this many bits apart or closer are one image; -1: off
 
     def __post_init__(self) -> None:
         require(self.processes >= 0, "processes", f"{self.processes}: >= 0 (0 = one per core)")
         for key in ("threads", "timeout", "samples_per_shard", "max_pixels"):
             require(getattr(self, key) >= 1, key, f"{getattr(self, key)}: must be >= 1")
         require(self.image_size is None or self.image_size >= 1, "image_size", f"{self.image_size}: must be >= 1")
+        require(-1 <= self.near_dup_bits <= 16, "near_dup_bits", f"{self.near_dup_bits}: -1 (off) to 16")
 
 
 @dataclass(frozen=True)
@@ -195,26 +200,33 @@ def fold(f: Folders) -> pl.DataFrame:
 # ---------------------------------------------------------------- pixel checks
 
 
+def _phash(img) -> int:
+    import imagehash
+
+    return int(str(imagehash.phash(img)), 16)
+
+
 def _check_tar(tar_path: Path, max_pixels: int) -> pl.DataFrame:
-    """Decode every image of one shard fully: its real size, or why it is not an image."""
-    keys, widths, heights, errors = [], [], [], []
+    """Decode every image of one shard fully: its real size and perceptual hash, or why it is
+    not an image."""
+    keys, widths, heights, errors, hashes = [], [], [], [], []
     with tarfile.open(tar_path) as tar:
         for member in tar:
             stem, dot, suffix = member.name.rpartition(".")
             if not dot or f".{suffix.lower()}" not in IMAGE_SUFFIXES:
                 continue
-            width = height = error = None
+            width = height = error = phash = None
             try:
-                width, height = pixels.decoded_size(tar.extractfile(member).read(), max_pixels)
+                width, height, phash = pixels.decoded_size(tar.extractfile(member).read(), max_pixels, _phash)
             except pixels.BadImage as e:
                 error = f"{e.reason}: {e}"
             keys.append(stem)
             widths.append(width)
             heights.append(height)
             errors.append(error)
-    return pl.DataFrame({"key": keys, "image_width": widths, "image_height": heights, "image_error": errors},
-                        schema={"key": pl.String, "image_width": pl.Int64, "image_height": pl.Int64,
-                                "image_error": pl.String})
+            hashes.append(phash)
+    return pl.DataFrame({"key": keys, "image_width": widths, "image_height": heights, "image_error": errors,
+                         "phash": hashes}, schema=CHECKS)
 
 
 def check_images(f: Folders, facts: pl.DataFrame, threads: int, max_pixels: int, show_progress: bool) -> pl.DataFrame:
@@ -223,7 +235,7 @@ def check_images(f: Folders, facts: pl.DataFrame, threads: int, max_pixels: int,
     todo, frames = [], []
     for attempt, shard in shards.iter_rows():
         cache = f.attempt(attempt) / "_qvl" / f"{shard}.checks.parquet"
-        if cache.exists():
+        if cache.exists() and "phash" in pl.read_parquet_schema(cache):  # caches before pHash: checked again
             frames.append(pl.read_parquet(cache).with_columns(attempt=pl.lit(attempt), shard=pl.lit(shard)))
         else:
             todo.append((attempt, shard, cache))
@@ -241,12 +253,45 @@ def check_images(f: Folders, facts: pl.DataFrame, threads: int, max_pixels: int,
             frames.append(checks)
             bar.advance(task)
     if not frames:
-        return pl.DataFrame(schema={"key": pl.String, "image_width": pl.Int64, "image_height": pl.Int64,
-                                    "image_error": pl.String, "attempt": pl.Int64, "shard": pl.String})
+        return pl.DataFrame(schema={**CHECKS, "attempt": pl.Int64, "shard": pl.String})
     return pl.concat(frames, how="vertical_relaxed")
 
 
 # ---------------------------------------------------------------- decisions
+
+
+def near_duplicates(hashes: np.ndarray, bits: int) -> dict[int, int]:
+    """Groups of 64-bit hashes within ``bits`` of each other (transitively), found by
+    multi-index hashing: split into ``bits + 1`` bands, two hashes that close agree on at least
+    one band whole, so only hashes sharing a band value are compared. Returns, for every
+    member but the first of its group (rows come ranked), the index of that first one."""
+    n = len(hashes)
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    hashes = hashes.astype(np.uint64)
+    bands = bits + 1
+    edges = np.linspace(0, 64, bands + 1).astype(int)
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        key = (hashes >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
+        order = np.argsort(key, kind="stable")
+        sorted_keys = key[order]
+        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+        for a, b in zip(starts, np.r_[starts[1:], n]):
+            if b - a < 2:
+                continue
+            members = order[a:b]
+            close = np.bitwise_count(hashes[members][:, None] ^ hashes[members][None, :]) <= bits
+            for x, y in zip(*np.nonzero(np.triu(close, 1))):
+                rx, ry = root(int(members[x])), root(int(members[y]))
+                if rx != ry:
+                    parent[max(rx, ry)] = min(rx, ry)  # the better-ranked row leads its group
+    return {i: root(i) for i in range(n) if root(i) != i}
 
 
 def clip_facts(f: Folders) -> pl.DataFrame | None:
@@ -306,6 +351,19 @@ def derive(f: Folders, kept: pl.DataFrame, base_report: dict, s: DownloadSetting
     dup_ids = survivors.filter(~pl.col("sha256").is_first_distinct() & pl.col("sha256").is_not_null())
     frame = frame.with_columns(drop_reason=pl.when(pl.col("row_id").is_in(dup_ids.get_column("row_id").implode()))
                                .then(pl.lit("duplicate_image")).otherwise(pl.col("drop_reason")))
+    # the same photo re-encoded, resized or lightly cropped under other URLs: the longest text wins
+    # a flat picture has no structure for pHash to see (its hash is one bit or none): never grouped
+    informative = pl.col("phash").is_not_null() & pl.col("phash").bitwise_count_ones().is_between(2, 62)
+    survivors = frame.filter(pl.col("drop_reason").is_null() & informative).with_columns(
+        _len=pl.col("text").str.len_chars()).sort(["_len", "_order"], descending=[True, False])
+    winner_of = near_duplicates(survivors.get_column("phash").to_numpy(), s.near_dup_bits) \
+        if s.near_dup_bits >= 0 else {}
+    ids = survivors.get_column("row_id").to_list()
+    lost = {ids[i]: ids[w] for i, w in winner_of.items()}
+    frame = frame.with_columns(
+        near_duplicate_of=pl.col("row_id").replace_strict(lost, default=None, return_dtype=pl.String)).with_columns(
+        drop_reason=pl.when(pl.col("near_duplicate_of").is_not_null()).then(pl.lit("near_duplicate_image"))
+        .otherwise(pl.col("drop_reason")))
     frame = frame.sort("_order").with_columns(
         image_tar=pl.when(pl.col("status") == "success")
         .then(pl.format("attempts/{}/{}.tar", pl.col("attempt").cast(pl.String).str.zfill(3), pl.col("shard"))),
@@ -326,7 +384,7 @@ def derive(f: Folders, kept: pl.DataFrame, base_report: dict, s: DownloadSetting
     ledger = frame.select(
         "row_id", "source", "url", pl.col("_refused").alias("refused"), "attempt",
         pl.col("status").alias("download_status"), "download_error", pl.col("key").alias("image_key"),
-        "image_tar", "sha256", "image_width", "image_height", "image_error",
+        "image_tar", "sha256", "phash", "near_duplicate_of", "image_width", "image_height", "image_error",
         *([pl.col("clip_score_computed"), "clip_model"] if clip is not None else []), "drop_reason")
     storage.write_parquet(f.ledger / "download.parquet", ledger.to_arrow())
 
@@ -346,7 +404,9 @@ def derive(f: Folders, kept: pl.DataFrame, base_report: dict, s: DownloadSetting
         "image_aspect_ratio": f"real long/short side > {max_ratio}",
         "clip_score_computed": (f"{clip['clip_model'][0]} below the source's threshold" if clip is not None and clip.height
                                 else "no CLIP scores computed"),
-        "duplicate_image": "same sha256: keep the longest text"}
+        "duplicate_image": "same sha256: keep the longest text",
+        "near_duplicate_image": f"pHash within {s.near_dup_bits} bits: keep the longest text"
+        if s.near_dup_bits >= 0 else "off"}
     stats = {"attempts": len(list(f.attempts.glob("[0-9]*"))), "fetched": int((frame["status"] == "success").sum()),
              "settings": dataclasses.asdict(s)}
     step_settings = {name: step_settings[name] for name in STEPS}  # the funnel's order

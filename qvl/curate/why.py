@@ -90,7 +90,9 @@ def _download_story(folder: Path, row_id: str) -> tuple[list[dict], str]:
               "image_too_small": size, "image_aspect_ratio": size,
               "clip_score_computed": f"{facts['clip_score_computed']:.3f} ({facts['clip_model']})"
               if facts.get("clip_score_computed") is not None else "not computed",
-              "private_address": facts["url"]}
+              "private_address": facts["url"],
+              "near_duplicate_image": f"the same picture as {facts['near_duplicate_of']}, whose text is longer"
+              if facts.get("near_duplicate_of") else (f"pHash {facts['phash']:016x}" if facts.get("phash") else "")}
     reason = facts["drop_reason"]
     steps = []
     for name in order:

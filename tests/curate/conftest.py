@@ -31,6 +31,21 @@ def _png(size) -> bytes:
 
 
 GOOD = _jpeg((320, 240))
+
+
+def _photo(seed: int, size=(400, 300), crop: int = 0, quality: int = 90, fmt: str = "JPEG") -> bytes:
+    """A smooth, photo-like picture (blurred random blocks), optionally resized, cropped, re-encoded."""
+    import numpy as np
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray((np.kron(rng.random((12, 16)), np.ones((25, 25))) * 255).astype("uint8")).convert("RGB")
+    img = img.filter(ImageFilter.GaussianBlur(6))
+    if crop:
+        img = img.crop((crop, crop, img.width - crop, img.height - crop))
+    buf = io.BytesIO()
+    img.resize(size).save(buf, fmt, **({"quality": quality} if fmt == "JPEG" else {}))
+    return buf.getvalue()
 BODIES = {
     "/good.jpg": GOOD,
     "/same-bytes.jpg": GOOD,  # the same image under another URL: a duplicate by hash
@@ -39,6 +54,12 @@ BODIES = {
     "/wide.jpg": _jpeg((900, 200)),
     "/not-an-image.jpg": b"<html>gone</html>",
     "/truncated.jpg": _jpeg((500, 400), (1, 2, 3))[:400],
+    # one photo under three URLs (re-encoded, resized, cropped by 1%), and two other photos
+    "/near/original.jpg": _photo(0),
+    "/near/smaller.png": _photo(0, size=(320, 240), fmt="PNG"),
+    "/near/cropped.jpg": _photo(0, crop=4, quality=60),
+    "/near/other-1.jpg": _photo(1),
+    "/near/other-2.jpg": _photo(2),
 }
 # caption, path, expected drop_reason (None: kept)
 PAIRS = [

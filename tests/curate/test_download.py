@@ -258,3 +258,65 @@ def test_bytes_that_are_not_an_image_are_never_stored(downloaded, server):
     kept_keys = set(ledger.filter(pl.col("download_status") == "success")["image_key"])
     assert {name.rsplit(".", 1)[0] for name in stored} == kept_keys
     assert not set(bad["image_key"].drop_nulls()) & kept_keys
+
+
+def test_near_duplicate_images_keep_one_pair(tmp_path, server):
+    """The same photo re-encoded, resized and lightly cropped under three URLs -> one kept (the
+    longest caption); two different photos -> both kept; the ledger names the winner."""
+    from qvl.curate.pipeline import run_filter
+    from qvl.curate.settings import FilterSettings, RunSettings
+    from qvl.curate.why import explain
+
+    captions = {"/near/original.jpg": "a blurred red and green pattern of blocks on a wall",
+                "/near/smaller.png": "a blurred pattern of blocks",
+                "/near/cropped.jpg": "blurred blocks of colour seen up close",
+                "/near/other-1.jpg": "another blurred pattern of coloured blocks",
+                "/near/other-2.jpg": "a third blurred pattern of coloured blocks"}
+    raw = tmp_path / "raw.parquet"
+    pl.DataFrame({"url": [server.base + p for p in captions], "text": list(captions.values())}).write_parquet(raw)
+    run_filter([raw], tmp_path / "curated", FilterSettings(skip_rules=("lang",)), RunSettings(workers=1),
+               show_progress=False)
+    report = run_download(tmp_path / "curated", tmp_path / "out", SETTINGS, show_progress=False)
+    outcome = _outcomes(tmp_path / "out")
+    assert {p: outcome[server.base + p] for p in captions} == {
+        "/near/original.jpg": None, "/near/smaller.png": "near_duplicate_image",
+        "/near/cropped.jpg": "near_duplicate_image", "/near/other-1.jpg": None, "/near/other-2.jpg": None}
+    ledger = pl.read_parquet(tmp_path / "out" / "ledger" / "download.parquet")
+    winner = ledger.filter(pl.col("url") == server.base + "/near/original.jpg")["row_id"][0]
+    lost = ledger.filter(pl.col("drop_reason") == "near_duplicate_image")
+    assert set(lost["near_duplicate_of"]) == {winner}
+    story = explain(tmp_path / "out", lost["row_id"][0])
+    assert story["verdict"] == "rejected by near_duplicate_image"
+    assert {s["step"]: s["value"] for s in story["steps"]}["near_duplicate_image"].startswith(
+        f"the same picture as {winner}")
+    steps = {r["step"]: r["dropped"] for r in report["funnel"] if r.get("stage") == "download"}
+    assert steps["near_duplicate_image"] == 2 and report["accounted"]
+    again = run_download(tmp_path / "curated", tmp_path / "off", DownloadSettings(
+        **{**SETTINGS.__dict__, "near_dup_bits": -1}), show_progress=False)
+    assert again["kept_rows"] == 5
+
+
+def test_multi_index_hashing_finds_what_a_full_comparison_finds():
+    import numpy as np
+
+    from qvl.curate.download import near_duplicates
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2 ** 63, 40, dtype=np.uint64)
+    flips = [base[i // 3] ^ np.uint64(sum(1 << int(b) for b in rng.choice(64, i % 5, replace=False)))
+             for i in range(120)]
+    hashes = np.array(flips, dtype=np.uint64)
+    found = near_duplicates(hashes, 4)
+    # brute force: union of every pair within 4 bits, the smallest index leading
+    parent = list(range(len(hashes)))
+
+    def root(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+    for i in range(len(hashes)):
+        for j in range(i + 1, len(hashes)):
+            if int(np.bitwise_count(hashes[i] ^ hashes[j])) <= 4:
+                a, b = root(i), root(j)
+                parent[max(a, b)] = min(a, b)
+    assert found == {i: root(i) for i in range(len(hashes)) if root(i) != i} and found
