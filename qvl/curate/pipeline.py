@@ -79,7 +79,7 @@ class Paths:
 def ledger_rows(frame: pl.DataFrame) -> pa.Table:
     """The ledger's facts of evaluated rows: what each rule measured and decided, no text."""
     return frame.select(
-        "row_id", pl.col("_seq").alias("seq"), "source", "url", "width", "height", "clip_score", "nsfw",
+        "row_id", pl.col("_seq").alias("seq"), "source", "width", "height", "clip_score", "nsfw",
         "watermark", "aesthetic",
         pl.col("units"), pl.col("text").str.len_chars().cast(pl.Int64).alias("text_chars"),
         pl.col("lang").cast(pl.String), pl.col("lang_score").cast(pl.Float32), pl.col("lang_by").cast(pl.String),

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import html as _html
 import re
+import unicodedata
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable
 
 import polars as pl
@@ -99,24 +101,71 @@ def _html_to_text(text: str) -> str:
         text = cleaned
 
 
+# the entities web captions hold most; with them, a pass of html.unescape is one replace_many
+COMMON_ENTITIES = ["&amp;", "&lt;", "&gt;", "&quot;", "&#39;"]
+COMMON_CHARS = ["&", "<", ">", '"', "'"]
+# what html.unescape would decode beyond those (named without ";", numeric, other names), and
+# controls, which Python's \s counts as space inside a tag and the regex engine does not
+NEEDS_PYTHON = r"&(?:#|[A-Za-z])|[\x00-\x1f\x7f-\x9f]"
+
+
 def _strip_html(values: pl.Series) -> pl.Series:
-    """On just the rows that hold ``<`` or ``&`` (a few percent of web text)."""
+    """``_html_to_text`` on the rows that hold ``<`` or ``&`` (a few percent of web text):
+    vectorised while only the common entities and tags are in play, each pass checked for an
+    entity those do not cover; such rows (rare) take ``html.unescape`` itself."""
     has = values.str.contains("[<&]").fill_null(False)
     if not has.any():
         return values
     idx = has.arg_true()
-    return values.scatter(idx, [_html_to_text(v) for v in values.gather(idx).to_list()])
+    text = values.gather(idx)
+    python = pl.Series([False] * text.len())
+    for _ in range(16):
+        python = python | text.str.replace_many(COMMON_ENTITIES, [""] * len(COMMON_ENTITIES)).str.contains(NEEDS_PYTHON).fill_null(False)
+        cleaned = text.str.replace_many(COMMON_ENTITIES, COMMON_CHARS).str.replace_all(HTML_TAG, " ")
+        if cleaned.equals(text):
+            break
+        text = cleaned
+    else:
+        python = pl.Series([True] * text.len())  # did not settle: the exact loop decides
+    if python.any():
+        slow = python.arg_true()
+        text = text.scatter(slow, [_html_to_text(v) for v in values.gather(idx.gather(slow)).to_list()])
+    return values.scatter(idx, text)
 
 
 def strip_html(text: pl.Expr, s: FilterSettings) -> pl.Expr:
     return text.map_batches(_strip_html, return_dtype=pl.String)
 
 
+@lru_cache(maxsize=1)
+def not_nfc_stable() -> str:
+    """A character class of what NFC may change or combine (marks, characters that are not
+    NFC alone, Hangul jamo), so that text holding none of them — nearly all captions — skips
+    the normalisation (built once per process from Python's Unicode tables, ~0.2 s)."""
+    codes = [c for c in range(0x30000) if unicodedata.combining(chr(c)) or unicodedata.category(chr(c))[0] == "M"
+             or not unicodedata.is_normalized("NFC", chr(c)) or 0x1100 <= c <= 0x11FF]
+    ranges: list[list[int]] = []
+    for c in codes:
+        if ranges and c == ranges[-1][1] + 1:
+            ranges[-1][1] = c
+        else:
+            ranges.append([c, c])
+    return "[" + "".join(f"\\x{{{a:X}}}-\\x{{{b:X}}}" for a, b in ranges) + "]"
+
+
+def _nfc(values: pl.Series) -> pl.Series:
+    needs = values.str.contains(not_nfc_stable()).fill_null(False)
+    if not needs.any():
+        return values
+    idx = needs.arg_true()
+    return values.scatter(idx, values.gather(idx).str.normalize("NFC"))
+
+
 def clean_unicode(text: pl.Expr, s: FilterSettings) -> pl.Expr:
     """NFC first, so a decomposed ``café`` meets the character rules as the ``café`` it is;
     invisible controls become a space (never nothing: removing one could join ``<`` and a
     letter into a tag, or two words into one)."""
-    return text.str.normalize("NFC").str.replace_all(CONTROL_CHARS, " ")
+    return text.map_batches(_nfc, return_dtype=pl.String).str.replace_all(CONTROL_CHARS, " ")
 
 
 def remove_irregular(text: pl.Expr, s: FilterSettings) -> pl.Expr:

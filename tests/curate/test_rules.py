@@ -193,3 +193,27 @@ def test_published_scores_per_source_and_unscored_rows_pass():
     assert reasons(rows, nsfw_thresholds={"coyo": 0.2}, aesthetic_threshold_default=5.0) == \
         [None, None, "nsfw", "aesthetic", None]
     assert reasons([{"nsfw": 0.99}], nsfw_threshold_default=None) == [None]  # switched off
+
+
+def test_the_vectorised_html_path_equals_html_unescape_and_strip():
+    """Entity and tag soup, common and rare, nested and cut: every row equals the exact loop."""
+    import random
+
+    rng = random.Random(0)
+    pieces = ["&amp;", "&lt;", "&gt;", "&quot;", "&#39;", "&amp;lt;", "&amp;amp;", "&lt;b&gt;", "<b>", "</b>", "<", ">",
+              "&", "&copy;", "&amp", "&lt", "&#x41;", "&#65;", "&AMP;", "<br/>", "<a href='x'>", "a", " ", "cat",
+              "<<b>i>", "&amp;#39;", "\x1c", "<b\x1cx>", "&nbsp;", "中文"]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))) for _ in range(3000)]
+    series = pl.Series(texts)
+    assert rules._strip_html(series).to_list() == [rules._html_to_text(t) for t in texts]
+
+
+def test_nfc_only_where_it_can_change_something_gives_nfc_everywhere():
+    import random
+    import unicodedata
+
+    rng = random.Random(1)
+    alphabet = ["e", "\u0301", "\u00e9", "a", "\u0308", "\uf900", "\u212b", "\u1100", "\u1161", "\u11a8", "中", " ",
+                "\u0958", "\u2126", "\u00c5", "x", "\u0323"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 10))) for _ in range(2000)]
+    assert rules._nfc(pl.Series(texts)).to_list() == [unicodedata.normalize("NFC", t) for t in texts]
