@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from qvl import storage
 from qvl.curate.settings import FilterSettings
@@ -54,18 +56,37 @@ def automaton(path: str):
     return auto, entries
 
 
-def matches(texts: list[str | None], path: str) -> list[list[int]]:
-    """The entries (indices) each text holds as a substring, each once."""
+def matches(texts: list[str | None], path: str) -> pa.ListArray:
+    """The entries (indices) each text holds as a substring, each once: a list column built
+    from one flat buffer (a list of Python lists would cost more than the matching)."""
     auto, _ = automaton(path)
-    return [sorted({i for _, i in auto.iter(t)}) if t else [] for t in texts]
+    flat: list[int] = []
+    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+    for n, t in enumerate(texts):
+        if t:
+            flat.extend(sorted({i for _, i in auto.iter(t)}))
+        offsets[n + 1] = len(flat)
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(np.array(flat, dtype=np.int32)))
+
+
+def _flat(entries: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets) of a list column as numpy arrays."""
+    entries = entries.combine_chunks() if isinstance(entries, pa.ChunkedArray) else entries
+    offsets = entries.offsets.to_numpy()
+    return entries.values.to_numpy()[offsets[0]:offsets[-1]], offsets - offsets[0]
+
+
+def _counts(values: np.ndarray) -> dict[int, int]:
+    keys, counts = np.unique(values, return_counts=True)
+    return dict(zip(keys.tolist(), counts.tolist()))
 
 
 def uniform(seed: int, step: str, row_ids: pl.Series) -> np.ndarray:
-    """A number in [0, 1) per row id, the same wherever and whenever it is drawn."""
-    def one(row_id: str) -> float:
-        digest = hashlib.blake2b(f"{seed}\0{step}\0{row_id}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "little") / 2 ** 64
-    return np.fromiter((one(r) for r in row_ids.to_list()), dtype=np.float64, count=row_ids.len())
+    """A number in [0, 1) per row id, the same wherever it is drawn: polars' hash of the id,
+    seeded by (seed, step) — stable for a polars version, which the run's fingerprint records."""
+    salt = int.from_bytes(hashlib.blake2b(f"{seed}\0{step}".encode(), digest_size=8).digest(), "little")
+    hashed = row_ids.hash(seed=salt % (2 ** 63)).to_numpy()
+    return (hashed >> np.uint64(11)).astype(np.float64) / float(2 ** 53)
 
 
 def _group(frame: pl.DataFrame, s: FilterSettings) -> pl.Expr:
@@ -75,8 +96,9 @@ def _group(frame: pl.DataFrame, s: FilterSettings) -> pl.Expr:
 # ---------------------------------------------------------------- pass 1: what the run holds
 
 
-def gather(path: Path, s: FilterSettings) -> dict:
-    """One kept partition's CLIP scores per group and entry counts."""
+def gather(path: Path, s: FilterSettings, matched: Path) -> dict:
+    """One kept partition's CLIP scores per group and entry counts; each caption's entries are
+    kept aside in ``matched`` for pass 2 (matched once)."""
     frame = pl.read_parquet(path, columns=["row_id", "text", "source", "lang", "clip_score"])
     out: dict = {"rows": frame.height}
     if s.clip_top_fraction is not None:
@@ -84,11 +106,9 @@ def gather(path: Path, s: FilterSettings) -> dict:
         out["scores"] = {g: part.get_column("clip_score").to_numpy()
                          for (g,), part in scored.partition_by("_g", as_dict=True).items()}
     if s.balance_entries:
-        counts: dict[int, int] = {}
-        for found in matches(frame.get_column("text").to_list(), s.balance_entries):
-            for i in found:
-                counts[i] = counts.get(i, 0) + 1
-        out["entry_counts"] = counts
+        found = matches(frame.get_column("text").to_list(), s.balance_entries)
+        storage.write_parquet(matched, pa.table({"entries": found}))
+        out["entry_counts"] = _counts(_flat(found)[0])
     return out
 
 
@@ -133,7 +153,7 @@ def lang_probabilities(counts: dict[str, int], mix: dict[str, float]) -> dict[st
     return {lang: min(1.0, total * mix.get(lang, 0.0) / n) if n else 0.0 for lang, n in counts.items()}
 
 
-def _reasons(frame: pl.DataFrame, s: FilterSettings, plan: Plan) -> tuple[pl.Series, list[list[int]]]:
+def _reasons(frame: pl.DataFrame, s: FilterSettings, plan: Plan, matched: Path) -> tuple[pl.Series, pa.Array]:
     """Steps 1 and 2 on a kept partition: the drop reason (or null) and each caption's entries."""
     reason = pl.Series("r", [None] * frame.height, dtype=pl.String)
     if plan.top:
@@ -141,24 +161,30 @@ def _reasons(frame: pl.DataFrame, s: FilterSettings, plan: Plan) -> tuple[pl.Ser
                                                             default=None, return_dtype=pl.Float64)).to_series()
         below = (frame.get_column("clip_score") < limit).fill_null(False)
         reason = pl.select(pl.when(below).then(pl.lit("clip_top_fraction")).otherwise(reason)).to_series()
-    found: list[list[int]] = [[] for _ in range(frame.height)]
+    found = pa.LargeListArray.from_arrays(pa.array(np.zeros(frame.height + 1, dtype=np.int64)),
+                                          pa.array([], pa.int32()))
     if s.balance_entries:
-        found = matches(frame.get_column("text").to_list(), s.balance_entries)
-        keep_p = np.array([max((min(1.0, s.balance_t / plan.entry_counts[i]) for i in f), default=-1.0)
-                           for f in found])
+        found = pq.read_table(matched).column("entries").combine_chunks()
+        values, offsets = _flat(found)
+        counts = np.zeros(max(plan.entry_counts, default=0) + 1, dtype=np.float64)
+        counts[list(plan.entry_counts)] = list(plan.entry_counts.values())
+        p_entry = np.minimum(1.0, s.balance_t / counts[values]) if values.size else np.zeros(0)
+        keep_p = np.full(frame.height, -1.0)  # -1: no entry
+        nonempty = offsets[1:] > offsets[:-1]
+        if values.size:
+            keep_p[nonempty] = np.maximum.reduceat(p_entry, offsets[:-1][nonempty])
         draw = uniform(s.balance_seed, "balance", frame.get_column("row_id"))
         new = np.where(keep_p < 0, "no_entry", np.where(draw >= keep_p, "balance", None))
         reason = pl.select(pl.coalesce(reason, pl.Series(new.tolist(), dtype=pl.String))).to_series()
     return reason, found
 
 
-def first(path: Path, s: FilterSettings, plan: Plan, work: Path) -> dict:
+def first(path: Path, s: FilterSettings, plan: Plan, work: Path, matched: Path) -> dict:
     """Pass 2: steps 1-2 decided and kept aside; the survivors counted per language."""
-    frame = pl.read_parquet(path, columns=["row_id", "text", "source", "lang", "clip_score"])
-    reason, found = _reasons(frame, s, plan)
-    storage.write_parquet(work, pl.DataFrame({"row_id": frame.get_column("row_id"), "reason": reason,
-                                              "entries": found}, schema={"row_id": pl.String, "reason": pl.String,
-                                                                         "entries": pl.List(pl.Int32)}).to_arrow())
+    frame = pl.read_parquet(path, columns=["row_id", "source", "lang", "clip_score"])
+    reason, found = _reasons(frame, s, plan, matched)
+    storage.write_parquet(work, pa.table({"row_id": frame.get_column("row_id").to_arrow(),
+                                          "reason": reason.to_arrow(), "entries": found}))
     survivors = frame.filter(reason.is_null())
     return {"lang": {k: v for k, v in survivors.group_by("lang").len().iter_rows()}}
 
@@ -167,19 +193,16 @@ def finish(path: Path, s: FilterSettings, lang_keep: dict[str, float], work: Pat
     """Pass 3: step 3 on what steps 1-2 left; the partition with ``balance_reason``, and the
     entry counts of what is finally kept."""
     frame = pl.read_parquet(path)
-    decided = pl.read_parquet(work)
-    reason = decided.get_column("reason")
+    reason = pl.read_parquet(work, columns=["reason"]).get_column("reason")
     if s.lang_mix:
         p = frame.get_column("lang").replace_strict(lang_keep, default=0.0, return_dtype=pl.Float64).to_numpy()
         drop = uniform(s.balance_seed, "lang_mix", frame.get_column("row_id")) >= p
         reason = pl.select(pl.coalesce(reason, pl.Series(np.where(drop, "lang_mix", None).tolist(),
                                                            dtype=pl.String))).to_series()
-    after: dict[int, int] = {}
-    for entries, r in zip(decided.get_column("entries").to_list(), reason.to_list()):
-        if r is None:
-            for i in entries:
-                after[i] = after.get(i, 0) + 1
-    return frame.with_columns(balance_reason=reason), after
+    values, offsets = _flat(pq.read_table(work, columns=["entries"]).column("entries").combine_chunks())
+    kept_rows = reason.is_null().to_numpy()
+    per_row = np.repeat(kept_rows, np.diff(offsets))
+    return frame.with_columns(balance_reason=reason), _counts(values[per_row])
 
 
 def plot_entries(before: dict[int, int], after: dict[int, int], path: Path) -> None:

@@ -225,13 +225,15 @@ def dedup_partition(out: Path, k: int, sources: list[tuple[str, list[int]]], sta
 
 def balance_gather(out: Path, k: int, settings: FilterSettings) -> dict:
     path = Paths(out).staged / f"part-{k:05d}.parquet"
-    return balance.gather(path, settings) if path.exists() else {}
+    return balance.gather(path, settings, out / "_work" / "balance" / f"{k:05d}.entries.parquet") \
+        if path.exists() else {}
 
 
 def balance_first(out: Path, k: int, settings: FilterSettings, plan: "balance.Plan") -> dict:
     paths = Paths(out)
     path = paths.staged / f"part-{k:05d}.parquet"
-    return balance.first(path, settings, plan, paths.out / "_work" / "balance" / f"{k:05d}.parquet") \
+    work = paths.out / "_work" / "balance"
+    return balance.first(path, settings, plan, work / f"{k:05d}.parquet", work / f"{k:05d}.entries.parquet") \
         if path.exists() else {}
 
 
