@@ -27,6 +27,11 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 MaxPixelsOpt = Annotated[int, typer.Option(help="reject larger images before decoding them (decompression bombs)")]
+ModelOpt = Annotated[str, typer.Option(help="qwen-vl, qwen2-vl, qwen2.5-vl or qwen3-vl: template, image tokens, boxes")]
+MinImagePixelsOpt = Annotated[Optional[int], typer.Option(
+    help="qwen2/2.5/3-vl: the resize's min_pixels (default: the released processor's)")]
+MaxImagePixelsOpt = Annotated[Optional[int], typer.Option(
+    help="qwen2/2.5/3-vl: the resize's max_pixels (default: the released processor's)")]
 
 
 def _pairs(values: list[str], option: str) -> dict[str, str]:
@@ -231,14 +236,16 @@ def curate_clip_score(
 
 def _format(kind: str, inputs: list[Path], out: Path, images: Optional[Path], downloads: Optional[Path],
             tokenizer: str, image_tokens: int, max_len: int, pack_to: Optional[int], max_pixels: int,
-            overwrite: bool, progress: bool, records=None) -> None:
+            overwrite: bool, progress: bool, records=None, model: str = "qwen-vl",
+            min_image_pixels: Optional[int] = None, max_image_pixels: Optional[int] = None) -> None:
     from qvl.formats.build import FormatSettings, run_format
 
     if not inputs:
         _fail("give input files (--input FILE, or --from LAYOUT FILE...)")
     try:
         settings = FormatSettings(tokenizer=tokenizer, image_tokens=image_tokens, max_len=max_len, pack_to=pack_to,
-                                  max_pixels=max_pixels)
+                                  max_pixels=max_pixels, model=model, min_image_pixels=min_image_pixels,
+                                  max_image_pixels=max_image_pixels)
         manifest = run_format(kind, inputs, out, images, downloads, settings, overwrite, progress, records)
     except (ValueError, FileExistsError) as e:  # bad settings, inputs, tokenizer or --out: a message
         _fail(str(e))
@@ -311,12 +318,16 @@ def format_sft(
     max_len: Annotated[int, typer.Option(help="longer conversations are rejected, never truncated")] = 2048,
     pack_to: Annotated[Optional[int], typer.Option(help="pack conversations into rows of N tokens")] = None,
     max_pixels: MaxPixelsOpt = 64_000_000,
+    model: ModelOpt = "qwen-vl",
+    min_image_pixels: MinImagePixelsOpt = None,
+    max_image_pixels: MaxImagePixelsOpt = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> None:
-    """Render conversations (Qwen-VL, LLaVA, ShareGPT) in Qwen-VL's ChatML into tokenized shards."""
+    """Render conversations (Qwen-VL, LLaVA, ShareGPT) in ChatML into tokenized shards: Qwen-VL's,
+    or with --model the template, image tokens and box conventions of Qwen2-VL, Qwen2.5-VL or Qwen3-VL."""
     _format("sft", inputs, out, images, downloads, tokenizer, image_tokens, max_len, pack_to, max_pixels, overwrite,
-            progress)
+            progress, None, model, min_image_pixels, max_image_pixels)
 
 
 @format_app.command("mix")

@@ -21,8 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qvl import __version__, pixels
-from qvl.formats import chatml, multitask
+from qvl.formats import chatml, families, multitask
 from qvl.formats.boxes import AnnotationError
+from qvl.formats.families import MODELS
 from qvl.formats.images import ImageStore
 from qvl.formats.sequence import Encoded, Plan, assemble
 from qvl.formats.shards import ShardWriter
@@ -42,6 +43,9 @@ class FormatSettings:
     batch: int = 512
     shard_rows: int = 20_000
     max_pixels: int = pixels.MAX_PIXELS  # larger images are rejected before decoding (bombs)
+    model: str = "qwen-vl"  # or qwen2-vl, qwen2.5-vl, qwen3-vl (families.py): template, images, boxes
+    min_image_pixels: int | None = None  # the newer families' resize bounds (None: the released processor's)
+    max_image_pixels: int | None = None
 
     def __post_init__(self) -> None:
         require(self.image_tokens >= 1, "image_tokens", f"{self.image_tokens}: an image needs at least one token")
@@ -49,6 +53,7 @@ class FormatSettings:
         require(self.pack_to is None or self.pack_to >= 1, "pack_to", f"{self.pack_to}: must be >= 1")
         for key in ("pack_buffer", "batch", "shard_rows", "max_pixels"):
             require(getattr(self, key) >= 1, key, f"{getattr(self, key)}: must be >= 1")
+        require(self.model in MODELS, "model", f"{self.model!r}: use {', '.join(MODELS)}")
 
 
 class FormatInputError(ValueError):
@@ -152,9 +157,22 @@ def run_format(
         if folder is not None and not Path(folder).is_dir():
             raise FormatInputError(f"{option} {folder}: no such folder")
     records = file_records(inputs) if records is None else records
-    tok = load_tokenizer(settings.tokenizer)
     store = ImageStore(images, downloads, settings.max_pixels)
-    ctx = multitask.Context(tok, settings.image_tokens, store.size)
+    model = None if settings.model == "qwen-vl" else families.family(settings.model)
+    if model is None:
+        tok, image_tokens, resized_of = load_tokenizer(settings.tokenizer), settings.image_tokens, None
+    else:
+        tok = load_tokenizer(settings.model if settings.tokenizer == "qwen-vl" else settings.tokenizer, settings.model)
+        families.check_tokenizer(tok, model)
+
+        def resized_of(ref: str) -> tuple[int, int]:
+            return families.image_tokens(model, *store.size(ref), settings.min_image_pixels,
+                                         settings.max_image_pixels)[1]
+
+        def image_tokens(ref: str) -> int:
+            width, height = resized_of(ref)
+            return (width // model.factor) * (height // model.factor)
+    ctx = multitask.Context(tok, image_tokens, store.size)
     limit = min(settings.max_len, settings.pack_to or settings.max_len)
     writer = ShardWriter(out, overwrite, max_rows=settings.shard_rows)
     stats: Counter = Counter()
@@ -234,7 +252,10 @@ def run_format(
                         duplicates[sample_id] += 1
                     seen_ids.add(sample_id)
                     if kind == "sft":
-                        plan = chatml.render(chatml.parse(record), sample_id, tok, settings.image_tokens)
+                        plan = chatml.render(chatml.parse(record), sample_id, tok, image_tokens, model, resized_of)
+                    elif model is not None:
+                        raise FormatInputError(f"--model {model.name}: qvl renders the multitask formats for qwen-vl "
+                                               "(its pre-training formats); render conversations with `format sft`")
                     else:
                         plan = multitask.render(record, sample_id, ctx)
                 except AnnotationError as e:
@@ -255,6 +276,7 @@ def run_format(
             "kind": kind,
             "qvl": __version__,
             "tokenizer": tok.name,
+            "model": settings.model,
             "vocab_size": tok.vocab_size,
             "settings": dataclasses.asdict(settings),
             "inputs": [str(p) for p in inputs],

@@ -15,7 +15,9 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass
 
+from qvl.formats import families
 from qvl.formats.boxes import AnnotationError
+from qvl.formats.families import Family
 from qvl.formats.sequence import Plan
 from qvl.formats.tokenizers import IMG_END, IMG_START, Tokenizer
 
@@ -28,7 +30,7 @@ ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt"
 @dataclass
 class Conversation:
     id: str | None
-    system: str
+    system: str | None  # None: the conversation gives none (the model's default applies)
     turns: list[tuple[str, str]]  # (user|assistant, content with <img>ref</img> spans)
     source: str
 
@@ -97,7 +99,7 @@ def parse(record: dict) -> Conversation:
     if images or any(PLACEHOLDER in t for _, t in turns):
         texts = _with_pictures([t for _, t in turns], images)
         turns = [(r, t) for (r, _), t in zip(turns, texts)]
-    system = DEFAULT_SYSTEM
+    system = None
     if turns and turns[0][0] == "system":
         system = turns.pop(0)[1]
     if any(r == "system" for r, _ in turns):
@@ -110,11 +112,15 @@ def parse(record: dict) -> Conversation:
     return Conversation(str(sample_id) if sample_id is not None else None, system, turns, source)
 
 
-def render(conv: Conversation, sample_id: str, tok: Tokenizer, image_tokens: int) -> Plan:
+def render(conv: Conversation, sample_id: str, tok: Tokenizer, image_tokens, model: Family | None = None,
+           resized_of=None) -> Plan:
+    """Qwen-VL's ChatML (``model`` None), or a newer family's (see ``families``)."""
+    if model is not None:
+        return _render_family(conv, sample_id, tok, image_tokens, model, resized_of)
     plan = Plan(sample_id, "sft", conv.source)
     im_start, im_end = array("i", [tok.special("<|im_start|>")]), array("i", [tok.special("<|im_end|>")])
     newline = tok.fixed("\n")
-    for role, content in [("system", conv.system), *conv.turns]:
+    for role, content in [("system", DEFAULT_SYSTEM if conv.system is None else conv.system), *conv.turns]:
         plan.ids(im_start, True)
         plan.ids(tok.fixed(role), False)
         plan.ids(newline, False)
@@ -124,4 +130,26 @@ def render(conv: Conversation, sample_id: str, tok: Tokenizer, image_tokens: int
             plan.content(content, role == "assistant", tok, image_tokens)
         plan.ids(im_end, True)
         plan.ids(newline, True)
+    return plan
+
+
+def _render_family(conv: Conversation, sample_id: str, tok: Tokenizer, image_tokens, model: Family,
+                   resized_of) -> Plan:
+    """A newer family's template: its default system message (none for Qwen3-VL), its image
+    and box conventions; only the assistant's content, ``<|im_end|>`` and newline take the loss."""
+    plan = Plan(sample_id, "sft", conv.source)
+    im_start, im_end = array("i", [tok.special("<|im_start|>")]), array("i", [tok.special("<|im_end|>")])
+    newline = tok.fixed("\n")
+    system = conv.system if conv.system is not None else model.default_system
+    turns = ([("system", system)] if system is not None else []) + list(conv.turns)
+    last_image = None
+    for role, content in turns:
+        answer = role == "assistant"
+        plan.ids(im_start, False)
+        plan.ids(tok.fixed(role), False)
+        plan.ids(newline, False)
+        plan.content(families.convert(content, model, resized_of, last_image), answer, tok, image_tokens)
+        last_image = plan.images[-1] if plan.images else last_image
+        plan.ids(im_end, answer)
+        plan.ids(newline, answer)
     return plan

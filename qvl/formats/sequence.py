@@ -12,14 +12,14 @@ import re
 import unicodedata
 from array import array
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
-from qvl.formats.tokenizers import IMG_END, IMG_START, TAGS, Tokenizer
+from qvl.formats.tokenizers import IMG_END, IMG_START, Tokenizer
 from qvl.schemas.samples import IGNORE_INDEX
 
 _IMAGE_SPAN = re.compile(re.escape(IMG_START) + r"(.*?)" + re.escape(IMG_END), re.S)
-_TAG_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in TAGS if t not in (IMG_START, IMG_END)) + ")")
 
 
 class Tag(str):
@@ -69,13 +69,16 @@ class Plan:
                 text += segment
         self.text(unicodedata.normalize("NFC", text), supervised)
 
-    def image(self, ref: str, supervised: bool, tok: Tokenizer, image_tokens: int) -> None:
+    def image(self, ref: str, supervised: bool, tok: Tokenizer, image_tokens: "int | Callable[[str], int]") -> None:
+        """An image span: a fixed count of tokens (Qwen-VL's 256), or one that depends on the
+        image (``image_tokens(ref)``: the newer families' count from its size)."""
         self.images.append(ref)
+        n = image_tokens(ref) if callable(image_tokens) else image_tokens
         # image tokens are inputs, never targets: the model does not predict pixels
-        self.pieces.append((tok.image_span(image_tokens), False))
+        self.pieces.append((tok.image_span(n), False))
 
     def _tagged(self, text: str, supervised: bool, tok: Tokenizer) -> None:
-        for i, piece in enumerate(_TAG_SPLIT.split(text)):
+        for i, piece in enumerate(tok.tag_split.split(text)):
             if i % 2:
                 self.pieces.append((array("i", [tok.special(piece)]), supervised))
             elif piece:

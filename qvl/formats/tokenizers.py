@@ -26,6 +26,8 @@ IMG_START, IMG_END, IMG_PAD = "<img>", "</img>", "<imgpad>"
 CONTROL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 EXTRAS = tuple(f"<|extra_{i}|>" for i in range(205))
 TAGS = ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", IMG_START, IMG_END)
+FAMILY_TAGS = ("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+               "<|quad_end|>")
 SPECIAL_TOKENS = (*CONTROL, *EXTRAS, *TAGS, IMG_PAD)  # Qwen-VL's order: ids 151643 ...
 QWEN_SPECIAL_START = 151643
 QWEN_VOCAB_SIZE = 151936  # the model's embedding rows (padded past the last special id)
@@ -64,6 +66,16 @@ class Tokenizer:
     def special(self, token: str) -> int:
         return self.specials[token]
 
+    @property
+    def tag_split(self) -> re.Pattern:
+        """The format's grounding tags in content (they become special ids): Qwen-VL's ``<ref>``,
+        ``<box>``, ``<quad>`` and closers; the newer families' ``<|object_ref_start|>`` …"""
+        pattern = self.__dict__.get("_tag_split")
+        if pattern is None:
+            tags = [t for t in (*TAGS, *FAMILY_TAGS) if t in self.specials and t not in (IMG_START, IMG_END)]
+            pattern = self.__dict__["_tag_split"] = re.compile("(" + "|".join(re.escape(t) for t in tags) + ")")
+        return pattern
+
     def fixed(self, text: str) -> array:
         """Plain ids of a string every sample repeats (a role name, a newline, the default
         system message), encoded once into a C array: most of a chat's pieces are these."""
@@ -94,7 +106,11 @@ class Tokenizer:
 
 
 class QwenTokenizer(Tokenizer):
-    def __init__(self, ranks_path: str | Path | None = None):
+    """The Qwen BPE with one family's special tokens at their ids: Qwen-VL's (``qwen-vl``), or
+    Qwen2/2.5/3-VL's (``qwen2-vl`` … — the same ranks, other special tokens, NFC as their
+    Hugging Face tokenizer normalises)."""
+
+    def __init__(self, ranks_path: str | Path | None = None, model: str = "qwen-vl"):
         import tiktoken
 
         path = Path(ranks_path) if ranks_path else _qwen_ranks_path()
@@ -103,10 +119,16 @@ class QwenTokenizer(Tokenizer):
                 ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f if line.strip())}
         except (OSError, ValueError) as e:
             raise TokenizerError(f"{path}: not a readable qwen.tiktoken file ({e})") from None
-        self.specials = {tok: QWEN_SPECIAL_START + i for i, tok in enumerate(SPECIAL_TOKENS)}
-        self._enc = tiktoken.Encoding("qwen", pat_str=QWEN_PATTERN, mergeable_ranks=ranks, special_tokens=self.specials)
-        self.name = "qwen-vl"
+        if model == "qwen-vl":
+            self.specials = {tok: QWEN_SPECIAL_START + i for i, tok in enumerate(SPECIAL_TOKENS)}
+        else:
+            from qvl.formats.families import family
+
+            self.specials = {tok: QWEN_SPECIAL_START + i for i, tok in enumerate(family(model).specials)}
+        self._enc = tiktoken.Encoding(model, pat_str=QWEN_PATTERN, mergeable_ranks=ranks, special_tokens=self.specials)
+        self.name = model
         self.vocab_size = QWEN_VOCAB_SIZE
+        self._pad = self.specials.get(IMG_PAD, self.specials.get("<|image_pad|>"))
 
     def encode_text(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)
@@ -131,8 +153,19 @@ class QwenTokenizer(Tokenizer):
         future = _pool().submit(lambda: [encode(t) for t in texts[half:]])
         return [encode(t) for t in texts[:half]] + future.result()
 
+    def image_span(self, image_tokens: int) -> array:
+        if self.name == "qwen-vl":
+            return super().image_span(image_tokens)
+        cache = self.__dict__.setdefault("_spans", {})
+        span = cache.get(image_tokens)
+        if span is None:
+            span = cache[image_tokens] = array("i", [self.special("<|vision_start|>")]
+                                               + [self.special("<|image_pad|>")] * image_tokens
+                                               + [self.special("<|vision_end|>")])
+        return span
+
     def decode(self, ids: list[int]) -> str:
-        return self._enc.decode([i for i in ids if i < QWEN_VOCAB_SIZE and i != self.specials[IMG_PAD]])
+        return self._enc.decode([i for i in ids if i < QWEN_VOCAB_SIZE and i != self._pad])
 
 
 class ByteTokenizer(Tokenizer):
@@ -162,9 +195,11 @@ class ByteTokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-    """A local Hugging Face ``tokenizer.json``; Qwen-VL's special tokens added when missing."""
+    """A local Hugging Face ``tokenizer.json``; Qwen-VL's special tokens added when missing —
+    or, for a newer family (``model``), that family's tokens as the file has them (checked
+    against the family's ids by the caller)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, model: str = "qwen-vl"):
         from tokenizers import AddedToken
         from tokenizers import Tokenizer as _HF
 
@@ -174,11 +209,18 @@ class HFTokenizer(Tokenizer):
             self._tok = _HF.from_file(str(path))
         except Exception as e:  # tokenizers raises its own Exception type
             raise TokenizerError(f"{path}: not a readable tokenizer.json ({e})") from None
-        missing = [t for t in SPECIAL_TOKENS if self._tok.token_to_id(t) is None]
-        if missing:
-            self._tok.add_special_tokens([AddedToken(t, special=True) for t in missing])
+        if model == "qwen-vl":
+            names = SPECIAL_TOKENS
+            missing = [t for t in SPECIAL_TOKENS if self._tok.token_to_id(t) is None]
+            if missing:
+                self._tok.add_special_tokens([AddedToken(t, special=True) for t in missing])
+        else:
+            from qvl.formats.families import family
+
+            names = family(model).specials
         self._tok.encode_special_tokens = True  # text never turns into control tokens
-        self.specials = {t: self._tok.token_to_id(t) for t in SPECIAL_TOKENS}
+        self.specials = {t: self._tok.token_to_id(t) for t in names}
+        self._pad = self.specials.get(IMG_PAD, self.specials.get("<|image_pad|>"))
         self.name = str(path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
@@ -188,9 +230,14 @@ class HFTokenizer(Tokenizer):
     def encode_text_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
+    def image_span(self, image_tokens: int) -> array:
+        if IMG_PAD in self.specials:
+            return super().image_span(image_tokens)
+        return array("i", [self.special("<|vision_start|>")] + [self.special("<|image_pad|>")] * image_tokens
+                     + [self.special("<|vision_end|>")])
+
     def decode(self, ids: list[int]) -> str:
-        pad = self.specials[IMG_PAD]
-        return self._tok.decode([i for i in ids if i != pad], skip_special_tokens=False)
+        return self._tok.decode([i for i in ids if i != self._pad], skip_special_tokens=False)
 
 
 @lru_cache(maxsize=1)
@@ -208,12 +255,15 @@ def _qwen_ranks_path() -> Path:
 
 
 @lru_cache(maxsize=8)
-def load_tokenizer(spec: str) -> Tokenizer:
-    """``qwen-vl`` (default), ``bytes``, or a path to a folder with a tokenizer.json."""
+def load_tokenizer(spec: str, model: str = "qwen-vl") -> Tokenizer:
+    """``qwen-vl`` (default), a newer family's name (``qwen2-vl`` …), ``bytes``, or a path to a
+    folder with a tokenizer.json (for ``model``'s special tokens)."""
     if spec == "qwen-vl":
         return QwenTokenizer()
+    if spec in ("qwen2-vl", "qwen2.5-vl", "qwen3-vl"):
+        return QwenTokenizer(model=spec)
     if spec == "bytes":
         return ByteTokenizer()
     if Path(spec).exists():
-        return HFTokenizer(spec)
+        return HFTokenizer(spec, model)
     raise TokenizerError(f"--tokenizer {spec!r}: use qwen-vl, bytes, or a folder holding tokenizer.json")

@@ -1,0 +1,135 @@
+"""What differs between Qwen-VL and the Qwen2-VL, Qwen2.5-VL and Qwen3-VL families when the
+same conversations are rendered for them — the renderers stay shared (`chatml.py`).
+
+| family | system message by default | image | boxes in answers |
+|---|---|---|---|
+| ``qwen-vl`` | "You are a helpful assistant." | ``<img>`` + 256 ``<imgpad>`` + ``</img>`` | ``<ref>…</ref><box>(x1,y1),(x2,y2)</box>``, 0–1000 of the image |
+| ``qwen2-vl`` | "You are a helpful assistant." | ``<|vision_start|>`` + N ``<|image_pad|>`` + ``<|vision_end|>`` | ``<|object_ref_start|>…<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>``, 0–1000 |
+| ``qwen2.5-vl`` | "You are a helpful assistant." | same | ``{"bbox_2d": [x1, y1, x2, y2], "label": …}``, pixels of the *resized* image |
+| ``qwen3-vl`` | none | same | ``{"bbox_2d": […], "label": …}``, 0–1000 |
+
+N, the image's token count, comes from its width and height alone, with the released
+processors' ``smart_resize`` (both sides rounded to a multiple of ``factor`` — 28 for
+Qwen2/2.5-VL's 14-px patches merged 2×2, 32 for Qwen3-VL's 16-px patches — the area brought
+within ``[min_pixels, max_pixels]``; an aspect ratio over 200 is refused): N = h'w' / factor².
+
+Labels follow the families' reference fine-tuning code: the assistant's content, its
+``<|im_end|>`` and the newline after it take the loss; nothing else does. Qwen-VL's picture
+labels (``Picture 1: `` and the newline after the image) are Qwen-VL's own convention and are
+not rendered for the newer families (their templates add none by default).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+
+from qvl.formats.boxes import AnnotationError
+
+QWEN2_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+QWEN25_SPECIALS = QWEN2_SPECIALS + ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+                                    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
+QWEN3_SPECIALS = QWEN25_SPECIALS + ("<tool_response>", "</tool_response>", "<think>", "</think>")
+SYSTEM = "You are a helpful assistant."
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    specials: tuple[str, ...]  # in id order from 151643
+    factor: int  # patch size x spatial merge
+    min_pixels: int
+    max_pixels: int
+    default_system: str | None
+    boxes: str  # "tokens" (0-1000 between box tokens), "json_pixels" (resized image), "json_1000"
+
+
+FAMILIES = {
+    "qwen2-vl": Family("qwen2-vl", QWEN2_SPECIALS, 28, 3136, 12845056, SYSTEM, "tokens"),
+    "qwen2.5-vl": Family("qwen2.5-vl", QWEN25_SPECIALS, 28, 3136, 12845056, SYSTEM, "json_pixels"),
+    "qwen3-vl": Family("qwen3-vl", QWEN3_SPECIALS, 32, 65536, 16777216, None, "json_1000"),
+}
+MODELS = ("qwen-vl", *FAMILIES)
+
+
+def family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"--model {name!r}: use {', '.join(MODELS)}")
+    return FAMILIES[name]
+
+
+def check_tokenizer(tok, fam: Family) -> None:
+    """A tokenizer for ``fam`` has the family's special tokens at the family's ids."""
+    wrong = [t for i, t in enumerate(fam.specials) if tok.specials.get(t) != 151643 + i]
+    if wrong:
+        raise ValueError(f"tokenizer {tok.name}: {', '.join(wrong[:5])} not at {fam.name}'s ids (151643 + their "
+                         "order); give the family's own tokenizer.json or none")
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The processors' resize: sides multiples of ``factor``, area within the bounds."""
+    if max(height, width) / min(height, width) > 200:
+        raise AnnotationError(f"image {width}x{height}: aspect ratio over 200", "bad_image_size")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def image_tokens(fam: Family, width: int, height: int, min_pixels: int | None = None,
+                 max_pixels: int | None = None) -> tuple[int, tuple[int, int]]:
+    """(N, (resized width, resized height)) for an image of this size."""
+    h, w = smart_resize(height, width, fam.factor, min_pixels or fam.min_pixels, max_pixels or fam.max_pixels)
+    return (h // fam.factor) * (w // fam.factor), (w, h)
+
+
+# ---------------------------------------------------------------- content
+
+_PICTURE = re.compile(r"Picture \d+: (?=<img>)")
+_AFTER_IMAGE = re.compile(r"(</img>)\n")
+_GROUNDED = re.compile(r"(?:<ref>(?P<ref>.*?)</ref>)?(?P<boxes>(?:<box>\(\s*\d+\s*,\s*\d+\s*\),\(\s*\d+\s*,\s*\d+\s*\)</box>)+)",
+                       re.S)
+_BOX = re.compile(r"<box>\(\s*(\d+)\s*,\s*(\d+)\s*\),\(\s*(\d+)\s*,\s*(\d+)\s*\)</box>")
+_IMAGE = re.compile(r"<img>(.*?)</img>", re.S)
+
+
+def convert(text: str, fam: Family, resized_of, previous_image: str | None = None) -> str:
+    """Qwen-VL-format content (``<img>`` spans stay qvl's image markers) in the family's
+    conventions. ``resized_of(ref)`` gives an image's resized (width, height): a box refers to
+    the last image before it in the conversation (``previous_image``, or one earlier in ``text``)."""
+    text = _AFTER_IMAGE.sub(r"\1", _PICTURE.sub("", text))
+    if "<quad>" in text and fam.boxes != "tokens":
+        raise AnnotationError(f"{fam.name} has no quad format (OCR with quads renders for qwen-vl and qwen2-vl)",
+                              "unsupported_for_model")
+    if fam.boxes == "tokens":
+        for old, new in (("<ref>", "<|object_ref_start|>"), ("</ref>", "<|object_ref_end|>"), ("<box>", "<|box_start|>"),
+                         ("</box>", "<|box_end|>"), ("<quad>", "<|quad_start|>"), ("</quad>", "<|quad_end|>")):
+            text = text.replace(old, new)
+        return text
+
+    def json_boxes(match: re.Match) -> str:
+        label = match.group("ref")
+        images = [previous_image] * (previous_image is not None) + _IMAGE.findall(text[:match.start()])
+        out = []
+        for box in _BOX.findall(match.group("boxes")):
+            coords = [int(v) for v in box]
+            if fam.boxes == "json_pixels":
+                if not images:
+                    raise AnnotationError("a box before any image: no pixels to give it", "bad_box")
+                w, h = resized_of(images[-1].strip())
+                coords = [round(coords[0] / 1000 * w), round(coords[1] / 1000 * h), round(coords[2] / 1000 * w),
+                          round(coords[3] / 1000 * h)]
+            out.append(json.dumps({"bbox_2d": coords, **({"label": label} if label is not None else {})},
+                                  ensure_ascii=False))
+        return ", ".join(out)
+
+    return _GROUNDED.sub(json_boxes, text)
