@@ -25,6 +25,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from qvl.formats.boxes import AnnotationError
 
@@ -60,6 +61,53 @@ def family(name: str) -> Family:
     if name not in FAMILIES:
         raise ValueError(f"--model {name!r}: use {', '.join(MODELS)}")
     return FAMILIES[name]
+
+
+# Qwen2-VL's (and Qwen2.5-VL's) chat template as released, images only
+QWEN2_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% for message in messages %}{% if loop.first and message['role'] "
+    "!= 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>"
+    "{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>"
+    "assistant\n{% endif %}")
+# Qwen3-VL's, for conversations without tools or thinking: no default system message
+QWEN3_TEMPLATE = QWEN2_TEMPLATE.replace(
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
+    "<|im_end|>\n{% endif %}", "")
+MEAN, STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+
+def reference_processor(name: str, folder: Path, min_pixels: int | None = None, max_pixels: int | None = None):
+    """The transformers processor of a family, built from local files only (no download): its
+    tokenizer.json from qwen.tiktoken with the family's special tokens and NFC, its image
+    processor with the released settings, its chat template (images; no tools or thinking).
+    What qvl's renderings are checked and benchmarked against."""
+    from tokenizers import normalizers
+    from transformers import AutoProcessor, PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen2VLProcessor, \
+        Qwen2VLVideoProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from qvl.formats.tokenizers import QWEN_PATTERN, _qwen_ranks_path
+
+    fam = family(name)
+    hf = TikTokenConverter(vocab_file=str(_qwen_ranks_path()), pattern=QWEN_PATTERN,
+                           extra_special_tokens=list(fam.specials)).converted()
+    hf.normalizer = normalizers.NFC()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=hf, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.image_token = "<|image_pad|>"
+    patch = 16 if name == "qwen3-vl" else 14
+    images = Qwen2VLImageProcessor(
+        patch_size=patch, merge_size=2, temporal_patch_size=2, image_mean=MEAN, std=STD, image_std=STD,
+        size={"shortest_edge": min_pixels or fam.min_pixels, "longest_edge": max_pixels or fam.max_pixels})
+    cls, video = (Qwen3VLProcessor, Qwen3VLVideoProcessor) if name == "qwen3-vl" else \
+        (Qwen2VLProcessor, Qwen2VLVideoProcessor)
+    template = QWEN3_TEMPLATE if name == "qwen3-vl" else QWEN2_TEMPLATE
+    cls(image_processor=images, tokenizer=tokenizer, video_processor=video(), chat_template=template) \
+        .save_pretrained(folder)
+    return AutoProcessor.from_pretrained(folder)
 
 
 def check_tokenizer(tok, fam: Family) -> None:
@@ -106,7 +154,10 @@ def convert(text: str, fam: Family, resized_of, previous_image: str | None = Non
     """Qwen-VL-format content (``<img>`` spans stay qvl's image markers) in the family's
     conventions. ``resized_of(ref)`` gives an image's resized (width, height): a box refers to
     the last image before it in the conversation (``previous_image``, or one earlier in ``text``)."""
-    text = _AFTER_IMAGE.sub(r"\1", _PICTURE.sub("", text))
+    if "<img>" in text:  # the cheap tests first: most turns hold no image and no box
+        text = _AFTER_IMAGE.sub(r"\1", _PICTURE.sub("", text))
+    if "<box>" not in text and "<quad>" not in text and "<ref>" not in text:
+        return text
     if "<quad>" in text and fam.boxes != "tokens":
         raise AnnotationError(f"{fam.name} has no quad format (OCR with quads renders for qwen-vl and qwen2-vl)",
                               "unsupported_for_model")

@@ -14,49 +14,9 @@ import pytest
 from PIL import Image
 
 from qvl.formats import families
+from qvl.formats.families import reference_processor
 from qvl.formats.build import FormatSettings, run_format
-from qvl.formats.tokenizers import QWEN_PATTERN, _qwen_ranks_path, load_tokenizer
-
-# Qwen2-VL's (and Qwen2.5-VL's) chat template as released, images only
-QWEN2_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% for message in messages %}{% if loop.first and message['role'] "
-    "!= 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>"
-    "{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
-    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}"
-    "{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>"
-    "assistant\n{% endif %}")
-# Qwen3-VL's, for conversations without tools or thinking: no default system message
-QWEN3_TEMPLATE = QWEN2_TEMPLATE.replace(
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
-    "<|im_end|>\n{% endif %}", "")
-MEAN, STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-
-
-def processor_for(name: str, folder: Path, min_pixels=None, max_pixels=None):
-    from tokenizers import normalizers
-    from transformers import AutoProcessor, PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen2VLProcessor, \
-        Qwen2VLVideoProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    fam = families.family(name)
-    hf = TikTokenConverter(vocab_file=str(_qwen_ranks_path()), pattern=QWEN_PATTERN,
-                           extra_special_tokens=list(fam.specials)).converted()
-    hf.normalizer = normalizers.NFC()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=hf, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.image_token = "<|image_pad|>"
-    patch = 16 if name == "qwen3-vl" else 14
-    images = Qwen2VLImageProcessor(
-        patch_size=patch, merge_size=2, temporal_patch_size=2, image_mean=MEAN, std=STD, image_std=STD,
-        size={"shortest_edge": min_pixels or fam.min_pixels, "longest_edge": max_pixels or fam.max_pixels})
-    cls, video = (Qwen3VLProcessor, Qwen3VLVideoProcessor) if name == "qwen3-vl" else \
-        (Qwen2VLProcessor, Qwen2VLVideoProcessor)
-    template = QWEN3_TEMPLATE if name == "qwen3-vl" else QWEN2_TEMPLATE
-    cls(image_processor=images, tokenizer=tokenizer, video_processor=video(), chat_template=template) \
-        .save_pretrained(folder)
-    return AutoProcessor.from_pretrained(folder)
-
+from qvl.formats.tokenizers import load_tokenizer
 
 SIZES = [(640, 480), (17, 23), (5000, 3000), (1500, 10)]  # ordinary, tiny, huge, 1:150
 
@@ -101,7 +61,7 @@ def test_ids_and_labels_equal_the_hugging_face_processor(data, tmp_path, name):
     import datasets
 
     root, records = data
-    processor = processor_for(name, tmp_path / "processor")
+    processor = reference_processor(name, tmp_path / "processor")
     run_format("sft", [root / "convo.jsonl"], tmp_path / "out", root / "img", show_progress=False,
                settings=FormatSettings(model=name, max_len=100_000))
     rows = {r["id"]: r for r in datasets.load_from_disk(str(tmp_path / "out")).with_format(None)}
@@ -122,7 +82,7 @@ def test_ids_and_labels_equal_the_hugging_face_processor(data, tmp_path, name):
 
 def test_resize_bounds_are_settings(data, tmp_path):
     root, _ = data
-    processor = processor_for("qwen2-vl", tmp_path / "p", min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)
+    processor = reference_processor("qwen2-vl", tmp_path / "p", min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)
     manifest = run_format("sft", [root / "convo.jsonl"], tmp_path / "out", root / "img", show_progress=False,
                           settings=FormatSettings(model="qwen2-vl", min_image_pixels=28 * 28 * 4,
                                                   max_image_pixels=28 * 28 * 64))
@@ -166,7 +126,7 @@ def test_boxes_in_each_family_convention(tmp_path, name, answer):
 
 def test_a_tokenizer_file_with_other_ids_is_refused(tmp_path, data):
     root, _ = data
-    processor = processor_for("qwen2-vl", tmp_path / "p")
+    processor = reference_processor("qwen2-vl", tmp_path / "p")
     processor.tokenizer.save_pretrained(tmp_path / "tok")
     ok = run_format("sft", [root / "convo.jsonl"], tmp_path / "o1", root / "img", show_progress=False,
                     settings=FormatSettings(model="qwen2-vl", tokenizer=str(tmp_path / "tok"), max_len=100_000))
