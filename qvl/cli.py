@@ -287,11 +287,15 @@ def format_multitask(
     max_len: Annotated[int, typer.Option(help="longer samples are rejected")] = 2048,
     pack_to: Annotated[Optional[int], typer.Option(help="pack samples of a task into rows of N tokens")] = None,
     max_pixels: MaxPixelsOpt = 64_000_000,
+    model: ModelOpt = "qwen-vl",
+    min_image_pixels: MinImagePixelsOpt = None,
+    max_image_pixels: MaxImagePixelsOpt = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> None:
     """Render the seven multitask pre-training formats into tokenized Arrow shards (qvl's own
-    annotation files, or a published dataset's with --from LAYOUT)."""
+    annotation files, or a published dataset's with --from LAYOUT); with --model, as one chat
+    exchange each in Qwen2-VL's, Qwen2.5-VL's or Qwen3-VL's template and box convention."""
     records = None
     paths = [*inputs, *(files or [])]
     if from_ is not None:
@@ -304,7 +308,7 @@ def format_multitask(
     elif files:
         _fail("give annotation files with --input, or published files with --from LAYOUT")
     _format("multitask", paths, out, images, downloads, tokenizer, image_tokens, max_len, pack_to, max_pixels,
-            overwrite, progress, records)
+            overwrite, progress, records, model, min_image_pixels, max_image_pixels)
 
 
 @format_app.command("sft")
@@ -375,7 +379,7 @@ def format_inspect(
     if not 0 <= row < len(ds):
         _fail(f"{folder}: row {row} out of range (0..{len(ds) - 1})")
     sample = ds.with_format(None)[row]
-    tok = load_tokenizer(manifest["tokenizer"])
+    tok = load_tokenizer(manifest["tokenizer"], manifest.get("model", "qwen-vl"))
     console.print(f"[bold]{sample['id']}[/] task={sample['task']} tokens={len(sample['input_ids'])} "
                   f"images={len(sample['images'])} samples={sample['sample_ids']}  "
                   "[green]green = supervised[/], [dim]dim = no loss[/]")

@@ -54,7 +54,8 @@ def _check_point(x: float, y: float, width: int, height: int, what) -> tuple[flo
     return min(max(x, 0.0), float(width)), min(max(y, 0.0), float(height))
 
 
-def normalize_box(box, width: int, height: int, box_format: str = "xyxy") -> tuple[int, int, int, int]:
+def pixel_box(box, width: int, height: int, box_format: str = "xyxy") -> tuple[float, float, float, float]:
+    """A checked box as pixel ``xyxy`` inside the image."""
     x1, y1, x2, y2 = _to_pixels_xyxy(box, width, height, box_format)
     x1, y1 = _check_point(x1, y1, width, height, f"box {list(box)}")
     x2, y2 = _check_point(x2, y2, width, height, f"box {list(box)}")
@@ -62,11 +63,20 @@ def normalize_box(box, width: int, height: int, box_format: str = "xyxy") -> tup
         raise AnnotationError(f"bad box {list(box)}: inverted (x2 < x1 or y2 < y1)", "bad_box")
     if x2 == x1 or y2 == y1:
         raise AnnotationError(f"bad box {list(box)}: empty (zero width or height)", "bad_box")
-    return _scaled(x1, width), _scaled(y1, height), _scaled(x2, width), _scaled(y2, height)
+    return x1, y1, x2, y2
 
 
-def normalize_quad(quad, width: int, height: int, box_format: str = "xyxy") -> list[tuple[int, int]]:
-    """Four corner points; ``norm`` means 0-1 coordinates, anything else pixels."""
+def scale_box(box: tuple[float, float, float, float], width: int, height: int) -> tuple[int, int, int, int]:
+    """Pixel ``xyxy`` -> Qwen-VL's integers in [0, 1000)."""
+    return _scaled(box[0], width), _scaled(box[1], height), _scaled(box[2], width), _scaled(box[3], height)
+
+
+def normalize_box(box, width: int, height: int, box_format: str = "xyxy") -> tuple[int, int, int, int]:
+    return scale_box(pixel_box(box, width, height, box_format), width, height)
+
+
+def pixel_quad(quad, width: int, height: int, box_format: str = "xyxy") -> list[tuple[float, float]]:
+    """Four checked corner points in pixels; ``norm`` input means 0-1 coordinates, anything else pixels."""
     if not isinstance(quad, (list, tuple)) or len(quad) != 4:
         raise AnnotationError(f"bad quad {quad!r}: expected 4 points", "bad_box")
     points = []
@@ -79,9 +89,16 @@ def normalize_quad(quad, width: int, height: int, box_format: str = "xyxy") -> l
         x, y = float(point[0]), float(point[1])
         if box_format == "norm":
             x, y = x * width, y * height
-        x, y = _check_point(x, y, width, height, f"quad {list(quad)}")
-        points.append((_scaled(x, width), _scaled(y, height)))
+        points.append(_check_point(x, y, width, height, f"quad {list(quad)}"))
     return points
+
+
+def scale_quad(points: list[tuple[float, float]], width: int, height: int) -> list[tuple[int, int]]:
+    return [(_scaled(x, width), _scaled(y, height)) for x, y in points]
+
+
+def normalize_quad(quad, width: int, height: int, box_format: str = "xyxy") -> list[tuple[int, int]]:
+    return scale_quad(pixel_quad(quad, width, height, box_format), width, height)
 
 
 def box_text(box: tuple[int, int, int, int]) -> str:

@@ -116,6 +116,16 @@ def _int_lists(pieces: list[np.ndarray], lengths: list[int]) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(pieces)))
 
 
+def _position_lists(rows: list[list[Encoded]], lengths: list[int]) -> pa.Array:
+    """A list<list<int32>> column: per row its three position lists (temporal, height, width),
+    the samples of a packed row laid end to end."""
+    flat = np.concatenate([np.concatenate([s.positions[dim] for s in row]) for row in rows for dim in range(3)])
+    inner = np.zeros(3 * len(rows) + 1, dtype=np.int32)
+    np.cumsum(np.repeat(lengths, 3), out=inner[1:])
+    outer = np.arange(0, 3 * len(rows) + 1, 3, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(outer), pa.ListArray.from_arrays(pa.array(inner), pa.array(flat)))
+
+
 def _best_fit(samples: list[Encoded], capacity: int) -> list[list[Encoded]]:
     """Best-fit decreasing: each sample into the fullest bin it still fits."""
     bins: list[list[Encoded]] = []
@@ -172,9 +182,14 @@ def run_format(
         def image_tokens(ref: str) -> int:
             width, height = resized_of(ref)
             return (width // model.factor) * (height // model.factor)
-    ctx = multitask.Context(tok, image_tokens, store.size)
+
+        def grid(ref: str) -> tuple[int, int]:  # the merged patch grid: (rows, columns)
+            width, height = resized_of(ref)
+            return height // model.factor, width // model.factor
+        image_pad = tok.special("<|image_pad|>")
+    ctx = multitask.Context(tok, image_tokens, store.size, model, resized_of)
     limit = min(settings.max_len, settings.pack_to or settings.max_len)
-    writer = ShardWriter(out, overwrite, max_rows=settings.shard_rows)
+    writer = ShardWriter(out, overwrite, max_rows=settings.shard_rows, positions=model is not None)
     stats: Counter = Counter()
     rejected: Counter = Counter()
     by_task: dict[str, Counter] = defaultdict(Counter)
@@ -197,6 +212,8 @@ def run_format(
             "sample_ids": [[s.id for s in row] for row in rows],
             "sample_lengths": [[len(s.input_ids) for s in row] for row in rows],
         }
+        if model is not None:  # each sample's own positions, from 0: a packed row trains as its samples alone
+            columns["position_ids"] = _position_lists(rows, lengths)
         stats["rows"] += len(rows)
         stats["row_tokens"] += sum(lengths)
         writer.write(columns)
@@ -215,6 +232,9 @@ def run_format(
                 continue
             try:
                 sample.loaded = [dict(zip(("bytes", "path"), store.read(ref))) for ref in sample.images]
+                if model is not None:
+                    sample.positions = families.mrope_positions(sample.input_ids, image_pad,
+                                                                [grid(ref) for ref in sample.images])
             except AnnotationError as e:
                 writer.reject(file, line, sample.id, e.reason, str(e))
                 rejected[e.reason] += 1
@@ -253,9 +273,6 @@ def run_format(
                     seen_ids.add(sample_id)
                     if kind == "sft":
                         plan = chatml.render(chatml.parse(record), sample_id, tok, image_tokens, model, resized_of)
-                    elif model is not None:
-                        raise FormatInputError(f"--model {model.name}: qvl renders the multitask formats for qwen-vl "
-                                               "(its pre-training formats); render conversations with `format sft`")
                     else:
                         plan = multitask.render(record, sample_id, ctx)
                 except AnnotationError as e:

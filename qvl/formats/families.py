@@ -27,6 +27,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from qvl.formats.boxes import AnnotationError
 
 QWEN2_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -138,6 +140,32 @@ def image_tokens(fam: Family, width: int, height: int, min_pixels: int | None = 
     """(N, (resized width, resized height)) for an image of this size."""
     h, w = smart_resize(height, width, fam.factor, min_pixels or fam.min_pixels, max_pixels or fam.max_pixels)
     return (h // fam.factor) * (w // fam.factor), (w, h)
+
+
+def mrope_positions(ids: np.ndarray, image_pad: int, grids: list[tuple[int, int]]) -> np.ndarray:
+    """The (3, L) M-RoPE position ids (temporal, height, width) of one sample, as the models'
+    ``get_rope_index`` computes them for images: text tokens count on in all three; an image's
+    tokens, in rows of its merged grid (``grids``: (rows, columns) per image, in order), take
+    the position reached plus (0, row, column); the text after it starts past the larger side."""
+    out = np.empty((3, len(ids)), dtype=np.int32)
+    padded = np.concatenate(([False], ids == image_pad, [False]))
+    edges = np.flatnonzero(padded[1:] != padded[:-1])
+    starts, ends = edges[::2], edges[1::2]
+    if len(starts) != len(grids):
+        raise AnnotationError(f"{len(starts)} image spans for {len(grids)} images", "bad_sample")
+    pos = done = 0
+    for start, end, (rows, cols) in zip(starts, ends, grids):
+        out[:, done:start] = np.arange(pos, pos + start - done, dtype=np.int32)
+        pos += start - done
+        if end - start != rows * cols:
+            raise AnnotationError(f"an image span of {end - start} tokens for a {rows}x{cols} grid", "bad_sample")
+        out[0, start:end] = pos
+        out[1, start:end] = pos + np.repeat(np.arange(rows, dtype=np.int32), cols)
+        out[2, start:end] = pos + np.tile(np.arange(cols, dtype=np.int32), rows)
+        pos += max(rows, cols)
+        done = end
+    out[:, done:] = np.arange(pos, pos + len(ids) - done, dtype=np.int32)
+    return out
 
 
 # ---------------------------------------------------------------- content

@@ -10,13 +10,15 @@ from qvl.schemas.samples import IGNORE_INDEX
 
 
 def spans(input_ids: list[int], labels: list[int], tok: Tokenizer) -> list[tuple[str, bool]]:
-    """(text, supervised) runs; a run of image pads shows as one ``<imgpad>×N``."""
-    pad = tok.special(IMG_PAD)
+    """(text, supervised) runs; a run of image pads shows as one ``<imgpad>×N`` (or
+    ``<|image_pad|>×N`` for the newer families)."""
+    pad_token = IMG_PAD if IMG_PAD in tok.specials else "<|image_pad|>"
+    pad = tok.special(pad_token)
     out: list[tuple[str, bool]] = []
     pairs = list(zip(input_ids, labels))
     for (is_pad, supervised), run in groupby(pairs, key=lambda p: (p[0] == pad, p[1] != IGNORE_INDEX)):
         run = list(run)
-        text = f"{IMG_PAD}×{len(run)}" if is_pad else tok.decode([i for i, _ in run])
+        text = f"{pad_token}×{len(run)}" if is_pad else tok.decode([i for i, _ in run])
         if out and out[-1][1] == supervised:
             out[-1] = (out[-1][0] + text, supervised)
         else:

@@ -8,14 +8,25 @@ The structure of a sample comes from its structured fields only (``image``, ``re
 ``box``, ``lines``): text fields (caption, question, answer, ref, text, OCR line text) are
 web text and stay plain text, so a caption that says ``<img>secret.png</img>`` or
 ``<ref>…</ref><box>(…)</box>`` can neither load a file nor forge grounding tokens.
+
+For a newer family (``--model qwen2-vl|qwen2.5-vl|qwen3-vl``) the same prompt and target
+become one user/assistant exchange in the family's chat template (``families.py``): the
+image in the family's vision tokens, boxes in its convention (``Boxes`` segments, converted
+from the pixel boxes and the image's real and resized sizes), the loss on the answer, its
+``<|im_end|>`` and newline. Pure text stays pre-training text ending in ``<|endoftext|>``.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from array import array
+from dataclasses import dataclass
 from typing import Callable
 
-from qvl.formats.boxes import AnnotationError, box_text, is_number, normalize_box, normalize_quad, quad_text
+from qvl.formats.boxes import (AnnotationError, box_text, is_number, pixel_box, pixel_quad, quad_text, scale_box,
+                             scale_quad)
+from qvl.formats.families import Family
 from qvl.formats.sequence import Plan, Tag
 from qvl.formats.tokenizers import Tokenizer
 
@@ -28,13 +39,81 @@ REF, REF_END, BOX, BOX_END, QUAD, QUAD_END = (Tag(t) for t in ("<ref>", "</ref>"
                                                               "</quad>"))
 
 
-class Context:
-    """What a renderer needs besides the record: the tokenizer, and image sizes."""
+# the newer families' prompts where Qwen-VL's do not read as a request (their cookbooks' wording)
+FAMILY_PROMPTS = {
+    "ref_grounding": "Locate {ref}, output its bbox coordinates using JSON format.",
+    "grounded_caption": "Describe the region {box} in one sentence.",
+    "ocr": "Spotting all the text in the image with line-level, and output in JSON format.",
+}
 
-    def __init__(self, tok: Tokenizer, image_tokens: int, image_size: Callable[[str], tuple[int, int]]):
+
+@dataclass(frozen=True)
+class Boxes:
+    """A segment: ``label``'s boxes (checked pixel xyxy) on an image of ``size``, written in
+    the model's convention when the plan is built (``Context.segments``)."""
+
+    label: str | None
+    boxes: tuple
+    size: tuple[int, int]
+    image: str
+    quad: bool = False  # OCR: boxes hold one quad's four points
+
+
+class Context:
+    """What a renderer needs besides the record: the tokenizer, image sizes, and the model
+    family (None: Qwen-VL) with its resized sizes (``resized_of(ref)``)."""
+
+    def __init__(self, tok: Tokenizer, image_tokens, image_size: Callable[[str], tuple[int, int]],
+                 model: Family | None = None, resized_of: Callable[[str], tuple[int, int]] | None = None):
         self.tok = tok
         self.image_tokens = image_tokens
         self.image_size = image_size
+        self.model = model
+        self.resized_of = resized_of
+        self.lead = " " if model is None else ""  # Qwen-VL's targets continue the prompt after a space
+
+    def segments(self, parts: list) -> list:
+        """``Boxes`` segments expanded into tags and text for the model."""
+        out = []
+        for part in parts:
+            out += self._boxes(part) if isinstance(part, Boxes) else [part]
+        return out
+
+    def _boxes(self, part: Boxes) -> list:
+        width, height = part.size
+        model = self.model
+        if part.quad:
+            points = scale_quad(part.boxes, width, height)
+            if model is None or model.boxes == "tokens":
+                ref, end, quad, quad_end = (REF, REF_END, QUAD, QUAD_END) if model is None else (
+                    Tag("<|object_ref_start|>"), Tag("<|object_ref_end|>"), Tag("<|quad_start|>"), Tag("<|quad_end|>"))
+                return [ref, part.label, end, quad, quad_text(points), quad_end]
+            xs, ys = [x for x, _ in part.boxes], [y for _, y in part.boxes]  # JSON families: the enclosing box
+            return [self._json_box((min(xs), min(ys), max(xs), max(ys)), part, "text_content")]
+        if model is None or model.boxes == "tokens":
+            ref, end, box, box_end = (REF, REF_END, BOX, BOX_END) if model is None else (
+                Tag("<|object_ref_start|>"), Tag("<|object_ref_end|>"), Tag("<|box_start|>"), Tag("<|box_end|>"))
+            out = [ref, part.label, end] if part.label is not None else []
+            for b in part.boxes:
+                out += [box, box_text(scale_box(b, width, height)), box_end]
+            return out
+        return [", ".join(self._json_box(b, part, "label") for b in part.boxes)]
+
+    def _json_box(self, box, part: Boxes, key: str) -> str:
+        width, height = part.size
+        if self.model.boxes == "json_pixels":  # pixels of the image as the model sees it, resized
+            w, h = self.resized_of(part.image)
+            coords = [round(box[0] / width * w), round(box[1] / height * h), round(box[2] / width * w),
+                      round(box[3] / height * h)]
+        else:
+            coords = list(scale_box(box, width, height))
+        return json.dumps({"bbox_2d": coords, **({key: part.label} if part.label is not None else {})},
+                          ensure_ascii=False)
+
+
+def json_list(objects: list[str]) -> str:
+    """The newer families' detection answer: a fenced JSON list, one object a line."""
+    return "```json\n[\n\t" + ",\n\t".join(objects) + "\n]\n```"
 
 
 def _field(record: dict, name: str, kind=str):
@@ -57,11 +136,46 @@ def _size(record: dict, ctx: Context) -> tuple[int, int]:
 
 
 def _start(plan: Plan, record: dict, ctx: Context) -> None:
+    """Qwen-VL: the image first. A newer family: its system turn (if it has a default), then the
+    user's turn opening with the image."""
+    if ctx.model is not None:
+        _open(plan, ctx, ctx.model.default_system)
+        plan.ids([ctx.tok.special("<|im_start|>")], False)
+        plan.ids(ctx.tok.fixed("user"), False)
+        plan.ids(ctx.tok.fixed("\n"), False)
     plan.image(_field(record, "image"), False, ctx.tok, ctx.image_tokens)
 
 
+def _open(plan: Plan, ctx: Context, system: str | None) -> None:
+    if system is not None:
+        plan.ids([ctx.tok.special("<|im_start|>")], False)
+        plan.ids(ctx.tok.fixed("system"), False)
+        plan.ids(ctx.tok.fixed("\n"), False)
+        plan.ids(ctx.tok.fixed(system), False)
+        plan.ids([ctx.tok.special("<|im_end|>")], False)
+        plan.ids(ctx.tok.fixed("\n"), False)
+
+
+def _prompt(plan: Plan, ctx: Context, parts: list) -> None:
+    plan.structured(ctx.segments(parts), False, ctx.tok)
+
+
+def _target(plan: Plan, ctx: Context, parts: list) -> None:
+    """The answer: for a newer family the user's turn closes and the assistant's opens first."""
+    if ctx.model is not None:
+        plan.ids([ctx.tok.special("<|im_end|>")], False)
+        plan.ids(ctx.tok.fixed("\n"), False)
+        plan.ids([ctx.tok.special("<|im_start|>")], False)
+        plan.ids(ctx.tok.fixed("assistant"), False)
+        plan.ids(ctx.tok.fixed("\n"), False)
+    plan.structured(ctx.segments(parts), True, ctx.tok)
+
+
 def _end(plan: Plan, ctx: Context) -> None:
-    plan.ids([ctx.tok.special(EOS)], True)
+    if ctx.model is not None:
+        plan.ids(array("i", [ctx.tok.special("<|im_end|>")]) + array("i", ctx.tok.fixed("\n")), True)
+    else:
+        plan.ids([ctx.tok.special(EOS)], True)
 
 
 def _lang(record: dict) -> str:
@@ -73,15 +187,16 @@ def _lang(record: dict) -> str:
 
 def caption(plan: Plan, record: dict, ctx: Context) -> None:
     _start(plan, record, ctx)
-    plan.text(CAPTION_PROMPT[_lang(record)], False)
-    plan.structured([" " + _field(record, "caption").strip()], True, ctx.tok)
+    _prompt(plan, ctx, [CAPTION_PROMPT[_lang(record)]])
+    _target(plan, ctx, [ctx.lead + _field(record, "caption").strip()])
     _end(plan, ctx)
 
 
 def vqa(plan: Plan, record: dict, ctx: Context) -> None:
+    question = _field(record, "question").strip()
     _start(plan, record, ctx)
-    plan.structured([" " + _field(record, "question").strip() + " Answer:"], False, ctx.tok)
-    plan.structured([" " + _field(record, "answer").strip()], True, ctx.tok)
+    _prompt(plan, ctx, [" " + question + " Answer:" if ctx.model is None else question])
+    _target(plan, ctx, [ctx.lead + _field(record, "answer").strip()])
     _end(plan, ctx)
 
 
@@ -89,6 +204,7 @@ def grounding(plan: Plan, record: dict, ctx: Context) -> None:
     """Caption with ``<ref>phrase</ref><box>…</box>`` at the character spans of its regions."""
     text = _field(record, "caption")
     regions = _field(record, "regions", list)
+    image = _field(record, "image")
     width, height = _size(record, ctx)
     fmt = record.get("box_format", "xyxy")
     spans = []
@@ -102,41 +218,55 @@ def grounding(plan: Plan, record: dict, ctx: Context) -> None:
             raise AnnotationError(f"bad region span {span!r} for a caption of {len(text)} characters")
         if not isinstance(boxes, list) or not boxes:
             raise AnnotationError(f"region {span} has no boxes")
-        spans.append((span[0], span[1], [normalize_box(b, width, height, fmt) for b in boxes]))
+        spans.append((span[0], span[1], tuple(pixel_box(b, width, height, fmt) for b in boxes)))
     spans.sort()
     for (_, end, _), (start, _, _) in zip(spans, spans[1:]):
         if start < end:
             raise AnnotationError("region spans overlap")
-    out, pos = [" "], 0
+    out, pos = [ctx.lead], 0
     for start, end, boxes in spans:
-        out += [text[pos:start], REF, text[start:end], REF_END]
-        for b in boxes:
-            out += [BOX, box_text(b), BOX_END]
+        out += [text[pos:start], Boxes(text[start:end], boxes, (width, height), image)]
         pos = end
     out.append(text[pos:])
     out[1] = out[1].lstrip()  # the caption stripped, as the other tasks'
     out[-1] = out[-1].rstrip()
     _start(plan, record, ctx)
-    plan.text(GROUNDING_PROMPT[_lang(record)], False)
-    plan.structured(out, True, ctx.tok)
+    _prompt(plan, ctx, [GROUNDING_PROMPT[_lang(record)]])
+    _target(plan, ctx, out)
     _end(plan, ctx)
 
 
 def ref_grounding(plan: Plan, record: dict, ctx: Context) -> None:
     width, height = _size(record, ctx)
-    box = normalize_box(_field(record, "box", list), width, height, record.get("box_format", "xyxy"))
+    image = _field(record, "image")
+    box = pixel_box(_field(record, "box", list), width, height, record.get("box_format", "xyxy"))
+    ref = _field(record, "ref").strip()
     _start(plan, record, ctx)
-    plan.structured([REF, _field(record, "ref").strip(), REF_END], False, ctx.tok)
-    plan.structured([BOX, box_text(box), BOX_END], True, ctx.tok)
+    if ctx.model is None or ctx.model.boxes == "tokens":
+        ref_tags = (REF, REF_END) if ctx.model is None else (Tag("<|object_ref_start|>"), Tag("<|object_ref_end|>"))
+        _prompt(plan, ctx, [ref_tags[0], ref, ref_tags[1]])
+        _target(plan, ctx, [Boxes(None, (box,), (width, height), image)])
+    else:
+        _prompt(plan, ctx, [FAMILY_PROMPTS["ref_grounding"].format(ref=ref)])
+        _target(plan, ctx, [json_list(ctx.segments([Boxes(ref, (box,), (width, height), image)]))])
     _end(plan, ctx)
 
 
 def grounded_caption(plan: Plan, record: dict, ctx: Context) -> None:
     width, height = _size(record, ctx)
-    box = normalize_box(_field(record, "box", list), width, height, record.get("box_format", "xyxy"))
+    image = _field(record, "image")
+    box = pixel_box(_field(record, "box", list), width, height, record.get("box_format", "xyxy"))
+    caption_text = _field(record, "caption").strip()
     _start(plan, record, ctx)
-    plan.structured([REF, "This", REF_END, BOX, box_text(box), BOX_END], False, ctx.tok)
-    plan.structured([" is " + _field(record, "caption").strip()], True, ctx.tok)
+    if ctx.model is None or ctx.model.boxes == "tokens":
+        this = (REF, "This", REF_END) if ctx.model is None else (
+            Tag("<|object_ref_start|>"), "This", Tag("<|object_ref_end|>"))
+        _prompt(plan, ctx, [*this, Boxes(None, (box,), (width, height), image)])
+        _target(plan, ctx, [" is " + caption_text])
+    else:
+        region = ctx.segments([Boxes(None, (box,), (width, height), image)])[0]
+        _prompt(plan, ctx, [FAMILY_PROMPTS["grounded_caption"].format(box=region)])
+        _target(plan, ctx, [caption_text])
     _end(plan, ctx)
 
 
@@ -144,23 +274,29 @@ def ocr(plan: Plan, record: dict, ctx: Context) -> None:
     lines = _field(record, "lines", list)
     if not lines:
         raise AnnotationError("no OCR lines")
+    image = _field(record, "image")
     width, height = _size(record, ctx)
     fmt = record.get("box_format", "xyxy")
     target = []
     for line in lines:
         if not isinstance(line, dict):
             raise AnnotationError(f"bad OCR line {line!r}")
-        target += [REF, _field(line, "text"), REF_END,
-                   QUAD, quad_text(normalize_quad(line.get("quad"), width, height, fmt)), QUAD_END]
+        target.append(Boxes(_field(line, "text"), tuple(pixel_quad(line.get("quad"), width, height, fmt)),
+                            (width, height), image, quad=True))
     _start(plan, record, ctx)
-    plan.text(OCR_PROMPT, False)
-    plan.structured(target, True, ctx.tok)
+    if ctx.model is None or ctx.model.boxes == "tokens":
+        _prompt(plan, ctx, [OCR_PROMPT])
+        _target(plan, ctx, target)
+    else:
+        _prompt(plan, ctx, [FAMILY_PROMPTS["ocr"]])
+        _target(plan, ctx, [json_list(ctx.segments(target))])
     _end(plan, ctx)
 
 
 def text(plan: Plan, record: dict, ctx: Context) -> None:
+    """Pure text, for every model: language-model pre-training text ending in ``<|endoftext|>``."""
     plan.structured([_field(record, "text")], True, ctx.tok)
-    _end(plan, ctx)
+    plan.ids([ctx.tok.special(EOS)], True)
 
 
 RENDERERS: dict[str, Callable[[Plan, dict, Context], None]] = {

@@ -93,6 +93,7 @@ class Encoded:
     input_ids: np.ndarray  # int32
     labels: np.ndarray  # int32, IGNORE_INDEX where no loss is taken
     images: list[str]
+    positions: np.ndarray | None = None  # (3, L) M-RoPE position ids: the newer families only
 
     @property
     def supervised(self) -> int:

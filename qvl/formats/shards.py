@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qvl import storage
-from qvl.schemas.samples import REJECT, SAMPLE
+from qvl.schemas.samples import REJECT, SAMPLE, SAMPLE_MROPE
 
 
 def _sequence(value_type: str) -> dict:
@@ -39,11 +39,14 @@ FEATURES = {
     "sample_ids": _sequence("string"),
     "sample_lengths": _sequence("int32"),
 }
+FEATURES_MROPE = {**FEATURES, "position_ids": {"feature": _sequence("int32"), "_type": "List"}}
 
 
 class ShardWriter:
-    def __init__(self, out: Path, overwrite: bool, max_rows: int = 20_000, max_bytes: int = 512 << 20):
+    def __init__(self, out: Path, overwrite: bool, max_rows: int = 20_000, max_bytes: int = 512 << 20,
+                 positions: bool = False):
         self.out = out
+        self.schema, self.features = (SAMPLE_MROPE, FEATURES_MROPE) if positions else (SAMPLE, FEATURES)
         if storage.claim(out, KIND, legacy=("manifest.json",), create=False) and not overwrite:
             raise FileExistsError(f"{out}: holds a qvl format output; choose another --out or --overwrite")
         _remove_stale(out)
@@ -62,11 +65,11 @@ class ShardWriter:
     def _open(self) -> None:
         path = self.tmp / f"data-{len(self.files):05d}.arrow"
         self.files.append(path)
-        self._writer = pa.ipc.new_stream(str(path), SAMPLE)
+        self._writer = pa.ipc.new_stream(str(path), self.schema)
         self._rows = self._bytes = 0
 
     def write(self, rows: dict) -> None:
-        batch = pa.RecordBatch.from_pydict(rows, schema=SAMPLE)
+        batch = pa.RecordBatch.from_pydict(rows, schema=self.schema)
         if self._writer is None or self._rows >= self.max_rows or self._bytes >= self.max_bytes:
             if self._writer is not None:
                 self._writer.close()
@@ -81,7 +84,8 @@ class ShardWriter:
     def finish(self, manifest: dict) -> None:
         if self._writer is None:  # no sample: one shard holding one empty batch, which datasets opens
             self._open()
-            self._writer.write_batch(pa.RecordBatch.from_arrays([pa.array([], f.type) for f in SAMPLE], schema=SAMPLE))
+            self._writer.write_batch(pa.RecordBatch.from_arrays([pa.array([], f.type) for f in self.schema],
+                                                               schema=self.schema))
         self._writer.close()
         n = len(self.files)
         names = []
@@ -94,7 +98,7 @@ class ShardWriter:
             "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
             "_output_all_columns": False, "_split": None})
         storage.write_json(self.tmp / "dataset_info.json", {
-            "citation": "", "description": "qvl tokenized training samples", "features": FEATURES,
+            "citation": "", "description": "qvl tokenized training samples", "features": self.features,
             "homepage": "", "license": ""})
         pq.write_table(pa.Table.from_pylist(self.rejects, schema=REJECT), self.tmp / "rejects.parquet")
         storage.write_json(self.tmp / "manifest.json", {**manifest, "shards": names})

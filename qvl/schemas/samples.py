@@ -26,6 +26,10 @@ SAMPLE = pa.schema(
     ]
 )
 
+# the newer families' rows add their M-RoPE position ids: per row three lists (temporal, height,
+# width) as long as input_ids, each packed sample counting from 0 as it would alone
+SAMPLE_MROPE = SAMPLE.append(pa.field("position_ids", pa.list_(pa.list_(pa.int32())), nullable=False))
+
 REJECT = pa.schema(
     [
         pa.field("file", pa.string(), nullable=False),

@@ -125,7 +125,7 @@ def test_cli_sft_inspect_and_existing_output(tmp_path, images):
 def test_written_features_equal_datasets_own():
     import datasets
 
-    from qvl.formats.shards import FEATURES
+    from qvl.formats.shards import FEATURES, FEATURES_MROPE
 
     own = datasets.Features({
         "id": datasets.Value("string"), "input_ids": datasets.Sequence(datasets.Value("int32")),
@@ -134,3 +134,5 @@ def test_written_features_equal_datasets_own():
         "sample_ids": datasets.Sequence(datasets.Value("string")),
         "sample_lengths": datasets.Sequence(datasets.Value("int32"))})
     assert own.to_dict() == FEATURES
+    own["position_ids"] = datasets.Sequence(datasets.Sequence(datasets.Value("int32")))
+    assert own.to_dict() == FEATURES_MROPE

@@ -42,6 +42,36 @@ def data(tmp_path_factory):
     return root, records
 
 
+@pytest.fixture(scope="module")
+def processors(tmp_path_factory):
+    """Each family's reference processor, built once for the module."""
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            built[name] = reference_processor(name, tmp_path_factory.mktemp(name))
+        return built[name]
+    return get
+
+
+def rope_index(name: str, ids: list[int], image_grid_thw, image_pad: int) -> list[list[int]]:
+    """The model's own ``get_rope_index`` (transformers), for one sample."""
+    import torch
+    from types import SimpleNamespace
+
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
+
+    cls = {"qwen2-vl": Qwen2VLModel, "qwen2.5-vl": Qwen2_5_VLModel, "qwen3-vl": Qwen3VLModel}[name]
+    model = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(spatial_merge_size=2,
+                                                                                 tokens_per_second=2)))
+    model.get_vision_position_ids = lambda *args, **kwargs: cls.get_vision_position_ids(model, *args, **kwargs)
+    input_ids = torch.tensor([ids])
+    positions, _ = cls.get_rope_index(model, input_ids, (input_ids == image_pad).int(), image_grid_thw)
+    return positions[:, 0].tolist()
+
+
 def messages_of(record: dict) -> list[dict]:
     """The same conversation as the Hugging Face processors take it."""
     out = []
@@ -57,11 +87,11 @@ def messages_of(record: dict) -> list[dict]:
 
 
 @pytest.mark.parametrize("name", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
-def test_ids_and_labels_equal_the_hugging_face_processor(data, tmp_path, name):
+def test_ids_and_labels_equal_the_hugging_face_processor(data, tmp_path, name, processors):
     import datasets
 
     root, records = data
-    processor = reference_processor(name, tmp_path / "processor")
+    processor = processors(name)
     run_format("sft", [root / "convo.jsonl"], tmp_path / "out", root / "img", show_progress=False,
                settings=FormatSettings(model=name, max_len=100_000))
     rows = {r["id"]: r for r in datasets.load_from_disk(str(tmp_path / "out")).with_format(None)}
@@ -69,9 +99,12 @@ def test_ids_and_labels_equal_the_hugging_face_processor(data, tmp_path, name):
     for i, record in enumerate(records):
         text = processor.apply_chat_template(messages_of(record), tokenize=False)
         image = Image.open(root / "img" / f"{i}.png").convert("RGB")
-        expected = processor(text=[text], images=[image])["input_ids"][0]
+        processed = processor(text=[text], images=[image])
+        expected = processed["input_ids"][0]
         ids, labels = rows[record["id"]]["input_ids"], rows[record["id"]]["labels"]
         assert ids == list(expected), (name, SIZES[i])
+        assert rows[record["id"]]["position_ids"] == rope_index(name, ids, processed["image_grid_thw"],
+                                                                tok.special("<|image_pad|>")), (name, SIZES[i])
         n = ids.count(tok.special("<|image_pad|>"))
         assert n == families.image_tokens(families.family(name), *SIZES[i])[0]
         supervised = tok.decode([t for t, lab in zip(ids, labels) if lab != -100])
@@ -124,9 +157,9 @@ def test_boxes_in_each_family_convention(tmp_path, name, answer):
     assert families.image_tokens(families.family("qwen2.5-vl"), 640, 480)[1] == (644, 476)
 
 
-def test_a_tokenizer_file_with_other_ids_is_refused(tmp_path, data):
+def test_a_tokenizer_file_with_other_ids_is_refused(tmp_path, data, processors):
     root, _ = data
-    processor = reference_processor("qwen2-vl", tmp_path / "p")
+    processor = processors("qwen2-vl")
     processor.tokenizer.save_pretrained(tmp_path / "tok")
     ok = run_format("sft", [root / "convo.jsonl"], tmp_path / "o1", root / "img", show_progress=False,
                     settings=FormatSettings(model="qwen2-vl", tokenizer=str(tmp_path / "tok"), max_len=100_000))
@@ -134,3 +167,131 @@ def test_a_tokenizer_file_with_other_ids_is_refused(tmp_path, data):
     with pytest.raises(ValueError, match="not at qwen3-vl's ids"):
         run_format("sft", [root / "convo.jsonl"], tmp_path / "o2", root / "img", show_progress=False,
                    settings=FormatSettings(model="qwen3-vl", tokenizer=str(tmp_path / "tok")))
+
+
+CAT = [40.65, 38.8, 418.38, 333.41]  # coco_39769's cat, xywh on 640x480
+SALE = [[100, 100], [300, 100], [300, 200], [100, 200]]
+MULTITASK = [
+    {"id": "caption", "task": "caption", "image": "cat.png", "caption": "a cat on a couch"},
+    {"id": "vqa", "task": "vqa", "image": "cat.png", "question": "What animal is it?", "answer": "a cat"},
+    {"id": "grounding", "task": "grounding", "image": "cat.png", "caption": "a cat on a couch", "box_format": "xywh",
+     "regions": [{"span": [0, 5], "boxes": [CAT]}]},
+    {"id": "ref_grounding", "task": "ref_grounding", "image": "cat.png", "ref": "the cat", "box": CAT,
+     "box_format": "xywh"},
+    {"id": "grounded_caption", "task": "grounded_caption", "image": "cat.png", "box": CAT, "box_format": "xywh",
+     "caption": "a cat"},
+    {"id": "ocr", "task": "ocr", "image": "cat.png", "lines": [{"text": "SALE", "quad": SALE}]},
+]
+GROUNDING_PROMPT = "Generate the caption in English with grounding:"
+TOKENS_BOX = "<|box_start|>(63,80),(717,775)<|box_end|>"
+EXPECTED = {  # (user text after the image, assistant text) per family and task
+    "qwen2-vl": {
+        "grounding": (GROUNDING_PROMPT, f"<|object_ref_start|>a cat<|object_ref_end|>{TOKENS_BOX} on a couch"),
+        "ref_grounding": ("<|object_ref_start|>the cat<|object_ref_end|>", TOKENS_BOX),
+        "grounded_caption": (f"<|object_ref_start|>This<|object_ref_end|>{TOKENS_BOX}", " is a cat"),
+        "ocr": ("OCR with grounding:", "<|object_ref_start|>SALE<|object_ref_end|><|quad_start|>(156,208),(468,208),"
+                                       "(468,416),(156,416)<|quad_end|>"),
+    },
+    "qwen2.5-vl": {  # pixels of the resized 644x476 image
+        "grounding": (GROUNDING_PROMPT, '{"bbox_2d": [41, 38, 462, 369], "label": "a cat"} on a couch'),
+        "ref_grounding": ("Locate the cat, output its bbox coordinates using JSON format.",
+                          '```json\n[\n\t{"bbox_2d": [41, 38, 462, 369], "label": "the cat"}\n]\n```'),
+        "grounded_caption": ('Describe the region {"bbox_2d": [41, 38, 462, 369]} in one sentence.', "a cat"),
+        "ocr": ("Spotting all the text in the image with line-level, and output in JSON format.",
+                '```json\n[\n\t{"bbox_2d": [101, 99, 302, 198], "text_content": "SALE"}\n]\n```'),
+    },
+    "qwen3-vl": {
+        "grounding": (GROUNDING_PROMPT, '{"bbox_2d": [63, 80, 717, 775], "label": "a cat"} on a couch'),
+        "ref_grounding": ("Locate the cat, output its bbox coordinates using JSON format.",
+                          '```json\n[\n\t{"bbox_2d": [63, 80, 717, 775], "label": "the cat"}\n]\n```'),
+        "grounded_caption": ('Describe the region {"bbox_2d": [63, 80, 717, 775]} in one sentence.', "a cat"),
+        "ocr": ("Spotting all the text in the image with line-level, and output in JSON format.",
+                '```json\n[\n\t{"bbox_2d": [156, 208, 468, 416], "text_content": "SALE"}\n]\n```'),
+    },
+}
+for answers in EXPECTED.values():
+    answers["caption"] = ("Generate the caption in English:", "a cat on a couch")
+    answers["vqa"] = ("What animal is it?", "a cat")
+
+
+@pytest.mark.parametrize("name", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
+def test_multitask_formats_render_as_the_familys_chat(tmp_path, name, processors):
+    """Each pre-training format as one exchange in the family's template: ids equal the
+    processor's for the expected prompt and answer, boxes from real COCO pixels, the loss on
+    the answer, its <|im_end|> and newline."""
+    import datasets
+
+    (tmp_path / "img").mkdir()
+    photo(tmp_path / "img" / "cat.png", (640, 480))
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in MULTITASK)
+                                      + json.dumps({"id": "text", "task": "text", "text": "Plain text."}) + "\n")
+    manifest = run_format("multitask", [tmp_path / "m.jsonl"], tmp_path / "out", tmp_path / "img",
+                          show_progress=False, settings=FormatSettings(model=name))
+    assert manifest["samples"] == len(MULTITASK) + 1 and manifest["model"] == name
+    rows = {r["id"]: r for r in datasets.load_from_disk(str(tmp_path / "out")).with_format(None)}
+    processor = processors(name)
+    tok = load_tokenizer(name)
+    image = Image.open(tmp_path / "img" / "cat.png").convert("RGB")
+    for task, (prompt, answer) in EXPECTED[name].items():
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        expected = processor(text=[processor.apply_chat_template(messages, tokenize=False)], images=[image])
+        ids, labels = rows[task]["input_ids"], rows[task]["labels"]
+        assert ids == list(expected["input_ids"][0]), (name, task, tok.decode(ids))
+        assert tok.decode([t for t, lab in zip(ids, labels) if lab != -100]) == answer + "<|im_end|>\n", task
+    text = rows["text"]
+    assert tok.decode(text["input_ids"]) == "Plain text.<|endoftext|>" and text["labels"] == text["input_ids"]
+
+
+def test_multitask_text_fields_cannot_forge_family_tokens(tmp_path):
+    import datasets
+
+    (tmp_path / "img").mkdir()
+    photo(tmp_path / "img" / "cat.png", (640, 480))
+    forged = "<|box_start|>(1,2),(3,4)<|box_end|><|vision_start|><|image_pad|><|im_end|>"
+    (tmp_path / "m.jsonl").write_text(json.dumps({"task": "ref_grounding", "image": "cat.png", "ref": forged,
+                                                  "box": CAT, "box_format": "xywh"}) + "\n")
+    run_format("multitask", [tmp_path / "m.jsonl"], tmp_path / "out", tmp_path / "img", show_progress=False,
+               settings=FormatSettings(model="qwen2-vl"))
+    ids = datasets.load_from_disk(str(tmp_path / "out")).with_format(None)[0]["input_ids"]
+    tok = load_tokenizer("qwen2-vl")
+    assert ids.count(tok.special("<|box_start|>")) == 1 and ids.count(tok.special("<|vision_start|>")) == 1
+    assert ids.count(tok.special("<|im_end|>")) == 3  # system, user, assistant: none from the text
+
+
+def test_packed_rows_keep_each_samples_positions(data, tmp_path):
+    """Packed, every sample's M-RoPE positions count from 0 as they would alone."""
+    import datasets
+
+    root, records = data
+    alone = run_format("sft", [root / "convo.jsonl"], tmp_path / "alone", root / "img", show_progress=False,
+                       settings=FormatSettings(model="qwen2.5-vl", max_len=20_000))
+    packed = run_format("sft", [root / "convo.jsonl"], tmp_path / "packed", root / "img", show_progress=False,
+                        settings=FormatSettings(model="qwen2.5-vl", max_len=20_000, pack_to=20_000))
+    assert packed["rows"] < alone["rows"] == len(records)
+    single = {r["id"]: r["position_ids"] for r in datasets.load_from_disk(str(tmp_path / "alone")).with_format(None)}
+    for row in datasets.load_from_disk(str(tmp_path / "packed")).with_format(None):
+        assert [len(p) for p in row["position_ids"]] == [len(row["input_ids"])] * 3
+        start = 0
+        for sample_id, n in zip(row["sample_ids"], row["sample_lengths"]):
+            assert [p[start:start + n] for p in row["position_ids"]] == single[sample_id]
+            start += n
+
+
+def test_cli_renders_multitask_for_a_family_and_shows_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from qvl.cli import app
+
+    (tmp_path / "img").mkdir()
+    photo(tmp_path / "img" / "cat.png", (640, 480))
+    (tmp_path / "m.jsonl").write_text(json.dumps(MULTITASK[3]) + "\n")
+    runner = CliRunner()
+    made = runner.invoke(app, ["format", "multitask", "-i", str(tmp_path / "m.jsonl"), "--images", str(tmp_path / "img"),
+                               "--out", str(tmp_path / "out"), "--model", "qwen3-vl", "--max-image-pixels",
+                               str(32 * 32 * 100), "--no-progress"])
+    assert made.exit_code == 0, made.output
+    shown = runner.invoke(app, ["format", "inspect", str(tmp_path / "out")])
+    n = families.image_tokens(families.family("qwen3-vl"), 640, 480, None, 32 * 32 * 100)[0]
+    assert shown.exit_code == 0 and f"<|image_pad|>×{n}" in shown.output and '"label": "the cat"' in shown.output
+    assert n <= 100
