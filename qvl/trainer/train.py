@@ -200,6 +200,9 @@ def train(s: TrainSettings) -> dict:
     # ---------------------------------------------------------------- data
     shards = Shards(s.data, s.max_rejected)
     manifest = shards.manifest
+    if manifest.get("model", "qwen-vl") != "qwen-vl":
+        raise ValueError(f"{s.data}: rendered for {manifest['model']}; qvl train trains Qwen-VL's architecture "
+                         "(render with --model qwen-vl, or train it with ms-swift or LLaMA-Factory: qvl format export)")
     if manifest["tokenizer"] != tok.name or manifest["settings"]["image_tokens"] != preset.image_tokens:
         raise ValueError(f"{s.data}: formatted with tokenizer {manifest['tokenizer']} and "
                          f"{manifest['settings']['image_tokens']} image tokens; preset {preset.name} needs "

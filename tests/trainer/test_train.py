@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qvl.formats.build import FormatSettings, run_format
 from qvl.trainer.train import TrainSettings, train
 
 
@@ -66,6 +67,12 @@ def test_init_from_previous_stage_and_bad_data(micro, tmp_path):
     with pytest.raises(ValueError, match="formatted with tokenizer bytes and 4 image tokens; preset tiny needs"):
         train(TrainSettings(stage=2, data=micro["multitask"], out=tmp_path / "x", preset="tiny", max_steps=1,
                             log=False))
+    (tmp_path / "t.jsonl").write_text(json.dumps({"task": "text", "text": "Plain text."}) + "\n")
+    run_format("multitask", [tmp_path / "t.jsonl"], tmp_path / "qwen2", show_progress=False,
+               settings=FormatSettings(model="qwen2-vl"))
+    with pytest.raises(ValueError, match="rendered for qwen2-vl; qvl train trains Qwen-VL's architecture"):
+        train(TrainSettings(stage=2, data=tmp_path / "qwen2", out=tmp_path / "y", preset=micro["preset"],
+                            max_steps=1, log=False))
 
 
 @pytest.mark.parametrize("fsdp, port", [(False, 29533), (True, 29534)])
