@@ -334,6 +334,56 @@ def format_sft(
             progress, None, model, min_image_pixels, max_image_pixels)
 
 
+@format_app.command("export")
+def format_export(
+    out: Annotated[Path, typer.Option("--out", "-o")],
+    to: Annotated[str, typer.Option("--to", help="ms-swift or llamafactory")],
+    files: Annotated[Optional[list[Path]], typer.Argument(help="the published files, with --from")] = None,
+    inputs: Annotated[list[Path], typer.Option("--input", "-i", help="conversations or annotations (.jsonl, .json, "
+                                                                      "curated .parquet)")] = [],
+    from_: Annotated[Optional[str], typer.Option("--from", help="a published layout (see format multitask)")] = None,
+    task: Annotated[list[str], typer.Option(help="with --from: the task(s) to take")] = [],
+    split: Annotated[Optional[str], typer.Option(help="with --from refcoco: the split")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="with --from: at most N records")] = None,
+    images: ImagesOpt = None,
+    downloads: DownloadsOpt = None,
+    model: Annotated[str, typer.Option(help="the model the boxes and template are for")] = "qwen2.5-vl",
+    min_image_pixels: MinImagePixelsOpt = None,
+    max_image_pixels: MaxImagePixelsOpt = None,
+    tool_max_pixels: Annotated[int, typer.Option(help="--to llamafactory: its image_max_pixels")] = 768 * 768,
+    tool_min_pixels: Annotated[int, typer.Option(help="--to llamafactory: its image_min_pixels")] = 32 * 32,
+    max_pixels: MaxPixelsOpt = 64_000_000,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> None:
+    """Write conversations and annotations as ms-swift's or LLaMA-Factory's JSON dataset, the
+    template's text and boxes already in --model's convention for the resize that tool applies."""
+    from qvl.formats.export import ExportSettings, run_export
+
+    paths = [*inputs, *(files or [])]
+    if not paths:
+        _fail("give input files (--input FILE, or --from LAYOUT FILE...)")
+    records = None
+    if from_ is not None:
+        from qvl.formats import importers
+
+        records = ((file, index, f"{Path(file).name}:{index}", record)
+                   for file, index, record in importers.records(from_, paths, task or None, split, limit))
+    elif files:
+        _fail("give annotation files with --input, or published files with --from LAYOUT")
+    try:
+        settings = ExportSettings(target=to, model=model, min_image_pixels=min_image_pixels,
+                                  max_image_pixels=max_image_pixels, tool_max_pixels=tool_max_pixels,
+                                  tool_min_pixels=tool_min_pixels, max_pixels=max_pixels)
+        report = run_export(paths, out, images, downloads, settings, overwrite, progress, records)
+    except (ValueError, FileExistsError) as e:
+        _fail(str(e))
+    console.print(f"[green]{report['samples']:,}[/] records for {to} ({model}), {report['rejected']:,} rejected "
+                  f"{report['rejected_by_reason'] or ''} -> {out}/data.jsonl")
+    if report["resize"]:
+        console.print(f"boxes computed for the resize of: {report['resize']['set']}")
+
+
 @format_app.command("mix")
 def format_mix(
     recipe: Annotated[Path, typer.Argument(help="a TOML/YAML recipe: [mix] and [[source]] tables")],

@@ -178,12 +178,16 @@ _BOX = re.compile(r"<box>\(\s*(\d+)\s*,\s*(\d+)\s*\),\(\s*(\d+)\s*,\s*(\d+)\s*\)
 _IMAGE = re.compile(r"<img>(.*?)</img>", re.S)
 
 
+def strip_picture_labels(text: str) -> str:
+    """``Picture N: <img>…</img>\n`` -> ``<img>…</img>``: the label and newline are Qwen-VL's template's."""
+    return _AFTER_IMAGE.sub(r"\1", _PICTURE.sub("", text)) if "<img>" in text else text
+
+
 def convert(text: str, fam: Family, resized_of, previous_image: str | None = None) -> str:
     """Qwen-VL-format content (``<img>`` spans stay qvl's image markers) in the family's
     conventions. ``resized_of(ref)`` gives an image's resized (width, height): a box refers to
     the last image before it in the conversation (``previous_image``, or one earlier in ``text``)."""
-    if "<img>" in text:  # the cheap tests first: most turns hold no image and no box
-        text = _AFTER_IMAGE.sub(r"\1", _PICTURE.sub("", text))
+    text = strip_picture_labels(text)  # the cheap tests first: most turns hold no image and no box
     if "<box>" not in text and "<quad>" not in text and "<ref>" not in text:
         return text
     if "<quad>" in text and fam.boxes != "tokens":

@@ -60,6 +60,10 @@ class ImageStore:
                             self._url_index[row["url"]] = (tar, f"{row['key']}.jpg")
         return self._url_index
 
+    def local_path(self, ref: str) -> Path:
+        """The checked file of a relative reference (inside --images, no escape)."""
+        return self._path(ref)
+
     def read(self, ref: str) -> tuple[bytes, str]:
         """(bytes, path as recorded) of an image reference, checked to decode."""
         return self._load(ref)[0], ref

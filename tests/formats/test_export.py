@@ -1,0 +1,180 @@
+"""ms-swift and LLaMA-Factory datasets: what the tool's processor makes of an exported record is
+what `qvl format` renders for the same record; LLaMA-Factory's pre-resize is in the boxes;
+every record is written or rejected with its reason."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from qvl.formats import families
+from qvl.formats.build import FormatSettings, run_format
+from qvl.formats.export import ExportSettings, run_export, tool_resize
+from qvl.formats.families import reference_processor
+
+CAT = [40.65, 38.8, 418.38, 333.41]  # coco_39769's cat, xywh on 640x480
+
+
+def photo(path: Path, size) -> None:
+    rng = np.random.default_rng(sum(size))
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    (root / "img").mkdir()
+    photo(root / "img" / "cat.png", (640, 480))
+    photo(root / "img" / "wide.png", (1500, 1000))
+    conversations = [
+        {"id": "c1", "conversations": [
+            {"from": "user", "value": "Picture 1: <img>wide.png</img>\nWhere is the cat?"},
+            {"from": "assistant", "value": "<ref>the cat</ref><box>(100,100),(500,500)</box>"},
+            {"from": "user", "value": "And the sofa?"},
+            {"from": "assistant", "value": "<ref>the sofa</ref><box>(0,500),(999,999)</box>, below it."}]},
+        {"id": "c2", "messages": [{"role": "system", "content": "Be brief."},
+                                  {"role": "user", "content": "<image>\nWhat is it?"},
+                                  {"role": "assistant", "content": "A cat."}], "images": ["cat.png"]},
+    ]
+    annotations = [
+        {"id": "m1", "task": "ref_grounding", "image": "cat.png", "ref": "the cat", "box": CAT, "box_format": "xywh"},
+        {"id": "m2", "task": "grounding", "image": "cat.png", "caption": "a cat on a couch", "box_format": "xywh",
+         "regions": [{"span": [0, 5], "boxes": [CAT]}]},
+        {"id": "m3", "task": "vqa", "image": "wide.png", "question": "What is it?", "answer": "noise"},
+    ]
+    (root / "convo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in conversations))
+    (root / "ann.jsonl").write_text("".join(json.dumps(r) + "\n" for r in annotations))
+    return root
+
+
+def hf_messages(record: dict) -> tuple[list[dict], int]:
+    """An exported record as the processor's chat template takes it (``<image>`` -> an image part)."""
+    out, images = [], 0
+    for m in record["messages"]:
+        parts = []
+        for i, text in enumerate(m["content"].split("<image>")):
+            if i:
+                parts.append({"type": "image"})
+                images += 1
+            if text:
+                parts.append({"type": "text", "text": text})
+        out.append({"role": m["role"], "content": parts})
+    return out, images
+
+
+@pytest.mark.parametrize("name", ["qwen2-vl", "qwen2.5-vl"])
+def test_ms_swift_records_give_the_ids_qvl_renders(data, tmp_path, name):
+    """What the processor makes of each exported record equals `qvl format`'s ids for the same
+    record: template, image tokens, and boxes in the model's convention."""
+    import datasets
+
+    processor = reference_processor(name, tmp_path / "processor")
+    for kind, file in (("sft", "convo.jsonl"), ("multitask", "ann.jsonl")):
+        report = run_export([data / file], tmp_path / f"swift-{kind}", data / "img", show_progress=False,
+                            settings=ExportSettings(target="ms-swift", model=name))
+        run_format(kind, [data / file], tmp_path / f"fmt-{kind}", data / "img", show_progress=False,
+                   settings=FormatSettings(model=name, max_len=100_000))
+        rows = {r["id"]: r["input_ids"] for r in datasets.load_from_disk(str(tmp_path / f"fmt-{kind}"))
+                .with_format(None)}
+        exported = [json.loads(line) for line in (tmp_path / f"swift-{kind}" / "data.jsonl").read_text().splitlines()]
+        assert report["samples"] == len(exported) == len(rows) and report["rejected"] == 0
+        for record in exported:
+            messages, n = hf_messages(record)
+            assert n == len(record["images"]) and all(Path(p).is_absolute() and Path(p).is_file()
+                                                      for p in record["images"])
+            pictures = [Image.open(p).convert("RGB") for p in record["images"]]
+            text = processor.apply_chat_template(messages, tokenize=False)
+            ids = processor(text=[text], images=pictures)["input_ids"][0]
+            assert list(ids) == rows[record["id"]], (name, record["id"], record["messages"])
+    conversation = json.loads((tmp_path / "swift-sft" / "data.jsonl").read_text().splitlines()[0])
+    answer = conversation["messages"][1]["content"]
+    if name == "qwen2-vl":
+        assert answer == "<|object_ref_start|>the cat<|object_ref_end|><|box_start|>(100,100),(500,500)<|box_end|>"
+    else:  # pixels of 1500x1000 resized by the processor: 1512x1008
+        assert families.image_tokens(families.family(name), 1500, 1000)[1] == (1512, 1008)
+        assert answer == '{"bbox_2d": [151, 101, 756, 504], "label": "the cat"}'
+
+
+def test_llamafactory_boxes_follow_its_pre_resize(data, tmp_path):
+    """LLaMA-Factory shrinks the image to image_max_pixels before the processor: the boxes are in
+    pixels of what the processor then makes of that image."""
+    report = run_export([data / "convo.jsonl"], tmp_path / "lf", data / "img", show_progress=False,
+                        settings=ExportSettings(target="llamafactory", model="qwen2.5-vl"))
+    assert report["resize"]["image_max_pixels"] == 768 * 768
+    record = json.loads((tmp_path / "lf" / "data.jsonl").read_text().splitlines()[0])
+    image = Image.open(record["images"][0])
+    width, height = tool_resize(image.width, image.height, 768 * 768, 32 * 32)
+    assert (width, height) == (940, 627)  # LLaMA-Factory's _preprocess_image: sides * sqrt(max / area), truncated
+    processor = reference_processor("qwen2.5-vl", tmp_path / "processor")
+    grid = processor.image_processor(images=[image.convert("RGB").resize((width, height))])["image_grid_thw"][0]
+    resized = (int(grid[2]) * 14, int(grid[1]) * 14)
+    assert resized == (952, 616)
+    x1, y1, x2, y2 = (round(v / 1000 * s) for v, s in zip((100, 100, 500, 500), resized * 2))
+    assert record["messages"][1]["content"] == f'{{"bbox_2d": [{x1}, {y1}, {x2}, {y2}], "label": "the cat"}}'
+    info = json.loads((tmp_path / "lf" / "dataset_info.json").read_text())
+    assert info["qvl"]["file_name"] == "data.jsonl" and info["qvl"]["formatting"] == "sharegpt"
+    assert info["qvl"]["columns"] == {"messages": "messages", "images": "images"}
+    system = json.loads((tmp_path / "lf" / "data.jsonl").read_text().splitlines()[1])["messages"][0]
+    assert system == {"role": "system", "content": "Be brief."}
+
+
+def test_every_record_written_or_rejected_with_its_reason(data, tmp_path):
+    import shutil
+
+    shutil.copy(data / "img" / "cat.png", tmp_path / "cat.png")
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    with tarfile.open(downloads / "00000.tar", "w") as t:
+        t.add(tmp_path / "cat.png", arcname="000000000.jpg")
+    pq.write_table(pa.table({"url": ["https://x.test/cat"], "key": ["000000000"], "status": ["success"]}),
+                   downloads / "00000.parquet")
+    records = [
+        {"task": "caption", "image": "cat.png", "caption": "a cat"},
+        {"task": "caption", "image": "https://x.test/cat", "caption": "a cat from the web"},
+        {"task": "caption", "image": "cat.png", "caption": "a cat<|im_end|><|im_start|>system"},
+        {"task": "caption", "image": "cat.png", "caption": "two <image> placeholders"},
+        {"conversations": [{"from": "user", "value": "<img>cat.png</img> hi <|vision_start|>"},
+                           {"from": "assistant", "value": "x"}]},
+        {"task": "text", "text": "pre-training text"},
+        {"task": "caption", "image": "missing.png", "caption": "gone"},
+        {"task": "caption", "image": "../cat.png", "caption": "outside"},
+        {"task": "poetry", "image": "cat.png"},
+    ]
+    src = tmp_path / "mixed.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records) + "{broken\n")
+    report = run_export([src], tmp_path / "out", data / "img", downloads, show_progress=False,
+                        settings=ExportSettings(target="ms-swift", model="qwen3-vl"))
+    assert report["records"] == len(records) + 1 == report["samples"] + report["rejected"]
+    assert report["rejected_by_reason"] == {"special_token_in_text": 3, "unsupported_for_export": 1,
+                                            "missing_image": 1, "unsafe_image_path": 1, "unknown_task": 1,
+                                            "malformed_json": 1}
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert sorted(r["line"] for r in rejects) == [3, 4, 5, 6, 7, 8, 9, 10]
+    written = [json.loads(line) for line in (tmp_path / "out" / "data.jsonl").read_text().splitlines()]
+    web = Path(written[1]["images"][0])
+    assert web.parent == (tmp_path / "out" / "images").resolve() and web.read_bytes() == (tmp_path / "cat.png").read_bytes()
+    assert written[0]["messages"] == [{"role": "user", "content": "<image>Generate the caption in English:"},
+                                      {"role": "assistant", "content": "a cat"}]  # Qwen3-VL: no default system
+
+
+def test_cli_export_and_refusals(data, tmp_path):
+    from typer.testing import CliRunner
+
+    from qvl.cli import app
+
+    runner = CliRunner()
+    args = ["format", "export", "-i", str(data / "ann.jsonl"), "--images", str(data / "img"), "--no-progress"]
+    made = runner.invoke(app, [*args, "--to", "llamafactory", "--out", str(tmp_path / "lf"), "--model", "qwen3-vl"])
+    assert made.exit_code == 0, made.output
+    assert "3 records for llamafactory" in made.output and "image_max_pixels: 589824" in made.output
+    again = runner.invoke(app, [*args, "--to", "llamafactory", "--out", str(tmp_path / "lf")])
+    assert again.exit_code == 1 and "holds a qvl export" in again.output
+    wrong = runner.invoke(app, [*args, "--to", "axolotl", "--out", str(tmp_path / "x")])
+    assert wrong.exit_code == 1 and "--to 'axolotl': use ms-swift, llamafactory" in wrong.output
