@@ -8,7 +8,6 @@ import json
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -18,13 +17,7 @@ from qvl.formats import families
 from qvl.formats.build import FormatSettings, run_format
 from qvl.formats.export import ExportSettings, run_export, tool_resize
 from qvl.formats.families import reference_processor
-
-CAT = [40.65, 38.8, 418.38, 333.41]  # coco_39769's cat, xywh on 640x480
-
-
-def photo(path: Path, size) -> None:
-    rng = np.random.default_rng(sum(size))
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+from tests.formats.test_families import CAT, photo
 
 
 @pytest.fixture(scope="module")
