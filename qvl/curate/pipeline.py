@@ -76,8 +76,8 @@ class Paths:
         return self.state / "partitions" / f"{k:05d}.json"
 
 
-def ledger_rows(frame: pl.DataFrame) -> pa.Table:
-    """The ledger's facts of evaluated rows: what each rule measured and decided, no text."""
+def _facts(frame: pl.DataFrame) -> pl.DataFrame:
+    """What each rule measured and decided of ``frame``'s rows, no text."""
     return frame.select(
         "row_id", pl.col("_seq").alias("seq"), "source", "width", "height", "clip_score", "nsfw",
         "watermark", "aesthetic",
@@ -85,7 +85,28 @@ def ledger_rows(frame: pl.DataFrame) -> pa.Table:
         pl.col("lang").cast(pl.String), pl.col("lang_score").cast(pl.Float32), pl.col("lang_by").cast(pl.String),
         pl.col("drop_reason").cast(pl.String),
         pl.col("failed_rules").cast(pl.List(pl.String)),
-    ).sort("seq").to_arrow()
+    )
+
+
+def ledger_rows(*frames: pl.DataFrame) -> pa.Table:
+    """The ledger's facts of evaluated rows, in input order (narrowed before they are joined)."""
+    return pl.concat([_facts(f) for f in frames]).sort("seq").to_arrow()
+
+
+def count_batch(stats: dict, frame: pl.DataFrame) -> None:
+    """Per source: rows in, rows each rewrite changed, rows without each score, numbers that
+    were not finite — one group-by over the evaluated batch."""
+    sums = {"input": pl.len(), "clip_unscored": pl.col("clip_score").is_null().sum()}
+    sums.update({f"rewritten|{name}": pl.col(f"_changed_{name}").sum() for name in rules.REWRITES
+                 if f"_changed_{name}" in frame.columns})
+    sums.update({f"unscored|{score}": pl.col(score).is_null().sum() for score in ("nsfw", "watermark", "aesthetic")})
+    if "_non_finite" in frame.columns:
+        sums["non_finite"] = pl.col("_non_finite").sum()
+    for row in frame.group_by("source").agg(**sums).iter_rows(named=True):
+        source = str(row.pop("source"))
+        for key, n in row.items():
+            if n:
+                st.add(stats, (*key.split("|"), source), n)
 
 
 def _public(frame: pl.DataFrame, schema: pa.Schema) -> pa.Table:
@@ -119,24 +140,18 @@ def process_shard(
     try:
         for frame in read(shard, batch_rows):
             frame = evaluate(frame, settings)
-            st.count_by(stats, "input", frame, ["source"])
-            for name in rules.REWRITES:
-                if f"_changed_{name}" in frame.columns:
-                    st.count_by(stats, "rewritten", frame.filter(pl.col(f"_changed_{name}")).with_columns(
-                        _rule=pl.lit(name)), ["_rule", "source"])
-            st.count_by(stats, "clip_unscored", frame.filter(pl.col("clip_score").is_null()), ["source"])
-            for score in ("nsfw", "watermark", "aesthetic"):
-                st.count_by(stats, "unscored", frame.filter(pl.col(score).is_null()).with_columns(
-                    _score=pl.lit(score)), ["_score", "source"])
-            if "_non_finite" in frame.columns:
-                st.count_by(stats, "non_finite", frame.filter(pl.col("_non_finite")), ["source"])
+            count_batch(stats, frame)
 
             survivors = tag(frame.filter(pl.col("drop_reason").is_null()), settings)
             survivors = survivors.with_columns(
                 drop_reason=pl.when(pl.col("_fail_lang")).then(pl.lit(rules.LANG))
             )
-            st.count_by(stats, "lang_relabelled", survivors.filter(pl.col("lang_by") == "script")
+            by_script = survivors.filter(pl.col("lang_by") == "script")
+            st.count_by(stats, "lang_relabelled", by_script.filter(pl.col("_lang_fasttext").is_not_null())
                         .with_columns(_to=pl.col("_lang_fasttext") + "->" + pl.col("lang")), ["_to"])
+            st.count_by(stats, "lang_script_only",  # decided by the script alone: fastText never asked
+                        by_script.filter(pl.col("_lang_fasttext").is_null() & pl.col("lang_score").is_null()),
+                        ["lang"])
             rejected = pl.concat(
                 [frame.filter(pl.col("drop_reason").is_not_null()), survivors.filter(pl.col("_fail_lang"))],
                 how="diagonal_relaxed",
@@ -152,8 +167,7 @@ def process_shard(
             rejected_sink.write(table)
 
             kept = survivors.filter(~pl.col("_fail_lang"))
-            facts = ledger_rows(pl.concat([rejected, kept.with_columns(failed_rules=pl.lit([], pl.List(pl.String)))],
-                                          how="diagonal_relaxed"))
+            facts = ledger_rows(rejected, kept.with_columns(failed_rules=pl.lit([], pl.List(pl.String))))
             if ledger_sink is None:
                 ledger_sink = storage.ParquetSink(paths.ledger / "filter" / f"{shard.key}.parquet", facts.schema)
             ledger_sink.write(facts)
@@ -164,8 +178,8 @@ def process_shard(
                         c in INTERNAL or c.startswith(INTERNAL_PREFIXES))]
                     t = part.select(keep_cols).to_arrow()
                     if survivor_sink is None:
-                        survivor_sink = storage.ParquetSink(
-                            paths.survivors / f"{shard.key}.parquet", t.schema, compression="lz4")
+                        survivor_sink = storage.ParquetSink(  # snappy: the fastest write + read back
+                            paths.survivors / f"{shard.key}.parquet", t.schema, compression="snappy")
                     survivor_sink.write(t)  # one write, one row group: phase 2 reads only its own
                     row_groups[int(k)].append(n_groups)
                     n_groups += 1

@@ -74,7 +74,8 @@ def build(totals: dict, settings: FilterSettings, shards, partitions: int) -> di
                             "setting": settings_of[name]} for name in rules.REWRITES},
         "by_source": by_source,
         "by_language": by_language,
-        "lang_cross_check": {"changed": st.total(relabelled), "by_change": dict(sorted(relabelled.items()))},
+        "lang_cross_check": {"changed": st.total(relabelled), "by_change": dict(sorted(relabelled.items())),
+                             "script_only": totals.get("lang_script_only", {})},
         "inputs": [str(s.path) for s in shards],
         "dedup_partitions": partitions,
         "settings": dataclasses.asdict(settings),
@@ -160,23 +161,25 @@ def markdown(report: dict) -> str:
     for lang, row in report["by_language"].items():
         lines.append(f"| {lang} | {_n(row['kept'])} | {row['share_pct']:.2f}% |")
     xc = report["lang_cross_check"]
+    alone = xc.get("script_only", {})
     lines += ["", f"Script cross-check changed **{_n(xc['changed'])}** fastText labels"
               + (": " + ", ".join(f"{k} {_n(v)}" for k, v in xc["by_change"].items()) if xc["by_change"] else "")
-              + ".", "", "## Rewrites", "", "| rule | rows changed | what |", "|---|---:|---|"]
+              + "." + (f" The script alone decided **{_n(st.total(alone))}** captions (Han characters only, no"
+                       " kana, hangul or Latin letters: Chinese, fastText not asked)." if alone else ""),
+              "", "## Rewrites", "", "| rule | rows changed | what |", "|---|---:|---|"]
     for name, row in report["rewrites"].items():
         lines.append(f"| {name} | {_n(row['rows_changed'])} | {row['setting']} |")
     return "\n".join(lines) + "\n"
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     steps = [r for r in report["funnel"] if r["step"] == "input" or r["dropped"]]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 0.45 * len(steps) + 2.5),
-                                  gridspec_kw={"width_ratios": [3, 1.3]})
+    fig = Figure(figsize=(13, 0.45 * len(steps) + 2.5))
+    FigureCanvasAgg(fig)
+    ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1.3]})
     names = [r["step"] for r in steps][::-1]
     remaining = [r["remaining"] for r in steps][::-1]
     bars = ax.barh(names, remaining, color="#4C72B0")
@@ -201,7 +204,6 @@ def plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     with storage.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
 
 
 def write(out: Path, report: dict) -> None:

@@ -48,7 +48,8 @@ def _filter_story(folder: Path, row_id: str) -> tuple[list[dict], str]:
            for score in ("nsfw", "watermark", "aesthetic")},
         "length": f"{facts['units']} units",
         "lang": "not evaluated (an earlier rule failed)" if facts["lang"] is None
-        else f"{facts['lang']} {facts['lang_score']:.2f} by {facts['lang_by']}",
+        else f"{facts['lang']} by {facts['lang_by']} (Han characters only; fastText not asked)"
+        if facts["lang_score"] is None else f"{facts['lang']} {facts['lang_score']:.2f} by {facts['lang_by']}",
     }
     steps = []
     evaluated_late = facts["drop_reason"] in (None, rules.LANG)  # lang runs on the survivors of rules 1-10

@@ -45,8 +45,9 @@ CURATED_PAIR = pa.schema(
     + [
         _UNITS,
         pa.field("lang", pa.string(), nullable=False),
-        pa.field("lang_score", pa.float32(), nullable=False),
-        # "fasttext", or "script" where the script cross-check overrode fastText's label
+        # null where the script alone decided (Han only, no kana/hangul/Latin): fastText not asked
+        pa.field("lang_score", pa.float32(), nullable=True),
+        # "fasttext", or "script" where the script decided or overrode fastText's label
         pa.field("lang_by", pa.string(), nullable=False),
     ]
 )

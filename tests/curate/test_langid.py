@@ -40,12 +40,46 @@ def tag(texts: list[str], **settings) -> pl.DataFrame:
     return langid.tag(pl.DataFrame({"text": texts}), FilterSettings(**settings))
 
 
-def test_short_chinese_caption_is_not_lost_to_ja():
+def test_short_chinese_caption_is_not_lost_to_ja(ident):
+    assert ident.predict(["一只金毛犬在海滩上玩耍"])[0] == ["ja"]  # what fastText says alone
     out = tag(["一只金毛犬在海滩上玩耍"])
-    assert out.get_column("_lang_fasttext").to_list() == ["ja"]  # what fastText says alone
     assert out.get_column("lang").to_list() == ["zh"]
     assert out.get_column("lang_by").to_list() == ["script"]
     assert out.get_column("_fail_lang").to_list() == [False]
+
+
+def test_han_only_captions_are_decided_by_script_without_asking_fasttext(ident):
+    """Han without kana, hangul or Latin letters is Chinese whatever fastText says: it is
+    not asked (no label, no score), so a low fastText score can no longer drop such a
+    caption while one fastText called ``ja`` was kept."""
+    texts = ["猫在睡觉", "123 456 海滩", "一只金毛犬在海滩上玩耍"]
+    out = tag(texts, min_lang_score=0.99)
+    assert out.get_column("lang").to_list() == ["zh"] * 3
+    assert out.get_column("lang_by").to_list() == ["script"] * 3
+    assert out.get_column("lang_score").to_list() == [None] * 3
+    assert out.get_column("_lang_fasttext").to_list() == [None] * 3
+    assert out.get_column("_fail_lang").to_list() == [False] * 3
+
+
+def test_mixed_han_and_latin_still_asks_fasttext_for_both_labels(ident):
+    """Latin letters may make a caption English; fastText decides, and where its top label
+    is neither zh nor en the script relabels with the second label's zh probability."""
+    texts = ["iPhone 手机壳 新款", "中文 and English mixed 文字", "ni hao ma zhong guo"]
+    out = tag(texts)
+    l1, p1, l2, p2 = ident.predict(texts)
+    assert out.get_column("_lang_fasttext").to_list() == l1
+    assert out.get_column("lang").to_list() == ["zh", "zh", l1[2]]
+    assert out.get_column("lang_by").to_list() == ["script", "fasttext", "fasttext"]
+    expected = [p2[0] if l2[0] == "zh" else 0.0, p1[1], p1[2]]
+    assert out.get_column("lang_score").to_list() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_top_label_alone_is_the_first_of_the_top_two(ident, k):
+    l1, p1, l2, p2 = ident.predict(TEXTS, k=k)
+    full = ident.predict(TEXTS)
+    assert l1 == full[0] and list(p1) == pytest.approx(list(full[1]))
+    assert (l2, list(p2)) == ((full[2], list(full[3])) if k == 2 else ([""] * len(TEXTS), [0.0] * len(TEXTS)))
 
 
 def test_han_without_latin_is_chinese_even_when_fasttext_says_en():

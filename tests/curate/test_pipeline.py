@@ -108,6 +108,28 @@ def test_the_ledger_has_every_row_and_why_reads_it(demo_run):
     assert winner["verdict"].startswith("kept") and {s["step"]: s["outcome"] for s in winner["steps"]}["lang"] == "pass"
 
 
+def test_captions_the_script_decides_are_counted_and_explained(tmp_path):
+    """A Han-only caption is Chinese without a fastText call: kept with no score, counted in
+    the report apart from the labels the cross-check changed, and `why` says so."""
+    from qvl.curate.why import explain
+
+    p = tmp_path / "zh.jsonl"
+    rows = [{"url": "http://a/1", "text": "一只金毛犬在海滩上玩耍"},
+            {"url": "http://a/2", "text": "a brown dog running on the sandy beach"},
+            {"url": "http://a/3", "text": "iPhone 手机壳 新款 黑色"}]
+    p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    report = run_filter([p], tmp_path / "out", run=RunSettings(workers=1), show_progress=False)
+    kept, _ = outputs(tmp_path / "out")
+    by_row = {r["row_id"]: r for r in kept.iter_rows(named=True)}
+    assert (by_row["zh.jsonl:1"]["lang"], by_row["zh.jsonl:1"]["lang_by"], by_row["zh.jsonl:1"]["lang_score"]) == \
+        ("zh", "script", None)
+    assert by_row["zh.jsonl:2"]["lang_by"] == "fasttext" and by_row["zh.jsonl:2"]["lang_score"] > 0.5
+    assert report["lang_cross_check"]["script_only"] == {"zh": 1}
+    assert "The script alone decided **1** captions" in (tmp_path / "out" / "report.md").read_text()
+    story = {s["step"]: s["value"] for s in explain(tmp_path / "out", "zh.jsonl:1")["steps"]}
+    assert story["lang"] == "zh by script (Han characters only; fastText not asked)"
+
+
 def test_dedup_across_shards_and_partitions(tmp_path):
     """The same URL in two shards meets in one hash partition, whatever the partition count."""
     urls = [f"http://x/{i}" for i in range(200)]

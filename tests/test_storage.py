@@ -1,0 +1,39 @@
+"""Atomic parquet writes with writer settings chosen per column."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from qvl import storage
+
+
+def test_dictionaries_and_statistics_only_where_they_pay(tmp_path):
+    table = pa.table({
+        "text": [f"caption number {i}" for i in range(1000)],
+        "source": ["laion", "coyo"] * 500,
+        "width": list(range(1000)),
+        "failed_rules": [["clip_score"], []] * 500,
+    })
+    path = tmp_path / "out.parquet"
+    storage.write_parquet(path, table)
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    columns = {meta.column(i).path_in_schema.split(".")[0]: meta.column(i) for i in range(meta.num_columns)}
+    assert columns["source"].has_dictionary_page and columns["failed_rules"].has_dictionary_page
+    assert not columns["text"].has_dictionary_page and not columns["width"].has_dictionary_page
+    assert columns["width"].is_stats_set and not columns["text"].is_stats_set
+    assert pq.read_table(path).equals(table)
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left beside it
+
+
+def test_a_sink_streams_batches_and_commits_an_empty_file_with_its_schema(tmp_path):
+    schema = pa.schema([("text", pa.string()), ("source", pa.string())])
+    full = storage.ParquetSink(tmp_path / "full.parquet", schema)
+    full.write(pa.table({"text": ["a", "b"], "source": ["x", "x"]}))
+    full.write(pa.table({"text": ["c"], "source": ["y"]}))
+    full.commit()
+    empty = storage.ParquetSink(tmp_path / "empty.parquet", schema)
+    empty.commit()
+    assert pq.read_table(tmp_path / "full.parquet").column("text").to_pylist() == ["a", "b", "c"]
+    assert pq.read_table(tmp_path / "empty.parquet").schema == schema
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.parquet", "full.parquet"]
