@@ -76,8 +76,8 @@ class Paths:
         return self.state / "partitions" / f"{k:05d}.json"
 
 
-def _facts(frame: pl.DataFrame) -> pl.DataFrame:
-    """What each rule measured and decided of ``frame``'s rows, no text."""
+def ledger_rows(frame: pl.DataFrame) -> pa.Table:
+    """The ledger's facts of evaluated rows: what each rule measured and decided, no text."""
     return frame.select(
         "row_id", pl.col("_seq").alias("seq"), "source", "width", "height", "clip_score", "nsfw",
         "watermark", "aesthetic",
@@ -85,12 +85,25 @@ def _facts(frame: pl.DataFrame) -> pl.DataFrame:
         pl.col("lang").cast(pl.String), pl.col("lang_score").cast(pl.Float32), pl.col("lang_by").cast(pl.String),
         pl.col("drop_reason").cast(pl.String),
         pl.col("failed_rules").cast(pl.List(pl.String)),
-    )
+    ).to_arrow()
 
 
-def ledger_rows(*frames: pl.DataFrame) -> pa.Table:
-    """The ledger's facts of evaluated rows, in input order (narrowed before they are joined)."""
-    return pl.concat([_facts(f) for f in frames]).sort("seq").to_arrow()
+LANG_COLUMNS = {"lang": pl.String, "lang_score": pl.Float32, "lang_by": pl.String, "_fail_lang": pl.Boolean}
+
+
+def with_language(frame: pl.DataFrame, passed: pl.Series, survivors: pl.DataFrame) -> pl.DataFrame:
+    """The batch with its survivors' language columns put back in its row order (rows that
+    failed a rule before language id have none), ``drop_reason`` completed with ``lang`` and
+    ``failed_rules``: every rule each rejected row failed (kept rows: none). One frame in
+    input order then gives the rejects, the ledger and the survivors without a join or a sort."""
+    where = passed.arg_true()
+    frame = frame.with_columns([
+        pl.repeat(None, frame.height, dtype=dtype, eager=True).alias(name).scatter(
+            where, survivors.get_column(name).cast(dtype))
+        for name, dtype in LANG_COLUMNS.items()
+    ]).with_columns(drop_reason=pl.coalesce("drop_reason", pl.when(pl.col("_fail_lang")).then(pl.lit(rules.LANG))))
+    return frame.with_columns(failed_rules=pl.when(pl.col("drop_reason").is_not_null())
+                              .then(rules.failed_rules(frame)).otherwise(pl.lit([], pl.List(pl.String))))
 
 
 def count_batch(stats: dict, frame: pl.DataFrame) -> None:
@@ -142,32 +155,24 @@ def process_shard(
             frame = evaluate(frame, settings)
             count_batch(stats, frame)
 
-            survivors = tag(frame.filter(pl.col("drop_reason").is_null()), settings)
-            survivors = survivors.with_columns(
-                drop_reason=pl.when(pl.col("_fail_lang")).then(pl.lit(rules.LANG))
-            )
+            passed = frame.get_column("drop_reason").is_null()
+            survivors = tag(frame.filter(passed), settings)
             by_script = survivors.filter(pl.col("lang_by") == "script")
             st.count_by(stats, "lang_relabelled", by_script.filter(pl.col("_lang_fasttext").is_not_null())
                         .with_columns(_to=pl.col("_lang_fasttext") + "->" + pl.col("lang")), ["_to"])
             st.count_by(stats, "lang_script_only",  # decided by the script alone: fastText never asked
                         by_script.filter(pl.col("_lang_fasttext").is_null() & pl.col("lang_score").is_null()),
                         ["lang"])
-            rejected = pl.concat(
-                [frame.filter(pl.col("drop_reason").is_not_null()), survivors.filter(pl.col("_fail_lang"))],
-                how="diagonal_relaxed",
-            )
-            rejected = rejected.with_columns(failed_rules=rules.failed_rules(rejected))
+            frame = with_language(frame, passed, survivors)
+            rejected = frame.filter(pl.col("drop_reason").is_not_null())
             st.count_by(stats, "dropped", rejected, ["drop_reason", "source"])
-            table = _public(rejected.with_columns(
-                [pl.col(c).cast(t) for c, t in (("lang", pl.String), ("lang_score", pl.Float32),
-                                                ("lang_by", pl.String))]
-            ), REJECTED_PAIR)
+            table = _public(rejected, REJECTED_PAIR)
             if rejected_sink is None:
                 rejected_sink = storage.ParquetSink(paths.rejected / f"{shard.key}.parquet", table.schema)
             rejected_sink.write(table)
 
-            kept = survivors.filter(~pl.col("_fail_lang"))
-            facts = ledger_rows(rejected, kept.with_columns(failed_rules=pl.lit([], pl.List(pl.String))))
+            kept = frame.filter(pl.col("drop_reason").is_null())
+            facts = ledger_rows(frame)
             if ledger_sink is None:
                 ledger_sink = storage.ParquetSink(paths.ledger / "filter" / f"{shard.key}.parquet", facts.schema)
             ledger_sink.write(facts)

@@ -124,11 +124,11 @@ def tag(survivors: pl.DataFrame, s: FilterSettings) -> pl.DataFrame:
     """Language: the recorded label and score where there is one, fastText on the rest."""
     if rules.LANG in s.skip_rules:
         return langid.tag(survivors, s)
+    survivors = survivors.with_row_index("_order")  # the rows come back in the order they came
     labelled = pl.col("lang_by").is_in(["fasttext", "script"]).fill_null(False)
     known = survivors.filter(labelled)
     allowed = pl.col("lang").is_in(list(s.languages))
     confident = (pl.col("lang_by") == "script") | (pl.col("lang_score") >= s.min_lang_score)
     known = known.with_columns(_lang_fasttext=pl.lit(None, pl.String), _fail_lang=~(allowed & confident))
     fresh = langid.tag(survivors.filter(~labelled).drop("lang", "lang_score", "lang_by", strict=False), s)
-    out = pl.concat([known, fresh], how="diagonal_relaxed")
-    return out.sort("_seq") if out.height else out
+    return pl.concat([known, fresh], how="diagonal_relaxed").sort("_order").drop("_order")
