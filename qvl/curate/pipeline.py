@@ -30,7 +30,6 @@ from qvl.curate import balance, dedup, engines, langid, readers, rethreshold, ru
 from qvl.curate import stats as st
 from qvl.curate.readers import Shard
 from qvl.curate.settings import FilterSettings, RunSettings
-from qvl.progress import progress_bar
 from qvl.schemas import CURATED_PAIR, REJECTED_PAIR
 
 INTERNAL = {"_seq", "_part", "_input_error", "_lang_fasttext", "_non_finite"}
@@ -379,6 +378,7 @@ def run_filter(
     """Filter ``inputs`` into ``out`` — or, with ``from_ledger``, re-decide a previous run's
     rows with new thresholds; returns the report (also written as JSON/MD/PNG)."""
     from qvl.curate import report as report_mod
+    from qvl.progress import progress_bar  # here, not above: the worker processes need no rich
 
     settings = settings or FilterSettings()
     run = run or RunSettings()
