@@ -21,8 +21,13 @@ def key_expr(columns: list[str]) -> pl.Expr:
     return pl.col("url")
 
 
-def partition_count(estimated_rows: int, rows_per_partition: int, max_partitions: int) -> int:
-    return max(1, min(max_partitions, math.ceil(estimated_rows / max(1, rows_per_partition))))
+def partition_count(estimated_rows: int, rows_per_partition: int, max_partitions: int, workers: int = 1) -> int:
+    """About ``rows_per_partition`` rows each; more than one is rounded up to a multiple of
+    ``workers``: three partitions on two workers would leave one worker a second round alone."""
+    n = math.ceil(estimated_rows / max(1, rows_per_partition))
+    if n > 1:
+        n = math.ceil(n / max(1, workers)) * max(1, workers)
+    return max(1, min(max_partitions, n))
 
 
 def partition_of(frame: pl.DataFrame, partitions: int) -> pl.Expr:

@@ -338,7 +338,7 @@ def _fingerprint(shards: list[Shard], settings: FilterSettings, mapping, source)
 
 
 def _prepare(out: Path, shards: list[Shard], settings: FilterSettings, run: RunSettings,
-             mapping, source, overwrite: bool) -> int:
+             mapping, source, overwrite: bool, workers: int) -> int:
     """Create or check the run's state; returns the partition count."""
     paths = Paths(out)
     state_file = paths.state / "run.json"
@@ -358,7 +358,7 @@ def _prepare(out: Path, shards: list[Shard], settings: FilterSettings, run: RunS
             for name in ("report.json", "report.md", "funnel.png"):
                 (out / name).unlink(missing_ok=True)
         partitions = dedup.partition_count(sum(s.est_rows for s in shards), run.rows_per_partition,
-                                           run.max_partitions)
+                                           run.max_partitions, workers)
         storage.write_json(state_file, {"fingerprint": fingerprint, "partitions": partitions,
                                         "inputs": [str(s.path) for s in shards],
                                         "input_names": [s.name for s in shards]})
@@ -405,8 +405,8 @@ def run_filter(
         shards = [readers.open_shard(p, i, mapping, source, name) for i, (p, name) in enumerate(zip(files, names))]
     if rules.LANG not in settings.skip_rules:
         langid.identifier(settings.lang_model)  # fail now, not in a worker, if the model is missing
-    partitions = _prepare(out, shards, settings, run, mapping, source, overwrite)
     workers = run.workers or os.cpu_count() or 1
+    partitions = _prepare(out, shards, settings, run, mapping, source, overwrite, workers)
 
     markers = {s.key: storage.read_json(paths.shard_marker(s)) for s in shards if paths.shard_marker(s).exists()}
     shard_jobs = {s.key: (s, out, settings, run.batch_rows, partitions) for s in shards if s.key not in markers}

@@ -99,7 +99,7 @@ class RunSettings:
 
     batch_rows: int = 262_144
     workers: int = 0  # processes; 0 = one per CPU core
-    rows_per_partition: int = 1_000_000  # dedup hash partitions are sized to about this
+    rows_per_partition: int = 1_000_000  # dedup hash partitions are sized to about this (then a multiple of workers)
     engine: str = "local"  # "local" (processes on this machine) or "ray"
     address: str | None = None  # Ray cluster address (default: start a local Ray)
     max_partitions: int = 4096

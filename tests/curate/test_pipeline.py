@@ -144,6 +144,16 @@ def test_dedup_across_shards_and_partitions(tmp_path):
     assert rejected.height == 200
 
 
+def test_dedup_partitions_come_in_rounds_of_the_workers():
+    from qvl.curate.dedup import partition_count
+
+    assert partition_count(3_000_000, 1_000_000, 4096, workers=2) == 4  # not 3: no lone second round
+    assert partition_count(2_000_000, 1_000_000, 4096, workers=2) == 2
+    assert partition_count(5_000_000, 1_000_000, 4096, workers=4) == 8
+    assert partition_count(10, 1_000_000, 4096, workers=8) == 1  # one partition's worth stays one
+    assert partition_count(9_000_000, 1_000_000, 6, workers=4) == 6  # the cap wins
+
+
 def test_bad_rows_go_to_rejects_with_reasons(tmp_path):
     p = tmp_path / "cc.tsv"
     p.write_bytes(b"a dog on the beach\thttp://x/1\nbroken line\n\xff\xfe bad bytes here\thttp://x/2\n"
