@@ -54,9 +54,9 @@ def read_json(path: str | Path) -> object:
 # Columns with few distinct values, where dictionary pages pay. Everywhere else a
 # dictionary is built and then abandoned (captions and URLs are nearly all distinct),
 # which costs a third of the write time; min/max statistics of long text are never used.
-DICTIONARY_COLUMNS = frozenset({"source", "lang", "lang_by", "drop_reason", "failed_rules", "task", "kind",
-                                "split", "format"})
-NO_STATISTICS = frozenset({"text", "text_raw", "url", "caption", "error"})
+DICTIONARY_COLUMNS = frozenset({"source", "lang", "lang_by", "drop_reason", "failed_rules", "reason", "status",
+                                "clip_model"})
+NO_STATISTICS = frozenset({"text", "text_raw", "url"})
 
 
 def writer_options(schema: pa.Schema) -> dict:

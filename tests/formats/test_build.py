@@ -89,15 +89,19 @@ def test_packing_never_splits_and_reports_efficiency(tmp_path):
     assert manifest["packing"]["efficiency"] > 0.9
 
 
-def test_urls_resolve_through_local_img2dataset_output(tmp_path, images):
+def img2dataset_output(folder: Path, image: Path, url: str) -> Path:
+    """One shard of img2dataset's webdataset output holding ``image`` as downloaded from ``url``."""
     import tarfile
 
-    downloads = tmp_path / "downloads"
-    downloads.mkdir()
-    with tarfile.open(downloads / "00000.tar", "w") as t:
-        t.add(images / "red.png", arcname="000000000.jpg")
-    pq.write_table(pa.table({"url": ["https://x.test/red"], "key": ["000000000"], "status": ["success"]}),
-                   downloads / "00000.parquet")
+    folder.mkdir()
+    with tarfile.open(folder / "00000.tar", "w") as t:
+        t.add(image, arcname="000000000.jpg")
+    pq.write_table(pa.table({"url": [url], "key": ["000000000"], "status": ["success"]}), folder / "00000.parquet")
+    return folder
+
+
+def test_urls_resolve_through_local_img2dataset_output(tmp_path, images):
+    downloads = img2dataset_output(tmp_path / "downloads", images / "red.png", "https://x.test/red")
     src = tmp_path / "kept.parquet"  # curated pairs, as `qvl curate filter` writes them
     pq.write_table(pa.table({"row_id": ["a:0", "a:1"], "url": ["https://x.test/red", "https://x.test/gone"],
                              "text": ["a red square", "gone"], "lang": ["en", "en"], "source": ["laion"] * 2}), src)

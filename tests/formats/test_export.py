@@ -5,11 +5,8 @@ every record is written or rejected with its reason."""
 from __future__ import annotations
 
 import json
-import tarfile
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -17,6 +14,7 @@ from qvl.formats import families
 from qvl.formats.build import FormatSettings, run_format
 from qvl.formats.export import ExportSettings, run_export, tool_resize
 from qvl.formats.families import reference_processor
+from tests.formats.test_build import img2dataset_output
 from tests.formats.test_families import CAT, photo
 
 
@@ -122,12 +120,7 @@ def test_every_record_written_or_rejected_with_its_reason(data, tmp_path):
     import shutil
 
     shutil.copy(data / "img" / "cat.png", tmp_path / "cat.png")
-    downloads = tmp_path / "downloads"
-    downloads.mkdir()
-    with tarfile.open(downloads / "00000.tar", "w") as t:
-        t.add(tmp_path / "cat.png", arcname="000000000.jpg")
-    pq.write_table(pa.table({"url": ["https://x.test/cat"], "key": ["000000000"], "status": ["success"]}),
-                   downloads / "00000.parquet")
+    downloads = img2dataset_output(tmp_path / "downloads", tmp_path / "cat.png", "https://x.test/cat")
     records = [
         {"task": "caption", "image": "cat.png", "caption": "a cat"},
         {"task": "caption", "image": "https://x.test/cat", "caption": "a cat from the web"},
