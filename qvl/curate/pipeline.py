@@ -127,8 +127,11 @@ def _public(frame: pl.DataFrame, schema: pa.Schema) -> pa.Table:
         c for c in frame.columns
         if c not in schema.names and c not in INTERNAL and not c.startswith(INTERNAL_PREFIXES)
     ]
-    table = frame.select([*schema.names, *extra]).to_arrow()
-    return table.cast(pa.schema([*schema, *[table.schema.field(c) for c in extra]]))
+    chosen = frame.select([*schema.names, *extra])
+    # exported in polars' own string layout (views, no copy), then cast once into the schema's
+    # types; passthrough columns get the types a plain export gives them
+    passthrough = chosen.select(extra).head(0).to_arrow().schema
+    return chosen.to_arrow(compat_level=pl.CompatLevel.newest()).cast(pa.schema([*schema, *passthrough]))
 
 
 # ---------------------------------------------------------------- phase 1
@@ -180,7 +183,8 @@ def process_shard(
                 for (k,), part in kept.partition_by("_part", as_dict=True, maintain_order=True).items():
                     keep_cols = [c for c in part.columns if c in ("_seq", "_part") or not (
                         c in INTERNAL or c.startswith(INTERNAL_PREFIXES))]
-                    t = part.select(keep_cols).to_arrow()
+                    # staged in polars' own string layout (views): no copy out, none back in phase 2
+                    t = part.select(keep_cols).to_arrow(compat_level=pl.CompatLevel.newest())
                     if survivor_sink is None:
                         survivor_sink = storage.ParquetSink(  # snappy: the fastest write + read back
                             paths.survivors / f"{shard.key}.parquet", t.schema, compression="snappy")

@@ -168,15 +168,16 @@ def clean_unicode(text: pl.Expr, s: FilterSettings) -> pl.Expr:
     return text.map_batches(_nfc, return_dtype=pl.String).str.replace_all(CONTROL_CHARS, " ")
 
 
+# Irregular spans with the whitespace around them, and any other whitespace run: each -> one
+# space, in one pass. Collapsing punctuation runs afterwards neither creates nor joins spaces, so
+# this is what removing the spans, then collapsing runs, then whitespace gives (tested).
+IRREGULAR_OR_SPACE = rf"(?:\s*(?:{IRREGULAR}))+\s*|{EXTRA_SPACE}"
+
+
 def remove_irregular(text: pl.Expr, s: FilterSettings) -> pl.Expr:
     marks = PUNCTUATION
     run = f"([{marks}])[{marks}]{{{s.max_punct_run},}}"
-    return (
-        text.str.replace_all(IRREGULAR, " ")
-        .str.replace_all(run, "$1")
-        .str.replace_all(EXTRA_SPACE, " ")
-        .str.strip_chars()
-    )
+    return text.str.replace_all(IRREGULAR_OR_SPACE, " ").str.replace_all(run, "$1").str.strip_chars()
 
 
 def empty_text(s: FilterSettings) -> pl.Expr:

@@ -104,6 +104,25 @@ def test_irregular_rewrite():
     assert out.get_column("_changed_irregular").to_list() == [True]
 
 
+def test_irregular_in_one_pass_equals_its_three_steps():
+    """``remove_irregular`` folds span removal and whitespace collapsing into one regex pass; on
+    random mixes of spans, punctuation runs, whitespace and words it must equal removing the
+    spans, then collapsing punctuation runs, then whitespace (the rule as DESIGN.md states it)."""
+    import random
+
+    rng = random.Random(7)
+    pieces = [" ", "  ", "\t", "\n", "\u3000", "!", "!!!!", "....", "-", ".", "/", "http://x.y/z", "www.a.com",
+              "a@b.cd", "IMG_1234", "pic.jpg", "word", "x", "汉字", "é"]
+    texts = pl.Series(["".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))) for _ in range(20_000)])
+    settings = FilterSettings()
+    run_re = f"([{rules.PUNCTUATION}])[{rules.PUNCTUATION}]{{{settings.max_punct_run},}}"
+    steps = (texts.str.replace_all(rules.IRREGULAR, " ").str.replace_all(run_re, "$1")
+             .str.replace_all(rules.EXTRA_SPACE, " ").str.strip_chars())
+    one_pass = pl.select(rules.remove_irregular(pl.lit(texts), settings)).to_series()
+    assert one_pass.to_list() == steps.to_list()
+    assert (one_pass != texts).sum() > 10_000  # the mixes do exercise the rule
+
+
 def test_text_that_needs_no_rewrite_is_not_counted_as_changed():
     out = run([{"text_raw": "a < b and 3 > 2 on the beach"}])
     assert out.get_column("text").to_list() == ["a < b and 3 > 2 on the beach"]
