@@ -32,7 +32,7 @@ HS, SOFTMAX = 1, 3  # fastText's loss_name values
 SUPERVISED = 3
 # what fastText's readWord splits tokens on besides the space
 OTHER_SEPARATORS = "[\n\r\t\v\f\x00]"
-CACHE_LIMIT = 1_000_000  # distinct tokens kept (~70 MB with 16-wide rows); then it starts again
+CACHE_LIMIT = 500_000  # distinct tokens kept (~100 MB with lid.176's 16-wide rows); then it starts again
 
 
 class Unsupported(ValueError):
@@ -217,8 +217,6 @@ class BatchModel:
 
     def _learn(self, tokens: list[str]) -> None:
         """Row sums and row counts of tokens not seen before."""
-        if len(self._index) + len(tokens) > CACHE_LIMIT:
-            self._index, self._sums, self._counts = {}, self._sums[:0], self._counts[:0]
         encoded = [t.encode() for t in tokens]
         tok, rows = self._ngram_rows(encoded)
         wid = np.array([self.words.get(e, -1) for e in encoded], np.int64)
@@ -243,6 +241,9 @@ class BatchModel:
                  .with_row_index("text").explode("token").filter(pl.col("token") != ""))
         unique = frame.get_column("token").unique()
         new = [t for t in unique.to_list() if t not in self._index]
+        if len(self._index) + len(new) > CACHE_LIMIT:  # start again, with this batch's tokens
+            self._index, self._sums, self._counts = {}, self._sums[:0], self._counts[:0]
+            new = unique.to_list()
         if new:
             self._learn(new)
         where = pl.DataFrame({"token": unique, "at": [self._index[t] for t in unique.to_list()]},

@@ -54,14 +54,15 @@ def test_lid176_equals_fasttext_on_real_captions():
 
 
 def test_the_token_cache_gives_the_same_answers_when_it_starts_again(monkeypatch):
-    model = fasttext_batch.BatchModel(langid.default_model_path())
-    texts = pl.Series(CRAFTED * 3)
-    first = model.top1(texts)
-    assert len(model._index) > 20
-    monkeypatch.setattr(fasttext_batch, "CACHE_LIMIT", 8)  # every call now starts the cache again
-    again = model.top1(texts)
-    assert first[0] == again[0]
-    np.testing.assert_array_equal(first[1], again[1])
+    texts = pl.Series(CRAFTED + demo_captions()[:500])
+    unlimited = fasttext_batch.BatchModel(langid.default_model_path())
+    whole = unlimited.top1(texts)
+    monkeypatch.setattr(fasttext_batch, "CACHE_LIMIT", 40)  # far fewer than the tokens of a batch
+    small = fasttext_batch.BatchModel(langid.default_model_path())
+    parts = [small.top1(texts.slice(i, 50)) for i in range(0, texts.len(), 50)]
+    assert len(small._index) < len(unlimited._index)  # it did start again
+    assert [label for p in parts for label in p[0]] == whole[0]
+    np.testing.assert_allclose(np.concatenate([p[1] for p in parts]), whole[1], atol=1e-6)
 
 
 def test_control_tokens_go_to_fasttext_itself():
