@@ -280,6 +280,8 @@ class BatchModel:
         along a path, so once the greedy descent has reached a leaf, no subtree scoring below
         that leaf needs to be opened (as fastText's own search prunes on its best so far)."""
         n, osz = hidden.shape[0], len(self.labels)
+        if osz == 1:  # the root is the only leaf
+            return np.zeros(n, np.int64), np.zeros(n, np.float32)
         root = 2 * osz - 2
         texts = np.arange(n)
         node = np.full(n, root)
@@ -294,9 +296,11 @@ class BatchModel:
         best_leaf, best = np.zeros(n, np.int64), np.full(n, -np.inf, np.float32)
         open_nodes = {root: (texts, np.zeros(n, np.float32))}  # node -> (texts reaching it, their scores)
         for parent in range(root, osz - 1, -1):  # parents have higher numbers than children
-            at, score = open_nodes.pop(parent, (texts[:0], None))
-            keep = score >= floor[at] if at.size else None
-            if not at.size or not keep.any():
+            if parent not in open_nodes:
+                continue
+            at, score = open_nodes.pop(parent)
+            keep = score >= floor[at]
+            if not keep.any():
                 continue
             at, score = at[keep], score[keep]
             go_left, go_right = self._steps(hidden[at], np.full(at.size, parent))

@@ -101,8 +101,7 @@ def with_language(frame: pl.DataFrame, passed: pl.Series, survivors: pl.DataFram
             where, survivors.get_column(name).cast(dtype))
         for name, dtype in LANG_COLUMNS.items()
     ]).with_columns(drop_reason=pl.coalesce("drop_reason", pl.when(pl.col("_fail_lang")).then(pl.lit(rules.LANG))))
-    return frame.with_columns(failed_rules=pl.when(pl.col("drop_reason").is_not_null())
-                              .then(rules.failed_rules(frame)).otherwise(pl.lit([], pl.List(pl.String))))
+    return frame.with_columns(failed_rules=rules.failed_rules(frame))  # kept rows failed none: []
 
 
 def count_batch(stats: dict, frame: pl.DataFrame) -> None:

@@ -383,11 +383,17 @@ def evaluate(frame: pl.DataFrame, s: FilterSettings, plain: bool = False) -> pl.
 def failed_rules(frame: pl.DataFrame) -> pl.Expr:
     """Every rule that failed on a row, in pipeline order (input errors included).
 
-    Built as one comma-joined string then split: several times faster than a list of
-    when/then expressions, and rule names hold no commas."""
-    parts = [pl.col("_input_error")] + [
-        pl.when(pl.col(fail_column(name))).then(pl.lit(name))
-        for name in DROP_ORDER
-        if fail_column(name) in frame.columns
-    ]
-    return pl.concat_str(parts, separator=",", ignore_nulls=True).str.split(",")
+    A bitmask per row (one bit per rule), then one list per distinct mask — a batch holds a few
+    dozen combinations — joined back: several times faster than building a string per row."""
+    names = [*INPUT_ERRORS, *(n for n in DROP_ORDER if n not in INPUT_ERRORS and fail_column(n) in frame.columns)]
+    bits = [pl.col("_input_error").eq(error).fill_null(False) for error in INPUT_ERRORS] + [
+        pl.col(fail_column(n)).fill_null(False) for n in names[len(INPUT_ERRORS):]]
+    mask = pl.sum_horizontal([bit.cast(pl.UInt64) * (1 << i) for i, bit in enumerate(bits)])
+
+    def lists(masks: pl.Series) -> pl.Series:
+        unique = masks.unique()
+        table = pl.DataFrame({"mask": unique, "failed": pl.Series(
+            [[name for i, name in enumerate(names) if m >> i & 1] for m in unique.to_list()], dtype=pl.List(pl.String))})
+        return masks.to_frame("mask").join(table, on="mask", how="left", maintain_order="left").get_column("failed")
+
+    return mask.map_batches(lists, return_dtype=pl.List(pl.String))
