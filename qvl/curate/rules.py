@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import html as _html
 import re
-import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
+import numpy as np
 import polars as pl
 
 from qvl.curate.settings import FilterSettings
@@ -141,16 +141,16 @@ def strip_html(text: pl.Expr, s: FilterSettings) -> pl.Expr:
 def not_nfc_stable() -> str:
     """A character class of what NFC may change or combine (marks, characters that are not
     NFC alone, Hangul jamo), so that text holding none of them — nearly all captions — skips
-    the normalisation (built once per process from Python's Unicode tables, ~0.2 s)."""
-    codes = [c for c in range(0x30000) if unicodedata.combining(chr(c)) or unicodedata.category(chr(c))[0] == "M"
-             or not unicodedata.is_normalized("NFC", chr(c)) or 0x1100 <= c <= 0x11FF]
-    ranges: list[list[int]] = []
-    for c in codes:
-        if ranges and c == ranges[-1][1] + 1:
-            ranges[-1][1] = c
-        else:
-            ranges.append([c, c])
-    return "[" + "".join(f"\\x{{{a:X}}}-\\x{{{b:X}}}" for a, b in ranges) + "]"
+    the normalisation. Built once per process from the tables of the engine that normalises
+    (polars: its regex ``\\p{M}`` and its own NFC), ~0.1 s."""
+    codes = np.concatenate([np.arange(0xD800), np.arange(0xE000, 0x30000)])  # no surrogates
+    chars = pl.Series([chr(c) for c in codes.tolist()], dtype=pl.String)
+    jamo = (codes >= 0x1100) & (codes <= 0x11FF)
+    unstable = (chars.str.contains(r"^\p{M}$") | (chars.str.normalize("NFC") != chars)).to_numpy() | jamo
+    picked = codes[unstable]
+    breaks = np.flatnonzero(np.diff(picked) != 1)
+    firsts, lasts = picked[np.r_[0, breaks + 1]], picked[np.r_[breaks, picked.size - 1]]
+    return "[" + "".join(f"\\x{{{a:X}}}-\\x{{{b:X}}}" for a, b in zip(firsts.tolist(), lasts.tolist())) + "]"
 
 
 def _nfc(values: pl.Series) -> pl.Series:

@@ -236,3 +236,13 @@ def test_nfc_only_where_it_can_change_something_gives_nfc_everywhere():
                 "\u0958", "\u2126", "\u00c5", "x", "\u0323"]
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 10))) for _ in range(2000)]
     assert rules._nfc(pl.Series(texts)).to_list() == [unicodedata.normalize("NFC", t) for t in texts]
+
+
+def test_the_nfc_prefilter_holds_what_nfc_may_change_or_combine():
+    """Rows without these characters skip the normalisation: it must hold every mark, every
+    character NFC changes alone, the Hangul jamo — and none of the characters captions are
+    made of."""
+    held = pl.Series(["\u0301", "\u0308", "\u3099", "\u212b", "\uf900", "\u1161", "\u11a8", "\u0dca", "\U0001d165"])
+    plain = pl.Series(["a", "é", "中", "가", "ß", "ﬁ", "Ω", "😀", " "])
+    assert held.str.contains(rules.not_nfc_stable()).all()
+    assert not plain.str.contains(rules.not_nfc_stable()).any()
