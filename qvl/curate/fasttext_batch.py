@@ -32,6 +32,7 @@ HS, SOFTMAX = 1, 3  # fastText's loss_name values
 SUPERVISED = 3
 # what fastText's readWord splits tokens on besides the space
 OTHER_SEPARATORS = "[\n\r\t\v\f\x00]"
+LEARN_CHUNK = 20_000  # new tokens hashed at once (~20 MB of n-gram rows)
 CACHE_LIMIT = 500_000  # distinct tokens kept (~100 MB with lid.176's 16-wide rows); then it starts again
 
 
@@ -244,8 +245,8 @@ class BatchModel:
         if len(self._index) + len(new) > CACHE_LIMIT:  # start again, with this batch's tokens
             self._index, self._sums, self._counts = {}, self._sums[:0], self._counts[:0]
             new = unique.to_list()
-        if new:
-            self._learn(new)
+        for start in range(0, len(new), LEARN_CHUNK):  # bounded temporaries, whatever the batch
+            self._learn(new[start:start + LEARN_CHUNK])
         where = pl.DataFrame({"token": unique, "at": [self._index[t] for t in unique.to_list()]},
                              schema={"token": pl.String, "at": pl.Int64})
         frame = frame.join(where, on="token", how="left", maintain_order="left")
