@@ -248,6 +248,9 @@ def main() -> None:
     parser.add_argument("--compare-with", type=Path, default=None,
                         help="another qvl source tree, run on the same rows beside this one")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each pipeline; the best one counts")
+    parser.add_argument("--real-captions", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data"
+                        / "external" / "laion_img2dataset" / "test_10000.parquet",
+                        help="a LAION parquet (TEXT column) for lid.176 on real captions; skipped if absent")
     args = parser.parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="qvl-bench-"))
@@ -283,6 +286,16 @@ def main() -> None:
     batch_labels = batch.top1(texts)[0]
     batch_rate = texts.len() / (time.perf_counter() - t)
     same_labels = sum(a == b for a, b in zip(line_labels, batch_labels))
+    real = None  # real captions: a web vocabulary, every token new to a fresh reader
+    if args.real_captions.is_file():
+        captions = pl.read_parquet(args.real_captions).get_column("TEXT").drop_nulls()
+        t = time.perf_counter()
+        line_real = ident._per_line(captions.to_list(), 1)[0]
+        line_rate = captions.len() / (time.perf_counter() - t)
+        t = time.perf_counter()
+        batch_real = BatchModel(ident.path).top1(captions)[0]
+        real = (captions.len(), line_rate, captions.len() / (time.perf_counter() - t),
+                sum(a == b for a, b in zip(line_real, batch_real)))
 
     first = next(data.glob("*.parquet"))
     sample = pl.read_parquet(first).head(args.baseline_rows).to_dicts()
@@ -336,6 +349,10 @@ def main() -> None:
           f"threads, cold cache) | "
           f"{fasttext_rate:,.0f} / {batch_rate:,.0f} texts/s ({batch_rate / fasttext_rate:.1f}x) | |")
     print(f"| texts both label alike (must be all) | {same_labels:,} of {texts.len():,} | |")
+    if real:
+        print(f"| the same on {real[0]:,} real LAION captions ({args.real_captions.name}, cold cache), "
+              f"labels alike | {real[1]:,.0f} / {real[2]:,.0f} texts/s ({real[2] / real[1]:.1f}x); "
+              f"{real[3]:,} of {real[0]:,} | |")
     print(f"| rows reaching language id | {whole['rows'] and no_lang['kept'] / no_lang['rows']:.1%} of input | |")
     print(f"| peak RSS, {args.rows:,} rows, whole pipeline | {whole['rss_mib']:,.0f} MiB | |")
     if args.compare_with:
