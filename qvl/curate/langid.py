@@ -22,10 +22,9 @@ predictor gives the second labels, the rare texts holding fastText's control tok
 from __future__ import annotations
 
 import importlib.util
+import struct
 from functools import lru_cache
 from pathlib import Path
-
-import struct
 
 import numpy as np
 import polars as pl
