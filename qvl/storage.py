@@ -62,7 +62,8 @@ NO_STATISTICS = frozenset({"text", "text_raw", "url"})
 def writer_options(schema: pa.Schema) -> dict:
     """pyarrow writer settings for ``schema``: dictionaries and statistics where they pay."""
     def leaf(field: pa.Field) -> str:  # a list of strings is dictionary-encoded at its element
-        return f"{field.name}.list.element" if pa.types.is_list(field.type) else field.name
+        listed = pa.types.is_list(field.type) or pa.types.is_large_list(field.type)
+        return f"{field.name}.list.element" if listed else field.name
 
     return {"use_dictionary": [leaf(f) for f in schema if f.name in DICTIONARY_COLUMNS] or False,
             "write_statistics": [n for n in schema.names if n not in NO_STATISTICS] or False}

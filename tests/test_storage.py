@@ -26,6 +26,15 @@ def test_dictionaries_and_statistics_only_where_they_pay(tmp_path):
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left beside it
 
 
+def test_a_large_list_of_strings_is_dictionary_encoded_too(tmp_path):
+    """polars exports lists as large lists (the ledger's failed_rules): same encoding as a list."""
+    table = pa.table({"failed_rules": pa.array([["clip_score"], []] * 500, pa.large_list(pa.large_string()))})
+    path = tmp_path / "ledger.parquet"
+    storage.write_parquet(path, table)
+    assert pq.ParquetFile(path).metadata.row_group(0).column(0).has_dictionary_page
+    assert pq.read_table(path).equals(table)
+
+
 def test_a_sink_streams_batches_and_commits_an_empty_file_with_its_schema(tmp_path):
     schema = pa.schema([("text", pa.string()), ("source", pa.string())])
     full = storage.ParquetSink(tmp_path / "full.parquet", schema)

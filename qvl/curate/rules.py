@@ -381,19 +381,22 @@ def evaluate(frame: pl.DataFrame, s: FilterSettings, plain: bool = False) -> pl.
 
 
 def failed_rules(frame: pl.DataFrame) -> pl.Expr:
-    """Every rule that failed on a row, in pipeline order (input errors included).
+    """Every rule that failed on a row, in pipeline order (its input error, if any, first).
 
-    A bitmask per row (one bit per rule), then one list per distinct mask — a batch holds a few
-    dozen combinations — joined back: several times faster than building a string per row."""
-    names = [*INPUT_ERRORS, *(n for n in DROP_ORDER if n not in INPUT_ERRORS and fail_column(n) in frame.columns)]
-    bits = [pl.col("_input_error").eq(error).fill_null(False) for error in INPUT_ERRORS] + [
-        pl.col(fail_column(n)).fill_null(False) for n in names[len(INPUT_ERRORS):]]
-    mask = pl.sum_horizontal([bit.cast(pl.UInt64) * (1 << i) for i, bit in enumerate(bits)])
+    A bitmask per row (one bit per rule) beside the input error, then one list per distinct
+    pair — a batch holds a few dozen — joined back: several times faster than a string per row."""
+    names = [n for n in DROP_ORDER if fail_column(n) in frame.columns]
+    mask = pl.sum_horizontal(pl.lit(0, pl.UInt64), *[
+        pl.col(fail_column(n)).fill_null(False).cast(pl.UInt64) * (1 << i) for i, n in enumerate(names)])
 
-    def lists(masks: pl.Series) -> pl.Series:
-        unique = masks.unique()
-        table = pl.DataFrame({"mask": unique, "failed": pl.Series(
-            [[name for i, name in enumerate(names) if m >> i & 1] for m in unique.to_list()], dtype=pl.List(pl.String))})
-        return masks.to_frame("mask").join(table, on="mask", how="left", maintain_order="left").get_column("failed")
+    def lists(keys: pl.Series) -> pl.Series:
+        rows = keys.struct.unnest()
+        unique = rows.unique()
+        table = unique.with_columns(failed=pl.Series(
+            [([error] if error is not None else []) + [n for i, n in enumerate(names) if m >> i & 1]
+             for error, m in unique.iter_rows()], dtype=pl.List(pl.String)))
+        return rows.join(table, on=["error", "mask"], how="left", maintain_order="left",
+                         nulls_equal=True).get_column("failed")
 
-    return mask.map_batches(lists, return_dtype=pl.List(pl.String))
+    return pl.struct(pl.col("_input_error").cast(pl.String).alias("error"), mask.alias("mask")).map_batches(
+        lists, return_dtype=pl.List(pl.String))

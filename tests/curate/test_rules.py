@@ -246,3 +246,11 @@ def test_the_nfc_prefilter_holds_what_nfc_may_change_or_combine():
     plain = pl.Series(["a", "é", "中", "가", "ß", "ﬁ", "Ω", "😀", " "])
     assert held.str.contains(rules.not_nfc_stable()).all()
     assert not plain.str.contains(rules.not_nfc_stable()).any()
+
+
+def test_failed_rules_keeps_any_input_error_first_then_the_rules_in_order():
+    frame = pl.DataFrame({"_input_error": [None, "malformed_row", "a_reason_added_later", None],
+                          rules.fail_column("emoji"): [True, True, None, False],
+                          rules.fail_column("clip_score"): [True, False, True, False]})
+    assert frame.select(rules.failed_rules(frame)).to_series().to_list() == [
+        ["clip_score", "emoji"], ["malformed_row", "emoji"], ["a_reason_added_later", "clip_score"], []]
