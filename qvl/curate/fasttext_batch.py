@@ -32,6 +32,7 @@ HS, SOFTMAX = 1, 3  # fastText's loss_name values
 SUPERVISED = 3
 # what fastText's readWord splits tokens on besides the space
 OTHER_SEPARATORS = "[\n\r\t\v\f\x00]"
+MAX_BUCKETS = 1 << 25  # a pruned model's bucket table (lid.176: 2M); more is not a model this reads
 LEARN_CHUNK = 20_000  # new tokens hashed at once (~20 MB of n-gram rows)
 CACHE_LIMIT = 500_000  # distinct tokens kept (~100 MB with lid.176's 16-wide rows); then it starts again
 
@@ -108,11 +109,9 @@ def _tree(counts: list[int]) -> tuple[np.ndarray, np.ndarray]:
 
 
 @dataclass
-class _Args:
+class _Args:  # what prediction needs of fastText's Args
     dim: int
-    word_ngrams: int
     loss: int
-    model: int
     bucket: int
     minn: int
     maxn: int
@@ -130,7 +129,7 @@ class BatchModel:
         r.read("d")
         if version == 11 and model == SUPERVISED:
             maxn = 0  # FastText::loadModel: old supervised models have no character n-grams
-        self.args = _Args(dim, word_ngrams, loss, model, bucket, minn, maxn)
+        self.args = _Args(dim, loss, bucket, minn, maxn)
         if model != SUPERVISED or loss not in (HS, SOFTMAX) or word_ngrams > 1:
             raise Unsupported(f"{path}: model {model}, loss {loss}, wordNgrams {word_ngrams} not run in batches")
         size, self.nwords, nlabels = r.read("3i")
@@ -154,6 +153,8 @@ class BatchModel:
         pairs = r.array("<i4", 2 * max(prune_size, 0)).reshape(-1, 2)
         self.prune_size = prune_size
         if prune_size >= 0:  # pruned: the row of each bucket kept, -1 for the others
+            if not 0 < bucket <= MAX_BUCKETS:
+                raise Unsupported(f"{path}: {bucket:,} n-gram buckets")
             self.pruned_row = np.full(bucket, -1, np.int32)
             self.pruned_row[pairs[:, 0]] = pairs[:, 1]
         quantised, = r.read("?")

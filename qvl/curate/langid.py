@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import struct
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +54,8 @@ def default_model_path() -> Path:
 
 
 class LanguageIdentifier:
-    """Top-2 fastText labels and probabilities for a list of single-line texts."""
+    """fastText labels and probabilities for single-line texts: the top one for a whole batch
+    (``fasttext_batch``), the top two line by line (fastText itself)."""
 
     def __init__(self, model_path: str | Path | None = None):
         import fasttext
@@ -66,10 +67,15 @@ class LanguageIdentifier:
             self._predict = fasttext.load_model(str(self.path)).f.predict
         except ValueError as e:
             raise LangModelError(f"{self.path}: not a fastText model ({e})") from None
+
+    @cached_property
+    def _batch(self) -> BatchModel | None:
+        """The batch reader of the same file, read on first use (not by the parent process, which
+        only checks the model); None where it does not run this model: fastText runs it line by line."""
         try:
-            self._batch: BatchModel | None = BatchModel(self.path)
-        except (Unsupported, ValueError, IndexError, struct.error):  # fastText read it: we run it line by line
-            self._batch = None
+            return BatchModel(self.path)
+        except (Unsupported, ValueError, IndexError, struct.error):
+            return None
 
     def predict(self, texts: list[str] | pl.Series, k: int = 2) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
         """(label1, prob1, label2, prob2) per text; labels without ``__label__``; with ``k=1``

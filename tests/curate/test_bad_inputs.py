@@ -288,3 +288,23 @@ def test_killing_the_main_process_ends_its_workers(tmp_path):
         alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()
                  and (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z")]
     assert not alive, f"workers {alive} outlived the killed filter"
+
+
+# ---------------------------------------------------------------- --lang-model: the one model file it reads
+
+@pytest.mark.parametrize("case", ["missing", "empty", "truncated", "garbage", "not a model"])
+def test_a_bad_language_model_is_a_one_line_error_before_any_row_is_read(tmp_path, case):
+    from qvl.curate.langid import default_model_path
+
+    good = default_model_path().read_bytes()
+    model = tmp_path / "lid.ftz"
+    content = {"empty": b"", "truncated": good[: len(good) // 3], "garbage": os.urandom(4096),
+               "not a model": b'{"this": "is json"}\n'}
+    if case != "missing":
+        model.write_bytes(content[case])
+    shard = tmp_path / "pairs.jsonl"
+    shard.write_text(json.dumps({"URL": "http://x.test/1.jpg", "TEXT": CAPTION}) + "\n")
+    result, out = filter_cli(tmp_path, [shard], "--workers", "1", "--lang-model", str(model), quick=False)
+    message = one_line_error(result)
+    assert str(model.name) in message
+    assert not (out / "kept").exists() and not (out / "rejected").exists()

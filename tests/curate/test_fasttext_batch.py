@@ -80,7 +80,7 @@ def test_control_tokens_go_to_fasttext_itself():
 
 
 def write_model(path, *, loss: int, word_ngrams: int = 1, dim: int = 8, bucket: int = 500, seed: int = 0,
-                minn: int = 2, maxn: int = 4) -> None:
+                minn: int = 2, maxn: int = 4, pruned: bool = False) -> None:
     """A supervised fastText model in the version-12 layout: dense input, unpruned n-grams,
     dense output, random weights; labels with unequal counts (an uneven hierarchical tree)."""
     rng = np.random.default_rng(seed)
@@ -88,12 +88,13 @@ def write_model(path, *, loss: int, word_ngrams: int = 1, dim: int = 8, bucket: 
     labels = ["en", "fr", "de", "es", "it"]
     out = [struct.pack("<2i", fasttext_batch.MAGIC, 12),
            struct.pack("<12i", dim, 5, 5, 1, 5, word_ngrams, loss, 3, bucket, minn, maxn, 100), struct.pack("<d", 1e-4),
-           struct.pack("<3i", len(words) + len(labels), len(words), len(labels)), struct.pack("<2q", 1000, -1)]
+           struct.pack("<3i", len(words) + len(labels), len(words), len(labels)), struct.pack("<2q", 1000, 0 if pruned else -1)]
     for i, w in enumerate(words):
         out.append(w.encode() + b"\0" + struct.pack("<qb", 100 - i, 0))
     for i, label in enumerate(labels):
         out.append(f"__label__{label}".encode() + b"\0" + struct.pack("<qb", [50, 20, 10, 5, 1][i], 1))
-    rows = len(words) + bucket
+    rows = len(words) + (0 if pruned else bucket)  # pruned to nothing: no n-gram rows (fastText loads
+    # such a file only quantised; the reader is tested on it for its bucket table alone)
     out += [struct.pack("<?", False), struct.pack("<2q", rows, dim),
             rng.normal(0, 0.5, (rows, dim)).astype("<f4").tobytes(),
             struct.pack("<?", False), struct.pack("<2q", len(labels), dim),
@@ -120,3 +121,20 @@ def test_models_it_does_not_run_fall_back_to_fasttext(tmp_path):
     want_labels, want_probs = reference(path, texts)
     assert labels == want_labels
     np.testing.assert_allclose(probs, want_probs, atol=1e-6)
+
+
+def test_damaged_and_hostile_model_files_are_refused_not_run(tmp_path):
+    """Whatever the reader cannot run ends in one of the errors the identifier falls back on —
+    truncated, padded, garbage, a huge bucket table — never a wrong answer or an 8 GB allocation."""
+    good = langid.default_model_path().read_bytes()
+    cases = {"truncated": good[: len(good) // 2], "padded": good + b"\0" * 16, "garbage": b"\x01" * 4096,
+             "empty": b"", "header only": good[:60]}
+    for name, data in cases.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.ftz"
+        path.write_bytes(data)
+        with pytest.raises((fasttext_batch.Unsupported, ValueError, IndexError, struct.error)):
+            fasttext_batch.BatchModel(path)
+    huge = tmp_path / "huge.bin"
+    write_model(huge, loss=fasttext_batch.SOFTMAX, bucket=2**31 - 1, pruned=True)
+    with pytest.raises(fasttext_batch.Unsupported, match="buckets"):
+        fasttext_batch.BatchModel(huge)
