@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -11,17 +12,46 @@ import typer
 from rich.markdown import Markdown
 from rich.markup import escape
 
+from qvl.errors import QvlError
 from qvl.progress import console
 
-app = typer.Typer(help="qvl — curate, format and train data for Qwen-VL-style models.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-curate_app = typer.Typer(help="Web image-text pairs -> a clean, language-tagged subset.", no_args_is_help=True)
-format_app = typer.Typer(help="Annotations and conversations -> tokenized Arrow shards.", no_args_is_help=True)
+
+
+class _App(typer.Typer):
+    """A Typer app whose every command prints a ``QvlError`` as one ``error:`` line (exit 1):
+    what qvl refuses is said once, here, whatever command met it."""
+
+    def command(self, *args, **kwargs):
+        register = super().command(*args, **kwargs)
+
+        def wrap(function):
+            @functools.wraps(function)
+            def run(*a, **k):
+                try:
+                    return function(*a, **k)
+                except QvlError as e:
+                    _fail(str(e))
+
+            register(run)
+            return function
+
+        return wrap
+
+
+app = _App(help="qvl — curate, format and train data for Qwen-VL-style models.",
+           no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+curate_app = _App(help="Web image-text pairs -> a clean, language-tagged subset.", no_args_is_help=True)
+format_app = _App(help="Annotations and conversations -> tokenized Arrow shards.", no_args_is_help=True)
 app.add_typer(curate_app, name="curate")
 app.add_typer(format_app, name="format")
 
 
+MAX_MESSAGE = 2000  # an error line quotes input; a hostile input cannot make it a flood
+
+
 def _fail(message: str, code: int = 1) -> None:
+    if len(message) > MAX_MESSAGE:
+        message = message[:MAX_MESSAGE] + f" … ({len(message) - MAX_MESSAGE:,} more characters)"
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # "[filter]" is text
     raise typer.Exit(code)
 
@@ -508,7 +538,7 @@ def generate(
     typer.echo(json.dumps(result, ensure_ascii=False) if as_json else result["text"])
 
 
-convert_app = typer.Typer(help="The released Qwen-VL <-> qvl checkpoints.", no_args_is_help=True)
+convert_app = _App(help="The released Qwen-VL <-> qvl checkpoints.", no_args_is_help=True)
 app.add_typer(convert_app, name="convert")
 
 
@@ -547,7 +577,7 @@ def convert_to(
                   f"{done['bytes'] / 1e9:.2f} GB -> {out}")
 
 
-eval_app = typer.Typer(help="Score a checkpoint the way the Qwen-VL paper did (RefCOCO, COCO captions, VQAv2 ...).",
+eval_app = _App(help="Score a checkpoint the way the Qwen-VL paper did (RefCOCO, COCO captions, VQAv2 ...).",
                        no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from qvl.errors import QvlError
 
-class DuplicateInput(ValueError):
+
+class DuplicateInput(QvlError):
     pass
 
 

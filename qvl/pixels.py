@@ -11,16 +11,14 @@ import warnings
 
 from PIL import Image
 
+from qvl.errors import RecordError
+
 # What a 448-px model can use many times over; larger images are refused, not decoded.
 MAX_PIXELS = 64_000_000
 
 
-class BadImage(ValueError):
+class BadImage(RecordError):
     """The bytes are not a usable image; ``reason`` is ``too_many_pixels`` or ``corrupt_image``."""
-
-    def __init__(self, message: str, reason: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 def decoded_size(data: bytes, max_pixels: int = MAX_PIXELS, inspect=None):

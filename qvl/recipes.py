@@ -20,14 +20,16 @@ from typing import Any, TypeVar
 
 import yaml
 
+from qvl.errors import QvlError
+
 T = TypeVar("T")
 
 
-class RecipeError(ValueError):
+class RecipeError(QvlError):
     pass
 
 
-class SettingError(ValueError):
+class SettingError(QvlError):
     """One setting is out of range: ``key`` names it, the message says what is allowed."""
 
     def __init__(self, key: str, message: str):

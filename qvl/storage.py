@@ -15,6 +15,8 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qvl.errors import QvlError
+
 
 def _tmp_path(path: Path) -> Path:
     return path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -108,7 +110,7 @@ class ParquetSink:
 MARKER = ".qvl"  # written into every output folder: what qvl may later resume, replace or delete
 
 
-class OutputError(ValueError):
+class OutputError(QvlError):
     """An output folder that cannot be used; the message names it and says why."""
 
 

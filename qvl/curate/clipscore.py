@@ -27,10 +27,11 @@ from PIL import Image
 
 from qvl import storage
 from qvl.curate import download as dl
+from qvl.errors import QvlError
 from qvl.progress import progress_bar
 
 
-class ClipScoreError(ValueError):
+class ClipScoreError(QvlError):
     pass
 
 

@@ -36,6 +36,7 @@ import polars as pl
 from qvl import pixels, storage
 from qvl.curate import fetch, netcheck
 from qvl.curate import report as report_mod
+from qvl.errors import QvlError
 from qvl.lifeline import PARENT_ENV
 from qvl.progress import progress_bar
 from qvl.recipes import require
@@ -48,7 +49,7 @@ CHECKS = {"key": pl.String, "image_width": pl.Int64, "image_height": pl.Int64, "
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
-class DownloadError(ValueError):
+class DownloadError(QvlError):
     """A whole input or output folder cannot be used; the message names it."""
 
 

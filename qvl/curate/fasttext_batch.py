@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from qvl.errors import QvlError
+
 MAGIC = 793712314
 EOS = "</s>"
 LABEL = "__label__"
@@ -37,7 +39,7 @@ LEARN_CHUNK = 20_000  # new tokens hashed at once (~20 MB of n-gram rows)
 CACHE_LIMIT = 500_000  # distinct tokens kept (~100 MB with lid.176's 16-wide rows); then it starts again
 
 
-class Unsupported(ValueError):
+class Unsupported(QvlError):
     """A fastText file this reader does not run; fastText's own predict does."""
 
 

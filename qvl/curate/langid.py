@@ -31,6 +31,7 @@ import polars as pl
 
 from qvl.curate.fasttext_batch import BatchModel, Unsupported
 from qvl.curate.settings import FilterSettings
+from qvl.errors import QvlError
 
 KANA = r"[\p{Hiragana}\p{Katakana}\x{31F0}-\x{31FF}\x{FF66}-\x{FF9F}]"
 HANGUL = r"\p{Hangul}"
@@ -39,7 +40,7 @@ HAN = r"\p{Han}"
 CONTROL_TOKENS = r"(?:^|[ \n\r\t\v\f\x00])(?:</s>(?:$|[ \n\r\t\v\f\x00])|__label__)"
 
 
-class LangModelError(RuntimeError):
+class LangModelError(QvlError, RuntimeError):
     pass
 
 

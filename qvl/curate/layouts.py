@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qvl.errors import QvlError
+
 SCORES = ("clip_score", "nsfw", "watermark", "aesthetic")  # numbers a layout may carry with each pair
 NUMBERS = ("width", "height", *SCORES)
 CANONICAL = ("url", "text", *NUMBERS)
@@ -66,7 +68,7 @@ LAYOUTS: tuple[Layout, ...] = (
 GENERIC = Layout("pairs", {c: c for c in CANONICAL})
 
 
-class LayoutError(ValueError):
+class LayoutError(QvlError):
     pass
 
 

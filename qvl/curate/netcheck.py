@@ -32,6 +32,8 @@ from typing import Callable
 
 import polars as pl
 
+from qvl.errors import QvlError
+
 LOCAL_SUFFIXES = (".localhost", ".local", ".internal", ".home.arpa", ".lan", ".intranet")
 RESOLVE_TIMEOUT_S = 10.0
 REFUSED = "refused by qvl's address screen"
@@ -40,7 +42,8 @@ _V4_IN_V6 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b
              ipaddress.ip_network("::/96"))
 
 
-class Refused(OSError):
+
+class Refused(QvlError, OSError):
     """A connection the screen does not allow; the message says why."""
 
 

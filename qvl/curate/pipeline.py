@@ -25,18 +25,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qvl import __version__, storage
-from qvl.inputs import DuplicateInput, input_names
 from qvl.curate import balance, dedup, engines, langid, readers, rethreshold, rules
 from qvl.curate import stats as st
 from qvl.curate.readers import Shard
 from qvl.curate.settings import FilterSettings, RunSettings
+from qvl.errors import QvlError
+from qvl.inputs import DuplicateInput, input_names
 from qvl.schemas import CURATED_PAIR, REJECTED_PAIR
 
 INTERNAL = {"_seq", "_part", "_input_error", "_lang_fasttext", "_non_finite"}
 INTERNAL_PREFIXES = ("_fail_", "_changed_")
 
 
-class RunStateError(RuntimeError):
+class RunStateError(QvlError, RuntimeError):
     pass
 
 

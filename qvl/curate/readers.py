@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from qvl.curate import layouts
 from qvl.curate.layouts import Layout, LayoutError
+from qvl.errors import QvlError
 from qvl.schemas import SchemaError, check_columns
 
 SUFFIXES = {
@@ -40,7 +41,7 @@ SUFFIXES = {
 SEQ_ROW_BITS = 40  # _seq = shard index << 40 | row: 1T rows per shard, 8M shards
 
 
-class InputError(ValueError):
+class InputError(QvlError):
     """A whole input file cannot be read; the message names the file and the problem."""
 
 

@@ -28,6 +28,7 @@ from qvl import storage
 from qvl.curate import langid, layouts, rules
 from qvl.curate.readers import SEQ_ROW_BITS, Shard
 from qvl.curate.settings import FilterSettings
+from qvl.errors import QvlError
 
 SCORE_SETTINGS = {f"{score}_{kind}" for score in ("nsfw", "watermark", "aesthetic")
                   for kind in ("thresholds", "threshold_default")}
@@ -40,7 +41,7 @@ TEXT_RULES = ("missing_url", "dataset_tag", "empty_text", "emoji", "non_en_zh_ch
 FORMAT = "qvl-run"  # Shard.format of a previous run's output file
 
 
-class LedgerError(ValueError):
+class LedgerError(QvlError):
     pass
 
 

@@ -14,9 +14,10 @@ import polars as pl
 
 from qvl import storage
 from qvl.curate import download, rules
+from qvl.errors import QvlError
 
 
-class WhyError(ValueError):
+class WhyError(QvlError):
     pass
 
 

@@ -19,8 +19,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qvl.errors import QvlError
 
-class EvalDataError(ValueError):
+
+class EvalDataError(QvlError):
     pass
 
 

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import math
 
+from qvl.errors import RecordError
+
 BOX_FORMATS = ("xyxy", "xywh", "norm")
 SCALE = 1000
 
 
-class AnnotationError(ValueError):
-    """One sample is wrong: it goes to the rejects with ``reason`` (a short name to count
-    by) and the message (what exactly is wrong)."""
-
-    def __init__(self, message: str, reason: str = "bad_sample"):
-        super().__init__(message)
-        self.reason = reason
+# One sample is wrong: it goes to the rejects with ``reason`` and the message. The name
+# formats/ has always used for qvl's RecordError.
+AnnotationError = RecordError
 
 
 def is_number(value) -> bool:

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qvl import __version__, pixels
+from qvl.errors import QvlError
 from qvl.formats import chatml, families, multitask
 from qvl.formats.boxes import AnnotationError
 from qvl.formats.families import MODELS
@@ -56,7 +57,7 @@ class FormatSettings:
         require(self.model in MODELS, "model", f"{self.model!r}: use {', '.join(MODELS)}")
 
 
-class FormatInputError(ValueError):
+class FormatInputError(QvlError):
     """A whole input file cannot be read; the message names it."""
 
 

@@ -22,6 +22,8 @@ from array import array
 from functools import lru_cache
 from pathlib import Path
 
+from qvl.errors import QvlError
+
 IMG_START, IMG_END, IMG_PAD = "<img>", "</img>", "<imgpad>"
 CONTROL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 EXTRAS = tuple(f"<|extra_{i}|>" for i in range(205))
@@ -38,7 +40,7 @@ QWEN_PATTERN = (
 _TAG_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in TAGS) + ")")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(QvlError):
     pass
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.types as pat
 
+from qvl.errors import QvlError
 
-class SchemaError(ValueError):
+
+class SchemaError(QvlError):
     """A table does not have the columns or types a room needs; the message says where."""
 
 

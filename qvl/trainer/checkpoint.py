@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from qvl.errors import QvlError
 from qvl.trainer.model import ModelConfig, QwenVL, load_preset
 
 
-class CheckpointError(ValueError):
+class CheckpointError(QvlError):
     pass
 
 

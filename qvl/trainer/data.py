@@ -13,13 +13,14 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
+from qvl.errors import QvlError
 from qvl.schemas.samples import IGNORE_INDEX
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class DataError(ValueError):
+class DataError(QvlError):
     pass
 
 

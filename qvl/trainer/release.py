@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 import torch
 
 from qvl import storage
+from qvl.errors import QvlError
 from qvl.trainer.model import ModelConfig, QwenVL
 
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -37,7 +38,7 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
           "fp32": torch.float32, "float32": torch.float32}
 
 
-class ConvertError(ValueError):
+class ConvertError(QvlError):
     pass
 
 

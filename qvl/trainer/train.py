@@ -28,13 +28,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from qvl import storage
+from qvl.errors import QvlError
 from qvl.formats.tokenizers import IMG_PAD, load_tokenizer
 from qvl.progress import progress_bar
 from qvl.recipes import coerce
 from qvl.schemas.samples import IGNORE_INDEX
 from qvl.trainer import parallel
-from qvl.trainer.data import Loader, Shards
 from qvl.trainer.checkpoint import read_preset
+from qvl.trainer.data import Loader, Shards
 from qvl.trainer.model import QwenVL, load_preset
 from qvl.trainer.stages import STAGES, Stage
 
@@ -102,7 +103,7 @@ def param_groups(model: QwenVL, stage: Stage) -> list[dict]:
     return list(groups.values())
 
 
-class RunError(ValueError):
+class RunError(QvlError):
     """A run folder that cannot be used as asked; the message says what to do instead."""
 
 

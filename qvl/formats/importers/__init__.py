@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from qvl.errors import QvlError
 from qvl.formats.boxes import AnnotationError
 
 Yield = Iterator[tuple[str, int, "dict | AnnotationError"]]
 
 
-class LayoutFileError(ValueError):
+class LayoutFileError(QvlError):
     """A whole published file cannot be read as its layout says; the message names it."""
 
 
@@ -42,8 +43,17 @@ class Importer:
 
 
 def registry() -> dict[str, Importer]:
-    from qvl.formats.importers import (coco_captions, gqa, grit, llava_pretrain, refcoco, textocr, textvqa, vqav2,
-                                       visual_genome)
+    from qvl.formats.importers import (
+        coco_captions,
+        gqa,
+        grit,
+        llava_pretrain,
+        refcoco,
+        textocr,
+        textvqa,
+        visual_genome,
+        vqav2,
+    )
 
     return {m.IMPORTER.name: m.IMPORTER for m in (coco_captions, vqav2, gqa, textvqa, refcoco, visual_genome, grit,
                                                    textocr, llava_pretrain)}

@@ -1,0 +1,97 @@
+"""Decoding at the boundary: every input record becomes a typed structure here, or a
+``RecordError`` naming the field and what is wrong with it.
+
+Records are ``msgspec`` structs: strict types (``"12"`` is not a number, ``true`` is not a
+count, a list is not a string), bounded numbers (no NaN, no infinity, no 10^400), text that
+is valid Unicode (a lone surrogate is ``bad_text``), and lists of bounded length. Nothing
+downstream of a boundary sees raw JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+
+from qvl.errors import QvlError, RecordError
+
+T = TypeVar("T")
+
+# Limits that no real record comes near; each keeps a hostile one from costing time or memory.
+MAX_COORD = 1e7  # pixels: 10M px is beyond any real image side
+MAX_SIDE = 1 << 20  # an image side in pixels
+MAX_ID = (1 << 63) - 1  # integer ids (COCO, VQAv2 question ids) fit in 64 bits
+MAX_ITEMS = 100_000  # boxes, regions, turns, lines in one record
+
+Coord = Annotated[float, msgspec.Meta(ge=-MAX_COORD, le=MAX_COORD)]
+Side = Annotated[float, msgspec.Meta(gt=0, le=MAX_SIDE)]
+IntSide = Annotated[int, msgspec.Meta(ge=1, le=MAX_SIDE)]
+Id = Annotated[int, msgspec.Meta(ge=-MAX_ID, le=MAX_ID)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
+Finite = Annotated[float, msgspec.Meta(ge=-1e300, le=1e300)]  # any real number, never NaN or infinity
+
+
+def _check_text(value: Any, where: str) -> None:
+    """Every string inside ``value`` is valid Unicode (no lone surrogate from a ``\\ud800`` escape)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RecordError(f"{where}: text is not valid Unicode (a lone surrogate at character {e.start})",
+                              "bad_text") from None
+    elif isinstance(value, msgspec.Struct):
+        for name in value.__struct_fields__:
+            _check_text(getattr(value, name), f"{where}.{name}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, where)
+            _check_text(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_text(item, f"{where}[{i}]")
+
+
+def convert(obj: Any, type_: type[T], reason: str = "bad_field") -> T:
+    """``obj`` (decoded JSON, a parquet row, a TOML table) as ``type_``, or a RecordError whose
+    message names the field (``$.boxes[2]``) and what was expected."""
+    try:
+        value = msgspec.convert(obj, type_, strict=True)
+    except msgspec.ValidationError as e:
+        raise RecordError(str(e), reason) from None
+    _check_text(value, "$")
+    return value
+
+
+def decode_json(data: bytes | str, type_: Any = Any, reason: str = "malformed_json") -> Any:
+    """One JSON document (a JSONL line) as ``type_``. Invalid JSON, NaN/Infinity literals and
+    lone surrogates are ``reason``; a value of the wrong type is ``bad_field``."""
+    try:
+        return msgspec.json.decode(data, type=type_, strict=True)
+    except msgspec.ValidationError as e:
+        raise RecordError(str(e), "bad_field") from None
+    except msgspec.DecodeError as e:
+        message = str(e)
+        if "truncated" in message or "surrogate" in message:
+            if _has_lone_surrogate_escape(data):
+                raise RecordError("text is not valid Unicode (a lone surrogate escape such as \\ud800)",
+                                  "bad_text") from None
+        raise RecordError(f"not valid JSON: {message}", reason) from None
+
+
+def _has_lone_surrogate_escape(data: bytes | str) -> bool:
+    import json
+
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return False
+    try:
+        _check_text(value, "$")
+    except RecordError:
+        return True
+    return False
+
+
+def file_error(path: Any, problem: str) -> QvlError:
+    """A whole file qvl cannot read, named."""
+    return QvlError(f"{path}: {problem}")
