@@ -160,3 +160,141 @@ def test_overwrite_only_replaces_a_qvl_output_and_stale_temp_folders_go(tmp_path
     assert result.exit_code == 0 and not stale.exists() and mine.exists()
     again = cli("multitask", "-i", str(src), "--images", str(images), "--out", str(tmp_path / "out"), "--overwrite")
     assert again.exit_code == 0, again.output
+
+
+# --- published layouts (`--from`): one bad record is a reject naming the file and the record ---
+
+GOOD_COCO = {"id": 1, "file_name": "red.png"}
+
+
+def _grit(tmp_path: Path, start: float) -> Path:
+    import pyarrow as pa
+
+    chunk = pa.list_(pa.float64())
+    path = tmp_path / "grit-00000.parquet"
+    pq.write_table(pa.table({
+        "key": ["0", "1"], "url": ["https://grit.example/0.jpg"] * 2, "caption": ["a dog"] * 2, "width": [64] * 2,
+        "height": [48] * 2,
+        "noun_chunks": pa.array([[[0, 5, 0.1, 0.1, 0.5, 0.5, 0.9]], [[start, 5, 0.1, 0.1, 0.5, 0.5, 0.9]]],
+                                pa.list_(chunk))}), path)
+    return path
+
+
+def _refs(refs: list) -> bytes:
+    import pickle
+
+    return pickle.dumps(refs, protocol=2)
+
+
+REF = {"ref_id": 0, "ann_id": 7, "image_id": 1, "split": "train", "sentences": [{"sent": "the red square", "sent_id": 0}]}
+INSTANCES = {"images": [{"id": 1, "file_name": "red.png", "width": 64, "height": 48}],
+             "annotations": [{"id": 7, "image_id": 1, "bbox": [1, 2, 30, 40]}]}
+VG_IMAGES = [{"image_id": 1, "url": "https://vg.example/VG_100K/1.jpg", "width": 64, "height": 48}]
+VG_REGION = {"region_id": 1, "image_id": 1, "phrase": "a red square", "x": 1, "y": 2, "width": 30, "height": 40}
+TEXTOCR_IMGS = {"a": {"id": "a", "file_name": "red.png", "width": 64, "height": 48},
+                "b": {"id": "b", "file_name": "red.png", "width": 64, "height": 48}}
+WORD = {"image_id": "a", "utf8_string": "STOP", "points": [1, 1, 30, 1, 30, 20, 1, 20]}
+LLAVA_GOOD = {"id": "0", "image": "red.png", "conversations": [{"from": "human", "value": "<image>"},
+                                                                {"from": "gpt", "value": "a red square"}]}
+
+# layout, {file name: content}, the reject expected: (file name, index, reason, words in its detail)
+IMPORTER_CASES = {
+    "coco list id": ("coco-captions", {"captions.json": {
+        "images": [GOOD_COCO, {"id": [2], "file_name": "red.png"}],
+        "annotations": [{"id": 1, "image_id": 1, "caption": "a red square"},
+                        {"id": [5], "image_id": 1, "caption": "x"}]}}, ("captions.json", 1, "bad_field", "$.id")),
+    "coco list image_id": ("coco-captions", {"captions.json": {
+        "images": [GOOD_COCO], "annotations": [{"id": 1, "image_id": 1, "caption": "a red square"},
+                                               {"id": 2, "image_id": [1], "caption": "x"}]}},
+                           ("captions.json", 1, "bad_field", "$.image_id")),
+    "coco no id pairs with no image_id": ("coco-captions", {"captions.json": {
+        "images": [GOOD_COCO, {"file_name": "red.png"}],
+        "annotations": [{"id": 1, "image_id": 1, "caption": "a red square"}, {"id": 2, "caption": "unpaired"}]}},
+                                          ("captions.json", 1, "bad_field", "image_id")),
+    "vqav2 list question_id": ("vqav2", {
+        "q.json": {"data_subtype": "val2014", "questions": [
+            {"question_id": 1, "image_id": 1, "question": "What colour?"},
+            {"question_id": [2], "image_id": 1, "question": "What?"}]},
+        "a.json": {"annotations": [{"question_id": 1, "multiple_choice_answer": "red"}]}},
+                               ("q.json", 1, "bad_field", "$.question_id")),
+    "vqav2 missing question_id": ("vqav2", {
+        "q.json": {"data_subtype": "val2014", "questions": [
+            {"question_id": 1, "image_id": 1, "question": "What colour?"}, {"image_id": 1, "question": "What?"}]},
+        "a.json": {"annotations": [{"question_id": 1, "multiple_choice_answer": "red"},
+                                   {"multiple_choice_answer": "blue"}]}},
+                                  ("q.json", 1, "bad_field", "question_id")),
+    "refcoco list image_id": ("refcoco", {"refs(unc).p": _refs([REF, {**REF, "ref_id": 1, "image_id": [1]}]),
+                                          "instances.json": INSTANCES},
+                              ("refs(unc).p", 1, "bad_field", "$.image_id")),
+    "refcoco image without file_name": ("refcoco", {
+        "refs(unc).p": _refs([REF, {**REF, "ref_id": 1, "image_id": 2}]),
+        "instances.json": {**INSTANCES, "images": INSTANCES["images"] + [{"id": 2, "width": 64, "height": 48}]}},
+                                        ("refs(unc).p", 1, "bad_field", "file_name")),
+    "vg list image_id": ("visual-genome", {
+        "region_descriptions.json": [{"id": 1, "regions": [VG_REGION, {**VG_REGION, "image_id": [1]}]}],
+        "image_data.json": VG_IMAGES}, ("region_descriptions.json", 2, "bad_field", "$.image_id")),
+    "vg regions 5": ("visual-genome", {
+        "region_descriptions.json": [{"id": 1, "regions": [VG_REGION]}, {"id": 1, "regions": 5}],
+        "image_data.json": VG_IMAGES}, ("region_descriptions.json", 2, "bad_field", "$.regions")),
+    "vg url without slash": ("visual-genome", {
+        "region_descriptions.json": [{"id": 1, "regions": [VG_REGION]}, {"id": 2, "regions": [
+            {**VG_REGION, "image_id": 2}]}],
+        "image_data.json": VG_IMAGES + [{"image_id": 2, "url": "nourl", "width": 64, "height": 48}]},
+                             ("region_descriptions.json", 2, "bad_field", "url")),
+    "textocr string in a polygon": ("textocr", {"TextOCR_0.1_train.json": {
+        "imgs": TEXTOCR_IMGS, "anns": {"a_1": WORD, "b_1": {**WORD, "points": [1, 1, "30", 1, 30, 20, 1, 20]}},
+        "imgToAnns": {"a": ["a_1"], "b": ["b_1"]}}}, ("TextOCR_0.1_train.json", 1, "bad_field", "points")),
+    "textocr int for the annotation list": ("textocr", {"TextOCR_0.1_train.json": {
+        "imgs": TEXTOCR_IMGS, "anns": {"a_1": WORD}, "imgToAnns": {"a": ["a_1"], "b": 5}}},
+                                            ("TextOCR_0.1_train.json", 1, "bad_field", "imgToAnns")),
+    "llava conversations 5": ("llava-pretrain", {"blip.json": [LLAVA_GOOD, {"id": "1", "image": "red.png",
+                                                                           "conversations": 5}]},
+                              ("blip.json", 1, "bad_field", "$.conversations")),
+}
+
+
+def _write_published(tmp_path: Path, files: dict) -> list[Path]:
+    paths = []
+    for name, content in files.items():
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
+        paths.append(path)
+    return paths
+
+
+def _from(layout: str, paths: list[Path], images: Path, out: Path):
+    return cli("multitask", "--from", layout, *map(str, paths), "--images", str(images), "--out", str(out),
+               "--tokenizer", "bytes", "--image-tokens", "4")
+
+
+def _kept_and_rejected(out: Path, expected: tuple) -> None:
+    manifest = json.loads((out / "manifest.json").read_text())
+    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    assert manifest["samples"] >= 1 and manifest["records"] == manifest["samples"] + manifest["rejected"]
+    name, index, reason, words = expected
+    bad = [r for r in rejects if Path(r["file"]).name == name and r["line"] == index]
+    assert bad and bad[0]["reason"] == reason and words in bad[0]["detail"], rejects
+
+
+@pytest.mark.parametrize("case", list(IMPORTER_CASES))
+def test_a_bad_published_record_is_a_reject_naming_it(tmp_path, images, case):
+    layout, files, expected = IMPORTER_CASES[case]
+    result = _from(layout, _write_published(tmp_path, files), images, tmp_path / "out")
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    _kept_and_rejected(tmp_path / "out", expected)
+
+
+def test_grit_chunk_start_inf_is_a_reject(tmp_path, images):
+    result = _from("grit", [_grit(tmp_path, float("inf"))], images, tmp_path / "out")
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    rejects = pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()
+    assert [(r["line"], r["reason"]) for r in rejects if "noun_chunks" in r["detail"]] == [(1, "bad_field")], rejects
+
+
+def test_vqav2_truncated_annotations_is_one_error_naming_the_file(tmp_path, images):
+    q, a = _write_published(tmp_path, {
+        "q.json": {"data_subtype": "val2014", "questions": [{"question_id": 1, "image_id": 1, "question": "What?"}]},
+        "a.json": {"annotations": [{"question_id": 1, "multiple_choice_answer": "red"}] * 50}})
+    a.write_bytes(a.read_bytes()[:-300])
+    message = one_line_error(_from("vqav2", [q, a], images, tmp_path / "out"))
+    assert f"{a}: " in message and "truncated" in message
