@@ -279,6 +279,9 @@ def _kept_and_rejected(out: Path, expected: tuple) -> None:
 @pytest.mark.parametrize("case", list(IMPORTER_CASES))
 def test_a_bad_published_record_is_a_reject_naming_it(tmp_path, images, case):
     layout, files, expected = IMPORTER_CASES[case]
+    for name in ("COCO_val2014_000000000001.jpg", "VG_100K/1.jpg"):  # the images vqav2 and VG name
+        (images / name).parent.mkdir(exist_ok=True)
+        (images / name).write_bytes((images / "red.png").read_bytes())
     result = _from(layout, _write_published(tmp_path, files), images, tmp_path / "out")
     assert result.exit_code == 0 and "Traceback" not in result.output, result.output
     _kept_and_rejected(tmp_path / "out", expected)

@@ -8,18 +8,24 @@ RefCOCO and Visual Genome ``xywh`` pixels, GRIT normalised ``xyxy``, TextOCR pol
 
 An importer yields ``(file, index, record)``: the place of the record in the published files
 (a reject names it), and the record — or an ``AnnotationError`` for a record that cannot
-become one, so that one bad record is a reject and never the file.
+become one, so that one bad record is a reject and never the file. Each published record is
+decoded into the importer's typed ``msgspec`` structs (``decode``) before anything reads it:
+a wrong type, a non-finite or huge number, a lone surrogate or a missing key is a reject
+naming the record and the field. Keys the importer does not read are ignored (published files
+carry many). A file that is not JSON, or ends early, is one ``LayoutFileError`` naming it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
-from qvl.errors import QvlError
+from qvl.boundary import convert
+from qvl.errors import QvlError, RecordError
 from qvl.formats.boxes import AnnotationError
 
+T = TypeVar("T")
 Yield = Iterator[tuple[str, int, "dict | AnnotationError"]]
 
 
@@ -87,13 +93,38 @@ def load_json(path: Path):
     try:
         with open(path, "rb") as f:
             return json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise LayoutFileError(f"{path}: not a readable JSON file ({str(e)[:200]})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise LayoutFileError(f"{path}: not a readable JSON file ({str(e)[:200] or type(e).__name__})") from None
 
 
-def need(record, name: str, kind, what: str):
-    """``record[name]`` when it is a ``kind``, else an AnnotationError saying which field."""
-    value = record.get(name) if isinstance(record, dict) else None
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise AnnotationError(f"{what}: missing or bad {name!r} ({value!r:.80})")
-    return value
+def stream_error(path, error: Exception) -> LayoutFileError:
+    """A streamed file (ijson) that stops being JSON: named, with where it stopped."""
+    message = " ".join(str(error).split())[:200]
+    if "premature EOF" in message or "Incomplete JSON" in message:
+        message = f"truncated: the file ends inside a JSON value ({message})"
+    return LayoutFileError(f"{path}: not readable JSON ({message})")
+
+
+def decode(value, type_: type[T], what: str) -> T:
+    """``value`` as ``type_`` (a msgspec struct), or an AnnotationError naming ``what`` and the field."""
+    try:
+        return convert(value, type_)
+    except RecordError as e:
+        raise AnnotationError(f"{what}: {e}", e.reason) from None
+
+
+def keyed(entries, type_: type[T], key: Callable[[T], object], what: str, ids: tuple[str, ...] = ("id",)) -> dict:
+    """``key(entry) -> entry`` for the entries that decode as ``type_``. An entry that does not,
+    but whose id (``ids``) can be read, maps to its AnnotationError: the records that point at it
+    are rejected saying why, not merely "not found"."""
+    found: dict = {}
+    for entry in entries:
+        ident = next((entry[n] for n in ids if entry.get(n) is not None), None) if isinstance(entry, dict) else None
+        try:
+            item = decode(entry, type_, f"{what} {ident!r:.40}")
+        except AnnotationError as e:
+            if isinstance(ident, (int, str)) and not isinstance(ident, bool):
+                found.setdefault(ident, e)
+            continue
+        found.setdefault(key(item), item)
+    return found

@@ -11,7 +11,8 @@ annotation's COCO ``bbox``: ``xywh`` pixels, checked against the image's width a
 
 The pickle is read by a restricted unpickler that admits only plain containers, strings and
 numbers: a pickle that asks for any class or function is an error naming the file — a
-downloaded pickle is never ``pickle.load``-ed.
+downloaded pickle is never ``pickle.load``-ed. Refs of other splits are passed over; every ref
+of the split (or whose split cannot be read) is a sample or a reject.
 """
 
 from __future__ import annotations
@@ -20,8 +21,38 @@ import io
 import pickle
 from pathlib import Path
 
+from typing import Annotated
+
+import msgspec
+
+from qvl.boundary import MAX_ITEMS, Coord, Id, IntSide
 from qvl.formats.boxes import AnnotationError
-from qvl.formats.importers import Importer, LayoutFileError, Options, Yield, load_json
+from qvl.formats.importers import Importer, LayoutFileError, Options, Yield, decode, keyed, load_json
+
+
+class Sentence(msgspec.Struct):
+    sent: str
+    sent_id: Id | None = None
+
+
+class Ref(msgspec.Struct):
+    image_id: Id
+    ann_id: Id
+    sentences: Annotated[list[Sentence], msgspec.Meta(min_length=1, max_length=MAX_ITEMS)]
+    ref_id: Id | None = None
+
+
+class Image(msgspec.Struct):
+    id: Id
+    file_name: str
+    width: IntSide
+    height: IntSide
+
+
+class Instance(msgspec.Struct):
+    id: Id
+    bbox: Annotated[list[Coord], msgspec.Meta(min_length=4, max_length=4)]
+
 
 class PlainUnpickler(pickle.Unpickler):
     """Containers, strings and numbers only; anything that names a global is refused."""
@@ -47,42 +78,41 @@ def read(files: list[Path], opts: Options) -> Yield:
         raise LayoutFileError("--from refcoco takes one refs(*).p and one instances.json")
     refs = load_refs(pickles[0])
     coco = load_json(instances[0])
-    try:
-        images = {img["id"]: img for img in coco["images"]}
-        boxes = {ann["id"]: ann["bbox"] for ann in coco["annotations"]}
-    except (KeyError, TypeError) as e:
-        raise LayoutFileError(f"{instances[0]}: not a COCO instances file ({e})") from None
+    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list) \
+            or not isinstance(coco.get("annotations"), list):
+        raise LayoutFileError(f"{instances[0]}: not a COCO instances file (no 'images' and 'annotations' lists)")
+    images = keyed(coco["images"], Image, lambda img: img.id, f"image in {instances[0].name}")
+    boxes = keyed(coco["annotations"], Instance, lambda ann: ann.id, f"annotation in {instances[0].name}")
     split = opts.split or "train"
     where = str(pickles[0])
-    for i, ref in enumerate(refs):
-        if not isinstance(ref, dict) or ref.get("split") != split:
-            continue
+    for i, raw in enumerate(refs):
+        if isinstance(raw, dict) and isinstance(raw.get("split"), str) and raw["split"] != split:
+            continue  # another split's
         try:
-            image = images.get(ref.get("image_id"))
-            box = boxes.get(ref.get("ann_id"))
+            ref = decode(raw, Ref, f"ref {i}")
+            image, box = images.get(ref.image_id), boxes.get(ref.ann_id)
+            for found in (image, box):
+                if isinstance(found, AnnotationError):
+                    raise AnnotationError(f"ref {ref.ref_id}: {found}", found.reason)
             if image is None or box is None:
-                raise AnnotationError(f"ref {ref.get('ref_id')}: image {ref.get('image_id')} or annotation "
-                                      f"{ref.get('ann_id')} not in {instances[0].name}", "missing_image")
-            sentences = ref.get("sentences")
-            if not isinstance(sentences, list) or not sentences:
-                raise AnnotationError(f"ref {ref.get('ref_id')}: no sentences")
+                raise AnnotationError(f"ref {ref.ref_id}: image {ref.image_id} or annotation {ref.ann_id} not in "
+                                      f"{instances[0].name}", "missing_image")
         except AnnotationError as e:
             yield where, i, e
             continue
-        common = {"image": image["file_name"], "width": image["width"], "height": image["height"], "box": box,
+        common = {"image": image.file_name, "width": image.width, "height": image.height, "box": box.bbox,
                   "box_format": "xywh", "source": "refcoco"}
-        for k, sentence in enumerate(sentences):
-            text = sentence.get("sent") if isinstance(sentence, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                yield where, i, AnnotationError(f"ref {ref.get('ref_id')} sentence {k}: no text")
+        for k, sentence in enumerate(ref.sentences):
+            if not sentence.sent.strip():
+                yield where, i, AnnotationError(f"ref {ref.ref_id} sentence {k}: no text")
                 continue
-            sid = sentence.get("sent_id", k)
+            sid = sentence.sent_id if sentence.sent_id is not None else k
             if "ref_grounding" in opts.tasks:
-                yield where, i, {"task": "ref_grounding", "id": f"refcoco:{ref.get('ref_id')}:{sid}", "ref": text,
+                yield where, i, {"task": "ref_grounding", "id": f"refcoco:{ref.ref_id}:{sid}", "ref": sentence.sent,
                                  **common}
             if "grounded_caption" in opts.tasks:
-                yield where, i, {"task": "grounded_caption", "id": f"refcoco:{ref.get('ref_id')}:{sid}:caption",
-                                 "caption": text, **common}
+                yield where, i, {"task": "grounded_caption", "id": f"refcoco:{ref.ref_id}:{sid}:caption",
+                                 "caption": sentence.sent, **common}
 
 
 IMPORTER = Importer("refcoco", ("ref_grounding", "grounded_caption"), read, "refs(*).p + instances.json")

@@ -10,10 +10,27 @@ streamed (ijson), and only question id -> answer is kept.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import msgspec
+
+from qvl.boundary import Count, Id
 from qvl.formats.boxes import AnnotationError
-from qvl.formats.importers import Importer, LayoutFileError, Options, Yield
+from qvl.formats.importers import Importer, LayoutFileError, Options, Yield, decode, stream_error
+
+SUBTYPE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # train2014, val2014, test-dev2015: part of every image's name
+
+
+class Question(msgspec.Struct):
+    question_id: Id
+    image_id: Count
+    question: str
+
+
+class Answer(msgspec.Struct):
+    question_id: Id
+    multiple_choice_answer: str
 
 
 def _kind(path: Path) -> str | None:
@@ -21,11 +38,36 @@ def _kind(path: Path) -> str | None:
     array it names, so only the head of the file is read)."""
     import ijson
 
-    with open(path, "rb") as f:
-        for prefix, event, value in ijson.parse(f):
-            if prefix == "" and event == "map_key" and value in ("questions", "annotations"):
-                return value
+    try:
+        with open(path, "rb") as f:
+            for prefix, event, value in ijson.parse(f):
+                if prefix == "" and event == "map_key" and value in ("questions", "annotations"):
+                    return value
+    except ijson.JSONError as e:
+        raise stream_error(path, e) from None
     return None
+
+
+def _answers(path: Path) -> dict:
+    """question id -> its answer, or the AnnotationError of its annotation (its question is then
+    rejected saying why)."""
+    import ijson
+
+    answers: dict = {}
+    try:
+        with open(path, "rb") as f:
+            for i, raw in enumerate(ijson.items(f, "annotations.item", use_float=True)):
+                try:
+                    ann = decode(raw, Answer, f"annotation {i} of {path}")
+                except AnnotationError as e:
+                    qid = raw.get("question_id") if isinstance(raw, dict) else None
+                    if isinstance(qid, int) and not isinstance(qid, bool):
+                        answers.setdefault(qid, e)
+                    continue
+                answers[ann.question_id] = ann.multiple_choice_answer
+    except ijson.JSONError as e:
+        raise stream_error(path, e) from None
+    return answers
 
 
 def read(files: list[Path], opts: Options) -> Yield:
@@ -33,35 +75,37 @@ def read(files: list[Path], opts: Options) -> Yield:
 
     if len(files) != 2:
         raise LayoutFileError("--from vqav2 takes one questions file and one annotations file")
-    try:
-        kinds = {path: _kind(path) for path in files}
-    except ijson.JSONError as e:
-        raise LayoutFileError(f"--from vqav2: not JSON ({e})") from None
+    kinds = {path: _kind(path) for path in files}
     answers_path = next((p for p, k in kinds.items() if k == "annotations"), None)
     questions_path = next((p for p, k in kinds.items() if k == "questions"), None)
     if answers_path is None or questions_path is None:
         raise LayoutFileError(f"--from vqav2: need a file with 'questions' and one with 'annotations' "
                               f"(got {', '.join(map(str, files))})")
-    answers = {}
-    with open(answers_path, "rb") as f:
-        for ann in ijson.items(f, "annotations.item", use_float=True):
-            if isinstance(ann, dict) and isinstance(ann.get("multiple_choice_answer"), str):
-                answers[ann.get("question_id")] = ann["multiple_choice_answer"]
-    with open(questions_path, "rb") as f:
-        subtype = next((v for p, e, v in ijson.parse(f) if p == "data_subtype" and e == "string"), "train2014")
-    with open(questions_path, "rb") as f:
-        for i, q in enumerate(ijson.items(f, "questions.item", use_float=True)):
-            if not isinstance(q, dict) or not isinstance(q.get("question"), str) or not isinstance(q.get("image_id"), int):
-                yield str(questions_path), i, AnnotationError(f"question {i}: needs question and image_id")
-                continue
-            answer = answers.get(q.get("question_id"))
-            if answer is None:
-                yield str(questions_path), i, AnnotationError(
-                    f"question {q.get('question_id')}: no annotation with multiple_choice_answer in {answers_path}")
-                continue
-            yield str(questions_path), i, {"task": "vqa", "id": f"vqav2:{q['question_id']}",
-                                           "image": f"COCO_{subtype}_{q['image_id']:012d}.jpg",
-                                           "question": q["question"], "answer": answer, "source": "vqav2"}
+    answers = _answers(answers_path)
+    where = str(questions_path)
+    try:
+        with open(questions_path, "rb") as f:
+            subtype = next((v for p, e, v in ijson.parse(f) if p == "data_subtype"), "train2014")
+        if not isinstance(subtype, str) or not SUBTYPE.fullmatch(subtype):
+            raise LayoutFileError(f"{where}: data_subtype {subtype!r:.80} is not a split name like val2014")
+        with open(questions_path, "rb") as f:
+            for i, raw in enumerate(ijson.items(f, "questions.item", use_float=True)):
+                try:
+                    q = decode(raw, Question, f"question {i}")
+                    answer = answers.get(q.question_id)
+                    if answer is None:
+                        raise AnnotationError(f"question {q.question_id}: no annotation with multiple_choice_answer "
+                                              f"in {answers_path}")
+                    if isinstance(answer, AnnotationError):
+                        raise AnnotationError(f"question {q.question_id}: {answer}", answer.reason)
+                except AnnotationError as e:
+                    yield where, i, e
+                    continue
+                yield where, i, {"task": "vqa", "id": f"vqav2:{q.question_id}",
+                                 "image": f"COCO_{subtype}_{q.image_id:012d}.jpg", "question": q.question,
+                                 "answer": answer, "source": "vqav2"}
+    except ijson.JSONError as e:
+        raise stream_error(questions_path, e) from None
 
 
 IMPORTER = Importer("vqav2", ("vqa",), read, "questions JSON + annotations JSON")
