@@ -4,15 +4,67 @@ Each region (``phrase``; ``x, y, width, height`` pixels: ``xywh``) gives a ``ref
 ``grounded_caption`` sample, checked against the image's width and height from
 ``image_data.json``. Images are where VG's ``url`` puts them: ``VG_100K/{id}.jpg`` or
 ``VG_100K_2/{id}.jpg`` under ``--images``. ``region_descriptions.json`` is ~700 MB: read as a
-stream (ijson, one image's regions at a time), memory flat.
+stream (ijson, one image's regions at a time), memory flat. Records are numbered by region
+(from 1); an image entry whose ``regions`` cannot be read is one record, rejected.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import msgspec
+
+from qvl.boundary import Coord, Id, IntSide
 from qvl.formats.boxes import AnnotationError
-from qvl.formats.importers import Importer, LayoutFileError, Options, Yield, load_json
+from qvl.formats.importers import Importer, LayoutFileError, Options, Yield, decode, keyed, load_json, stream_error
+
+
+class ImageData(msgspec.Struct):
+    url: str
+    width: IntSide
+    height: IntSide
+    image_id: Id | None = None
+    id: Id | None = None  # VG 1.0 and 1.4 say id
+
+    def path(self) -> str:
+        """``VG_100K_2/1.jpg``: the url's last two parts."""
+        parts = self.url.rstrip("/").split("/")
+        if len(parts) < 2 or not all(p.strip() and p not in (".", "..") for p in parts[-2:]):
+            raise AnnotationError(f"image {self.image_id}: url {self.url!r:.120} does not end in FOLDER/NAME",
+                                  "bad_field")
+        return "/".join(parts[-2:])
+
+
+class Region(msgspec.Struct):
+    phrase: str
+    x: Coord
+    y: Coord
+    width: Coord
+    height: Coord
+    region_id: Id | None = None
+    image_id: Id | None = None
+
+
+class ImageRegions(msgspec.Struct):
+    regions: list[Any]
+    id: Id | None = None
+    image_id: Id | None = None
+
+
+def _images(path: Path) -> dict:
+    entries = load_json(path)
+    if not isinstance(entries, list):
+        raise LayoutFileError(f"{path}: an image_data.json holds a list of images")
+    found = keyed(entries, ImageData, lambda img: img.image_id if img.image_id is not None else img.id, "image",
+                  ids=("image_id", "id"))
+    for key, image in list(found.items()):
+        if isinstance(image, ImageData):
+            try:
+                found[key] = (image.path(), image.width, image.height)
+            except AnnotationError as e:
+                found[key] = e
+    return found
 
 
 def read(files: list[Path], opts: Options) -> Yield:
@@ -22,38 +74,44 @@ def read(files: list[Path], opts: Options) -> Yield:
     meta = [p for p in files if p not in regions]
     if len(regions) != 1 or len(meta) != 1:
         raise LayoutFileError("--from visual-genome takes region_descriptions.json and image_data.json")
-    images = {}
-    for entry in load_json(meta[0]):
-        if isinstance(entry, dict) and isinstance(entry.get("url"), str):
-            folder, name = entry["url"].rstrip("/").split("/")[-2:]
-            images[entry.get("image_id", entry.get("id"))] = (f"{folder}/{name}", entry.get("width"),
-                                                              entry.get("height"))
+    images = _images(meta[0])
     where = str(regions[0])
     index = 0
     try:
         with open(regions[0], "rb") as f:
-            for image in ijson.items(f, "item", use_float=True):
-                image_id = image.get("id", image.get("image_id")) if isinstance(image, dict) else None
-                for region in (image.get("regions") or []) if isinstance(image, dict) else []:
+            for k, raw in enumerate(ijson.items(f, "item", use_float=True)):
+                try:
+                    entry = decode(raw, ImageRegions, f"image entry {k}")
+                except AnnotationError as e:
                     index += 1
-                    found = images.get(region.get("image_id", image_id)) if isinstance(region, dict) else None
-                    phrase = region.get("phrase") if isinstance(region, dict) else None
-                    if found is None or not isinstance(phrase, str) or not phrase.strip():
-                        yield where, index, AnnotationError(f"region {region.get('region_id') if isinstance(region, dict) else '?'}"
-                                                            ": no phrase, or its image is not in image_data.json")
+                    yield where, index, e
+                    continue
+                image_id = entry.id if entry.id is not None else entry.image_id
+                for n, raw_region in enumerate(entry.regions):
+                    index += 1
+                    try:
+                        region = decode(raw_region, Region, f"image entry {k} region {n}")
+                        found = images.get(region.image_id if region.image_id is not None else image_id)
+                        if isinstance(found, AnnotationError):
+                            raise AnnotationError(f"region {region.region_id}: {found}", found.reason)
+                        if found is None or not region.phrase.strip():
+                            raise AnnotationError(f"region {region.region_id}: no phrase, or its image is not in "
+                                                  "image_data.json")
+                    except AnnotationError as e:
+                        yield where, index, e
                         continue
                     name, width, height = found
                     common = {"image": name, "width": width, "height": height, "box_format": "xywh",
-                              "box": [region.get(k) for k in ("x", "y", "width", "height")], "source": "visual-genome"}
-                    rid = region.get("region_id", index)
+                              "box": [region.x, region.y, region.width, region.height], "source": "visual-genome"}
+                    rid = region.region_id if region.region_id is not None else index
                     if "ref_grounding" in opts.tasks:
-                        yield where, index, {"task": "ref_grounding", "id": f"vg:{rid}", "ref": phrase.strip(),
+                        yield where, index, {"task": "ref_grounding", "id": f"vg:{rid}", "ref": region.phrase.strip(),
                                              **common}
                     if "grounded_caption" in opts.tasks:
                         yield where, index, {"task": "grounded_caption", "id": f"vg:{rid}:caption",
-                                             "caption": phrase.strip(), **common}
+                                             "caption": region.phrase.strip(), **common}
     except ijson.JSONError as e:
-        raise LayoutFileError(f"{where}: not a Visual Genome region_descriptions file ({e})") from None
+        raise stream_error(where, e) from None
 
 
 IMPORTER = Importer("visual-genome", ("ref_grounding", "grounded_caption"), read,
