@@ -12,23 +12,30 @@ the parquet is read in batches, memory flat.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
+import msgspec
+
+from qvl.boundary import Coord, IntSide
 from qvl.formats.boxes import AnnotationError
-from qvl.formats.importers import Importer, LayoutFileError, Options, Yield
+from qvl.formats.importers import Importer, LayoutFileError, Options, Yield, decode
 
 BATCH = 4096
 
+# [start, end, x1, y1, x2, y2(, confidence)]: finite, bounded numbers (a start of inf is a reject)
+Entry = Annotated[list[Coord], msgspec.Meta(min_length=6, max_length=7)]
+MAX_ENTRIES = 256  # a GRIT caption has a handful; overlap resolution is quadratic in them
+Entries = Annotated[list[Entry], msgspec.Meta(max_length=MAX_ENTRIES)]
 
-def _entries(value, what: str) -> list:
-    if value is None:
-        return []
-    entries = []
-    for item in value:
-        item = list(item) if item is not None else None
-        if not item or len(item) < 6:
-            raise AnnotationError(f"{what}: an entry is not [start, end, x1, y1, x2, y2, confidence]")
-        entries.append(item)
-    return entries
+
+class Row(msgspec.Struct):
+    caption: str
+    url: str
+    width: IntSide | None = None
+    height: IntSide | None = None
+    key: str | int | None = None
+    noun_chunks: Entries | None = None
+    ref_exps: Entries | None = None
 
 
 def regions(caption: str, chunks: list) -> list[dict]:
@@ -61,27 +68,30 @@ def read(files: list[Path], opts: Options) -> Yield:
         columns = [c for c in ("key", "url", "caption", "width", "height", "noun_chunks", "ref_exps")
                    if c in reader.schema_arrow.names]
         row = 0
-        for batch in reader.iter_batches(batch_size=BATCH, columns=columns):
-            for record in batch.to_pylist():
-                here, row = row, row + 1
-                key = record.get("key") or here
-                try:
-                    caption = record.get("caption")
-                    if not isinstance(caption, str) or not isinstance(record.get("url"), str):
-                        raise AnnotationError(f"row {here}: no caption or url")
-                    common = {"image": record["url"], "width": record.get("width"), "height": record.get("height"),
-                              "box_format": "norm", "source": "grit"}
-                    if "grounding" in opts.tasks:
-                        found = regions(caption, _entries(record.get("noun_chunks"), f"row {here} noun_chunks"))
-                        if found:
-                            yield str(path), here, {"task": "grounding", "id": f"grit:{key}", "caption": caption,
-                                                    "regions": found, **common}
-                    if "ref_grounding" in opts.tasks:
-                        for k, (start, end, *box) in enumerate(_entries(record.get("ref_exps"), f"row {here} ref_exps")):
-                            yield str(path), here, {"task": "ref_grounding", "id": f"grit:{key}:ref{k}",
-                                                    "ref": caption[int(start):int(end)], "box": box[:4], **common}
-                except (AnnotationError, TypeError, ValueError) as e:
-                    yield str(path), here, e if isinstance(e, AnnotationError) else AnnotationError(str(e))
+        try:
+            for batch in reader.iter_batches(batch_size=BATCH, columns=columns):
+                for record in batch.to_pylist():
+                    here, row = row, row + 1
+                    try:
+                        yield from _samples(str(path), here, decode(record, Row, f"row {here}"), opts)
+                    except AnnotationError as e:
+                        yield str(path), here, e
+        except (OSError, UnicodeDecodeError, pa.ArrowException) as e:
+            raise LayoutFileError(f"{path}: a parquet batch after row {row} cannot be read ({str(e)[:200]})") from None
+
+
+def _samples(path: str, here: int, row: Row, opts: Options) -> Yield:
+    key = row.key or here
+    common = {"image": row.url, "width": row.width, "height": row.height, "box_format": "norm", "source": "grit"}
+    if "grounding" in opts.tasks:
+        found = regions(row.caption, row.noun_chunks or [])
+        if found:
+            yield path, here, {"task": "grounding", "id": f"grit:{key}", "caption": row.caption, "regions": found,
+                               **common}
+    if "ref_grounding" in opts.tasks:
+        for k, (start, end, *box) in enumerate(row.ref_exps or []):
+            yield path, here, {"task": "ref_grounding", "id": f"grit:{key}:ref{k}",
+                               "ref": row.caption[int(start):int(end)], "box": box[:4], **common}
 
 
 IMPORTER = Importer("grit", ("grounding", "ref_grounding"), read, "GRIT-20M parquet shards")
