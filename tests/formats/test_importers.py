@@ -178,6 +178,7 @@ def test_grit_overlapping_chunks_normalised_boxes_and_downloads(tmp_path):
 def test_textocr_quads_and_illegible_words(tmp_path):
     image(tmp_path / "img", "train/a1.jpg", (1024, 768))
     (tmp_path / "TextOCR_0.1_train.json").write_text(json.dumps({
+        "info": {"version": "0.1"},  # the released file's keys: info, imgs, anns, imgToAnns
         "imgs": {"a1": {"id": "a1", "width": 1024, "height": 768, "file_name": "train/a1.jpg"},
                  "a2": {"id": "a2", "width": 10, "height": 10, "file_name": "train/a2.jpg"}},
         "anns": {"a1_1": {"image_id": "a1", "utf8_string": "STOP", "points": [100, 100, 300, 100, 300, 200, 100, 200]},
@@ -185,13 +186,19 @@ def test_textocr_quads_and_illegible_words(tmp_path):
                  "a1_3": {"image_id": "a1", "utf8_string": "Café",
                           "points": [10, 10, 60, 12, 62, 40, 30, 45, 8, 38]},
                  "a2_1": {"image_id": "a2", "utf8_string": ".", "points": [1, 1, 2, 1, 2, 2, 1, 2]}},
-        "img2Anns": {"a1": ["a1_1", "a1_2", "a1_3"], "a2": ["a2_1"]}}))
+        "imgToAnns": {"a1": ["a1_1", "a1_2", "a1_3"], "a2": ["a2_1"]}}))
     texts, rejects, manifest = rendered(tmp_path, "textocr", [tmp_path / "TextOCR_0.1_train.json"], tmp_path / "img")
     # a five-point polygon becomes its bounding box's corners: x 8..62, y 10..45
     assert texts == {"textocr:a1": "<img></img>OCR with grounding:<ref>STOP</ref><quad>(97,130),(292,130),(292,260),"
                                    "(97,260)</quad><ref>Café</ref><quad>(7,13),(60,13),(60,58),(7,58)</quad>"
                                    "<|endoftext|>"}
     assert manifest["records"] == 1  # the image with only illegible words gives no sample
+    data = json.loads((tmp_path / "TextOCR_0.1_train.json").read_text())
+    data["img2Anns"] = data.pop("imgToAnns")  # a name no released file uses
+    (tmp_path / "TextOCR_0.1_train.json").write_text(json.dumps(data))
+    with pytest.raises(LayoutFileError, match="TextOCR_0.1_train.json: a TextOCR file holds 'imgs', 'anns' and "
+                                              "'imgToAnns'"):
+        list(importers.records("textocr", [tmp_path / "TextOCR_0.1_train.json"]))
 
 
 def test_llava_pretrain_captions_and_the_cli(tmp_path):

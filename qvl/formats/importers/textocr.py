@@ -1,18 +1,38 @@
-"""``textocr``: ``TextOCR_0.1_{train,val}.json`` (``imgs``: id, file_name, width, height; ``anns``:
-image_id, utf8_string, points; ``img2Anns``).
+"""``textocr``: ``TextOCR_0.1_{train,val}.json`` as released (``info``; ``imgs``: id, file_name,
+width, height, set; ``anns``: id, image_id, bbox, points, utf8_string, area; ``imgToAnns``: image
+id -> its annotation ids).
 
-One ``ocr`` sample per image with its legible words in the file's order (TextOCR marks
-illegible words ``.``: dropped; an image with none gives no sample). A word's ``points`` are a
+One ``ocr`` sample per image of ``imgToAnns`` with its legible words in the file's order (TextOCR
+marks illegible words ``.``: dropped; an image with none gives no sample). A word's ``points`` are a
 polygon in pixels: four corners become the quad as they are; a longer polygon becomes the
 corners of its bounding box. Images are the file's ``file_name`` (``train/…jpg``) under ``--images``.
+A word that cannot be read (not in ``anns``, a bad polygon) rejects its image: the image is the record.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Any
 
+import msgspec
+
+from qvl.boundary import MAX_ITEMS, Coord, IntSide
 from qvl.formats.boxes import AnnotationError
-from qvl.formats.importers import Importer, LayoutFileError, Options, Yield, load_json
+from qvl.formats.importers import Importer, LayoutFileError, Options, Yield, decode, load_json
+
+
+class Image(msgspec.Struct):
+    file_name: str
+    width: IntSide | None = None
+    height: IntSide | None = None
+
+
+class Word(msgspec.Struct):
+    utf8_string: str
+    points: Annotated[list[Coord], msgspec.Meta(max_length=2 * MAX_ITEMS)]
+
+
+AnnIds = Annotated[list[str], msgspec.Meta(max_length=MAX_ITEMS)]
 
 
 def quad(points: list) -> list[list[float]]:
@@ -25,29 +45,36 @@ def quad(points: list) -> list[list[float]]:
     return [[x1, y1], [x2, y1], [x2, y2], [x1, y2]]
 
 
+def _lines(data: dict, image_id: str, ann_ids: Any) -> list[dict]:
+    lines = []
+    for ann_id in decode(ann_ids, AnnIds, f"image {image_id!r:.60}: imgToAnns"):
+        if ann_id not in data["anns"]:
+            raise AnnotationError(f"image {image_id!r:.60}: annotation {ann_id!r:.60} is not in 'anns'")
+        word = decode(data["anns"][ann_id], Word, f"image {image_id!r:.60}: annotation {ann_id!r:.60}")
+        if word.utf8_string == "." or not word.utf8_string.strip():
+            continue  # illegible
+        lines.append({"text": word.utf8_string, "quad": quad(word.points)})
+    return lines
+
+
 def read(files: list[Path], opts: Options) -> Yield:
     for path in files:
         data = load_json(path)
-        if not isinstance(data, dict) or not all(isinstance(data.get(k), dict) for k in ("imgs", "anns", "img2Anns")):
-            raise LayoutFileError(f"{path}: a TextOCR file holds 'imgs', 'anns' and 'img2Anns'")
-        for i, (image_id, ann_ids) in enumerate(data["img2Anns"].items()):
-            image = data["imgs"].get(image_id)
+        if not isinstance(data, dict) or not all(isinstance(data.get(k), dict) for k in ("imgs", "anns", "imgToAnns")):
+            raise LayoutFileError(f"{path}: a TextOCR file holds 'imgs', 'anns' and 'imgToAnns'")
+        for i, (image_id, ann_ids) in enumerate(data["imgToAnns"].items()):
             try:
-                if not isinstance(image, dict) or not isinstance(image.get("file_name"), str):
-                    raise AnnotationError(f"image {image_id}: not in 'imgs'", "missing_image")
-                lines = []
-                for ann_id in ann_ids:
-                    ann = data["anns"].get(ann_id)
-                    text = ann.get("utf8_string") if isinstance(ann, dict) else None
-                    if not isinstance(text, str) or text == "." or not text.strip():
-                        continue  # illegible
-                    lines.append({"text": text, "quad": quad(ann.get("points"))})
+                image_id = decode(image_id, str, f"imgToAnns key {i}")  # valid text: it becomes the sample's id
+                if image_id not in data["imgs"]:
+                    raise AnnotationError(f"image {image_id!r:.60}: not in 'imgs'", "missing_image")
+                image = decode(data["imgs"][image_id], Image, f"image {image_id!r:.60}")
+                lines = _lines(data, image_id, ann_ids)
             except AnnotationError as e:
                 yield str(path), i, e
                 continue
             if lines:
-                yield str(path), i, {"task": "ocr", "id": f"textocr:{image_id}", "image": image["file_name"],
-                                     "width": image.get("width"), "height": image.get("height"), "lines": lines,
+                yield str(path), i, {"task": "ocr", "id": f"textocr:{image_id}", "image": image.file_name,
+                                     "width": image.width, "height": image.height, "lines": lines,
                                      "source": "textocr"}
 
 
