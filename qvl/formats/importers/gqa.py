@@ -9,8 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
+
 from qvl.formats.boxes import AnnotationError
-from qvl.formats.importers import Importer, LayoutFileError, Options, Yield
+from qvl.formats.importers import Importer, Options, Yield, decode, stream_error
+
+
+class Question(msgspec.Struct):
+    question: str
+    answer: str
+    imageId: str
 
 
 def read(files: list[Path], opts: Options) -> Yield:
@@ -19,15 +27,16 @@ def read(files: list[Path], opts: Options) -> Yield:
     for path in files:
         try:
             with open(path, "rb") as f:
-                for i, (qid, q) in enumerate(ijson.kvitems(f, "", use_float=True)):
-                    if not isinstance(q, dict) or not all(isinstance(q.get(k), str) for k in
-                                                          ("question", "answer", "imageId")):
-                        yield str(path), i, AnnotationError(f"question {qid}: needs question, answer and imageId")
+                for i, (qid, raw) in enumerate(ijson.kvitems(f, "", use_float=True)):
+                    try:
+                        q = decode(raw, Question, f"question {qid!r:.60}")
+                    except AnnotationError as e:
+                        yield str(path), i, e
                         continue
-                    yield str(path), i, {"task": "vqa", "id": f"gqa:{qid}", "image": f"{q['imageId']}.jpg",
-                                         "question": q["question"], "answer": q["answer"], "source": "gqa"}
+                    yield str(path), i, {"task": "vqa", "id": f"gqa:{qid}", "image": f"{q.imageId}.jpg",
+                                         "question": q.question, "answer": q.answer, "source": "gqa"}
         except ijson.JSONError as e:
-            raise LayoutFileError(f"{path}: not a GQA questions file (a JSON object by question id): {e}") from None
+            raise stream_error(path, e) from None
 
 
 IMPORTER = Importer("gqa", ("vqa",), read, "*_balanced_questions.json")

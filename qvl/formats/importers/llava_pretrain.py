@@ -8,9 +8,24 @@ turn's text (the human turn is only an instruction with ``<image>``).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
+import msgspec
+
+from qvl.boundary import MAX_ITEMS, Id
 from qvl.formats.boxes import AnnotationError
-from qvl.formats.importers import Importer, LayoutFileError, Options, Yield
+from qvl.formats.importers import Importer, Options, Yield, decode, stream_error
+
+
+class Turn(msgspec.Struct):
+    from_: str = msgspec.field(name="from")
+    value: str = ""
+
+
+class Record(msgspec.Struct):
+    image: str
+    conversations: Annotated[list[Turn], msgspec.Meta(max_length=MAX_ITEMS)]
+    id: str | Id | None = None
 
 
 def read(files: list[Path], opts: Options) -> Yield:
@@ -19,19 +34,20 @@ def read(files: list[Path], opts: Options) -> Yield:
     for path in files:
         try:
             with open(path, "rb") as f:
-                for i, record in enumerate(ijson.items(f, "item", use_float=True)):
-                    turns = record.get("conversations") if isinstance(record, dict) else None
-                    answer = next((t.get("value") for t in turns or [] if isinstance(t, dict)
-                                   and t.get("from") in ("gpt", "assistant")), None)
-                    if not isinstance(record, dict) or not isinstance(record.get("image"), str) \
-                            or not isinstance(answer, str) or not answer.strip():
-                        yield str(path), i, AnnotationError(f"record {i}: needs image and a gpt turn")
+                for i, raw in enumerate(ijson.items(f, "item", use_float=True)):
+                    try:
+                        record = decode(raw, Record, f"record {i}")
+                        answer = next((t.value for t in record.conversations if t.from_ in ("gpt", "assistant")), "")
+                        if not answer.strip():
+                            raise AnnotationError(f"record {i}: needs image and a gpt turn")
+                    except AnnotationError as e:
+                        yield str(path), i, e
                         continue
-                    yield str(path), i, {"task": "caption", "id": f"llava:{record.get('id', i)}",
-                                         "image": record["image"], "caption": answer.strip(), "lang": "en",
+                    yield str(path), i, {"task": "caption", "id": f"llava:{record.id if record.id is not None else i}",
+                                         "image": record.image, "caption": answer.strip(), "lang": "en",
                                          "source": "llava-pretrain"}
         except ijson.JSONError as e:
-            raise LayoutFileError(f"{path}: not a JSON list of LLaVA records ({e})") from None
+            raise stream_error(path, e) from None
 
 
 IMPORTER = Importer("llava-pretrain", ("caption",), read, "LLaVA / ShareGPT4V caption JSON")

@@ -9,9 +9,20 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Annotated
 
+import msgspec
+
+from qvl.boundary import MAX_ITEMS, Id
 from qvl.formats.boxes import AnnotationError
-from qvl.formats.importers import Importer, LayoutFileError, Options, Yield, load_json
+from qvl.formats.importers import Importer, LayoutFileError, Options, Yield, decode, load_json
+
+
+class Question(msgspec.Struct):
+    question: str
+    image_id: str
+    answers: Annotated[list[str], msgspec.Meta(min_length=1, max_length=MAX_ITEMS)]
+    question_id: Id | None = None
 
 
 def most_frequent(answers: list[str]) -> str:
@@ -25,15 +36,15 @@ def read(files: list[Path], opts: Options) -> Yield:
         data = load_json(path)
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
             raise LayoutFileError(f"{path}: a TextVQA file holds a 'data' list")
-        for i, q in enumerate(data["data"]):
-            answers = q.get("answers") if isinstance(q, dict) else None
-            if not (isinstance(q, dict) and isinstance(q.get("question"), str) and isinstance(q.get("image_id"), str)
-                    and isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
-                yield str(path), i, AnnotationError(f"record {i}: needs question, image_id and answers")
+        for i, raw in enumerate(data["data"]):
+            try:
+                q = decode(raw, Question, f"record {i}")
+            except AnnotationError as e:
+                yield str(path), i, e
                 continue
-            yield str(path), i, {"task": "vqa", "id": f"textvqa:{q.get('question_id', i)}",
-                                 "image": f"{q['image_id']}.jpg", "question": q["question"],
-                                 "answer": most_frequent(answers), "source": "textvqa"}
+            yield str(path), i, {"task": "vqa", "id": f"textvqa:{q.question_id if q.question_id is not None else i}",
+                                 "image": f"{q.image_id}.jpg", "question": q.question,
+                                 "answer": most_frequent(q.answers), "source": "textvqa"}
 
 
 IMPORTER = Importer("textvqa", ("vqa",), read, "TextVQA_0.5.1_*.json")
