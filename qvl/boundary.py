@@ -58,6 +58,9 @@ def convert(obj: Any, type_: type[T], reason: str = "bad_field") -> T:
         value = msgspec.convert(obj, type_, strict=True)
     except msgspec.ValidationError as e:
         raise RecordError(str(e), reason) from None
+    except UnicodeEncodeError as e:  # msgspec meets a lone surrogate in a key, or in a string where no str belongs
+        raise RecordError(f"$: text is not valid Unicode (a lone surrogate at character {e.start})",
+                          "bad_text") from None
     _check_text(value, "$")
     return value
 

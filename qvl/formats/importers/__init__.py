@@ -17,6 +17,7 @@ carry many). A file that is not JSON, or ends early, is one ``LayoutFileError`` 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
@@ -100,9 +101,58 @@ def load_json(path: Path):
 def stream_error(path, error: Exception) -> LayoutFileError:
     """A streamed file (ijson) that stops being JSON: named, with where it stopped."""
     message = " ".join(str(error).split())[:200]
-    if "premature EOF" in message or "Incomplete JSON" in message:
+    if isinstance(error, UnicodeDecodeError):
+        message = f"not valid UTF-8 ({message})"
+    elif "premature EOF" in message or "Incomplete JSON" in message:
         message = f"truncated: the file ends inside a JSON value ({message})"
     return LayoutFileError(f"{path}: not readable JSON ({message})")
+
+
+# a \ud800-\udbff escape not followed by a \udc00-\udfff one, or the latter not after the former
+LONE_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
+                            rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+
+
+def _backend(path: Path):
+    """ijson's C backend, unless the file holds a lone surrogate escape: that backend turns
+    ``\\ud800`` into ``?`` silently and fails the whole file on ``\\udfff``, where the Python
+    backend keeps the text as it is, so that the record holding it is a ``bad_text`` reject.
+    The scan is one regex pass over the bytes (a pair split across two blocks only costs the
+    slower backend)."""
+    import ijson
+
+    tail = b""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            block = tail + chunk
+            if LONE_SURROGATE.search(block):
+                return ijson.get_backend("python")
+            tail = block[-11:]
+    return ijson
+
+
+def stream(path: Path, prefix: str, pairs: bool = False) -> Iterator:
+    """The values under ``prefix`` (``(key, value)`` with ``pairs``) of a JSON file too big to
+    load, read as a stream; a file that stops being JSON is a LayoutFileError naming it."""
+    import ijson
+
+    try:
+        backend = _backend(path)
+        with open(path, "rb") as f:
+            yield from (backend.kvitems if pairs else backend.items)(f, prefix, use_float=True)
+    except (ijson.JSONError, UnicodeDecodeError) as e:
+        raise stream_error(path, e) from None
+
+
+def events(path: Path) -> Iterator:
+    """``(prefix, event, value)`` of a JSON file, streamed; errors as in ``stream``."""
+    import ijson
+
+    try:
+        with open(path, "rb") as f:
+            yield from ijson.parse(f)
+    except (ijson.JSONError, UnicodeDecodeError) as e:
+        raise stream_error(path, e) from None
 
 
 def decode(value, type_: type[T], what: str) -> T:

@@ -12,7 +12,7 @@ from pathlib import Path
 import msgspec
 
 from qvl.formats.boxes import AnnotationError
-from qvl.formats.importers import Importer, Options, Yield, decode, stream_error
+from qvl.formats.importers import Importer, Options, Yield, decode, stream
 
 
 class Question(msgspec.Struct):
@@ -22,21 +22,15 @@ class Question(msgspec.Struct):
 
 
 def read(files: list[Path], opts: Options) -> Yield:
-    import ijson
-
     for path in files:
-        try:
-            with open(path, "rb") as f:
-                for i, (qid, raw) in enumerate(ijson.kvitems(f, "", use_float=True)):
-                    try:
-                        q = decode(raw, Question, f"question {qid!r:.60}")
-                    except AnnotationError as e:
-                        yield str(path), i, e
-                        continue
-                    yield str(path), i, {"task": "vqa", "id": f"gqa:{qid}", "image": f"{q.imageId}.jpg",
-                                         "question": q.question, "answer": q.answer, "source": "gqa"}
-        except ijson.JSONError as e:
-            raise stream_error(path, e) from None
+        for i, (qid, raw) in enumerate(stream(path, "", pairs=True)):
+            try:
+                q = decode(raw, Question, f"question {qid!r:.60}")
+            except AnnotationError as e:
+                yield str(path), i, e
+                continue
+            yield str(path), i, {"task": "vqa", "id": f"gqa:{qid}", "image": f"{q.imageId}.jpg",
+                                 "question": q.question, "answer": q.answer, "source": "gqa"}
 
 
 IMPORTER = Importer("gqa", ("vqa",), read, "*_balanced_questions.json")

@@ -1,6 +1,6 @@
 """``grit``: GRIT-20M's parquet shards (``caption``, ``url``, ``width``, ``height``, ``noun_chunks``,
 ``ref_exps``; each chunk/expression ``[start, end, x1, y1, x2, y2, confidence]`` with the box
-normalised to 0-1: ``norm``).
+normalised to 0-1: ``norm``). A row that gives no sample (no chunk, no expression) is a reject.
 
 ``grounding``: the caption with its noun chunks as region spans (chunks on one span share it,
 their boxes listed; of chunks that overlap, the more confident is kept and the other dropped —
@@ -81,17 +81,24 @@ def read(files: list[Path], opts: Options) -> Yield:
 
 
 def _samples(path: str, here: int, row: Row, opts: Options) -> Yield:
+    """The row's samples; a row that gives none (no chunk, no expression) is a reject, never a silent drop."""
     key = row.key or here
     common = {"image": row.url, "width": row.width, "height": row.height, "box_format": "norm", "source": "grit"}
+    given = 0
     if "grounding" in opts.tasks:
         found = regions(row.caption, row.noun_chunks or [])
         if found:
+            given += 1
             yield path, here, {"task": "grounding", "id": f"grit:{key}", "caption": row.caption, "regions": found,
                                **common}
     if "ref_grounding" in opts.tasks:
         for k, (start, end, *box) in enumerate(row.ref_exps or []):
+            given += 1
             yield path, here, {"task": "ref_grounding", "id": f"grit:{key}:ref{k}",
                                "ref": row.caption[int(start):int(end)], "box": box[:4], **common}
+    if not given:
+        raise AnnotationError(f"row {here}: no noun chunk or referring expression to give {', '.join(sorted(opts.tasks))}",
+                              "no_regions")
 
 
 IMPORTER = Importer("grit", ("grounding", "ref_grounding"), read, "GRIT-20M parquet shards")

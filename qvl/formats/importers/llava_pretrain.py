@@ -14,7 +14,7 @@ import msgspec
 
 from qvl.boundary import MAX_ITEMS, Id
 from qvl.formats.boxes import AnnotationError
-from qvl.formats.importers import Importer, Options, Yield, decode, stream_error
+from qvl.formats.importers import Importer, Options, Yield, decode, stream
 
 
 class Turn(msgspec.Struct):
@@ -29,25 +29,19 @@ class Record(msgspec.Struct):
 
 
 def read(files: list[Path], opts: Options) -> Yield:
-    import ijson
-
     for path in files:
-        try:
-            with open(path, "rb") as f:
-                for i, raw in enumerate(ijson.items(f, "item", use_float=True)):
-                    try:
-                        record = decode(raw, Record, f"record {i}")
-                        answer = next((t.value for t in record.conversations if t.from_ in ("gpt", "assistant")), "")
-                        if not answer.strip():
-                            raise AnnotationError(f"record {i}: needs image and a gpt turn")
-                    except AnnotationError as e:
-                        yield str(path), i, e
-                        continue
-                    yield str(path), i, {"task": "caption", "id": f"llava:{record.id if record.id is not None else i}",
-                                         "image": record.image, "caption": answer.strip(), "lang": "en",
-                                         "source": "llava-pretrain"}
-        except ijson.JSONError as e:
-            raise stream_error(path, e) from None
+        for i, raw in enumerate(stream(path, "item")):
+            try:
+                record = decode(raw, Record, f"record {i}")
+                answer = next((t.value for t in record.conversations if t.from_ in ("gpt", "assistant")), "")
+                if not answer.strip():
+                    raise AnnotationError(f"record {i}: needs image and a gpt turn")
+            except AnnotationError as e:
+                yield str(path), i, e
+                continue
+            yield str(path), i, {"task": "caption", "id": f"llava:{record.id if record.id is not None else i}",
+                                 "image": record.image, "caption": answer.strip(), "lang": "en",
+                                 "source": "llava-pretrain"}
 
 
 IMPORTER = Importer("llava-pretrain", ("caption",), read, "LLaVA / ShareGPT4V caption JSON")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import pickle
 from pathlib import Path
-
 from typing import Annotated
 
 import msgspec

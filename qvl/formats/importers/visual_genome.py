@@ -17,7 +17,7 @@ import msgspec
 
 from qvl.boundary import Coord, Id, IntSide
 from qvl.formats.boxes import AnnotationError
-from qvl.formats.importers import Importer, LayoutFileError, Options, Yield, decode, keyed, load_json, stream_error
+from qvl.formats.importers import Importer, LayoutFileError, Options, Yield, decode, keyed, load_json, stream
 
 
 class ImageData(msgspec.Struct):
@@ -68,8 +68,6 @@ def _images(path: Path) -> dict:
 
 
 def read(files: list[Path], opts: Options) -> Yield:
-    import ijson
-
     regions = [p for p in files if "region" in p.name]
     meta = [p for p in files if p not in regions]
     if len(regions) != 1 or len(meta) != 1:
@@ -77,41 +75,37 @@ def read(files: list[Path], opts: Options) -> Yield:
     images = _images(meta[0])
     where = str(regions[0])
     index = 0
-    try:
-        with open(regions[0], "rb") as f:
-            for k, raw in enumerate(ijson.items(f, "item", use_float=True)):
-                try:
-                    entry = decode(raw, ImageRegions, f"image entry {k}")
-                except AnnotationError as e:
-                    index += 1
-                    yield where, index, e
-                    continue
-                image_id = entry.id if entry.id is not None else entry.image_id
-                for n, raw_region in enumerate(entry.regions):
-                    index += 1
-                    try:
-                        region = decode(raw_region, Region, f"image entry {k} region {n}")
-                        found = images.get(region.image_id if region.image_id is not None else image_id)
-                        if isinstance(found, AnnotationError):
-                            raise AnnotationError(f"region {region.region_id}: {found}", found.reason)
-                        if found is None or not region.phrase.strip():
-                            raise AnnotationError(f"region {region.region_id}: no phrase, or its image is not in "
-                                                  "image_data.json")
-                    except AnnotationError as e:
-                        yield where, index, e
-                        continue
-                    name, width, height = found
-                    common = {"image": name, "width": width, "height": height, "box_format": "xywh",
-                              "box": [region.x, region.y, region.width, region.height], "source": "visual-genome"}
-                    rid = region.region_id if region.region_id is not None else index
-                    if "ref_grounding" in opts.tasks:
-                        yield where, index, {"task": "ref_grounding", "id": f"vg:{rid}", "ref": region.phrase.strip(),
-                                             **common}
-                    if "grounded_caption" in opts.tasks:
-                        yield where, index, {"task": "grounded_caption", "id": f"vg:{rid}:caption",
-                                             "caption": region.phrase.strip(), **common}
-    except ijson.JSONError as e:
-        raise stream_error(where, e) from None
+    for k, raw in enumerate(stream(regions[0], "item")):
+        try:
+            entry = decode(raw, ImageRegions, f"image entry {k}")
+        except AnnotationError as e:
+            index += 1
+            yield where, index, e
+            continue
+        image_id = entry.id if entry.id is not None else entry.image_id
+        for n, raw_region in enumerate(entry.regions):
+            index += 1
+            try:
+                region = decode(raw_region, Region, f"image entry {k} region {n}")
+                found = images.get(region.image_id if region.image_id is not None else image_id)
+                if isinstance(found, AnnotationError):
+                    raise AnnotationError(f"region {region.region_id}: {found}", found.reason)
+                if found is None or not region.phrase.strip():
+                    raise AnnotationError(f"region {region.region_id}: no phrase, or its image is not in "
+                                          "image_data.json")
+            except AnnotationError as e:
+                yield where, index, e
+                continue
+            name, width, height = found
+            common = {"image": name, "width": width, "height": height, "box_format": "xywh",
+                      "box": [region.x, region.y, region.width, region.height], "source": "visual-genome"}
+            rid = region.region_id if region.region_id is not None else index
+            if "ref_grounding" in opts.tasks:
+                yield where, index, {"task": "ref_grounding", "id": f"vg:{rid}", "ref": region.phrase.strip(),
+                                     **common}
+            if "grounded_caption" in opts.tasks:
+                yield where, index, {"task": "grounded_caption", "id": f"vg:{rid}:caption",
+                                     "caption": region.phrase.strip(), **common}
 
 
 IMPORTER = Importer("visual-genome", ("ref_grounding", "grounded_caption"), read,

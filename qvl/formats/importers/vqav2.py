@@ -17,7 +17,7 @@ import msgspec
 
 from qvl.boundary import Count, Id
 from qvl.formats.boxes import AnnotationError
-from qvl.formats.importers import Importer, LayoutFileError, Options, Yield, decode, stream_error
+from qvl.formats.importers import Importer, LayoutFileError, Options, Yield, decode, events, stream
 
 SUBTYPE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # train2014, val2014, test-dev2015: part of every image's name
 
@@ -36,43 +36,29 @@ class Answer(msgspec.Struct):
 def _kind(path: Path) -> str | None:
     """"questions" or "annotations": the first of those top-level keys (found before the big
     array it names, so only the head of the file is read)."""
-    import ijson
-
-    try:
-        with open(path, "rb") as f:
-            for prefix, event, value in ijson.parse(f):
-                if prefix == "" and event == "map_key" and value in ("questions", "annotations"):
-                    return value
-    except ijson.JSONError as e:
-        raise stream_error(path, e) from None
+    for prefix, event, value in events(path):
+        if prefix == "" and event == "map_key" and value in ("questions", "annotations"):
+            return value
     return None
 
 
 def _answers(path: Path) -> dict:
     """question id -> its answer, or the AnnotationError of its annotation (its question is then
     rejected saying why)."""
-    import ijson
-
     answers: dict = {}
-    try:
-        with open(path, "rb") as f:
-            for i, raw in enumerate(ijson.items(f, "annotations.item", use_float=True)):
-                try:
-                    ann = decode(raw, Answer, f"annotation {i} of {path}")
-                except AnnotationError as e:
-                    qid = raw.get("question_id") if isinstance(raw, dict) else None
-                    if isinstance(qid, int) and not isinstance(qid, bool):
-                        answers.setdefault(qid, e)
-                    continue
-                answers[ann.question_id] = ann.multiple_choice_answer
-    except ijson.JSONError as e:
-        raise stream_error(path, e) from None
+    for i, raw in enumerate(stream(path, "annotations.item")):
+        try:
+            ann = decode(raw, Answer, f"annotation {i} of {path}")
+        except AnnotationError as e:
+            qid = raw.get("question_id") if isinstance(raw, dict) else None
+            if isinstance(qid, int) and not isinstance(qid, bool):
+                answers.setdefault(qid, e)
+            continue
+        answers[ann.question_id] = ann.multiple_choice_answer
     return answers
 
 
 def read(files: list[Path], opts: Options) -> Yield:
-    import ijson
-
     if len(files) != 2:
         raise LayoutFileError("--from vqav2 takes one questions file and one annotations file")
     kinds = {path: _kind(path) for path in files}
@@ -83,29 +69,24 @@ def read(files: list[Path], opts: Options) -> Yield:
                               f"(got {', '.join(map(str, files))})")
     answers = _answers(answers_path)
     where = str(questions_path)
-    try:
-        with open(questions_path, "rb") as f:
-            subtype = next((v for p, e, v in ijson.parse(f) if p == "data_subtype"), "train2014")
-        if not isinstance(subtype, str) or not SUBTYPE.fullmatch(subtype):
-            raise LayoutFileError(f"{where}: data_subtype {subtype!r:.80} is not a split name like val2014")
-        with open(questions_path, "rb") as f:
-            for i, raw in enumerate(ijson.items(f, "questions.item", use_float=True)):
-                try:
-                    q = decode(raw, Question, f"question {i}")
-                    answer = answers.get(q.question_id)
-                    if answer is None:
-                        raise AnnotationError(f"question {q.question_id}: no annotation with multiple_choice_answer "
-                                              f"in {answers_path}")
-                    if isinstance(answer, AnnotationError):
-                        raise AnnotationError(f"question {q.question_id}: {answer}", answer.reason)
-                except AnnotationError as e:
-                    yield where, i, e
-                    continue
-                yield where, i, {"task": "vqa", "id": f"vqav2:{q.question_id}",
-                                 "image": f"COCO_{subtype}_{q.image_id:012d}.jpg", "question": q.question,
-                                 "answer": answer, "source": "vqav2"}
-    except ijson.JSONError as e:
-        raise stream_error(questions_path, e) from None
+    subtype = next((v for p, e, v in events(questions_path) if p == "data_subtype"), "train2014")
+    if not isinstance(subtype, str) or not SUBTYPE.fullmatch(subtype):
+        raise LayoutFileError(f"{where}: data_subtype {subtype!r:.80} is not a split name like val2014")
+    for i, raw in enumerate(stream(questions_path, "questions.item")):
+        try:
+            q = decode(raw, Question, f"question {i}")
+            answer = answers.get(q.question_id)
+            if answer is None:
+                raise AnnotationError(f"question {q.question_id}: no annotation with multiple_choice_answer "
+                                      f"in {answers_path}")
+            if isinstance(answer, AnnotationError):
+                raise AnnotationError(f"question {q.question_id}: {answer}", answer.reason)
+        except AnnotationError as e:
+            yield where, i, e
+            continue
+        yield where, i, {"task": "vqa", "id": f"vqav2:{q.question_id}",
+                         "image": f"COCO_{subtype}_{q.image_id:012d}.jpg", "question": q.question,
+                         "answer": answer, "source": "vqav2"}
 
 
 IMPORTER = Importer("vqav2", ("vqa",), read, "questions JSON + annotations JSON")
