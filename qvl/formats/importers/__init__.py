@@ -108,27 +108,86 @@ def stream_error(path, error: Exception) -> LayoutFileError:
     return LayoutFileError(f"{path}: not readable JSON ({message})")
 
 
-# a \ud800-\udbff escape not followed by a \udc00-\udfff one, or the latter not after the former
-LONE_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
-                            rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+# ijson's C backend cannot keep a lone surrogate escape: it turns ``\ud800`` into ``?`` silently
+# and fails the whole file on ``\udfff``. Its Python backend keeps the text, so that the record
+# holding one is a ``bad_text`` reject. A surrogate escape, alone (6 bytes) or as a pair (12):
+SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}(?:\\u[dD][c-fC-F][0-9a-fA-F]{2})?")
+MAX_DEPTH = 64  # JSON nesting: the published layouts go 6 deep; ijson's cost is quadratic in it
+BLOCK = 1 << 20
 
 
 def _backend(path: Path):
-    """ijson's C backend, unless the file holds a lone surrogate escape: that backend turns
-    ``\\ud800`` into ``?`` silently and fails the whole file on ``\\udfff``, where the Python
-    backend keeps the text as it is, so that the record holding it is a ``bad_text`` reject.
-    The scan is one regex pass over the bytes (a pair split across two blocks only costs the
-    slower backend)."""
+    """ijson's C backend, or its Python one where the file holds a lone surrogate escape. One
+    regex pass over the bytes (a pair split across two blocks only costs the slower backend)."""
     import ijson
 
     tail = b""
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
+        while chunk := f.read(16 * BLOCK):
             block = tail + chunk
-            if LONE_SURROGATE.search(block):
+            if any(len(m.group()) == 6 for m in SURROGATE.finditer(block)):
                 return ijson.get_backend("python")
             tail = block[-11:]
     return ijson
+
+
+class DepthLimited:
+    """A binary file whose JSON nesting (brackets outside strings) is checked as it is read:
+    past ``MAX_DEPTH`` the read fails naming the file. ijson keeps a prefix string per level
+    (``item.regions.item…``), so a 100 KB file of ``[`` would cost it gigabytes. Linear: numpy
+    finds the quotes and brackets, Python looks only at quotes after a backslash."""
+
+    _DELTA = None
+
+    def __init__(self, f, path):
+        import numpy as np
+
+        if DepthLimited._DELTA is None:
+            delta = np.zeros(256, np.int8)
+            delta[list(b"[{")] = 1
+            delta[list(b"]}")] = -1
+            DepthLimited._DELTA = delta
+        self.f, self.path = f, path
+        self.depth, self.in_string, self.backslashes, self.offset = 0, 0, 0, 0
+
+    def read(self, size: int = -1) -> bytes:
+        import numpy as np
+
+        chunk = self.f.read(size)
+        if not chunk:
+            return chunk
+        a = np.frombuffer(chunk, np.uint8)
+        n = len(a)
+        slashes = np.flatnonzero(a == 92)
+        # for each backslash, the first of its run; a run that opens the block continues the last one's
+        opens = np.ones(slashes.size, bool)
+        opens[1:] = np.diff(slashes) != 1
+        first = slashes[np.maximum.accumulate(np.where(opens, np.arange(slashes.size), 0))]
+
+        def run_before(pos):
+            """The backslashes just before each of ``pos``."""
+            if not slashes.size:
+                return np.where(pos == 0, self.backslashes, 0)
+            k = np.maximum(np.searchsorted(slashes, pos) - 1, 0)
+            ends_there = (pos > 0) & (slashes[k] == pos - 1)
+            run = np.where(ends_there, pos - first[k], 0)
+            carried = np.where(ends_there, first[k] == 0, pos == 0)
+            return run + np.where(carried, self.backslashes, 0)
+
+        quotes = np.flatnonzero(a == 34)
+        quotes = quotes[run_before(quotes) % 2 == 0]
+        brackets = np.flatnonzero(self._DELTA[a])
+        outside = brackets[(np.searchsorted(quotes, brackets) + self.in_string) % 2 == 0]
+        if outside.size:
+            depth = self.depth + np.cumsum(self._DELTA[a[outside]], dtype=np.int64)
+            if depth.max() > MAX_DEPTH:
+                at = self.offset + int(outside[np.argmax(depth > MAX_DEPTH)])
+                raise LayoutFileError(f"{self.path}: JSON nested more than {MAX_DEPTH} deep (at byte {at})")
+            self.depth = int(depth[-1])
+        self.in_string = (self.in_string + quotes.size) % 2
+        self.backslashes = int(run_before(np.array([n]))[0])
+        self.offset += n
+        return chunk
 
 
 def stream(path: Path, prefix: str, pairs: bool = False) -> Iterator:
@@ -139,7 +198,8 @@ def stream(path: Path, prefix: str, pairs: bool = False) -> Iterator:
     try:
         backend = _backend(path)
         with open(path, "rb") as f:
-            yield from (backend.kvitems if pairs else backend.items)(f, prefix, use_float=True)
+            read = backend.kvitems if pairs else backend.items
+            yield from read(DepthLimited(f, path), prefix, use_float=True, buf_size=BLOCK)
     except (ijson.JSONError, UnicodeDecodeError) as e:
         raise stream_error(path, e) from None
 
@@ -150,7 +210,7 @@ def events(path: Path) -> Iterator:
 
     try:
         with open(path, "rb") as f:
-            yield from ijson.parse(f)
+            yield from ijson.parse(DepthLimited(f, path), buf_size=BLOCK)
     except (ijson.JSONError, UnicodeDecodeError) as e:
         raise stream_error(path, e) from None
 
