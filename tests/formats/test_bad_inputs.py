@@ -247,6 +247,25 @@ IMPORTER_CASES = {
     "textocr int for the annotation list": ("textocr", {"TextOCR_0.1_train.json": {
         "imgs": TEXTOCR_IMGS, "anns": {"a_1": WORD}, "imgToAnns": {"a": ["a_1"], "b": 5}}},
                                             ("TextOCR_0.1_train.json", 1, "bad_field", "imgToAnns")),
+    "coco image_id 10^400": ("coco-captions", {"captions.json": {
+        "images": [GOOD_COCO], "annotations": [{"id": 1, "image_id": 1, "caption": "a red square"},
+                                               {"id": 2, "image_id": 10 ** 400, "caption": "x"}]}},
+                             ("captions.json", 1, "bad_field", "$.image_id")),
+    "coco caption lone surrogate": ("coco-captions", {"captions.json": {
+        "images": [GOOD_COCO], "annotations": [{"id": 1, "image_id": 1, "caption": "a red square"},
+                                               {"id": 2, "image_id": 1, "caption": "x\ud800"}]}},
+                                    ("captions.json", 1, "bad_text", "$.caption")),
+    "refcoco bbox inf": ("refcoco", {
+        "refs(unc).p": _refs([REF, {**REF, "ref_id": 1, "ann_id": 8}]),
+        "instances.json": {**INSTANCES, "annotations": INSTANCES["annotations"] + [
+            {"id": 8, "image_id": 1, "bbox": [float("inf"), 2, 30, 40]}]}},
+                         ("refs(unc).p", 1, "bad_field", "bbox")),
+    "gqa lone high surrogate (streamed)": ("gqa", {"gqa.json": {
+        "1": {"question": "Is it red?", "answer": "yes", "imageId": "red"},
+        "2": {"question": "Is it \ud800?", "answer": "yes", "imageId": "red"}}}, ("gqa.json", 1, "bad_text", "$.question")),
+    "llava lone low surrogate (streamed)": ("llava-pretrain", {"blip.json": [LLAVA_GOOD, {
+        "id": "1", "image": "red.png", "conversations": [{"from": "gpt", "value": "a\udfffb"}]}]},
+                                            ("blip.json", 1, "bad_text", "$.conversations[0].value")),
     "llava conversations 5": ("llava-pretrain", {"blip.json": [LLAVA_GOOD, {"id": "1", "image": "red.png",
                                                                            "conversations": 5}]},
                               ("blip.json", 1, "bad_field", "$.conversations")),
@@ -279,7 +298,7 @@ def _kept_and_rejected(out: Path, expected: tuple) -> None:
 @pytest.mark.parametrize("case", list(IMPORTER_CASES))
 def test_a_bad_published_record_is_a_reject_naming_it(tmp_path, images, case):
     layout, files, expected = IMPORTER_CASES[case]
-    for name in ("COCO_val2014_000000000001.jpg", "VG_100K/1.jpg"):  # the images vqav2 and VG name
+    for name in ("COCO_val2014_000000000001.jpg", "VG_100K/1.jpg", "red.jpg"):  # the images vqav2, VG, gqa name
         (images / name).parent.mkdir(exist_ok=True)
         (images / name).write_bytes((images / "red.png").read_bytes())
     result = _from(layout, _write_published(tmp_path, files), images, tmp_path / "out")
@@ -301,3 +320,14 @@ def test_vqav2_truncated_annotations_is_one_error_naming_the_file(tmp_path, imag
     a.write_bytes(a.read_bytes()[:-300])
     message = one_line_error(_from("vqav2", [q, a], images, tmp_path / "out"))
     assert f"{a}: " in message and "truncated" in message
+
+
+@pytest.mark.parametrize("layout, name", [("gqa", "gqa.json"), ("llava-pretrain", "blip.json"),
+                                          ("visual-genome", "region_descriptions.json")])
+def test_deeply_nested_streamed_json_is_one_error_not_the_machine(tmp_path, images, layout, name):
+    """ijson keeps a prefix per level: 200 KB of '[' asked it for ~100 GB."""
+    (tmp_path / name).write_bytes(b"[" * 200_000)
+    files = [tmp_path / name] + ([_write_published(tmp_path, {"image_data.json": VG_IMAGES})[0]]
+                                 if layout == "visual-genome" else [])
+    message = one_line_error(_from(layout, files, images, tmp_path / "out"))
+    assert f"{tmp_path / name}: JSON nested more than 64 deep" in message

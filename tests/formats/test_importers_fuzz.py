@@ -194,3 +194,27 @@ def test_a_hostile_grit_shard_never_costs_a_traceback(made, images):
     buf = io.BytesIO()
     pq.write_table(table, buf)
     check("grit", {"grit.parquet": buf.getvalue()}, range(len(rows)) if typed else None, images)
+
+
+def nested(depth: int, texts: list[str]):
+    """A JSON value ``depth`` deep whose strings hold quotes, backslashes and brackets."""
+    value: object = texts[0] if texts else ""
+    for k in range(depth - 1):
+        value = [value, texts[k % len(texts)] if texts else ""] if k % 2 else {"k\\\"[": value}
+    return [value]
+
+
+@FUZZ
+@given(st.integers(1, 80), st.lists(st.text(alphabet='ab"\\[]{}', max_size=6), max_size=4),
+       st.sampled_from([1, 2, 3, 7, 64, 1 << 20]))
+def test_the_depth_guard_counts_only_brackets_outside_strings(depth, texts, size):
+    from qvl.formats.importers import MAX_DEPTH, DepthLimited, LayoutFileError
+
+    reader = DepthLimited(io.BytesIO(json.dumps(nested(depth, texts)).encode()), "f.json")
+    try:
+        while reader.read(size):
+            pass
+    except LayoutFileError as e:
+        assert depth > MAX_DEPTH and "f.json: JSON nested more than" in str(e)
+    else:
+        assert depth <= MAX_DEPTH
