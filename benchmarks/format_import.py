@@ -75,7 +75,7 @@ def write_fixtures(root: Path, n: int) -> dict[str, list[Path]]:
         img2.setdefault(image_id, []).append(f"a{i}")
     (root / "textocr.json").write_text(json.dumps({"imgs": {k: {"id": k, "file_name": f"train/{k}.jpg",
                                                                 "width": 100, "height": 100} for k in img2},
-                                                   "anns": anns, "img2Anns": img2}))
+                                                   "anns": anns, "imgToAnns": img2}))
     files["textocr"] = [root / "textocr.json"]
     (root / "llava.json").write_text(json.dumps([
         {"id": str(i), "image": f"{i // 1000:05d}/{i:09d}.jpg", "conversations": [

@@ -208,11 +208,12 @@ def nested(depth: int, texts: list[str]):
 @given(st.integers(1, 80), st.lists(st.text(alphabet='ab"\\[]{}', max_size=6), max_size=4),
        st.sampled_from([1, 2, 3, 7, 64, 1 << 20]))
 def test_the_depth_guard_counts_only_brackets_outside_strings(depth, texts, size):
+    """Blocks of 1 byte up: a string, an escape or a run of backslashes split across two blocks."""
     from qvl.formats.importers import MAX_DEPTH, DepthLimited, LayoutFileError
 
-    reader = DepthLimited(io.BytesIO(json.dumps(nested(depth, texts)).encode()), "f.json")
+    reader = DepthLimited(io.BytesIO(json.dumps(nested(depth, texts)).encode()), "f.json", block=size)
     try:
-        while reader.read(size):
+        while reader.read(5):
             pass
     except LayoutFileError as e:
         assert depth > MAX_DEPTH and "f.json: JSON nested more than" in str(e)

@@ -135,31 +135,30 @@ class DepthLimited:
     """A binary file whose JSON nesting (brackets outside strings) is checked as it is read:
     past ``MAX_DEPTH`` the read fails naming the file. ijson keeps a prefix string per level
     (``item.regions.item…``), so a 100 KB file of ``[`` would cost it gigabytes. Linear: numpy
-    finds the quotes and brackets, Python looks only at quotes after a backslash."""
+    finds the quotes, backslashes and brackets of each block it reads."""
 
-    _DELTA = None
-
-    def __init__(self, f, path):
-        import numpy as np
-
-        if DepthLimited._DELTA is None:
-            delta = np.zeros(256, np.int8)
-            delta[list(b"[{")] = 1
-            delta[list(b"]}")] = -1
-            DepthLimited._DELTA = delta
-        self.f, self.path = f, path
+    def __init__(self, f, path, block: int = BLOCK):
+        self.f, self.path, self.block = f, path, block
         self.depth, self.in_string, self.backslashes, self.offset = 0, 0, 0, 0
+        self.buffer, self.at = b"", 0
 
     def read(self, size: int = -1) -> bytes:
+        if self.at >= len(self.buffer):
+            self.buffer, self.at = self.f.read(self.block), 0
+            if self.buffer:
+                self._check(self.buffer)
+        size = len(self.buffer) - self.at if size < 0 else size
+        out = self.buffer[self.at:self.at + size]
+        self.at += len(out)
+        return out
+
+    def _check(self, block: bytes) -> None:
         import numpy as np
 
-        chunk = self.f.read(size)
-        if not chunk:
-            return chunk
-        a = np.frombuffer(chunk, np.uint8)
+        a = np.frombuffer(block, np.uint8)
         n = len(a)
         slashes = np.flatnonzero(a == 92)
-        # for each backslash, the first of its run; a run that opens the block continues the last one's
+        # for each backslash, the first of its run (a run that opens the block continues the last one's)
         opens = np.ones(slashes.size, bool)
         opens[1:] = np.diff(slashes) != 1
         first = slashes[np.maximum.accumulate(np.where(opens, np.arange(slashes.size), 0))]
@@ -176,10 +175,11 @@ class DepthLimited:
 
         quotes = np.flatnonzero(a == 34)
         quotes = quotes[run_before(quotes) % 2 == 0]
-        brackets = np.flatnonzero(self._DELTA[a])
+        folded = a | 0x20  # [ and { are 0x5b, 0x7b; ] and } are 0x5d, 0x7d
+        brackets = np.flatnonzero((folded == 0x7B) | (folded == 0x7D))
         outside = brackets[(np.searchsorted(quotes, brackets) + self.in_string) % 2 == 0]
         if outside.size:
-            depth = self.depth + np.cumsum(self._DELTA[a[outside]], dtype=np.int64)
+            depth = self.depth + np.cumsum(np.where(folded[outside] == 0x7B, 1, -1), dtype=np.int64)
             if depth.max() > MAX_DEPTH:
                 at = self.offset + int(outside[np.argmax(depth > MAX_DEPTH)])
                 raise LayoutFileError(f"{self.path}: JSON nested more than {MAX_DEPTH} deep (at byte {at})")
@@ -187,7 +187,6 @@ class DepthLimited:
         self.in_string = (self.in_string + quotes.size) % 2
         self.backslashes = int(run_before(np.array([n]))[0])
         self.offset += n
-        return chunk
 
 
 def stream(path: Path, prefix: str, pairs: bool = False) -> Iterator:
@@ -199,7 +198,7 @@ def stream(path: Path, prefix: str, pairs: bool = False) -> Iterator:
         backend = _backend(path)
         with open(path, "rb") as f:
             read = backend.kvitems if pairs else backend.items
-            yield from read(DepthLimited(f, path), prefix, use_float=True, buf_size=BLOCK)
+            yield from read(DepthLimited(f, path), prefix, use_float=True)
     except (ijson.JSONError, UnicodeDecodeError) as e:
         raise stream_error(path, e) from None
 
@@ -210,7 +209,7 @@ def events(path: Path) -> Iterator:
 
     try:
         with open(path, "rb") as f:
-            yield from ijson.parse(DepthLimited(f, path), buf_size=BLOCK)
+            yield from ijson.parse(DepthLimited(f, path))
     except (ijson.JSONError, UnicodeDecodeError) as e:
         raise stream_error(path, e) from None
 
