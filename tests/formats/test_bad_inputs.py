@@ -226,6 +226,8 @@ IMPORTER_CASES = {
     "refcoco list image_id": ("refcoco", {"refs(unc).p": _refs([REF, {**REF, "ref_id": 1, "image_id": [1]}]),
                                           "instances.json": INSTANCES},
                               ("refs(unc).p", 1, "bad_field", "$.image_id")),
+    "refcoco ref without split": ("refcoco", {"refs(unc).p": _refs([REF, {k: v for k, v in REF.items() if k != "split"}]),
+                                              "instances.json": INSTANCES}, ("refs(unc).p", 1, "bad_field", "split")),
     "refcoco image without file_name": ("refcoco", {
         "refs(unc).p": _refs([REF, {**REF, "ref_id": 1, "image_id": 2}]),
         "instances.json": {**INSTANCES, "images": INSTANCES["images"] + [{"id": 2, "width": 64, "height": 48}]}},

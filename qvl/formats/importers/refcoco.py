@@ -37,6 +37,7 @@ class Sentence(msgspec.Struct):
 class Ref(msgspec.Struct):
     image_id: Id
     ann_id: Id
+    split: str  # a ref whose split cannot be read belongs to none: a reject
     sentences: Annotated[list[Sentence], msgspec.Meta(min_length=1, max_length=MAX_ITEMS)]
     ref_id: Id | None = None
 
