@@ -149,20 +149,12 @@ def _encodes(text: str) -> bool:
 
 
 def _check_length(plan: Plan, limit: int, per_token: int | None) -> None:
-    """A plan that must hold more than ``limit`` tokens is too long, known from its length in
-    characters (a token of the tokenizer covers at most ``per_token`` of them) before anything
+    """A plan whose text must make more than ``limit`` tokens is too long, known from its length
+    in characters (a token of the tokenizer covers at most ``per_token`` of them) before anything
     is encoded: a 100 MB turn costs nothing, and never reaches the tokenizer."""
-    if per_token is None:
-        return
-    chars = tokens = 0
-    for piece, _ in plan.pieces:
-        if isinstance(piece, str):
-            chars += len(piece)
-        else:
-            tokens += len(piece)
-    least = tokens + -(-chars // per_token)
-    if least > limit:
-        raise AnnotationError(f"at least {least:,} tokens > {limit} ({chars:,} characters of text)", "too_long")
+    if per_token is not None and plan.chars > limit * per_token:
+        raise AnnotationError(f"at least {-(-plan.chars // per_token):,} tokens > {limit} ({plan.chars:,} characters "
+                              "of text)", "too_long")
 
 
 def _curated_pair(row: dict) -> dict:

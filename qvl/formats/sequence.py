@@ -46,10 +46,12 @@ class Plan:
     source: str
     pieces: list = field(default_factory=list)  # (str | list[int], supervised)
     images: list[str] = field(default_factory=list)  # image references, in span order
+    chars: int = 0  # characters of text among the pieces: what the tokenizer will be given
 
     def text(self, text: str, supervised: bool) -> None:
         if text:
             self.pieces.append((text, supervised))
+            self.chars += len(text)
 
     def ids(self, ids: "list[int] | array", supervised: bool) -> None:
         self.pieces.append((ids if isinstance(ids, array) else array("i", ids), supervised))
@@ -94,6 +96,7 @@ class Plan:
                 self.pieces.append((array("i", [tok.special(piece)]), supervised))
             elif piece:
                 self.pieces.append((piece, supervised))
+                self.chars += len(piece)
 
 
 @dataclass
