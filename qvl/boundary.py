@@ -60,7 +60,8 @@ def convert(obj: Any, type_: type[T], reason: str = "bad_field") -> T:
         raise RecordError(str(e), reason) from None
     try:
         msgspec.json.encode(value)  # valid text encodes, in C: 6x faster than the walk on an SFT record
-    except Exception:  # a lone surrogate (or a value JSON cannot hold): the walk names the field, if text
+    except (UnicodeEncodeError, TypeError, RecursionError, msgspec.EncodeError):  # a lone surrogate, or a value
+        # JSON cannot hold: the walk names the field, if it is text
         _check_text(value, "$")
     return value
 

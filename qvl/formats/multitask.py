@@ -29,7 +29,15 @@ import msgspec
 
 from qvl.boundary import MAX_ITEMS, Coord, Count, Id, Side, convert
 from qvl.errors import RecordError
-from qvl.formats.boxes import AnnotationError, box_text, pixel_box, pixel_quad, quad_text, scale_box, scale_quad
+from qvl.formats.boxes import (
+    AnnotationError,
+    box_text,
+    pixel_box,
+    pixel_quad,
+    quad_text,
+    scale_box,
+    scale_quad,
+)
 from qvl.formats.families import Family
 from qvl.formats.sequence import Plan, Tag
 from qvl.formats.tokenizers import Tokenizer
@@ -156,7 +164,7 @@ class Record(msgspec.Struct, forbid_unknown_fields=True):
 _BOX_FIELD = re.compile(r"- at `\$\.(box|width|height|regions\[\d+\]\.boxes|lines\[\d+\]\.quad)\b")
 
 
-def decode(record: "dict | Record") -> Record:
+def decode(record: dict | Record) -> Record:
     """A record (decoded JSON, a parquet row, an importer's dict) as a typed ``Record``, or the
     reject that names the field: ``unknown_task``, ``bad_box`` (a coordinate or size),
     ``bad_text`` (invalid Unicode) or ``bad_sample``."""
@@ -373,15 +381,15 @@ def text(plan: Plan, record: Record, ctx: Context) -> None:
     plan.ids([ctx.tok.special(EOS)], True)
 
 
-def _typed(renderer: Callable[[Plan, Record, Context], None]) -> Callable[[Plan, "dict | Record", Context], None]:
+def _typed(renderer: Callable[[Plan, Record, Context], None]) -> Callable[[Plan, dict | Record, Context], None]:
     """A renderer that takes a raw record too (``qvl format export`` calls them), decoded first."""
     @functools.wraps(renderer)
-    def typed(plan: Plan, record: "dict | Record", ctx: Context) -> None:
+    def typed(plan: Plan, record: dict | Record, ctx: Context) -> None:
         renderer(plan, decode(record), ctx)
     return typed
 
 
-RENDERERS: dict[str, Callable[[Plan, "dict | Record", Context], None]] = {
+RENDERERS: dict[str, Callable[[Plan, dict | Record, Context], None]] = {
     "caption": _typed(caption),
     "vqa": _typed(vqa),
     "grounding": _typed(grounding),
@@ -392,7 +400,7 @@ RENDERERS: dict[str, Callable[[Plan, "dict | Record", Context], None]] = {
 }
 
 
-def render(record: "dict | Record", sample_id: str, ctx: Context) -> Plan:
+def render(record: dict | Record, sample_id: str, ctx: Context) -> Plan:
     record = decode(record)
     plan = Plan(sample_id, record.task, "multitask" if record.source is None else record.source)
     RENDERERS[record.task](plan, record, ctx)

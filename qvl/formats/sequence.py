@@ -19,7 +19,6 @@ from qvl.formats.tokenizers import IMG_END, IMG_START, Tokenizer
 from qvl.schemas.samples import IGNORE_INDEX
 
 
-
 def image_spans(text: str) -> Iterator[tuple[int, int, str]]:
     """(start, end, ref) of each ``<img>ref</img>`` span — the spans ``<img>(.*?)</img>`` finds —
     in one pass: that regex rescans to the end of the text from every ``<img>`` that has no

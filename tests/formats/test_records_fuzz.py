@@ -153,7 +153,7 @@ def test_sft_survives_hostile_records(tmp_path, images, lines, model):
 
 # ---------------------------------------------------------------- the scanners, against the regexes they replace
 
-_OLD_IMAGE = re.compile(r"<img>(.*?)</img>", re.S)
+_OLD_IMAGE = re.compile(r"<img>(.*?)</img>", re.DOTALL)
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
@@ -163,7 +163,7 @@ def test_image_spans_are_the_regexs_spans(text):
 
 
 _OLD_GROUNDED = re.compile(r"(?:<ref>(?P<ref>.*?)</ref>)?(?P<boxes>(?:<box>\(\s*\d+\s*,\s*\d+\s*\),\(\s*\d+\s*,\s*\d+"
-                           r"\s*\)</box>)+)", re.S)
+                           r"\s*\)</box>)+)", re.DOTALL)
 
 
 def _old_convert(text: str, fam, resized_of, previous_image=None) -> str:
