@@ -322,3 +322,16 @@ def test_text_longer_than_max_len_can_hold_is_rejected_before_tokenizing(tmp_pat
     assert {line: r["reason"] for line, r in rejects_of(tmp_path / "a").items()} == {2: "too_long"}
     run_cli("sft", src, tmp_path / "b", "--max-len", "20000")
     assert {line: r["reason"] for line, r in rejects_of(tmp_path / "b").items()} == {2: "untokenizable"}
+
+
+def test_a_lone_surrogate_in_a_key_or_where_no_text_belongs_is_bad_text(tmp_path, images):
+    src = write_jsonl(tmp_path / "ann.jsonl", [{**REC, "\ud800": 1}, {**REC, "width": "\ud800", "height": 48}, REC])
+    run_cli("multitask", src, tmp_path / "out", "--images", str(images), "--tokenizer", "bytes", "--image-tokens", "4")
+    assert {line: r["reason"] for line, r in rejects_of(tmp_path / "out").items()} == {1: "bad_text", 2: "bad_text"}
+    chat = write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": "hi", "\udfff": 0}, {"role": "assistant", "content": "x"}]},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "images": ["\ud800"]},
+        {"conversations": [{"from": "\ud800", "value": "hi"}]}])
+    run_cli("sft", chat, tmp_path / "sft", "--tokenizer", "bytes")
+    assert {line: r["reason"] for line, r in rejects_of(tmp_path / "sft").items()} == {
+        1: "bad_text", 2: "bad_text", 3: "bad_text"}

@@ -87,7 +87,7 @@ def mutated(draw, templates, extra_texts):
         paths = list(_paths(record))
         op = draw(st.sampled_from(["set", "set", "delete", "extra", "id"]))
         if op == "extra":
-            record[draw(st.sampled_from(["captoin", "meta", "width", "height", "lang", "box_format", "source"]))] = \
+            record[draw(st.sampled_from(["captoin", "\ud800", "width", "height", "lang", "box_format", "source"]))] = \
                 draw(st.sampled_from(HOSTILE + ["norm", "zh", 640]))
             continue
         if op == "id":
