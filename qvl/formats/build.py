@@ -70,7 +70,7 @@ class FormatSettings:
 # unbounded memory or time (a 10^9-token row, a 10^9-sample packing buffer).
 LIMITS = {"image_tokens": 1 << 16, "max_len": 1 << 20, "pack_to": 1 << 20, "pack_buffer": 1 << 20, "batch": 1 << 16,
           "shard_rows": 1 << 24, "max_pixels": 1 << 30}
-MAX_LINE_BYTES = 64 << 20  # a JSONL record: far past any conversation qvl can render
+MAX_LINE_BYTES = 64 << 20  # a JSONL record: far past any real one; a longer line is skipped unread
 MAX_JSON_BYTES = 2 << 30  # a .json list is parsed whole: a bigger one must be JSONL
 
 
