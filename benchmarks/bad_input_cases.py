@@ -1,6 +1,15 @@
 """Adversarial inputs at n times a base size, one function per case (run by bad_input_scaling.py):
 the time and peak memory must grow linearly in n, or not at all."""
 
+
+"""Adversarial inputs whose cost must grow linearly with their size: one function per case,
+each running the input at n times its base size (`bad_input_scaling.py` times them at 1x, 2x, 4x).
+
+`format sft` / `format multitask` cases (issue #19): turns of ``<img>`` or ``<ref>`` without
+their closers, ``<ref>`` labels without boxes, many boxes after one image, a turn of spaces,
+a caption of megabytes, an image file of gigabytes.
+"""
+
 from __future__ import annotations
 
 import json
@@ -65,3 +74,74 @@ if __name__ == "__main__":
             peak = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
             print(f"{case.__name__} {n}x: {elapsed:.2f} s, peak {peak / 2 ** 20:.1f} MiB")
+
+
+from PIL import Image
+
+from qvl.formats.build import FormatSettings, run_format
+
+
+def _sft(turn: str, model: str = "qwen-vl", max_len: int = 1 << 20, image: bool = False) -> None:
+    """One conversation whose user turn is ``turn``, rendered and tokenized (``max_len`` high
+    enough that it is not refused by its length)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        images = None
+        if image:
+            images = work / "images"
+            images.mkdir()
+            Image.new("RGB", (640, 480), "red").save(images / "a.png")
+        src = work / "chat.jsonl"
+        src.write_text(json.dumps({"conversations": [{"from": "user", "value": turn},
+                                                     {"from": "assistant", "value": "ok"}]}) + "\n")
+        run_format("sft", [src], work / "out", images, show_progress=False,
+                   settings=FormatSettings(model=model, max_len=max_len))
+
+
+def formats_sft_img_turn(n: int) -> None:
+    """200 KB x n of ``<img>`` with no ``</img>`` (was 25 s at 1x: the span regex rescanned)."""
+    _sft("<img>" * (40_000 * n))
+
+
+def formats_sft_ref_turn_qwen25(n: int) -> None:
+    """200 KB x n of ``<ref>`` for --model qwen2.5-vl (was 34 s at 1x)."""
+    _sft("<ref>" * (40_000 * n), "qwen2.5-vl")
+
+
+def formats_sft_refs_without_boxes_qwen25(n: int) -> None:
+    """``<ref>a</ref>`` 20,000 x n times, one box at the end: a lazy label ran on to it from every ref."""
+    _sft("<img>a.png</img>" + "<ref>a</ref> " * (20_000 * n) + "<box>(1,2),(3,4)</box>", "qwen2.5-vl", image=True)
+
+
+def formats_sft_boxes_after_image_qwen25(n: int) -> None:
+    """5,000 x n boxes after one image: each box searched the whole text before it for its image."""
+    _sft("<img>a.png</img>" + "<box>(1,2),(3,4)</box>" * (5_000 * n), "qwen2.5-vl", image=True)
+
+
+def formats_sft_spaces_turn(n: int) -> None:
+    """1 MB x n of spaces: tiktoken's regex gives up past ~1M; refused by its length, never encoded."""
+    _sft(" " * (1_000_000 * n), max_len=2048)
+
+
+def formats_multitask_long_caption(n: int) -> None:
+    """A caption of 4 MB x n: too long for --max-len by its length alone, never tokenized."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "images").mkdir()
+        Image.new("RGB", (64, 48)).save(work / "images" / "a.png")
+        src = work / "ann.jsonl"
+        src.write_text(json.dumps({"task": "caption", "image": "a.png", "caption": "word " * (800_000 * n)}) + "\n")
+        run_format("multitask", [src], work / "out", work / "images", show_progress=False)
+
+
+def formats_image_file_huge(n: int) -> None:
+    """An image file of 2.5 GB x n (sparse: no disk used) under --images: refused by its size, unread."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "images").mkdir()
+        with open(work / "images" / "huge.png", "wb") as f:
+            Image.new("RGB", (8, 8)).save(f, "PNG")
+            f.truncate(2_500_000_000 * n)
+        src = work / "ann.jsonl"
+        src.write_text(json.dumps({"task": "caption", "image": "huge.png", "caption": "x"}) + "\n")
+        run_format("multitask", [src], work / "out", work / "images", show_progress=False)

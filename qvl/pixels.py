@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import BinaryIO
 
 from PIL import Image
 
@@ -18,7 +19,44 @@ MAX_PIXELS = 64_000_000
 
 
 class BadImage(RecordError):
-    """The bytes are not a usable image; ``reason`` is ``too_many_pixels`` or ``corrupt_image``."""
+    """The bytes are not a usable image; ``reason`` is ``too_many_pixels``, ``corrupt_image`` or
+    ``file_too_large``."""
+
+
+def max_file_bytes(max_pixels: int = MAX_PIXELS) -> int:
+    """The largest image file worth reading: 4 bytes a pixel (8-bit RGBA, uncompressed) plus 16 MiB
+    of metadata. 272 MB at the default limit; a 2.5 GB file is refused unread."""
+    return 4 * max_pixels + (16 << 20)
+
+
+def read_file(f: BinaryIO, size: int, max_pixels: int = MAX_PIXELS) -> bytes:
+    """The bytes of an image file of ``size`` bytes, read only once its size and its header pass:
+    neither a huge file nor one whose header claims too many pixels is ever read whole."""
+    limit = max_file_bytes(max_pixels)
+    if size > limit:
+        raise BadImage(f"a file of {size:,} bytes, over the {limit:,} an image of at most {max_pixels / 1e6:g} Mpx "
+                       "can need", "file_too_large")
+    _header_size(f, max_pixels)
+    f.seek(0)
+    data = f.read(limit + 1)
+    if len(data) > limit:  # grown since its size was taken
+        raise BadImage(f"a file of more than {limit:,} bytes", "file_too_large")
+    return data
+
+
+def _header_size(f: BinaryIO, max_pixels: int) -> None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(f) as img:
+                width, height = img.size
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"over the limit of {max_pixels / 1e6:g} Mpx ({e})", "too_many_pixels") from None
+    except Exception as e:  # PIL raises many types for bad bytes (OSError, SyntaxError, ValueError...)
+        raise BadImage(f"not a decodable image ({type(e).__name__}: {e})"[:300], "corrupt_image") from None
+    if width * height > max_pixels:
+        raise BadImage(f"{width}x{height} = {width * height / 1e6:.0f} Mpx, over the limit of "
+                       f"{max_pixels / 1e6:g} Mpx", "too_many_pixels")
 
 
 def decoded_size(data: bytes, max_pixels: int = MAX_PIXELS, inspect=None):

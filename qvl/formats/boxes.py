@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from qvl.boundary import MAX_COORD
 from qvl.errors import RecordError
 
 BOX_FORMATS = ("xyxy", "xywh", "norm")
@@ -21,17 +22,19 @@ AnnotationError = RecordError
 
 
 def is_number(value) -> bool:
-    """An int or float from the record itself: JSON's ``"12"`` and ``true`` are not numbers."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """An int or float from the record itself within ±10^7 pixels: JSON's ``"12"`` and ``true``
+    are not numbers, nor NaN, infinity or a 10^400 integer (which ``float()`` cannot take)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and -MAX_COORD <= value <= MAX_COORD
 
 
 def _to_pixels_xyxy(box, width: int, height: int, box_format: str) -> list[float]:
     if box_format not in BOX_FORMATS:
         raise AnnotationError(f"unknown box_format {box_format!r} (use {', '.join(BOX_FORMATS)})")
     if not isinstance(box, (list, tuple)) or len(box) != 4:
-        raise AnnotationError(f"bad box {box!r}: expected 4 numbers", "bad_box")
+        raise AnnotationError(f"bad box {repr(box)[:200]}: expected 4 numbers", "bad_box")
     if not all(is_number(v) for v in box):
-        raise AnnotationError(f"bad box {box!r}: not numbers (strings and booleans are not coordinates)", "bad_box")
+        raise AnnotationError(f"bad box {str(box)[:200]}: not numbers (strings and booleans are not "
+                              "coordinates), or not finite and within ±10^7", "bad_box")
     x1, y1, a, b = (float(v) for v in box)
     if box_format == "xywh":
         return [x1, y1, x1 + a, y1 + b]
@@ -76,14 +79,14 @@ def normalize_box(box, width: int, height: int, box_format: str = "xyxy") -> tup
 def pixel_quad(quad, width: int, height: int, box_format: str = "xyxy") -> list[tuple[float, float]]:
     """Four checked corner points in pixels; ``norm`` input means 0-1 coordinates, anything else pixels."""
     if not isinstance(quad, (list, tuple)) or len(quad) != 4:
-        raise AnnotationError(f"bad quad {quad!r}: expected 4 points", "bad_box")
+        raise AnnotationError(f"bad quad {repr(quad)[:200]}: expected 4 points", "bad_box")
     points = []
     for point in quad:
         if not isinstance(point, (list, tuple)) or len(point) != 2:
-            raise AnnotationError(f"bad quad {quad!r}: a point is not [x, y]", "bad_box")
+            raise AnnotationError(f"bad quad {repr(quad)[:200]}: a point is not [x, y]", "bad_box")
         if not (is_number(point[0]) and is_number(point[1])):
-            raise AnnotationError(f"bad quad {quad!r}: not numbers (strings and booleans are not coordinates)",
-                                  "bad_box")
+            raise AnnotationError(f"bad quad {str(quad)[:200]}: not numbers (strings and booleans are "
+                                  "not coordinates), or not finite and within ±10^7", "bad_box")
         x, y = float(point[0]), float(point[1])
         if box_format == "norm":
             x, y = x * width, y * height

@@ -54,7 +54,24 @@ class FormatSettings:
         require(self.pack_to is None or self.pack_to >= 1, "pack_to", f"{self.pack_to}: must be >= 1")
         for key in ("pack_buffer", "batch", "shard_rows", "max_pixels"):
             require(getattr(self, key) >= 1, key, f"{getattr(self, key)}: must be >= 1")
+        for key, most in LIMITS.items():
+            value = getattr(self, key)
+            require(value is None or value <= most, key, f"{value}: must be <= {most:,}")
         require(self.model in MODELS, "model", f"{self.model!r}: use {', '.join(MODELS)}")
+        if self.model == "qwen-vl":
+            for key in ("min_image_pixels", "max_image_pixels"):
+                require(getattr(self, key) is None, key, "only for --model qwen2-vl, qwen2.5-vl or qwen3-vl "
+                                                         "(Qwen-VL's images are 448x448)")
+        else:
+            families.pixel_bounds(families.family(self.model), self.min_image_pixels, self.max_image_pixels)
+
+
+# Upper bounds of the settings: far past any real use, each keeps one number from asking for
+# unbounded memory or time (a 10^9-token row, a 10^9-sample packing buffer).
+LIMITS = {"image_tokens": 1 << 16, "max_len": 1 << 20, "pack_to": 1 << 20, "pack_buffer": 1 << 20, "batch": 1 << 16,
+          "shard_rows": 1 << 24, "max_pixels": 1 << 30}
+MAX_LINE_BYTES = 64 << 20  # a JSONL record: far past any real one; a longer line is skipped unread
+MAX_JSON_BYTES = 2 << 30  # a .json list is parsed whole: a bigger one must be JSONL
 
 
 class FormatInputError(QvlError):
@@ -63,7 +80,8 @@ class FormatInputError(QvlError):
 
 def iter_records(path: Path) -> Iterator[tuple[int, dict | AnnotationError]]:
     """(line, record) for JSONL (1-based lines), a JSON list (1-based item number), or
-    parquet (1-based row); a line that is not a JSON object yields an error instead."""
+    parquet (1-based row); a line that is not a JSON object, or longer than MAX_LINE_BYTES,
+    yields an error instead (the record's own fields are typed by its renderer)."""
     if not path.is_file():
         raise FormatInputError(f"{path}: no such file")
     suffix = path.suffix.lower()
@@ -79,26 +97,64 @@ def iter_records(path: Path) -> Iterator[tuple[int, dict | AnnotationError]]:
                 yield n, _curated_pair(row)
         return
     if suffix == ".json":
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise FormatInputError(f"{path}: {path.stat().st_size:,} bytes, over the {MAX_JSON_BYTES:,} a .json list "
+                                   "may have (it is read whole): write it as JSONL, one record a line")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise FormatInputError(f"{path}: not valid JSON ({e})") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: a >4300-digit number too
+            raise FormatInputError(f"{path}: not valid JSON ({str(e)[:200]})") from None
         if not isinstance(data, list):
             raise FormatInputError(f"{path}: a .json input must hold a list of records")
         for i, record in enumerate(data, start=1):
             yield i, record if isinstance(record, dict) else AnnotationError("not a JSON object", "malformed_json")
         return
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
+        n = 0
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            n += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):  # skipped, never held whole
+                    pass
+                yield n, AnnotationError(f"a line over {MAX_LINE_BYTES:,} bytes", "line_too_long")
+                continue
             if not raw.strip():
                 yield n, AnnotationError("empty line", "malformed_json")
                 continue
             try:
                 record = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                yield n, AnnotationError(f"not valid JSON: {e}", "malformed_json")
+            except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: a >4300-digit number too
+                yield n, AnnotationError(f"not valid JSON: {str(e)[:200]}", "malformed_json")
                 continue
             yield n, record if isinstance(record, dict) else AnnotationError("not a JSON object", "malformed_json")
+
+
+def _given_id(record: dict, default: str) -> str:
+    """The record's own id (text, or an integer) when it has a usable one, else ``default``;
+    a wrong one is the typed record's to reject — the reject needs an id it can write."""
+    given = record.get("id")
+    if isinstance(given, bool) or not isinstance(given, (str, int)) or given == "":
+        return default
+    if isinstance(given, int):
+        return str(given) if abs(given) < 1 << 63 else default
+    return given if given.isascii() or _encodes(given) else default
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _check_length(plan: Plan, limit: int, per_token: int | None) -> None:
+    """A plan whose text must make more than ``limit`` tokens is too long, known from its length
+    in characters (a token of the tokenizer covers at most ``per_token`` of them) before anything
+    is encoded: a 100 MB turn costs nothing, and never reaches the tokenizer."""
+    if per_token is not None and plan.chars > limit * per_token:
+        raise AnnotationError(f"at least {-(-plan.chars // per_token):,} tokens > {limit} ({plan.chars:,} characters "
+                              "of text)", "too_long")
 
 
 def _curated_pair(row: dict) -> dict:
@@ -223,9 +279,19 @@ def run_format(
         emit(_best_fit(buffers.pop(task, []), settings.pack_to))
 
     def process(batch: list[tuple[str, int, Plan]]) -> None:
-        encoded = assemble([plan for _, _, plan in batch], tok)
+        try:
+            pairs = list(zip(batch, assemble([plan for _, _, plan in batch], tok)))
+        except ValueError:  # the tokenizer refused a text (tiktoken: a run of 1M spaces): reject that one alone
+            pairs = []
+            for item in batch:
+                try:
+                    pairs.append((item, assemble([item[2]], tok)[0]))
+                except ValueError as e:
+                    writer.reject(item[0], item[1], item[2].id, "untokenizable",
+                                  f"the tokenizer refused a text: {str(e)[:200]}")
+                    rejected["untokenizable"] += 1
         ready = []
-        for (file, line, _), sample in zip(batch, encoded):
+        for (file, line, _), sample in pairs:
             n = len(sample.input_ids)
             if n > limit:
                 writer.reject(file, line, sample.id, "too_long", f"{n} tokens > {limit}")
@@ -267,8 +333,7 @@ def run_format(
                 try:
                     if isinstance(record, AnnotationError):
                         raise record
-                    if record.get("id") is not None:
-                        sample_id = str(record["id"])
+                    sample_id = _given_id(record, sample_id)
                     if sample_id in seen_ids:  # kept (the records differ), counted and shown
                         duplicates[sample_id] += 1
                     seen_ids.add(sample_id)
@@ -276,6 +341,7 @@ def run_format(
                         plan = chatml.render(chatml.parse(record), sample_id, tok, image_tokens, model, resized_of)
                     else:
                         plan = multitask.render(record, sample_id, ctx)
+                    _check_length(plan, limit, tok.max_token_chars)
                 except AnnotationError as e:
                     writer.reject(path, line, None if isinstance(record, AnnotationError) else sample_id,
                                   e.reason, str(e))

@@ -14,7 +14,11 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass
+from typing import Annotated
 
+import msgspec
+
+from qvl.boundary import MAX_ITEMS, Id, convert
 from qvl.formats import families
 from qvl.formats.boxes import AnnotationError
 from qvl.formats.families import Family
@@ -35,11 +39,60 @@ class Conversation:
     source: str
 
 
-def _role(value, where: str) -> str:
-    role = ROLE_ALIASES.get(value) if isinstance(value, str) else None
+# The input formats as typed records: keys a format does not use are ignored (real ShareGPT and
+# LLaVA files carry many), the ones it uses must have their type; text is valid Unicode.
+Paths = Annotated[list[str], msgspec.Meta(max_length=MAX_ITEMS)]
+
+
+class Part(msgspec.Struct):
+    """An OpenAI content part: ``{"type": "text", "text": …}``, or an image of any type."""
+
+    type: str
+    text: str | None = None
+
+
+class Message(msgspec.Struct):
+    role: str
+    content: str | Annotated[list[Part], msgspec.Meta(max_length=MAX_ITEMS)]
+
+
+class Turn(msgspec.Struct, rename={"from_": "from"}):
+    from_: str
+    value: str
+
+
+class Messages(msgspec.Struct):
+    """ShareGPT/OpenAI: ``messages`` of ``{role, content}`` plus ``images``."""
+
+    messages: Annotated[list[Message], msgspec.Meta(max_length=MAX_ITEMS)]
+    images: Paths | None = None
+    id: str | Id | None = None
+    source: str | None = None
+
+
+class Conversations(msgspec.Struct):
+    """Qwen-VL's own and LLaVA's: ``conversations`` of ``{from, value}`` plus ``image``."""
+
+    conversations: Annotated[list[Turn], msgspec.Meta(max_length=MAX_ITEMS)]
+    image: str | Paths | None = None
+    id: str | Id | None = None
+    source: str | None = None
+
+
+def _role(value: str, where: str) -> str:
+    role = ROLE_ALIASES.get(value)
     if role is None:
-        raise AnnotationError(f"unknown role {value!r} in {where} (use user/assistant/system, human/gpt)", "unknown_role")
+        shown = repr(value) if len(value) <= 40 else repr(value[:40]) + "..."
+        raise AnnotationError(f"unknown role {shown} in {where} (use user/assistant/system, human/gpt)", "unknown_role")
     return role
+
+
+def _text(part: Part) -> str:
+    if part.type != "text":
+        return PLACEHOLDER
+    if part.text is None:
+        raise AnnotationError("a text part without 'text'")
+    return part.text
 
 
 def _with_pictures(texts: list[str], images: list[str]) -> list[str]:
@@ -64,38 +117,18 @@ def parse(record: dict) -> Conversation:
     system prompt; a leading non-user turn after it dropped, as finetune.py does)."""
     if not isinstance(record, dict):
         raise AnnotationError("a conversation must be a JSON object")
-    source = str(record.get("source", "sft"))
     if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list):
-            raise AnnotationError("'messages' must be a list")
-        turns = []
-        for m in messages:
-            if not isinstance(m, dict):
-                raise AnnotationError("a message must be an object with role and content")
-            content = m.get("content")
-            if isinstance(content, list):  # OpenAI parts: text and images
-                content = "".join(p.get("text", "") if p.get("type") == "text" else PLACEHOLDER
-                                  for p in content if isinstance(p, dict))
-            if not isinstance(content, str):
-                raise AnnotationError("message content must be text")
-            turns.append((_role(m.get("role"), "messages"), content))
-        images = record.get("images") or []
+        typed = convert(record, Messages, "bad_sample")
+        turns = [(_role(m.role, "messages"), m.content if isinstance(m.content, str)
+                  else "".join(_text(p) for p in m.content))  # OpenAI parts: text and images
+                 for m in typed.messages]
+        images = typed.images or []
     elif "conversations" in record:
-        conv = record["conversations"]
-        if not isinstance(conv, list):
-            raise AnnotationError("'conversations' must be a list")
-        turns = []
-        for m in conv:
-            if not isinstance(m, dict) or not isinstance(m.get("value"), str):
-                raise AnnotationError("a turn must be an object with 'from' and a text 'value'")
-            turns.append((_role(m.get("from"), "conversations"), m["value"]))
-        image = record.get("image")
-        images = [image] if isinstance(image, str) else (image or [])
+        typed = convert(record, Conversations, "bad_sample")
+        turns = [(_role(m.from_, "conversations"), m.value) for m in typed.conversations]
+        images = [typed.image] if isinstance(typed.image, str) else (typed.image or [])
     else:
         raise AnnotationError("no 'conversations' or 'messages' field")
-    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-        raise AnnotationError("images must be a list of paths or URLs")
     if images or any(PLACEHOLDER in t for _, t in turns):
         texts = _with_pictures([t for _, t in turns], images)
         turns = [(r, t) for (r, _), t in zip(turns, texts)]
@@ -108,8 +141,8 @@ def parse(record: dict) -> Conversation:
         turns = turns[1:]
     if not turns:
         raise AnnotationError("no turns")
-    sample_id = record.get("id")
-    return Conversation(str(sample_id) if sample_id is not None else None, system, turns, source)
+    return Conversation(None if typed.id is None else str(typed.id), system, turns,
+                        "sft" if typed.source is None else typed.source)
 
 
 def render(conv: Conversation, sample_id: str, tok: Tokenizer, image_tokens, model: Family | None = None,

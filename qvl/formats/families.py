@@ -24,12 +24,15 @@ from __future__ import annotations
 import json
 import math
 import re
+from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from qvl.formats.boxes import AnnotationError
+from qvl.formats.sequence import image_spans
+from qvl.recipes import SettingError
 
 QWEN2_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                   "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
@@ -101,9 +104,10 @@ def reference_processor(name: str, folder: Path, min_pixels: int | None = None, 
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=hf, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.image_token = "<|image_pad|>"
     patch = 16 if name == "qwen3-vl" else 14
+    low, high = pixel_bounds(fam, min_pixels, max_pixels)
     images = Qwen2VLImageProcessor(
         patch_size=patch, merge_size=2, temporal_patch_size=2, image_mean=MEAN, std=STD, image_std=STD,
-        size={"shortest_edge": min_pixels or fam.min_pixels, "longest_edge": max_pixels or fam.max_pixels})
+        size={"shortest_edge": low, "longest_edge": high})
     cls, video = (Qwen3VLProcessor, Qwen3VLVideoProcessor) if name == "qwen3-vl" else \
         (Qwen2VLProcessor, Qwen2VLVideoProcessor)
     template = QWEN3_TEMPLATE if name == "qwen3-vl" else QWEN2_TEMPLATE
@@ -120,8 +124,29 @@ def check_tokenizer(tok, fam: Family) -> None:
                          "order); give the family's own tokenizer.json or none")
 
 
+MAX_RESIZED_PIXELS = 1 << 30  # --max-image-pixels: far past any family's released bound (16.8 Mpx)
+
+
+def pixel_bounds(fam: Family, min_pixels: int | None = None, max_pixels: int | None = None) -> tuple[int, int]:
+    """(min, max) resized area: the given bounds (None: the released processor's), checked —
+    at least one merged patch (``factor``²), at most 2^30 pixels, min not above max."""
+    low = fam.factor * fam.factor
+    for key, value in (("min_image_pixels", min_pixels), ("max_image_pixels", max_pixels)):
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                      and low <= value <= MAX_RESIZED_PIXELS):
+            raise SettingError(key, f"{value}: must be an integer from {low} (one {fam.factor}x{fam.factor} patch of "
+                                    f"{fam.name}) to {MAX_RESIZED_PIXELS}")
+    lo = fam.min_pixels if min_pixels is None else min_pixels
+    hi = fam.max_pixels if max_pixels is None else max_pixels
+    if lo > hi:
+        raise SettingError("min_image_pixels", f"{lo} is above max_image_pixels {hi}")
+    return lo, hi
+
+
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """The processors' resize: sides multiples of ``factor``, area within the bounds."""
+    if min(height, width) < 1:
+        raise AnnotationError(f"image {width}x{height}: a side of no pixels", "bad_image_size")
     if max(height, width) / min(height, width) > 200:
         raise AnnotationError(f"image {width}x{height}: aspect ratio over 200", "bad_image_size")
     h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
@@ -138,7 +163,7 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 def image_tokens(fam: Family, width: int, height: int, min_pixels: int | None = None,
                  max_pixels: int | None = None) -> tuple[int, tuple[int, int]]:
     """(N, (resized width, resized height)) for an image of this size."""
-    h, w = smart_resize(height, width, fam.factor, min_pixels or fam.min_pixels, max_pixels or fam.max_pixels)
+    h, w = smart_resize(height, width, fam.factor, *pixel_bounds(fam, min_pixels, max_pixels))
     return (h // fam.factor) * (w // fam.factor), (w, h)
 
 
@@ -172,10 +197,12 @@ def mrope_positions(ids: np.ndarray, image_pad: int, grids: list[tuple[int, int]
 
 _PICTURE = re.compile(r"Picture \d+: (?=<img>)")
 _AFTER_IMAGE = re.compile(r"(</img>)\n")
-_GROUNDED = re.compile(r"(?:<ref>(?P<ref>.*?)</ref>)?(?P<boxes>(?:<box>\(\s*\d+\s*,\s*\d+\s*\),\(\s*\d+\s*,\s*\d+\s*\)</box>)+)",
-                       re.S)
+# A label is what lies between <ref> and </ref> holding neither (``[^<]*(?:<(?!/?ref>)[^<]*)*``
+# cannot backtrack): a lazy ``.*?`` would run on past a </ref> without a box, to the end of the
+# text from every <ref> — quadratic in a turn of ``<ref><ref>…``.
+_GROUNDED = re.compile(r"(?:<ref>(?P<ref>[^<]*(?:<(?!/?ref>)[^<]*)*)</ref>)?"
+                       r"(?P<boxes>(?:<box>\(\s*\d+\s*,\s*\d+\s*\),\(\s*\d+\s*,\s*\d+\s*\)</box>)+)")
 _BOX = re.compile(r"<box>\(\s*(\d+)\s*,\s*(\d+)\s*\),\(\s*(\d+)\s*,\s*(\d+)\s*\)</box>")
-_IMAGE = re.compile(r"<img>(.*?)</img>", re.S)
 
 
 def strip_picture_labels(text: str) -> str:
@@ -199,16 +226,20 @@ def convert(text: str, fam: Family, resized_of, previous_image: str | None = Non
             text = text.replace(old, new)
         return text
 
+    spans = list(image_spans(text))  # a box's image: the last span that ends before it
+    ends = [end for _, end, _ in spans]
+
     def json_boxes(match: re.Match) -> str:
         label = match.group("ref")
-        images = [previous_image] * (previous_image is not None) + _IMAGE.findall(text[:match.start()])
+        before = bisect_right(ends, match.start())
+        image = spans[before - 1][2] if before else previous_image
         out = []
         for box in _BOX.findall(match.group("boxes")):
             coords = [int(v) for v in box]
             if fam.boxes == "json_pixels":
-                if not images:
+                if image is None:
                     raise AnnotationError("a box before any image: no pixels to give it", "bad_box")
-                w, h = resized_of(images[-1].strip())
+                w, h = resized_of(image.strip())
                 coords = [round(coords[0] / 1000 * w), round(coords[1] / 1000 * h), round(coords[2] / 1000 * w),
                           round(coords[3] / 1000 * h)]
             out.append(json.dumps({"bbox_2d": coords, **({"label": label} if label is not None else {})},

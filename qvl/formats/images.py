@@ -3,8 +3,9 @@ img2dataset output for URLs. Nothing is ever fetched while formatting."""
 
 from __future__ import annotations
 
+import os
 import tarfile
-from functools import lru_cache
+from collections import OrderedDict
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -19,27 +20,44 @@ class ImageStore:
         self.downloads = downloads
         self.max_pixels = max_pixels
         self._url_index: dict[str, tuple[Path, str]] | None = None
-        # a grounding sample asks for the size, then the bytes: read and verify each image once
-        self._load = lru_cache(maxsize=64)(self._load_uncached)
+        # a grounding sample asks for the size, then the bytes: read and verify each image once,
+        # keeping the most recent ones up to CACHE_BYTES (64 images of 272 MB would be 17 GB)
+        self._cache: OrderedDict[str, tuple[bytes, tuple[int, int]]] = OrderedDict()
+        self._cached_bytes = 0
+
+    CACHE_BYTES = 256 << 20
+
+    def _load(self, ref: str) -> tuple[bytes, tuple[int, int]]:
+        hit = self._cache.get(ref)
+        if hit is not None:
+            self._cache.move_to_end(ref)
+            return hit
+        loaded = self._load_uncached(ref)
+        if len(loaded[0]) <= self.CACHE_BYTES:
+            self._cache[ref] = loaded
+            self._cached_bytes += len(loaded[0])
+            while self._cached_bytes > self.CACHE_BYTES or len(self._cache) > 64:
+                self._cached_bytes -= len(self._cache.popitem(last=False)[1][0])
+        return loaded
 
     def _path(self, ref: str) -> Path:
         if self.root is None:
-            raise AnnotationError(f"image {ref!r}: no --images folder given", "missing_image")
+            raise AnnotationError(f"image {_short(ref)}: no --images folder given", "missing_image")
         if not ref or "\x00" in ref or any(ord(c) < 32 for c in ref):
-            raise AnnotationError(f"image {ref!r}: not a usable path (empty, or a control character in it)",
+            raise AnnotationError(f"image {_short(ref)}: not a usable path (empty, or a control character in it)",
                                   "unsafe_image_path")
         candidate = Path(ref)
         if candidate.is_absolute() or ".." in candidate.parts:
-            raise AnnotationError(f"image {ref!r}: must be a relative path inside --images", "unsafe_image_path")
+            raise AnnotationError(f"image {_short(ref)}: must be a relative path inside --images", "unsafe_image_path")
         try:
             resolved = (self.root / candidate).resolve()
             is_file = resolved.is_file()
         except OSError as e:  # a name too long, a loop of links...
-            raise AnnotationError(f"image {ref!r}: not a usable path ({e.strerror})", "unsafe_image_path") from None
+            raise AnnotationError(f"image {_short(ref)}: not a usable path ({e.strerror})", "unsafe_image_path") from None
         if not resolved.is_relative_to(self.root):
-            raise AnnotationError(f"image {ref!r}: resolves outside --images (a symlink out?)", "unsafe_image_path")
+            raise AnnotationError(f"image {_short(ref)}: resolves outside --images (a symlink out?)", "unsafe_image_path")
         if not is_file:
-            raise AnnotationError(f"image {ref!r}: missing under {self.root}", "missing_image")
+            raise AnnotationError(f"image {_short(ref)}: missing under {self.root}", "missing_image")
         return resolved
 
     def _index(self) -> dict[str, tuple[Path, str]]:
@@ -75,20 +93,33 @@ class ImageStore:
         if ref.startswith(("http://", "https://")):
             found = self._index().get(ref)
             if found is None:
-                raise AnnotationError(f"image {ref!r}: URL not in the local img2dataset output (--downloads)", "missing_image")
+                raise AnnotationError(f"image {_short(ref)}: URL not in the local img2dataset output (--downloads)",
+                                      "missing_image")
             tar, member = found
             try:
                 with tarfile.open(tar) as t:
-                    data = t.extractfile(member).read()
-            except (OSError, KeyError, tarfile.TarError) as e:
-                raise AnnotationError(f"image {ref!r}: cannot read {member} from {tar} ({e})", "missing_image") from None
+                    info = t.getmember(member)
+                    data = pixels.read_file(t.extractfile(info), info.size, self.max_pixels)
+            except pixels.BadImage as e:
+                raise AnnotationError(f"image {_short(ref)}: {e}", e.reason) from None
+            except (OSError, KeyError, AttributeError, tarfile.TarError) as e:  # AttributeError: not a file member
+                raise AnnotationError(f"image {_short(ref)}: cannot read {member} from {tar} ({e})",
+                                      "missing_image") from None
         else:
             path = self._path(ref)
             try:
-                data = path.read_bytes()
+                with open(path, "rb") as f:
+                    data = pixels.read_file(f, os.fstat(f.fileno()).st_size, self.max_pixels)
+            except pixels.BadImage as e:
+                raise AnnotationError(f"image {_short(ref)}: {e}", e.reason) from None
             except OSError as e:
-                raise AnnotationError(f"image {ref!r}: cannot read {path} ({e.strerror})", "missing_image") from None
+                raise AnnotationError(f"image {_short(ref)}: cannot read {path} ({e.strerror})", "missing_image") from None
         try:
             return data, pixels.decoded_size(data, self.max_pixels)
         except pixels.BadImage as e:
-            raise AnnotationError(f"image {ref!r}: {e}", e.reason) from None
+            raise AnnotationError(f"image {_short(ref)}: {e}", e.reason) from None
+
+
+def _short(ref: str) -> str:
+    """An image reference for a message: a 5000-character name is not repeated in full."""
+    return repr(ref) if len(ref) <= 200 else repr(ref[:200]) + "..."

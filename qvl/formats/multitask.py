@@ -18,14 +18,26 @@ from the pixel boxes and the image's real and resized sizes), the loss on the an
 
 from __future__ import annotations
 
+import functools
 import json
-import math
+import re
 from array import array
 from dataclasses import dataclass
-from typing import Callable
+from typing import Annotated, Any, Callable
 
-from qvl.formats.boxes import (AnnotationError, box_text, is_number, pixel_box, pixel_quad, quad_text, scale_box,
-                             scale_quad)
+import msgspec
+
+from qvl.boundary import MAX_ITEMS, Coord, Count, Id, Side, convert
+from qvl.errors import RecordError
+from qvl.formats.boxes import (
+    AnnotationError,
+    box_text,
+    pixel_box,
+    pixel_quad,
+    quad_text,
+    scale_box,
+    scale_quad,
+)
 from qvl.formats.families import Family
 from qvl.formats.sequence import Plan, Tag
 from qvl.formats.tokenizers import Tokenizer
@@ -111,31 +123,103 @@ class Context:
                           ensure_ascii=False)
 
 
+Box = Annotated[list[Coord], msgspec.Meta(min_length=4, max_length=4)]
+Point = Annotated[list[Coord], msgspec.Meta(min_length=2, max_length=2)]
+
+
+class Region(msgspec.Struct, forbid_unknown_fields=True):
+    span: Annotated[list[Count], msgspec.Meta(min_length=2, max_length=2)]
+    boxes: Annotated[list[Box], msgspec.Meta(max_length=MAX_ITEMS)]
+
+
+class Line(msgspec.Struct, forbid_unknown_fields=True):
+    text: str
+    quad: Annotated[list[Point], msgspec.Meta(min_length=4, max_length=4)]
+
+
+class Record(msgspec.Struct, forbid_unknown_fields=True):
+    """One multitask record, every task's fields: which ones a task needs its renderer checks.
+    An unknown key is refused (a misspelt ``box_format`` or ``lang`` would silently change the
+    sample); numbers are bounded, so no 10^400 or NaN reaches the box arithmetic."""
+
+    task: str
+    id: str | Id | None = None
+    source: str | None = None
+    image: str | None = None
+    lang: str | None = None
+    caption: str | None = None
+    question: str | None = None
+    answer: str | None = None
+    ref: str | None = None
+    text: str | None = None
+    regions: Annotated[list[Region], msgspec.Meta(max_length=MAX_ITEMS)] | None = None
+    box: Box | None = None
+    lines: Annotated[list[Line], msgspec.Meta(max_length=MAX_ITEMS)] | None = None
+    box_format: str | None = None
+    width: Side | None = None
+    height: Side | None = None
+
+
+# a type error in these fields is a bad box, as the box checks of boxes.py call theirs
+_BOX_FIELD = re.compile(r"- at `\$\.(box|width|height|regions\[\d+\]\.boxes|lines\[\d+\]\.quad)\b")
+
+
+def decode(record: dict | Record) -> Record:
+    """A record (decoded JSON, a parquet row, an importer's dict) as a typed ``Record``, or the
+    reject that names the field: ``unknown_task``, ``bad_box`` (a coordinate or size),
+    ``bad_text`` (invalid Unicode) or ``bad_sample``."""
+    if isinstance(record, Record):
+        return record
+    task = record.get("task") if isinstance(record, dict) else None
+    if not isinstance(task, str) or task not in RENDERERS:
+        raise AnnotationError(f"unknown task {_short(task)} (use {', '.join(RENDERERS)})", "unknown_task")
+    try:
+        return convert(record, Record, "bad_sample")
+    except RecordError as e:
+        if e.reason == "bad_sample" and _BOX_FIELD.search(str(e)):
+            raise AnnotationError(str(e), "bad_box") from None
+        raise
+
+
+def _short(value: Any) -> str:
+    """A value for a message, never longer than a line."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def json_list(objects: list[str]) -> str:
     """The newer families' detection answer: a fenced JSON list, one object a line."""
     return "```json\n[\n\t" + ",\n\t".join(objects) + "\n]\n```"
 
 
-def _field(record: dict, name: str, kind=str):
-    value = record.get(name)
-    if value is None or (kind is str and not isinstance(value, str)) or (kind is list and not isinstance(value, list)):
-        raise AnnotationError(f"missing or bad field {name!r} (expected {kind.__name__})")
+def _field(record, name: str, kind=str):
+    """A field the task needs (its type is the Record's): present, and text not blank."""
+    value = getattr(record, name)
+    if value is None:
+        raise AnnotationError(f"missing field {name!r} (expected {kind.__name__})")
     if kind is str and not value.strip():
         raise AnnotationError(f"empty field {name!r}")
     return value
 
 
-def _size(record: dict, ctx: Context) -> tuple[int, int]:
-    width, height = record.get("width"), record.get("height")
-    if width is not None or height is not None:  # the record's own size, when it gives one: checked
-        if not (is_number(width) and is_number(height) and width >= 1 and height >= 1
-                and math.isfinite(width) and math.isfinite(height)):
-            raise AnnotationError(f"bad image size width={width!r} height={height!r}", "bad_box")
+def _size(record: Record, ctx: Context) -> tuple[int, int]:
+    """The image's real size, which the boxes are normalised with. A record that gives its own
+    size must give the real one: boxes given for another size (a resized copy, another image)
+    would come out wrong, so a disagreement is ``size_mismatch`` rather than a guess at which
+    size the boxes meant. Normalised (``norm``) boxes do not depend on it."""
+    width, height = ctx.image_size(_field(record, "image"))
+    if record.width is None and record.height is None:
         return width, height
-    return ctx.image_size(_field(record, "image"))
+    if record.width is None or record.height is None:
+        raise AnnotationError(f"bad image size width={record.width!r} height={record.height!r}: give both or "
+                              "neither", "bad_box")
+    if record.box_format != "norm" and (record.width, record.height) != (width, height):
+        raise AnnotationError(f"the record says the image is {record.width:g}x{record.height:g}, but "
+                              f"{_short(record.image)} is {width}x{height}", "size_mismatch")
+    return width, height
 
 
-def _start(plan: Plan, record: dict, ctx: Context) -> None:
+def _start(plan: Plan, record: Record, ctx: Context) -> None:
     """Qwen-VL: the image first. A newer family: its system turn (if it has a default), then the
     user's turn opening with the image."""
     if ctx.model is not None:
@@ -178,21 +262,21 @@ def _end(plan: Plan, ctx: Context) -> None:
         plan.ids([ctx.tok.special(EOS)], True)
 
 
-def _lang(record: dict) -> str:
-    lang = record.get("lang", "en")
+def _lang(record: Record) -> str:
+    lang = "en" if record.lang is None else record.lang
     if lang not in CAPTION_PROMPT:
-        raise AnnotationError(f"unknown lang {lang!r} (use en or zh)")
+        raise AnnotationError(f"unknown lang {_short(lang)} (use en or zh)")
     return lang
 
 
-def caption(plan: Plan, record: dict, ctx: Context) -> None:
+def caption(plan: Plan, record: Record, ctx: Context) -> None:
     _start(plan, record, ctx)
     _prompt(plan, ctx, [CAPTION_PROMPT[_lang(record)]])
     _target(plan, ctx, [ctx.lead + _field(record, "caption").strip()])
     _end(plan, ctx)
 
 
-def vqa(plan: Plan, record: dict, ctx: Context) -> None:
+def vqa(plan: Plan, record: Record, ctx: Context) -> None:
     question = _field(record, "question").strip()
     _start(plan, record, ctx)
     _prompt(plan, ctx, [" " + question + " Answer:" if ctx.model is None else question])
@@ -200,23 +284,19 @@ def vqa(plan: Plan, record: dict, ctx: Context) -> None:
     _end(plan, ctx)
 
 
-def grounding(plan: Plan, record: dict, ctx: Context) -> None:
+def grounding(plan: Plan, record: Record, ctx: Context) -> None:
     """Caption with ``<ref>phrase</ref><box>…</box>`` at the character spans of its regions."""
     text = _field(record, "caption")
     regions = _field(record, "regions", list)
     image = _field(record, "image")
     width, height = _size(record, ctx)
-    fmt = record.get("box_format", "xyxy")
+    fmt = _box_format(record)
     spans = []
     for region in regions:
-        span = region.get("span") if isinstance(region, dict) else None
-        boxes = region.get("boxes") if isinstance(region, dict) else None
-        if not (isinstance(span, list) and len(span) == 2
-                and all(isinstance(v, int) and not isinstance(v, bool) for v in span)):
-            raise AnnotationError(f"bad region span {span!r}: expected [start, end] character offsets")
+        span, boxes = region.span, region.boxes
         if not (0 <= span[0] < span[1] <= len(text)):
             raise AnnotationError(f"bad region span {span!r} for a caption of {len(text)} characters")
-        if not isinstance(boxes, list) or not boxes:
+        if not boxes:
             raise AnnotationError(f"region {span} has no boxes")
         spans.append((span[0], span[1], tuple(pixel_box(b, width, height, fmt) for b in boxes)))
     spans.sort()
@@ -236,10 +316,10 @@ def grounding(plan: Plan, record: dict, ctx: Context) -> None:
     _end(plan, ctx)
 
 
-def ref_grounding(plan: Plan, record: dict, ctx: Context) -> None:
+def ref_grounding(plan: Plan, record: Record, ctx: Context) -> None:
     width, height = _size(record, ctx)
     image = _field(record, "image")
-    box = pixel_box(_field(record, "box", list), width, height, record.get("box_format", "xyxy"))
+    box = pixel_box(_field(record, "box", list), width, height, _box_format(record))
     ref = _field(record, "ref").strip()
     _start(plan, record, ctx)
     if ctx.model is None or ctx.model.boxes == "tokens":
@@ -252,10 +332,10 @@ def ref_grounding(plan: Plan, record: dict, ctx: Context) -> None:
     _end(plan, ctx)
 
 
-def grounded_caption(plan: Plan, record: dict, ctx: Context) -> None:
+def grounded_caption(plan: Plan, record: Record, ctx: Context) -> None:
     width, height = _size(record, ctx)
     image = _field(record, "image")
-    box = pixel_box(_field(record, "box", list), width, height, record.get("box_format", "xyxy"))
+    box = pixel_box(_field(record, "box", list), width, height, _box_format(record))
     caption_text = _field(record, "caption").strip()
     _start(plan, record, ctx)
     if ctx.model is None or ctx.model.boxes == "tokens":
@@ -270,18 +350,16 @@ def grounded_caption(plan: Plan, record: dict, ctx: Context) -> None:
     _end(plan, ctx)
 
 
-def ocr(plan: Plan, record: dict, ctx: Context) -> None:
+def ocr(plan: Plan, record: Record, ctx: Context) -> None:
     lines = _field(record, "lines", list)
     if not lines:
         raise AnnotationError("no OCR lines")
     image = _field(record, "image")
     width, height = _size(record, ctx)
-    fmt = record.get("box_format", "xyxy")
+    fmt = _box_format(record)
     target = []
     for line in lines:
-        if not isinstance(line, dict):
-            raise AnnotationError(f"bad OCR line {line!r}")
-        target.append(Boxes(_field(line, "text"), tuple(pixel_quad(line.get("quad"), width, height, fmt)),
+        target.append(Boxes(_field(line, "text"), tuple(pixel_quad(line.quad, width, height, fmt)),
                             (width, height), image, quad=True))
     _start(plan, record, ctx)
     if ctx.model is None or ctx.model.boxes == "tokens":
@@ -293,27 +371,37 @@ def ocr(plan: Plan, record: dict, ctx: Context) -> None:
     _end(plan, ctx)
 
 
-def text(plan: Plan, record: dict, ctx: Context) -> None:
+def _box_format(record: Record) -> str:
+    return "xyxy" if record.box_format is None else record.box_format
+
+
+def text(plan: Plan, record: Record, ctx: Context) -> None:
     """Pure text, for every model: language-model pre-training text ending in ``<|endoftext|>``."""
     plan.structured([_field(record, "text")], True, ctx.tok)
     plan.ids([ctx.tok.special(EOS)], True)
 
 
-RENDERERS: dict[str, Callable[[Plan, dict, Context], None]] = {
-    "caption": caption,
-    "vqa": vqa,
-    "grounding": grounding,
-    "ref_grounding": ref_grounding,
-    "grounded_caption": grounded_caption,
-    "ocr": ocr,
-    "text": text,
+def _typed(renderer: Callable[[Plan, Record, Context], None]) -> Callable[[Plan, dict | Record, Context], None]:
+    """A renderer that takes a raw record too (``qvl format export`` calls them), decoded first."""
+    @functools.wraps(renderer)
+    def typed(plan: Plan, record: dict | Record, ctx: Context) -> None:
+        renderer(plan, decode(record), ctx)
+    return typed
+
+
+RENDERERS: dict[str, Callable[[Plan, dict | Record, Context], None]] = {
+    "caption": _typed(caption),
+    "vqa": _typed(vqa),
+    "grounding": _typed(grounding),
+    "ref_grounding": _typed(ref_grounding),
+    "grounded_caption": _typed(grounded_caption),
+    "ocr": _typed(ocr),
+    "text": _typed(text),
 }
 
 
-def render(record: dict, sample_id: str, ctx: Context) -> Plan:
-    task = record.get("task")
-    if task not in RENDERERS:
-        raise AnnotationError(f"unknown task {task!r} (use {', '.join(RENDERERS)})", "unknown_task")
-    plan = Plan(sample_id, task, str(record.get("source", "multitask")))
-    RENDERERS[task](plan, record, ctx)
+def render(record: dict | Record, sample_id: str, ctx: Context) -> Plan:
+    record = decode(record)
+    plan = Plan(sample_id, record.task, "multitask" if record.source is None else record.source)
+    RENDERERS[record.task](plan, record, ctx)
     return plan

@@ -8,18 +8,28 @@ overhead) and lays ids and labels side by side, so a mask can never drift from i
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from array import array
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
 from qvl.formats.tokenizers import IMG_END, IMG_START, Tokenizer
 from qvl.schemas.samples import IGNORE_INDEX
 
-_IMAGE_SPAN = re.compile(re.escape(IMG_START) + r"(.*?)" + re.escape(IMG_END), re.S)
+
+def image_spans(text: str) -> Iterator[tuple[int, int, str]]:
+    """(start, end, ref) of each ``<img>ref</img>`` span — the spans ``<img>(.*?)</img>`` finds —
+    in one pass: that regex rescans to the end of the text from every ``<img>`` that has no
+    ``</img>``, quadratic in a turn of ``<img><img>…``."""
+    pos = 0
+    while (start := text.find(IMG_START, pos)) >= 0:
+        close = text.find(IMG_END, start + len(IMG_START))
+        if close < 0:
+            return
+        yield start, close + len(IMG_END), text[start + len(IMG_START):close]
+        pos = close + len(IMG_END)
 
 
 class Tag(str):
@@ -35,10 +45,12 @@ class Plan:
     source: str
     pieces: list = field(default_factory=list)  # (str | list[int], supervised)
     images: list[str] = field(default_factory=list)  # image references, in span order
+    chars: int = 0  # characters of text among the pieces: what the tokenizer will be given
 
     def text(self, text: str, supervised: bool) -> None:
         if text:
             self.pieces.append((text, supervised))
+            self.chars += len(text)
 
     def ids(self, ids: "list[int] | array", supervised: bool) -> None:
         self.pieces.append((ids if isinstance(ids, array) else array("i", ids), supervised))
@@ -48,10 +60,10 @@ class Plan:
         special ids, everything else (control tokens included) plain text."""
         text = unicodedata.normalize("NFC", text)
         pos = 0
-        for match in _IMAGE_SPAN.finditer(text):
-            self._tagged(text[pos:match.start()], supervised, tok)
-            self.image(match.group(1).strip(), supervised, tok, image_tokens)
-            pos = match.end()
+        for start, end, ref in image_spans(text):
+            self._tagged(text[pos:start], supervised, tok)
+            self.image(ref.strip(), supervised, tok, image_tokens)
+            pos = end
         self._tagged(text[pos:], supervised, tok)
 
     def structured(self, segments: list, supervised: bool, tok: Tokenizer) -> None:
@@ -83,6 +95,7 @@ class Plan:
                 self.pieces.append((array("i", [tok.special(piece)]), supervised))
             elif piece:
                 self.pieces.append((piece, supervised))
+                self.chars += len(piece)
 
 
 @dataclass

@@ -50,6 +50,9 @@ class Tokenizer:
     name: str
     vocab_size: int
     specials: dict[str, int]
+    # the most characters one token of plain text can cover, where that is known: a text longer
+    # than this many times --max-len is too long without being encoded (None: not known)
+    max_token_chars: int | None = None
 
     def encode_text(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -128,6 +131,7 @@ class QwenTokenizer(Tokenizer):
 
             self.specials = {tok: QWEN_SPECIAL_START + i for i, tok in enumerate(family(model).specials)}
         self._enc = tiktoken.Encoding(model, pat_str=QWEN_PATTERN, mergeable_ranks=ranks, special_tokens=self.specials)
+        self.max_token_chars = max(map(len, ranks))  # bytes, and a character is at least one (128 for qwen.tiktoken)
         self.name = model
         self.vocab_size = QWEN_VOCAB_SIZE
         self._pad = self.specials.get(IMG_PAD, self.specials.get("<|image_pad|>"))
@@ -178,6 +182,7 @@ class ByteTokenizer(Tokenizer):
         self._names = {v: k for k, v in self.specials.items()}
         self.name = "bytes"
         self.vocab_size = 256 + len(SPECIAL_TOKENS)
+        self.max_token_chars = 1
 
     def encode_text(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))

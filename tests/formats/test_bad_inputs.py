@@ -333,3 +333,178 @@ def test_deeply_nested_streamed_json_is_one_error_not_the_machine(tmp_path, imag
                                  if layout == "visual-genome" else [])
     message = one_line_error(_from(layout, files, images, tmp_path / "out"))
     assert f"{tmp_path / name}: JSON nested more than 64 deep" in message
+
+
+# ---------------------------------------------------------------- issue #19: typed records, bounded work
+
+def rejects_of(out: Path) -> dict[int, dict]:
+    return {r["line"]: r for r in pq.read_table(out / "rejects.parquet").to_pylist()}
+
+
+def run_cli(kind: str, src: Path, out: Path, *args: str) -> dict:
+    """`qvl format KIND` in process: exit 0, no traceback, every input line a sample or a reject."""
+    result = cli(kind, "-i", str(src), "--out", str(out), *args)
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    lines = len(src.read_bytes().splitlines())
+    assert manifest["records"] == lines and manifest["samples"] + manifest["rejected"] == lines
+    return manifest
+
+
+def test_wrong_types_huge_numbers_and_lone_surrogates_are_rejects_naming_record_and_field(tmp_path, images):
+    src = write_jsonl(tmp_path / "ann.jsonl", [
+        REC,
+        {**REC, "task": ["caption"]},
+        {**REC, "lang": ["en"]},
+        {"task": "ref_grounding", "image": "red.png", "ref": "it", "box": [0, 0, 10 ** 400, 10]},
+        {"task": "ref_grounding", "image": "red.png", "ref": "it", "box": [0, 0, 10, 10], "width": 10 ** 400,
+         "height": 48},
+        {**REC, "caption": "a red \ud800 square"},  # json.dumps writes the escape \ud800
+        {**REC, "id": ["x"]},
+        {**REC, "captoin": "a misspelt key"},
+        REC,
+    ])
+    manifest = run_cli("multitask", src, tmp_path / "out", "--images", str(images), "--tokenizer", "bytes",
+                       "--image-tokens", "4")
+    rejects = rejects_of(tmp_path / "out")
+    assert {line: r["reason"] for line, r in rejects.items()} == {
+        2: "unknown_task", 3: "bad_sample", 4: "bad_box", 5: "bad_box", 6: "bad_text", 7: "bad_sample", 8: "bad_sample"}
+    assert manifest["samples"] == 2 and all(r["file"] == str(src) for r in rejects.values())
+    for line, field in ((3, "$.lang"), (4, "$.box[2]"), (5, "$.width"), (6, "$.caption"), (7, "$.id"), (8, "captoin")):
+        assert field in rejects[line]["detail"], rejects[line]
+
+
+def test_sft_wrong_types_are_rejects_naming_the_field(tmp_path):
+    good = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                        {"role": "assistant", "content": "hello"}]}
+    src = write_jsonl(tmp_path / "chat.jsonl", [
+        good,
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}, {"role": "assistant", "content": "x"}]},
+        {"messages": [{"role": "user", "content": ["just a string part"]}, {"role": "assistant", "content": "x"}]},
+        {"messages": [{"role": 7, "content": "hi"}]},
+        {"conversations": [{"from": "human", "value": "hi \ud800"}, {"from": "gpt", "value": "x"}]},
+        {"conversations": [{"from": "human", "value": ["hi"]}]},
+        {"image": 5, "conversations": [{"from": "human", "value": "<image>"}]},
+        {**good, "id": 10 ** 400},
+        good,
+    ])
+    manifest = run_cli("sft", src, tmp_path / "out", "--tokenizer", "bytes")
+    rejects = rejects_of(tmp_path / "out")
+    assert {line: r["reason"] for line, r in rejects.items()} == {
+        2: "bad_sample", 3: "bad_sample", 4: "bad_sample", 5: "bad_text", 6: "bad_sample", 7: "bad_sample",
+        8: "bad_sample"}
+    for line, field in ((2, "$.messages[0].content[0].text"), (3, "$.messages[0].content[0]"), (4, "$.messages[0].role"),
+                        (5, "$.conversations[0].value"), (6, "$.conversations[0].value"), (7, "$.image"), (8, "$.id")):
+        assert field in rejects[line]["detail"], rejects[line]
+    assert manifest["samples"] == 2
+
+
+def test_a_record_size_that_disagrees_with_the_image_is_rejected(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.new("RGB", (640, 480), "red").save(root / "photo.png")
+    ref = {"task": "ref_grounding", "image": "photo.png", "ref": "the left half", "box": [0, 0, 320, 480]}
+    src = write_jsonl(tmp_path / "ann.jsonl", [
+        {**ref, "width": 6400, "height": 4800},  # boxes for which size? refused rather than guessed
+        {**ref, "width": 640, "height": 480, "id": "given"},  # the real size: fine
+        {**ref, "id": "none"},  # no size: the image's
+        {**ref, "box": [0, 0, 0.5, 1], "box_format": "norm", "width": 6400, "height": 4800, "id": "norm"},
+        {**ref, "width": 640},  # half a size
+    ])
+    run_cli("multitask", src, tmp_path / "out", "--images", str(root), "--tokenizer", "bytes", "--image-tokens", "1")
+    rejects = rejects_of(tmp_path / "out")
+    assert {line: r["reason"] for line, r in rejects.items()} == {1: "size_mismatch", 5: "bad_box"}
+    assert "6400x4800" in rejects[1]["detail"] and "640x480" in rejects[1]["detail"]
+    import datasets
+
+    from qvl.formats.tokenizers import load_tokenizer
+
+    tok = load_tokenizer("bytes")
+    rows = {r["id"]: tok.decode(r["input_ids"]) for r in datasets.load_from_disk(str(tmp_path / "out")).with_format(None)}
+    assert set(rows) == {"given", "none", "norm"}
+    assert all(text.endswith("<box>(0,0),(500,999)</box><|endoftext|>") for text in rows.values()), rows
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "qwen2-vl", "--max-image-pixels", "0"], "max_image_pixels: 0: must be an integer from 784"),
+    (["--model", "qwen2-vl", "--max-image-pixels", "-1"], "max_image_pixels: -1: must be an integer from 784"),
+    (["--model", "qwen3-vl", "--min-image-pixels", "0"], "min_image_pixels: 0: must be an integer from 1024"),
+    (["--model", "qwen2.5-vl", "--min-image-pixels", "100000", "--max-image-pixels", "50000"],
+     "min_image_pixels: 100000 is above max_image_pixels 50000"),
+    (["--model", "qwen2-vl", "--max-image-pixels", str(1 << 40)], "max_image_pixels"),
+    (["--max-image-pixels", "50000"], "max_image_pixels: only for --model"),
+    (["--max-len", str(1 << 40)], "max_len: 1099511627776: must be <= 1,048,576"),
+])
+def test_resize_bounds_and_huge_settings_are_one_line_errors(tmp_path, images, args, message):
+    src = write_jsonl(tmp_path / "ann.jsonl", [REC])
+    result = cli("multitask", "-i", str(src), "--out", str(tmp_path / "out"), "--images", str(images), *args)
+    assert message in one_line_error(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_huge_image_file_is_refused_unread(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    from qvl.pixels import max_file_bytes
+
+    limit = max_file_bytes(100_000)  # --max-pixels 100000 below
+    with open(root / "huge.png", "wb") as f:  # a valid small PNG's bytes, then a sparse hole up to past the limit
+        Image.new("RGB", (8, 8)).save(f, "PNG")
+        f.truncate(limit + 1)
+    (root / "claims.png").write_bytes(_png_header_only(20_000, 20_000) + b"\0" * 1000)
+    src = write_jsonl(tmp_path / "ann.jsonl", [{**REC, "image": "huge.png"}, {**REC, "image": "claims.png"}, REC])
+    Image.new("RGB", (8, 8)).save(root / "red.png")
+    run_cli("multitask", src, tmp_path / "out", "--images", str(root), "--tokenizer", "bytes", "--image-tokens", "1",
+            "--max-pixels", "100000")
+    rejects = rejects_of(tmp_path / "out")
+    assert {line: r["reason"] for line, r in rejects.items()} == {1: "file_too_large", 2: "too_many_pixels"}
+    assert f"{limit + 1:,} bytes" in rejects[1]["detail"]
+
+
+def test_malformed_lines_numbers_and_nesting_are_rejects_of_their_line(tmp_path, images, monkeypatch):
+    from qvl.formats import build
+
+    monkeypatch.setattr(build, "MAX_LINE_BYTES", 8192)  # the same code as at 64 MiB, with a small file
+    src = write_jsonl(tmp_path / "ann.jsonl", [
+        REC,
+        '{"task": "caption", "image": "red.png", "caption": "x", "width": 1' + "0" * 5000 + "}",  # int() refuses it
+        "[" * 8000,  # nesting past the recursion limit
+        json.dumps({**REC, "caption": "long " * 2000}),  # over the line limit
+        json.dumps({**REC, "caption": "x" * 1000}),  # under it
+    ])
+    run_cli("multitask", src, tmp_path / "out", "--images", str(images), "--tokenizer", "bytes", "--image-tokens", "4")
+    assert {line: r["reason"] for line, r in rejects_of(tmp_path / "out").items()} == {
+        2: "malformed_json", 3: "malformed_json", 4: "line_too_long"}
+
+
+def test_a_json_list_with_a_huge_number_is_one_line_error(tmp_path, images):
+    src = tmp_path / "ann.json"
+    src.write_text('[{"task": "caption", "width": 1' + "0" * 5000 + "}]")
+    message = one_line_error(cli("multitask", "-i", str(src), "--out", str(tmp_path / "out")))
+    assert f"{src}: not valid JSON" in message
+
+
+def test_text_longer_than_max_len_can_hold_is_rejected_before_tokenizing(tmp_path):
+    """A turn of 1M spaces makes tiktoken give up (its regex's backtracking limit); with the
+    default --max-len it is too long by its length alone and never reaches the tokenizer; with a
+    --max-len that could hold it, the tokenizer's refusal rejects that conversation alone."""
+    spaces = {"conversations": [{"from": "user", "value": " " * 1_000_000}, {"from": "assistant", "value": "ok"}]}
+    good = {"conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "ok"}]}
+    src = write_jsonl(tmp_path / "chat.jsonl", [good, spaces, good])
+    run_cli("sft", src, tmp_path / "a")
+    assert {line: r["reason"] for line, r in rejects_of(tmp_path / "a").items()} == {2: "too_long"}
+    run_cli("sft", src, tmp_path / "b", "--max-len", "20000")
+    assert {line: r["reason"] for line, r in rejects_of(tmp_path / "b").items()} == {2: "untokenizable"}
+
+
+def test_a_lone_surrogate_in_a_key_or_where_no_text_belongs_is_bad_text(tmp_path, images):
+    src = write_jsonl(tmp_path / "ann.jsonl", [{**REC, "\ud800": 1}, {**REC, "width": "\ud800", "height": 48}, REC])
+    run_cli("multitask", src, tmp_path / "out", "--images", str(images), "--tokenizer", "bytes", "--image-tokens", "4")
+    assert {line: r["reason"] for line, r in rejects_of(tmp_path / "out").items()} == {1: "bad_text", 2: "bad_text"}
+    chat = write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": "hi", "\udfff": 0}, {"role": "assistant", "content": "x"}]},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "images": ["\ud800"]},
+        {"conversations": [{"from": "\ud800", "value": "hi"}]}])
+    run_cli("sft", chat, tmp_path / "sft", "--tokenizer", "bytes")
+    assert {line: r["reason"] for line, r in rejects_of(tmp_path / "sft").items()} == {
+        1: "bad_text", 2: "bad_text", 3: "bad_text"}
