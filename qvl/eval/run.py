@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from qvl import storage
+from qvl.boundary import MAX_COORD
 from qvl.eval import caption as caption_scorer
 from qvl.eval import grounding as grounding_scorer
 from qvl.eval import vqa as vqa_scorer
-from qvl.eval.data import EvalDataError, Sample, read
+from qvl.eval.data import EvalDataError, Sample, predictions, read
 from qvl.recipes import require
 
 TASKS = ("grounding", "caption", "vqa")
@@ -81,7 +83,8 @@ class EvalSettings:
         require((self.checkpoint is None) != (self.predictions is None), "checkpoint",
                 "give --checkpoint (generate) or --predictions (score answers made elsewhere), one of them")
         require(self.metric in ("auto", "vqa", "gqa"), "metric", f"{self.metric!r}: use auto, vqa or gqa")
-        require(self.box_scale > 0, "box_scale", f"{self.box_scale}: must be > 0")
+        require(math.isfinite(self.box_scale) and 1e-6 <= self.box_scale <= MAX_COORD, "box_scale",
+                f"{self.box_scale}: must be a number from 1e-6 to {MAX_COORD:g}")
         require(self.batch_size >= 1, "batch_size", f"{self.batch_size}: must be >= 1")
 
 
@@ -149,33 +152,22 @@ def _read_parts(out: Path) -> dict[str, dict]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            done[row["id"]] = row
+            if isinstance(row, dict) and isinstance(row.get("id"), str) and isinstance(row.get("answer"), str):
+                done[row["id"]] = row
     return done
 
 
 def _predictions(path: Path, samples: list[Sample], task: str) -> dict[str, str]:
     """Answers made elsewhere: ``{id|question_id|image_id, answer|caption}`` a line, matched by
     id — or by line order when no line has an id. A missing or extra id is an error naming it."""
-    rows = []
-    try:
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise EvalDataError(f"{path}:{n}: not a JSON object")
-                rows.append((n, row))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EvalDataError(f"{path}: not a readable JSONL file ({e})") from None
+    rows = predictions(path)
     answers = {}
-    has_ids = any(any(k in row for k in ("id", "question_id", "image_id")) for _, row in rows)
+    has_ids = any(row.key() is not None for _, row in rows)
     if not has_ids and len(rows) != len(samples):
         raise EvalDataError(f"{path}: {len(rows)} answers without ids for {len(samples)} samples")
     for i, (n, row) in enumerate(rows):
-        text = row.get("answer", row.get("caption"))
-        if not isinstance(text, str):
-            raise EvalDataError(f"{path}:{n}: needs an 'answer' (or 'caption') string")
-        key = next((row[k] for k in ("id", "question_id", "image_id") if k in row), None) if has_ids \
-            else samples[i].id
+        text = row.answer if row.answer is not None else row.caption
+        key = row.key() if has_ids else samples[i].id
         if key is None:
             raise EvalDataError(f"{path}:{n}: no id (others have one)")
         if str(key) in answers:
@@ -291,7 +283,9 @@ def evaluate(s: EvalSettings) -> dict:
         rows.append(row)
     metrics = summarize(s.task, samples, rows, s)
     with storage.atomic_path(out / "answers.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        # allow_nan=False: answers.jsonl is JSON, whatever an answer held (no NaN, no Infinity)
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows),
+                       encoding="utf-8")
     metrics["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(s).items()}
     metrics["checkpoint"] = str(s.checkpoint) if s.checkpoint else None
     storage.write_json(out / "metrics.json", metrics)
