@@ -8,7 +8,6 @@ built in a temporary folder beside the target and renamed into place at the end.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -49,7 +48,7 @@ class ShardWriter:
         self.schema, self.features = (SAMPLE_MROPE, FEATURES_MROPE) if positions else (SAMPLE, FEATURES)
         if storage.claim(out, KIND, legacy=("manifest.json",), create=False) and not overwrite:
             raise FileExistsError(f"{out}: holds a qvl format output; choose another --out or --overwrite")
-        _remove_stale(out)
+        storage.remove_stale(out)
         self.tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
         shutil.rmtree(self.tmp, ignore_errors=True)
         try:
@@ -115,26 +114,6 @@ class ShardWriter:
         if self._writer is not None:
             self._writer.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _remove_stale(out: Path) -> None:
-    """Folders a killed run left beside ``out`` (``OUT.tmp-PID``, ``OUT.old-PID``), when that
-    process is gone."""
-    for kind in ("tmp", "old"):
-        for leftover in out.parent.glob(f"{glob.escape(out.name)}.{kind}-*"):
-            pid = leftover.name.rsplit("-", 1)[1]
-            if leftover.is_dir() and pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def read_manifest(folder: Path) -> dict:
