@@ -8,15 +8,18 @@ built in a temporary folder beside the target and renamed into place at the end.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
+from typing import Annotated
 
+import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qvl import storage
+from qvl.boundary import Count, decode_json
+from qvl.errors import QvlError, RecordError
 from qvl.schemas.samples import REJECT, SAMPLE, SAMPLE_MROPE
 
 
@@ -116,5 +119,29 @@ class ShardWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def read_manifest(folder: Path) -> dict:
-    return json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+class Manifest(msgspec.Struct):
+    """What readers of a format output rely on in its ``manifest.json`` (the rest is a report)."""
+
+    tokenizer: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+    records: Count
+    rejected: Count
+    model: Annotated[str, msgspec.Meta(max_length=64)] = "qwen-vl"
+    shards: list[Annotated[str, msgspec.Meta(max_length=4096)]] = []
+
+
+MAX_MANIFEST = 64 << 20  # bytes: a manifest is a report of a few kilobytes
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """``folder``'s manifest, typed; a missing, damaged or foreign one is one error naming the file."""
+    path = Path(folder) / "manifest.json"
+    try:
+        if path.stat().st_size > MAX_MANIFEST:
+            raise QvlError(f"{path}: larger than {MAX_MANIFEST >> 20} MB; not a qvl manifest")
+        data = path.read_bytes()
+    except OSError as e:
+        raise QvlError(f"{path}: cannot read ({e.strerror}); is {folder} the --out of `qvl format`?") from None
+    try:
+        return decode_json(data, Manifest)
+    except RecordError as e:
+        raise QvlError(f"{path}: not a qvl format manifest ({e})") from None
