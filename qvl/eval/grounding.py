@@ -3,10 +3,11 @@
 The first ``(…),(…)`` in the answer (non-greedy, anywhere) is the box; each side must hold a
 comma and split into exactly two numbers that ``float`` reads (so ``( 12, 34)`` parses and
 ``(1 2,3)`` does not) and are finite (``nan``, ``inf`` are no box), else the answer is the
-zero box. Coordinates are divided by ``box_scale`` — 999 in the script, although training normalised with 1000 (`qvl format`'s
-``int(x / W * 1000)``): ``--box-scale 1000`` undoes training's convention exactly — and scaled
-to the image's width and height. A hit is IoU >= 0.5 with the area of a box as
-``(x2 - x1) * (y2 - y1)``, unclipped, as torchvision's ``box_area`` computes it.
+zero box. Coordinates are divided by ``box_scale`` — 999 in the script, although training
+normalised with 1000 (`qvl format`'s ``int(x / W * 1000)``): ``--box-scale 1000`` undoes
+training's convention exactly — and scaled to the image's width and height. A hit is IoU >=
+0.5 with the area of a box as ``(x2 - x1) * (y2 - y1)``, unclipped, as torchvision's
+``box_area`` computes it.
 """
 
 from __future__ import annotations

@@ -65,8 +65,8 @@ def test_vqa_annotation_answers_that_are_not_text(tmp_path, answer):
     (tmp_path / "q.json").write_text(json.dumps(questions))
     (tmp_path / "a.json").write_text(json.dumps(annotations))
     preds = write(tmp_path / "p.jsonl", [{"question_id": 7, "answer": "two"}])
-    one_line_error(run_eval("vqa", tmp_path / "q.json", preds, tmp_path / "o", "--annotations", str(tmp_path / "a.json")),
-                   "a.json", "$.annotations[0].answers[1].answer")
+    result = run_eval("vqa", tmp_path / "q.json", preds, tmp_path / "o", "--annotations", str(tmp_path / "a.json"))
+    one_line_error(result, "a.json", "$.annotations[0].answers[1].answer")
 
 
 def test_coco_captions_with_a_list_image_id(tmp_path):
@@ -101,8 +101,9 @@ def test_a_bad_image_pattern_is_one_line(tmp_path):
     (tmp_path / "q.json").write_text(json.dumps({"questions": [{"question_id": 7, "image_id": 42, "question": "?"}]}))
     (tmp_path / "a.json").write_text(json.dumps({"annotations": [{"question_id": 7, "answers": [{"answer": "2"}]}]}))
     preds = write(tmp_path / "p.jsonl", [{"question_id": 7, "answer": "two"}])
-    one_line_error(run_eval("vqa", tmp_path / "q.json", preds, tmp_path / "o", "--annotations", str(tmp_path / "a.json"),
-                            "--image-pattern", "{name}.jpg"), "--image-pattern")
+    result = run_eval("vqa", tmp_path / "q.json", preds, tmp_path / "o", "--annotations", str(tmp_path / "a.json"),
+                      "--image-pattern", "{name}.jpg")
+    one_line_error(result, "--image-pattern")
 
 
 # ---------------------------------------------------------------- the box parser
