@@ -147,12 +147,12 @@ def _read_parts(out: Path) -> dict[str, dict]:
     """Answers written so far by any rank (a line cut by a kill is dropped, and redone)."""
     done = {}
     for part in sorted(out.glob("answers.part-*.jsonl")):
-        for line in part.read_text(encoding="utf-8").splitlines():
+        for line in part.read_bytes().splitlines():
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except ValueError:  # not JSON, not UTF-8: a line cut by a kill
                 continue
-            if isinstance(row, dict) and isinstance(row.get("id"), str) and isinstance(row.get("answer"), str):
+            if isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("id", "prompt", "answer")):
                 done[row["id"]] = row
     return done
 
@@ -251,7 +251,10 @@ def evaluate(s: EvalSettings) -> dict:
             existing = storage.claim(out, "eval")
         except storage.OutputError as e:
             raise EvalDataError(str(e)) from None
-        previous = storage.read_json(out / "run.json") if (out / "run.json").is_file() else None
+        try:
+            previous = storage.read_json(out / "run.json") if (out / "run.json").is_file() else None
+        except (OSError, ValueError):
+            raise EvalDataError(f"{out / 'run.json'}: damaged; use another --out") from None
         if existing and previous is not None and previous != identity:
             raise EvalDataError(f"{out}: holds an evaluation of another checkpoint, data or prompt; use another --out")
         storage.write_json(out / "run.json", identity)

@@ -241,3 +241,11 @@ def test_any_published_annotation_file(files):
             assert target in str(e) or "q.json" in str(e), str(e)
         else:
             assert len(samples) == 1 and all(isinstance(a, str) for a in samples[0].fields.get("answers", []))
+
+
+def test_a_damaged_run_json_is_one_line(tmp_path):
+    data = write(tmp_path / "ref.jsonl", [GROUND])
+    preds = write(tmp_path / "preds.jsonl", [{"answer": "(1,2),(3,4)"}])
+    assert run_eval("grounding", data, preds, tmp_path / "o").exit_code == 0
+    (tmp_path / "o" / "run.json").write_bytes(b"{\xff")
+    one_line_error(run_eval("grounding", data, preds, tmp_path / "o"), "run.json", "damaged")
