@@ -8,7 +8,10 @@ record when a hash of (seed, source, record place) falls under its share, and re
 seed, one record in memory at a time. Counts are met in expectation (binomial), not exactly.
 Everything drawn goes through the same renderers, rejects and packing as `qvl format
 multitask` (the paper packs same-task samples together: ``pack_to`` packs each task apart),
-and the manifest reports samples and tokens per source and task.
+and the manifest reports samples and tokens per source and task. A recipe is checked before
+any sample is drawn: known keys of their types, text that is valid Unicode, a ``fraction``
+from 0 to 1000 and a ``count`` of at most 1000 copies of each record its source holds (more is
+a typo, and output without bound).
 
     [mix]
     seed = 0

@@ -249,3 +249,26 @@ def test_a_damaged_run_json_is_one_line(tmp_path):
     assert run_eval("grounding", data, preds, tmp_path / "o").exit_code == 0
     (tmp_path / "o" / "run.json").write_bytes(b"{\xff")
     one_line_error(run_eval("grounding", data, preds, tmp_path / "o"), "run.json", "damaged")
+
+
+@st.composite
+def caption_lines(draw):
+    return [_line({"image_id": i, "image": f"{i}.jpg", "captions": ["a dog", "a brown dog"]}, draw)
+            for i in range(draw(st.integers(1, 3)))]
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(caption_lines())
+def test_any_caption_lines(lines):
+    """Caption JSONL (scored by pycocoevalcap, which needs Java: read here, not scored)."""
+    from qvl.eval.data import EvalDataError, read
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write(Path(tmp) / "captions.jsonl", lines)
+        try:
+            samples = read("caption", path)
+        except EvalDataError as e:
+            assert "captions.jsonl" in str(e), str(e)
+        else:
+            assert len(samples) == len(lines)
+            assert all(s.fields["captions"] and all(isinstance(c, str) for c in s.fields["captions"]) for s in samples)
