@@ -446,20 +446,20 @@ def format_inspect(
     from qvl.formats.shards import read_manifest
     from qvl.formats.tokenizers import load_tokenizer
 
+    manifest = read_manifest(folder)
     try:
         import datasets
 
-        manifest = read_manifest(folder)
         ds = datasets.load_from_disk(str(folder))
     except (OSError, ValueError) as e:
         _fail(f"{folder}: not a qvl format output ({e})")
     if len(ds) == 0:
-        _fail(f"{folder}: holds no rows ({manifest['rejected']:,} of {manifest['records']:,} records rejected; "
+        _fail(f"{folder}: holds no rows ({manifest.rejected:,} of {manifest.records:,} records rejected; "
               "see rejects.parquet)")
     if not 0 <= row < len(ds):
         _fail(f"{folder}: row {row} out of range (0..{len(ds) - 1})")
     sample = ds.with_format(None)[row]
-    tok = load_tokenizer(manifest["tokenizer"], manifest.get("model", "qwen-vl"))
+    tok = load_tokenizer(manifest.tokenizer, manifest.model)
     console.print(f"[bold]{sample['id']}[/] task={sample['task']} tokens={len(sample['input_ids'])} "
                   f"images={len(sample['images'])} samples={sample['sample_ids']}  "
                   "[green]green = supervised[/], [dim]dim = no loss[/]")

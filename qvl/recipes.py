@@ -123,14 +123,18 @@ def coerce(value: Any, hint, key: str) -> Any:
 
 
 def fill(cls: type[T], values: dict[str, Any], where: str) -> T:
-    """Build dataclass ``cls`` from ``values``; an unknown key, a value of the wrong type or
-    out of range is an error naming ``where`` (a file and its table) and the key."""
+    """Build dataclass ``cls`` from ``values``; an unknown or missing key, a value of the wrong
+    type or out of range is an error naming ``where`` (a file and its table) and the key."""
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise RecipeError(
             f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
         )
+    missing = [name for name, f in names.items() if name not in values and f.init
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise RecipeError(f"{where}: missing setting(s) {', '.join(missing)}")
     hints = typing.get_type_hints(cls)
     try:
         return cls(**{key: coerce(value, hints[key], key) for key, value in values.items()})

@@ -7,8 +7,10 @@ overwrites; readers never see half a parquet file or half a JSON report.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -149,3 +151,23 @@ def claim(out: Path, kind: str, legacy: tuple[str, ...] = (), create: bool = Tru
         except OSError as e:
             raise OutputError(f"{out}: cannot write here ({e.strerror})") from None
     return existing
+
+
+def remove_stale(out: Path) -> None:
+    """Folders a killed run left beside ``out`` (``OUT.tmp-PID``, ``OUT.old-PID``), when that
+    process is gone: every writer of a whole output folder calls it before building its own."""
+    for kind in ("tmp", "old"):
+        for leftover in out.parent.glob(f"{glob.escape(out.name)}.{kind}-*"):
+            pid = leftover.name.rsplit("-", 1)[1]
+            if leftover.is_dir() and pid.isascii() and pid.isdigit() and int(pid) < 1 << 31 and not _alive(int(pid)):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

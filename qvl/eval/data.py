@@ -8,18 +8,33 @@ datasets publish it.
 | vqa | ``{question_id, image, question, answers: [10 human answers]}`` (or ``answer``: one) with optional ``question_type``, ``answer_type`` | VQAv2's questions JSON with ``--annotations`` (its annotations JSON) |
 
 A sample's id is its ``question_id`` / ``image_id`` / ``id`` when it has one, else its line. A
-record that is not as its layout says is an error naming the file and line: a benchmark with
-silently fewer samples is not that benchmark.
+record that is not as its layout says is an error naming the file, the line (or the place in a
+JSON file, ``$.annotations[3].image_id``) and the field: a benchmark with silently fewer samples
+is not that benchmark. Records are decoded into typed structs: strings where text belongs
+(valid Unicode), finite pixel numbers in range, 64-bit ids; keys a layout does not name are
+ignored (the published files carry more than is scored).
 """
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Iterator, TypeVar
 
-from qvl.errors import QvlError
+import msgspec
+
+from qvl.boundary import Coord, Id, Side, decode_json
+from qvl.errors import QvlError, RecordError
+
+T = TypeVar("T")
+MAX_TEXT = 1 << 20  # characters in one question, sentence, caption or answer
+MAX_FILE = 8 << 30  # bytes of one whole-JSON file (VQAv2's annotations: 0.3 GB)
+
+Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=r"\S")]  # an image path
+Said = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT, pattern=r"\S")]  # a question, a sentence
+Key = str | Id  # an id as the files give it: a number or a string
+Refs = Annotated[list[Text], msgspec.Meta(min_length=1, max_length=10_000)]
 
 
 class EvalDataError(QvlError):
@@ -33,14 +48,117 @@ class Sample:
     fields: dict = field(default_factory=dict)  # sent, bbox, width, height / question, answers, types / captions
 
 
-def _load_json(path: Path):
+# ---------------------------------------------------------------- records, as each layout holds them
+
+class GroundingRecord(msgspec.Struct):
+    image: Name
+    sent: Said
+    bbox: Annotated[list[Coord], msgspec.Meta(min_length=4, max_length=4)]  # x1, y1, x2, y2 in pixels
+    width: Side
+    height: Side
+    id: Key | None = None
+
+
+class CaptionRecord(msgspec.Struct):
+    image: Name
+    captions: Refs
+    image_id: Key | None = None
+
+
+class VqaRecord(msgspec.Struct):
+    image: Name
+    question: Said
+    answers: Refs | Text | None = None
+    answer: Text | None = None
+    question_id: Key | None = None
+    question_type: Text | None = None
+    answer_type: Text | None = None
+
+
+class CocoImage(msgspec.Struct):
+    id: Key
+    file_name: Name
+
+
+class CocoCaption(msgspec.Struct):
+    image_id: Key
+    caption: Text
+
+
+class CocoCaptions(msgspec.Struct):
+    images: list[CocoImage]
+    annotations: list[CocoCaption]
+
+
+class VqaQuestion(msgspec.Struct):
+    question_id: Key
+    image_id: Id
+    question: Said
+
+
+class VqaQuestions(msgspec.Struct):
+    questions: list[VqaQuestion]
+    data_subtype: Annotated[str, msgspec.Meta(max_length=256)] = "val2014"
+
+
+class VqaHumanAnswer(msgspec.Struct):
+    answer: Text
+
+
+class VqaAnnotation(msgspec.Struct):
+    question_id: Key
+    answers: Annotated[list[VqaHumanAnswer], msgspec.Meta(min_length=1, max_length=10_000)]
+    question_type: Text | None = None
+    answer_type: Text | None = None
+
+
+class VqaAnnotations(msgspec.Struct):
+    annotations: list[VqaAnnotation]
+
+
+class Prediction(msgspec.Struct):
+    """One answer made elsewhere: its text and (when the file gives ids) the sample's id."""
+
+    answer: Text | None = None
+    caption: Text | None = None
+    id: Key | None = None
+    question_id: Key | None = None
+    image_id: Key | None = None
+
+    def key(self) -> Key | None:
+        return next((k for k in (self.id, self.question_id, self.image_id) if k is not None), None)
+
+
+LAYOUT = {  # said after an error: what a record of the layout holds
+    GroundingRecord: "a grounding line is {image, sent, bbox: [x1, y1, x2, y2] pixels, width, height}",
+    CaptionRecord: "a caption line is {image_id, image, captions: [strings]}",
+    VqaRecord: "a VQA line is {question_id, image, question, answers: [strings] or answer}",
+    Prediction: "a prediction line is {id|question_id|image_id, answer|caption}",
+    CocoCaptions: "COCO captions: {images: [{id, file_name}], annotations: [{image_id, caption}]}",
+    VqaQuestions: "VQAv2 questions: {questions: [{question_id, image_id, question}]}",
+    VqaAnnotations: "VQAv2 annotations: {annotations: [{question_id, answers: [{answer}]}]}",
+}
+
+
+# ---------------------------------------------------------------- files
+
+def load_json(path: Path, type_: type[T]) -> T:
+    """A whole JSON file as ``type_``, or one error naming the file and the field."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EvalDataError(f"{path}: not a readable JSON file ({e})") from None
+        if path.stat().st_size > MAX_FILE:
+            raise EvalDataError(f"{path}: larger than {MAX_FILE >> 30} GB; not an evaluation file")
+        data = path.read_bytes()
+    except OSError as e:
+        raise EvalDataError(f"{path}: not a readable JSON file ({e.strerror})") from None
+    try:
+        return decode_json(data, type_)
+    except RecordError as e:
+        raise EvalDataError(f"{path}: {e} ({LAYOUT[type_]})") from None
 
 
-def _lines(path: Path):
+def records(path: Path, type_: type[T]) -> Iterator[tuple[int, T]]:
+    """(line, record) of a JSONL file; a line that is not a ``type_`` is an error naming the
+    file, the line and the field."""
     if not path.is_file():
         raise EvalDataError(f"{path}: no such file")
     with open(path, "rb") as f:
@@ -48,102 +166,71 @@ def _lines(path: Path):
             if not raw.strip():
                 continue
             try:
-                record = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise EvalDataError(f"{path}:{n}: not a JSON object ({e})") from None
-            if not isinstance(record, dict):
-                raise EvalDataError(f"{path}:{n}: not a JSON object")
-            yield n, record
-
-
-def _need(record: dict, name: str, kind, where: str):
-    value = record.get(name)
-    ok = isinstance(value, kind) and not isinstance(value, bool)
-    if ok and isinstance(value, str):
-        ok = bool(value.strip())
-    if not ok:
-        raise EvalDataError(f"{where}: missing or bad {name!r} ({value!r})")
-    return value
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                yield n, decode_json(raw, type_)
+            except RecordError as e:
+                raise EvalDataError(f"{path}:{n}: {e} ({LAYOUT[type_]})") from None
 
 
 def grounding(path: Path) -> list[Sample]:
-    samples = []
-    for n, r in _lines(path):
-        where = f"{path}:{n}"
-        bbox = _need(r, "bbox", list, where)
-        if len(bbox) != 4 or not all(_number(v) for v in bbox):
-            raise EvalDataError(f"{where}: bbox must be 4 pixel numbers [x1, y1, x2, y2], got {bbox!r}")
-        width, height = r.get("width"), r.get("height")
-        if not (_number(width) and _number(height) and width > 0 and height > 0):
-            raise EvalDataError(f"{where}: width and height must be positive numbers (got {width!r}, {height!r})")
-        samples.append(Sample(str(r.get("id", n)), _need(r, "image", str, where),
-                              {"sent": _need(r, "sent", str, where), "bbox": [float(v) for v in bbox],
-                               "width": float(width), "height": float(height)}))
-    return samples
+    return [Sample(str(n if r.id is None else r.id), r.image,
+                   {"sent": r.sent, "bbox": [float(v) for v in r.bbox], "width": float(r.width),
+                    "height": float(r.height)})
+            for n, r in records(path, GroundingRecord)]
 
 
 def caption(path: Path) -> list[Sample]:
     if path.suffix == ".json":  # COCO captions: images + annotations
-        data = _load_json(path)
-        if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
-                or not isinstance(data.get("annotations"), list):
-            raise EvalDataError(f"{path}: a COCO captions file holds 'images' and 'annotations' lists")
+        data = load_json(path, CocoCaptions)
         refs: dict = {}
-        for i, ann in enumerate(data["annotations"]):
-            if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
-                raise EvalDataError(f"{path}: annotations[{i}] needs image_id and caption")
-            refs.setdefault(ann["image_id"], []).append(ann["caption"])
+        for ann in data.annotations:
+            refs.setdefault(ann.image_id, []).append(ann.caption)
         samples = []
-        for i, img in enumerate(data["images"]):
-            if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
-                raise EvalDataError(f"{path}: images[{i}] needs id and file_name")
-            if img["id"] not in refs:
-                raise EvalDataError(f"{path}: image {img['id']} has no reference caption")
-            samples.append(Sample(str(img["id"]), img["file_name"], {"captions": refs[img["id"]]}))
+        for img in data.images:
+            if img.id not in refs:
+                raise EvalDataError(f"{path}: image {img.id} has no reference caption")
+            samples.append(Sample(str(img.id), img.file_name, {"captions": refs[img.id]}))
         return samples
-    samples = []
-    for n, r in _lines(path):
-        where = f"{path}:{n}"
-        captions = _need(r, "captions", list, where)
-        if not captions or not all(isinstance(c, str) for c in captions):
-            raise EvalDataError(f"{where}: captions must be a non-empty list of strings")
-        samples.append(Sample(str(r.get("image_id", n)), _need(r, "image", str, where), {"captions": captions}))
-    return samples
+    return [Sample(str(n if r.image_id is None else r.image_id), r.image, {"captions": r.captions})
+            for n, r in records(path, CaptionRecord)]
 
 
 def vqa(path: Path, annotations: Path | None = None, image_pattern: str | None = None) -> list[Sample]:
     if annotations is not None:  # VQAv2 as published: questions JSON + annotations JSON
-        questions, answers = _load_json(path), _load_json(annotations)
+        questions, answers = load_json(path, VqaQuestions), load_json(annotations, VqaAnnotations)
+        pattern = image_pattern or f"COCO_{questions.data_subtype}_{{image_id:012d}}.jpg"
         try:
-            subtype = questions.get("data_subtype", "val2014")
-            pattern = image_pattern or f"COCO_{subtype}_{{image_id:012d}}.jpg"
-            by_id = {a["question_id"]: a for a in answers["annotations"]}
-            samples = []
-            for q in questions["questions"]:
-                ann = by_id.get(q["question_id"])
-                if ann is None:
-                    raise EvalDataError(f"{annotations}: no annotation for question {q['question_id']}")
-                samples.append(Sample(str(q["question_id"]), pattern.format(image_id=q["image_id"]), {
-                    "question": q["question"], "answers": [a["answer"] for a in ann["answers"]],
-                    "question_type": ann.get("question_type"), "answer_type": ann.get("answer_type")}))
-            return samples
-        except (KeyError, TypeError, AttributeError) as e:
-            raise EvalDataError(f"{path} + {annotations}: not VQAv2's questions and annotations files ({e})") from None
+            pattern.format(image_id=0)
+        except (KeyError, IndexError, ValueError) as e:
+            raise EvalDataError(f"--image-pattern {pattern!r}: not a pattern of {{image_id}} ({e!r})") from None
+        by_id = {a.question_id: a for a in answers.annotations}
+        samples = []
+        for q in questions.questions:
+            ann = by_id.get(q.question_id)
+            if ann is None:
+                raise EvalDataError(f"{annotations}: no annotation for question {q.question_id}")
+            samples.append(Sample(str(q.question_id), pattern.format(image_id=q.image_id), {
+                "question": q.question, "answers": [a.answer for a in ann.answers],
+                "question_type": ann.question_type, "answer_type": ann.answer_type}))
+        return samples
     samples = []
-    for n, r in _lines(path):
-        where = f"{path}:{n}"
-        refs = r.get("answers", r.get("answer"))
-        refs = [refs] if isinstance(refs, str) else refs
-        if not isinstance(refs, list) or not refs or not all(isinstance(a, str) for a in refs):
-            raise EvalDataError(f"{where}: needs 'answers' (a list of strings) or 'answer'")
-        samples.append(Sample(str(r.get("question_id", n)), _need(r, "image", str, where), {
-            "question": _need(r, "question", str, where), "answers": refs,
-            "question_type": r.get("question_type"), "answer_type": r.get("answer_type")}))
+    for n, r in records(path, VqaRecord):
+        refs = r.answers if r.answers is not None else r.answer
+        if refs is None:
+            raise EvalDataError(f"{path}:{n}: needs 'answers' (a list of strings) or 'answer'")
+        samples.append(Sample(str(n if r.question_id is None else r.question_id), r.image, {
+            "question": r.question, "answers": [refs] if isinstance(refs, str) else refs,
+            "question_type": r.question_type, "answer_type": r.answer_type}))
     return samples
+
+
+def predictions(path: Path) -> list[tuple[int, Prediction]]:
+    """Answers made elsewhere, one ``{id|question_id|image_id, answer|caption}`` a line."""
+    rows = []
+    for n, row in records(path, Prediction):
+        if row.answer is None and row.caption is None:
+            raise EvalDataError(f"{path}:{n}: needs an 'answer' (or 'caption') string")
+        rows.append((n, row))
+    return rows
 
 
 def read(task: str, path: Path, annotations: Path | None = None, image_pattern: str | None = None) -> list[Sample]:

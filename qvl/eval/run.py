@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from qvl import storage
+from qvl.boundary import MAX_COORD
 from qvl.eval import caption as caption_scorer
 from qvl.eval import grounding as grounding_scorer
 from qvl.eval import vqa as vqa_scorer
-from qvl.eval.data import EvalDataError, Sample, read
+from qvl.eval.data import EvalDataError, Sample, predictions, read
 from qvl.recipes import require
 
 TASKS = ("grounding", "caption", "vqa")
@@ -81,7 +83,8 @@ class EvalSettings:
         require((self.checkpoint is None) != (self.predictions is None), "checkpoint",
                 "give --checkpoint (generate) or --predictions (score answers made elsewhere), one of them")
         require(self.metric in ("auto", "vqa", "gqa"), "metric", f"{self.metric!r}: use auto, vqa or gqa")
-        require(self.box_scale > 0, "box_scale", f"{self.box_scale}: must be > 0")
+        require(math.isfinite(self.box_scale) and 1e-6 <= self.box_scale <= MAX_COORD, "box_scale",
+                f"{self.box_scale}: must be a number from 1e-6 to {MAX_COORD:g}")
         require(self.batch_size >= 1, "batch_size", f"{self.batch_size}: must be >= 1")
 
 
@@ -144,38 +147,27 @@ def _read_parts(out: Path) -> dict[str, dict]:
     """Answers written so far by any rank (a line cut by a kill is dropped, and redone)."""
     done = {}
     for part in sorted(out.glob("answers.part-*.jsonl")):
-        for line in part.read_text(encoding="utf-8").splitlines():
+        for line in part.read_bytes().splitlines():
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except ValueError:  # not JSON, not UTF-8: a line cut by a kill
                 continue
-            done[row["id"]] = row
+            if isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("id", "prompt", "answer")):
+                done[row["id"]] = row
     return done
 
 
 def _predictions(path: Path, samples: list[Sample], task: str) -> dict[str, str]:
     """Answers made elsewhere: ``{id|question_id|image_id, answer|caption}`` a line, matched by
     id — or by line order when no line has an id. A missing or extra id is an error naming it."""
-    rows = []
-    try:
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise EvalDataError(f"{path}:{n}: not a JSON object")
-                rows.append((n, row))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EvalDataError(f"{path}: not a readable JSONL file ({e})") from None
+    rows = predictions(path)
     answers = {}
-    has_ids = any(any(k in row for k in ("id", "question_id", "image_id")) for _, row in rows)
+    has_ids = any(row.key() is not None for _, row in rows)
     if not has_ids and len(rows) != len(samples):
         raise EvalDataError(f"{path}: {len(rows)} answers without ids for {len(samples)} samples")
     for i, (n, row) in enumerate(rows):
-        text = row.get("answer", row.get("caption"))
-        if not isinstance(text, str):
-            raise EvalDataError(f"{path}:{n}: needs an 'answer' (or 'caption') string")
-        key = next((row[k] for k in ("id", "question_id", "image_id") if k in row), None) if has_ids \
-            else samples[i].id
+        text = row.answer if row.answer is not None else row.caption
+        key = row.key() if has_ids else samples[i].id
         if key is None:
             raise EvalDataError(f"{path}:{n}: no id (others have one)")
         if str(key) in answers:
@@ -259,7 +251,10 @@ def evaluate(s: EvalSettings) -> dict:
             existing = storage.claim(out, "eval")
         except storage.OutputError as e:
             raise EvalDataError(str(e)) from None
-        previous = storage.read_json(out / "run.json") if (out / "run.json").is_file() else None
+        try:
+            previous = storage.read_json(out / "run.json") if (out / "run.json").is_file() else None
+        except (OSError, ValueError):
+            raise EvalDataError(f"{out / 'run.json'}: damaged; use another --out") from None
         if existing and previous is not None and previous != identity:
             raise EvalDataError(f"{out}: holds an evaluation of another checkpoint, data or prompt; use another --out")
         storage.write_json(out / "run.json", identity)
@@ -291,7 +286,9 @@ def evaluate(s: EvalSettings) -> dict:
         rows.append(row)
     metrics = summarize(s.task, samples, rows, s)
     with storage.atomic_path(out / "answers.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        # allow_nan=False: answers.jsonl is JSON, whatever an answer held (no NaN, no Infinity)
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows),
+                       encoding="utf-8")
     metrics["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(s).items()}
     metrics["checkpoint"] = str(s.checkpoint) if s.checkpoint else None
     storage.write_json(out / "metrics.json", metrics)

@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Iterable
 
 from qvl import storage
+from qvl.boundary import MAX_SIDE, Id, convert
+from qvl.errors import RecordError
 from qvl.formats import chatml, families, multitask
 from qvl.formats.boxes import AnnotationError
 from qvl.formats.build import FormatInputError, file_records
@@ -42,12 +44,14 @@ from qvl.formats.images import ImageStore
 from qvl.formats.sequence import Plan, Tag
 from qvl.formats.tokenizers import IMG_END, IMG_START, SPECIAL_TOKENS, load_tokenizer
 from qvl.progress import progress_bar
+from qvl.recipes import require
 
 TARGETS = ("ms-swift", "llamafactory")
 PLACEHOLDER = "<image>"
 KIND = "export"
 # LLaMA-Factory's own pre-resize bounds (its ProcessorArguments defaults)
 LLAMAFACTORY_MAX_PIXELS, LLAMAFACTORY_MIN_PIXELS = 768 * 768, 32 * 32
+MAX_SETTING_PIXELS = MAX_SIDE * MAX_SIDE  # any pixel bound beyond the largest image side squared means nothing
 
 
 @dataclass
@@ -61,18 +65,30 @@ class ExportSettings:
     max_pixels: int = 64_000_000  # the decode guard of #9: larger images are refused
 
     def __post_init__(self):
-        if self.target not in TARGETS:
-            raise ValueError(f"--to {self.target!r}: use {', '.join(TARGETS)}")
-        if self.model not in families.MODELS:
-            raise ValueError(f"--model {self.model!r}: use {', '.join(families.MODELS)}")
+        require(self.target in TARGETS, "target", f"{self.target!r}: use {', '.join(TARGETS)} (--to)")
+        require(self.model in families.MODELS, "model", f"{self.model!r}: use {', '.join(families.MODELS)}")
+        for key in ("tool_max_pixels", "tool_min_pixels", "max_pixels", "min_image_pixels", "max_image_pixels"):
+            value = getattr(self, key)
+            require(value is None and key.endswith("image_pixels") or
+                    isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SETTING_PIXELS,
+                    key, f"{value!r}: must be a whole number of pixels from 1 to {MAX_SETTING_PIXELS}")
+        require(self.tool_min_pixels <= self.tool_max_pixels, "tool_min_pixels",
+                f"{self.tool_min_pixels}: more than tool_max_pixels ({self.tool_max_pixels})")
+        require(self.min_image_pixels is None or self.max_image_pixels is None
+                or self.min_image_pixels <= self.max_image_pixels, "min_image_pixels",
+                f"{self.min_image_pixels}: more than max_image_pixels ({self.max_image_pixels})")
 
 
 def tool_resize(width: int, height: int, max_pixels: int, min_pixels: int) -> tuple[int, int]:
     """LLaMA-Factory's ``_preprocess_image``: shrink to ``max_pixels``, grow to ``min_pixels``
-    (each side truncated), before the processor's own resize."""
+    (each side truncated), before the processor's own resize. An image the shrink leaves no
+    row or column of is one the tool cannot load: a reject, never a division by zero."""
     if width * height > max_pixels:
         factor = math.sqrt(max_pixels / (width * height))
         width, height = int(width * factor), int(height * factor)
+        if width < 1 or height < 1:
+            raise AnnotationError(f"LLaMA-Factory's image_max_pixels {max_pixels} shrinks this image to "
+                                  f"{width}x{height}", "bad_image_size")
     if width * height < min_pixels:
         factor = math.sqrt(min_pixels / (width * height))
         width, height = int(width * factor), int(height * factor)
@@ -159,9 +175,13 @@ def run_export(inputs: list[Path], out: Path, images: Path | None = None, downlo
     store = ImageStore(images, downloads, settings.max_pixels)
     if storage.claim(out, KIND, create=False) and not overwrite:
         raise FileExistsError(f"{out}: holds a qvl export; choose another --out or --overwrite")
+    storage.remove_stale(out)  # what a killed export left beside ``out``
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
+    try:
+        (tmp / "images").mkdir(parents=True)
+    except OSError as e:
+        raise storage.OutputError(f"{out}: cannot write beside it ({e.strerror})") from None
     lf = settings.target == "llamafactory"
 
     def resized_of(ref: str) -> tuple[int, int]:
@@ -201,6 +221,7 @@ def run_export(inputs: list[Path], out: Path, images: Path | None = None, downlo
                 try:
                     if isinstance(record, AnnotationError):
                         raise record
+                    _checked(record)
                     if record.get("id") is not None:
                         sample_id = str(record["id"])
                     if "task" in record:
@@ -259,6 +280,19 @@ def run_export(inputs: list[Path], out: Path, images: Path | None = None, downlo
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _checked(record: dict) -> None:
+    """What export itself reads of a record, typed: its text valid Unicode (a lone surrogate
+    is ``bad_text``, of this record only), an ``id`` that is a string or a 64-bit integer, a
+    ``task`` that is a string. The renderers check the rest."""
+    convert(record, dict, "bad_field")
+    for key, kind in (("id", str | Id | None), ("task", str)):
+        if key in record:
+            try:
+                convert(record[key], kind)
+            except RecordError as e:
+                raise RecordError(f"$.{key}: {e}", "bad_field") from None
 
 
 def _unknown(plan, record, ctx):

@@ -8,7 +8,10 @@ record when a hash of (seed, source, record place) falls under its share, and re
 seed, one record in memory at a time. Counts are met in expectation (binomial), not exactly.
 Everything drawn goes through the same renderers, rejects and packing as `qvl format
 multitask` (the paper packs same-task samples together: ``pack_to`` packs each task apart),
-and the manifest reports samples and tokens per source and task.
+and the manifest reports samples and tokens per source and task. A recipe is checked before
+any sample is drawn: known keys of their types, text that is valid Unicode, a ``fraction``
+from 0 to 1000 and a ``count`` of at most 1000 copies of each record its source holds (more is
+a typo, and output without bound).
 
     [mix]
     seed = 0
@@ -32,8 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from qvl.boundary import MAX_ID, convert
+from qvl.errors import RecordError
 from qvl.formats.boxes import AnnotationError
-from qvl.recipes import RecipeError, fill, load_recipe, require, table
+from qvl.recipes import RecipeError, SettingError, fill, load_recipe, require, table
+
+MAX_REPEAT = 1000  # copies of one record a source may ask for: more is a typo, and unbounded output
+MAX_COUNT = 1 << 40  # samples one source may ask for
 
 
 @dataclass
@@ -49,11 +57,18 @@ class Source:
     fraction: float | None = None
 
     def __post_init__(self) -> None:
+        require(bool(self.name.strip()), "name", "a source needs a name")
         require(bool(self.files), "files", "a source needs its files")
+        for key in ("files", "images", "downloads"):
+            value = getattr(self, key)
+            require(not any("\0" in p for p in (value if isinstance(value, tuple) else [value or ""])), key,
+                    "a path cannot hold a NUL character")
         require((self.count is None) != (self.fraction is None), "count",
                 f"source {self.name}: give count or fraction, one of them")
-        require(self.count is None or self.count >= 0, "count", f"{self.count}: must be >= 0")
-        require(self.fraction is None or self.fraction >= 0, "fraction", f"{self.fraction}: must be >= 0")
+        require(self.count is None or 0 <= self.count <= MAX_COUNT, "count",
+                f"{self.count}: must be from 0 to {MAX_COUNT:,}")
+        require(self.fraction is None or (math.isfinite(self.fraction) and 0 <= self.fraction <= MAX_REPEAT),
+                "fraction", f"{self.fraction}: must be a number from 0 to {MAX_REPEAT}")
 
 
 @dataclass
@@ -65,9 +80,18 @@ class MixSettings:
     pack_to: int | None = 2048
     sources: list[Source] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        require(-MAX_ID <= self.seed <= MAX_ID, "seed", f"{self.seed}: must be a 64-bit integer")
+
 
 def load_mix(path: str | Path) -> MixSettings:
+    """The recipe as typed settings: every key known, every value of its field's type, numbers
+    finite and in range, text valid Unicode — or one error naming the file, the table and the key."""
     data = load_recipe(path)
+    try:
+        convert(data, dict)
+    except RecordError as e:
+        raise RecipeError(f"{path}: {e}") from None
     unknown = set(data) - {"mix", "source"}
     if unknown:
         raise RecipeError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}; use [mix] and [[source]]")
@@ -131,7 +155,16 @@ def run_mix(recipe: str | Path, out: Path, overwrite: bool = False, show_progres
     from qvl.formats.build import FormatSettings, run_format
 
     mix = load_mix(recipe)
+    try:  # the format settings are checked before any source is read
+        settings = FormatSettings(tokenizer=mix.tokenizer, image_tokens=mix.image_tokens, max_len=mix.max_len,
+                                  pack_to=mix.pack_to)
+    except SettingError as e:
+        raise RecipeError(f"{recipe} [mix]: {e}") from None
     totals = {source.name: sum(1 for _ in _records(source)) for source in mix.sources}
+    for source in mix.sources:
+        if source.count is not None and totals[source.name] and source.count > MAX_REPEAT * totals[source.name]:
+            raise RecipeError(f"{recipe} [[source]] {source.name}: count {source.count:,} asks for more than "
+                              f"{MAX_REPEAT} copies of each of its {totals[source.name]:,} records")
     downloads = {s.downloads for s in mix.sources if s.downloads}
     if len(downloads) > 1:
         raise RecipeError(f"{recipe}: sources name different downloads folders; one `qvl curate download` folder "
@@ -140,8 +173,6 @@ def run_mix(recipe: str | Path, out: Path, overwrite: bool = False, show_progres
     common = Path(os.path.commonpath(list(roots.values()))) if roots else None
     prefixes = {name: f"{root.relative_to(common).as_posix()}/" if root != common else ""
                 for name, root in roots.items()}
-    settings = FormatSettings(tokenizer=mix.tokenizer, image_tokens=mix.image_tokens, max_len=mix.max_len,
-                              pack_to=mix.pack_to)
     asked = {s.name: s.count if s.count is not None else round(s.fraction * totals[s.name]) for s in mix.sources}
     return run_format("multitask", [Path(f) for s in mix.sources for f in s.files], out, common,
                       Path(next(iter(downloads))) if downloads else None, settings, overwrite, show_progress,

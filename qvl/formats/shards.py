@@ -8,16 +8,18 @@ built in a temporary folder beside the target and renamed into place at the end.
 
 from __future__ import annotations
 
-import glob
-import json
 import os
 import shutil
 from pathlib import Path
+from typing import Annotated
 
+import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qvl import storage
+from qvl.boundary import Count, decode_json
+from qvl.errors import QvlError, RecordError
 from qvl.schemas.samples import REJECT, SAMPLE, SAMPLE_MROPE
 
 
@@ -49,7 +51,7 @@ class ShardWriter:
         self.schema, self.features = (SAMPLE_MROPE, FEATURES_MROPE) if positions else (SAMPLE, FEATURES)
         if storage.claim(out, KIND, legacy=("manifest.json",), create=False) and not overwrite:
             raise FileExistsError(f"{out}: holds a qvl format output; choose another --out or --overwrite")
-        _remove_stale(out)
+        storage.remove_stale(out)
         self.tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
         shutil.rmtree(self.tmp, ignore_errors=True)
         try:
@@ -117,25 +119,29 @@ class ShardWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _remove_stale(out: Path) -> None:
-    """Folders a killed run left beside ``out`` (``OUT.tmp-PID``, ``OUT.old-PID``), when that
-    process is gone."""
-    for kind in ("tmp", "old"):
-        for leftover in out.parent.glob(f"{glob.escape(out.name)}.{kind}-*"):
-            pid = leftover.name.rsplit("-", 1)[1]
-            if leftover.is_dir() and pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(leftover, ignore_errors=True)
+class Manifest(msgspec.Struct):
+    """What readers of a format output rely on in its ``manifest.json`` (the rest is a report)."""
+
+    tokenizer: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+    records: Count
+    rejected: Count
+    model: Annotated[str, msgspec.Meta(max_length=64)] = "qwen-vl"
+    shards: list[Annotated[str, msgspec.Meta(max_length=4096)]] = []
 
 
-def _alive(pid: int) -> bool:
+MAX_MANIFEST = 64 << 20  # bytes: a manifest is a report of a few kilobytes
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """``folder``'s manifest, typed; a missing, damaged or foreign one is one error naming the file."""
+    path = Path(folder) / "manifest.json"
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def read_manifest(folder: Path) -> dict:
-    return json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        if path.stat().st_size > MAX_MANIFEST:
+            raise QvlError(f"{path}: larger than {MAX_MANIFEST >> 20} MB; not a qvl manifest")
+        data = path.read_bytes()
+    except OSError as e:
+        raise QvlError(f"{path}: cannot read ({e.strerror}); is {folder} the --out of `qvl format`?") from None
+    try:
+        return decode_json(data, Manifest)
+    except RecordError as e:
+        raise QvlError(f"{path}: not a qvl format manifest ({e})") from None

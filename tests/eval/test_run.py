@@ -121,10 +121,10 @@ def test_the_datasets_published_files(setup, tmp_path):
 
 
 @pytest.mark.parametrize("line, message", [
-    ('{"image": "0.png", "sent": "x", "bbox": [1, 2, 3], "width": 40, "height": 30}', "bbox must be 4 pixel numbers"),
-    ('{"image": "0.png", "sent": "x", "bbox": [1, 2, 3, 4], "width": 0, "height": 30}', "width and height"),
-    ('{"image": "0.png", "bbox": [1, 2, 3, 4], "width": 40, "height": 30}', "missing or bad 'sent'"),
-    ("[1]", "not a JSON object"),
+    ('{"image": "0.png", "sent": "x", "bbox": [1, 2, 3], "width": 40, "height": 30}', "at `$.bbox`"),
+    ('{"image": "0.png", "sent": "x", "bbox": [1, 2, 3, 4], "width": 0, "height": 30}', "at `$.width`"),
+    ('{"image": "0.png", "bbox": [1, 2, 3, 4], "width": 40, "height": 30}', "missing required field `sent`"),
+    ("[1]", "Expected `object`, got `array`"),
 ])
 def test_bad_data_is_an_error_naming_the_line(setup, tmp_path, line, message):
     data = tmp_path / "bad.jsonl"

@@ -5,6 +5,7 @@ every record is written or rejected with its reason."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -163,4 +164,69 @@ def test_cli_export_and_refusals(data, tmp_path):
     again = runner.invoke(app, [*args, "--to", "llamafactory", "--out", str(tmp_path / "lf")])
     assert again.exit_code == 1 and "holds a qvl export" in again.output
     wrong = runner.invoke(app, [*args, "--to", "axolotl", "--out", str(tmp_path / "x")])
-    assert wrong.exit_code == 1 and "--to 'axolotl': use ms-swift, llamafactory" in wrong.output
+    assert wrong.exit_code == 1 and "target: 'axolotl': use ms-swift, llamafactory (--to)" in wrong.output
+
+
+# ---------------------------------------------------------------- bad input
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from qvl.cli import app
+
+    return CliRunner().invoke(app, ["format", "export", "--no-progress", *args])
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--tool-max-pixels", "0", "tool_max_pixels: 0: must be a whole number of pixels from 1"),
+    ("--tool-max-pixels", "-5", "tool_max_pixels: -5"),
+    ("--tool-min-pixels", "0", "tool_min_pixels: 0"),
+    ("--tool-min-pixels", "1000000", "tool_min_pixels: 1000000: more than tool_max_pixels (589824)"),
+    ("--min-image-pixels", "0", "min_image_pixels: 0"),
+    ("--max-image-pixels", "-1", "max_image_pixels: -1"),
+    ("--max-image-pixels", str(10 ** 30), "max_image_pixels: 1000000000000000000000000000000"),
+    ("--max-pixels", "0", "max_pixels: 0"),
+])
+def test_every_export_setting_is_checked(data, tmp_path, option, value, message):
+    result = _cli("-i", str(data / "ann.jsonl"), "--images", str(data / "img"), "--to", "llamafactory",
+                  "--out", str(tmp_path / "out"), option, value)
+    assert result.exit_code == 1 and result.output.startswith("error:") and "Traceback" not in result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
+
+
+def test_a_bad_record_is_a_reject_of_that_record_only(data, tmp_path):
+    """A lone surrogate (``bad_text``), a list where the task or id belongs, an image the tool's
+    shrink leaves no pixel of: each rejects its own record, the run goes on."""
+    good = {"task": "caption", "image": "cat.png", "caption": "a cat"}
+    lines = [json.dumps(good),
+             '{"task": "caption", "image": "cat.png", "caption": "a cat \\ud800"}',
+             json.dumps({**good, "task": ["caption"]}),
+             json.dumps({**good, "id": [1]}),
+             json.dumps({**good, "id": 10 ** 30}),
+             json.dumps({"task": "ref_grounding", "image": "wide.png", "ref": "it", "box": [1, 2, 30, 40]}),
+             json.dumps(good)]
+    src = tmp_path / "bad.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    report = run_export([src], tmp_path / "out", data / "img", show_progress=False,
+                        settings=ExportSettings(target="llamafactory", tool_max_pixels=1, tool_min_pixels=1))
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["reason"]) for r in rejects] == [(2, "bad_text"), (3, "bad_field"), (4, "bad_field"),
+                                                          (5, "bad_field"), (6, "bad_image_size")]
+    assert "$.caption" in rejects[0]["detail"] and "$.task" in rejects[1]["detail"] and "$.id" in rejects[2]["detail"]
+    assert report["records"] == len(lines) == report["samples"] + report["rejected"] and report["samples"] == 2
+
+
+def test_a_killed_exports_temp_folders_are_cleaned(data, tmp_path):
+    """A kill -9 leaves ``OUT.tmp-PID`` (and, mid-replace, ``OUT.old-PID``): the next run removes
+    those of processes that are gone, and only those."""
+    dead = 2 ** 22 + 12345  # above Linux's pid limit: no such process
+    for name in (f"out.tmp-{dead}", f"out.old-{dead}"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "data.jsonl").write_text("half")
+    alive = tmp_path / f"out.tmp-{os.getppid()}"  # a live process (another export): left alone
+    alive.mkdir()
+    other = tmp_path / "out.tmp-notes"
+    other.mkdir()
+    run_export([data / "ann.jsonl"], tmp_path / "out", data / "img", show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", alive.name, other.name])

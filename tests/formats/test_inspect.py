@@ -1,0 +1,69 @@
+"""`qvl format inspect` on damaged outputs: the manifest is decoded into a typed struct; a
+missing, damaged or foreign one is one error line naming the file, never a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from qvl.cli import app
+from qvl.formats.build import FormatSettings, run_format
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def output(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inspect")
+    Image.new("RGB", (32, 24), "red").save(root / "red.png")
+    (root / "ann.jsonl").write_text(json.dumps({"task": "caption", "image": "red.png", "caption": "a red square"}))
+    run_format("multitask", [root / "ann.jsonl"], root / "out", root, show_progress=False,
+               settings=FormatSettings(tokenizer="bytes", image_tokens=4))
+    return root / "out"
+
+
+def inspect(folder):
+    return runner.invoke(app, ["format", "inspect", str(folder)])
+
+
+def test_a_good_output_shows_its_row(output):
+    result = inspect(output)
+    assert result.exit_code == 0 and "task=caption" in result.output, result.output
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: m.pop("tokenizer"), "missing required field `tokenizer`"),
+    (lambda m: m.update(tokenizer=["bytes"]), "$.tokenizer"),
+    (lambda m: m.update(records=-1), "$.records"),
+    (lambda m: m.update(rejected=10 ** 30), "$.rejected"),
+    (lambda m: m.update(model=None), "$.model"),
+])
+def test_a_damaged_manifest_is_one_line_naming_it(output, tmp_path, damage, message):
+    import shutil
+
+    folder = tmp_path / "out"
+    shutil.copytree(output, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    damage(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    result = inspect(folder)
+    assert result.exit_code == 1 and result.output.startswith("error:") and "Traceback" not in result.output
+    assert str(folder / "manifest.json") in result.output and message in result.output, result.output
+
+
+@pytest.mark.parametrize("content", [None, "{not json", '{"tokenizer": "\\ud800", "records": 1, "rejected": 0}'])
+def test_a_missing_or_broken_manifest_is_one_line(output, tmp_path, content):
+    import shutil
+
+    folder = tmp_path / "out"
+    shutil.copytree(output, folder)
+    if content is None:
+        (folder / "manifest.json").unlink()
+    else:
+        (folder / "manifest.json").write_text(content)
+    result = inspect(folder)
+    assert result.exit_code == 1 and result.output.startswith("error:") and "Traceback" not in result.output
+    assert "manifest.json" in result.output, result.output

@@ -1,0 +1,167 @@
+"""`qvl format mix` against broken and hostile recipes: a recipe is decoded into typed settings
+(known keys, values of their type, finite numbers in range, valid text) or refused in one line
+naming the file, the table and the key; a recipe that is read draws every record into the
+shards or the rejects. Never a traceback."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from typer.testing import CliRunner
+
+from qvl.cli import app
+
+runner = CliRunner()
+
+
+def source_files(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 24), "red").save(root / "red.png")
+    src = root / "captions.jsonl"
+    src.write_text("".join(json.dumps({"task": "caption", "image": "red.png", "caption": f"a red square {i}"}) + "\n"
+                           for i in range(3)))
+    return src
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else "inf" if value == math.inf else "-inf" if value == -math.inf \
+            else repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value) if isinstance(value, str) else str(value)
+
+
+def write_recipe(path: Path, mix: dict, sources: list[dict]) -> Path:
+    """The recipe as TOML or YAML (by ``path``'s suffix); None values are left out."""
+    mix = {k: v for k, v in mix.items() if v is not None}
+    sources = [{k: v for k, v in s.items() if v is not None} for s in sources]
+    if path.suffix == ".toml":
+        lines = ["[mix]", *(f"{json.dumps(k)} = {toml_value(v)}" for k, v in mix.items())]
+        for s in sources:
+            lines += ["", "[[source]]", *(f"{json.dumps(k)} = {toml_value(v)}" for k, v in s.items())]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogatepass")
+    else:
+        path.write_text(yaml.safe_dump({"mix": mix, "source": sources}), encoding="utf-8")
+    return path
+
+
+def mix(recipe: Path, out: Path):
+    return runner.invoke(app, ["format", "mix", str(recipe), "--out", str(out), "--no-progress"])
+
+
+def one_line_error(result, *names: str) -> str:
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.output.startswith("error:") and "Traceback" not in result.output, result.output
+    assert result.output.count("\n") == 1, result.output
+    for name in names:
+        assert name in result.output, (name, result.output)
+    return result.output
+
+
+MIX = {"seed": 0, "tokenizer": "bytes", "image_tokens": 4, "pack_to": 256}
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".yaml"])
+@pytest.mark.parametrize("change, message", [
+    ({"fraction": math.inf}, "fraction: inf: must be a number from 0 to 1000"),
+    ({"fraction": math.nan}, "fraction: nan"),
+    ({"fraction": -0.5}, "fraction: -0.5"),
+    ({"count": 10 ** 30}, "count: 1000000000000000000000000000000: must be from 0"),
+    ({"count": 3000 * 3}, "asks for more than 1000 copies of each of its 3 records"),
+    ({"count": "5"}, "count: '5' is not"),
+    ({"name": None}, "missing setting(s) name"),
+    ({"files": []}, "files: a source needs its files"),
+    ({"images": "a\0b"}, "images: a path cannot hold a NUL character"),
+])
+def test_a_bad_source_is_one_line_naming_the_file(tmp_path, suffix, change, message):
+    src = source_files(tmp_path / "data")
+    source = {"name": "caps", "layout": "qvl", "files": [str(src)], "images": str(src.parent), "count": None,
+              "fraction": 1.0, **change}
+    if "count" in change:
+        source["fraction"] = None
+    recipe = write_recipe(tmp_path / f"mix{suffix}", MIX, [source])
+    one_line_error(mix(recipe, tmp_path / "out"), recipe.name, message)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"seed": 10 ** 30}, "seed: 1000000000000000000000000000000: must be a 64-bit integer"),
+    ({"image_tokens": 0}, "[mix]: image_tokens: 0"),
+    ({"pack_to": -1}, "[mix]: pack_to: -1"),
+    ({"colour": "red"}, "unknown setting(s) colour"),
+])
+def test_bad_mix_settings_are_one_line_naming_the_file(tmp_path, change, message):
+    src = source_files(tmp_path / "data")
+    recipe = write_recipe(tmp_path / "mix.toml", {**MIX, **change},
+                          [{"name": "caps", "layout": "qvl", "files": [str(src)], "images": str(src.parent),
+                            "count": 2}])
+    one_line_error(mix(recipe, tmp_path / "out"), "mix.toml", message)
+
+
+def test_a_lone_surrogate_in_a_yaml_recipe(tmp_path):
+    src = source_files(tmp_path / "data")
+    recipe = write_recipe(tmp_path / "mix.yaml", MIX, [{"name": "caps\ud800", "layout": "qvl", "files": [str(src)],
+                                                        "count": 2}])
+    one_line_error(mix(recipe, tmp_path / "out"), "mix.yaml", "$.source[0].name", "not valid Unicode")
+
+
+# ---------------------------------------------------------------- property: any recipe
+
+HOSTILE = [None, True, -1, 0, 2, 10 ** 30, 0.5, math.inf, math.nan, -math.inf, "", "x", "\ud800", [], [1], {"a": 1}]
+
+
+@st.composite
+def recipes(draw):
+    """A recipe of one or two sources over a small file, some of its values hostile or missing."""
+    def maybe(value):
+        return draw(st.sampled_from(HOSTILE)) if draw(st.integers(0, 5)) == 5 else value
+
+    mix_table = {key: maybe(value) for key, value in MIX.items()}
+    if draw(st.integers(0, 9)) == 9:
+        mix_table[draw(st.sampled_from(["colour", "max_len"]))] = draw(st.sampled_from(HOSTILE))
+    sources = []
+    for i in range(draw(st.integers(1, 2))):
+        share = {"count": maybe(draw(st.integers(0, 6)))} if draw(st.booleans()) else \
+            {"fraction": maybe(draw(st.sampled_from([0.0, 0.5, 1.0, 2.5])))}
+        source = {"name": maybe(f"s{i}"), "layout": maybe("qvl"), "files": maybe(["SRC"]), "images": maybe("IMAGES"),
+                  **share}
+        if draw(st.integers(0, 9)) == 9:
+            source[draw(st.sampled_from(["tasks", "split", "count", "weight"]))] = draw(st.sampled_from(HOSTILE))
+        sources.append(source)
+    return draw(st.sampled_from([".toml", ".yaml"])), mix_table, sources, draw(st.integers(0, 12))
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(recipes())
+def test_any_recipe_is_drawn_or_refused_in_one_line(recipe):
+    suffix, mix_table, sources, cut = recipe
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        src = source_files(tmp / "data")
+        swap = {"SRC": str(src), "IMAGES": str(src.parent)}
+        sources = [{k: [swap.get(x, x) for x in v] if isinstance(v, list) else swap.get(v, v) if isinstance(v, str)
+                    else v for k, v in s.items()} for s in sources]
+        path = write_recipe(tmp / f"mix{suffix}", mix_table, sources)
+        if cut == 12:  # a truncated file
+            text = path.read_bytes()
+            path.write_bytes(text[:len(text) // 2])
+        result = mix(path, tmp / "out")
+        if result.exit_code == 0:
+            manifest = json.loads((tmp / "out" / "manifest.json").read_text())
+            assert manifest["records"] == manifest["samples"] + manifest["rejected"]
+        else:
+            one_line_error(result, path.name)
