@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -75,3 +77,107 @@ def test_shards_that_are_not_a_format_output(micro, tmp_path):
                             "--preset", micro["preset"], "--no-progress"]))
     manifest = json.loads((micro["multitask"] / "manifest.json").read_text())
     assert manifest["records"] > 0
+
+
+# ---------------------------------------------------------------- checkpoints and shards, damaged
+
+
+@pytest.fixture
+def checkpoint(run, tmp_path):
+    """A copy of a run's checkpoint, to damage."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(run / "checkpoint", folder)
+    return folder
+
+
+def generate_cli(checkpoint, prompt="<ref>a</ref>"):
+    return runner.invoke(app, ["generate", "--checkpoint", str(checkpoint), "--prompt", prompt,
+                               "--max-new-tokens", "2"])
+
+
+def test_generate_with_an_empty_prompt_is_one_line(checkpoint):
+    assert generate_cli(checkpoint).exit_code == 0
+    assert "--prompt" in one_line_error(generate_cli(checkpoint, ""))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no resolution", "resolution as text", "huge resolution",
+                                    "meta not json", "meta a list"])
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(micro, checkpoint, tmp_path, damage):
+    meta_path, weights = checkpoint / "meta.json", checkpoint / "model.safetensors"
+    meta = json.loads(meta_path.read_text())
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-500])
+        expect = ["model.safetensors"]
+    elif damage == "meta not json":
+        meta_path.write_text("{'stage': 1")
+        expect = ["meta.json"]
+    elif damage == "meta a list":
+        meta_path.write_text("[]")
+        expect = ["meta.json"]
+    else:
+        meta.pop("resolution")
+        if damage != "no resolution":
+            meta["resolution"] = "48" if damage == "resolution as text" else 10 ** 12
+        meta_path.write_text(json.dumps(meta))
+        expect = ["meta.json", "resolution"]
+    for result in (generate_cli(checkpoint),
+                   train_cli(micro, tmp_path / "next", "--init", str(checkpoint), "--max-steps", "1")):
+        message = one_line_error(result)
+        assert all(word in message for word in expect), message
+
+
+def copy_shards(micro, tmp_path) -> Path:
+    folder = tmp_path / "shards"
+    shutil.copytree(micro["multitask"], folder)
+    return folder
+
+
+def train_on(micro, data, out):
+    return runner.invoke(app, ["train", "--stage", "2", "--data", str(data), "--out", str(out),
+                               "--preset", micro["preset"], "--max-steps", "1", "--no-progress"])
+
+
+@pytest.mark.parametrize("field", ["records", "rejected", "shards", "tokenizer", "settings"])
+def test_a_manifest_missing_a_field_names_it(micro, tmp_path, field):
+    data = copy_shards(micro, tmp_path)
+    manifest = json.loads((data / "manifest.json").read_text())
+    del manifest[field]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    message = one_line_error(train_on(micro, data, tmp_path / "run"))
+    assert "manifest.json" in message and field in message, message
+
+
+@pytest.mark.parametrize("value", [-1, "3", 1e400, None, [1]])
+def test_a_manifest_with_bad_counts_names_the_field(micro, tmp_path, value):
+    data = copy_shards(micro, tmp_path)
+    text = (data / "manifest.json").read_text()
+    manifest = json.loads(text)
+    manifest["records"] = "__VALUE__"
+    (data / "manifest.json").write_text(json.dumps(manifest).replace('"__VALUE__"', "1e400" if value == 1e400
+                                                                     else json.dumps(value)))
+    message = one_line_error(train_on(micro, data, tmp_path / "run"))
+    assert "manifest.json" in message and "records" in message, message
+
+
+@pytest.mark.parametrize("where", ["head", "middle", "tail", "escape"])
+def test_a_scribbled_shard_names_the_file(micro, tmp_path, where):
+    data = copy_shards(micro, tmp_path)
+    manifest = json.loads((data / "manifest.json").read_text())
+    path = data / manifest["shards"][0]
+    raw = bytearray(path.read_bytes())
+    if where == "head":
+        raw[:64] = b"\xff" * 64
+    elif where == "middle":
+        middle = len(raw) // 2
+        raw[middle:middle + 256] = bytes(range(256))
+    elif where == "tail":
+        raw = raw[: len(raw) // 3]
+    else:  # a shard name that leaves the folder
+        manifest["shards"][0] = "../../" + manifest["shards"][0]
+        (data / "manifest.json").write_text(json.dumps(manifest))
+    path.write_bytes(bytes(raw))
+    result = train_on(micro, data, tmp_path / "run")
+    if where == "middle" and result.exit_code == 0:
+        return  # the scribble landed in image bytes or token values a row can hold: trained on, no crash
+    message = one_line_error(result)
+    assert (manifest["shards"][0] if where == "escape" else path.name) in message, message
