@@ -226,7 +226,7 @@ def _check_names(sources: set[str], found: set[str], targets: set[str], expected
 # ---------------------------------------------------------------- reading weights
 
 
-ShardName = Annotated[str, msgspec.Meta(pattern=r"^[^/\\\x00]{1,200}\.safetensors$")]
+ShardName = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 FLOATING = {"F16", "BF16", "F32", "F64"}
 PICKLES = ("pytorch_model.bin.index.json", "pytorch_model.bin")
 
@@ -244,6 +244,9 @@ def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str], Path | None
     if index_path.is_file():
         index = read_json_file(index_path, WeightIndex, MAX_CONFIG_BYTES * 64, ConvertError)
         names = sorted(set(index.weight_map.values()))
+        for name in names:
+            if Path(name).name != name or not name.endswith(".safetensors") or "\x00" in name:
+                raise ConvertError(f"{index_path}: weight_map names {name[:200]!r}, not a .safetensors file beside it")
         return [folder / name for name in names], index.weight_map, index_path
     if (folder / "model.safetensors").is_file():
         return [folder / "model.safetensors"], {}, None
