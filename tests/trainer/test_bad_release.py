@@ -197,3 +197,11 @@ def test_to_qwen_vl_meets_a_bad_like_and_a_bad_checkpoint(small, tmp_path):
     message = one_line_error(runner.invoke(app, ["convert", "to-qwen-vl", str(ckpt), "--out", str(tmp_path / "o"),
                                                  "--like", str(like)]))
     assert "meta.json" in message and "resolution" in message, message
+
+
+def test_an_index_that_is_not_utf8_names_the_file(small, tmp_path):
+    folder = copy_of(small, tmp_path)
+    index = folder / "model.safetensors.index.json"
+    index.write_bytes(index.read_bytes().replace(b"lm_head", b"lm\x80\xffhead"))
+    message = one_line_error(convert(folder, tmp_path / "out"))
+    assert index.name in message and "UTF-8" in message, message
