@@ -314,16 +314,22 @@ def _check_layers(config: ReleaseConfig, keys: set[str], where: Path) -> None:
 
 
 def _convert(entries, tensors: Tensors, forward: bool, expected: dict[str, torch.Size] | None,
-             dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+             dtype: torch.dtype | None, where: str) -> Iterator[tuple[str, torch.Tensor]]:
     for release, qvl, there, back in entries:
         sources, targets = (release, qvl) if forward else (qvl, release)
         inputs = [tensors.get(k) for k in sources]
-        outputs = there(*inputs) if forward else back(*inputs)
-        outputs = outputs if isinstance(outputs, list) else [outputs]
+        try:  # a fused tensor whose rows do not split into heads or q/k/v
+            outputs = there(*inputs) if forward else back(*inputs)
+        except RuntimeError:
+            outputs = None
+        outputs = outputs if isinstance(outputs, list) or outputs is None else [outputs]
+        if outputs is None or len(outputs) != len(targets):
+            raise ConvertError(f"{where}: {', '.join(sources)}: shape {tuple(inputs[0].shape)} does not split into "
+                               f"{', '.join(targets)}")
         for key, tensor in zip(targets, outputs):
             if expected is not None and tuple(tensor.shape) != tuple(expected[key]):
-                raise ConvertError(f"{key}: shape {tuple(tensor.shape)} from {', '.join(sources)}, the model needs "
-                                   f"{tuple(expected[key])}")
+                raise ConvertError(f"{where}: {key}: shape {tuple(tensor.shape)} from {', '.join(sources)}, the model "
+                                   f"needs {tuple(expected[key])}")
             yield key, tensor.to(dtype) if dtype is not None else tensor
 
 
@@ -360,7 +366,7 @@ def from_qwen_vl(hf_dir: str | Path, out: str | Path, dtype: str | None = None) 
     expected = expected_shapes(preset, resolution)
     _check_names({k for e in entries for k in e[0]}, tensors.keys(), {k for e in entries for k in e[1]},
                  set(expected), str(hf_dir))
-    weights = dict(_convert(entries, tensors, True, expected, _prepare(out, "checkpoint", dtype)))
+    weights = dict(_convert(entries, tensors, True, expected, _prepare(out, "checkpoint", dtype), str(hf_dir)))
     with storage.atomic_path(out / "model.safetensors") as tmp:
         save_file(weights, str(tmp), metadata={"format": "pt"})
     storage.write_json(out / "preset.json", preset.to_dict())
@@ -396,7 +402,7 @@ def to_qwen_vl(checkpoint: str | Path, out: str | Path, like: str | Path, dtype:
     target = _prepare(out, "hf export", dtype)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
-    for key, tensor in _convert(entries, tensors, False, None, target):
+    for key, tensor in _convert(entries, tensors, False, None, target, str(checkpoint)):
         nbytes = tensor.numel() * tensor.element_size()
         if size and size + nbytes > SHARD_BYTES:
             shards.append({})
