@@ -347,13 +347,10 @@ def _prepare(out: Path, kind: str, dtype: str | None) -> torch.dtype | None:
     return DTYPES.get(dtype)
 
 
-def from_qwen_vl(hf_dir: str | Path, out: str | Path, dtype: str | None = None) -> dict:
-    """A release folder -> a qvl checkpoint folder (model.safetensors, preset.json, meta.json).
-    The config and every weight file's header are read and checked against each other before
-    anything is built: the work is bounded by the files, whatever the config claims."""
-    from safetensors.torch import save_file
-
-    hf_dir, out = Path(hf_dir), Path(out)
+def plan_from_qwen_vl(hf_dir: Path):
+    """(config, preset, tensors, key map, the model's shapes) of a release folder: the config and
+    every weight file's header read and checked against each other, no tensor read yet. The work
+    is bounded by the files, whatever the config claims."""
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise ConvertError(f"{hf_dir}: no config.json (give the Hugging Face folder of Qwen-VL or Qwen-VL-Chat)")
@@ -361,11 +358,21 @@ def from_qwen_vl(hf_dir: str | Path, out: str | Path, dtype: str | None = None) 
     preset = preset_from_config(config, str(config_path))
     tensors = Tensors(*_weight_files(hf_dir), floating=True)
     _check_layers(config, tensors.keys(), config_path)
-    resolution = config.visual.image_size
     entries = key_map(preset)
-    expected = expected_shapes(preset, resolution)
+    expected = expected_shapes(preset, config.visual.image_size)
     _check_names({k for e in entries for k in e[0]}, tensors.keys(), {k for e in entries for k in e[1]},
                  set(expected), str(hf_dir))
+    return config, preset, tensors, entries, expected
+
+
+def from_qwen_vl(hf_dir: str | Path, out: str | Path, dtype: str | None = None) -> dict:
+    """A release folder -> a qvl checkpoint folder (model.safetensors, preset.json, meta.json),
+    once ``plan_from_qwen_vl`` has checked it."""
+    from safetensors.torch import save_file
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    config, preset, tensors, entries, expected = plan_from_qwen_vl(hf_dir)
+    resolution = config.visual.image_size
     weights = dict(_convert(entries, tensors, True, expected, _prepare(out, "checkpoint", dtype), str(hf_dir)))
     with storage.atomic_path(out / "model.safetensors") as tmp:
         save_file(weights, str(tmp), metadata={"format": "pt"})

@@ -22,6 +22,7 @@ from qvl.errors import QvlError
 from qvl.trainer.checkpoint import CheckpointMeta, read_meta, read_safetensors_header
 from qvl.trainer.data import Shards
 from qvl.trainer.model import QwenVL, load_preset
+from qvl.trainer.release import plan_from_qwen_vl
 from tests.trainer import qwen_vl_reference as ref
 from tests.trainer.test_bad_release import SMALL
 
@@ -86,6 +87,26 @@ def small(tmp_path_factory) -> Path:
 
 
 @FAST
+@given(config=mutated(SMALL))
+def test_a_generated_config_is_planned_or_named(small, tmp_path, config):
+    """Everything `convert from-qwen-vl` checks before reading a tensor (the CLI's one error line
+    for these is tested in test_bad_release.py); a planned conversion's shapes then decide."""
+    folder = fresh(tmp_path) / "hf"
+    folder.mkdir()
+    for item in small.iterdir():
+        if item.name != "config.json":
+            (folder / item.name).symlink_to(item)
+    write(folder / "config.json", config)
+    try:
+        planned = plan_from_qwen_vl(folder)
+    except QvlError as e:
+        assert str(folder) in str(e)
+        return
+    assert planned[0].num_hidden_layers == SMALL["num_hidden_layers"]
+
+
+@settings(max_examples=6, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(config=mutated(SMALL))
 def test_a_generated_config_converts_or_is_one_error_line(small, tmp_path, config):
     folder = fresh(tmp_path) / "hf"
