@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -393,6 +394,29 @@ class Adapter(nn.Module):
         return out
 
 
+LLM_NEEDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def check_buildable(cfg: ModelConfig, vocab_size: int, resolution: int, llm_path: str | None) -> None:
+    """Refuse, before allocating anything, a preset whose model cannot be built here: an
+    ``[llm]`` table without its sizes (transformers' defaults are a 7B model) or a model whose
+    fp32 weights alone exceed this machine's memory (counted on the meta device). An LLM from a
+    local folder (``--llm``) is the folder's own."""
+    if llm_path is not None:
+        return
+    missing = [k for k in LLM_NEEDS if k not in cfg.llm]
+    if missing:
+        raise PresetError(f"preset {cfg.name}: [llm] needs {', '.join(missing)} (or give --llm PATH)")
+    with torch.device("meta"):
+        model = QwenVL(cfg, vocab_size, 0, resolution)
+    parameters = sum(p.numel() for p in model.parameters())
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if parameters * 4 > memory:
+        raise PresetError(f"preset {cfg.name}: a model of {parameters / 1e9:.1f}B parameters "
+                          f"({parameters * 4 / 2 ** 30:.0f} GiB in fp32), more than this machine's "
+                          f"{memory / 2 ** 30:.0f} GiB of memory")
+
+
 def build_llm(cfg: dict, vocab_size: int, llm_path: str | None) -> nn.Module:
     """A transformers Qwen2 causal LM from the preset's ``[llm]`` fields (``vocab_size`` there
     wins over the tokenizer's: a converted release has 151,936 rows), or a local folder."""
@@ -410,6 +434,8 @@ class QwenVL(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, image_pad_id: int, resolution: int,
                  llm_path: str | None = None):
         super().__init__()
+        if torch.empty(0).device.type != "meta":
+            check_buildable(cfg, vocab_size, resolution, llm_path)
         self.config = cfg
         self.image_pad_id = image_pad_id
         self.vision = VisionEncoder(cfg.vision, resolution)

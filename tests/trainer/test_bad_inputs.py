@@ -181,3 +181,73 @@ def test_a_scribbled_shard_names_the_file(micro, tmp_path, where):
         return  # the scribble landed in image bytes or token values a row can hold: trained on, no crash
     message = one_line_error(result)
     assert ("manifest.json" if where == "escape" else path.name) in message, message
+
+
+def test_rows_with_scribbled_values_are_skipped_and_named(micro, tmp_path):
+    """A shard that passes Arrow's checks may still hold values no row can have: each such row is
+    skipped with a log line naming its samples; every row is either batched or named."""
+    import pyarrow as pa
+
+    from qvl.schemas.samples import SAMPLE
+    from qvl.trainer.data import DataError, Loader, Shards
+
+    data = copy_shards(micro, tmp_path)
+    manifest = json.loads((data / "manifest.json").read_text())
+    path = data / manifest["shards"][0]
+    rows = pa.ipc.open_stream(pa.memory_map(str(path))).read_all().to_pylist()
+    rows[0]["input_ids"][0] = 10 ** 6  # beyond the vocabulary
+    rows[1]["labels"] = rows[1]["labels"][:-1]  # lengths disagree
+    with_image = next(i for i, r in enumerate(rows) if r["images"] and i > 1)
+    rows[with_image]["images"][0]["bytes"] = b"\x89PNG scribbled"
+    rows[3]["sample_lengths"] = [0, len(rows[3]["input_ids"])]
+    bad = {0, 1, 3, with_image}
+    with pa.ipc.new_stream(str(path), SAMPLE) as writer:
+        writer.write_table(pa.Table.from_pylist(rows, SAMPLE))
+    shards = Shards(data)
+    logs: list[str] = []
+    loader = Loader(shards, 1, 32, 0, 512, seed=0, log=logs.append, vocab_size=473, image_pad=(472, 4))
+    seen = [loader.next().sample_ids[0] for _ in range(len(rows) - len(bad))]
+    assert loader.epoch == 0
+    assert sorted(map(tuple, seen)) == sorted(tuple(r["sample_ids"]) for i, r in enumerate(rows) if i not in bad)
+    assert len(logs) == len(bad) and all(str(rows[i]["sample_ids"]) in " ".join(logs) for i in bad), logs
+    for row in rows:
+        row["input_ids"][0] = 10 ** 6
+    with pa.ipc.new_stream(str(path), SAMPLE) as writer:
+        writer.write_table(pa.Table.from_pylist(rows, SAMPLE))
+    loader = Loader(Shards(data), 1, 32, 0, 512, seed=0, log=lambda m: None, vocab_size=473, image_pad=(472, 4))
+    with pytest.raises(DataError, match="no row of the shards can be trained on"):
+        loader.next()
+
+
+@pytest.mark.parametrize("text, field", [
+    ("name = 'x'\ntokenizer = 'bytes'\nimage_tokens = 4\n[vision]\nwidth = 32\nlayers = 1\nheads = 2\n"
+     "patch_size = 0\n", "patch_size"),
+    ("name = 'x'\ntokenizer = 'bytes'\nimage_tokens = 4\n[vision]\nwidth = 32\nlayers = 1\nheads = 2\n"
+     "patch_size = 8\n[stages]\nlr = [inf, 1e-3, 1e-3]\n", "lr"),
+    ("name = 'x'\ntokenizer = 'bytes'\nimage_tokens = 5\n", "image_tokens"),
+    ("name = [", "not a qvl preset"),
+    ("name = 'x'\ntokenizer = 'bytes'\nimage_tokens = 4\n[vision]\nwidth = 32\nlayers = 1\nheads = 2\n"
+     "patch_size = 8\n[llm]\nhidden_size = 33\nnum_attention_heads = 2\n", "hidden_size"),
+])
+def test_a_bad_preset_file_is_one_line_naming_it(micro, tmp_path, text, field):
+    preset = tmp_path / "bad.toml"
+    preset.write_text(text)
+    result = runner.invoke(app, ["train", "--stage", "2", "--data", str(micro["multitask"]), "--out",
+                                 str(tmp_path / "run"), "--preset", str(preset), "--max-steps", "1", "--no-progress"])
+    message = one_line_error(result)
+    assert "bad.toml" in message and field in message, message
+
+
+@pytest.mark.parametrize("llm, field", [
+    ("", "[llm] needs hidden_size, num_hidden_layers"),  # transformers' defaults would build 7B parameters
+    ("hidden_size = 65536\nnum_hidden_layers = 8\nnum_attention_heads = 512\nintermediate_size = 1048576\n",
+     "more than this machine's"),
+])
+def test_a_preset_too_big_to_build_is_refused_before_allocating(micro, tmp_path, llm, field):
+    preset = tmp_path / "big.toml"
+    preset.write_text("name = 'big'\ntokenizer = 'bytes'\nimage_tokens = 4\n[vision]\nwidth = 32\nlayers = 1\n"
+                      f"heads = 2\npatch_size = 8\n[llm]\n{llm}")
+    result = runner.invoke(app, ["train", "--stage", "2", "--data", str(micro["multitask"]), "--out",
+                                 str(tmp_path / "run"), "--preset", str(preset), "--max-steps", "1", "--no-progress"])
+    message = one_line_error(result)
+    assert "preset big" in message and field in message, message
