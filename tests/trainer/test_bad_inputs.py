@@ -82,11 +82,19 @@ def test_shards_that_are_not_a_format_output(micro, tmp_path):
 # ---------------------------------------------------------------- checkpoints and shards, damaged
 
 
+@pytest.fixture(scope="module")
+def trained(micro, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("trained") / "run"
+    result = train_cli(micro, out, "--max-steps", "0")
+    assert result.exit_code == 0, result.output
+    return out / "checkpoint"
+
+
 @pytest.fixture
-def checkpoint(run, tmp_path):
-    """A copy of a run's checkpoint, to damage."""
+def checkpoint(trained, tmp_path):
+    """A copy of a checkpoint, to damage."""
     folder = tmp_path / "ckpt"
-    shutil.copytree(run / "checkpoint", folder)
+    shutil.copytree(trained, folder)
     return folder
 
 
