@@ -29,8 +29,9 @@ def _safetensors(path: Path, keys: list[str]) -> None:
 
 
 def _release_keys() -> list[str]:
-    from qvl.trainer.release import key_map, preset_from_config, ReleaseConfig
     import msgspec
+
+    from qvl.trainer.release import ReleaseConfig, key_map, preset_from_config
 
     preset = preset_from_config(msgspec.convert(_RELEASE, ReleaseConfig))
     return [key for entry in key_map(preset) for key in entry[0]]

@@ -32,7 +32,13 @@ import torch
 
 from qvl import storage
 from qvl.errors import QvlError
-from qvl.trainer.checkpoint import TensorEntry, read_json_file, read_meta, read_preset, read_safetensors_header
+from qvl.trainer.checkpoint import (
+    TensorEntry,
+    read_json_file,
+    read_meta,
+    read_preset,
+    read_safetensors_header,
+)
 from qvl.trainer.model import ModelConfig, QwenVL, Resolution
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

@@ -227,15 +227,16 @@ def test_rows_with_scribbled_values_are_skipped_and_named(micro, tmp_path):
         loader.next()
 
 
+HEAD = "name = 'x'\ntokenizer = 'bytes'\nimage_tokens = 4\n"
+VISION = "[vision]\nwidth = 32\nlayers = 1\nheads = 2\n"
+
+
 @pytest.mark.parametrize("text, field", [
-    ("name = 'x'\ntokenizer = 'bytes'\nimage_tokens = 4\n[vision]\nwidth = 32\nlayers = 1\nheads = 2\n"
-     "patch_size = 0\n", "patch_size"),
-    ("name = 'x'\ntokenizer = 'bytes'\nimage_tokens = 4\n[vision]\nwidth = 32\nlayers = 1\nheads = 2\n"
-     "patch_size = 8\n[stages]\nlr = [inf, 1e-3, 1e-3]\n", "lr"),
+    (HEAD + VISION + "patch_size = 0\n", "patch_size"),
+    (HEAD + VISION + "patch_size = 8\n[stages]\nlr = [inf, 1e-3, 1e-3]\n", "lr"),
     ("name = 'x'\ntokenizer = 'bytes'\nimage_tokens = 5\n", "image_tokens"),
     ("name = [", "not a qvl preset"),
-    ("name = 'x'\ntokenizer = 'bytes'\nimage_tokens = 4\n[vision]\nwidth = 32\nlayers = 1\nheads = 2\n"
-     "patch_size = 8\n[llm]\nhidden_size = 33\nnum_attention_heads = 2\n", "hidden_size"),
+    (HEAD + VISION + "patch_size = 8\n[llm]\nhidden_size = 33\nnum_attention_heads = 2\n", "hidden_size"),
 ])
 def test_a_bad_preset_file_is_one_line_naming_it(micro, tmp_path, text, field):
     preset = tmp_path / "bad.toml"

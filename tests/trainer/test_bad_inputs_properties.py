@@ -4,6 +4,7 @@ invariant: the file is read, or one ``QvlError`` names it — never another exce
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import struct
@@ -75,8 +76,12 @@ def write(path: Path, value) -> None:
     path.write_text(json.dumps(value))  # NaN and Infinity written as JavaScript would: not JSON
 
 
-def fresh(tmp_path: Path, counter=iter(range(10 ** 9))) -> Path:
-    folder = tmp_path / f"case{next(counter)}"
+_CASES = itertools.count()
+
+
+def fresh(tmp_path: Path) -> Path:
+    """A new folder for one generated example (hypothesis reuses the test's tmp_path)."""
+    folder = tmp_path / f"case{next(_CASES)}"
     folder.mkdir()
     return folder
 
