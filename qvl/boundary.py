@@ -70,11 +70,14 @@ def convert(obj: Any, type_: type[T], reason: str = "bad_field") -> T:
 
 def decode_json(data: bytes | str, type_: Any = Any, reason: str = "malformed_json") -> Any:
     """One JSON document (a JSONL line) as ``type_``. Invalid JSON, NaN/Infinity literals and
-    lone surrogates are ``reason``; a value of the wrong type is ``bad_field``."""
+    lone surrogates are ``reason``; a value of the wrong type is ``bad_field``; a string that is
+    not valid UTF-8 is ``bad_text``."""
     try:
         return msgspec.json.decode(data, type=type_, strict=True)
     except msgspec.ValidationError as e:
         raise RecordError(str(e), "bad_field") from None
+    except UnicodeDecodeError as e:  # msgspec checks UTF-8 inside strings only as it builds them
+        raise RecordError(f"text is not valid UTF-8 (byte {e.start} of a string)", "bad_text") from None
     except msgspec.DecodeError as e:
         message = str(e)
         if "truncated" in message or "surrogate" in message:

@@ -2,19 +2,114 @@
 architecture it was built with), ``meta.json`` (stage, step, resolution) and, for resuming,
 ``state.pt``. The preset travels with the weights, so ``qvl generate``, ``qvl train --init``
 (and evaluation) need no ``--preset``; one given that builds another architecture is an error.
+
+Every file is decoded here into a typed, ranged structure before anything is built from it:
+``meta.json`` into ``CheckpointMeta``, a ``.safetensors`` header into ``TensorEntry``s whose
+offsets are checked against the file's size (a truncated file or a header that claims 4 TB is
+one error naming the file, never a read past its end).
 """
 
 from __future__ import annotations
 
-import json
+import math
+import struct
 from pathlib import Path
+from typing import Annotated
 
-from qvl.errors import QvlError
-from qvl.trainer.model import ModelConfig, QwenVL, load_preset
+import msgspec
+
+from qvl.boundary import Count, decode_json
+from qvl.errors import QvlError, RecordError
+from qvl.trainer.model import ModelConfig, Name, QwenVL, Resolution, load_preset
+
+MAX_HEADER_BYTES = 16 << 20  # a safetensors header: Qwen-VL-Chat's largest is ~100 KB
+MAX_META_BYTES = 1 << 20
+
+# safetensors dtype -> bytes per element (the format's whole list)
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 class CheckpointError(QvlError):
     pass
+
+
+class CheckpointMeta(msgspec.Struct):
+    """``meta.json``: what a checkpoint says about itself (other keys are kept by whoever wrote them)."""
+
+    resolution: Resolution
+    stage: Annotated[int, msgspec.Meta(ge=0, le=3)] = 0
+    step: Count = 0
+    preset: Name | None = None
+
+
+class TensorEntry(msgspec.Struct, forbid_unknown_fields=True):
+    """One tensor of a safetensors header: dtype, shape, [begin, end) in the data after the header."""
+
+    dtype: str
+    shape: Annotated[list[Count], msgspec.Meta(max_length=16)]
+    data_offsets: Annotated[list[Count], msgspec.Meta(min_length=2, max_length=2)]
+
+
+def read_json_file(path: Path, type_, max_bytes: int = MAX_META_BYTES, error=CheckpointError):
+    """A small JSON file as ``type_``, or one ``error`` naming the file and the field."""
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise error(f"{path}: {size:,} bytes; a file like this holds at most {max_bytes:,}")
+        data = path.read_bytes()
+    except OSError as e:
+        raise error(f"{path}: unreadable ({e.strerror or e})") from None
+    try:
+        return decode_json(data, type_)
+    except RecordError as e:
+        raise error(f"{path}: {e}") from None
+
+
+def read_safetensors_header(path: Path, error=CheckpointError) -> dict[str, TensorEntry]:
+    """The tensors of a ``.safetensors`` file from its header alone (the first 8 bytes give the
+    header's length, refused above ``MAX_HEADER_BYTES`` before it is read), each checked to lie
+    inside the file: in order, without gaps or overlaps, ending where the file ends."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise error(f"{path}: truncated ({size} bytes; a safetensors file starts with an 8-byte header length)")
+            (length,) = struct.unpack("<Q", head)
+            if length > MAX_HEADER_BYTES or length > size - 8:
+                raise error(f"{path}: not a safetensors file, or truncated (its header claims {length:,} bytes; "
+                            f"the file holds {size:,}, and qvl reads headers up to {MAX_HEADER_BYTES:,})")
+            header = f.read(length)
+    except OSError as e:
+        raise error(f"{path}: unreadable ({e.strerror or e})") from None
+    try:
+        raw = decode_json(header, dict[str, msgspec.Raw])
+        raw.pop("__metadata__", None)
+        entries = {key: decode_json(value, TensorEntry) for key, value in raw.items()}
+    except RecordError as e:
+        raise error(f"{path}: a damaged safetensors header ({e})") from None
+    data_bytes, end = size - 8 - length, 0
+    for key, entry in sorted(entries.items(), key=lambda item: tuple(item[1].data_offsets)):
+        begin, stop = entry.data_offsets
+        if entry.dtype not in DTYPE_BYTES:
+            raise error(f"{path}: tensor {key}: unknown dtype {entry.dtype[:20]!r}")
+        if begin != end or stop - begin != math.prod(entry.shape) * DTYPE_BYTES[entry.dtype]:
+            raise error(f"{path}: tensor {key}: its bytes [{begin:,}, {stop:,}) do not fit its shape "
+                        f"{tuple(entry.shape)} of {entry.dtype} after the previous tensor (ends at {end:,})")
+        end = stop
+    if end != data_bytes:
+        raise error(f"{path}: truncated or padded: its header describes {end:,} bytes of tensors, "
+                    f"the file holds {data_bytes:,}")
+    return entries
+
+
+def read_meta(folder: Path) -> CheckpointMeta:
+    path = folder / "meta.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: not a checkpoint folder (no meta.json; give a run's checkpoint/ folder "
+                              "or the --out of qvl convert)")
+    return read_json_file(path, CheckpointMeta)
 
 
 def read_preset(folder: str | Path, explicit: str | None = None) -> ModelConfig:
@@ -25,10 +120,10 @@ def read_preset(folder: str | Path, explicit: str | None = None) -> ModelConfig:
     chosen = load_preset(explicit) if explicit else None
     if not carried.is_file():  # checkpoints written before presets travelled with them
         if chosen is None:
-            meta = _meta(folder)
+            meta = read_meta(folder)
             try:
-                return load_preset(meta.get("preset", "tiny"))
-            except ValueError:
+                return load_preset(meta.preset or "tiny")
+            except QvlError:
                 raise CheckpointError(f"{folder}: no preset.json; give the preset it was trained with "
                                       "(--preset)") from None
         return chosen
@@ -39,31 +134,27 @@ def read_preset(folder: str | Path, explicit: str | None = None) -> ModelConfig:
     return chosen or own
 
 
-def _meta(folder: Path) -> dict:
-    path = folder / "meta.json"
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: not a checkpoint folder (no meta.json; give a run's checkpoint/ folder "
-                              "or the --out of qvl convert)")
+def load_weights(model: QwenVL, path: Path, what: str) -> None:
+    """``path`` into ``model``; a damaged file or one of another architecture is one error naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    read_safetensors_header(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable ({e})") from None
+        load_model(model, str(path))
+    except (OSError, RuntimeError, ValueError, SafetensorError) as e:
+        raise CheckpointError(f"{path}: cannot load into {what} ({str(e)[:300]})") from None
 
 
 def load_checkpoint(folder: str | Path, explicit_preset: str | None = None):
-    """(model in eval mode, preset, tokenizer, meta) of a checkpoint folder, on the CPU."""
-    from safetensors.torch import load_model
-
+    """(model in eval mode, preset, tokenizer, meta) of a checkpoint folder, on the CPU;
+    ``meta`` is ``meta.json``'s checked fields as a dict."""
     from qvl.formats.tokenizers import IMG_PAD, load_tokenizer
 
     folder = Path(folder)
-    meta = _meta(folder)
+    meta = read_meta(folder)
     preset = read_preset(folder, explicit_preset)
     tok = load_tokenizer(preset.tokenizer)
-    model = QwenVL(preset, tok.vocab_size, tok.special(IMG_PAD), int(meta["resolution"]))
-    try:
-        load_model(model, str(folder / "model.safetensors"))
-    except (OSError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{folder / 'model.safetensors'}: cannot load into preset {preset.name} "
-                              f"({str(e)[:300]})") from None
-    return model.eval(), preset, tok, meta
+    model = QwenVL(preset, tok.vocab_size, tok.special(IMG_PAD), meta.resolution)
+    load_weights(model, folder / "model.safetensors", f"preset {preset.name}")
+    return model.eval(), preset, tok, msgspec.structs.asdict(meta)

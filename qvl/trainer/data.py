@@ -4,17 +4,20 @@ resized here (never in the model), packed rows kept apart by a block-diagonal ma
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
+import msgspec
 import numpy as np
 import pyarrow as pa
 import torch
 from PIL import Image
 
+from qvl.boundary import Count
 from qvl.errors import QvlError
-from qvl.schemas.samples import IGNORE_INDEX
+from qvl.schemas.samples import IGNORE_INDEX, SAMPLE
+from qvl.trainer.checkpoint import read_json_file
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -22,6 +25,42 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 class DataError(QvlError):
     pass
+
+
+MAX_MANIFEST_BYTES = 64 << 20
+ShardFile = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+
+
+class ManifestSettings(msgspec.Struct):
+    image_tokens: Annotated[int, msgspec.Meta(ge=1, le=4096)]
+
+
+class Manifest(msgspec.Struct):
+    """The fields of a `qvl format` ``manifest.json`` that training reads (the rest is a report)."""
+
+    records: Count
+    rejected: Count
+    shards: Annotated[list[ShardFile], msgspec.Meta(max_length=1 << 20)]
+    tokenizer: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    settings: ManifestSettings
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] = "qwen-vl"
+    vocab_size: Count | None = None
+
+
+def _read_shard(path: Path) -> pa.Table:
+    """One shard, memory-mapped and checked whole (offsets, lengths, the schema qvl writes): a
+    damaged file is one error naming it, never a crash in the middle of a run."""
+    if not path.is_file():
+        raise DataError(f"{path}: listed in manifest.json but missing")
+    try:
+        table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+        table.validate(full=True)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable shard (damaged or not Arrow: {str(e)[:200]})") from None
+    for field in SAMPLE:
+        if table.schema.get_field_index(field.name) < 0 or table.schema.field(field.name).type != field.type:
+            raise DataError(f"{path}: column {field.name} is missing or not {field.type} (not a `qvl format` shard)")
+    return table
 
 
 class Shards:
@@ -32,15 +71,19 @@ class Shards:
         manifest_path = folder / "manifest.json"
         if not manifest_path.is_file():
             raise DataError(f"{folder}: no manifest.json (is this the --out of `qvl format`?)")
-        self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        records, rejected = self.manifest["records"], self.manifest["rejected"]
+        self.manifest = read_json_file(manifest_path, Manifest, MAX_MANIFEST_BYTES, DataError)
+        records, rejected = self.manifest.records, self.manifest.rejected
+        if rejected > records:
+            raise DataError(f"{manifest_path}: rejected ({rejected:,}) exceeds records ({records:,})")
         if records and rejected / records > max_rejected_fraction:
             raise DataError(
                 f"{folder}: {rejected:,} of {records:,} input records were rejected "
                 f"({rejected / records:.1%} > {max_rejected_fraction:.1%}); see rejects.parquet, "
                 "or raise --max-rejected if that is intended")
-        files = [folder / name for name in self.manifest["shards"]]
-        tables = [pa.ipc.open_stream(pa.memory_map(str(f))).read_all() for f in files]
+        for i, name in enumerate(self.manifest.shards):
+            if Path(name).name != name or name in (".", "..") or "\x00" in name:
+                raise DataError(f"{manifest_path}: shards[{i}] {name!r} is not a file name in the folder")
+        tables = [_read_shard(folder / name) for name in self.manifest.shards]
         self.table = pa.concat_tables(tables) if tables else None
         if self.table is None or self.table.num_rows == 0:
             raise DataError(f"{folder}: holds no rows")
@@ -71,7 +114,9 @@ class Batch:
     sample_ids: list[list[str]]
 
 
-def collate(rows: list[dict], resolution: int, pad_id: int) -> Batch:
+def collate(rows: list[dict], resolution: int, pad_id: int,
+            pixels: list[list[torch.Tensor]] | None = None) -> Batch:
+    """Rows as one batch; ``pixels`` (each row's images, decoded) if the caller decoded them."""
     length = max(len(r["input_ids"]) for r in rows)
     b = len(rows)
     ids = torch.full((b, length), pad_id, dtype=torch.long)
@@ -92,7 +137,7 @@ def collate(rows: list[dict], resolution: int, pad_id: int) -> Batch:
             start = end
         for j in range(n, length):  # padding attends to itself only (no all -inf rows)
             mask[i, 0, j, j] = 0.0
-        images += [load_image(img["bytes"], resolution) for img in row["images"]]
+        images += pixels[i] if pixels is not None else [load_image(img["bytes"], resolution) for img in row["images"]]
     return Batch(ids, labels, positions, mask, torch.stack(images) if images else None,
                  [r["task"] for r in rows], [r["sample_ids"] for r in rows])
 
@@ -102,9 +147,11 @@ class Loader:
     takes every w-th micro-batch. ``position`` (epoch, batches taken) is checkpointed."""
 
     def __init__(self, shards: Shards, micro_batch: int, resolution: int, pad_id: int, seq_len: int,
-                 seed: int, rank: int = 0, world: int = 1, log=print):
+                 seed: int, rank: int = 0, world: int = 1, log=print, vocab_size: int | None = None,
+                 image_pad: tuple[int, int] | None = None):
         self.shards, self.micro_batch, self.resolution, self.pad_id = shards, micro_batch, resolution, pad_id
         self.seq_len, self.seed, self.rank, self.world, self.log = seq_len, seed, rank, world, log
+        self.vocab_size, self.image_pad = vocab_size, image_pad  # image_pad: (<imgpad> id, tokens per image)
         self.epoch, self.taken = 0, 0
         self._order = self._permutation()
 
@@ -118,8 +165,25 @@ class Loader:
         self.epoch, self.taken = int(state["epoch"]), int(state["taken"])
         self._order = self._permutation()
 
+    def problem(self, row: dict) -> str | None:
+        """Why a row cannot be trained on (its shard passed Arrow's checks, its values may still be
+        scribbled), or None."""
+        ids, n = row["input_ids"], len(row["input_ids"])
+        if n > self.seq_len:
+            return f"over-long row ({n} > {self.seq_len} tokens)"
+        if n == 0 or len(row["labels"]) != n or sum(row["sample_lengths"]) != n or min(row["sample_lengths"]) < 1:
+            return "inconsistent row (input_ids, labels and sample_lengths disagree)"
+        if self.vocab_size is not None and not 0 <= min(ids) <= max(ids) < self.vocab_size:
+            return f"token ids outside the vocabulary (0..{self.vocab_size - 1})"
+        if any(not (t == IGNORE_INDEX or 0 <= t < (self.vocab_size or 1 << 31)) for t in row["labels"]):
+            return "labels outside the vocabulary"
+        if self.image_pad is not None and ids.count(self.image_pad[0]) != len(row["images"]) * self.image_pad[1]:
+            return f"{ids.count(self.image_pad[0])} <imgpad> tokens for {len(row['images'])} images"
+        return None
+
     def next(self) -> Batch:
         per_step = self.micro_batch * self.world
+        skipped = 0
         while True:
             start = self.taken * per_step + self.rank * self.micro_batch
             if start + self.micro_batch > len(self._order):
@@ -129,13 +193,22 @@ class Loader:
                     raise DataError(f"{len(self._order)} rows cannot fill one step of {per_step}")
                 continue
             self.taken += 1
-            rows = []
+            rows, pixels = [], []
             for i in self._order[start:start + self.micro_batch]:
                 row = self.shards.row(int(i))
-                if len(row["input_ids"]) > self.seq_len:
-                    self.log(f"skipped over-long row ({len(row['input_ids'])} > {self.seq_len} tokens): "
-                             f"{row['sample_ids']}")
+                problem = self.problem(row)
+                if problem is None:
+                    try:
+                        images = [load_image(img["bytes"] or b"", self.resolution) for img in row["images"]]
+                    except (OSError, ValueError, Image.DecompressionBombError) as e:
+                        problem = f"an image does not decode ({str(e)[:100]})"
+                if problem is not None:
+                    self.log(f"skipped {problem}: {row['sample_ids']}")
+                    skipped += 1
+                    if skipped > len(self._order):
+                        raise DataError("no row of the shards can be trained on (see the skipped rows above)")
                     continue
                 rows.append(row)
+                pixels.append(images)
             if rows:
-                return collate(rows, self.resolution, self.pad_id)
+                return collate(rows, self.resolution, self.pad_id, pixels)

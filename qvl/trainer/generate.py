@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
+from qvl.errors import QvlError
 from qvl.formats.sequence import Plan, assemble
 from qvl.formats.tokenizers import Tokenizer
 from qvl.trainer.data import load_image
 from qvl.trainer.model import QwenVL
-
 
 
 def stop_ids(tok: Tokenizer) -> set[int]:
@@ -105,10 +105,12 @@ def generate_text(model: QwenVL, tok: Tokenizer, resolution: int, prompt: str, i
     from qvl.formats.images import ImageStore
 
     ids, refs = render_prompt(tok, model.config.image_tokens, prompt, chat, system)
+    if not ids:
+        raise QvlError("--prompt is empty: there is nothing to continue")
     store = ImageStore(images)
     try:
         pixels = torch.stack([load_image(store.read(ref)[0], resolution) for ref in refs]) if refs else None
     except AnnotationError as e:
-        raise ValueError(str(e)) from None
+        raise QvlError(str(e)) from None
     new = greedy(model, tok, ids, pixels, max_new_tokens)
     return {"ids": new, "text": tok.decode(new)}

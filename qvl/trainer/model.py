@@ -9,15 +9,20 @@ the LLM's input embeddings at the ``<imgpad>`` positions, image by image, in ord
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
+import msgspec
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from qvl.boundary import convert, decode_json
+from qvl.errors import QvlError, RecordError
 
 PRESETS = Path(__file__).parent / "presets"
 
@@ -36,14 +41,135 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
-        return cls(data["name"], data["tokenizer"], int(data["image_tokens"]), data.get("vision", {}),
-                   data.get("adapter", {}), data.get("llm", {}), data.get("stages", {}))
-
     def architecture(self) -> dict:
         """What the weights' shapes and computation depend on (the stage table does not)."""
         return {k: v for k, v in self.to_dict().items() if k not in ("name", "stages")}
+
+
+MAX_RESOLUTION = 4096  # image side a model is built at: 448 in the paper; 4096 px is 200 MB of pixels
+MAX_PRESET_BYTES = 1 << 20
+Dim = Annotated[int, msgspec.Meta(ge=1, le=1 << 16)]
+Layers = Annotated[int, msgspec.Meta(ge=1, le=1024)]
+Heads = Annotated[int, msgspec.Meta(ge=1, le=1024)]
+Eps = Annotated[float, msgspec.Meta(gt=0, le=1)]
+Resolution = Annotated[int, msgspec.Meta(ge=1, le=MAX_RESOLUTION)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+
+
+def _per_stage(kind):
+    """One value per stage (1, 2, 3)."""
+    return Annotated[list[kind], msgspec.Meta(min_length=3, max_length=3)]
+
+
+class PresetError(QvlError):
+    pass
+
+
+class VisionSpec(msgspec.Struct, forbid_unknown_fields=True):
+    open_clip_config: Name | None = None
+    width: Dim | None = None
+    layers: Layers | None = None
+    heads: Heads | None = None
+    patch_size: Annotated[int, msgspec.Meta(ge=1, le=1024)] | None = None
+    mlp_ratio: Annotated[float, msgspec.Meta(gt=0, le=64)] | None = None
+    class_token: bool | None = None
+    pos_table: Annotated[int, msgspec.Meta(ge=1, le=1024)] | None = None
+    norm_eps: Eps | None = None
+
+
+class AdapterSpec(msgspec.Struct, forbid_unknown_fields=True):
+    heads: Heads | None = None
+    window: bool | None = None
+    slot_positions: bool | None = None
+    stored_positions: bool | None = None
+    norm_eps: Eps | None = None
+
+
+class LlmSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """The transformers Qwen2 fields a preset may set."""
+
+    vocab_size: Annotated[int, msgspec.Meta(ge=1, le=1 << 22)] | None = None
+    hidden_size: Dim | None = None
+    num_hidden_layers: Layers | None = None
+    num_attention_heads: Heads | None = None
+    num_key_value_heads: Heads | None = None
+    head_dim: Dim | None = None
+    intermediate_size: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] | None = None
+    max_position_embeddings: Annotated[int, msgspec.Meta(ge=1, le=1 << 24)] | None = None
+    rms_norm_eps: Eps | None = None
+    rope_theta: Annotated[float, msgspec.Meta(gt=0, le=1e12)] | None = None
+    tie_word_embeddings: bool | None = None
+    hidden_act: Literal["silu", "gelu", "relu", "gelu_new", "gelu_pytorch_tanh"] | None = None
+    initializer_range: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    attention_dropout: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+
+
+class StagesSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """Per-stage overrides of the paper's table (``stages.Stage``)."""
+
+    resolution: _per_stage(Resolution) | None = None
+    seq_len: _per_stage(Annotated[int, msgspec.Meta(ge=1, le=1 << 24)]) | None = None
+    lr: _per_stage(Annotated[float, msgspec.Meta(gt=0, le=10)]) | None = None
+    min_lr: _per_stage(Annotated[float, msgspec.Meta(ge=0, le=10)]) | None = None
+    warmup_steps: _per_stage(Annotated[int, msgspec.Meta(ge=0, le=1 << 40)]) | None = None
+    micro_batch: _per_stage(Annotated[int, msgspec.Meta(ge=1, le=1 << 16)]) | None = None
+    accumulation: _per_stage(Annotated[int, msgspec.Meta(ge=1, le=1 << 16)]) | None = None
+    max_steps: _per_stage(Annotated[int, msgspec.Meta(ge=0, le=1 << 40)]) | None = None
+    weight_decay: _per_stage(Annotated[float, msgspec.Meta(ge=0, le=10)]) | None = None
+    grad_clip: _per_stage(Annotated[float, msgspec.Meta(gt=0, le=1e6)]) | None = None
+    vit_layer_decay: _per_stage(Annotated[float, msgspec.Meta(gt=0, le=1)]) | None = None
+    eps: _per_stage(Eps) | None = None
+
+
+class PresetSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """A preset file (``.toml``, or a checkpoint's ``preset.json``) as it may be written."""
+
+    name: Name
+    tokenizer: Name
+    image_tokens: Annotated[int, msgspec.Meta(ge=1, le=4096)]
+    vision: VisionSpec = msgspec.field(default_factory=VisionSpec)
+    adapter: AdapterSpec = msgspec.field(default_factory=AdapterSpec)
+    llm: LlmSpec = msgspec.field(default_factory=LlmSpec)
+    stages: StagesSpec = msgspec.field(default_factory=StagesSpec)
+
+
+def _set(spec: msgspec.Struct) -> dict:
+    return {k: v for k, v in msgspec.structs.asdict(spec).items() if v is not None}
+
+
+def _check_preset(spec: PresetSpec) -> str | None:
+    """What makes a well-typed preset unbuildable, or None."""
+    v, llm = spec.vision, spec.llm
+    if math.isqrt(spec.image_tokens) ** 2 != spec.image_tokens:
+        return f"image_tokens {spec.image_tokens} must be a square number (the adapter's query grid)"
+    if v.open_clip_config is None:
+        missing = [k for k in ("width", "layers", "heads", "patch_size") if getattr(v, k) is None]
+        if missing:
+            return f"[vision] needs {', '.join(missing)} (or open_clip_config)"
+        if v.width % v.heads:
+            return f"[vision] width {v.width} is not a multiple of heads {v.heads}"
+    if llm.hidden_size is not None and llm.num_attention_heads is not None and llm.head_dim is None \
+            and llm.hidden_size % llm.num_attention_heads:
+        return f"[llm] hidden_size {llm.hidden_size} is not a multiple of num_attention_heads {llm.num_attention_heads}"
+    if llm.num_attention_heads is not None and llm.num_key_value_heads is not None \
+            and llm.num_attention_heads % llm.num_key_value_heads:
+        return "[llm] num_attention_heads must be a multiple of num_key_value_heads"
+    if llm.hidden_size is not None and spec.adapter.heads is not None and llm.hidden_size % spec.adapter.heads:
+        return f"[adapter] heads {spec.adapter.heads} must divide the LLM's hidden_size {llm.hidden_size}"
+    return None
+
+
+def preset_from_dict(data: object, where: str) -> ModelConfig:
+    """A decoded preset (TOML table or JSON object), checked field by field, as a ``ModelConfig``."""
+    try:
+        spec = convert(data, PresetSpec)
+    except RecordError as e:
+        raise PresetError(f"{where}: not a qvl preset ({e})") from None
+    problem = _check_preset(spec)
+    if problem:
+        raise PresetError(f"{where}: {problem}")
+    return ModelConfig(spec.name, spec.tokenizer, spec.image_tokens, _set(spec.vision), _set(spec.adapter),
+                       _set(spec.llm), _set(spec.stages))
 
 
 def load_preset(name_or_path: str) -> ModelConfig:
@@ -54,13 +180,18 @@ def load_preset(name_or_path: str) -> ModelConfig:
         path = PRESETS / f"{name_or_path}.toml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.toml")))
-        raise ValueError(f"preset {name_or_path!r}: not a file and not one of {known}")
-    text = path.read_text(encoding="utf-8")
+        raise PresetError(f"preset {name_or_path!r}: not a file and not one of {known}")
     try:
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-        return ModelConfig.from_dict(data)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a qvl preset ({e})") from None
+        if path.stat().st_size > MAX_PRESET_BYTES:
+            raise PresetError(f"{path}: larger than {MAX_PRESET_BYTES:,} bytes; not a qvl preset")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise PresetError(f"{path}: unreadable ({e.strerror or e})") from None
+    try:
+        data = decode_json(raw) if path.suffix == ".json" else tomllib.loads(raw.decode("utf-8"))
+    except (RecordError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PresetError(f"{path}: not a qvl preset ({e})") from None
+    return preset_from_dict(data, str(path))
 
 
 def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -263,6 +394,29 @@ class Adapter(nn.Module):
         return out
 
 
+LLM_NEEDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def check_buildable(cfg: ModelConfig, vocab_size: int, resolution: int, llm_path: str | None) -> None:
+    """Refuse, before allocating anything, a preset whose model cannot be built here: an
+    ``[llm]`` table without its sizes (transformers' defaults are a 7B model) or a model whose
+    fp32 weights alone exceed this machine's memory (counted on the meta device). An LLM from a
+    local folder (``--llm``) is the folder's own."""
+    if llm_path is not None:
+        return
+    missing = [k for k in LLM_NEEDS if k not in cfg.llm]
+    if missing:
+        raise PresetError(f"preset {cfg.name}: [llm] needs {', '.join(missing)} (or give --llm PATH)")
+    with torch.device("meta"):
+        model = QwenVL(cfg, vocab_size, 0, resolution)
+    parameters = sum(p.numel() for p in model.parameters())
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if parameters * 4 > memory:
+        raise PresetError(f"preset {cfg.name}: a model of {parameters / 1e9:.1f}B parameters "
+                          f"({parameters * 4 / 2 ** 30:.0f} GiB in fp32), more than this machine's "
+                          f"{memory / 2 ** 30:.0f} GiB of memory")
+
+
 def build_llm(cfg: dict, vocab_size: int, llm_path: str | None) -> nn.Module:
     """A transformers Qwen2 causal LM from the preset's ``[llm]`` fields (``vocab_size`` there
     wins over the tokenizer's: a converted release has 151,936 rows), or a local folder."""
@@ -280,6 +434,8 @@ class QwenVL(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, image_pad_id: int, resolution: int,
                  llm_path: str | None = None):
         super().__init__()
+        if torch.empty(0).device.type != "meta":
+            check_buildable(cfg, vocab_size, resolution, llm_path)
         self.config = cfg
         self.image_pad_id = image_pad_id
         self.vision = VisionEncoder(cfg.vision, resolution)

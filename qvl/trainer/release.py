@@ -12,9 +12,11 @@ tensor across; two of them change layout on the way, exactly and reversibly:
 - the LLM's fused ``c_attn`` (q | k | v) is split into Qwen2's ``q_proj``, ``k_proj``, ``v_proj``.
 
 Every source tensor must be used exactly once and every model tensor filled, with the
-shape the preset builds; anything else is an error naming the keys. Tensors stream one at a
-time from the source shards (safetensors, or ``.bin`` read with ``weights_only=True`` and
-memory-mapped), so the peak is about one copy of the model; the dtype is kept unless asked.
+shape the preset builds; anything else is an error naming the keys. ``config.json`` and the
+index are decoded into typed, ranged structures and every shard's header is checked (inside the
+file, floating-point dtypes) before anything is built; pickled ``.bin`` checkpoints are refused
+unopened. Tensors stream one at a time from the safetensors shards, so the peak is about one
+copy of the model; the dtype is kept unless asked.
 """
 
 from __future__ import annotations
@@ -23,15 +25,22 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Annotated, Callable, Iterator
 
+import msgspec
 import torch
 
 from qvl import storage
 from qvl.errors import QvlError
-from qvl.trainer.model import ModelConfig, QwenVL
+from qvl.trainer.checkpoint import (
+    TensorEntry,
+    read_json_file,
+    read_meta,
+    read_preset,
+    read_safetensors_header,
+)
+from qvl.trainer.model import ModelConfig, QwenVL, Resolution
 
-SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 SHARD_BYTES = 4 << 30  # release-style shards of the exported model
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -44,44 +53,75 @@ class ConvertError(QvlError):
 
 # ---------------------------------------------------------------- the configuration
 
+MAX_CONFIG_BYTES = 1 << 20
+Dim = Annotated[int, msgspec.Meta(ge=1, le=1 << 16)]
+Layers = Annotated[int, msgspec.Meta(ge=1, le=1024)]
+Heads = Annotated[int, msgspec.Meta(ge=1, le=1024)]
+Positive = Annotated[float, msgspec.Meta(gt=0, le=1e12)]
 
-def preset_from_config(config: dict, where: str = "config.json") -> ModelConfig:
+
+class VisualConfig(msgspec.Struct):
+    """``config.json``'s ``visual`` table (other keys, such as ``image_start_id``, are not used)."""
+
+    width: Dim
+    layers: Layers
+    heads: Heads
+    patch_size: Annotated[int, msgspec.Meta(ge=1, le=1024)]
+    mlp_ratio: Annotated[float, msgspec.Meta(gt=0, le=64)]
+    output_dim: Dim
+    image_size: Resolution
+
+
+class ReleaseConfig(msgspec.Struct):
+    """The fields of a release ``config.json`` that the conversion reads, typed and ranged."""
+
+    hidden_size: Dim
+    num_attention_heads: Heads
+    num_hidden_layers: Layers
+    intermediate_size: Annotated[int, msgspec.Meta(ge=2, le=1 << 20)]
+    layer_norm_epsilon: Annotated[float, msgspec.Meta(gt=0, le=1)]
+    rotary_emb_base: Positive
+    vocab_size: Annotated[int, msgspec.Meta(ge=1, le=1 << 22)]
+    visual: VisualConfig
+    kv_channels: Dim | None = None
+    rotary_pct: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+    seq_length: Annotated[int, msgspec.Meta(ge=1, le=1 << 24)] = 2048
+    tie_word_embeddings: bool = False
+
+
+def read_config(path: Path) -> ReleaseConfig:
+    """A release ``config.json``, typed, or one error naming the file and the field."""
+    return read_json_file(path, ReleaseConfig, MAX_CONFIG_BYTES, ConvertError)
+
+
+def preset_from_config(config: ReleaseConfig, where: str = "config.json") -> ModelConfig:
     """The qvl preset that computes what a release ``config.json`` describes."""
-    try:
-        visual = config["visual"]
-        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-        head_dim = int(config.get("kv_channels", hidden // heads))
-        checks = {
-            "rotary_pct must be 1.0 (rotary on the whole head)": float(config.get("rotary_pct", 1.0)) == 1.0,
-            "kv_channels x num_attention_heads must equal hidden_size": head_dim * heads == hidden,
-            "visual.output_dim must equal hidden_size": int(visual["output_dim"]) == hidden,
-            "visual.image_size must be a multiple of visual.patch_size":
-                int(visual["image_size"]) % int(visual["patch_size"]) == 0,
-            "visual.output_dim must be a multiple of 128 (the Resampler's heads)": int(visual["output_dim"]) % 128 == 0,
-        }
-        bad = [what for what, ok in checks.items() if not ok]
-        if bad:
-            raise ConvertError(f"{where}: not a Qwen-VL configuration qvl reproduces: {'; '.join(bad)}")
-        size = int(visual["image_size"])
-        return ModelConfig(
-            name="qwen-vl-release", tokenizer="qwen-vl", image_tokens=256,  # the release's 16x16 queries
-            vision={"class_token": False, "width": int(visual["width"]), "layers": int(visual["layers"]),
-                    "heads": int(visual["heads"]), "patch_size": int(visual["patch_size"]),
-                    "mlp_ratio": float(visual["mlp_ratio"]), "pos_table": 16, "norm_eps": 1e-6},
-            adapter={"heads": int(visual["output_dim"]) // 128, "stored_positions": True, "norm_eps": 1e-6},
-            llm={"vocab_size": int(config["vocab_size"]), "hidden_size": hidden,
-                 "num_hidden_layers": int(config["num_hidden_layers"]), "num_attention_heads": heads,
-                 "num_key_value_heads": heads, "head_dim": head_dim,
-                 "intermediate_size": int(config["intermediate_size"]) // 2,  # the release halves it
-                 "rms_norm_eps": float(config["layer_norm_epsilon"]), "rope_theta": float(config["rotary_emb_base"]),
-                 "max_position_embeddings": int(config.get("seq_length", 2048)),
-                 "tie_word_embeddings": bool(config.get("tie_word_embeddings", False))},
-            stages={"resolution": [size, size, size]},
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, ConvertError):
-            raise
-        raise ConvertError(f"{where}: missing or bad field {e} (is this a Qwen-VL config.json?)") from None
+    visual, hidden, heads = config.visual, config.hidden_size, config.num_attention_heads
+    head_dim = config.kv_channels or hidden // heads
+    checks = {
+        "rotary_pct must be 1.0 (rotary on the whole head)": config.rotary_pct == 1.0,
+        "kv_channels x num_attention_heads must equal hidden_size": head_dim * heads == hidden,
+        "visual.output_dim must equal hidden_size": visual.output_dim == hidden,
+        "visual.image_size must be a multiple of visual.patch_size": visual.image_size % visual.patch_size == 0,
+        "visual.output_dim must be a multiple of 128 (the Resampler's heads)": visual.output_dim % 128 == 0,
+        "visual.width must be a multiple of visual.heads": visual.width % visual.heads == 0,
+        "intermediate_size must be even (the release halves it)": config.intermediate_size % 2 == 0,
+    }
+    bad = [what for what, ok in checks.items() if not ok]
+    if bad:
+        raise ConvertError(f"{where}: not a Qwen-VL configuration qvl reproduces: {'; '.join(bad)}")
+    return ModelConfig(
+        name="qwen-vl-release", tokenizer="qwen-vl", image_tokens=256,  # the release's 16x16 queries
+        vision={"class_token": False, "width": visual.width, "layers": visual.layers, "heads": visual.heads,
+                "patch_size": visual.patch_size, "mlp_ratio": visual.mlp_ratio, "pos_table": 16, "norm_eps": 1e-6},
+        adapter={"heads": visual.output_dim // 128, "stored_positions": True, "norm_eps": 1e-6},
+        llm={"vocab_size": config.vocab_size, "hidden_size": hidden, "num_hidden_layers": config.num_hidden_layers,
+             "num_attention_heads": heads, "num_key_value_heads": heads, "head_dim": head_dim,
+             "intermediate_size": config.intermediate_size // 2,  # the release halves it
+             "rms_norm_eps": config.layer_norm_epsilon, "rope_theta": config.rotary_emb_base,
+             "max_position_embeddings": config.seq_length, "tie_word_embeddings": config.tie_word_embeddings},
+        stages={"resolution": [visual.image_size] * 3},
+    )
 
 
 def config_from_preset(preset: ModelConfig, like: dict, resolution: int) -> dict:
@@ -192,58 +232,110 @@ def _check_names(sources: set[str], found: set[str], targets: set[str], expected
 # ---------------------------------------------------------------- reading weights
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (folder / index).is_file():
-            weight_map = storage.read_json(folder / index)["weight_map"]
-            return [folder / name for name in sorted(set(weight_map.values()))]
-    for name in SINGLE_FILES:
+ShardName = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+FLOATING = {"F16", "BF16", "F32", "F64"}
+PICKLES = ("pytorch_model.bin.index.json", "pytorch_model.bin")
+
+
+class WeightIndex(msgspec.Struct):
+    """``model.safetensors.index.json``: which shard (a file beside it) holds each tensor."""
+
+    weight_map: Annotated[dict[str, ShardName], msgspec.Meta(max_length=1 << 20)]
+
+
+def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str], Path | None]:
+    """(the shards, the index's key -> shard name, the index file) of a release folder. Pickled
+    checkpoints (``pytorch_model*.bin``) are refused unopened: unpickling runs code."""
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.is_file():
+        index = read_json_file(index_path, WeightIndex, MAX_CONFIG_BYTES * 64, ConvertError)
+        names = sorted(set(index.weight_map.values()))
+        for name in names:
+            if Path(name).name != name or not name.endswith(".safetensors") or "\x00" in name:
+                raise ConvertError(f"{index_path}: weight_map names {name[:200]!r}, not a .safetensors file beside it")
+        return [folder / name for name in names], index.weight_map, index_path
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"], {}, None
+    for name in PICKLES:
         if (folder / name).is_file():
-            return [folder / name]
-    raise ConvertError(f"{folder}: no weights (model.safetensors[.index.json] or pytorch_model*.bin[.index.json])")
+            raise ConvertError(f"{folder / name}: a pickled PyTorch checkpoint; qvl reads only safetensors (loading a "
+                               "pickle can run code). Save the model as safetensors first (transformers: "
+                               "save_pretrained(..., safe_serialization=True))")
+    raise ConvertError(f"{folder}: no weights (model.safetensors or model.safetensors.index.json)")
 
 
 class Tensors:
-    """Lazy access to the tensors of a set of weight files, one tensor in memory at a time."""
+    """Lazy access to the tensors of a set of safetensors files, one tensor in memory at a time.
+    Every header is read and checked first (``checkpoint.read_safetensors_header``): the tensors'
+    names, dtypes and shapes are known before any byte of them is read."""
 
-    def __init__(self, files: list[Path]):
-        from safetensors import safe_open
-
-        self.where: dict[str, tuple] = {}
+    def __init__(self, files: list[Path], weight_map: dict[str, str] | None = None, index: Path | None = None,
+                 floating: bool = False):
+        self.files: dict[Path, object] = {}
+        self.where: dict[str, Path] = {}
+        self.entries: dict[str, TensorEntry] = {}
         for path in files:
             if not path.is_file():
-                raise ConvertError(f"{path}: listed in the index but missing")
-            try:
-                if path.suffix == ".safetensors":
-                    handle = safe_open(str(path), "pt")
-                    for key in handle.keys():
-                        self.where[key] = (handle, key)
-                else:  # never unpickled freely: tensors only, memory-mapped
-                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                    for key in state:
-                        self.where[key] = (state, key)
-            except (OSError, RuntimeError, ValueError) as e:
-                raise ConvertError(f"{path}: cannot read weights ({str(e)[:200]})") from None
+                raise ConvertError(f"{path}: listed in {index} but missing")
+            for key, entry in read_safetensors_header(path, ConvertError).items():
+                if key in self.where:
+                    raise ConvertError(f"{path}: tensor {key} is also in {self.where[key]}")
+                if floating and entry.dtype not in FLOATING:
+                    raise ConvertError(f"{path}: tensor {key} is {entry.dtype}; Qwen-VL's weights are floating point "
+                                       f"({', '.join(sorted(FLOATING))}) and qvl converts nothing else")
+                self.where[key], self.entries[key] = path, entry
+        for key, name in (weight_map or {}).items():
+            if self.where.get(key, Path()).name != name:
+                raise ConvertError(f"{index}: weight_map puts {key[:200]} in {name}, whose header does not hold it")
 
     def keys(self) -> set[str]:
         return set(self.where)
 
     def get(self, key: str) -> torch.Tensor:
-        source, name = self.where[key]
-        return source.get_tensor(name) if hasattr(source, "get_tensor") else source[name]
+        from safetensors import SafetensorError, safe_open
+
+        path = self.where[key]
+        try:
+            if path not in self.files:
+                self.files[path] = safe_open(str(path), "pt")
+            return self.files[path].get_tensor(key)
+        except (OSError, RuntimeError, ValueError, SafetensorError) as e:
+            raise ConvertError(f"{path}: cannot read tensor {key} ({str(e)[:200]})") from None
+
+
+def _layers(keys: set[str], prefix: str) -> int:
+    """How many numbered blocks ``prefix{n}.`` the tensors hold (one past the highest number)."""
+    numbers = {int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"(\d{1,6})\.", k))}
+    return max(numbers) + 1 if numbers else 0
+
+
+def _check_layers(config: ReleaseConfig, keys: set[str], where: Path) -> None:
+    """The config's layer counts against the weight files' headers, before anything is built
+    from them: a config claiming 10^6 layers costs nothing."""
+    for field, claimed, prefix in (("num_hidden_layers", config.num_hidden_layers, "transformer.h."),
+                                   ("visual.layers", config.visual.layers, "transformer.visual.transformer.resblocks.")):
+        held = _layers(keys, prefix)
+        if claimed != held:
+            raise ConvertError(f"{where}: {field} is {claimed}, but the weight files hold {held} ({prefix}N.*)")
 
 
 def _convert(entries, tensors: Tensors, forward: bool, expected: dict[str, torch.Size] | None,
-             dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+             dtype: torch.dtype | None, where: str) -> Iterator[tuple[str, torch.Tensor]]:
     for release, qvl, there, back in entries:
         sources, targets = (release, qvl) if forward else (qvl, release)
         inputs = [tensors.get(k) for k in sources]
-        outputs = there(*inputs) if forward else back(*inputs)
-        outputs = outputs if isinstance(outputs, list) else [outputs]
+        try:  # a fused tensor whose rows do not split into heads or q/k/v
+            outputs = there(*inputs) if forward else back(*inputs)
+        except RuntimeError:
+            outputs = None
+        outputs = outputs if isinstance(outputs, list) or outputs is None else [outputs]
+        if outputs is None or len(outputs) != len(targets):
+            raise ConvertError(f"{where}: {', '.join(sources)}: shape {tuple(inputs[0].shape)} does not split into "
+                               f"{', '.join(targets)}")
         for key, tensor in zip(targets, outputs):
             if expected is not None and tuple(tensor.shape) != tuple(expected[key]):
-                raise ConvertError(f"{key}: shape {tuple(tensor.shape)} from {', '.join(sources)}, the model needs "
-                                   f"{tuple(expected[key])}")
+                raise ConvertError(f"{where}: {key}: shape {tuple(tensor.shape)} from {', '.join(sources)}, the model "
+                                   f"needs {tuple(expected[key])}")
             yield key, tensor.to(dtype) if dtype is not None else tensor
 
 
@@ -261,27 +353,39 @@ def _prepare(out: Path, kind: str, dtype: str | None) -> torch.dtype | None:
     return DTYPES.get(dtype)
 
 
-def from_qwen_vl(hf_dir: str | Path, out: str | Path, dtype: str | None = None) -> dict:
-    """A release folder -> a qvl checkpoint folder (model.safetensors, preset.json, meta.json)."""
-    from safetensors.torch import save_file
-
-    hf_dir, out = Path(hf_dir), Path(out)
+def plan_from_qwen_vl(hf_dir: Path):
+    """(config, preset, tensors, key map, the model's shapes) of a release folder: the config and
+    every weight file's header read and checked against each other, no tensor read yet. The work
+    is bounded by the files, whatever the config claims."""
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise ConvertError(f"{hf_dir}: no config.json (give the Hugging Face folder of Qwen-VL or Qwen-VL-Chat)")
-    preset = preset_from_config(storage.read_json(config_path), str(config_path))
-    resolution = int(storage.read_json(config_path)["visual"]["image_size"])
+    config = read_config(config_path)
+    preset = preset_from_config(config, str(config_path))
+    tensors = Tensors(*_weight_files(hf_dir), floating=True)
+    _check_layers(config, tensors.keys(), config_path)
     entries = key_map(preset)
-    tensors = Tensors(_weight_files(hf_dir))
-    expected = expected_shapes(preset, resolution)
+    expected = expected_shapes(preset, config.visual.image_size)
     _check_names({k for e in entries for k in e[0]}, tensors.keys(), {k for e in entries for k in e[1]},
                  set(expected), str(hf_dir))
-    weights = dict(_convert(entries, tensors, True, expected, _prepare(out, "checkpoint", dtype)))
+    return config, preset, tensors, entries, expected
+
+
+def from_qwen_vl(hf_dir: str | Path, out: str | Path, dtype: str | None = None) -> dict:
+    """A release folder -> a qvl checkpoint folder (model.safetensors, preset.json, meta.json),
+    once ``plan_from_qwen_vl`` has checked it."""
+    from safetensors.torch import save_file
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    config, preset, tensors, entries, expected = plan_from_qwen_vl(hf_dir)
+    resolution = config.visual.image_size
+    weights = dict(_convert(entries, tensors, True, expected, _prepare(out, "checkpoint", dtype), str(hf_dir)))
     with storage.atomic_path(out / "model.safetensors") as tmp:
         save_file(weights, str(tmp), metadata={"format": "pt"})
     storage.write_json(out / "preset.json", preset.to_dict())
+    dtypes = sorted({str(t.dtype) for t in weights.values()})
     meta = {"stage": 0, "step": 0, "preset": preset.name, "resolution": resolution,
-            "converted_from": str(hf_dir.resolve()), "dtype": str(next(iter(weights.values())).dtype),
+            "converted_from": str(hf_dir.resolve()), "dtype": " and ".join(dtypes),
             "tensors": len(weights), "parameters": sum(t.numel() for t in weights.values())}
     storage.write_json(out / "meta.json", meta)
     return meta
@@ -294,25 +398,24 @@ def to_qwen_vl(checkpoint: str | Path, out: str | Path, like: str | Path, dtype:
     ``like`` (the remote code, tokenizer files) copied — qvl ships none of them."""
     from safetensors.torch import save_file
 
-    from qvl.trainer.checkpoint import read_preset
-
     checkpoint, out, like = Path(checkpoint), Path(out), Path(like)
     if not (like / "config.json").is_file():
         raise ConvertError(f"--like {like}: no config.json (give the release's Hugging Face folder)")
-    like_config = storage.read_json(like / "config.json")
+    read_config(like / "config.json")  # checked; copied as it is with this model's sizes
+    like_config = read_json_file(like / "config.json", dict, MAX_CONFIG_BYTES, ConvertError)
     if not (like / "modeling_qwen.py").is_file():
         raise ConvertError(f"--like {like}: no modeling_qwen.py (the release's remote code is needed to load it)")
+    meta = read_meta(checkpoint)
     preset = read_preset(checkpoint)
-    meta = storage.read_json(checkpoint / "meta.json")
-    config = config_from_preset(preset, like_config, int(meta["resolution"]))
+    config = config_from_preset(preset, like_config, meta.resolution)
     entries = key_map(preset)
-    tensors = Tensors([checkpoint / "model.safetensors"])
+    tensors = Tensors([checkpoint / "model.safetensors"], floating=True)
     _check_names({k for e in entries for k in e[1]}, tensors.keys(), {k for e in entries for k in e[0]}, None,
                  str(checkpoint))
     target = _prepare(out, "hf export", dtype)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
-    for key, tensor in _convert(entries, tensors, False, None, target):
+    for key, tensor in _convert(entries, tensors, False, None, target, str(checkpoint)):
         nbytes = tensor.numel() * tensor.element_size()
         if size and size + nbytes > SHARD_BYTES:
             shards.append({})

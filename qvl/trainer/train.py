@@ -21,6 +21,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -28,13 +29,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from qvl import storage
-from qvl.errors import QvlError
+from qvl.boundary import Count, decode_json
+from qvl.errors import QvlError, RecordError
 from qvl.formats.tokenizers import IMG_PAD, load_tokenizer
 from qvl.progress import progress_bar
 from qvl.recipes import coerce
 from qvl.schemas.samples import IGNORE_INDEX
 from qvl.trainer import parallel
-from qvl.trainer.checkpoint import read_preset
+from qvl.trainer.checkpoint import load_weights, read_meta, read_preset
 from qvl.trainer.data import Loader, Shards
 from qvl.trainer.model import QwenVL, load_preset
 from qvl.trainer.stages import STAGES, Stage
@@ -122,7 +124,10 @@ def check_run_folder(s: TrainSettings) -> None:
                        "run without --resume to start this run")
     if existing and not s.resume:
         if not s.overwrite:
-            step = storage.read_json(checkpoint / "meta.json").get("step") if (checkpoint / "meta.json").is_file() else None
+            try:
+                step = read_meta(checkpoint).step
+            except QvlError:  # no or a damaged meta.json: the run is there all the same
+                step = None
             raise RunError(f"{s.out}: holds a training run" + (f" (checkpoint at step {step})" if step is not None else "")
                            + "; --resume continues it, --overwrite replaces it, or choose another --out")
         shutil.rmtree(checkpoint, ignore_errors=True)
@@ -130,6 +135,8 @@ def check_run_folder(s: TrainSettings) -> None:
             (s.out / name).unlink(missing_ok=True)
     if s.init is not None and not (Path(s.init) / "meta.json").is_file():
         raise RunError(f"--init {s.init}: not a checkpoint folder (no meta.json; give a run's checkpoint/ folder)")
+    if s.init is not None:
+        read_meta(Path(s.init))  # every rank reads it again; a damaged one is said here, once
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -166,7 +173,7 @@ def train(s: TrainSettings) -> dict:
     if main:  # one rank decides about the folder; every rank stops with its message
         try:
             check_run_folder(s)
-        except RunError as e:
+        except QvlError as e:
             problem = str(e)
     if world > 1:
         shared = [problem]
@@ -184,14 +191,10 @@ def train(s: TrainSettings) -> dict:
     stage = stage_for(s, preset)
     tok = load_tokenizer(preset.tokenizer)
     # built at the resolution the weights were trained at, then interpolated to this stage's
-    start_res = json.loads((Path(s.init) / "meta.json").read_text())["resolution"] if s.init else stage.resolution
+    start_res = read_meta(Path(s.init)).resolution if s.init else stage.resolution
     model = QwenVL(preset, tok.vocab_size, tok.special(IMG_PAD), start_res, s.llm)
     if s.init is not None:
-        try:
-            load_model(model, str(Path(s.init) / "model.safetensors"))
-        except (OSError, RuntimeError, ValueError) as e:
-            raise RunError(f"--init {s.init}: cannot load its weights into preset {preset.name} ({str(e)[:300]})") \
-                from None
+        load_weights(model, Path(s.init) / "model.safetensors", f"preset {preset.name} (--init)")
     model.vision.set_resolution(stage.resolution)
     model.set_trainable(stage.trains)
     model.to(device)
@@ -201,19 +204,19 @@ def train(s: TrainSettings) -> dict:
     # ---------------------------------------------------------------- data
     shards = Shards(s.data, s.max_rejected)
     manifest = shards.manifest
-    if manifest.get("model", "qwen-vl") != "qwen-vl":
-        raise ValueError(f"{s.data}: rendered for {manifest['model']}; qvl train trains Qwen-VL's architecture "
+    if manifest.model != "qwen-vl":
+        raise ValueError(f"{s.data}: rendered for {manifest.model}; qvl train trains Qwen-VL's architecture "
                          "(render with --model qwen-vl, or train it with ms-swift or LLaMA-Factory: qvl format export)")
-    if manifest["tokenizer"] != tok.name or manifest["settings"]["image_tokens"] != preset.image_tokens:
-        raise ValueError(f"{s.data}: formatted with tokenizer {manifest['tokenizer']} and "
-                         f"{manifest['settings']['image_tokens']} image tokens; preset {preset.name} needs "
+    if manifest.tokenizer != tok.name or manifest.settings.image_tokens != preset.image_tokens:
+        raise ValueError(f"{s.data}: formatted with tokenizer {manifest.tokenizer} and "
+                         f"{manifest.settings.image_tokens} image tokens; preset {preset.name} needs "
                          f"{tok.name} and {preset.image_tokens} (re-run qvl format with --tokenizer/--image-tokens)")
     rows = model.llm.get_input_embeddings().weight.shape[0]
-    if manifest.get("vocab_size", 0) > rows:
-        raise ValueError(f"{s.data}: its tokenizer has {manifest['vocab_size']:,} ids; the model's embedding "
+    if (manifest.vocab_size or 0) > rows:
+        raise ValueError(f"{s.data}: its tokenizer has {manifest.vocab_size:,} ids; the model's embedding "
                          f"{rows:,} rows")
     loader = Loader(shards, stage.micro_batch, stage.resolution, tok.special("<|endoftext|>"), stage.seq_len,
-                    s.seed, rank, world, log=say)
+                    s.seed, rank, world, log=say, vocab_size=rows, image_pad=(tok.special(IMG_PAD), preset.image_tokens))
 
     # ---------------------------------------------------------------- optimiser
     groups = param_groups(model, stage)
@@ -237,8 +240,7 @@ def train(s: TrainSettings) -> dict:
                            f"{str(e)[:300]}); --overwrite starts the run again") from None
         say(f"resumed at step {step}")
         if main and metrics_path.exists():  # drop lines past the checkpoint: the curve continues exactly
-            lines = metrics_path.read_text().splitlines()
-            storage.write_text(metrics_path, "".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
+            storage.write_text(metrics_path, "".join(line + "\n" for line in _metrics_until(metrics_path, step)))
     elif main and metrics_path.exists():
         metrics_path.unlink()
     bf16 = use_bf16(s.precision, device)
@@ -343,6 +345,23 @@ def train(s: TrainSettings) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return {"steps": step, "out": str(s.out)}
+
+
+class MetricsLine(msgspec.Struct):
+    step: Count
+
+
+def _metrics_until(path: Path, step: int) -> list[str]:
+    """The lines of ``metrics.jsonl`` up to ``step`` (a resumed run continues the curve exactly);
+    a line that is not a metrics record is an error naming it."""
+    kept = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            if decode_json(line, MetricsLine).step <= step:
+                kept.append(line)
+        except RecordError as e:
+            raise RunError(f"{path}:{number}: not a metrics line ({e}); --overwrite starts the run again") from None
+    return kept
 
 
 def plot_loss(metrics: Path, path: Path) -> None:

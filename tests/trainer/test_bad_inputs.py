@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -75,3 +77,186 @@ def test_shards_that_are_not_a_format_output(micro, tmp_path):
                             "--preset", micro["preset"], "--no-progress"]))
     manifest = json.loads((micro["multitask"] / "manifest.json").read_text())
     assert manifest["records"] > 0
+
+
+# ---------------------------------------------------------------- checkpoints and shards, damaged
+
+
+@pytest.fixture(scope="module")
+def trained(micro, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("trained") / "run"
+    result = train_cli(micro, out, "--max-steps", "0")
+    assert result.exit_code == 0, result.output
+    return out / "checkpoint"
+
+
+@pytest.fixture
+def checkpoint(trained, tmp_path):
+    """A copy of a checkpoint, to damage."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(trained, folder)
+    return folder
+
+
+def generate_cli(checkpoint, prompt="<ref>a</ref>"):
+    return runner.invoke(app, ["generate", "--checkpoint", str(checkpoint), "--prompt", prompt,
+                               "--max-new-tokens", "2"])
+
+
+def test_generate_with_an_empty_prompt_is_one_line(checkpoint):
+    assert generate_cli(checkpoint).exit_code == 0
+    assert "--prompt" in one_line_error(generate_cli(checkpoint, ""))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no resolution", "resolution as text", "huge resolution",
+                                    "meta not json", "meta a list"])
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(micro, checkpoint, tmp_path, damage):
+    meta_path, weights = checkpoint / "meta.json", checkpoint / "model.safetensors"
+    meta = json.loads(meta_path.read_text())
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-500])
+        expect = ["model.safetensors"]
+    elif damage == "meta not json":
+        meta_path.write_text("{'stage': 1")
+        expect = ["meta.json"]
+    elif damage == "meta a list":
+        meta_path.write_text("[]")
+        expect = ["meta.json"]
+    else:
+        meta.pop("resolution")
+        if damage != "no resolution":
+            meta["resolution"] = "48" if damage == "resolution as text" else 10 ** 12
+        meta_path.write_text(json.dumps(meta))
+        expect = ["meta.json", "resolution"]
+    for result in (generate_cli(checkpoint),
+                   train_cli(micro, tmp_path / "next", "--init", str(checkpoint), "--max-steps", "1")):
+        message = one_line_error(result)
+        assert all(word in message for word in expect), message
+
+
+def copy_shards(micro, tmp_path) -> Path:
+    folder = tmp_path / "shards"
+    shutil.copytree(micro["multitask"], folder)
+    return folder
+
+
+def train_on(micro, data, out):
+    return runner.invoke(app, ["train", "--stage", "2", "--data", str(data), "--out", str(out),
+                               "--preset", micro["preset"], "--max-steps", "1", "--no-progress"])
+
+
+@pytest.mark.parametrize("field", ["records", "rejected", "shards", "tokenizer", "settings"])
+def test_a_manifest_missing_a_field_names_it(micro, tmp_path, field):
+    data = copy_shards(micro, tmp_path)
+    manifest = json.loads((data / "manifest.json").read_text())
+    del manifest[field]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    message = one_line_error(train_on(micro, data, tmp_path / "run"))
+    assert "manifest.json" in message and field in message, message
+
+
+@pytest.mark.parametrize("value", [-1, "3", 1e400, None, [1]])
+def test_a_manifest_with_bad_counts_names_the_field(micro, tmp_path, value):
+    data = copy_shards(micro, tmp_path)
+    text = (data / "manifest.json").read_text()
+    manifest = json.loads(text)
+    manifest["records"] = "__VALUE__"
+    (data / "manifest.json").write_text(json.dumps(manifest).replace('"__VALUE__"', "1e400" if value == 1e400
+                                                                     else json.dumps(value)))
+    message = one_line_error(train_on(micro, data, tmp_path / "run"))
+    assert "manifest.json" in message and "records" in message, message
+
+
+@pytest.mark.parametrize("where", ["head", "middle", "tail", "escape"])
+def test_a_scribbled_shard_names_the_file(micro, tmp_path, where):
+    data = copy_shards(micro, tmp_path)
+    manifest = json.loads((data / "manifest.json").read_text())
+    path = data / manifest["shards"][0]
+    raw = bytearray(path.read_bytes())
+    if where == "head":
+        raw[:64] = b"\xff" * 64
+    elif where == "middle":
+        middle = len(raw) // 2
+        raw[middle:middle + 256] = bytes(range(256))
+    elif where == "tail":
+        raw = raw[: len(raw) // 3]
+    else:  # a shard name that leaves the folder
+        manifest["shards"][0] = "../../" + manifest["shards"][0]
+        (data / "manifest.json").write_text(json.dumps(manifest))
+    path.write_bytes(bytes(raw))
+    result = train_on(micro, data, tmp_path / "run")
+    if where == "middle" and result.exit_code == 0:
+        return  # the scribble landed in image bytes or token values a row can hold: trained on, no crash
+    message = one_line_error(result)
+    assert ("manifest.json" if where == "escape" else path.name) in message, message
+
+
+def test_rows_with_scribbled_values_are_skipped_and_named(micro, tmp_path):
+    """A shard that passes Arrow's checks may still hold values no row can have: each such row is
+    skipped with a log line naming its samples; every row is either batched or named."""
+    import pyarrow as pa
+
+    from qvl.schemas.samples import SAMPLE
+    from qvl.trainer.data import DataError, Loader, Shards
+
+    data = copy_shards(micro, tmp_path)
+    manifest = json.loads((data / "manifest.json").read_text())
+    path = data / manifest["shards"][0]
+    rows = pa.ipc.open_stream(pa.memory_map(str(path))).read_all().to_pylist()
+    rows[0]["input_ids"][0] = 10 ** 6  # beyond the vocabulary
+    rows[1]["labels"] = rows[1]["labels"][:-1]  # lengths disagree
+    with_image = next(i for i, r in enumerate(rows) if r["images"] and i > 1)
+    rows[with_image]["images"][0]["bytes"] = b"\x89PNG scribbled"
+    rows[3]["sample_lengths"] = [0, len(rows[3]["input_ids"])]
+    bad = {0, 1, 3, with_image}
+    with pa.ipc.new_stream(str(path), SAMPLE) as writer:
+        writer.write_table(pa.Table.from_pylist(rows, SAMPLE))
+    shards = Shards(data)
+    logs: list[str] = []
+    loader = Loader(shards, 1, 32, 0, 512, seed=0, log=logs.append, vocab_size=473, image_pad=(472, 4))
+    seen = [loader.next().sample_ids[0] for _ in range(len(rows) - len(bad))]
+    assert loader.epoch == 0
+    assert sorted(map(tuple, seen)) == sorted(tuple(r["sample_ids"]) for i, r in enumerate(rows) if i not in bad)
+    assert len(logs) == len(bad) and all(str(rows[i]["sample_ids"]) in " ".join(logs) for i in bad), logs
+    for row in rows:
+        row["input_ids"][0] = 10 ** 6
+    with pa.ipc.new_stream(str(path), SAMPLE) as writer:
+        writer.write_table(pa.Table.from_pylist(rows, SAMPLE))
+    loader = Loader(Shards(data), 1, 32, 0, 512, seed=0, log=lambda m: None, vocab_size=473, image_pad=(472, 4))
+    with pytest.raises(DataError, match="no row of the shards can be trained on"):
+        loader.next()
+
+
+HEAD = "name = 'x'\ntokenizer = 'bytes'\nimage_tokens = 4\n"
+VISION = "[vision]\nwidth = 32\nlayers = 1\nheads = 2\n"
+
+
+@pytest.mark.parametrize("text, field", [
+    (HEAD + VISION + "patch_size = 0\n", "patch_size"),
+    (HEAD + VISION + "patch_size = 8\n[stages]\nlr = [inf, 1e-3, 1e-3]\n", "lr"),
+    ("name = 'x'\ntokenizer = 'bytes'\nimage_tokens = 5\n", "image_tokens"),
+    ("name = [", "not a qvl preset"),
+    (HEAD + VISION + "patch_size = 8\n[llm]\nhidden_size = 33\nnum_attention_heads = 2\n", "hidden_size"),
+])
+def test_a_bad_preset_file_is_one_line_naming_it(micro, tmp_path, text, field):
+    preset = tmp_path / "bad.toml"
+    preset.write_text(text)
+    result = runner.invoke(app, ["train", "--stage", "2", "--data", str(micro["multitask"]), "--out",
+                                 str(tmp_path / "run"), "--preset", str(preset), "--max-steps", "1", "--no-progress"])
+    message = one_line_error(result)
+    assert "bad.toml" in message and field in message, message
+
+
+@pytest.mark.parametrize("llm, field", [
+    ("", "[llm] needs hidden_size, num_hidden_layers"),  # transformers' defaults would build 7B parameters
+    ("hidden_size = 65536\nnum_hidden_layers = 8\nnum_attention_heads = 512\nintermediate_size = 1048576\n",
+     "more than this machine's"),
+])
+def test_a_preset_too_big_to_build_is_refused_before_allocating(micro, tmp_path, llm, field):
+    preset = tmp_path / "big.toml"
+    preset.write_text("name = 'big'\ntokenizer = 'bytes'\nimage_tokens = 4\n[vision]\nwidth = 32\nlayers = 1\n"
+                      f"heads = 2\npatch_size = 8\n[llm]\n{llm}")
+    result = runner.invoke(app, ["train", "--stage", "2", "--data", str(micro["multitask"]), "--out",
+                                 str(tmp_path / "run"), "--preset", str(preset), "--max-steps", "1", "--no-progress"])
+    message = one_line_error(result)
+    assert "preset big" in message and field in message, message

@@ -114,9 +114,12 @@ def test_round_trip_is_bit_identical_and_keeps_the_release_files(release, tmp_pa
     assert not list(back.glob("*.bin")) and not (back / "model.safetensors.index.json.bak").exists()
 
 
-def test_pickled_shards_read_weights_only_and_bad_folders(release, tmp_path):
+def test_pickled_shards_are_refused_and_bad_folders(release, tmp_path):
     bin_folder = ref.write_release(tmp_path / "bin", ref.random_release(seed=1), fmt="bin", dtype=torch.float32)
-    meta = from_qwen_vl(bin_folder, tmp_path / "from-bin", dtype="bf16")
+    with pytest.raises(ConvertError, match="a pickled PyTorch checkpoint; qvl reads only safetensors"):
+        from_qwen_vl(bin_folder, tmp_path / "from-bin")
+    fp32 = ref.write_release(tmp_path / "fp32", ref.random_release(seed=1), dtype=torch.float32)
+    meta = from_qwen_vl(fp32, tmp_path / "from-fp32", dtype="bf16")
     assert meta["dtype"] == "torch.bfloat16" and meta["tensors"] == release["meta"]["tensors"]
     sd = ref.random_release(seed=2)
     sd["transformer.visual.extra"] = torch.zeros(3)
