@@ -8,6 +8,8 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from qvl.curate import netcheck
@@ -320,3 +322,79 @@ def test_multi_index_hashing_finds_what_a_full_comparison_finds():
                 a, b = root(i), root(j)
                 parent[max(a, b)] = min(a, b)
     assert found == {i: root(i) for i in range(len(hashes)) if root(i) != i} and found
+
+
+def _peak_bytes(work) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        work()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_many_copies_of_one_picture_group_in_bounded_memory():
+    """4,000 images with one pHash (a popular picture re-encoded) were compared n×n (128 MB here,
+    1 GiB at 12,000); now identical hashes are one group from the start."""
+    import numpy as np
+
+    from qvl.curate.download import near_duplicates
+
+    hashes = np.full(4000, 0x0F0F_1234_5678_9ABC, dtype=np.uint64)
+    hashes[::7] ^= np.uint64(0b11)  # a few copies two bits off: still the same group
+    found = {}
+    peak = _peak_bytes(lambda: found.update(near_duplicates(hashes, 4)))
+    assert found == {i: 0 for i in range(1, 4000)}
+    assert peak < 32 * 2 ** 20, peak
+
+
+def test_distinct_hashes_sharing_a_band_group_in_bounded_memory():
+    """4,000 distinct hashes that agree on one band (and nowhere else) all fall in one bucket:
+    it is split again on its other bits, never compared as one dense matrix."""
+    import numpy as np
+
+    from qvl.curate.download import near_duplicates
+
+    rng = np.random.default_rng(1)
+    hashes = (rng.integers(0, 2 ** 63, 4000, dtype=np.uint64) << np.uint64(13)) | np.uint64(0x1ABC)
+    hashes[1] = hashes[0] ^ np.uint64(1 << 40)  # one real pair among them
+    found = {}
+    peak = _peak_bytes(lambda: found.update(near_duplicates(hashes, 4)))
+    assert found == {1: 0}
+    assert peak < 32 * 2 ** 20, peak
+
+
+def _brute_force_groups(hashes, bits):
+    import numpy as np
+
+    parent = list(range(len(hashes)))
+
+    def root(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+    for i in range(len(hashes)):
+        for j in range(i + 1, len(hashes)):
+            if int(np.bitwise_count(hashes[i] ^ hashes[j])) <= bits:
+                a, b = root(i), root(j)
+                parent[max(a, b)] = min(a, b)
+    return {i: root(i) for i in range(len(hashes)) if root(i) != i}
+
+
+@given(st.lists(st.tuples(st.integers(0, 7), st.sets(st.integers(0, 63), max_size=6)), min_size=1, max_size=80),
+       st.integers(0, 16))
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_near_duplicates_match_a_full_comparison(monkeypatch, records, bits):
+    """Copies, flipped bits, buckets split again and blocks joined: the groups of a full comparison."""
+    import numpy as np
+
+    from qvl.curate import download
+
+    monkeypatch.setattr(download, "_LEAF", 4)  # split every bucket of more than four hashes again
+    monkeypatch.setattr(download, "_BLOCK", 16)  # many small blocks and joins
+    bases = [0x0123_4567_89AB_CDEF, 0xFEDC_BA98_7654_3210, 0x00FF_00FF_00FF_00FF, 0, 1 << 63, 0x5555_5555_5555_5555,
+             0x0F0F_0F0F_0F0F_0F0F, 0x1234_0000_0000_1234]
+    hashes = np.array([bases[b] ^ sum(1 << f for f in flips) for b, flips in records], dtype=np.uint64)
+    assert download.near_duplicates(hashes, bits) == _brute_force_groups(hashes, bits)
