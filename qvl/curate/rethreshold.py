@@ -29,6 +29,7 @@ from qvl.curate import langid, layouts, rules
 from qvl.curate.readers import SEQ_ROW_BITS, Shard
 from qvl.curate.settings import FilterSettings
 from qvl.errors import QvlError
+from qvl.recipes import fill
 
 SCORE_SETTINGS = {f"{score}_{kind}" for score in ("nsfw", "watermark", "aesthetic")
                   for kind in ("thresholds", "threshold_default")}
@@ -49,12 +50,16 @@ def previous_settings(prev: Path) -> FilterSettings:
     report = prev / "report.json"
     if not report.is_file() or not (prev / "_state" / "run.json").is_file():
         raise LedgerError(f"{prev}: not the --out of a finished `qvl curate filter` (no report.json / _state)")
-    values = storage.read_json(report)["settings"]
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    try:
+        values = storage.read_json(report)["settings"]
+    except (ValueError, KeyError, TypeError):
+        raise LedgerError(f"{report}: not a qvl filter report (no JSON object with its settings)") from None
+    if not isinstance(values, dict):
+        raise LedgerError(f"{report}: settings: not a table")
     # a run from before the published-score rules had none: they were off
     values.update({f"{s}_threshold_default": None for s in ("nsfw", "watermark", "aesthetic")
                    if f"{s}_threshold_default" not in values})
-    return FilterSettings(**values)
+    return fill(FilterSettings, values, f"{report} settings")  # typed and checked like a recipe
 
 
 def check_settings(old: FilterSettings, new: FilterSettings) -> None:
