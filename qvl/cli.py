@@ -177,11 +177,15 @@ def curate_report(
     path = out / "report.json"
     if not path.is_file():
         _fail(f"{path}: no report here (has `qvl curate filter --out {out}` finished?)")
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_bytes())
+        text = json.dumps(data, indent=2, ensure_ascii=False) if as_json else report_mod.markdown(data)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # not JSON, or not a qvl report
+        raise QvlError(f"{path}: not a qvl curate report ({type(e).__name__}: {str(e)[:200]})") from None
     if as_json:
-        typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        typer.echo(text)
     else:
-        console.print(Markdown(report_mod.markdown(data)))
+        console.print(Markdown(text))
 
 
 @curate_app.command("why")

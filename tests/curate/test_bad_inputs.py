@@ -428,3 +428,35 @@ def test_a_damaged_previous_report_is_one_line_naming_it(tmp_path, report):
     result = runner.invoke(app, ["curate", "filter", "--from-ledger", str(prev), "--out", str(tmp_path / "new"),
                                  "--no-progress", "--workers", "1"])
     assert "report.json" in one_line_error(result)
+
+
+@pytest.mark.parametrize("damage", ["report not JSON", "report not UTF-8", "report settings an int",
+                                    "report without counts", "ledger truncated"])
+def test_why_and_report_on_a_damaged_run_are_one_line_naming_it(tmp_path, damage):
+    result, out = filter_cli(tmp_path, [_pairs_file(tmp_path)])
+    assert result.exit_code == 0, result.output
+    report = out / "report.json"
+    if damage == "report not JSON":
+        report.write_text("garbage")
+    elif damage == "report not UTF-8":
+        report.write_bytes(b"\xff{}")
+    elif damage == "report settings an int":
+        report.write_text('{"settings": 5}')
+    elif damage == "report without counts":
+        report.write_text('{"settings": {}}')
+    else:
+        for path in (out / "ledger" / "filter").glob("*.parquet"):
+            path.write_bytes(b"PAR1 truncated")
+    for args in (["why", str(out), "pairs.jsonl:1"], ["report", str(out)], ["report", str(out), "--json"]):
+        result = runner.invoke(app, ["curate", *args])
+        if args[0] == "report" and (damage == "ledger truncated" or "--json" in args and "JSON" not in damage
+                                    and "UTF-8" not in damage):
+            assert result.exit_code == 0, result.output  # --json prints the JSON it finds
+        else:
+            assert str(out) in one_line_error(result)
+
+
+def test_why_bounds_a_huge_row_id(tmp_path):
+    result, out = filter_cli(tmp_path, [_pairs_file(tmp_path)])
+    message = one_line_error(runner.invoke(app, ["curate", "why", str(out), "x" * 100_000]))
+    assert "not an input row" in message and len(message) < 500
