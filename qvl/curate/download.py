@@ -46,6 +46,7 @@ STEPS = ("bad_url", "private_address", "download_failed", "image_corrupt", "imag
          "image_aspect_ratio", "clip_score_computed", "duplicate_image", "near_duplicate_image")
 CHECKS = {"key": pl.String, "image_width": pl.Int64, "image_height": pl.Int64, "image_error": pl.String,
           "phash": pl.UInt64}
+TEXT_COLUMNS = ["row_id", "url", "text", "source", "lang"]  # what a filter output's kept rows hold, as text
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
@@ -112,14 +113,26 @@ def read_curated(curated: Path) -> tuple[pl.DataFrame, dict]:
     frames = []
     for path in files:
         try:
-            frames.append(pl.read_parquet(path))
+            frame = pl.read_parquet(path)
         except (pl.exceptions.PolarsError, OSError) as e:
-            raise DownloadError(f"{path}: not a readable parquet file ({e})") from None
+            raise DownloadError(f"{path}: not a readable parquet file ({str(e)[:300]})") from None
+        missing = [c for c in TEXT_COLUMNS if c not in frame.columns]
+        if missing:
+            raise DownloadError(f"{path}: missing column(s) {', '.join(missing)} (not a qvl filter output)")
+        wrong = [f"{c} ({frame.schema[c]})" for c in TEXT_COLUMNS if frame.schema[c] not in (pl.String, pl.Null)]
+        if wrong:
+            raise DownloadError(f"{path}: column(s) {', '.join(wrong)} must be text (not a qvl filter output)")
+        frames.append(frame.with_columns(pl.col(TEXT_COLUMNS).cast(pl.String)))
     kept = pl.concat(frames, how="diagonal_relaxed")
-    missing = [c for c in ("row_id", "url", "text", "source", "lang") if c not in kept.columns]
-    if missing:
-        raise DownloadError(f"{curated}/kept: missing column(s) {', '.join(missing)} (not a qvl filter output)")
-    return kept.with_row_index("_order"), storage.read_json(report_path)
+    repeated = kept.filter(pl.col("row_id").is_duplicated() | pl.col("row_id").is_null()).get_column("row_id")
+    if repeated.len():  # one row id, one pair: kept + rejected == input holds only then
+        raise DownloadError(f"{curated}/kept: row_id {repeated[0]!r} is missing or repeats (not one filter run's output)")
+    try:
+        report = storage.read_json(report_path)
+        report["settings"]["min_side"], report["settings"]["max_aspect_ratio"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DownloadError(f"{report_path}: not a qvl filter report ({type(e).__name__}: {str(e)[:200]})") from None
+    return kept.with_row_index("_order"), report
 
 
 # ---------------------------------------------------------------- fetching

@@ -4,6 +4,7 @@ accounted for, pixel checks on the real bytes, private addresses refused, failed
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import polars as pl
@@ -122,6 +123,27 @@ def test_a_folder_that_is_not_a_filter_run_is_a_clear_error(tmp_path):
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept" / "part-00000.parquet").write_bytes(b"PAR1 truncated")
     with pytest.raises(DownloadError, match="part-00000.parquet: not a readable parquet file"):
+        run_download(tmp_path, tmp_path / "out", SETTINGS, show_progress=False)
+
+
+KEPT = {"row_id": ["a.jsonl:1", "a.jsonl:2"], "url": ["http://x.test/1.jpg", "http://x.test/2.jpg"],
+        "text": ["a red bus", "a blue car"], "source": ["laion"] * 2, "lang": ["en"] * 2}
+
+
+@pytest.mark.parametrize("change, report, message", [
+    ({"url": [5, 6]}, None, "column(s) url (Int64) must be text"),
+    ({"row_id": ["a.jsonl:1"] * 2}, None, "row_id 'a.jsonl:1' is missing or repeats"),
+    ({"row_id": [None, "a.jsonl:2"]}, None, "row_id None is missing or repeats"),
+    ({}, "garbage", "report.json: not a qvl filter report"),
+    ({}, '{"settings": 5}', "report.json: not a qvl filter report"),
+    ({}, '{"settings": {}}', "report.json: not a qvl filter report"),
+])
+def test_a_hand_edited_filter_output_is_one_error_naming_it(tmp_path, change, report, message):
+    """The kept rows a download reads are typed and one row per id (else kept + rejected != input)."""
+    (tmp_path / "kept").mkdir()
+    pl.DataFrame({**KEPT, **change}).write_parquet(tmp_path / "kept" / "part-00000.parquet")
+    (tmp_path / "report.json").write_text(report or '{"settings": {"min_side": 1, "max_aspect_ratio": 3}}')
+    with pytest.raises(DownloadError, match=re.escape(message)):
         run_download(tmp_path, tmp_path / "out", SETTINGS, show_progress=False)
 
 
