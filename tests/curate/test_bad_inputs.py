@@ -460,3 +460,15 @@ def test_why_bounds_a_huge_row_id(tmp_path):
     result, out = filter_cli(tmp_path, [_pairs_file(tmp_path)])
     message = one_line_error(runner.invoke(app, ["curate", "why", str(out), "x" * 100_000]))
     assert "not an input row" in message and len(message) < 500
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--batch-size", "0"], "batch_size: 0: 1 to 65536 pairs"),
+    (["--clip-threshold-default", "nan"], "clip_thresholds.default: nan: a cosine similarity is in [-1, 1]"),
+    (["--clip-threshold", "laion=2"], "clip_thresholds.laion: 2.0: a cosine similarity is in [-1, 1]"),
+    (["--clip-threshold", "laion=inf"], "--clip-threshold laion=inf: not a finite number"),
+])
+def test_clip_score_settings_are_checked_before_any_model_loads(tmp_path, options, expected):
+    result = runner.invoke(app, ["curate", "clip-score", str(tmp_path), "--model", "ViT-B-32", "--pretrained",
+                                 str(tmp_path / "w.safetensors"), "--no-progress", *options])
+    assert one_line_error(result) == f"error: {expected}"
