@@ -472,3 +472,40 @@ def test_clip_score_settings_are_checked_before_any_model_loads(tmp_path, option
     result = runner.invoke(app, ["curate", "clip-score", str(tmp_path), "--model", "ViT-B-32", "--pretrained",
                                  str(tmp_path / "w.safetensors"), "--no-progress", *options])
     assert one_line_error(result) == f"error: {expected}"
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("truncated", "part-00000.parquet: not a readable parquet file"),
+    ("row id of another file", "row_id 'other.jsonl:1' is not FILE:LINE of the run's inputs"),
+    ("width as text", "column 'width' is large_string, expected a number column"),
+    ("no text column", "missing column(s) text"),
+    ("run.json inputs an int", "run.json: damaged"),
+    ("run.json not JSON", "run.json: damaged"),
+])
+def test_a_damaged_previous_run_is_one_line_naming_the_file(tmp_path, damage, expected):
+    result, prev = filter_cli(tmp_path, [_pairs_file(tmp_path)], out=tmp_path / "prev")
+    assert result.exit_code == 0, result.output
+    kept = prev / "kept" / "part-00000.parquet"
+    frame = pl.read_parquet(kept)
+    if damage == "truncated":
+        kept.write_bytes(b"junk")
+    elif damage == "row id of another file":
+        frame.with_columns(row_id=pl.lit("other.jsonl:1")).write_parquet(kept)
+    elif damage == "width as text":
+        frame.with_columns(width=pl.lit("wide")).write_parquet(kept)
+    elif damage == "no text column":
+        frame.drop("text").write_parquet(kept)
+    else:
+        (prev / "_state" / "run.json").write_text('{"inputs": 5}' if "int" in damage else "garbage")
+    result = runner.invoke(app, ["curate", "filter", "--from-ledger", str(prev), "--out", str(tmp_path / "new"),
+                                 "--no-progress", "--workers", "1", "--skip-rule", "lang"])
+    assert expected in one_line_error(result)
+
+
+def test_a_previous_run_rewritten_by_polars_is_read_again(tmp_path):
+    result, prev = filter_cli(tmp_path, [_pairs_file(tmp_path)], out=tmp_path / "prev")
+    kept = prev / "kept" / "part-00000.parquet"
+    pl.read_parquet(kept).write_parquet(kept)  # large_string, and so on: the same columns
+    result = runner.invoke(app, ["curate", "filter", "--from-ledger", str(prev), "--out", str(tmp_path / "new"),
+                                 "--no-progress", "--workers", "1", "--skip-rule", "lang"])
+    assert result.exit_code == 0, result.output
