@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -68,8 +69,8 @@ def _pairs(values: list[str], option: str) -> dict[str, str]:
     out = {}
     for item in values:
         for part in item.split(","):
-            if "=" not in part:
-                _fail(f"{option} takes KEY=VALUE, got {part!r}")
+            if "=" not in part:  # a QvlError, not _fail: typer's Exit is a RuntimeError a command may catch
+                raise QvlError(f"{option} takes KEY=VALUE, got {part[:80]!r}")
             key, value = part.split("=", 1)
             out[key.strip()] = value.strip()
     return out
@@ -81,7 +82,9 @@ def _thresholds(values: list[str], option: str) -> dict[str, float]:
         try:
             out[key] = float(value)
         except ValueError:
-            _fail(f"{option} {key}={value}: not a number")
+            raise QvlError(f"{option} {key}={value}: not a number") from None
+        if not math.isfinite(out[key]):
+            raise QvlError(f"{option} {key}={value}: not a finite number")
     return out
 
 
@@ -123,7 +126,7 @@ def curate_filter(
     from qvl.curate.readers import InputError
     from qvl.curate.rethreshold import LedgerError, previous_settings
     from qvl.curate.settings import FilterSettings, RunSettings
-    from qvl.recipes import RecipeError, fill, load_recipe, table
+    from qvl.recipes import RecipeError, fill, load_recipe, name, table
 
     try:
         if not inputs and from_ledger is None:
@@ -133,7 +136,7 @@ def curate_filter(
         data = load_recipe(recipe) if recipe else {}
         unknown = set(data) - {"filter", "run"}
         if unknown:
-            raise RecipeError(f"{recipe}: unknown table(s) {', '.join(sorted(unknown))}; use [filter] and [run]")
+            raise RecipeError(f"{recipe}: unknown table(s) {', '.join(sorted(map(name, unknown)))}; use [filter] and [run]")
         filter_values = {**base, **table(data, "filter", str(recipe))}
         run_values = dict(table(data, "run", str(recipe)))
         cli_values = {"min_side": min_side, "max_aspect_ratio": max_aspect_ratio, "min_units": min_units,
@@ -174,11 +177,15 @@ def curate_report(
     path = out / "report.json"
     if not path.is_file():
         _fail(f"{path}: no report here (has `qvl curate filter --out {out}` finished?)")
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_bytes())
+        text = json.dumps(data, indent=2, ensure_ascii=False) if as_json else report_mod.markdown(data)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # not JSON, or not a qvl report
+        raise QvlError(f"{path}: not a qvl curate report ({type(e).__name__}: {str(e)[:200]})") from None
     if as_json:
-        typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        typer.echo(text)
     else:
-        console.print(Markdown(report_mod.markdown(data)))
+        console.print(Markdown(text))
 
 
 @curate_app.command("why")

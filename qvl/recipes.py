@@ -12,6 +12,8 @@ builds settings directly all meet the same checks.
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 import tomllib
 import types
 import typing
@@ -42,26 +44,74 @@ def require(ok: bool, key: str, message: str) -> None:
         raise SettingError(key, message)
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of settings; a larger file is not one
+MAX_INT = (1 << 63) - 1  # every integer setting fits in 64 bits
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without anchors and aliases: a recipe never needs them, and a small tree of
+    aliases (the "billion laughs") expands to more values than memory holds."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(None, None, "anchors and aliases (&name, *name) are not allowed "
+                                              "in a recipe: write each value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def load_recipe(path: str | Path) -> dict[str, Any]:
+    """A recipe's top-level table; anything unreadable, too large, not TOML/YAML, nested too deep
+    or using YAML aliases is one RecipeError naming the file."""
     path = Path(path)
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise RecipeError(f"{path}: a recipe is a .toml, .yaml or .yml file")
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
     except OSError as e:
         raise RecipeError(f"{path}: cannot read recipe ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise RecipeError(f"{path}: not UTF-8 text") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: larger than {MAX_RECIPE_BYTES >> 20} MiB: not a recipe")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise RecipeError(f"{path}:{line}: not UTF-8 text") from None
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
         else:
-            raise RecipeError(f"{path}: a recipe is a .toml, .yaml or .yml file")
+            data = yaml.load(text, Loader=_NoAliasLoader) or {}
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
-        raise RecipeError(f"{path}: not valid {path.suffix[1:].upper()}: {e}") from None
+        raise RecipeError(f"{path}: not valid {path.suffix[1:].upper()}: {short(str(e), 300)}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise RecipeError(f"{path}: {short(str(e), 300)}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: the top level must be a table of settings")
     return data
+
+
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxdict, _repr.maxlist, _repr.maxtuple, _repr.maxset = 2, 4, 4, 4, 4
+_repr.maxstring = _repr.maxother = 60
+_repr.repr_int = lambda value, level: (f"an integer of {value.bit_length()} bits" if value.bit_length() > 64
+                                       else repr(value))  # repr() of a 5000-digit int raises
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """``value`` for an error message: a bounded repr (a huge value never becomes a huge line);
+    a string is cut at ``limit`` characters."""
+    if isinstance(value, str) and limit > 80:
+        return value if len(value) <= limit else value[:limit] + "…"
+    return _repr.repr(value).encode("ascii", "backslashreplace").decode()
+
+
+def name(key: Any) -> str:
+    """A key for an error message: as it is when it is short printable ASCII, else ``short``."""
+    return key if isinstance(key, str) and len(key) <= 60 and key.isascii() and key.isprintable() else short(key)
 
 
 def table(data: dict[str, Any], name: str, where: str) -> dict[str, Any]:
@@ -69,6 +119,8 @@ def table(data: dict[str, Any], name: str, where: str) -> dict[str, Any]:
     value = data.get(name, {})
     if not isinstance(value, dict):
         raise RecipeError(f"{where}: [{name}] must be a table of settings, not {type(value).__name__}")
+    if not all(isinstance(k, str) for k in value):
+        raise RecipeError(f"{where}: [{name}]: setting names are text, not {short(next(k for k in value if not isinstance(k, str)))}")
     return value
 
 
@@ -82,12 +134,15 @@ def coerce(value: Any, hint, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for arg in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # X | None: X's own message (not finite, out of range ...)
+            return coerce(value, options[0], key)
+        for arg in options:
             try:
                 return coerce(value, arg, key)
             except SettingError:
                 pass
-        raise SettingError(key, f"{value!r} is not {_describe(hint)}")
+        raise SettingError(key, f"{short(value)} is not {_describe(hint)}")
     if hint is Any or hint is typing.Any:
         return value
     if hint is bool:
@@ -95,16 +150,20 @@ def coerce(value: Any, hint, key: str) -> Any:
             return value
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > MAX_INT:
+                raise SettingError(key, f"{short(value)}: out of range (at most {MAX_INT})")
             return value
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, int) and abs(value) > MAX_INT or not math.isfinite(value):
+                raise SettingError(key, f"{short(value)}: not a finite number")
             return float(value)
     elif hint is str:
         if isinstance(value, str):
-            return value
+            return _text(value, key)
     elif hint is Path:
         if isinstance(value, (str, Path)):
-            return Path(value)
+            return Path(_text(str(value), key))
     elif origin is tuple:
         if isinstance(value, (list, tuple)):
             if len(args) == 2 and args[1] is Ellipsis:
@@ -113,23 +172,32 @@ def coerce(value: Any, hint, key: str) -> Any:
                 return tuple(coerce(v, a, key) for v, a in zip(value, args))
     elif origin is dict:
         if isinstance(value, dict):
-            return {coerce(k, args[0], key): coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+            return {coerce(k, args[0], key): coerce(v, args[1], f"{key}.{name(k)}") for k, v in value.items()}
     elif hint is dict:
         if isinstance(value, dict):
             return value
     else:  # a type this checker does not know: taken as it is
         return value
-    raise SettingError(key, f"{value!r} is not {_describe(hint)}")
+    raise SettingError(key, f"{short(value)} is not {_describe(hint)}")
+
+
+def _text(value: str, key: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise SettingError(key, f"not valid Unicode (a lone surrogate at character {e.start})") from None
+    return value
 
 
 def fill(cls: type[T], values: dict[str, Any], where: str) -> T:
     """Build dataclass ``cls`` from ``values``; an unknown or missing key, a value of the wrong
     type or out of range is an error naming ``where`` (a file and its table) and the key."""
     names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(names))
+    unknown = sorted(name(k) for k in set(values) - set(names))
     if unknown:
         raise RecipeError(
-            f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+            f"{where}: unknown setting(s) {', '.join(unknown[:10])}{' …' if len(unknown) > 10 else ''}; "
+            f"known: {', '.join(sorted(names))}"
         )
     missing = [name for name, f in names.items() if name not in values and f.init
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from qvl import storage
 from qvl.curate.settings import FilterSettings
+from qvl.errors import QvlError
 
 
 
@@ -43,12 +44,30 @@ def active(s: FilterSettings) -> bool:
     return s.clip_top_fraction is not None or bool(s.balance_entries) or bool(s.lang_mix)
 
 
+def read_entries(path: str | Path) -> list[str]:
+    """The entries of a ``--balance`` file, one a line (blank lines skipped); a file that cannot
+    be read, is not UTF-8 or holds no entry is one QvlError naming it (and the line)."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise QvlError(f"{path}: cannot read the balance entries ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise QvlError(f"{path}:{line}: not UTF-8 text (balance entries are one a line)") from None
+    entries = [line.strip() for line in text.removeprefix("\ufeff").splitlines() if line.strip()]
+    if not entries:
+        raise QvlError(f"{path}: no entries (every line is blank); give one entry a line")
+    return entries
+
+
 @lru_cache(maxsize=2)
 def automaton(path: str):
     """(Aho-Corasick automaton over the entries, the entries) — built once per process."""
     import ahocorasick
 
-    entries = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    entries = read_entries(path)
     auto = ahocorasick.Automaton()
     for i, entry in enumerate(entries):
         auto.add_word(entry, i)

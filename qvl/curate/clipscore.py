@@ -29,6 +29,7 @@ from qvl import storage
 from qvl.curate import download as dl
 from qvl.errors import QvlError
 from qvl.progress import progress_bar
+from qvl.recipes import require
 
 
 class ClipScoreError(QvlError):
@@ -44,6 +45,12 @@ class ClipSettings:
     thresholds: dict[str, float] | None = None  # per source; None: the filter run's clip_thresholds
     threshold_default: float | None = None
     aesthetic_head: Path | None = None  # a LAION aesthetic linear head: aesthetic_computed beside the score
+
+    def __post_init__(self) -> None:
+        require(1 <= self.batch_size <= 65_536, "batch_size", f"{self.batch_size}: 1 to 65536 pairs")
+        for source, value in {**(self.thresholds or {}), "default": self.threshold_default}.items():
+            require(value is None or -1 <= value <= 1, f"clip_thresholds.{source}",
+                    f"{value}: a cosine similarity is in [-1, 1]")
 
 
 class AestheticHead:

@@ -46,6 +46,7 @@ STEPS = ("bad_url", "private_address", "download_failed", "image_corrupt", "imag
          "image_aspect_ratio", "clip_score_computed", "duplicate_image", "near_duplicate_image")
 CHECKS = {"key": pl.String, "image_width": pl.Int64, "image_height": pl.Int64, "image_error": pl.String,
           "phash": pl.UInt64}
+TEXT_COLUMNS = ["row_id", "url", "text", "source", "lang"]  # what a filter output's kept rows hold, as text
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
@@ -112,14 +113,26 @@ def read_curated(curated: Path) -> tuple[pl.DataFrame, dict]:
     frames = []
     for path in files:
         try:
-            frames.append(pl.read_parquet(path))
+            frame = pl.read_parquet(path)
         except (pl.exceptions.PolarsError, OSError) as e:
-            raise DownloadError(f"{path}: not a readable parquet file ({e})") from None
+            raise DownloadError(f"{path}: not a readable parquet file ({str(e)[:300]})") from None
+        missing = [c for c in TEXT_COLUMNS if c not in frame.columns]
+        if missing:
+            raise DownloadError(f"{path}: missing column(s) {', '.join(missing)} (not a qvl filter output)")
+        wrong = [f"{c} ({frame.schema[c]})" for c in TEXT_COLUMNS if frame.schema[c] not in (pl.String, pl.Null)]
+        if wrong:
+            raise DownloadError(f"{path}: column(s) {', '.join(wrong)} must be text (not a qvl filter output)")
+        frames.append(frame.with_columns(pl.col(TEXT_COLUMNS).cast(pl.String)))
     kept = pl.concat(frames, how="diagonal_relaxed")
-    missing = [c for c in ("row_id", "url", "text", "source", "lang") if c not in kept.columns]
-    if missing:
-        raise DownloadError(f"{curated}/kept: missing column(s) {', '.join(missing)} (not a qvl filter output)")
-    return kept.with_row_index("_order"), storage.read_json(report_path)
+    repeated = kept.filter(pl.col("row_id").is_duplicated() | pl.col("row_id").is_null()).get_column("row_id")
+    if repeated.len():  # one row id, one pair: kept + rejected == input holds only then
+        raise DownloadError(f"{curated}/kept: row_id {repeated[0]!r} is missing or repeats (not one filter run's output)")
+    try:
+        report = storage.read_json(report_path)
+        report["settings"]["min_side"], report["settings"]["max_aspect_ratio"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DownloadError(f"{report_path}: not a qvl filter report ({type(e).__name__}: {str(e)[:200]})") from None
+    return kept.with_row_index("_order"), report
 
 
 # ---------------------------------------------------------------- fetching
@@ -261,38 +274,91 @@ def check_images(f: Folders, facts: pl.DataFrame, threads: int, max_pixels: int,
 # ---------------------------------------------------------------- decisions
 
 
+# Pairs compared at once (one block of a bucket), and candidate pairs joined at once: memory
+# stays a few tens of MB however many images share a hash or a band.
+_BLOCK = 1 << 20
+_LEAF = 2048  # a bucket this small (or with too few free bits to split) is compared whole, in blocks
+_FULL = (1 << 64) - 1
+
+
 def near_duplicates(hashes: np.ndarray, bits: int) -> dict[int, int]:
-    """Groups of 64-bit hashes within ``bits`` of each other (transitively), found by
-    multi-index hashing: split into ``bits + 1`` bands, two hashes that close agree on at least
-    one band whole, so only hashes sharing a band value are compared. Returns, for every
-    member but the first of its group (rows come ranked), the index of that first one."""
+    """Groups of 64-bit hashes within ``bits`` of each other (transitively). Returns, for every
+    member but the first of its group (rows come ranked), the index of that first one.
+
+    Identical hashes are one group from the start (``np.unique``): thousands of copies of one
+    popular picture cost O(n log n), not n×n. The distinct hashes are found close by multi-index
+    hashing: split the bits into ``bits + 1`` bands; two hashes that close agree on one band
+    whole, so only hashes sharing a band value are compared. A large bucket is split again on
+    its remaining bits the same way, and compared in blocks, so memory stays bounded; the
+    close pairs are joined by union-find on numpy arrays, never a dense matrix."""
+    hashes = np.asarray(hashes).astype(np.uint64)
     n = len(hashes)
-    parent = list(range(n))
+    if n == 0:
+        return {}
+    unique, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    labels = np.arange(len(unique))
+    pending: list[tuple[np.ndarray, np.ndarray]] = []
+    size = 0
 
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
+    def flush() -> None:
+        nonlocal size
+        if pending:
+            _join(labels, np.concatenate([a for a, _ in pending]), np.concatenate([b for _, b in pending]))
+        pending.clear()
+        size = 0
 
-    hashes = hashes.astype(np.uint64)
-    bands = bits + 1
-    edges = np.linspace(0, 64, bands + 1).astype(int)
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        key = (hashes >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
-        order = np.argsort(key, kind="stable")
-        sorted_keys = key[order]
-        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-        for a, b in zip(starts, np.r_[starts[1:], n]):
-            if b - a < 2:
-                continue
-            members = order[a:b]
-            close = np.bitwise_count(hashes[members][:, None] ^ hashes[members][None, :]) <= bits
-            for x, y in zip(*np.nonzero(np.triu(close, 1))):
-                rx, ry = root(int(members[x])), root(int(members[y]))
-                if rx != ry:
-                    parent[max(rx, ry)] = min(rx, ry)  # the better-ranked row leads its group
-    return {i: root(i) for i in range(n) if root(i) != i}
+    def compare(ids: np.ndarray) -> None:
+        nonlocal size
+        h = unique[ids]
+        step = max(1, _BLOCK // len(ids))
+        for s in range(0, len(ids), step):
+            close = np.bitwise_count(h[s:s + step, None] ^ h[None, s:]) <= bits
+            x, y = np.nonzero(close)
+            later = y > x  # each pair once, never a hash with itself
+            pending.append((ids[s + x[later]], ids[s + y[later]]))
+            size += int(later.sum())
+            if size >= _BLOCK:
+                flush()
+
+    def search(ids: np.ndarray, known: int) -> None:
+        free = [b for b in range(64) if not known >> b & 1] if len(ids) > _LEAF else []
+        if len(free) <= bits + 1:  # small, or too few bits left to split: at most 2^(bits+1) hashes
+            compare(ids)
+            return
+        for band in np.array_split(np.array(free), bits + 1):
+            mask = np.uint64(sum(1 << int(b) for b in band))
+            key = unique[ids] & mask
+            order = np.argsort(key, kind="stable")
+            sorted_keys = key[order]
+            starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+            for a, b in zip(starts, np.r_[starts[1:], len(ids)]):
+                if b - a >= 2:
+                    search(ids[order[a:b]], known | int(mask))
+
+    if bits >= 0 and len(unique) > 1:
+        search(np.arange(len(unique)), 0)
+        flush()
+    # each group's first row: the smallest index among its hashes' first rows
+    lead = np.full(len(unique), n)
+    np.minimum.at(lead, labels, first)
+    leader = lead[labels][inverse]
+    lost = np.flatnonzero(leader != np.arange(n))
+    return dict(zip(lost.tolist(), leader[lost].tolist()))
+
+
+def _join(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """Union-find over ``labels`` (each entry points at a smaller one or itself) for the pairs
+    ``a``-``b``: hook the larger root onto the smaller, then flatten every path; O(log) rounds."""
+    while a.size:
+        ra, rb = labels[a], labels[b]
+        apart = ra != rb
+        a, b, ra, rb = a[apart], b[apart], ra[apart], rb[apart]
+        np.minimum.at(labels, np.maximum(ra, rb), np.minimum(ra, rb))
+        while True:
+            up = labels[labels]
+            if np.array_equal(up, labels):
+                break
+            labels[:] = up
 
 
 def clip_facts(f: Folders) -> pl.DataFrame | None:

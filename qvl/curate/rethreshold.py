@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qvl import storage
@@ -29,6 +30,8 @@ from qvl.curate import langid, layouts, rules
 from qvl.curate.readers import SEQ_ROW_BITS, Shard
 from qvl.curate.settings import FilterSettings
 from qvl.errors import QvlError
+from qvl.schemas.pairs import check_columns
+from qvl.recipes import fill
 
 SCORE_SETTINGS = {f"{score}_{kind}" for score in ("nsfw", "watermark", "aesthetic")
                   for kind in ("thresholds", "threshold_default")}
@@ -49,12 +52,16 @@ def previous_settings(prev: Path) -> FilterSettings:
     report = prev / "report.json"
     if not report.is_file() or not (prev / "_state" / "run.json").is_file():
         raise LedgerError(f"{prev}: not the --out of a finished `qvl curate filter` (no report.json / _state)")
-    values = storage.read_json(report)["settings"]
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    try:
+        values = storage.read_json(report)["settings"]
+    except (ValueError, KeyError, TypeError):
+        raise LedgerError(f"{report}: not a qvl filter report (no JSON object with its settings)") from None
+    if not isinstance(values, dict):
+        raise LedgerError(f"{report}: settings: not a table")
     # a run from before the published-score rules had none: they were off
     values.update({f"{s}_threshold_default": None for s in ("nsfw", "watermark", "aesthetic")
                    if f"{s}_threshold_default" not in values})
-    return FilterSettings(**values)
+    return fill(FilterSettings, values, f"{report} settings")  # typed and checked like a recipe
 
 
 def check_settings(old: FilterSettings, new: FilterSettings) -> None:
@@ -72,14 +79,43 @@ def check_settings(old: FilterSettings, new: FilterSettings) -> None:
 
 def shards_of(prev: Path) -> list[Shard]:
     """Every output file of the previous run (kept and rejected) as an input shard."""
-    state = storage.read_json(prev / "_state" / "run.json")
-    names = state.get("input_names") or [Path(p).name for p in state["inputs"]]  # runs before qvl.inputs
+    run_json = prev / "_state" / "run.json"
+    try:
+        state = storage.read_json(run_json)
+        names = state.get("input_names") or [Path(p).name for p in state["inputs"]]  # runs before qvl.inputs
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise LedgerError(f"{run_json}: damaged ({type(e).__name__}: {str(e)[:200]})") from None
+    if not names or not all(isinstance(n, str) for n in names):
+        raise LedgerError(f"{run_json}: damaged (input names are not a list of file names)")
     if len(set(names)) != len(names):
         raise LedgerError(f"{prev}: input file names repeat, so row ids do not name one input row")
     files = sorted((prev / "kept").glob("*.parquet")) + sorted((prev / "rejected").glob("*.parquet"))
     layout = layouts.from_mapping({"url": "url", "text": "text"})
-    return [Shard(path, i, FORMAT, None, layout, None, pq.ParquetFile(path).metadata.num_rows, origin=tuple(names))
+    return [Shard(path, i, FORMAT, None, layout, None, _checked(path), origin=tuple(names))
             for i, path in enumerate(files)]
+
+
+def _checked(path: Path) -> int:
+    """The rows of a previous run's output file, after checking it holds every column the rules
+    read with the type the run wrote (a damaged or hand-edited file is one LedgerError naming it)."""
+    try:
+        f = pq.ParquetFile(path)
+    except (OSError, ValueError) as e:  # ArrowInvalid is a ValueError
+        raise LedgerError(f"{path}: not a readable parquet file ({str(e)[:200]})") from None
+    schema = f.schema_arrow
+    try:
+        check_columns(schema, {**dict.fromkeys(("row_id", "url", "text", "source", "lang", "lang_by"), "string"),
+                               **dict.fromkeys(("width", "height", "clip_score", "units", "lang_score"), "number")},
+                      str(path), optional={**dict.fromkeys(("nsfw", "watermark", "aesthetic"), "number"),
+                                           "drop_reason": "string"})
+    except QvlError as e:
+        raise LedgerError(f"{e} (not an output of `qvl curate filter`)") from None
+    if "failed_rules" in schema.names:
+        t = schema.field("failed_rules").type
+        if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_string(t.value_type) \
+                and not pa.types.is_large_string(t.value_type):
+            raise LedgerError(f"{path}: column 'failed_rules' is {t}, expected a list of rule names")
+    return f.metadata.num_rows
 
 
 def read_batches(shard: Shard, batch_rows: int) -> Iterator[pl.DataFrame]:
@@ -94,7 +130,10 @@ def read_batches(shard: Shard, batch_rows: int) -> Iterator[pl.DataFrame]:
         # row ids are "<file>:<line>"; a file name holding ":" keeps its last part as the line
         file = frame.get_column("row_id").str.replace(r":[0-9]+$", "")
         line = frame.get_column("row_id").str.extract(r":([0-9]+)$", 1).cast(pl.Int64)
-        seq = file.replace_strict(index, return_dtype=pl.Int64) * (1 << SEQ_ROW_BITS) + line
+        seq = file.replace_strict(index, default=None, return_dtype=pl.Int64) * (1 << SEQ_ROW_BITS) + line
+        if seq.null_count():
+            bad = frame.get_column("row_id").filter(seq.is_null())[0]
+            raise LedgerError(f"{shard.path}: row_id {bad!r} is not FILE:LINE of the run's inputs")
         errors = frame.get_column("failed_rules").list.first().cast(pl.String)
         frame = frame.with_columns(
             _seq=seq,

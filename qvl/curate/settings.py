@@ -12,6 +12,12 @@ from pathlib import Path
 
 from qvl.recipes import require
 
+# upper bounds no real setting comes near; each keeps a typo or a hostile recipe from costing a
+# regex that cannot compile, a process per shard or a file per row
+MAX_PUNCT_RUN = 1000
+MAX_WORKERS = 1024
+MAX_PARTITIONS = 1 << 16
+
 
 def _default_clip_thresholds() -> dict[str, float]:
     # LAION `similarity` and COYO `clip_similarity_vitb32` are OpenAI ViT-B/32 scores;
@@ -60,7 +66,8 @@ class FilterSettings:
 
     def __post_init__(self) -> None:
         require(all(isinstance(t, str) and t for t in self.dataset_tags), "dataset_tags", "a list of tag names")
-        require(self.max_punct_run >= 1, "max_punct_run", f"{self.max_punct_run}: must be >= 1")
+        require(1 <= self.max_punct_run <= MAX_PUNCT_RUN, "max_punct_run",
+                f"{self.max_punct_run}: 1 to {MAX_PUNCT_RUN} (a regex repeat count)")
         require(self.max_aspect_ratio >= 1, "max_aspect_ratio", f"{self.max_aspect_ratio}: must be >= 1")
         require(self.min_side >= 0, "min_side", f"{self.min_side}: must be >= 0")
         require(isinstance(self.clip_thresholds, dict), "clip_thresholds",
@@ -106,7 +113,9 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         require(self.batch_rows >= 1, "batch_rows", f"{self.batch_rows}: must be >= 1")
-        require(self.workers >= 0, "workers", f"{self.workers}: processes, >= 0 (0 = one per core)")
+        require(0 <= self.workers <= MAX_WORKERS, "workers",
+                f"{self.workers}: processes, 0 (one per core) to {MAX_WORKERS}")
         require(self.rows_per_partition >= 1, "rows_per_partition", f"{self.rows_per_partition}: must be >= 1")
         require(self.engine in ("local", "ray"), "engine", f"{self.engine!r}: use local or ray")
-        require(self.max_partitions >= 1, "max_partitions", f"{self.max_partitions}: must be >= 1")
+        require(1 <= self.max_partitions <= MAX_PARTITIONS, "max_partitions",
+                f"{self.max_partitions}: 1 to {MAX_PARTITIONS} (a file per partition)")

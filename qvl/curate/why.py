@@ -15,6 +15,7 @@ import polars as pl
 from qvl import storage
 from qvl.curate import download, rules
 from qvl.errors import QvlError
+from qvl.recipes import short
 
 
 class WhyError(QvlError):
@@ -33,7 +34,7 @@ def _filter_story(folder: Path, row_id: str) -> tuple[list[dict], str]:
     if facts is None:
         sample = pl.scan_parquet(sorted((folder / "ledger" / "filter").glob("*.parquet"))).head(1).collect()
         hint = f" (row ids look like {sample['row_id'][0]!r})" if sample.height else ""
-        raise WhyError(f"{row_id!r}: not an input row of the filter run in {folder}{hint}")
+        raise WhyError(f"{short(row_id)}: not an input row of the filter run in {folder}{hint}")
     s = storage.read_json(folder / "report.json")["settings"]
     failed = set(facts["failed_rules"] or [])
     w, h, score, source = facts["width"], facts["height"], facts["clip_score"], facts["source"]
@@ -107,18 +108,26 @@ def _download_story(folder: Path, row_id: str) -> tuple[list[dict], str]:
 
 
 def explain(folder: str | Path, row_id: str) -> dict:
+    """The story of ``row_id``; a folder whose ledger or report is damaged (truncated parquet,
+    a report.json that is not JSON or lacks its settings) is one WhyError naming the folder."""
     folder = Path(folder)
     state = folder / "_qvl.json"
-    if state.is_file():  # a download: start at its filter run
-        origin = Path(storage.read_json(state)["from"])
-        steps, verdict = _filter_story(origin, row_id)
-        if verdict.startswith("kept"):
-            more, verdict = _download_story(folder, row_id)
-            steps += more
-    elif (folder / "ledger" / "filter").is_dir():
-        steps, verdict = _filter_story(folder, row_id)
-    else:
-        raise WhyError(f"{folder}: no ledger here (the --out of `qvl curate filter` or `qvl curate download`)")
+    try:
+        if state.is_file():  # a download: start at its filter run
+            origin = Path(storage.read_json(state)["from"])
+            steps, verdict = _filter_story(origin, row_id)
+            if verdict.startswith("kept"):
+                more, verdict = _download_story(folder, row_id)
+                steps += more
+        elif (folder / "ledger" / "filter").is_dir():
+            steps, verdict = _filter_story(folder, row_id)
+        else:
+            raise WhyError(f"{folder}: no ledger here (the --out of `qvl curate filter` or `qvl curate download`)")
+    except WhyError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, pl.exceptions.PolarsError) as e:
+        raise WhyError(f"{folder}: its ledger or report is damaged ({type(e).__name__}: {short(str(e), 200)}); "
+                       "run the command again") from None
     return {"row_id": row_id, "steps": steps, "verdict": verdict}
 
 

@@ -308,3 +308,204 @@ def test_a_bad_language_model_is_a_one_line_error_before_any_row_is_read(tmp_pat
     message = one_line_error(result)
     assert str(model.name) in message
     assert not (out / "kept").exists() and not (out / "rejected").exists()
+
+
+# ---------------------------------------------------------------- recipes, entries, options: one bounded line
+
+def _pairs_file(tmp_path: Path) -> Path:
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"url": "http://x.test/1.jpg", "text": CAPTION}) + "\n")
+    return path
+
+
+def recipe_error(tmp_path: Path, name: str, content: str | bytes) -> str:
+    recipe = tmp_path / name
+    recipe.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8", "surrogatepass"))
+    result, out = filter_cli(tmp_path, [_pairs_file(tmp_path)], "--recipe", str(recipe), quick=False)
+    message = one_line_error(result)
+    assert name in message and not out.exists(), message
+    assert len(message) < 1000, len(message)
+    return message
+
+
+BILLION_LAUGHS = "\n".join(['a0: &a0 "lol"'] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]"
+                                                   for i in range(1, 9)]) + "\nname: *a8\n"
+
+
+def test_a_yaml_alias_tree_is_refused_before_it_expands(tmp_path):
+    """557 bytes of nested aliases name 9^8 values: refused at the first alias, never expanded."""
+    assert len(BILLION_LAUGHS) < 600
+    message = recipe_error(tmp_path, "r.yaml", BILLION_LAUGHS)
+    assert "aliases" in message and "line 1, column 5" in message
+    assert "aliases" in recipe_error(tmp_path, "r.yml", "filter: &f {min_side: 10}\nrun: {}\n")
+
+
+RECIPE_CASES = {
+    # name, content, what the message says
+    "TOML inf": ("r.toml", "[filter]\nmax_aspect_ratio = inf\n", "max_aspect_ratio: inf: not a finite number"),
+    "TOML nan in a table": ("r.toml", "[filter]\naesthetic_thresholds = { laion = nan }\n",
+                            "aesthetic_thresholds.laion: nan: not a finite number"),
+    "YAML .inf": ("r.yaml", "filter:\n  aesthetic_threshold_default: .inf\n",
+                  "aesthetic_threshold_default: inf: not a finite number"),
+    "YAML .nan": ("r.yaml", "filter:\n  clip_top_fraction: .nan\n", "clip_top_fraction: nan: not a finite number"),
+    "huge int": ("r.yaml", "filter:\n  min_side: " + "9" * 400 + "\n", "min_side: an integer of 1329 bits: out of range"),
+    "int of 5000 digits": ("r.yaml", "filter:\n  min_side: " + "9" * 5000 + "\n", "digits"),
+    "regex repeat count": ("r.toml", "[filter]\nmax_punct_run = 9223372036854775807\n", "max_punct_run: 9223372036854775807: 1 to 1000"),
+    "a process per shard": ("r.toml", "[run]\nworkers = 100000000\n", "workers: 100000000: processes, 0 (one per core) to 1024"),
+    "a file per row": ("r.toml", "[run]\nmax_partitions = 9223372036854775807\n", "max_partitions"),
+    "lone surrogate in a YAML string": ("r.yaml", 'filter:\n  lang_model: "\\ud800.ftz"\n', "lang_model: not valid Unicode"),
+    "lone surrogate in a YAML key": ("r.yaml", 'filter:\n  "\\ud800": 1\n', "unknown setting(s) '\\ud800'"),
+    "a number as a setting name": ("r.yaml", "filter:\n  1: 2\n", "setting names are text, not 1"),
+    "a number as a table name": ("r.yaml", "1: {}\n", "unknown table(s) 1"),
+    "a huge string": ("r.toml", '[filter]\nmin_side = "' + "x" * 500_000 + '"\n', "min_side: 'xxxxxxxx"),
+    "a huge list": ("r.toml", "[filter]\ndataset_tags = [" + ", ".join(["1"] * 50_000) + "]\n", "dataset_tags: 1 is not str"),
+    "nested too deeply (YAML)": ("r.yaml", "filter: " + "[" * 100_000 + "]" * 100_000 + "\n", "r.yaml"),
+    "nested too deeply (TOML)": ("r.toml", "[filter]\nx = " + "[" * 100_000 + "]" * 100_000 + "\n", "r.toml"),
+    "not UTF-8": ("r.toml", b"[filter]\nmin_side = 10\n# \xff\xfe\n", "r.toml:3: not UTF-8 text"),
+    "larger than a recipe": ("r.toml", "# " + "x" * (2 << 20) + "\n", "larger than 1 MiB"),
+    "many unknown keys": ("r.toml", "[filter]\n" + "".join(f"k{i} = 1\n" for i in range(5000)), "unknown setting(s) k0, k1"),
+}
+
+
+@pytest.mark.parametrize("case", list(RECIPE_CASES))
+def test_a_hostile_recipe_is_one_bounded_line_naming_file_and_key(tmp_path, case):
+    name, content, expected = RECIPE_CASES[case]
+    assert expected in recipe_error(tmp_path, name, content)
+
+
+def test_the_largest_punctuation_run_setting_still_compiles(tmp_path):
+    result, out = filter_cli(tmp_path, [_pairs_file(tmp_path)], "--recipe", str(_recipe(tmp_path, "max_punct_run = 1000")))
+    assert result.exit_code == 0, result.output
+
+
+def _recipe(tmp_path: Path, line: str) -> Path:
+    path = tmp_path / "ok.toml"
+    path.write_text(f"[filter]\n{line}\n")
+    return path
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"\n\n   \n\t\n", "entries.txt: no entries (every line is blank)"),
+    (b"", "entries.txt: no entries"),
+    (b"bus\ncar\n\xff\xfe street\n", "entries.txt:3: not UTF-8 text"),
+])
+def test_a_bad_balance_entries_file_is_one_line_naming_it(tmp_path, content, expected):
+    entries = tmp_path / "entries.txt"
+    entries.write_bytes(content)
+    result, out = filter_cli(tmp_path, [_pairs_file(tmp_path)], "--balance", str(entries))
+    assert expected in one_line_error(result) and not (out / "kept").exists()
+
+
+def test_an_entries_file_with_a_bom_and_blank_lines_balances(tmp_path):
+    entries = tmp_path / "entries.txt"
+    entries.write_bytes("\ufeffbus\n\n  street  \n".encode())
+    result, out = filter_cli(tmp_path, [_pairs_file(tmp_path)], "--balance", str(entries))
+    assert result.exit_code == 0, result.output
+    assert outcomes(out) == {"pairs.jsonl:1": None}
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--lang-mix", "en:0.5,zh:0.5"], "--lang-mix takes KEY=VALUE, got 'en:0.5'"),
+    (["--lang-mix", "en=inf"], "--lang-mix en=inf: not a finite number"),
+    (["--clip-threshold", "laion=nan"], "--clip-threshold laion=nan: not a finite number"),
+    (["--map", "url"], "--map takes KEY=VALUE, got 'url'"),
+])
+def test_a_malformed_option_is_said_once(tmp_path, options, expected):
+    result, _ = filter_cli(tmp_path, [_pairs_file(tmp_path)], *options)
+    message = one_line_error(result)
+    assert message == f"error: {expected}", result.output  # one line, not a second "error: 1"
+
+
+@pytest.mark.parametrize("report", [
+    "not json", '{"settings": 3}', '{"no settings": {}}', '[1, 2]',
+    '{"settings": {"min_side": "big"}}', '{"settings": {"max_aspect_ratio": 1e999}}',
+    '{"settings": {"surprise": 1}}',
+])
+def test_a_damaged_previous_report_is_one_line_naming_it(tmp_path, report):
+    result, prev = filter_cli(tmp_path, [_pairs_file(tmp_path)], out=tmp_path / "prev")
+    assert result.exit_code == 0, result.output
+    (prev / "report.json").write_text(report)
+    result = runner.invoke(app, ["curate", "filter", "--from-ledger", str(prev), "--out", str(tmp_path / "new"),
+                                 "--no-progress", "--workers", "1"])
+    assert "report.json" in one_line_error(result)
+
+
+@pytest.mark.parametrize("damage", ["report not JSON", "report not UTF-8", "report settings an int",
+                                    "report without counts", "ledger truncated"])
+def test_why_and_report_on_a_damaged_run_are_one_line_naming_it(tmp_path, damage):
+    result, out = filter_cli(tmp_path, [_pairs_file(tmp_path)])
+    assert result.exit_code == 0, result.output
+    report = out / "report.json"
+    if damage == "report not JSON":
+        report.write_text("garbage")
+    elif damage == "report not UTF-8":
+        report.write_bytes(b"\xff{}")
+    elif damage == "report settings an int":
+        report.write_text('{"settings": 5}')
+    elif damage == "report without counts":
+        report.write_text('{"settings": {}}')
+    else:
+        for path in (out / "ledger" / "filter").glob("*.parquet"):
+            path.write_bytes(b"PAR1 truncated")
+    for args in (["why", str(out), "pairs.jsonl:1"], ["report", str(out)], ["report", str(out), "--json"]):
+        result = runner.invoke(app, ["curate", *args])
+        if args[0] == "report" and (damage == "ledger truncated" or "--json" in args and "JSON" not in damage
+                                    and "UTF-8" not in damage):
+            assert result.exit_code == 0, result.output  # --json prints the JSON it finds
+        else:
+            assert str(out) in one_line_error(result)
+
+
+def test_why_bounds_a_huge_row_id(tmp_path):
+    result, out = filter_cli(tmp_path, [_pairs_file(tmp_path)])
+    message = one_line_error(runner.invoke(app, ["curate", "why", str(out), "x" * 100_000]))
+    assert "not an input row" in message and len(message) < 500
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--batch-size", "0"], "batch_size: 0: 1 to 65536 pairs"),
+    (["--clip-threshold-default", "nan"], "clip_thresholds.default: nan: a cosine similarity is in [-1, 1]"),
+    (["--clip-threshold", "laion=2"], "clip_thresholds.laion: 2.0: a cosine similarity is in [-1, 1]"),
+    (["--clip-threshold", "laion=inf"], "--clip-threshold laion=inf: not a finite number"),
+])
+def test_clip_score_settings_are_checked_before_any_model_loads(tmp_path, options, expected):
+    result = runner.invoke(app, ["curate", "clip-score", str(tmp_path), "--model", "ViT-B-32", "--pretrained",
+                                 str(tmp_path / "w.safetensors"), "--no-progress", *options])
+    assert one_line_error(result) == f"error: {expected}"
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("truncated", "part-00000.parquet: not a readable parquet file"),
+    ("row id of another file", "row_id 'other.jsonl:1' is not FILE:LINE of the run's inputs"),
+    ("width as text", "column 'width' is large_string, expected a number column"),
+    ("no text column", "missing column(s) text"),
+    ("run.json inputs an int", "run.json: damaged"),
+    ("run.json not JSON", "run.json: damaged"),
+])
+def test_a_damaged_previous_run_is_one_line_naming_the_file(tmp_path, damage, expected):
+    result, prev = filter_cli(tmp_path, [_pairs_file(tmp_path)], out=tmp_path / "prev")
+    assert result.exit_code == 0, result.output
+    kept = prev / "kept" / "part-00000.parquet"
+    frame = pl.read_parquet(kept)
+    if damage == "truncated":
+        kept.write_bytes(b"junk")
+    elif damage == "row id of another file":
+        frame.with_columns(row_id=pl.lit("other.jsonl:1")).write_parquet(kept)
+    elif damage == "width as text":
+        frame.with_columns(width=pl.lit("wide")).write_parquet(kept)
+    elif damage == "no text column":
+        frame.drop("text").write_parquet(kept)
+    else:
+        (prev / "_state" / "run.json").write_text('{"inputs": 5}' if "int" in damage else "garbage")
+    result = runner.invoke(app, ["curate", "filter", "--from-ledger", str(prev), "--out", str(tmp_path / "new"),
+                                 "--no-progress", "--workers", "1", "--skip-rule", "lang"])
+    assert expected in one_line_error(result)
+
+
+def test_a_previous_run_rewritten_by_polars_is_read_again(tmp_path):
+    result, prev = filter_cli(tmp_path, [_pairs_file(tmp_path)], out=tmp_path / "prev")
+    kept = prev / "kept" / "part-00000.parquet"
+    pl.read_parquet(kept).write_parquet(kept)  # large_string, and so on: the same columns
+    result = runner.invoke(app, ["curate", "filter", "--from-ledger", str(prev), "--out", str(tmp_path / "new"),
+                                 "--no-progress", "--workers", "1", "--skip-rule", "lang"])
+    assert result.exit_code == 0, result.output

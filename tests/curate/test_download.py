@@ -4,10 +4,13 @@ accounted for, pixel checks on the real bytes, private addresses refused, failed
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import polars as pl
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from qvl.curate import netcheck
@@ -120,6 +123,27 @@ def test_a_folder_that_is_not_a_filter_run_is_a_clear_error(tmp_path):
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept" / "part-00000.parquet").write_bytes(b"PAR1 truncated")
     with pytest.raises(DownloadError, match="part-00000.parquet: not a readable parquet file"):
+        run_download(tmp_path, tmp_path / "out", SETTINGS, show_progress=False)
+
+
+KEPT = {"row_id": ["a.jsonl:1", "a.jsonl:2"], "url": ["http://x.test/1.jpg", "http://x.test/2.jpg"],
+        "text": ["a red bus", "a blue car"], "source": ["laion"] * 2, "lang": ["en"] * 2}
+
+
+@pytest.mark.parametrize("change, report, message", [
+    ({"url": [5, 6]}, None, "column(s) url (Int64) must be text"),
+    ({"row_id": ["a.jsonl:1"] * 2}, None, "row_id 'a.jsonl:1' is missing or repeats"),
+    ({"row_id": [None, "a.jsonl:2"]}, None, "row_id None is missing or repeats"),
+    ({}, "garbage", "report.json: not a qvl filter report"),
+    ({}, '{"settings": 5}', "report.json: not a qvl filter report"),
+    ({}, '{"settings": {}}', "report.json: not a qvl filter report"),
+])
+def test_a_hand_edited_filter_output_is_one_error_naming_it(tmp_path, change, report, message):
+    """The kept rows a download reads are typed and one row per id (else kept + rejected != input)."""
+    (tmp_path / "kept").mkdir()
+    pl.DataFrame({**KEPT, **change}).write_parquet(tmp_path / "kept" / "part-00000.parquet")
+    (tmp_path / "report.json").write_text(report or '{"settings": {"min_side": 1, "max_aspect_ratio": 3}}')
+    with pytest.raises(DownloadError, match=re.escape(message)):
         run_download(tmp_path, tmp_path / "out", SETTINGS, show_progress=False)
 
 
@@ -320,3 +344,79 @@ def test_multi_index_hashing_finds_what_a_full_comparison_finds():
                 a, b = root(i), root(j)
                 parent[max(a, b)] = min(a, b)
     assert found == {i: root(i) for i in range(len(hashes)) if root(i) != i} and found
+
+
+def _peak_bytes(work) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        work()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_many_copies_of_one_picture_group_in_bounded_memory():
+    """4,000 images with one pHash (a popular picture re-encoded) were compared n×n (128 MB here,
+    1 GiB at 12,000); now identical hashes are one group from the start."""
+    import numpy as np
+
+    from qvl.curate.download import near_duplicates
+
+    hashes = np.full(4000, 0x0F0F_1234_5678_9ABC, dtype=np.uint64)
+    hashes[::7] ^= np.uint64(0b11)  # a few copies two bits off: still the same group
+    found = {}
+    peak = _peak_bytes(lambda: found.update(near_duplicates(hashes, 4)))
+    assert found == {i: 0 for i in range(1, 4000)}
+    assert peak < 32 * 2 ** 20, peak
+
+
+def test_distinct_hashes_sharing_a_band_group_in_bounded_memory():
+    """4,000 distinct hashes that agree on one band (and nowhere else) all fall in one bucket:
+    it is split again on its other bits, never compared as one dense matrix."""
+    import numpy as np
+
+    from qvl.curate.download import near_duplicates
+
+    rng = np.random.default_rng(1)
+    hashes = (rng.integers(0, 2 ** 63, 4000, dtype=np.uint64) << np.uint64(13)) | np.uint64(0x1ABC)
+    hashes[1] = hashes[0] ^ np.uint64(1 << 40)  # one real pair among them
+    found = {}
+    peak = _peak_bytes(lambda: found.update(near_duplicates(hashes, 4)))
+    assert found == {1: 0}
+    assert peak < 32 * 2 ** 20, peak
+
+
+def _brute_force_groups(hashes, bits):
+    import numpy as np
+
+    parent = list(range(len(hashes)))
+
+    def root(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+    for i in range(len(hashes)):
+        for j in range(i + 1, len(hashes)):
+            if int(np.bitwise_count(hashes[i] ^ hashes[j])) <= bits:
+                a, b = root(i), root(j)
+                parent[max(a, b)] = min(a, b)
+    return {i: root(i) for i in range(len(hashes)) if root(i) != i}
+
+
+@given(st.lists(st.tuples(st.integers(0, 7), st.sets(st.integers(0, 63), max_size=6)), min_size=1, max_size=80),
+       st.integers(0, 16))
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_near_duplicates_match_a_full_comparison(monkeypatch, records, bits):
+    """Copies, flipped bits, buckets split again and blocks joined: the groups of a full comparison."""
+    import numpy as np
+
+    from qvl.curate import download
+
+    monkeypatch.setattr(download, "_LEAF", 4)  # split every bucket of more than four hashes again
+    monkeypatch.setattr(download, "_BLOCK", 16)  # many small blocks and joins
+    bases = [0x0123_4567_89AB_CDEF, 0xFEDC_BA98_7654_3210, 0x00FF_00FF_00FF_00FF, 0, 1 << 63, 0x5555_5555_5555_5555,
+             0x0F0F_0F0F_0F0F_0F0F, 0x1234_0000_0000_1234]
+    hashes = np.array([bases[b] ^ sum(1 << f for f in flips) for b, flips in records], dtype=np.uint64)
+    assert download.near_duplicates(hashes, bits) == _brute_force_groups(hashes, bits)
