@@ -1,39 +1,26 @@
-"""Adversarial inputs at n times a base size, one function per case (run by bad_input_scaling.py):
-the time and peak memory must grow linearly in n, or not at all."""
+"""Adversarial inputs, one function per case: each runs its case at ``n`` × a base size
+(``bad_input_scaling.py`` times them at 1×, 2×, 4× in fresh processes). Each case once took
+quadratic time or unbounded memory, or its cost followed what a file claimed rather than what
+it holds; time and memory must now grow at most linearly in ``n``, or not at all.
 
-
-"""Adversarial inputs whose cost must grow linearly with their size: one function per case,
-each running the input at n times its base size (`bad_input_scaling.py` times them at 1x, 2x, 4x).
-
-`format sft` / `format multitask` cases (issue #19): turns of ``<img>`` or ``<ref>`` without
-their closers, ``<ref>`` labels without boxes, many boxes after one image, a turn of spaces,
-a caption of megabytes, an image file of gigabytes.
-
-
-"""Adversarial inputs whose cost must not grow with what they claim: one function per case,
-each running the input at n times its base size (`bad_input_scaling.py` times them at 1x, 2x, 4x).
-
-Trainer / `qvl convert` cases (issue #19): a release config.json claiming millions of layers
-(the key map was built before any check: 4.4 GB at 10^6), and a safetensors header listing many
-tensors (read once, linearly, and bounded at 16 MiB).
+Prefixes name the room: ``formats_`` (importers, format sft/multitask), ``eval_``, ``trainer_``
+(convert's claims), ``curate_`` (near-duplicates, recipes).
 """
 
 from __future__ import annotations
 
 import json
-
-
-"""Adversarial inputs at a scale factor ``n``: each function runs one case at n × its base size
-and returns nothing; ``bad_input_scaling.py`` times them at 1×, 2×, 4× (linear is the goal)."""
-
-from __future__ import annotations
-
+import struct
 import tempfile
 from pathlib import Path
 
+from PIL import Image
+
+from qvl.errors import QvlError
+from qvl.formats.build import FormatSettings, run_format
+
 
 def _records(layout: str, files: list[Path]) -> None:
-    from qvl.errors import QvlError
     from qvl.formats import importers
 
     try:
@@ -74,26 +61,6 @@ def formats_importers_grit_chunks(n: int) -> None:
                                  "width": [64], "height": [48],
                                  "noun_chunks": pa.array(chunks, pa.list_(pa.list_(pa.float64())))}), path)
         _records("grit", [path])
-
-
-if __name__ == "__main__":
-    import time
-    import tracemalloc
-
-    for case in (formats_importers_deep_json, formats_importers_escaped_strings, formats_importers_grit_chunks):
-        for n in (1, 2, 4):
-            tracemalloc.start()
-            t = time.perf_counter()
-            case(n)
-            elapsed = time.perf_counter() - t
-            peak = tracemalloc.get_traced_memory()[1]
-            tracemalloc.stop()
-            print(f"{case.__name__} {n}x: {elapsed:.2f} s, peak {peak / 2 ** 20:.1f} MiB")
-
-
-from PIL import Image
-
-from qvl.formats.build import FormatSettings, run_format
 
 
 def _sft(turn: str, model: str = "qwen-vl", max_len: int = 1 << 20, image: bool = False) -> None:
@@ -162,12 +129,6 @@ def formats_image_file_huge(n: int) -> None:
         run_format("multitask", [src], work / "out", work / "images", show_progress=False)
 
 
-"""Adversarial inputs whose cost must grow linearly: one function per case, taking a scale
-factor ``n`` and running the input of size n x base (``bad_input_scaling.py`` times them)."""
-
-from __future__ import annotations
-
-
 def eval_grounding_open_parens(n: int) -> None:
     """An answer of 80 KB x n of ``(``: the paper's ``\\((.*?)\\),\\((.*?)\\)`` tried every ``(``
     against the rest of the line (21 s at 80 KB); the scanner reads it once."""
@@ -191,12 +152,6 @@ def eval_vqa_normalize_parens(n: int) -> None:
     vqa.vqa_accuracy(answer, ["yes"] * 10)
     vqa.gqa_accuracy(answer, ["yes"])
 
-
-import struct
-import tempfile
-from pathlib import Path
-
-from qvl.errors import QvlError
 
 _RELEASE = {"hidden_size": 128, "num_attention_heads": 2, "kv_channels": 64, "num_hidden_layers": 2,
             "intermediate_size": 64, "layer_norm_epsilon": 1e-6, "rotary_emb_base": 10000, "vocab_size": 512,
