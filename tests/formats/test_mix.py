@@ -77,10 +77,10 @@ MIX = {"seed": 0, "tokenizer": "bytes", "image_tokens": 4, "pack_to": 256}
 
 @pytest.mark.parametrize("suffix", [".toml", ".yaml"])
 @pytest.mark.parametrize("change, message", [
-    ({"fraction": math.inf}, "fraction: inf: must be a number from 0 to 1000"),
+    ({"fraction": math.inf}, "fraction: inf: not a finite number"),
     ({"fraction": math.nan}, "fraction: nan"),
     ({"fraction": -0.5}, "fraction: -0.5"),
-    ({"count": 10 ** 30}, "count: 1000000000000000000000000000000: must be from 0"),
+    ({"count": 10 ** 30}, "count: an integer of 100 bits: out of range"),
     ({"count": 3000 * 3}, "asks for more than 1000 copies of each of its 3 records"),
     ({"count": "5"}, "count: '5' is not"),
     ({"name": None}, "missing setting(s) name"),
@@ -99,7 +99,7 @@ def test_a_bad_source_is_one_line_naming_the_file(tmp_path, suffix, change, mess
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"seed": 10 ** 30}, "seed: 1000000000000000000000000000000: must be a 64-bit integer"),
+    ({"seed": 10 ** 30}, "seed: an integer of 100 bits: out of range"),
     ({"image_tokens": 0}, "[mix]: image_tokens: 0"),
     ({"pack_to": -1}, "[mix]: pack_to: -1"),
     ({"colour": "red"}, "unknown setting(s) colour"),
