@@ -3,7 +3,7 @@ of a `qvl format export --to ms-swift` folder, as `swift export --to_cached_data
 run it — its argument parsing, dataset loading (`--dataset_shuffle false` keeps rows in order) and
 `template.encode` (qwen_vl_utils' `fetch_image`, then the processor with `do_resize=False`).
 
-    python run_swift.py EXPORT_DIR MODEL_DIR TEMPLATE OUT.json
+    python run_swift.py JOBS.json   (a list of [EXPORT_DIR, MODEL_DIR, TEMPLATE, OUT.json])
 
 writes [{"input_ids", "labels", "image_grid_thw", "fed_sizes"} | {"error"}] in the export's order.
 """
@@ -46,4 +46,6 @@ def main(export: str, model: str, template: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    with open(sys.argv[1]) as f:
+        for job in json.load(f):  # [[EXPORT_DIR, MODEL_DIR, TEMPLATE, OUT.json, ...], ...]: one import for all
+            main(*job)
