@@ -18,10 +18,11 @@ fi
 SWIFT_SPEC=(ms-swift==4.6.0 qwen-vl-utils==0.0.14 decord==0.6.0)
 LF_SPEC=(llamafactory==0.9.5)
 
-SITE=$("$QVL_PYTHON" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')
-BASE=$("$QVL_PYTHON" -c 'import sys; print(getattr(sys, "_base_executable", sys.executable))')
-TORCH=$("$QVL_PYTHON" -c 'import torch; print(torch.__version__.split("+")[0])')
-VISION=$("$QVL_PYTHON" -c 'import torchvision; print(torchvision.__version__.split("+")[0])')
+# the project's site-packages, base interpreter, torch and torchvision versions (metadata only: no import)
+read -r SITE BASE TORCH VISION < <("$QVL_PYTHON" -c '
+import sys, importlib.metadata as m, importlib.util as u, os
+site = os.path.dirname(os.path.dirname(u.find_spec("torch").origin))
+print(site, getattr(sys, "_base_executable", sys.executable), *(m.version(p).split("+")[0] for p in ("torch", "torchvision")))')
 mkdir -p "$CACHE/torch-site"
 export PIP_CACHE_DIR=$CACHE/pip-cache PIP_DISABLE_PIP_VERSION_CHECK=1
 

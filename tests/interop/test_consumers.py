@@ -89,8 +89,8 @@ KNOWN: dict[tuple[str, str, str, str], str] = {
     **{("ids", tool, model, "newline_turn"): NEWLINE for tool in TOOLS for model in MODELS},
     **{("grids", tool, model, sample): SHORT_SIDE for tool in TOOLS for model in MODELS
        for sample in ("box_wide", "box_tall", "box_strip")},
-    **{("boxes", tool, "qwen2.5-vl", sample): SHORT_SIDE for tool in TOOLS for sample in ("box_wide", "box_tall",
-                                                                                         "box_strip")},
+    **{(check, tool, "qwen2.5-vl", sample): SHORT_SIDE for check in ("boxes", "bounds") for tool in TOOLS
+       for sample in ("box_wide", "box_tall", "box_strip")},
 }
 
 
@@ -285,3 +285,42 @@ def test_export_is_portable(world, tool):
     _, exported, _ = world["exports"][tool, "qwen2.5-vl"]
     paths = [p for r in exported for p in r["images"]]
     assert paths and not any(Path(p).is_absolute() for p in paths)
+
+
+# Other bounds than the tools' defaults, set in the tool the way export.json says (ms-swift:
+# MAX_PIXELS/MIN_PIXELS in its environment; LLaMA-Factory: image_max_pixels/image_min_pixels).
+BOUNDS = {"ms-swift": ExportSettings(target="ms-swift", model="qwen2.5-vl", max_image_pixels=200_000),
+          "llamafactory": ExportSettings(target="llamafactory", model="qwen2.5-vl", tool_max_pixels=256 * 256)}
+
+
+@pytest.fixture(scope="module")
+def bounded(world):
+    root = world["root"]
+    src = root / "records.jsonl"
+    out = {}
+    for tool, settings in BOUNDS.items():
+        folder = root / f"bounds-{tool}"
+        folder.mkdir()
+        report = run_export([src], folder / "export", root / "img", settings=settings, show_progress=False)
+        resize = report["resize"]
+        env, extra = {}, []
+        if tool == "ms-swift":
+            env = {"MAX_PIXELS": str(resize["max_pixels"]), "MIN_PIXELS": str(resize["min_pixels"])}
+        else:
+            extra = [f"image_max_pixels={resize['image_max_pixels']}", f"image_min_pixels={resize['image_min_pixels']}"]
+        run_consumer(tool, [[str(folder / "export"), str(world["models"]["qwen2.5-vl"]), TEMPLATES[tool, "qwen2.5-vl"],
+                             str(folder / "out.json"), *extra]], folder, env)
+        exported = [json.loads(line) for line in (folder / "export" / "data.jsonl").read_text().splitlines()]
+        out[tool] = (exported, json.loads((folder / "out.json").read_text()))
+    return out
+
+
+@pytest.mark.parametrize("tool,model,sample_id", cases("bounds", BOXED, ("qwen2.5-vl",)))
+def test_box_placement_with_the_bounds_export_json_names(world, bounded, tool, model, sample_id):
+    """Exported for other bounds, run with the settings export.json names: the boxes still land."""
+    exported, results = bounded[tool]
+    order = [r["id"] for r in exported]
+    got = results[order.index(sample_id)]
+    fed = [tuple(s) for s in got["fed_sizes"]]
+    assumed = qvl_sizes(tool, model, world["root"] / "img", world["refs"][sample_id], BOUNDS[tool])
+    assert fed == assumed, f"boxes computed for {assumed}, {tool} feeds {fed}"
