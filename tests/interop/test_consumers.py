@@ -69,11 +69,14 @@ RECORDS = [
     *[conversation(f"box_{name.split('.')[0]}", f"<img>{name}</img>\nWhere is the thing?", BOX)
       for name in ("tiny.png", "wide.png", "tall.png", "strip.png", "exif.jpg", "grey.png", "big.jpg")],
     conversation("newline_turn", "<img>photo.png</img>\nWhat is it?", "Noise.", "\nAnd in one word?", "Noise."),
+    conversation("answer_newline", "<img>photo.png</img>\nWhat is it?", "\nNoise."),
     conversation("nfd", "<img>photo.png</img>\nCafe\u0301 au lait?", "Cafe\u0301."),
     conversation("text_only", "Hello, who are you?", "A helpful assistant."),
     {"id": "system", "messages": [{"role": "system", "content": "Be brief."},
                                   {"role": "user", "content": "<image>\nWhat is it?"},
                                   {"role": "assistant", "content": "Grey noise."}], "images": ["grey.png"]},
+    {"id": "system_newline", "messages": [{"role": "system", "content": "\nBe brief."},
+                                          {"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hi."}]},
 ]
 SAMPLES = [r["id"] for r in RECORDS]
 BOXED = [r["id"] for r in RECORDS if "<box>" in json.dumps(r)]
@@ -83,10 +86,12 @@ BOXED = [r["id"] for r in RECORDS if "<box>" in json.dumps(r)]
 SHORT_SIDE = ("a side under 28 px: ms-swift resizes with qwen_vl_utils.fetch_image (max(28, round(x/28)*28)), "
               "LLaMA-Factory's Qwen2VLPlugin._preprocess_image stretches the side to 28; qvl's smart_resize "
               "rounds it to 0 and grows the area to min_pixels")
-NEWLINE = ("a user turn starting with '\\n': the template's whole string tokenizes 'user\\n\\n' as 271; "
-           "qvl tokenizes the role line and the content apart (198, 198)")
+NEWLINE = ("a user/system turn starting with '\\n': the template's whole string tokenizes 'user\\n\\n' as 271; "
+           "qvl tokenizes the role line and the content apart (198, 198); an answer starting with '\\n' is split "
+           "from its prompt by the trainers too, and agrees")
 KNOWN: dict[tuple[str, str, str, str], str] = {
-    **{("ids", tool, model, "newline_turn"): NEWLINE for tool in TOOLS for model in MODELS},
+    **{("ids", tool, model, sample): NEWLINE for tool in TOOLS for model in MODELS
+       for sample in ("newline_turn", "system_newline")},
     **{("grids", tool, model, sample): SHORT_SIDE for tool in TOOLS for model in MODELS
        for sample in ("box_wide", "box_tall", "box_strip")},
     **{(check, tool, "qwen2.5-vl", sample): SHORT_SIDE for check in ("boxes", "bounds") for tool in TOOLS
@@ -191,6 +196,9 @@ def collapse(ids: list[int], labels: list[int]) -> tuple[list[int], list[int], l
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+    if MISSING:  # only reached with QVL_INTEROP set
+        pytest.fail(f"QVL_INTEROP is set but the consumer envs are absent ({', '.join(MISSING)}): "
+                    "run tests/interop/setup_consumers.sh")
     root = tmp_path_factory.mktemp("interop")
     make_images(root / "img")
     src = root / "records.jsonl"
