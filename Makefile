@@ -23,7 +23,7 @@ test: venv
 
 # ms-swift's and LLaMA-Factory's own preprocessing on qvl's exports (tests/interop): their venvs
 # go to $(QVL_INTEROP_DIR) (default .interop/; ~6.5 min to install the first time, seconds after),
-# the tests take ~3 min on 2 cores, so they are not part of `make test`.
+# the tests take 3-4 min on 2 cores (3 models x 2 tools), so they are not part of `make test`.
 interop: venv
 	QVL_PYTHON=$(abspath $(PY)) tests/interop/setup_consumers.sh
 	QVL_INTEROP=1 $(PY) -m pytest -q tests/interop

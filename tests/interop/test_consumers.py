@@ -41,10 +41,17 @@ pytestmark = pytest.mark.skipif(
     reason=f"consumer envs absent ({', '.join(MISSING)}): run tests/interop/setup_consumers.sh or `make interop`")
 
 TOOLS = ("ms-swift", "llamafactory")
-MODELS = ("qwen2-vl", "qwen2.5-vl")
+MODELS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+# the template a user names for each (a local folder gives ms-swift no way to choose): LLaMA-Factory
+# has one qwen2_vl template for Qwen2/2.5-VL, and qwen3_vl_nothink for Qwen3-VL-Instruct
 TEMPLATES = {("ms-swift", "qwen2-vl"): "qwen2_vl", ("ms-swift", "qwen2.5-vl"): "qwen2_5_vl",
-             ("llamafactory", "qwen2-vl"): "qwen2_vl", ("llamafactory", "qwen2.5-vl"): "qwen2_vl"}
-CONFIGS = {"qwen2-vl": "Qwen2VLConfig", "qwen2.5-vl": "Qwen2_5_VLConfig"}
+             ("ms-swift", "qwen3-vl"): "qwen3_vl", ("llamafactory", "qwen2-vl"): "qwen2_vl",
+             ("llamafactory", "qwen2.5-vl"): "qwen2_vl", ("llamafactory", "qwen3-vl"): "qwen3_vl_nothink"}
+CONFIGS = {"qwen2-vl": "Qwen2VLConfig", "qwen2.5-vl": "Qwen2_5_VLConfig", "qwen3-vl": "Qwen3VLConfig"}
+VISION = {"qwen2-vl": dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2),
+          "qwen2.5-vl": dict(depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2),
+          "qwen3-vl": dict(depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2,
+                           deepstack_visual_indexes=[0])}
 IMAGE_PAD = 151655
 
 # name: (width, height, mode) as stored; exif.jpg says "rotate 90°" (Orientation 6)
@@ -83,9 +90,10 @@ BOXED = [r["id"] for r in RECORDS if "<box>" in json.dumps(r)]
 
 # What the consumers do differently today, per (tool, model, sample): each such comparison is
 # an xfail(strict=True) naming the cause, so it flips to a failure when export.py is fixed.
-SHORT_SIDE = ("a side under 28 px: ms-swift resizes with qwen_vl_utils.fetch_image (max(28, round(x/28)*28)), "
-              "LLaMA-Factory's Qwen2VLPlugin._preprocess_image stretches the side to 28; qvl's smart_resize "
-              "rounds it to 0 and grows the area to min_pixels")
+SHORT_SIDE = ("a side under 28 px: ms-swift resizes with qwen_vl_utils.fetch_image (max(factor, round(x/factor)"
+              "*factor)), LLaMA-Factory's Qwen2VLPlugin._preprocess_image stretches the side to 28 px; the export "
+              "sizes the raw image with the processor's smart_resize (that side rounds to 0, the area grows to "
+              "min_pixels)")
 NEWLINE = ("a user/system turn starting with '\\n': the template's whole string tokenizes 'user\\n\\n' as 271; "
            "qvl tokenizes the role line and the content apart (198, 198); an answer starting with '\\n' is split "
            "from its prompt by the trainers too, and agrees")
@@ -93,7 +101,8 @@ KNOWN: dict[tuple[str, str, str, str], str] = {
     **{("ids", tool, model, sample): NEWLINE for tool in TOOLS for model in MODELS
        for sample in ("newline_turn", "system_newline")},
     **{("grids", tool, model, sample): SHORT_SIDE for tool in TOOLS for model in MODELS
-       for sample in ("box_wide", "box_tall", "box_strip")},
+       for sample in ("box_wide", "box_tall", "box_strip")
+       if (tool, model) != ("ms-swift", "qwen3-vl")},  # there min_pixels (65536) grows both alike
     **{(check, tool, "qwen2.5-vl", sample): SHORT_SIDE for check in ("boxes", "bounds") for tool in TOOLS
        for sample in ("box_wide", "box_tall", "box_strip")},
 }
@@ -142,10 +151,8 @@ def model_folder(name: str, folder: Path) -> Path:
 
     reference_processor(name, folder)
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=1, vocab_size=151936)
-    vision = dict(depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2) \
-        if name == "qwen2.5-vl" else dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2)
-    getattr(transformers, CONFIGS[name])(text_config=text, vision_config=vision).save_pretrained(folder)
+                num_key_value_heads=1, vocab_size=151936, head_dim=32)
+    getattr(transformers, CONFIGS[name])(text_config=text, vision_config=VISION[name]).save_pretrained(folder)
     return folder
 
 
@@ -153,6 +160,7 @@ def run_consumer(tool: str, jobs: list[list[str]], folder: Path, env: dict | Non
     """Run ``tool``'s runner over ``jobs`` in its own venv; the time it took."""
     if not PYTHONS[tool].exists():
         pytest.fail(f"QVL_INTEROP is set but {PYTHONS[tool]} is absent: run tests/interop/setup_consumers.sh")
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{tool}-jobs.json").write_text(json.dumps(jobs))
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "MAX_PIXELS",
                                                                        "MIN_PIXELS", "IMAGE_M"))}
@@ -207,7 +215,7 @@ def world(tmp_path_factory):
     import datasets
 
     folders = {"ms-swift": root / "img", "llamafactory": tool_images(root / "img", root / "img-llamafactory")}
-    qvl, exports, jobs, refs = {}, {}, {t: [] for t in TOOLS}, {}
+    qvl, exports, jobs, refs = {}, {}, {}, {}
     for model in MODELS:
         for tool in TOOLS:
             out = root / f"sft-{tool}-{model}"
@@ -220,8 +228,21 @@ def world(tmp_path_factory):
             report = run_export([src], out, root / "img", settings=settings, show_progress=False)
             exported = [json.loads(line) for line in (out / "data.jsonl").read_text(encoding="utf-8").splitlines()]
             exports[tool, model] = (report, exported, settings)
-            jobs[tool].append([str(out), str(models[model]), TEMPLATES[tool, model], str(root / f"{tool}-{model}.json")])
-    timings = {tool: run_consumer(tool, jobs[tool], root) for tool in TOOLS}
+            # each tool set the way export.json says: ms-swift reads its bounds from the environment
+            # (one process per setting), LLaMA-Factory from its arguments
+            resize = report["resize"]
+            if tool == "ms-swift":
+                setting = (("MAX_PIXELS", str(resize["max_pixels"])), ("MIN_PIXELS", str(resize["min_pixels"])))
+                extra = []
+            else:
+                setting = ()
+                extra = [f"image_max_pixels={resize['image_max_pixels']}",
+                         f"image_min_pixels={resize['image_min_pixels']}"]
+            jobs[tool, setting] = jobs.get((tool, setting), []) + [
+                [str(out), str(models[model]), TEMPLATES[tool, model], str(root / f"{tool}-{model}.json"), *extra]]
+    timings = dict.fromkeys(TOOLS, 0.0)
+    for i, ((tool, setting), group) in enumerate(jobs.items()):
+        timings[tool] += run_consumer(tool, group, root / "work" / str(i), dict(setting))
     results = {(tool, model): json.loads((root / f"{tool}-{model}.json").read_text())
                for tool in TOOLS for model in MODELS}
     refs = {r["id"]: [m.group(0)[5:-6] for m in __import__("re").finditer(r"<img>.*?</img>", json.dumps(r))]
