@@ -79,9 +79,10 @@ def test_ms_swift_records_give_the_ids_qvl_renders(data, tmp_path, name):
         assert report["samples"] == len(exported) == len(rows) and report["rejected"] == 0
         for record in exported:
             messages, n = hf_messages(record)
-            assert n == len(record["images"]) and all(Path(p).is_absolute() and Path(p).is_file()
+            folder = tmp_path / f"swift-{kind}"
+            assert n == len(record["images"]) and all(not Path(p).is_absolute() and (folder / p).is_file()
                                                       for p in record["images"])
-            pictures = [Image.open(p).convert("RGB") for p in record["images"]]
+            pictures = [Image.open(folder / p).convert("RGB") for p in record["images"]]
             text = processor.apply_chat_template(messages, tokenize=False)
             ids = processor(text=[text], images=pictures)["input_ids"][0]
             assert list(ids) == rows[record["id"]], (name, record["id"], record["messages"])
@@ -101,7 +102,7 @@ def test_llamafactory_boxes_follow_its_pre_resize(data, tmp_path):
                         settings=ExportSettings(target="llamafactory", model="qwen2.5-vl"))
     assert report["resize"]["image_max_pixels"] == 768 * 768
     record = json.loads((tmp_path / "lf" / "data.jsonl").read_text().splitlines()[0])
-    image = Image.open(record["images"][0])
+    image = Image.open(tmp_path / "lf" / record["images"][0])
     width, height = tool_resize(image.width, image.height, 768 * 768, 32 * 32)
     assert (width, height) == (940, 627)  # LLaMA-Factory's _preprocess_image: sides * sqrt(max / area), truncated
     processor = reference_processor("qwen2.5-vl", tmp_path / "processor")
@@ -145,8 +146,10 @@ def test_every_record_written_or_rejected_with_its_reason(data, tmp_path):
     rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert sorted(r["line"] for r in rejects) == [3, 4, 5, 6, 7, 8, 9, 10]
     written = [json.loads(line) for line in (tmp_path / "out" / "data.jsonl").read_text().splitlines()]
-    web = Path(written[1]["images"][0])
-    assert web.parent == (tmp_path / "out" / "images").resolve() and web.read_bytes() == (tmp_path / "cat.png").read_bytes()
+    web, local = Path(written[1]["images"][0]), Path(written[0]["images"][0])
+    assert web.parent == Path("images/web") and (tmp_path / "out" / web).read_bytes() == (tmp_path / "cat.png").read_bytes()
+    assert local == Path("images/local/cat.png") and (tmp_path / "out" / local).read_bytes() == \
+        (data / "img" / "cat.png").read_bytes()
     assert written[0]["messages"] == [{"role": "user", "content": "<image>Generate the caption in English:"},
                                       {"role": "assistant", "content": "a cat"}]  # Qwen3-VL: no default system
 
