@@ -1,7 +1,8 @@
 """Runs in ms-swift's own virtualenv (tests/interop/setup_consumers.sh): ms-swift's preprocessing
 of a `qvl format export --to ms-swift` folder, as `swift export --to_cached_dataset` and training
 run it — its argument parsing, dataset loading (`--dataset_shuffle false` keeps rows in order) and
-`template.encode` (qwen_vl_utils' `fetch_image`, then the processor with `do_resize=False`).
+`template.encode` (qwen_vl_utils' `fetch_image`, then the processor with `do_resize=False`), with
+ROOT_IMAGE_DIR set to the export folder as its swift.env says.
 
     python run_swift.py JOBS.json   (a list of [EXPORT_DIR, MODEL_DIR, TEMPLATE, OUT.json])
 
@@ -16,6 +17,9 @@ import tempfile
 
 def main(export: str, model: str, template: str, out: str) -> None:
     os.environ.setdefault("MODELSCOPE_CACHE", tempfile.mkdtemp())
+    # data.jsonl's image paths are relative to the export: ms-swift resolves them under ROOT_IMAGE_DIR,
+    # which swift.env sets (read at each image, so one process serves several exports)
+    os.environ["ROOT_IMAGE_DIR"] = os.path.abspath(export)
     from swift.pipelines.export.cached_dataset import ExportCachedDataset
 
     work = os.path.join(tempfile.mkdtemp(), "cached")

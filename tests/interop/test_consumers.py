@@ -26,8 +26,7 @@ from PIL import Image
 
 from qvl.formats import families
 from qvl.formats.build import FormatSettings, run_format
-from qvl.formats.export import LLAMAFACTORY_MAX_PIXELS, LLAMAFACTORY_MIN_PIXELS, ExportSettings, run_export, \
-    tool_resize
+from qvl.formats.export import ExportSettings, fed_size, run_export, tool_bounds, tool_resize
 from qvl.formats.families import reference_processor
 
 HERE = Path(__file__).resolve().parent
@@ -88,24 +87,11 @@ RECORDS = [
 SAMPLES = [r["id"] for r in RECORDS]
 BOXED = [r["id"] for r in RECORDS if "<box>" in json.dumps(r)]
 
-# What the consumers do differently today, per (tool, model, sample): each such comparison is
-# an xfail(strict=True) naming the cause, so it flips to a failure when export.py is fixed.
-SHORT_SIDE = ("a side under 28 px: ms-swift resizes with qwen_vl_utils.fetch_image (max(factor, round(x/factor)"
-              "*factor)), LLaMA-Factory's Qwen2VLPlugin._preprocess_image stretches the side to 28 px; the export "
-              "sizes the raw image with the processor's smart_resize (that side rounds to 0, the area grows to "
-              "min_pixels)")
-NEWLINE = ("a user/system turn starting with '\\n': the template's whole string tokenizes 'user\\n\\n' as 271; "
-           "qvl tokenizes the role line and the content apart (198, 198); an answer starting with '\\n' is split "
-           "from its prompt by the trainers too, and agrees")
-KNOWN: dict[tuple[str, str, str, str], str] = {
-    **{("ids", tool, model, sample): NEWLINE for tool in TOOLS for model in MODELS
-       for sample in ("newline_turn", "system_newline")},
-    **{("grids", tool, model, sample): SHORT_SIDE for tool in TOOLS for model in MODELS
-       for sample in ("box_wide", "box_tall", "box_strip")
-       if (tool, model) != ("ms-swift", "qwen3-vl")},  # there min_pixels (65536) grows both alike
-    **{(check, tool, "qwen2.5-vl", sample): SHORT_SIDE for check in ("boxes", "bounds") for tool in TOOLS
-       for sample in ("box_wide", "box_tall", "box_strip")},
-}
+# What the consumers do differently today, per (check, tool, model, sample): each such comparison is
+# an xfail(strict=True) naming the cause, so it flips to a failure when it is fixed. None today: the
+# export sizes images the way each tool does (ms-swift's qwen_vl_utils resize, LLaMA-Factory's 28-px
+# stretch) and `qvl format sft --model` tokenizes a turn's header with its content.
+KNOWN: dict[tuple[str, str, str, str], str] = {}
 
 
 def known(check: str, tool: str, model: str, sample: str) -> list:
@@ -119,13 +105,20 @@ def cases(check: str, samples=SAMPLES, models=MODELS):
             for tool in TOOLS for model in models for sample in samples]
 
 
-def tool_images(images: Path, folder: Path) -> Path:
-    """``images`` as LLaMA-Factory's `BasePlugin._preprocess_image` hands them on (shrunk to
-    image_max_pixels, grown to image_min_pixels): what `qvl format sft` renders for that tool."""
+def tool_images(images: Path, folder: Path, settings: ExportSettings) -> Path:
+    """``images`` as the tool hands them to the processor: ms-swift resized by qwen_vl_utils'
+    `fetch_image` (the processor then takes them as they are), LLaMA-Factory pre-resized by its
+    plugin's `_preprocess_image` (shrunk to image_max_pixels, grown to image_min_pixels, a side
+    under 28 px stretched): what `qvl format sft` renders for that tool."""
     folder.mkdir(parents=True, exist_ok=True)
+    fam = families.family(settings.model)
+    bounds = tool_bounds(settings, fam)
     for path in images.iterdir():
         image = Image.open(path)
-        size = tool_resize(*image.size, LLAMAFACTORY_MAX_PIXELS, LLAMAFACTORY_MIN_PIXELS)
+        if settings.target == "ms-swift":
+            size = fed_size(bounds, fam, *image.size)
+        else:
+            size = tool_resize(*image.size, bounds.max_pixels, bounds.min_pixels)
         image.resize(size).save(folder / path.name) if size != image.size else shutil.copy(path, folder)
     return folder
 
@@ -178,14 +171,14 @@ def run_consumer(tool: str, jobs: list[list[str]], folder: Path, env: dict | Non
 def qvl_sizes(tool: str, model: str, images: Path, refs: list[str], settings: ExportSettings) -> list[tuple[int, int]]:
     """The size the export computed each image's boxes for: what it says the tool feeds the model."""
     fam = families.family(model)
-    out = []
-    for ref in refs:
-        width, height = Image.open(images / ref).size
-        if tool == "llamafactory":
-            width, height = tool_resize(width, height, settings.tool_max_pixels, settings.tool_min_pixels)
-        out.append(families.image_tokens(fam, width, height, settings.min_image_pixels,
-                                         settings.max_image_pixels)[1])
-    return out
+    bounds = tool_bounds(settings, fam)
+    return [fed_size(bounds, fam, *Image.open(images / ref).size) for ref in refs]
+
+
+def box_of(fed: tuple[int, int]) -> list[int]:
+    """BOX's (400,0),(500,999) in pixels of an image fed at ``fed``: where its bbox_2d must be."""
+    width, height = fed
+    return [round(400 / 1000 * width), 0, round(500 / 1000 * width), round(999 / 1000 * height)]
 
 
 def collapse(ids: list[int], labels: list[int]) -> tuple[list[int], list[int], list[int]]:
@@ -214,12 +207,12 @@ def world(tmp_path_factory):
     models = {m: model_folder(m, root / "models" / m) for m in MODELS}
     import datasets
 
-    folders = {"ms-swift": root / "img", "llamafactory": tool_images(root / "img", root / "img-llamafactory")}
     qvl, exports, jobs, refs = {}, {}, {}, {}
     for model in MODELS:
         for tool in TOOLS:
             out = root / f"sft-{tool}-{model}"
-            run_format("sft", [src], out, folders[tool], show_progress=False,
+            folder = tool_images(root / "img", root / f"img-{tool}-{model}", ExportSettings(target=tool, model=model))
+            run_format("sft", [src], out, folder, show_progress=False,
                        settings=FormatSettings(model=model, max_len=100_000))
             qvl[tool, model] = {r["id"]: r for r in datasets.load_from_disk(str(out)).with_format(None)}
         for tool in TOOLS:
@@ -304,16 +297,56 @@ def test_box_placement(world, tool, model, sample_id):
     fed = [tuple(s) for s in got["fed_sizes"]]
     assumed = qvl_sizes(tool, model, world["root"] / "img", refs, settings)
     assert fed == assumed, f"boxes computed for {assumed}, {tool} feeds {fed}"
+    if sample_id.startswith("box_"):  # BOX, one image: the bbox_2d written are BOX in pixels of what the tool feeds
+        assert json.loads(record["messages"][-1]["content"])["bbox_2d"] == box_of(fed[0])
 
 
-@pytest.mark.xfail(strict=True, reason="data.jsonl holds absolute image paths: the export cannot move")
+@pytest.fixture(scope="module")
+def moved(world):
+    """Qwen2.5-VL exports moved to another folder after they were written (the folder they were
+    written to gone), each loaded there by its tool: ms-swift with ROOT_IMAGE_DIR at the new
+    place (swift.env says to set it so), LLaMA-Factory with dataset_dir at the new place."""
+    root = world["root"]
+    out = {}
+    for tool in TOOLS:
+        written = root / f"portable-{tool}" / "export"
+        settings = ExportSettings(target=tool, model="qwen2.5-vl")
+        run_export([root / "records.jsonl"], written, root / "img", settings=settings, show_progress=False)
+        there = root / f"elsewhere-{tool}" / "renamed"
+        there.parent.mkdir()
+        shutil.move(str(written), there)
+        shutil.rmtree(written.parent)
+        resize = json.loads((there / "export.json").read_text())["resize"]
+        env, extra = {}, []
+        if tool == "ms-swift":
+            env = {"MAX_PIXELS": str(resize["max_pixels"]), "MIN_PIXELS": str(resize["min_pixels"])}
+        else:
+            extra = [f"image_max_pixels={resize['image_max_pixels']}", f"image_min_pixels={resize['image_min_pixels']}"]
+        run_consumer(tool, [[str(there), str(world["models"]["qwen2.5-vl"]), TEMPLATES[tool, "qwen2.5-vl"],
+                             str(root / f"elsewhere-{tool}" / "out.json"), *extra]], root / f"elsewhere-{tool}", env)
+        exported = [json.loads(line) for line in (there / "data.jsonl").read_text(encoding="utf-8").splitlines()]
+        out[tool] = (there, exported, json.loads((root / f"elsewhere-{tool}" / "out.json").read_text()))
+    return out
+
+
 @pytest.mark.parametrize("tool", TOOLS)
-def test_export_is_portable(world, tool):
-    """Every image path resolves relative to the export folder (LLaMA-Factory's media_dir defaults
-    to its dataset_dir; ms-swift takes a relative path from its working directory)."""
-    _, exported, _ = world["exports"][tool, "qwen2.5-vl"]
+def test_export_is_portable(world, moved, tool):
+    """Every image path is relative to the export folder (LLaMA-Factory's media_dir defaults to
+    its dataset_dir; ms-swift resolves it under ROOT_IMAGE_DIR), so a moved export loads in the
+    tool, every record, with the same ids and grids as where it was written."""
+    there, exported, results = moved[tool]
     paths = [p for r in exported for p in r["images"]]
     assert paths and not any(Path(p).is_absolute() for p in paths)
+    assert all((there / p).is_file() for p in paths)
+    assert [r.get("error") for r in results] == [None] * len(exported)
+    assert results == world["results"][tool, "qwen2.5-vl"]
+    snippet = (there / ("swift.env" if tool == "ms-swift" else "llamafactory.yaml")).read_text()
+    resize = json.loads((there / "export.json").read_text())["resize"]
+    if tool == "ms-swift":
+        assert f"MAX_PIXELS={resize['max_pixels']}\n" in snippet and f"MIN_PIXELS={resize['min_pixels']}\n" in snippet
+    else:
+        assert f"image_max_pixels: {resize['image_max_pixels']}\n" in snippet
+        assert f"image_min_pixels: {resize['image_min_pixels']}\n" in snippet
 
 
 # Other bounds than the tools' defaults, set in the tool the way export.json says (ms-swift:
