@@ -1,10 +1,12 @@
 """`qvl format export` through its real consumers: ms-swift 4.6.0 and LLaMA-Factory 0.9.5, each
 in its own virtualenv (`tests/interop/setup_consumers.sh`, `make interop`), run their own
 preprocessing on qvl's exports (`run_swift.py`, `run_llamafactory.py`), and every sample is
-compared with qvl's own rendering of the same record (`qvl format sft --model …`; for LLaMA-Factory, of the images as its plugin pre-resizes them): input ids and
-labels (each image's pad run taken as one token), image-pad counts, `image_grid_thw`, and — for
-Qwen2.5-VL's pixel boxes — the size the boxes were computed for against the size the tool feeds
-the model.
+compared with qvl's own rendering of the same record (`qvl format sft --model …` of the images as
+the tool hands them to the processor: for ms-swift resized by qwen_vl_utils' `fetch_image`, for
+LLaMA-Factory pre-resized by its plugin): input ids and labels (each image's pad run taken as one
+token), image-pad counts, `image_grid_thw`, and — for Qwen2.5-VL's pixel boxes — the size the
+boxes were computed for against the size the tool feeds the model, and the `bbox_2d` written
+against the box in pixels of that size. An export moved to another folder loads in both tools.
 
 Skipped when the consumers' environments are absent, unless QVL_INTEROP is set (then their
 absence fails). QVL_INTEROP_DIR: where setup_consumers.sh put them (default .interop/).
