@@ -373,8 +373,8 @@ def format_sft(
 
 @format_app.command("export")
 def format_export(
-    out: Annotated[Path, typer.Option("--out", "-o")],
     to: Annotated[str, typer.Option("--to", help="ms-swift or llamafactory")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o")] = None,
     files: Annotated[Optional[list[Path]], typer.Argument(help="the published files, with --from")] = None,
     inputs: Annotated[list[Path], typer.Option("--input", "-i", help="conversations or annotations (.jsonl, .json, "
                                                                       "curated .parquet)")] = [],
@@ -387,15 +387,52 @@ def format_export(
     model: Annotated[str, typer.Option(help="the model the boxes and template are for")] = "qwen2.5-vl",
     min_image_pixels: MinImagePixelsOpt = None,
     max_image_pixels: MaxImagePixelsOpt = None,
-    tool_max_pixels: Annotated[int, typer.Option(help="--to llamafactory: its image_max_pixels")] = 768 * 768,
-    tool_min_pixels: Annotated[int, typer.Option(help="--to llamafactory: its image_min_pixels")] = 32 * 32,
+    tool_max_pixels: Annotated[Optional[int], typer.Option(
+        help="--to llamafactory: its image_max_pixels (default 589824); with --check: the tool's max bound as it will "
+             "run (ms-swift: MAX_PIXELS, default: the environment's)")] = None,
+    tool_min_pixels: Annotated[Optional[int], typer.Option(
+        help="--to llamafactory: its image_min_pixels (default 1024); with --check: the tool's min bound as it will "
+             "run (ms-swift: MIN_PIXELS, default: the environment's)")] = None,
     max_pixels: MaxPixelsOpt = 64_000_000,
+    check: Annotated[Optional[Path], typer.Option(
+        "--check", help="an export folder: re-derive every record's image size the way --to will run and report "
+                        "each record whose boxes would move (exit 1 if any)")] = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> None:
     """Write conversations and annotations as ms-swift's or LLaMA-Factory's JSON dataset, the
-    template's text and boxes already in --model's convention for the resize that tool applies."""
-    from qvl.formats.export import ExportSettings, run_export
+    template's text and boxes already in --model's convention for the resize that tool applies;
+    or, with --check DIR, check an export against the bounds the tool will run with."""
+    from qvl.formats.export import LLAMAFACTORY_MAX_PIXELS, LLAMAFACTORY_MIN_PIXELS, ExportSettings, run_check, \
+        run_export
+
+    if check is not None:
+        try:
+            result = run_check(check, to, tool_min_pixels, tool_max_pixels)
+        except (ValueError, OSError) as e:
+            _fail(str(e))
+        if "note" in result:
+            console.print(result["note"])
+            return
+        console.print(f"{result['records']:,} records, {result['images']:,} images of {check} for {to} "
+                      f"({result['model']}): exported for {result['exported_for']}, checked with {result['run_with']}")
+        for item in result["moved"]:
+            console.print(f"[red]boxes move[/]: {escape(str(item['id']))} ({escape(item['image'])}): boxes computed for "
+                          f"{item['boxes_for']}, {to} feeds {tuple(item['fed'])}", highlight=False)
+        for item in result["refused"]:
+            console.print(f"[red]refused[/]: {escape(str(item['id']))} ({escape(item['image'])}): "
+                          f"{escape(item['reason'])}", highlight=False)
+        if not result["ok"]:
+            console.print(f"[red]{len(result['moved'])} record(s) with boxes that would move, {len(result['refused'])} "
+                          f"image(s) {to} would refuse[/]: set {to} as export.json says, or export again")
+            raise typer.Exit(1)
+        console.print(f"[green]ok[/]: every box lands where it was computed ({result['resized']} image(s) "
+                      "resized otherwise, without pixel boxes)")
+        return
+    if out is None:
+        _fail("give --out (or --check DIR)")
+    tool_max_pixels = LLAMAFACTORY_MAX_PIXELS if tool_max_pixels is None else tool_max_pixels
+    tool_min_pixels = LLAMAFACTORY_MIN_PIXELS if tool_min_pixels is None else tool_min_pixels
 
     paths = [*inputs, *(files or [])]
     if not paths:

@@ -169,7 +169,11 @@ def render(conv: Conversation, sample_id: str, tok: Tokenizer, image_tokens, mod
 def _render_family(conv: Conversation, sample_id: str, tok: Tokenizer, image_tokens, model: Family,
                    resized_of) -> Plan:
     """A newer family's template: its default system message (none for Qwen3-VL), its image
-    and box conventions; only the assistant's content, ``<|im_end|>`` and newline take the loss."""
+    and box conventions; only the assistant's content, ``<|im_end|>`` and newline take the loss.
+    A system or user turn is tokenized as the template's whole string is: ``{role}\\n{content}``
+    as one text (a content that starts with a newline joins the role's: ``\\n\\n`` is one token);
+    an assistant turn's header and answer apart, where the trainers (ms-swift, LLaMA-Factory)
+    split prompt from answer."""
     plan = Plan(sample_id, "sft", conv.source)
     im_start, im_end = array("i", [tok.special("<|im_start|>")]), array("i", [tok.special("<|im_end|>")])
     newline = tok.fixed("\n")
@@ -179,9 +183,13 @@ def _render_family(conv: Conversation, sample_id: str, tok: Tokenizer, image_tok
     for role, content in turns:
         answer = role == "assistant"
         plan.ids(im_start, False)
-        plan.ids(tok.fixed(role), False)
-        plan.ids(newline, False)
-        plan.content(families.convert(content, model, resized_of, last_image), answer, tok, image_tokens)
+        converted = families.convert(content, model, resized_of, last_image)
+        if answer:  # the trainers split the prompt from the answer here: header and answer apart
+            plan.ids(tok.fixed(role), False)
+            plan.ids(newline, False)
+            plan.content(converted, True, tok, image_tokens)
+        else:  # one text with its header, as the template's string tokenizes ("user\n\nHi": 271 for "\n\n")
+            plan.content(f"{role}\n{converted}", False, tok, image_tokens)
         last_image = plan.images[-1] if plan.images else last_image
         plan.ids(im_end, answer)
         plan.ids(newline, answer)

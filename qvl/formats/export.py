@@ -5,10 +5,28 @@ The text is rendered by the same code as ``qvl format`` (``families.convert`` fo
 conversations, the multitask renderers for annotations), so boxes are already in the
 target model's convention: token boxes 0-1000 for Qwen2-VL, JSON ``bbox_2d`` in pixels of the
 *resized* image for Qwen2.5-VL, JSON 0-1000 for Qwen3-VL. The resize is the one the target
-tool will apply: ms-swift hands the image to the model's processor (``smart_resize`` within
-``MAX_PIXELS``/``MIN_PIXELS``); LLaMA-Factory first shrinks it to ``image_max_pixels``
-(768×768 by default) and grows it to ``image_min_pixels``, then the processor resizes. Set
-the same bounds in the trainer as here (``export.json`` says which).
+tool applies (read from ms-swift 4.6 and LLaMA-Factory 0.9.5, and checked against them in
+tests/interop):
+
+- ms-swift does **not** hand the raw image to the model's processor. Its Qwen-VL templates
+  resize it first with ``qwen_vl_utils.fetch_image`` (``qwen_vl_utils.smart_resize``: each side
+  ``max(factor, round(side / factor) * factor)``, so a side under ``factor`` / 2 becomes
+  ``factor`` instead of 0; the area brought within ``[min_pixels, max_pixels]``), then call the
+  processor with ``do_resize=False``. The bounds come from the environment: ``MAX_PIXELS`` and
+  ``MIN_PIXELS``, which ms-swift turns into whole tokens (``value // factor**2``) — the export
+  floors its bounds the same way and writes the values to set (``swift.env``, ``export.json``).
+  ms-swift needs ``qwen-vl-utils`` (and ``decord``) for these models and does not declare them.
+- LLaMA-Factory first shrinks the image to ``image_max_pixels`` (768×768 by default) and grows
+  it to ``image_min_pixels`` (each side truncated), its Qwen2-VL/Qwen3-VL plugin then stretches
+  a side under 28 px to 28 and clamps an aspect ratio over 200 (the long side to 180 times the
+  short), and the processor's ``smart_resize`` follows (``llamafactory.yaml``, ``export.json``).
+
+Set the same bounds in the trainer as here: ``qvl format export --check DIR --to TOOL``
+re-derives every record's size the way the tool will run and reports each record whose boxes
+would move. Image paths in ``data.jsonl`` are relative to the export folder (the images are
+linked or copied into ``images/``), so an export can move: LLaMA-Factory's ``media_dir``
+defaults to its ``dataset_dir`` (the export), ms-swift opens a relative path from its working
+directory or under ``ROOT_IMAGE_DIR`` (``swift.env`` sets it to the export).
 
 Boxes are written as text, not as ms-swift's ``<bbox>`` placeholders with ``objects``: those
 are re-rendered by ms-swift's template, whose output depends on its version and its
@@ -51,6 +69,9 @@ PLACEHOLDER = "<image>"
 KIND = "export"
 # LLaMA-Factory's own pre-resize bounds (its ProcessorArguments defaults)
 LLAMAFACTORY_MAX_PIXELS, LLAMAFACTORY_MIN_PIXELS = 768 * 768, 32 * 32
+LLAMAFACTORY_MIN_SIDE = 28  # Qwen2VLPlugin._preprocess_image stretches a shorter side to this
+# qwen_vl_utils' IMAGE_MIN_TOKEN_NUM / IMAGE_MAX_TOKEN_NUM: ms-swift's bounds with no MIN_PIXELS/MAX_PIXELS set
+SWIFT_DEFAULT_TOKENS = (4, 16384)
 MAX_SETTING_PIXELS = MAX_SIDE * MAX_SIDE  # any pixel bound beyond the largest image side squared means nothing
 
 
@@ -80,9 +101,12 @@ class ExportSettings:
 
 
 def tool_resize(width: int, height: int, max_pixels: int, min_pixels: int) -> tuple[int, int]:
-    """LLaMA-Factory's ``_preprocess_image``: shrink to ``max_pixels``, grow to ``min_pixels``
-    (each side truncated), before the processor's own resize. An image the shrink leaves no
-    row or column of is one the tool cannot load: a reject, never a division by zero."""
+    """LLaMA-Factory's ``Qwen2VLPlugin._preprocess_image`` (Qwen3-VL's plugin inherits it):
+    the base plugin's shrink to ``max_pixels`` and growth to ``min_pixels`` (each side
+    truncated), then a side under 28 px stretched to 28 and an aspect ratio over 200 clamped
+    (the long side set to 180 times the short) — before the processor's own resize. An image
+    the shrink leaves no row or column of is one the tool cannot load: a reject, never a
+    division by zero."""
     if width * height > max_pixels:
         factor = math.sqrt(max_pixels / (width * height))
         width, height = int(width * factor), int(height * factor)
@@ -92,7 +116,77 @@ def tool_resize(width: int, height: int, max_pixels: int, min_pixels: int) -> tu
     if width * height < min_pixels:
         factor = math.sqrt(min_pixels / (width * height))
         width, height = int(width * factor), int(height * factor)
+    if min(width, height) < LLAMAFACTORY_MIN_SIDE:
+        width, height = max(width, LLAMAFACTORY_MIN_SIDE), max(height, LLAMAFACTORY_MIN_SIDE)
+    if width / height > 200:
+        width = height * 180
+    if height / width > 200:
+        height = width * 180
     return width, height
+
+
+def swift_bounds(fam: Family, min_pixels: int | None = None, max_pixels: int | None = None) -> tuple[int, int]:
+    """(MIN_PIXELS, MAX_PIXELS) as ms-swift uses them: ``compat_qwen_vl_utils`` turns each into
+    whole tokens (``value // factor**2``), qwen_vl_utils multiplies back — floored to a multiple
+    of ``factor``². None: the released processor's bound."""
+    low, high = families.pixel_bounds(fam, min_pixels, max_pixels)
+    square = fam.factor * fam.factor
+    return low // square * square, high // square * square
+
+
+def swift_resize(fam: Family, width: int, height: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The size ms-swift feeds the model: ``qwen_vl_utils.smart_resize`` (0.0.14) of the image
+    within ``MIN_PIXELS``/``MAX_PIXELS`` (floored as ``swift_bounds``), which the processor then
+    takes as it is (``do_resize=False``). Unlike the processor's, a side rounds to at least one
+    ``factor``; a shrink may round a side to 0, which the tool cannot feed: refused."""
+    factor = fam.factor
+    square = factor * factor
+    low, high = min_pixels // square * square, max_pixels // square * square
+    if min(width, height) < 1:
+        raise AnnotationError(f"image {width}x{height}: a side of no pixels", "bad_image_size")
+    if max(width, height) / min(width, height) > 200:
+        raise AnnotationError(f"image {width}x{height}: aspect ratio over 200 (qwen_vl_utils refuses it)",
+                              "bad_image_size")
+    h_bar, w_bar = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > high:
+        beta = math.sqrt(height * width / high)
+        h_bar, w_bar = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < low:
+        beta = math.sqrt(low / (height * width))
+        h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    if h_bar < factor or w_bar < factor:
+        raise AnnotationError(f"ms-swift's qwen_vl_utils resizes this {width}x{height} image to {w_bar}x{h_bar} "
+                              f"within MAX_PIXELS {high}", "bad_image_size")
+    return w_bar, h_bar
+
+
+@dataclass(frozen=True)
+class ToolBounds:
+    """What decides the size a tool feeds the model: ms-swift's MIN_PIXELS/MAX_PIXELS
+    (``min_pixels``/``max_pixels``); LLaMA-Factory's image_min_pixels/image_max_pixels
+    (``min_pixels``/``max_pixels``) and its processor's own bounds."""
+
+    target: str
+    min_pixels: int
+    max_pixels: int
+    processor_min_pixels: int | None = None
+    processor_max_pixels: int | None = None
+
+
+def tool_bounds(settings: ExportSettings, fam: Family) -> ToolBounds:
+    if settings.target == "ms-swift":
+        return ToolBounds("ms-swift", *swift_bounds(fam, settings.min_image_pixels, settings.max_image_pixels))
+    low, high = families.pixel_bounds(fam, settings.min_image_pixels, settings.max_image_pixels)
+    return ToolBounds("llamafactory", settings.tool_min_pixels, settings.tool_max_pixels, low, high)
+
+
+def fed_size(bounds: ToolBounds, fam: Family, width: int, height: int) -> tuple[int, int]:
+    """(width, height) of the image the tool feeds the model for an image of this size: what
+    Qwen2.5-VL's pixel boxes must be computed for."""
+    if bounds.target == "ms-swift":
+        return swift_resize(fam, width, height, bounds.min_pixels, bounds.max_pixels)
+    width, height = tool_resize(width, height, bounds.max_pixels, bounds.min_pixels)
+    return families.image_tokens(fam, width, height, bounds.processor_min_pixels, bounds.processor_max_pixels)[1]
 
 
 class _Transcript(Plan):
@@ -183,12 +277,10 @@ def run_export(inputs: list[Path], out: Path, images: Path | None = None, downlo
     except OSError as e:
         raise storage.OutputError(f"{out}: cannot write beside it ({e.strerror})") from None
     lf = settings.target == "llamafactory"
+    bounds = tool_bounds(settings, fam) if fam is not None else None
 
     def resized_of(ref: str) -> tuple[int, int]:
-        width, height = store.size(ref)
-        if lf:
-            width, height = tool_resize(width, height, settings.tool_max_pixels, settings.tool_min_pixels)
-        return families.image_tokens(fam, width, height, settings.min_image_pixels, settings.max_image_pixels)[1]
+        return fed_size(bounds, fam, *store.size(ref))
 
     tok = load_tokenizer(settings.model, settings.model)  # the renderers' framing ids, never written
     ctx = multitask.Context(tok, 0, store.size, fam, resized_of)
@@ -197,16 +289,26 @@ def run_export(inputs: list[Path], out: Path, images: Path | None = None, downlo
     written: dict[str, str] = {}
 
     def image_file(ref: str) -> str:
-        """An absolute path the trainer can open: the file under --images, or the image of a
-        URL taken out of the img2dataset output into ``out``/images."""
+        """A path relative to the export, so that it can move: a file under --images linked
+        (or, across file systems, copied) to ``images/local/`` at its path under --images, the
+        image of a URL taken out of the img2dataset output into ``images/web/``."""
         if ref not in written:
             data, _ = store.read(ref)  # checked to decode, within the pixel guard
             if ref.startswith(("http://", "https://")):
-                name = hashlib.sha1(ref.encode()).hexdigest() + ".jpg"
-                storage.write_bytes(tmp / "images" / name, data)
-                written[ref] = str((out / "images" / name).resolve())
+                name = f"images/web/{hashlib.sha1(ref.encode()).hexdigest()}.jpg"
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                storage.write_bytes(tmp / name, data)
             else:
-                written[ref] = str(store.local_path(ref))
+                source = store.local_path(ref)
+                name = f"images/local/{source.relative_to(store.root).as_posix()}"
+                target = tmp / name
+                if not target.exists():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        os.link(source, target)
+                    except OSError:
+                        storage.write_bytes(target, data)
+            written[ref] = name
         return written[ref]
 
     records = file_records(inputs) if records is None else records
@@ -259,13 +361,17 @@ def run_export(inputs: list[Path], out: Path, images: Path | None = None, downlo
                 "columns": {"messages": "messages", "images": "images"},
                 "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
                          "assistant_tag": "assistant", "system_tag": "system"}}})
+        resize = _resize_note(settings, fam)
+        _write_snippet(tmp, out, settings, resize)
         report = {
             "target": settings.target, "model": settings.model,
             "records": counts["records"], "samples": counts["samples"], "images": counts["images"],
             "rejected": sum(rejected.values()), "rejected_by_reason": dict(sorted(rejected.items())),
             "by_task": {k[5:]: v for k, v in sorted(counts.items()) if k.startswith("task:")},
             "inputs": [str(p) for p in inputs],
-            "resize": _resize_note(settings, fam),
+            "images_relative_to": "the export folder (LLaMA-Factory: dataset_dir/media_dir; ms-swift: ROOT_IMAGE_DIR "
+                                  "or its working directory)",
+            "resize": resize,
         }
         storage.write_json(tmp / "export.json", report)
         storage.write_json(tmp / storage.MARKER, {"kind": KIND})
@@ -304,11 +410,128 @@ def _resize_note(settings: ExportSettings, fam: Family | None) -> dict:
     """The bounds the boxes were computed with: the trainer must use the same."""
     if fam is None:
         return {}
-    low, high = settings.min_image_pixels or fam.min_pixels, settings.max_image_pixels or fam.max_pixels
+    bounds = tool_bounds(settings, fam)
     if settings.target == "llamafactory":
-        return {"image_max_pixels": settings.tool_max_pixels, "image_min_pixels": settings.tool_min_pixels,
-                "processor_min_pixels": low, "processor_max_pixels": high,
-                "set": f"image_max_pixels: {settings.tool_max_pixels} and image_min_pixels: "
-                       f"{settings.tool_min_pixels} in the LLaMA-Factory config"}
-    return {"min_pixels": low, "max_pixels": high,
-            "set": f"MAX_PIXELS={high} MIN_PIXELS={low} in ms-swift's environment"}
+        return {"image_max_pixels": bounds.max_pixels, "image_min_pixels": bounds.min_pixels,
+                "processor_min_pixels": bounds.processor_min_pixels,
+                "processor_max_pixels": bounds.processor_max_pixels,
+                "yaml": {"image_max_pixels": bounds.max_pixels, "image_min_pixels": bounds.min_pixels},
+                "set": f"image_max_pixels: {bounds.max_pixels} and image_min_pixels: {bounds.min_pixels} in the "
+                       "LLaMA-Factory config (llamafactory.yaml)"}
+    note = {"min_pixels": bounds.min_pixels, "max_pixels": bounds.max_pixels,
+            "env": {"MAX_PIXELS": bounds.max_pixels, "MIN_PIXELS": bounds.min_pixels},
+            "set": f"MAX_PIXELS={bounds.max_pixels} MIN_PIXELS={bounds.min_pixels} in ms-swift's environment "
+                   "(swift.env)"}
+    asked = families.pixel_bounds(fam, settings.min_image_pixels, settings.max_image_pixels)
+    if asked != (bounds.min_pixels, bounds.max_pixels):
+        note["floored_from"] = {"min_pixels": asked[0], "max_pixels": asked[1],
+                                "why": f"ms-swift counts the bounds in whole tokens of {fam.factor}x{fam.factor} px"}
+    return note
+
+
+LLAMAFACTORY_TEMPLATES = {"qwen2-vl": "qwen2_vl", "qwen2.5-vl": "qwen2_vl", "qwen3-vl": "qwen3_vl_nothink"}
+
+
+def _write_snippet(tmp: Path, out: Path, settings: ExportSettings, resize: dict) -> None:
+    """What the tool must be set to, where it reads it: ``swift.env`` (KEY=VALUE lines, for
+    ``set -a; . swift.env; set +a`` or ``--env-file``) or ``llamafactory.yaml`` (keys to merge
+    into the training config)."""
+    where = out.resolve()
+    if settings.target == "ms-swift":
+        lines = ["# ms-swift settings for this export (written by qvl format export); load them before `swift sft`:",
+                 "#   set -a; . ./swift.env; set +a",
+                 "# ROOT_IMAGE_DIR: data.jsonl's image paths are relative to the export folder; set it to where",
+                 "# the export is now if you move it (or run ms-swift from inside the export folder).",
+                 f"ROOT_IMAGE_DIR={where}"]
+        if resize:
+            lines[3:3] = [f"# MAX_PIXELS/MIN_PIXELS: the bounds the boxes were computed for ({settings.model}); "
+                          f"check with qvl format export --check DIR --to ms-swift"]
+            lines += [f"MAX_PIXELS={resize['max_pixels']}", f"MIN_PIXELS={resize['min_pixels']}"]
+        (tmp / "swift.env").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return
+    lines = ["# LLaMA-Factory settings for this export (written by qvl format export): merge into the training yaml.",
+             "# dataset_dir: this export (its dataset_info.json); the images are relative to it (media_dir's default).",
+             "dataset: qvl", f"dataset_dir: {json.dumps(str(where))}"]
+    if settings.model in LLAMAFACTORY_TEMPLATES:
+        lines.append(f"template: {LLAMAFACTORY_TEMPLATES[settings.model]}")
+    if resize:
+        lines += ["# the bounds the boxes were computed for; check with qvl format export --check DIR --to llamafactory",
+                  f"image_max_pixels: {resize['image_max_pixels']}", f"image_min_pixels: {resize['image_min_pixels']}"]
+    (tmp / "llamafactory.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+class CheckError(ValueError):
+    """An export folder --check cannot read."""
+
+
+def run_check(folder: Path, target: str, min_pixels: int | None = None, max_pixels: int | None = None,
+              environ: dict | None = None) -> dict:
+    """Re-derive every record's image sizes the way ``target`` will run on export ``folder``
+    (ms-swift: ``min_pixels``/``max_pixels`` as its MIN_PIXELS/MAX_PIXELS — default: the
+    environment's, else qwen_vl_utils' own; LLaMA-Factory: as its image_min_pixels /
+    image_max_pixels — default: its own), against the sizes the export computed its boxes for.
+    A record whose boxes are pixels (Qwen2.5-VL) and whose image the tool feeds at another size
+    is ``moved``; one whose image the tool would refuse is ``refused``; the others agree."""
+    folder = Path(folder)
+    environ = os.environ if environ is None else environ
+    try:
+        report = json.loads((folder / "export.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckError(f"{folder}: no readable export.json ({e})") from None
+    require(target in TARGETS, "target", f"{target!r}: use {', '.join(TARGETS)} (--to)")
+    if report.get("target") != target:
+        raise CheckError(f"{folder} was exported for {report.get('target')}, not {target}")
+    model = report.get("model")
+    out = {"folder": str(folder), "target": target, "model": model, "records": 0, "images": 0, "moved": [],
+           "resized": 0, "refused": [], "ok": True}
+    if model not in families.FAMILIES:
+        return {**out, "note": f"{model}: sizes do not enter its boxes (nothing to check)"}
+    fam = families.family(model)
+    resize = report.get("resize") or {}
+    if target == "ms-swift":
+        exported = ToolBounds(target, resize["min_pixels"], resize["max_pixels"])
+        square = fam.factor * fam.factor
+        low = min_pixels if min_pixels is not None else int(environ.get("MIN_PIXELS") or SWIFT_DEFAULT_TOKENS[0] * square)
+        high = max_pixels if max_pixels is not None else int(environ.get("MAX_PIXELS") or SWIFT_DEFAULT_TOKENS[1] * square)
+        run = ToolBounds(target, low // square * square, high // square * square)
+        if not square <= run.min_pixels <= run.max_pixels:
+            raise CheckError(f"MIN_PIXELS {low} / MAX_PIXELS {high}: ms-swift takes {run.min_pixels // square} to "
+                             f"{run.max_pixels // square} tokens of {fam.factor}x{fam.factor} px, which qwen_vl_utils "
+                             "refuses (at least one token, min not above max)")
+        out["run_with"] = {"MIN_PIXELS": run.min_pixels, "MAX_PIXELS": run.max_pixels}
+    else:
+        exported = ToolBounds(target, resize["image_min_pixels"], resize["image_max_pixels"],
+                              resize["processor_min_pixels"], resize["processor_max_pixels"])
+        run = ToolBounds(target, LLAMAFACTORY_MIN_PIXELS if min_pixels is None else min_pixels,
+                         LLAMAFACTORY_MAX_PIXELS if max_pixels is None else max_pixels,
+                         exported.processor_min_pixels, exported.processor_max_pixels)
+        out["run_with"] = {"image_min_pixels": run.min_pixels, "image_max_pixels": run.max_pixels}
+    out["exported_for"] = {k: v for k, v in vars(exported).items() if v is not None and k != "target"}
+    pixel_boxes = fam.boxes == "json_pixels"
+    from PIL import Image
+
+    with open(folder / "data.jsonl", encoding="utf-8") as data:
+        for line in data:
+            record = json.loads(line)
+            out["records"] += 1
+            boxed = pixel_boxes and any('"bbox_2d"' in m.get("content", "") for m in record.get("messages", []))
+            for path in record.get("images", []):
+                out["images"] += 1
+                full = Path(path) if Path(path).is_absolute() else folder / path
+                with Image.open(full) as image:
+                    width, height = image.size
+                try:
+                    assumed = fed_size(exported, fam, width, height)
+                except AnnotationError:
+                    assumed = None
+                try:
+                    fed = fed_size(run, fam, width, height)
+                except AnnotationError as e:
+                    out["refused"].append({"id": record.get("id"), "image": path, "reason": str(e)})
+                    continue
+                if fed != assumed:
+                    out["resized"] += 1
+                    if boxed:
+                        out["moved"].append({"id": record.get("id"), "image": path, "boxes_for": assumed, "fed": fed})
+    out["ok"] = not out["moved"] and not out["refused"]
+    return out

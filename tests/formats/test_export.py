@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from qvl.formats import families
+from qvl.formats.boxes import AnnotationError
 from qvl.formats.build import FormatSettings, run_format
 from qvl.formats.export import ExportSettings, run_export, tool_resize
 from qvl.formats.families import reference_processor
@@ -79,9 +80,10 @@ def test_ms_swift_records_give_the_ids_qvl_renders(data, tmp_path, name):
         assert report["samples"] == len(exported) == len(rows) and report["rejected"] == 0
         for record in exported:
             messages, n = hf_messages(record)
-            assert n == len(record["images"]) and all(Path(p).is_absolute() and Path(p).is_file()
+            folder = tmp_path / f"swift-{kind}"
+            assert n == len(record["images"]) and all(not Path(p).is_absolute() and (folder / p).is_file()
                                                       for p in record["images"])
-            pictures = [Image.open(p).convert("RGB") for p in record["images"]]
+            pictures = [Image.open(folder / p).convert("RGB") for p in record["images"]]
             text = processor.apply_chat_template(messages, tokenize=False)
             ids = processor(text=[text], images=pictures)["input_ids"][0]
             assert list(ids) == rows[record["id"]], (name, record["id"], record["messages"])
@@ -101,7 +103,7 @@ def test_llamafactory_boxes_follow_its_pre_resize(data, tmp_path):
                         settings=ExportSettings(target="llamafactory", model="qwen2.5-vl"))
     assert report["resize"]["image_max_pixels"] == 768 * 768
     record = json.loads((tmp_path / "lf" / "data.jsonl").read_text().splitlines()[0])
-    image = Image.open(record["images"][0])
+    image = Image.open(tmp_path / "lf" / record["images"][0])
     width, height = tool_resize(image.width, image.height, 768 * 768, 32 * 32)
     assert (width, height) == (940, 627)  # LLaMA-Factory's _preprocess_image: sides * sqrt(max / area), truncated
     processor = reference_processor("qwen2.5-vl", tmp_path / "processor")
@@ -145,8 +147,10 @@ def test_every_record_written_or_rejected_with_its_reason(data, tmp_path):
     rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert sorted(r["line"] for r in rejects) == [3, 4, 5, 6, 7, 8, 9, 10]
     written = [json.loads(line) for line in (tmp_path / "out" / "data.jsonl").read_text().splitlines()]
-    web = Path(written[1]["images"][0])
-    assert web.parent == (tmp_path / "out" / "images").resolve() and web.read_bytes() == (tmp_path / "cat.png").read_bytes()
+    web, local = Path(written[1]["images"][0]), Path(written[0]["images"][0])
+    assert web.parent == Path("images/web") and (tmp_path / "out" / web).read_bytes() == (tmp_path / "cat.png").read_bytes()
+    assert local == Path("images/local/cat.png") and (tmp_path / "out" / local).read_bytes() == \
+        (data / "img" / "cat.png").read_bytes()
     assert written[0]["messages"] == [{"role": "user", "content": "<image>Generate the caption in English:"},
                                       {"role": "assistant", "content": "a cat"}]  # Qwen3-VL: no default system
 
@@ -230,3 +234,80 @@ def test_a_killed_exports_temp_folders_are_cleaned(data, tmp_path):
     other.mkdir()
     run_export([data / "ann.jsonl"], tmp_path / "out", data / "img", show_progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", alive.name, other.name])
+
+
+# ---------------------------------------------------------------- each tool's resize, and --check
+
+def test_each_tools_resize_of_a_side_under_28_px():
+    """ms-swift: qwen_vl_utils' smart_resize rounds a side to at least one factor (the processor's
+    would round it to 0 and grow the area to min_pixels); LLaMA-Factory: its Qwen2-VL plugin
+    stretches a side under 28 px to 28, clamps an aspect over 200, then the processor resizes."""
+    from qvl.formats.export import ToolBounds, fed_size, swift_bounds, swift_resize
+
+    q2, q3 = families.family("qwen2-vl"), families.family("qwen3-vl")
+    assert families.image_tokens(q2, 1500, 10)[1] == (700, 28)  # `qvl format sft`: the processor on the raw image
+    assert swift_resize(q2, 1500, 10, 3136, 12845056) == (1512, 28)
+    assert swift_resize(q2, 2000, 13, 3136, 12845056) == (1988, 28)
+    assert swift_resize(q3, 1500, 10, 65536, 16777216) == (3136, 32)
+    assert tool_resize(1500, 10, 768 * 768, 32 * 32) == (1500, 28)
+    assert tool_resize(10_000, 10, 768 * 768, 32 * 32) == (28 * 180, 28)  # 10000x28 is over 200:1
+    assert tool_resize(10, 1500, 768 * 768, 32 * 32) == (28, 1500)
+    lf = ToolBounds("llamafactory", 32 * 32, 768 * 768, 3136, 12845056)
+    assert fed_size(lf, q2, 1500, 10) == (1512, 28)
+    # ms-swift counts its bounds in whole tokens (value // factor**2): the export floors its own
+    assert swift_bounds(families.family("qwen2.5-vl"), None, 200_000) == (3136, 255 * 784)
+    with pytest.raises(AnnotationError, match="aspect ratio over 200"):
+        swift_resize(q2, 3000, 10, 3136, 12845056)
+
+
+def test_the_settings_are_written_where_each_tool_reads_them(data, tmp_path):
+    import yaml
+
+    swift = run_export([data / "convo.jsonl"], tmp_path / "swift", data / "img", show_progress=False,
+                       settings=ExportSettings(target="ms-swift", model="qwen2.5-vl", max_image_pixels=200_000))
+    assert swift["resize"]["max_pixels"] == 255 * 784 and swift["resize"]["floored_from"]["max_pixels"] == 200_000
+    env = dict(line.split("=", 1) for line in (tmp_path / "swift" / "swift.env").read_text().splitlines()
+               if line and not line.startswith("#"))
+    assert env == {"MAX_PIXELS": str(255 * 784), "MIN_PIXELS": "3136",
+                   "ROOT_IMAGE_DIR": str((tmp_path / "swift").resolve())}
+    lf = run_export([data / "convo.jsonl"], tmp_path / "lf", data / "img", show_progress=False,
+                    settings=ExportSettings(target="llamafactory", model="qwen3-vl", tool_max_pixels=256 * 256))
+    config = yaml.safe_load((tmp_path / "lf" / "llamafactory.yaml").read_text())
+    assert config == {"dataset": "qvl", "dataset_dir": str((tmp_path / "lf").resolve()), "template": "qwen3_vl_nothink",
+                      "image_max_pixels": 256 * 256, "image_min_pixels": 32 * 32}
+    assert lf["resize"]["yaml"] == {"image_max_pixels": 256 * 256, "image_min_pixels": 32 * 32}
+
+
+@pytest.mark.parametrize("target", ["ms-swift", "llamafactory"])
+def test_check_finds_the_records_whose_boxes_would_move(data, tmp_path, target):
+    """Exported for the tool's defaults: checked as the tool runs by default, every box lands;
+    checked with a smaller max bound, the boxed record on the big image is reported."""
+    from qvl.formats.export import run_check
+
+    run_export([data / "convo.jsonl"], tmp_path / "out", data / "img", show_progress=False,
+               settings=ExportSettings(target=target, model="qwen2.5-vl"))
+    agreed = run_check(tmp_path / "out", target, environ={})
+    assert agreed["ok"] and agreed["records"] == 2 and agreed["images"] == 2 and not agreed["moved"]
+    moved = run_check(tmp_path / "out", target, max_pixels=256 * 256, environ={})
+    assert not moved["ok"] and [m["id"] for m in moved["moved"]] == ["c1"]  # c2 is resized too, but has no box
+    assert moved["resized"] == 2
+    if target == "ms-swift":  # MAX_PIXELS from the environment, as ms-swift reads it
+        assert not run_check(tmp_path / "out", target, environ={"MAX_PIXELS": str(256 * 256)})["ok"]
+    other = "llamafactory" if target == "ms-swift" else "ms-swift"
+    with pytest.raises(ValueError, match=f"exported for {target}, not {other}"):
+        run_check(tmp_path / "out", other)
+
+
+def test_cli_check(data, tmp_path, monkeypatch):
+    monkeypatch.delenv("MAX_PIXELS", raising=False)
+    monkeypatch.delenv("MIN_PIXELS", raising=False)
+    run_export([data / "convo.jsonl"], tmp_path / "out", data / "img", show_progress=False,
+               settings=ExportSettings(target="ms-swift", model="qwen2.5-vl", max_image_pixels=200_000))
+    bare = _cli("--check", str(tmp_path / "out"), "--to", "ms-swift")  # ms-swift's defaults: not what it was made for
+    assert bare.exit_code == 1 and "boxes move: c1 (images/local/wide.png)" in bare.output, bare.output
+    set_ = _cli("--check", str(tmp_path / "out"), "--to", "ms-swift", "--tool-max-pixels", "200000")
+    assert set_.exit_code == 0 and "ok: every box lands" in set_.output, set_.output
+    monkeypatch.setenv("MAX_PIXELS", "200000")
+    assert _cli("--check", str(tmp_path / "out"), "--to", "ms-swift").exit_code == 0
+    missing = _cli("--check", str(tmp_path / "nowhere"), "--to", "ms-swift")
+    assert missing.exit_code == 1 and "no readable export.json" in missing.output

@@ -113,6 +113,40 @@ def test_ids_and_labels_equal_the_hugging_face_processor(data, tmp_path, name, p
     assert (name == "qwen3-vl") == ("You are a helpful assistant." not in tok.decode(rows["c0"]["input_ids"]))
 
 
+@pytest.mark.parametrize("name", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
+def test_a_turn_starting_with_a_newline_tokenizes_as_the_template_does(data, tmp_path, name, processors):
+    """A system or user turn that starts with "\\n": the template's whole string tokenizes
+    "user\\n\\nAnd" with "\\n\\n" as one token (271), and so does `qvl format sft`; the labels stay
+    on the answers alone."""
+    import datasets
+
+    root, _ = data
+    record = {"id": "n", "messages": [
+        {"role": "system", "content": "\nBe brief."},
+        {"role": "user", "content": "<image>What is it?"},
+        {"role": "assistant", "content": "Noise."},
+        {"role": "user", "content": "\nAnd in one word?"},
+        {"role": "assistant", "content": "Noise."}], "images": ["0.png"]}
+    (tmp_path / "n.jsonl").write_text(json.dumps(record) + "\n")
+    run_format("sft", [tmp_path / "n.jsonl"], tmp_path / "out", root / "img", show_progress=False,
+               settings=FormatSettings(model=name, max_len=100_000))
+    row = datasets.load_from_disk(str(tmp_path / "out")).with_format(None)[0]
+    messages = [{"role": "system", "content": [{"type": "text", "text": "\nBe brief."}]},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Noise."}]},
+                {"role": "user", "content": [{"type": "text", "text": "\nAnd in one word?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Noise."}]}]
+    processor = processors(name)
+    text = processor.apply_chat_template(messages, tokenize=False)
+    image = Image.open(root / "img" / "0.png").convert("RGB")
+    expected = list(processor(text=[text], images=[image])["input_ids"][0])
+    assert row["input_ids"] == expected
+    assert row["input_ids"].count(271) == 2 and 271 in processor.tokenizer.encode("user\n\nAnd")
+    tok = load_tokenizer(name)
+    supervised = tok.decode([t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100])
+    assert supervised == "Noise.<|im_end|>\nNoise.<|im_end|>\n"
+
+
 def test_resize_bounds_are_settings(data, tmp_path):
     root, _ = data
     processor = reference_processor("qwen2-vl", tmp_path / "p", min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)
