@@ -36,17 +36,34 @@ class Protocol:
 
     base: str  # the prompt of a pre-trained model ({image}, {sent}, {question} filled in)
     chat: str  # one ChatML user turn for a chat model
-    max_new_tokens: int
+    max_new_tokens: int  # in the tokens of Qwen-VL's tokenizer, as the paper's script counts them
     min_new_tokens: int
+    # an answer of the length the budget was set for: with another tokenizer (the demo's bytes) the
+    # budgets grow by the ratio of its tokens to Qwen-VL's on this text, so the same answer fits
+    sized_for: str
 
 
 PROTOCOLS = {
     "grounding": Protocol("<img>{image}</img><ref>{sent}</ref><box>", "Picture 1: <img>{image}</img>\nWhere is {sent}?",
-                          28, 10),
+                          28, 10, "the man on the left (120,345),(567,890)"),
     "caption": Protocol("<img>{image}</img>Describe the image in English:",
-                        "Picture 1: <img>{image}</img>\nDescribe the image in English:", 30, 8),
-    "vqa": Protocol("<img>{image}</img>{question} Answer:", "Picture 1: <img>{image}</img>\n{question}", 10, 1),
+                        "Picture 1: <img>{image}</img>\nDescribe the image in English:", 30, 8,
+                        "A man riding a red bicycle down a city street next to a row of parked cars."),
+    "vqa": Protocol("<img>{image}</img>{question} Answer:", "Picture 1: <img>{image}</img>\n{question}", 10, 1,
+                    "two people on the beach"),
 }
+
+
+def token_budget(protocol: Protocol, tok) -> tuple[int, int]:
+    """(max, min) new tokens for ``tok``: the paper's figures for Qwen-VL's tokenizer (and any
+    tokenizer that splits ``sized_for`` as it does), scaled by the ratio of token counts for
+    another, so that a byte-level tokenizer is not cut off mid-box."""
+    from qvl.formats.tokenizers import load_tokenizer
+
+    plain = protocol.sized_for  # text only: the tags are one token in every tokenizer that has them
+    ratio = len(tok.encode_text(plain)) / len(load_tokenizer("qwen-vl").encode_text(plain))
+    ratio = max(ratio, 1.0)
+    return math.ceil(protocol.max_new_tokens * ratio), math.ceil(protocol.min_new_tokens * ratio)
 PAPER = {  # the released models' figures, in the paper's percentages (README of Qwen/Qwen-VL)
     "grounding": "RefCOCO val/testA/testB 89.36/92.26/85.34, RefCOCO+ 83.12/88.25/77.21, RefCOCOg val/test "
                  "85.58/85.48 (Qwen-VL); 88.55/92.27/84.51, 82.82/88.59/76.79, 85.96/86.32 (Qwen-VL-Chat)",
@@ -194,9 +211,10 @@ def _generate(s: EvalSettings, samples: list[Sample], out: Path, rank: int, worl
 
     protocol = PROTOCOLS[s.task]
     template = s.prompt or (protocol.chat if s.chat else protocol.base)
-    max_new = s.max_new_tokens or protocol.max_new_tokens
-    min_new = protocol.min_new_tokens if s.min_new_tokens is None else s.min_new_tokens
     model, preset, tok, meta = load_checkpoint(s.checkpoint, s.preset)
+    budget = token_budget(protocol, tok)
+    max_new = s.max_new_tokens or budget[0]
+    min_new = budget[1] if s.min_new_tokens is None else s.min_new_tokens
     device = torch.device("cuda" if s.device == "auto" and torch.cuda.is_available() else
                           "cpu" if s.device == "auto" else s.device)
     if device.type == "cuda" and world > 1:

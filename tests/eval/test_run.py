@@ -150,3 +150,19 @@ def test_two_processes_answer_as_one(setup, tmp_path):
     assert (tmp_path / "two" / "answers.jsonl").read_text() == (tmp_path / "one" / "answers.jsonl").read_text()
     assert sorted(p.name for p in (tmp_path / "two").glob("answers.part-*")) == ["answers.part-0.jsonl",
                                                                                   "answers.part-1.jsonl"]
+
+
+def test_the_token_budget_is_the_papers_for_qwen_and_fits_the_same_answer_in_bytes():
+    """The paper's max_new_tokens count Qwen-VL's tokens; the demo's byte tokenizer needs more for the
+    same answer, or its chat grounding is cut off mid-box (`the blue triangle(750,250`)."""
+    from qvl.demo.world import COLORS, SHAPES
+    from qvl.eval.run import PROTOCOLS, token_budget
+    from qvl.formats.tokenizers import load_tokenizer
+
+    qwen, byte = load_tokenizer("qwen-vl"), load_tokenizer("bytes")
+    assert {k: token_budget(p, qwen) for k, p in PROTOCOLS.items()} == {
+        k: (p.max_new_tokens, p.min_new_tokens) for k, p in PROTOCOLS.items()}
+    longest = max((f"the {c} {s}" for c in COLORS for s in SHAPES), key=len)
+    answer = byte.encode(f"<ref>{longest}</ref><box>(999,999),(999,999)</box>") + [byte.special("<|im_end|>")]
+    assert len(answer) > PROTOCOLS["grounding"].max_new_tokens  # what cut the demo's answers off
+    assert len(answer) <= token_budget(PROTOCOLS["grounding"], byte)[0]
