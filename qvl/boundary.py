@@ -78,6 +78,8 @@ def decode_json(data: bytes | str, type_: Any = Any, reason: str = "malformed_js
         raise RecordError(str(e), "bad_field") from None
     except UnicodeDecodeError as e:  # msgspec checks UTF-8 inside strings only as it builds them
         raise RecordError(f"text is not valid UTF-8 (byte {e.start} of a string)", "bad_text") from None
+    except RecursionError:  # msgspec recurses per nesting level: a line of 100k '[' is malformed, not a crash
+        raise RecordError("not valid JSON: nested too deeply", reason) from None
     except msgspec.DecodeError as e:
         message = str(e)
         if "truncated" in message or "surrogate" in message:

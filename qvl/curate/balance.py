@@ -44,6 +44,9 @@ def active(s: FilterSettings) -> bool:
     return s.clip_top_fraction is not None or bool(s.balance_entries) or bool(s.lang_mix)
 
 
+MAX_ENTRY = 1000  # MetaCLIP's entries are WordNet synsets, Wikipedia titles and n-grams: all far shorter
+
+
 def read_entries(path: str | Path) -> list[str]:
     """The entries of a ``--balance`` file, one a line (blank lines skipped); a file that cannot
     be read, is not UTF-8 or holds no entry is one QvlError naming it (and the line)."""
@@ -57,6 +60,10 @@ def read_entries(path: str | Path) -> list[str]:
         line = raw[:e.start].count(b"\n") + 1
         raise QvlError(f"{path}:{line}: not UTF-8 text (balance entries are one a line)") from None
     entries = [line.strip() for line in text.removeprefix("\ufeff").splitlines() if line.strip()]
+    for number, line in enumerate(text.removeprefix("\ufeff").splitlines(), 1):
+        if len(line.strip()) > MAX_ENTRY:  # the matcher's trie is as deep as the longest entry (a 1M-char one crashes it)
+            raise QvlError(f"{path}:{number}: an entry of {len(line.strip()):,} characters; entries are words and "
+                           f"phrases of at most {MAX_ENTRY:,}")
     if not entries:
         raise QvlError(f"{path}: no entries (every line is blank); give one entry a line")
     return entries

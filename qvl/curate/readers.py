@@ -138,6 +138,15 @@ def _sample_lines(path: Path, compression: str | None) -> list[str]:
     return lines
 
 
+def _valid_unicode(obj) -> bool:
+    """No lone surrogate (``"\\ud800"`` parses, and then cannot be written as UTF-8) anywhere in ``obj``."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _json_columns(path: Path, lines: list[str]) -> list[str]:
     """The keys of the first line that is a JSON object (a bad first line is a reject, not the file's end)."""
     for line in lines:
@@ -145,7 +154,7 @@ def _json_columns(path: Path, lines: list[str]) -> list[str]:
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             continue
         if isinstance(obj, dict):
             return list(obj)
@@ -507,8 +516,11 @@ def _jsonl_batches(shard: Shard, batch_rows: int) -> Iterator[pl.DataFrame]:
                 except UnicodeDecodeError:
                     bad.append((line_no, raw.decode("utf-8", errors="replace").rstrip("\n"), "invalid_utf8"))
                     continue
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, RecursionError):  # RecursionError: a line of 100k '['
                     bad.append((line_no, raw.decode("utf-8", errors="replace").rstrip("\n"), "malformed_row"))
+                    continue
+                if (b"\\ud" in raw or b"\\uD" in raw) and not _valid_unicode(obj):  # a lone surrogate escape
+                    bad.append((line_no, raw.decode("utf-8", errors="replace").rstrip("\n"), "invalid_utf8"))
                     continue
                 if not isinstance(obj, dict):
                     bad.append((line_no, raw.decode("utf-8", errors="replace").rstrip("\n"), "malformed_row"))

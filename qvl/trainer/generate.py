@@ -97,6 +97,16 @@ def chat_prompt_ids(tok: Tokenizer, image_tokens: int, question: str) -> list[in
     return render_prompt(tok, image_tokens, f"Picture 1: <img>x</img>\n{question}", chat=True)[0]
 
 
+def context_length(model: QwenVL) -> int:
+    """The positions the LLM has: nothing past them is generated."""
+    config = model.llm.config
+    for name in ("max_position_embeddings", "n_positions", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1 << 15
+
+
 def generate_text(model: QwenVL, tok: Tokenizer, resolution: int, prompt: str, images: Path | None = None,
                   chat: bool = False, system: str | None = None, max_new_tokens: int = 64) -> dict:
     """``{"ids": new token ids, "text": their text}`` for a prompt with ``<img>PATH</img>``
@@ -104,9 +114,17 @@ def generate_text(model: QwenVL, tok: Tokenizer, resolution: int, prompt: str, i
     from qvl.formats.boxes import AnnotationError
     from qvl.formats.images import ImageStore
 
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise QvlError("--prompt: not valid Unicode (a lone surrogate)") from None
     ids, refs = render_prompt(tok, model.config.image_tokens, prompt, chat, system)
     if not ids:
         raise QvlError("--prompt is empty: there is nothing to continue")
+    context = context_length(model)
+    if not 1 <= max_new_tokens <= context - len(ids):
+        raise QvlError(f"--max-new-tokens {max_new_tokens}: must be from 1 to {context - len(ids)} "
+                       f"(the model's {context}-token context less the prompt's {len(ids)})")
     store = ImageStore(images)
     try:
         pixels = torch.stack([load_image(store.read(ref)[0], resolution) for ref in refs]) if refs else None

@@ -33,7 +33,7 @@ from qvl.boundary import Count, decode_json
 from qvl.errors import QvlError, RecordError
 from qvl.formats.tokenizers import IMG_PAD, load_tokenizer
 from qvl.progress import progress_bar
-from qvl.recipes import coerce
+from qvl.recipes import coerce, require
 from qvl.schemas.samples import IGNORE_INDEX
 from qvl.trainer import parallel
 from qvl.trainer.checkpoint import load_weights, read_meta, read_preset
@@ -58,10 +58,18 @@ class TrainSettings:
     checkpoint_every: int = 100
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimiser state (else DDP)
     precision: str = "auto"  # bf16 autocast where the device computes bf16 natively, else fp32; or bf16 / fp32
-    max_rejected: float = 0.01
+    max_rejected: float = 0.01  # a fraction of the shards' input records
     overrides: dict = dataclasses.field(default_factory=dict)  # stage fields from a recipe / CLI
     log: bool = True
     progress: bool = False  # a progress bar (steps/s, ETA, loss) instead of a line every 10 steps
+
+    def __post_init__(self) -> None:
+        require(math.isfinite(self.max_rejected) and 0 <= self.max_rejected <= 1, "max_rejected",
+                f"{self.max_rejected!r}: must be a fraction from 0 to 1")
+        require(0 <= self.seed < 1 << 32, "seed", f"{self.seed!r}: must be from 0 to 2^32 - 1")
+        require(self.max_steps is None or 0 <= self.max_steps <= 1 << 40, "max_steps",
+                f"{self.max_steps!r}: must be 0 or more")
+        require(1 <= self.checkpoint_every <= 1 << 40, "checkpoint_every", f"{self.checkpoint_every!r}: must be 1 or more")
 
 
 def stage_for(settings: TrainSettings, preset) -> Stage:
@@ -76,6 +84,12 @@ def stage_for(settings: TrainSettings, preset) -> Stage:
         setattr(stage, key, coerce(value, hints[key], f"[stage] {key}"))
     if settings.max_steps is not None:
         stage.max_steps = settings.max_steps
+    for key, ok, allowed in (("micro_batch", 1 <= stage.micro_batch <= 1 << 16, "1 to 65536"),
+                             ("accumulation", 1 <= stage.accumulation <= 1 << 16, "1 to 65536"),
+                             ("max_steps", 0 <= stage.max_steps <= 1 << 40, "0 or more"),
+                             ("lr", math.isfinite(stage.lr) and stage.lr > 0, "a finite number above 0"),
+                             ("min_lr", math.isfinite(stage.min_lr) and stage.min_lr >= 0, "a finite number, 0 or more")):
+        require(ok, key, f"{getattr(stage, key)!r}: must be {allowed}")
     return stage
 
 

@@ -389,11 +389,21 @@ def _recipe(tmp_path: Path, line: str) -> Path:
     (b"", "entries.txt: no entries"),
     (b"bus\ncar\n\xff\xfe street\n", "entries.txt:3: not UTF-8 text"),
 ])
+
 def test_a_bad_balance_entries_file_is_one_line_naming_it(tmp_path, content, expected):
     entries = tmp_path / "entries.txt"
     entries.write_bytes(content)
     result, out = filter_cli(tmp_path, [_pairs_file(tmp_path)], "--balance", str(entries))
     assert expected in one_line_error(result) and not (out / "kept").exists()
+
+
+def test_an_entry_longer_than_any_real_one_is_one_line_naming_file_and_line(tmp_path):
+    """One line of 1M characters crashed the matcher (SIGSEGV at exit) after the run had reported."""
+    entries = tmp_path / "entries.txt"
+    entries.write_text("bus\n" + "a" * 1_000_000 + "\n")
+    result, out = filter_cli(tmp_path, [_pairs_file(tmp_path)], "--balance", str(entries))
+    assert "entries.txt:2: an entry of 1,000,000 characters" in one_line_error(result)
+    assert not (out / "kept").exists()
 
 
 def test_an_entries_file_with_a_bom_and_blank_lines_balances(tmp_path):
@@ -509,3 +519,15 @@ def test_a_previous_run_rewritten_by_polars_is_read_again(tmp_path):
     result = runner.invoke(app, ["curate", "filter", "--from-ledger", str(prev), "--out", str(tmp_path / "new"),
                                  "--no-progress", "--workers", "1", "--skip-rule", "lang"])
     assert result.exit_code == 0, result.output
+
+
+def test_a_lone_surrogate_or_a_deep_nest_in_one_jsonl_line_is_that_rows_reject(tmp_path):
+    """Each ended the whole run with an error naming no file (surrogates not allowed; recursion depth)."""
+    good = {"URL": "http://x.test/1.jpg", "TEXT": "a red bus parked on a quiet street", "WIDTH": 640, "HEIGHT": 480}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(good) + "\n"
+                    + '{"URL":"http://x.test/2.jpg","TEXT":"a \\ud800 bus parked","WIDTH":640,"HEIGHT":480}\n'
+                    + "[" * 100_000 + "\n")
+    result, out = filter_cli(tmp_path, [path])
+    assert result.exit_code == 0, result.output
+    assert outcomes(out) == {"pairs.jsonl:1": None, "pairs.jsonl:2": "invalid_utf8", "pairs.jsonl:3": "malformed_row"}

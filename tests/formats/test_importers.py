@@ -269,3 +269,16 @@ fraction = 0.5
     assert again.exit_code == 0
     second = json.loads((tmp_path / "m2" / "manifest.json").read_text())
     assert second["by_source"] == by_source  # the same draw from the same seed
+
+
+@pytest.mark.parametrize("pickle_bytes, said", [
+    (b"\x80\x02]r\xff\xff\xff\xff.", "memo index 4294967295"),  # CPython sized its memo to 32 GB: MemoryError
+    (b"\x80\x04\x8e" + b"\xff" * 8 + b".", "bytes8"),  # OverflowError traceback
+])
+def test_a_refs_pickle_asking_for_absurd_memory_is_refused_unread(tmp_path, pickle_bytes, said):
+    refs = tmp_path / "refs(unc).p"
+    refs.write_bytes(pickle_bytes)
+    instances = tmp_path / "instances.json"
+    instances.write_text(json.dumps({"images": [], "annotations": []}))
+    with pytest.raises(LayoutFileError, match=said):
+        list(importers.records("refcoco", [refs, instances]))

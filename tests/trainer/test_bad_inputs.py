@@ -260,3 +260,26 @@ def test_a_preset_too_big_to_build_is_refused_before_allocating(micro, tmp_path,
                                  str(tmp_path / "run"), "--preset", str(preset), "--max-steps", "1", "--no-progress"])
     message = one_line_error(result)
     assert "preset big" in message and field in message, message
+
+
+@pytest.mark.parametrize("option, value, named", [
+    ("--micro-batch", "0", "micro_batch"),  # hung: "1 steps of 0x1x1" forever
+    ("--accumulation", "1000000000000", "accumulation"),  # hung
+    ("--max-steps", "-5", "max_steps"),  # trained 0 steps, exit 0
+    ("--max-rejected", "nan", "max_rejected"),  # switched the reject check off
+    ("--seed", str(10 ** 30), "seed"),  # numpy's message, no option named
+])
+def test_training_settings_out_of_range_are_one_line_before_any_work(micro, tmp_path, option, value, named):
+    assert named in one_line_error(train_cli(micro, tmp_path / "run", option, value))
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_generate_is_bounded_by_the_models_context(checkpoint):
+    """--max-new-tokens 10^8 ran past the positions the model has (unbounded time); -1 printed nothing."""
+    for value in ("100000000", "0", "-1"):
+        result = runner.invoke(app, ["generate", "--checkpoint", str(checkpoint), "--prompt", "<ref>a</ref>",
+                                     "--max-new-tokens", value])
+        assert "--max-new-tokens" in one_line_error(result) and "context" in result.output
+    result = runner.invoke(app, ["generate", "--checkpoint", str(checkpoint), "--prompt", "a\udcff",
+                                 "--max-new-tokens", "2"])
+    assert "--prompt" in one_line_error(result)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import pickletools
 from pathlib import Path
 from typing import Annotated
 
@@ -61,10 +62,34 @@ class PlainUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refuses {module}.{name}: only plain containers, strings and numbers")
 
 
+MEMO_OPS = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
+
+
+def check_opcodes(data: bytes, path: Path) -> None:
+    """Walk the pickle's opcodes without running them: a memo index beyond the opcodes seen so
+    far (CPython sizes its memo table from it: 9 bytes can ask for 32 GB) or a length beyond the
+    file (pickletools reads what is there and says so) refuses the file before it is unpickled."""
+    ops = pickletools.genops(io.BytesIO(data))
+    n = 0
+    while True:
+        try:
+            op, arg, _ = next(ops)
+        except StopIteration:
+            return
+        except (ValueError, TypeError) as e:
+            raise LayoutFileError(f"{path}: not a plain refs pickle ({str(e)[:200]})") from None
+        if op.name in MEMO_OPS and not 0 <= int(arg) <= n:
+            raise LayoutFileError(f"{path}: not a plain refs pickle (memo index {arg} at opcode {n})")
+        n += 1
+
+
 def load_refs(path: Path) -> list:
+    raw = path.read_bytes()
+    check_opcodes(raw, path)
     try:
-        data = PlainUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+        data = PlainUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+            MemoryError, OverflowError, RecursionError) as e:
         raise LayoutFileError(f"{path}: not a plain refs pickle ({e})") from None
     if not isinstance(data, list):
         raise LayoutFileError(f"{path}: a refs file holds a list of refs")
