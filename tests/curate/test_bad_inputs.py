@@ -149,7 +149,7 @@ def test_unterminated_csv_quote_is_an_error_never_a_merge(tmp_path):
                     f'http://x.test/3.jpg,{CAPTION}\n')
     message = one_line_error(filter_cli(tmp_path, [path])[0])
     assert "pairs.csv:2:" in message and "not closed" in message and "line 4" in message
-    path.write_text(f'url,text\nhttp://x.test/1.jpg,"a dog\nhttp://x.test/2.jpg,"a cat",x\n')  # closed mid-field
+    path.write_text('url,text\nhttp://x.test/1.jpg,"a dog\nhttp://x.test/2.jpg,"a cat",x\n')  # closed mid-field
     assert "pairs.csv:2:" in one_line_error(filter_cli(tmp_path, [path], out=tmp_path / "out2")[0])
 
 

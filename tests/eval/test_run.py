@@ -132,7 +132,7 @@ def test_bad_data_is_an_error_naming_the_line(setup, tmp_path, line, message):
                     + "\n" + line + "\n")
     result = runner.invoke(app, ["eval", "grounding", "--data", str(data), "--checkpoint", str(setup["ckpt"]),
                                  "--images", str(setup["images"]), "--out", str(tmp_path / "o"), "--no-progress"])
-    assert result.exit_code == 1 and f"bad.jsonl:2" in result.output and message in result.output, result.output
+    assert result.exit_code == 1 and "bad.jsonl:2" in result.output and message in result.output, result.output
 
 
 def test_two_processes_answer_as_one(setup, tmp_path):

@@ -6,7 +6,6 @@ fine-tunes with `qvl train --stage 3` on `qvl format sft` shards."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
