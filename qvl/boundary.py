@@ -89,6 +89,25 @@ def decode_json(data: bytes | str, type_: Any = Any, reason: str = "malformed_js
         raise RecordError(f"not valid JSON: {message}", reason) from None
 
 
+def read_json_file(path: Any, type_: Any, max_bytes: int, error: type[QvlError] = QvlError, hint: str = "") -> Any:
+    """A whole JSON file, at most ``max_bytes``, as ``type_`` — or one ``error`` naming the file, and
+    the field with what was expected (``hint`` says what such a file is)."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise error(f"{path}: {size:,} bytes; such a file holds at most {max_bytes:,}{hint}")
+        data = path.read_bytes()
+    except OSError as e:
+        raise error(f"{path}: unreadable ({e.strerror or e}){hint}") from None
+    try:
+        return decode_json(data, type_)
+    except RecordError as e:
+        raise error(f"{path}: {e}{hint}") from None
+
+
 def _has_lone_surrogate_escape(data: bytes | str) -> bool:
     import json
 

@@ -23,7 +23,7 @@ from typing import Annotated, Iterator, TypeVar
 
 import msgspec
 
-from qvl.boundary import Coord, Id, Side, decode_json
+from qvl.boundary import Coord, Id, Side, decode_json, read_json_file
 from qvl.errors import QvlError, RecordError
 
 T = TypeVar("T")
@@ -144,16 +144,7 @@ LAYOUT = {  # said after an error: what a record of the layout holds
 
 def load_json(path: Path, type_: type[T]) -> T:
     """A whole JSON file as ``type_``, or one error naming the file and the field."""
-    try:
-        if path.stat().st_size > MAX_FILE:
-            raise EvalDataError(f"{path}: larger than {MAX_FILE >> 30} GB; not an evaluation file")
-        data = path.read_bytes()
-    except OSError as e:
-        raise EvalDataError(f"{path}: not a readable JSON file ({e.strerror})") from None
-    try:
-        return decode_json(data, type_)
-    except RecordError as e:
-        raise EvalDataError(f"{path}: {e} ({LAYOUT[type_]})") from None
+    return read_json_file(path, type_, MAX_FILE, EvalDataError, f" ({LAYOUT[type_]})")
 
 
 def records(path: Path, type_: type[T]) -> Iterator[tuple[int, T]]:

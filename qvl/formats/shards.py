@@ -18,8 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qvl import storage
-from qvl.boundary import Count, decode_json
-from qvl.errors import QvlError, RecordError
+from qvl.boundary import Count, read_json_file
 from qvl.schemas.samples import REJECT, SAMPLE, SAMPLE_MROPE
 
 
@@ -134,14 +133,5 @@ MAX_MANIFEST = 64 << 20  # bytes: a manifest is a report of a few kilobytes
 
 def read_manifest(folder: Path) -> Manifest:
     """``folder``'s manifest, typed; a missing, damaged or foreign one is one error naming the file."""
-    path = Path(folder) / "manifest.json"
-    try:
-        if path.stat().st_size > MAX_MANIFEST:
-            raise QvlError(f"{path}: larger than {MAX_MANIFEST >> 20} MB; not a qvl manifest")
-        data = path.read_bytes()
-    except OSError as e:
-        raise QvlError(f"{path}: cannot read ({e.strerror}); is {folder} the --out of `qvl format`?") from None
-    try:
-        return decode_json(data, Manifest)
-    except RecordError as e:
-        raise QvlError(f"{path}: not a qvl format manifest ({e})") from None
+    return read_json_file(Path(folder) / "manifest.json", Manifest, MAX_MANIFEST,
+                          hint=f" (not a qvl format manifest: is {folder} the --out of `qvl format`?)")

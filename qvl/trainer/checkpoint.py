@@ -18,6 +18,7 @@ from typing import Annotated
 
 import msgspec
 
+from qvl import boundary
 from qvl.boundary import Count, decode_json
 from qvl.errors import QvlError, RecordError
 from qvl.trainer.model import ModelConfig, Name, QwenVL, Resolution, load_preset
@@ -53,17 +54,7 @@ class TensorEntry(msgspec.Struct, forbid_unknown_fields=True):
 
 def read_json_file(path: Path, type_, max_bytes: int = MAX_META_BYTES, error=CheckpointError):
     """A small JSON file as ``type_``, or one ``error`` naming the file and the field."""
-    try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise error(f"{path}: {size:,} bytes; a file like this holds at most {max_bytes:,}")
-        data = path.read_bytes()
-    except OSError as e:
-        raise error(f"{path}: unreadable ({e.strerror or e})") from None
-    try:
-        return decode_json(data, type_)
-    except RecordError as e:
-        raise error(f"{path}: {e}") from None
+    return boundary.read_json_file(path, type_, max_bytes, error)
 
 
 def read_safetensors_header(path: Path, error=CheckpointError) -> dict[str, TensorEntry]:
