@@ -13,6 +13,7 @@ import typer
 from rich.markdown import Markdown
 from rich.markup import escape
 
+from qvl.boundary import decode_json
 from qvl.errors import QvlError
 from qvl.progress import console
 
@@ -178,9 +179,9 @@ def curate_report(
     if not path.is_file():
         _fail(f"{path}: no report here (has `qvl curate filter --out {out}` finished?)")
     try:
-        data = json.loads(path.read_bytes())
+        data = decode_json(path.read_bytes())  # strict JSON: no NaN, no nesting past what a report holds
         text = json.dumps(data, indent=2, ensure_ascii=False) if as_json else report_mod.markdown(data)
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # not JSON, or not a qvl report
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:  # not a qvl report
         raise QvlError(f"{path}: not a qvl curate report ({type(e).__name__}: {str(e)[:200]})") from None
     if as_json:
         typer.echo(text)
@@ -495,8 +496,8 @@ def format_inspect(
         import datasets
 
         ds = datasets.load_from_disk(str(folder))
-    except (OSError, ValueError) as e:
-        _fail(f"{folder}: not a qvl format output ({e})")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:  # datasets' own checks
+        _fail(f"{folder}: not a qvl format output ({type(e).__name__}: {str(e)[:200]})")
     if len(ds) == 0:
         _fail(f"{folder}: holds no rows ({manifest.rejected:,} of {manifest.records:,} records rejected; "
               "see rejects.parquet)")

@@ -127,6 +127,12 @@ def preset_from_config(config: ReleaseConfig, where: str = "config.json") -> Mod
 def config_from_preset(preset: ModelConfig, like: dict, resolution: int) -> dict:
     """``like`` (the release's config.json) with the sizes of ``preset``."""
     v, a, llm = preset.vision, preset.adapter, preset.llm
+    needed = ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "intermediate_size",
+              "rms_norm_eps", "rope_theta", "vocab_size", "tie_word_embeddings")
+    missing = [key for key in needed if key not in llm]
+    if missing:
+        raise ConvertError(f"preset {preset.name}: not in the release's shape (its [llm] lacks {', '.join(missing)}); "
+                           "only a checkpoint converted from the release (or trained from one) converts back")
     out = json.loads(json.dumps(like))
     out.update(hidden_size=llm["hidden_size"], num_hidden_layers=llm["num_hidden_layers"],
                num_attention_heads=llm["num_attention_heads"], kv_channels=llm["head_dim"],

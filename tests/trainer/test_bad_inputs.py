@@ -283,3 +283,12 @@ def test_generate_is_bounded_by_the_models_context(checkpoint):
     result = runner.invoke(app, ["generate", "--checkpoint", str(checkpoint), "--prompt", "a\udcff",
                                  "--max-new-tokens", "2"])
     assert "--prompt" in one_line_error(result)
+
+
+def test_a_preset_nested_past_the_parser_is_one_line(micro, tmp_path):
+    """tomllib recursed into a RecursionError traceback."""
+    deep = tmp_path / "deep.toml"
+    deep.write_text("a = " + "[" * 100_000)
+    result = runner.invoke(app, ["train", "--stage", "2", "--data", str(micro["multitask"]), "--out",
+                                 str(tmp_path / "run"), "--preset", str(deep)])
+    assert "deep.toml" in one_line_error(result)
