@@ -282,3 +282,22 @@ def test_a_refs_pickle_asking_for_absurd_memory_is_refused_unread(tmp_path, pick
     instances.write_text(json.dumps({"images": [], "annotations": []}))
     with pytest.raises(LayoutFileError, match=said):
         list(importers.records("refcoco", [refs, instances]))
+
+
+@pytest.mark.parametrize("layout, name, content", [
+    ("gqa", "val_balanced_questions.json", "[1, 2]"),  # read as holding no question, exit 0
+    ("llava-pretrain", "blip_laion_cc_sbu_558k.json", '{"a": {"id": "1", "image": "a.jpg", "conversations": []}}'),
+])
+def test_a_streamed_file_of_another_top_level_is_refused_not_read_as_empty(tmp_path, layout, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(LayoutFileError, match="top level"):
+        list(importers.records(layout, [path]))
+
+
+def test_a_limit_below_one_is_refused(tmp_path):
+    """--limit -3 gave an empty output, exit 0."""
+    path = tmp_path / "q.json"
+    path.write_text("{}")
+    with pytest.raises(LayoutFileError, match="--limit -3"):
+        list(importers.records("gqa", [path], limit=-3))

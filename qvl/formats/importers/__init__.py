@@ -77,6 +77,8 @@ def records(layout: str, files: list[Path], tasks: list[str] | None = None, spli
     bad = sorted(wanted - set(importer.tasks))
     if bad:
         raise LayoutFileError(f"--from {layout} gives {', '.join(importer.tasks)}, not {', '.join(bad)}")
+    if limit is not None and limit < 1:
+        raise LayoutFileError(f"--limit {limit}: must be 1 or more (leave it out for every record)")
     for path in files:
         if not Path(path).is_file():
             raise LayoutFileError(f"{path}: no such file")
@@ -189,11 +191,23 @@ class DepthLimited:
         self.offset += n
 
 
+def _check_top(path: Path, opening: str) -> None:
+    """A streamed file opens with the layout's top level (``{`` or ``[``): otherwise ijson finds
+    nothing under the prefix and the file would read as holding no record, without a word."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b" \t\r\n")
+    if head[:1] != opening.encode():
+        kind = "an object" if opening == "{" else "a list"
+        raise LayoutFileError(f"{path}: the layout's top level is {kind} ({opening}…), this file opens with "
+                              f"{head[:20]!r}")
+
+
 def stream(path: Path, prefix: str, pairs: bool = False) -> Iterator:
     """The values under ``prefix`` (``(key, value)`` with ``pairs``) of a JSON file too big to
     load, read as a stream; a file that stops being JSON is a LayoutFileError naming it."""
     import ijson
 
+    _check_top(path, "[" if prefix.split(".")[0] == "item" else "{")
     try:
         backend = _backend(path)
         with open(path, "rb") as f:
