@@ -328,7 +328,8 @@ def test_vqav2_truncated_annotations_is_one_error_naming_the_file(tmp_path, imag
                                           ("visual-genome", "region_descriptions.json")])
 def test_deeply_nested_streamed_json_is_one_error_not_the_machine(tmp_path, images, layout, name):
     """ijson keeps a prefix per level: 200 KB of '[' asked it for ~100 GB."""
-    (tmp_path / name).write_bytes(b"[" * 200_000)
+    opening = b'{"q": ' if layout == "gqa" else b""  # GQA's top level is an object
+    (tmp_path / name).write_bytes(opening + b"[" * 200_000)
     files = [tmp_path / name] + ([_write_published(tmp_path, {"image_data.json": VG_IMAGES})[0]]
                                  if layout == "visual-genome" else [])
     message = one_line_error(_from(layout, files, images, tmp_path / "out"))
