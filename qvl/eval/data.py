@@ -163,10 +163,16 @@ def records(path: Path, type_: type[T]) -> Iterator[tuple[int, T]]:
 
 
 def grounding(path: Path) -> list[Sample]:
-    return [Sample(str(n if r.id is None else r.id), r.image,
-                   {"sent": r.sent, "bbox": [float(v) for v in r.bbox], "width": float(r.width),
-                    "height": float(r.height)})
-            for n, r in records(path, GroundingRecord)]
+    samples = []
+    for n, r in records(path, GroundingRecord):
+        x1, y1, x2, y2 = r.bbox
+        if not (0 <= x1 < x2 <= r.width + 1 and 0 <= y1 < y2 <= r.height + 1):  # a pixel of rounding allowed
+            raise EvalDataError(f"{path}:{n}: $.bbox {r.bbox} is not a box inside the {r.width:g}x{r.height:g} image "
+                                f"(x1 < x2, y1 < y2, within the image): the reference every answer is scored against")
+        samples.append(Sample(str(n if r.id is None else r.id), r.image,
+                              {"sent": r.sent, "bbox": [float(v) for v in r.bbox], "width": float(r.width),
+                               "height": float(r.height)}))
+    return samples
 
 
 def caption(path: Path) -> list[Sample]:

@@ -272,3 +272,17 @@ def test_any_caption_lines(lines):
         else:
             assert len(samples) == len(lines)
             assert all(s.fields["captions"] and all(isinstance(c, str) for c in s.fields["captions"]) for s in samples)
+
+
+@pytest.mark.parametrize("bbox", [[20, 25, 2, 3], [2, 3, 2000, 25], [-5, 3, 10, 25]])
+def test_a_reference_box_that_is_no_box_in_the_image_is_one_error_naming_the_line(tmp_path, bbox):
+    """An inverted or outside reference box was scored silently (IoU 0 for every answer)."""
+    from qvl.eval.data import EvalDataError, grounding
+
+    good = {"image": "a.jpg", "sent": "the dog", "bbox": [1, 2, 10, 20], "width": 40, "height": 30}
+    path = tmp_path / "refcoco.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "bbox": bbox}) + "\n")
+    with pytest.raises(EvalDataError, match=r"refcoco.jsonl:2: \$.bbox"):
+        grounding(path)
+    path.write_text(json.dumps(good) + "\n")
+    assert grounding(path)[0].fields["bbox"] == [1.0, 2.0, 10.0, 20.0]
