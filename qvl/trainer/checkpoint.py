@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated
 
 import msgspec
+import torch
 
 from qvl import boundary
 from qvl.boundary import Count, decode_json
@@ -130,11 +131,16 @@ def load_weights(model: QwenVL, path: Path, what: str) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
-    read_safetensors_header(path)
+    for name, entry in read_safetensors_header(path).items():
+        if entry.dtype not in ("F16", "BF16", "F32", "F64"):  # qvl writes floating weights only
+            raise CheckpointError(f"{path}: tensor {name} is {entry.dtype}; a qvl checkpoint holds floating weights")
     try:
         load_model(model, str(path))
     except (OSError, RuntimeError, ValueError, SafetensorError) as e:
-        raise CheckpointError(f"{path}: cannot load into {what} ({str(e)[:300]})") from None
+        raise CheckpointError(f"{path}: cannot load into {what} ({' '.join(str(e).split())[:300]})") from None
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: tensor {name} holds NaN or infinity; the checkpoint is damaged")
 
 
 def load_checkpoint(folder: str | Path, explicit_preset: str | None = None):

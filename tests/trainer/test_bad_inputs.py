@@ -292,3 +292,25 @@ def test_a_preset_nested_past_the_parser_is_one_line(micro, tmp_path):
     result = runner.invoke(app, ["train", "--stage", "2", "--data", str(micro["multitask"]), "--out",
                                  str(tmp_path / "run"), "--preset", str(deep)])
     assert "deep.toml" in one_line_error(result)
+
+
+@pytest.mark.parametrize("damage", ["nan", "int64", "missing key"])
+def test_weights_that_load_but_cannot_be_right_are_one_line(checkpoint, damage):
+    """NaN weights generated garbage with exit 0; an int64 weight loaded; a missing key printed torch's
+    multi-line state_dict error."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = checkpoint / "model.safetensors"
+    weights = load_file(str(path))
+    name = next(k for k, v in weights.items() if v.is_floating_point() and v.numel() > 1)
+    if damage == "nan":
+        weights[name] = torch.full_like(weights[name], float("nan"))
+    elif damage == "int64":
+        weights[name] = weights[name].to(torch.int64)
+    else:
+        del weights[name]
+    save_file(weights, str(path))
+    result = generate_cli(checkpoint)
+    message = one_line_error(result)
+    assert "model.safetensors" in message and result.output.count("\n") == 1
