@@ -69,6 +69,8 @@ class Source:
                 f"{self.count}: must be from 0 to {MAX_COUNT:,}")
         require(self.fraction is None or (math.isfinite(self.fraction) and 0 <= self.fraction <= MAX_REPEAT),
                 "fraction", f"{self.fraction}: must be a number from 0 to {MAX_REPEAT}")
+        require(not (self.layout == "qvl" and self.tasks), "tasks",
+                "a qvl source's records name their own task; tasks picks among a published layout's (--from)")
 
 
 @dataclass

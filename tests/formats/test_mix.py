@@ -86,6 +86,7 @@ MIX = {"seed": 0, "tokenizer": "bytes", "image_tokens": 4, "pack_to": 256}
     ({"name": None}, "missing setting(s) name"),
     ({"files": []}, "files: a source needs its files"),
     ({"images": "a\0b"}, "images: a path cannot hold a NUL character"),
+    ({"tasks": ["vqa"]}, "tasks: a qvl source's records name their own task"),  # was ignored: nothing said
 ])
 def test_a_bad_source_is_one_line_naming_the_file(tmp_path, suffix, change, message):
     src = source_files(tmp_path / "data")
