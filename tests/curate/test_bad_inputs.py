@@ -396,6 +396,21 @@ def test_a_bad_balance_entries_file_is_one_line_naming_it(tmp_path, content, exp
     assert expected in one_line_error(result) and not (out / "kept").exists()
 
 
+def test_an_entry_too_long_for_the_matcher_is_refused_naming_its_line(tmp_path):
+    """One entry of 1M characters once crashed the process (SIGSEGV in pyahocorasick): it must be
+    refused before any automaton is built — so the command runs in a child process here."""
+    entries = tmp_path / "entries.txt"
+    entries.write_text("bus\n" + "a" * 1_000_000 + "\n")
+    result = subprocess.run([sys.executable, "-m", "qvl.cli", "curate", "filter", str(_pairs_file(tmp_path)),
+                             "--out", str(tmp_path / "out"), "--balance", str(entries), "--balance-t", "1",
+                             "--skip-rule", "lang", "--workers", "1", "--no-progress"],
+                            capture_output=True, text=True, timeout=120)
+    output = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 1, output
+    assert output.startswith("error:") and "entries.txt:2: an entry of 1,000,000 characters" in output, output
+    assert not (tmp_path / "out" / "kept").exists()
+
+
 def test_an_entries_file_with_a_bom_and_blank_lines_balances(tmp_path):
     entries = tmp_path / "entries.txt"
     entries.write_bytes("\ufeffbus\n\n  street  \n".encode())
