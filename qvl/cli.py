@@ -178,9 +178,9 @@ def curate_report(
     if not path.is_file():
         _fail(f"{path}: no report here (has `qvl curate filter --out {out}` finished?)")
     try:
-        data = json.loads(path.read_bytes())
+        data = report_mod.read(path)
         text = json.dumps(data, indent=2, ensure_ascii=False) if as_json else report_mod.markdown(data)
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # not JSON, or not a qvl report
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # not JSON, or not a qvl report
         raise QvlError(f"{path}: not a qvl curate report ({type(e).__name__}: {str(e)[:200]})") from None
     if as_json:
         typer.echo(text)

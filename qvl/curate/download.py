@@ -128,9 +128,9 @@ def read_curated(curated: Path) -> tuple[pl.DataFrame, dict]:
     if repeated.len():  # one row id, one pair: kept + rejected == input holds only then
         raise DownloadError(f"{curated}/kept: row_id {repeated[0]!r} is missing or repeats (not one filter run's output)")
     try:
-        report = storage.read_json(report_path)
+        report = report_mod.read(report_path)
         report["settings"]["min_side"], report["settings"]["max_aspect_ratio"]
-    except (ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise DownloadError(f"{report_path}: not a qvl filter report ({type(e).__name__}: {str(e)[:200]})") from None
     return kept.with_row_index("_order"), report
 

@@ -455,7 +455,7 @@ def run_filter(
             st.merge(totals, m["stats"])
     report = report_mod.build(totals, settings, shards, partitions)
     if from_ledger is not None:  # rewrites were not run again: they are the previous run's
-        previous = storage.read_json(Path(from_ledger) / "report.json")
+        previous = report_mod.read(Path(from_ledger) / "report.json")
         report.update(rewrites=previous["rewrites"], inputs=previous["inputs"], from_ledger=str(from_ledger))
     if balance_report is not None:
         report["balance"] = balance_report

@@ -434,7 +434,7 @@ def test_a_malformed_option_is_said_once(tmp_path, options, expected):
 @pytest.mark.parametrize("report", [
     "not json", '{"settings": 3}', '{"no settings": {}}', '[1, 2]',
     '{"settings": {"min_side": "big"}}', '{"settings": {"max_aspect_ratio": 1e999}}',
-    '{"settings": {"surprise": 1}}',
+    '{"settings": {"surprise": 1}}', "[" * 100_000, '{"settings": {}, "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
 ])
 def test_a_damaged_previous_report_is_one_line_naming_it(tmp_path, report):
     result, prev = filter_cli(tmp_path, [_pairs_file(tmp_path)], out=tmp_path / "prev")
@@ -446,7 +446,8 @@ def test_a_damaged_previous_report_is_one_line_naming_it(tmp_path, report):
 
 
 @pytest.mark.parametrize("damage", ["report not JSON", "report not UTF-8", "report settings an int",
-                                    "report without counts", "ledger truncated"])
+                                    "report without counts", "ledger truncated", "report JSON nested too deeply",
+                                    "report JSON with NaN"])
 def test_why_and_report_on_a_damaged_run_are_one_line_naming_it(tmp_path, damage):
     result, out = filter_cli(tmp_path, [_pairs_file(tmp_path)])
     assert result.exit_code == 0, result.output
@@ -459,6 +460,10 @@ def test_why_and_report_on_a_damaged_run_are_one_line_naming_it(tmp_path, damage
         report.write_text('{"settings": 5}')
     elif damage == "report without counts":
         report.write_text('{"settings": {}}')
+    elif damage == "report JSON nested too deeply":
+        report.write_text(report.read_text().replace('"settings":', '"x": ' + "[" * 100_000 + "]" * 100_000 + ', "settings":', 1))
+    elif damage == "report JSON with NaN":  # Python's json reads it and `--json` printed it: no JSON reader reads that
+        report.write_text(report.read_text().replace('"settings":', '"x": NaN, "settings":', 1))
     else:
         for path in (out / "ledger" / "filter").glob("*.parquet"):
             path.write_bytes(b"PAR1 truncated")
