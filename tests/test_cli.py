@@ -76,3 +76,13 @@ def test_bad_input_is_a_message(tmp_path):
     assert "x.parquet: not a readable parquet file" in result.output
     result = runner.invoke(app, ["curate", "report", str(tmp_path / "nothing")])
     assert result.exit_code == 1 and "no report here" in result.output
+
+
+def test_a_preset_nested_too_deeply_is_one_line_naming_it(tmp_path):
+    """tomllib recurses once per ``[``: 100k of them were a RecursionError traceback."""
+    preset = tmp_path / "deep.toml"
+    preset.write_text("a = " + "[" * 100_000)
+    result = runner.invoke(app, ["train", "--stage", "1", "--data", str(tmp_path / "shards"), "--out",
+                                 str(tmp_path / "run"), "--preset", str(preset), "--no-progress"])
+    assert result.exit_code == 1 and result.output.startswith("error:"), result.output
+    assert "deep.toml: not a qvl preset" in " ".join(result.output.split())
