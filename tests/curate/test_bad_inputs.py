@@ -102,6 +102,19 @@ ROW_CASES = {
         "pairs.jsonl",
         "\n" + json.dumps({"url": "http://x.test/1.jpg", "text": "a red\u202e bus\x00 on a street"}) + "\n\n",
         {"pairs.jsonl:1": "malformed_row", "pairs.jsonl:2": None, "pairs.jsonl:3": "malformed_row"}),
+    "JSONL lone surrogate escapes (Python's json reads them; UTF-8 cannot hold them), a proper pair kept": (
+        "pairs.jsonl",
+        '{"URL":"http://x.test/1.jpg","TEXT":"a \\ud800 bus parked","WIDTH":640,"HEIGHT":480}\n'
+        '{"url":"http://x.test/2.jpg","text":"%s","\\udfff":1}\n'
+        '{"url":"http://x.test/3.jpg","text":"%s \\ud83d\\ude8c"}\n' % (CAPTION, CAPTION),
+        {"pairs.jsonl:1": "invalid_utf8", "pairs.jsonl:2": "invalid_utf8", "pairs.jsonl:3": "emoji"}),
+    "JSONL lines nested past the recursion limit, first and later": (
+        "pairs.jsonl",
+        "[" * 100_000 + "\n" + json.dumps({"url": "http://x.test/2.jpg", "text": CAPTION}) + "\n"
+        + '{"url": "http://x.test/3.jpg", "text": "%s", "x": %s}\n' % (CAPTION, "[" * 100_000 + "]" * 100_000)
+        + json.dumps({"url": "http://x.test/4.jpg", "text": CAPTION + " four"}) + "\n",
+        {"pairs.jsonl:1": "malformed_row", "pairs.jsonl:2": None, "pairs.jsonl:3": "malformed_row",
+         "pairs.jsonl:4": None}),
 }
 
 
