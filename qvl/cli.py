@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -12,15 +13,49 @@ from typing import Annotated, Optional
 import typer
 from rich.markdown import Markdown
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from qvl.errors import QvlError
 from qvl.progress import console
 
 
 
+# click's, whether typer vendors click or not: the base of every "the command line is wrong"
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+class _Group(TyperGroup):
+    """A command group whose usage errors (``--balance-t nan``, an unknown option, a missing
+    one) are one ``error:`` line naming the option, with click's exit status 2 — not Typer's
+    boxed usage panel. A group called bare still prints its help."""
+
+    def parse_args(self, ctx, args):
+        with _one_line_usage_errors():
+            return super().parse_args(ctx, args)
+
+    def invoke(self, ctx):  # a subcommand's options are parsed here
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors():
+    try:
+        yield
+    except _UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `qvl curate`: the help, as Typer prints it
+            raise
+        where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+        _fail(e.format_message() + where, code=e.exit_code)
+
+
 class _App(typer.Typer):
     """A Typer app whose every command prints a ``QvlError`` as one ``error:`` line (exit 1):
-    what qvl refuses is said once, here, whatever command met it."""
+    what qvl refuses is said once, here, whatever command met it; a usage error is one line too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("cls", _Group)
+        super().__init__(*args, **kwargs)
 
     def command(self, *args, **kwargs):
         register = super().command(*args, **kwargs)
