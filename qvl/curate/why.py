@@ -114,7 +114,7 @@ def explain(folder: str | Path, row_id: str) -> dict:
     state = folder / "_qvl.json"
     try:
         if state.is_file():  # a download: start at its filter run
-            origin = Path(report_mod.read(state)["from"])
+            origin = Path(download.Folders(folder).read_state()["from"])
             steps, verdict = _filter_story(origin, row_id)
             if verdict.startswith("kept"):
                 more, verdict = _download_story(folder, row_id)

@@ -542,3 +542,16 @@ def test_a_previous_run_rewritten_by_polars_is_read_again(tmp_path):
     result = runner.invoke(app, ["curate", "filter", "--from-ledger", str(prev), "--out", str(tmp_path / "new"),
                                  "--no-progress", "--workers", "1", "--skip-rule", "lang"])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("state", ["garbage", "[" * 100_000, '{"from": NaN}', '{"from": 5}', "[]",
+                                   '{"from": "/x", "clip": [1]}'])
+def test_a_damaged_download_state_is_one_line_naming_it(tmp_path, state):
+    """clip-score and why read a download's _qvl.json before anything else: damaged, it is named."""
+    (tmp_path / "ledger").mkdir()
+    pl.DataFrame({"row_id": ["pairs.jsonl:1"]}).write_parquet(tmp_path / "ledger" / "download.parquet")
+    (tmp_path / "_qvl.json").write_text(state)
+    for args in (["clip-score", str(tmp_path), "--model", "ViT-B-32", "--pretrained", str(tmp_path / "w.safetensors"),
+                  "--no-progress"], ["why", str(tmp_path), "pairs.jsonl:1"]):
+        message = one_line_error(runner.invoke(app, ["curate", *args]))
+        assert "_qvl.json: damaged" in message, message
