@@ -555,3 +555,14 @@ def test_a_damaged_download_state_is_one_line_naming_it(tmp_path, state):
                   "--no-progress"], ["why", str(tmp_path), "pairs.jsonl:1"]):
         message = one_line_error(runner.invoke(app, ["curate", *args]))
         assert "_qvl.json: damaged" in message, message
+
+
+@pytest.mark.parametrize("state", ["garbage", "[" * 100_000, '{"fingerprint": NaN}', '{"fingerprint": "x"}',
+                                   '{"fingerprint": "x", "partitions": [1]}'])
+def test_a_damaged_run_state_on_resume_is_one_line_naming_it(tmp_path, state):
+    """Running into an --out that holds a run resumes it from _state/run.json: damaged, it is named."""
+    result, out = filter_cli(tmp_path, [_pairs_file(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (out / "_state" / "run.json").write_text(state)
+    result, _ = filter_cli(tmp_path, [_pairs_file(tmp_path)])
+    assert "_state/run.json: damaged" in one_line_error(result)
