@@ -69,11 +69,14 @@ def convert(obj: Any, type_: type[T], reason: str = "bad_field") -> T:
 
 
 def decode_json(data: bytes | str, type_: Any = Any, reason: str = "malformed_json") -> Any:
-    """One JSON document (a JSONL line) as ``type_``. Invalid JSON, NaN/Infinity literals and
-    lone surrogates are ``reason``; a value of the wrong type is ``bad_field``; a string that is
-    not valid UTF-8 is ``bad_text``."""
+    """One JSON document (a JSONL line) as ``type_``. Invalid JSON, NaN/Infinity literals,
+    lone surrogates and arrays or objects nested past the interpreter's recursion limit (100k
+    ``[`` in a few hundred KB) are ``reason``; a value of the wrong type is ``bad_field``; a
+    string that is not valid UTF-8 is ``bad_text``."""
     try:
         return msgspec.json.decode(data, type=type_, strict=True)
+    except RecursionError:
+        raise RecordError("not valid JSON: arrays or objects nested too deeply", reason) from None
     except msgspec.ValidationError as e:
         raise RecordError(str(e), "bad_field") from None
     except UnicodeDecodeError as e:  # msgspec checks UTF-8 inside strings only as it builds them
@@ -113,7 +116,7 @@ def _has_lone_surrogate_escape(data: bytes | str) -> bool:
 
     try:
         value = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     try:
         _check_text(value, "$")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -12,16 +13,47 @@ from typing import Annotated, Optional
 import typer
 from rich.markdown import Markdown
 from rich.markup import escape
+from typer.core import TyperGroup
 
-from qvl.boundary import decode_json
 from qvl.errors import QvlError
 from qvl.progress import console
 
+# click's, whether typer vendors click or not: the base of every "the command line is wrong"
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+class _Group(TyperGroup):
+    """A command group whose usage errors (``--balance-t nan``, an unknown option, a missing
+    one) are one ``error:`` line naming the option, with click's exit status 2 — not Typer's
+    boxed usage panel. A group called bare still prints its help."""
+
+    def parse_args(self, ctx, args):
+        with _one_line_usage_errors():
+            return super().parse_args(ctx, args)
+
+    def invoke(self, ctx):  # a subcommand's options are parsed here
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors():
+    try:
+        yield
+    except _UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `qvl curate`: the help, as Typer prints it
+            raise
+        where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+        _fail(e.format_message() + where, code=e.exit_code)
 
 
 class _App(typer.Typer):
     """A Typer app whose every command prints a ``QvlError`` as one ``error:`` line (exit 1):
-    what qvl refuses is said once, here, whatever command met it."""
+    what qvl refuses is said once, here, whatever command met it; a usage error is one line too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("cls", _Group)
+        super().__init__(*args, **kwargs)
 
     def command(self, *args, **kwargs):
         register = super().command(*args, **kwargs)
@@ -179,9 +211,9 @@ def curate_report(
     if not path.is_file():
         _fail(f"{path}: no report here (has `qvl curate filter --out {out}` finished?)")
     try:
-        data = decode_json(path.read_bytes())  # strict JSON: no NaN, no nesting past what a report holds
+        data = report_mod.read(path)
         text = json.dumps(data, indent=2, ensure_ascii=False) if as_json else report_mod.markdown(data)
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:  # not a qvl report
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # not JSON, or not a qvl report
         raise QvlError(f"{path}: not a qvl curate report ({type(e).__name__}: {str(e)[:200]})") from None
     if as_json:
         typer.echo(text)
@@ -404,8 +436,13 @@ def format_export(
     """Write conversations and annotations as ms-swift's or LLaMA-Factory's JSON dataset, the
     template's text and boxes already in --model's convention for the resize that tool applies;
     or, with --check DIR, check an export against the bounds the tool will run with."""
-    from qvl.formats.export import LLAMAFACTORY_MAX_PIXELS, LLAMAFACTORY_MIN_PIXELS, ExportSettings, run_check, \
-        run_export
+    from qvl.formats.export import (
+        LLAMAFACTORY_MAX_PIXELS,
+        LLAMAFACTORY_MIN_PIXELS,
+        ExportSettings,
+        run_check,
+        run_export,
+    )
 
     if check is not None:
         try:

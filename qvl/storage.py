@@ -134,7 +134,7 @@ def claim(out: Path, kind: str, legacy: tuple[str, ...] = (), create: bool = Tru
         if marker.is_file():
             try:
                 owner = read_json(marker).get("kind")
-            except (OSError, ValueError, AttributeError):
+            except (OSError, ValueError, AttributeError, RecursionError):  # a marker qvl did not write
                 owner = None
         elif any((out / name).exists() for name in legacy):
             owner = kind

@@ -1,8 +1,14 @@
-"""qvl.boundary: what no record may hold reaches nothing past it."""
+"""qvl.boundary: what no record may hold reaches nothing past it — whatever bytes arrive,
+``decode_json`` gives a value of the type or one RecordError."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qvl.boundary import decode_json
 from qvl.errors import RecordError
@@ -36,3 +42,38 @@ def test_a_report_that_is_a_deep_nest_or_holds_nan_is_one_line(tmp_path):
         result = CliRunner().invoke(app, ["curate", "report", str(tmp_path), "--json"])
         assert result.exit_code == 1 and result.output.startswith("error:") and "report.json" in result.output
         assert "Traceback" not in result.output and "NaN" not in result.output.split("(")[0]
+
+
+class Meta(msgspec.Struct):
+    resolution: int = 0
+
+
+DEEP = [
+    (b"[" * 100_000, Any),
+    (b"[" * 100_000 + b"]" * 100_000, Any),
+    (b'{"resolution": 1, "extra": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", Meta),  # a field msgspec skips
+    (b'{"a": ' + b"{\"b\": " * 100_000, dict),
+]
+
+
+@pytest.mark.parametrize("data, type_", DEEP)
+def test_a_deep_nest_is_malformed_json_not_a_recursion_error(data, type_):
+    with pytest.raises(RecordError) as e:
+        decode_json(data, type_)
+    assert e.value.reason == "malformed_json" and "nested too deeply" in str(e.value)
+    with pytest.raises(RecordError) as e:
+        decode_json(data.decode(), type_, reason="malformed_row")
+    assert e.value.reason == "malformed_row"
+
+
+def test_a_nest_of_ordinary_depth_decodes():
+    assert decode_json(b"[" * 500 + b"]" * 500) is not None
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(depth=st.integers(0, 200_000), opener=st.sampled_from([b"[", b'{"k":']), tail=st.binary(max_size=20))
+def test_any_nest_is_a_value_or_a_record_error(depth, opener, tail):
+    try:
+        decode_json(opener * depth + tail)
+    except RecordError as e:
+        assert e.reason in {"malformed_json", "bad_field", "bad_text"}

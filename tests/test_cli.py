@@ -76,3 +76,36 @@ def test_bad_input_is_a_message(tmp_path):
     assert "x.parquet: not a readable parquet file" in result.output
     result = runner.invoke(app, ["curate", "report", str(tmp_path / "nothing")])
     assert result.exit_code == 1 and "no report here" in result.output
+
+
+def test_a_preset_nested_too_deeply_is_one_line_naming_it(tmp_path):
+    """tomllib recurses once per ``[``: 100k of them were a RecursionError traceback."""
+    preset = tmp_path / "deep.toml"
+    preset.write_text("a = " + "[" * 100_000)
+    result = runner.invoke(app, ["train", "--stage", "1", "--data", str(tmp_path / "shards"), "--out",
+                                 str(tmp_path / "run"), "--preset", str(preset), "--no-progress"])
+    assert result.exit_code == 1 and result.output.startswith("error:"), result.output
+    assert "deep.toml: not a qvl preset" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("args, names", [
+    (["curate", "filter", "{tmp}/p.jsonl", "--out", "{tmp}/o", "--balance-t", "nan"], "'--balance-t'"),
+    (["format", "sft", "--max-pixels", "nan"], "'--max-pixels'"),
+    (["curate", "filter", "{tmp}/p.jsonl", "--out", "{tmp}/o", "--workers", "1" * 5000], "'--workers'"),
+    (["curate", "filter", "{tmp}/p.jsonl"], "'--out'"),
+    (["curate", "filter", "--no-such-option"], "--no-such-option"),
+    (["no-such-command"], "'no-such-command'"),
+    (["train", "--stage", "9", "--data", "{tmp}", "--out", "{tmp}/o"], "'--stage'"),
+])
+def test_a_usage_error_is_one_line_naming_the_option(tmp_path, args, names):
+    """Typer's boxed usage panel (a dozen lines) becomes one ``error:`` line; exit 2 as click's."""
+    result = runner.invoke(app, [a.format(tmp=tmp_path) for a in args])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error:") and names in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and len(result.output) < 2200, result.output
+    assert "Traceback" not in result.output and "╭" not in result.output
+
+
+def test_a_bare_group_still_prints_its_help():
+    result = runner.invoke(app, ["curate"])
+    assert "filter" in result.output and "error:" not in result.output

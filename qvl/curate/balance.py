@@ -38,32 +38,41 @@ from qvl import storage
 from qvl.curate.settings import FilterSettings
 from qvl.errors import QvlError
 
+# MetaCLIP's 500k entries are words and short phrases (a few MB in all). An entry is a path of
+# that many nodes in the Aho-Corasick trie, which pyahocorasick frees by recursion: one entry of
+# 1M characters overflows the C stack (SIGSEGV), so each is bounded; and each character may be a
+# node of ~50 bytes in every worker, so the file is too (16 MiB: under 1 GB a worker).
+MAX_ENTRY_CHARS = 1000
+MAX_ENTRIES_BYTES = 16 << 20
 
 
 def active(s: FilterSettings) -> bool:
     return s.clip_top_fraction is not None or bool(s.balance_entries) or bool(s.lang_mix)
 
 
-MAX_ENTRY = 1000  # MetaCLIP's entries are WordNet synsets, Wikipedia titles and n-grams: all far shorter
-
-
 def read_entries(path: str | Path) -> list[str]:
     """The entries of a ``--balance`` file, one a line (blank lines skipped); a file that cannot
-    be read, is not UTF-8 or holds no entry is one QvlError naming it (and the line)."""
+    be read, is too large, is not UTF-8, holds an entry too long or no entry is one QvlError
+    naming it (and the line)."""
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_ENTRIES_BYTES + 1)
     except OSError as e:
         raise QvlError(f"{path}: cannot read the balance entries ({e.strerror})") from None
+    if len(raw) > MAX_ENTRIES_BYTES:
+        raise QvlError(f"{path}: larger than {MAX_ENTRIES_BYTES >> 20} MiB (balance entries are words and short phrases)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise QvlError(f"{path}:{line}: not UTF-8 text (balance entries are one a line)") from None
-    entries = [line.strip() for line in text.removeprefix("\ufeff").splitlines() if line.strip()]
-    for number, line in enumerate(text.removeprefix("\ufeff").splitlines(), 1):
-        if len(line.strip()) > MAX_ENTRY:  # the matcher's trie is as deep as the longest entry (a 1M-char one crashes it)
-            raise QvlError(f"{path}:{number}: an entry of {len(line.strip()):,} characters; entries are words and "
-                           f"phrases of at most {MAX_ENTRY:,}")
+    entries = []
+    for n, line in enumerate(text.removeprefix("\ufeff").splitlines(), 1):
+        if len(entry := line.strip()) > MAX_ENTRY_CHARS:
+            raise QvlError(f"{path}:{n}: an entry of {len(entry):,} characters; "
+                           f"balance entries are words and short phrases (at most {MAX_ENTRY_CHARS:,})")
+        if entry:
+            entries.append(entry)
     if not entries:
         raise QvlError(f"{path}: no entries (every line is blank); give one entry a line")
     return entries

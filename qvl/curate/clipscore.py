@@ -164,7 +164,7 @@ def run_clip_score(images: str | Path, s: ClipSettings, show_progress: bool = Tr
     f = dl.Folders(Path(images))
     if not f.state.is_file() or not (f.ledger / "download.parquet").is_file():
         raise ClipScoreError(f"{images}: not the --out of a finished `qvl curate download`")
-    state = storage.read_json(f.state)
+    state = f.read_state()
     device = torch.device("cuda" if s.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if s.device == "auto" else s.device))
     clip, preprocess, tokenizer, name = load_model(s.model, s.pretrained, device)

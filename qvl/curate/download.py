@@ -98,6 +98,18 @@ class Folders:
     def state(self) -> Path:
         return self.out / "_qvl.json"
 
+    def read_state(self) -> dict:
+        """``_qvl.json``: where the download came from, and clip-score's choices. Damaged (not
+        JSON, nested past the recursion limit, NaN, no curated run, a clip that is no table)
+        is one DownloadError naming it, never a traceback in download, clip-score or why."""
+        try:
+            state = report_mod.read(self.state)
+            if not isinstance(state.get("from"), str) or not isinstance(state.get("clip", {}), dict):
+                raise ValueError("no curated run (`from`) or a `clip` that is not a table")
+        except (OSError, ValueError) as e:
+            raise DownloadError(f"{self.state}: damaged, not the state of a qvl curate download ({e})") from None
+        return state
+
 
 # ---------------------------------------------------------------- inputs
 
@@ -128,9 +140,9 @@ def read_curated(curated: Path) -> tuple[pl.DataFrame, dict]:
     if repeated.len():  # one row id, one pair: kept + rejected == input holds only then
         raise DownloadError(f"{curated}/kept: row_id {repeated[0]!r} is missing or repeats (not one filter run's output)")
     try:
-        report = storage.read_json(report_path)
+        report = report_mod.read(report_path)
         report["settings"]["min_side"], report["settings"]["max_aspect_ratio"]
-    except (ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise DownloadError(f"{report_path}: not a qvl filter report ({type(e).__name__}: {str(e)[:200]})") from None
     return kept.with_row_index("_order"), report
 
@@ -385,7 +397,7 @@ def derive(f: Folders, kept: pl.DataFrame, base_report: dict, s: DownloadSetting
         frame = frame.join(clip.select("row_id", "clip_score_computed", "clip_model",
                                        *[c for c in ("aesthetic_computed",) if c in clip.columns]),
                            on="row_id", how="left")
-        chosen = storage.read_json(f.state).get("clip", {}) if f.state.exists() else {}  # clip-score's thresholds
+        chosen = f.read_state().get("clip", {}) if f.state.exists() else {}  # clip-score's thresholds
         thresholds = next(t for t in (clip_thresholds, chosen.get("thresholds"), settings["clip_thresholds"])
                           if t is not None)
         default = next((t for t in (clip_default, chosen.get("default"), settings["clip_threshold_default"])
@@ -500,10 +512,10 @@ def run_download(curated: str | Path, out: str | Path, s: DownloadSettings | Non
         shutil.rmtree(out)
         storage.claim(out, "curate download")
     elif f.state.exists():
-        previous = storage.read_json(f.state)
+        previous = f.read_state()
         if {k: previous.get(k) for k in state} != state:
             raise DownloadError(f"{out}: holds a download of another curated run; use another --out or --overwrite")
-    clip = storage.read_json(f.state).get("clip") if f.state.exists() else None
+    clip = f.read_state().get("clip") if f.state.exists() else None
     storage.write_json(f.state, {**state, "settings": dataclasses.asdict(s), **({"clip": clip} if clip else {})})
 
     attempts = sorted(int(p.name) for p in f.attempts.glob("[0-9]*")) if f.attempts.exists() else []

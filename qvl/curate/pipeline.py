@@ -349,12 +349,18 @@ def _prepare(out: Path, shards: list[Shard], settings: FilterSettings, run: RunS
     fingerprint = _fingerprint(shards, settings, mapping, source)
     storage.claim(out, "curate filter", legacy=("_state/run.json",))
     if state_file.exists() and not overwrite:
-        state = storage.read_json(state_file)
-        if state["fingerprint"] != fingerprint:
+        from qvl.curate import report as report_mod
+
+        try:
+            state = report_mod.read(state_file)
+            old_fingerprint, partitions = state["fingerprint"], int(state["partitions"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise RunStateError(f"{state_file}: damaged ({type(e).__name__}: {str(e)[:200]}); "
+                                "use another --out, or --overwrite to replace the run") from None
+        if old_fingerprint != fingerprint:
             raise RunStateError(
                 f"{out}: holds a run of other inputs or settings; use another --out, or --overwrite to replace it"
             )
-        partitions = int(state["partitions"])
     else:
         if overwrite:
             for sub in ("kept", "rejected", "ledger", "_work", "_state"):
@@ -455,7 +461,7 @@ def run_filter(
             st.merge(totals, m["stats"])
     report = report_mod.build(totals, settings, shards, partitions)
     if from_ledger is not None:  # rewrites were not run again: they are the previous run's
-        previous = storage.read_json(Path(from_ledger) / "report.json")
+        previous = report_mod.read(Path(from_ledger) / "report.json")
         report.update(rewrites=previous["rewrites"], inputs=previous["inputs"], from_ledger=str(from_ledger))
     if balance_report is not None:
         report["balance"] = balance_report

@@ -15,6 +15,7 @@ import dataclasses
 import gzip
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -43,6 +44,30 @@ SEQ_ROW_BITS = 40  # _seq = shard index << 40 | row: 1T rows per shard, 8M shard
 
 class InputError(QvlError):
     """A whole input file cannot be read; the message names the file and the problem."""
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800-\udfff: half of a pair, or alone
+
+
+def _json_line(raw: bytes | str) -> tuple[object, str | None]:
+    """One JSONL line decoded, or the reject reason: ``invalid_utf8`` for bytes that are not
+    UTF-8 and for a lone surrogate escape (``"\\ud800"``: Python's json reads it, no UTF-8
+    writer can write it), ``malformed_row`` for what is not JSON or nests past the recursion
+    limit (100k ``[``)."""
+    try:
+        obj = json.loads(raw)
+    except UnicodeDecodeError:
+        return None, "invalid_utf8"
+    except (json.JSONDecodeError, RecursionError):
+        return None, "malformed_row"
+    if _SURROGATE_ESCAPE.search(raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")):
+        try:  # only lines with such an escape pay for the check; a proper pair is one character now
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return None, "invalid_utf8"
+        except RecursionError:
+            return None, "malformed_row"
+    return obj, None
 
 
 @dataclass(frozen=True)
@@ -138,24 +163,12 @@ def _sample_lines(path: Path, compression: str | None) -> list[str]:
     return lines
 
 
-def _valid_unicode(obj) -> bool:
-    """No lone surrogate (``"\\ud800"`` parses, and then cannot be written as UTF-8) anywhere in ``obj``."""
-    try:
-        json.dumps(obj, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _json_columns(path: Path, lines: list[str]) -> list[str]:
     """The keys of the first line that is a JSON object (a bad first line is a reject, not the file's end)."""
     for line in lines:
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
-            continue
+        obj, _ = _json_line(line)
         if isinstance(obj, dict):
             return list(obj)
     if any(line.strip() for line in lines):
@@ -511,19 +524,9 @@ def _jsonl_batches(shard: Shard, batch_rows: int) -> Iterator[pl.DataFrame]:
                 line_no += 1
                 if line_no == 1:
                     raw = raw.removeprefix(BOM)
-                try:
-                    obj = json.loads(raw)
-                except UnicodeDecodeError:
-                    bad.append((line_no, raw.decode("utf-8", errors="replace").rstrip("\n"), "invalid_utf8"))
-                    continue
-                except (json.JSONDecodeError, RecursionError):  # RecursionError: a line of 100k '['
-                    bad.append((line_no, raw.decode("utf-8", errors="replace").rstrip("\n"), "malformed_row"))
-                    continue
-                if (b"\\ud" in raw or b"\\uD" in raw) and not _valid_unicode(obj):  # a lone surrogate escape
-                    bad.append((line_no, raw.decode("utf-8", errors="replace").rstrip("\n"), "invalid_utf8"))
-                    continue
-                if not isinstance(obj, dict):
-                    bad.append((line_no, raw.decode("utf-8", errors="replace").rstrip("\n"), "malformed_row"))
+                obj, reason = _json_line(raw)
+                if reason is not None or not isinstance(obj, dict):
+                    bad.append((line_no, raw.decode("utf-8", errors="replace").rstrip("\n"), reason or "malformed_row"))
                     continue
                 records.append(obj)
                 lines.append(line_no)

@@ -25,13 +25,13 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qvl import storage
 from qvl.curate import langid, layouts, rules
+from qvl.curate import report as report_mod
 from qvl.curate.readers import SEQ_ROW_BITS, Shard
 from qvl.curate.settings import FilterSettings
 from qvl.errors import QvlError
-from qvl.schemas.pairs import check_columns
 from qvl.recipes import fill
+from qvl.schemas.pairs import check_columns
 
 SCORE_SETTINGS = {f"{score}_{kind}" for score in ("nsfw", "watermark", "aesthetic")
                   for kind in ("thresholds", "threshold_default")}
@@ -53,8 +53,8 @@ def previous_settings(prev: Path) -> FilterSettings:
     if not report.is_file() or not (prev / "_state" / "run.json").is_file():
         raise LedgerError(f"{prev}: not the --out of a finished `qvl curate filter` (no report.json / _state)")
     try:
-        values = storage.read_json(report)["settings"]
-    except (ValueError, KeyError, TypeError):
+        values = report_mod.read(report)["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
         raise LedgerError(f"{report}: not a qvl filter report (no JSON object with its settings)") from None
     if not isinstance(values, dict):
         raise LedgerError(f"{report}: settings: not a table")
@@ -81,7 +81,7 @@ def shards_of(prev: Path) -> list[Shard]:
     """Every output file of the previous run (kept and rejected) as an input shard."""
     run_json = prev / "_state" / "run.json"
     try:
-        state = storage.read_json(run_json)
+        state = report_mod.read(run_json)
         names = state.get("input_names") or [Path(p).name for p in state["inputs"]]  # runs before qvl.inputs
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise LedgerError(f"{run_json}: damaged ({type(e).__name__}: {str(e)[:200]})") from None

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import polars as pl
 
-from qvl import storage
 from qvl.curate import download, rules
+from qvl.curate import report as report_mod
 from qvl.errors import QvlError
 from qvl.recipes import short
 
@@ -35,7 +35,7 @@ def _filter_story(folder: Path, row_id: str) -> tuple[list[dict], str]:
         sample = pl.scan_parquet(sorted((folder / "ledger" / "filter").glob("*.parquet"))).head(1).collect()
         hint = f" (row ids look like {sample['row_id'][0]!r})" if sample.height else ""
         raise WhyError(f"{short(row_id)}: not an input row of the filter run in {folder}{hint}")
-    s = storage.read_json(folder / "report.json")["settings"]
+    s = report_mod.read(folder / "report.json")["settings"]
     failed = set(facts["failed_rules"] or [])
     w, h, score, source = facts["width"], facts["height"], facts["clip_score"], facts["source"]
     threshold = s["clip_thresholds"].get(source, s["clip_threshold_default"])
@@ -114,7 +114,7 @@ def explain(folder: str | Path, row_id: str) -> dict:
     state = folder / "_qvl.json"
     try:
         if state.is_file():  # a download: start at its filter run
-            origin = Path(storage.read_json(state)["from"])
+            origin = Path(download.Folders(folder).read_state()["from"])
             steps, verdict = _filter_story(origin, row_id)
             if verdict.startswith("kept"):
                 more, verdict = _download_story(folder, row_id)

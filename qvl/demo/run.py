@@ -6,8 +6,8 @@ from pathlib import Path
 
 from qvl.curate.pipeline import run_filter
 from qvl.curate.settings import RunSettings
-from qvl.demo.pairs import write_demo_pairs
 from qvl.demo.learn import DemoWorld, run_learning_demo
+from qvl.demo.pairs import write_demo_pairs
 from qvl.demo.world import write_annotations
 from qvl.formats.build import FormatSettings, run_format
 

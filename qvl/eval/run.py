@@ -167,7 +167,7 @@ def _read_parts(out: Path) -> dict[str, dict]:
         for line in part.read_bytes().splitlines():
             try:
                 row = json.loads(line)
-            except ValueError:  # not JSON, not UTF-8: a line cut by a kill
+            except (ValueError, RecursionError):  # not JSON, not UTF-8 (a line cut by a kill), nested past parsing
                 continue
             if isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("id", "prompt", "answer")):
                 done[row["id"]] = row

@@ -91,8 +91,15 @@ def reference_processor(name: str, folder: Path, min_pixels: int | None = None, 
     processor with the released settings, its chat template (images; no tools or thinking).
     What qvl's renderings are checked and benchmarked against."""
     from tokenizers import normalizers
-    from transformers import AutoProcessor, PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen2VLProcessor, \
-        Qwen2VLVideoProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+    from transformers import (
+        AutoProcessor,
+        PreTrainedTokenizerFast,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     from qvl.formats.tokenizers import QWEN_PATTERN, _qwen_ranks_path

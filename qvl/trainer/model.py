@@ -189,7 +189,7 @@ def load_preset(name_or_path: str) -> ModelConfig:
         raise PresetError(f"{path}: unreadable ({e.strerror or e})") from None
     try:
         data = decode_json(raw) if path.suffix == ".json" else tomllib.loads(raw.decode("utf-8"))
-    except (RecordError, tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except (RecordError, tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:  # tomllib recurses per [
         raise PresetError(f"{path}: not a qvl preset ({e})") from None
     return preset_from_dict(data, str(path))
 

@@ -102,6 +102,19 @@ ROW_CASES = {
         "pairs.jsonl",
         "\n" + json.dumps({"url": "http://x.test/1.jpg", "text": "a red\u202e bus\x00 on a street"}) + "\n\n",
         {"pairs.jsonl:1": "malformed_row", "pairs.jsonl:2": None, "pairs.jsonl:3": "malformed_row"}),
+    "JSONL lone surrogate escapes (Python's json reads them; UTF-8 cannot hold them), a proper pair kept": (
+        "pairs.jsonl",
+        '{"URL":"http://x.test/1.jpg","TEXT":"a \\ud800 bus parked","WIDTH":640,"HEIGHT":480}\n'
+        '{"url":"http://x.test/2.jpg","text":"%s","\\udfff":1}\n'
+        '{"url":"http://x.test/3.jpg","text":"%s \\ud83d\\ude8c"}\n' % (CAPTION, CAPTION),
+        {"pairs.jsonl:1": "invalid_utf8", "pairs.jsonl:2": "invalid_utf8", "pairs.jsonl:3": "emoji"}),
+    "JSONL lines nested past the recursion limit, first and later": (
+        "pairs.jsonl",
+        "[" * 100_000 + "\n" + json.dumps({"url": "http://x.test/2.jpg", "text": CAPTION}) + "\n"
+        + '{"url": "http://x.test/3.jpg", "text": "%s", "x": %s}\n' % (CAPTION, "[" * 100_000 + "]" * 100_000)
+        + json.dumps({"url": "http://x.test/4.jpg", "text": CAPTION + " four"}) + "\n",
+        {"pairs.jsonl:1": "malformed_row", "pairs.jsonl:2": None, "pairs.jsonl:3": "malformed_row",
+         "pairs.jsonl:4": None}),
 }
 
 
@@ -406,6 +419,21 @@ def test_an_entry_longer_than_any_real_one_is_one_line_naming_file_and_line(tmp_
     assert not (out / "kept").exists()
 
 
+def test_an_entry_too_long_for_the_matcher_is_refused_naming_its_line(tmp_path):
+    """One entry of 1M characters once crashed the process (SIGSEGV in pyahocorasick): it must be
+    refused before any automaton is built — so the command runs in a child process here."""
+    entries = tmp_path / "entries.txt"
+    entries.write_text("bus\n" + "a" * 1_000_000 + "\n")
+    result = subprocess.run([sys.executable, "-m", "qvl.cli", "curate", "filter", str(_pairs_file(tmp_path)),
+                             "--out", str(tmp_path / "out"), "--balance", str(entries), "--balance-t", "1",
+                             "--skip-rule", "lang", "--workers", "1", "--no-progress"],
+                            capture_output=True, text=True, timeout=120)
+    output = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 1, output
+    assert output.startswith("error:") and "entries.txt:2: an entry of 1,000,000 characters" in output, output
+    assert not (tmp_path / "out" / "kept").exists()
+
+
 def test_an_entries_file_with_a_bom_and_blank_lines_balances(tmp_path):
     entries = tmp_path / "entries.txt"
     entries.write_bytes("\ufeffbus\n\n  street  \n".encode())
@@ -429,7 +457,7 @@ def test_a_malformed_option_is_said_once(tmp_path, options, expected):
 @pytest.mark.parametrize("report", [
     "not json", '{"settings": 3}', '{"no settings": {}}', '[1, 2]',
     '{"settings": {"min_side": "big"}}', '{"settings": {"max_aspect_ratio": 1e999}}',
-    '{"settings": {"surprise": 1}}',
+    '{"settings": {"surprise": 1}}', "[" * 100_000, '{"settings": {}, "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
 ])
 def test_a_damaged_previous_report_is_one_line_naming_it(tmp_path, report):
     result, prev = filter_cli(tmp_path, [_pairs_file(tmp_path)], out=tmp_path / "prev")
@@ -441,7 +469,8 @@ def test_a_damaged_previous_report_is_one_line_naming_it(tmp_path, report):
 
 
 @pytest.mark.parametrize("damage", ["report not JSON", "report not UTF-8", "report settings an int",
-                                    "report without counts", "ledger truncated"])
+                                    "report without counts", "ledger truncated", "report JSON nested too deeply",
+                                    "report JSON with NaN"])
 def test_why_and_report_on_a_damaged_run_are_one_line_naming_it(tmp_path, damage):
     result, out = filter_cli(tmp_path, [_pairs_file(tmp_path)])
     assert result.exit_code == 0, result.output
@@ -454,6 +483,10 @@ def test_why_and_report_on_a_damaged_run_are_one_line_naming_it(tmp_path, damage
         report.write_text('{"settings": 5}')
     elif damage == "report without counts":
         report.write_text('{"settings": {}}')
+    elif damage == "report JSON nested too deeply":
+        report.write_text(report.read_text().replace('"settings":', '"x": ' + "[" * 100_000 + "]" * 100_000 + ', "settings":', 1))
+    elif damage == "report JSON with NaN":  # Python's json reads it and `--json` printed it: no JSON reader reads that
+        report.write_text(report.read_text().replace('"settings":', '"x": NaN, "settings":', 1))
     else:
         for path in (out / "ledger" / "filter").glob("*.parquet"):
             path.write_bytes(b"PAR1 truncated")
@@ -531,3 +564,27 @@ def test_a_lone_surrogate_or_a_deep_nest_in_one_jsonl_line_is_that_rows_reject(t
     result, out = filter_cli(tmp_path, [path])
     assert result.exit_code == 0, result.output
     assert outcomes(out) == {"pairs.jsonl:1": None, "pairs.jsonl:2": "invalid_utf8", "pairs.jsonl:3": "malformed_row"}
+
+
+@pytest.mark.parametrize("state", ["garbage", "[" * 100_000, '{"from": NaN}', '{"from": 5}', "[]",
+                                   '{"from": "/x", "clip": [1]}'])
+def test_a_damaged_download_state_is_one_line_naming_it(tmp_path, state):
+    """clip-score and why read a download's _qvl.json before anything else: damaged, it is named."""
+    (tmp_path / "ledger").mkdir()
+    pl.DataFrame({"row_id": ["pairs.jsonl:1"]}).write_parquet(tmp_path / "ledger" / "download.parquet")
+    (tmp_path / "_qvl.json").write_text(state)
+    for args in (["clip-score", str(tmp_path), "--model", "ViT-B-32", "--pretrained", str(tmp_path / "w.safetensors"),
+                  "--no-progress"], ["why", str(tmp_path), "pairs.jsonl:1"]):
+        message = one_line_error(runner.invoke(app, ["curate", *args]))
+        assert "_qvl.json: damaged" in message, message
+
+
+@pytest.mark.parametrize("state", ["garbage", "[" * 100_000, '{"fingerprint": NaN}', '{"fingerprint": "x"}',
+                                   '{"fingerprint": "x", "partitions": [1]}'])
+def test_a_damaged_run_state_on_resume_is_one_line_naming_it(tmp_path, state):
+    """Running into an --out that holds a run resumes it from _state/run.json: damaged, it is named."""
+    result, out = filter_cli(tmp_path, [_pairs_file(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (out / "_state" / "run.json").write_text(state)
+    result, _ = filter_cli(tmp_path, [_pairs_file(tmp_path)])
+    assert "_state/run.json: damaged" in one_line_error(result)

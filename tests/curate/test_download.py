@@ -137,6 +137,8 @@ KEPT = {"row_id": ["a.jsonl:1", "a.jsonl:2"], "url": ["http://x.test/1.jpg", "ht
     ({}, "garbage", "report.json: not a qvl filter report"),
     ({}, '{"settings": 5}', "report.json: not a qvl filter report"),
     ({}, '{"settings": {}}', "report.json: not a qvl filter report"),
+    ({}, "[" * 100_000, "report.json: not a qvl filter report"),
+    ({}, '{"settings": {"min_side": NaN, "max_aspect_ratio": 3}}', "report.json: not a qvl filter report"),
 ])
 def test_a_hand_edited_filter_output_is_one_error_naming_it(tmp_path, change, report, message):
     """The kept rows a download reads are typed and one row per id (else kept + rejected != input)."""

@@ -9,6 +9,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qvl.curate import readers
 from qvl.curate.readers import InputError
@@ -137,3 +139,32 @@ def test_jsonl_bad_lines_and_gzip(tmp_path):
     assert df.get_column("row_id").to_list() == [f"pairs.jsonl.gz:{i}" for i in range(1, 6)]
     assert df.get_column("_input_error").to_list() == [None, "malformed_row", "malformed_row", None, None]
     assert df.get_column("text_raw").to_list() == ["ok one", "{not json", "[1, 2]", None, "ok two"]
+
+
+_FIELD = st.one_of(
+    st.none(), st.booleans(), st.integers(-(10 ** 30), 10 ** 30), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12), st.lists(st.integers(), max_size=3))
+_HOSTILE_LINE = st.one_of(
+    st.fixed_dictionaries({"url": _FIELD, "text": _FIELD, "width": _FIELD, "height": _FIELD},
+                          optional={"extra": _FIELD}).map(lambda d: json.dumps(d).encode()),
+    st.sampled_from([b'{"url": "http://x/1", "text": "a \\ud800 cat"}', b'{"\\udc00": 1, "url": "u", "text": "t"}',
+                     b'{"url": "u", "text": "a \\ud83d\\ude00 cat"}', b"[" * 5000, b'{"url": ' + b"[" * 3000,
+                     b"", b"not json", b"[1, 2]", b'{"url": "u", "text": "t"', b"\xff\xfe{}", b'{"width": NaN}']),
+    st.binary(max_size=30).filter(lambda b: b"\n" not in b and b"\r" not in b))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(lines=st.lists(_HOSTILE_LINE, min_size=1, max_size=8))
+def test_any_jsonl_line_is_a_row_or_a_reject_never_a_crash(tmp_path_factory, lines):
+    """Every line comes back once, as a row or a reject with its reason, and every row writes to
+    parquet (no lone surrogate gets through) — or the file is one InputError naming it."""
+    path = tmp_path_factory.mktemp("j") / "pairs.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    try:
+        df = read_all(path, mapping={"url": "url", "text": "text"})
+    except InputError as e:
+        assert "pairs.jsonl" in str(e)
+        return
+    assert sorted(df.get_column("row_id").to_list()) == sorted(f"pairs.jsonl:{i + 1}" for i in range(len(lines)))
+    assert set(df.get_column("_input_error").drop_nulls()) <= {"malformed_row", "invalid_utf8"}
+    df.write_parquet(tmp_path_factory.mktemp("p") / "rows.parquet")

@@ -7,7 +7,6 @@ import pytest
 
 from qvl.eval import caption, grounding, vqa
 
-
 # ---------------------------------------------------------------- grounding
 
 @pytest.mark.parametrize("answer, parsed", [

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from tests.conftest import needs_shared_data
-
 import json
 import unicodedata
 
@@ -13,6 +11,7 @@ from qvl.formats import chatml
 from qvl.formats.boxes import AnnotationError
 from qvl.formats.sequence import assemble
 from qvl.formats.tokenizers import IMG_END, IMG_PAD, IMG_START, load_tokenizer
+from tests.conftest import needs_shared_data
 
 IGNORE = -100
 

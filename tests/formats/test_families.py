@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from qvl.formats import families
-from qvl.formats.families import reference_processor
 from qvl.formats.build import FormatSettings, run_format
+from qvl.formats.families import reference_processor
 from qvl.formats.tokenizers import load_tokenizer
 
 SIZES = [(640, 480), (17, 23), (5000, 3000), (1500, 10)]  # ordinary, tiny, huge, 1:150
@@ -56,9 +56,9 @@ def processors(tmp_path_factory):
 
 def rope_index(name: str, ids: list[int], image_grid_thw, image_pad: int) -> list[list[int]]:
     """The model's own ``get_rope_index`` (transformers), for one sample."""
-    import torch
     from types import SimpleNamespace
 
+    import torch
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
