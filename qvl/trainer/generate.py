@@ -100,13 +100,22 @@ def chat_prompt_ids(tok: Tokenizer, image_tokens: int, question: str) -> list[in
 def generate_text(model: QwenVL, tok: Tokenizer, resolution: int, prompt: str, images: Path | None = None,
                   chat: bool = False, system: str | None = None, max_new_tokens: int = 64) -> dict:
     """``{"ids": new token ids, "text": their text}`` for a prompt with ``<img>PATH</img>``
-    spans; the paths are read under ``images`` as `qvl format` reads them (never outside)."""
+    spans; the paths are read under ``images`` as `qvl format` reads them (never outside).
+    Generation stops at the model's context length (``max_new_tokens`` is capped to what is left
+    after the prompt): past it the work only grows, and the positions were never trained."""
     from qvl.formats.boxes import AnnotationError
     from qvl.formats.images import ImageStore
 
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise QvlError(f"--max-new-tokens {max_new_tokens!r}: at least 1")
     ids, refs = render_prompt(tok, model.config.image_tokens, prompt, chat, system)
     if not ids:
         raise QvlError("--prompt is empty: there is nothing to continue")
+    context = model.llm.config.max_position_embeddings
+    if len(ids) >= context:
+        raise QvlError(f"--prompt: {len(ids):,} tokens fill the model's context of {context:,}; "
+                       "nothing can be generated after it")
+    max_new_tokens = min(max_new_tokens, context - len(ids))
     store = ImageStore(images)
     try:
         pixels = torch.stack([load_image(store.read(ref)[0], resolution) for ref in refs]) if refs else None
