@@ -108,6 +108,11 @@ def generate_text(model: QwenVL, tok: Tokenizer, resolution: int, prompt: str, i
 
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise QvlError(f"--max-new-tokens {max_new_tokens!r}: at least 1")
+    for option, text in (("--prompt", prompt), ("--system", system)):
+        try:
+            (text or "").encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: bytes the shell passed that are not UTF-8
+            raise QvlError(f"{option}: not valid Unicode (a lone surrogate at character {e.start})") from None
     ids, refs = render_prompt(tok, model.config.image_tokens, prompt, chat, system)
     if not ids:
         raise QvlError("--prompt is empty: there is nothing to continue")

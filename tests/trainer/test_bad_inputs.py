@@ -347,3 +347,11 @@ def test_weights_of_another_shape_or_not_numbers_are_one_line_naming_the_tensor(
     save_file(weights, path)
     message = one_line_error(generate_cli(checkpoint))
     assert str(path) in message and said in message and key in message, message
+
+
+@pytest.mark.parametrize("option", ["--prompt", "--system"])
+def test_a_prompt_that_is_not_unicode_names_the_option(checkpoint, option):
+    args = {"--prompt": "ok", "--system": "ok", option: "a\udcff"}  # a byte the shell could not decode
+    message = one_line_error(runner.invoke(app, ["generate", "--checkpoint", str(checkpoint), "--chat",
+                                                 "--prompt", args["--prompt"], "--system", args["--system"]]))
+    assert message.startswith(f"error: {option}: not valid Unicode"), message
