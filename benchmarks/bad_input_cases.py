@@ -220,6 +220,27 @@ def trainer_safetensors_header(n: int) -> None:
             pass
 
 
+def trainer_generate_max_new_tokens(n: int) -> None:
+    """`generate --max-new-tokens 10^8 x n` on a micro model with a 256-token context (ran on
+    past the context, for ever): stops at the context; flat in n."""
+    import torch
+
+    from qvl.formats.tokenizers import IMG_PAD, load_tokenizer
+    from qvl.trainer.generate import generate_text
+    from qvl.trainer.model import QwenVL, preset_from_dict
+
+    torch.manual_seed(0)
+    preset = preset_from_dict({"name": "micro", "tokenizer": "bytes", "image_tokens": 4,
+                               "vision": {"width": 32, "layers": 1, "heads": 2, "patch_size": 8},
+                               "adapter": {"heads": 2},
+                               "llm": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                       "num_key_value_heads": 2, "intermediate_size": 64,
+                                       "max_position_embeddings": 256}}, "micro")
+    tok = load_tokenizer(preset.tokenizer)
+    model = QwenVL(preset, tok.vocab_size, tok.special(IMG_PAD), 32).eval()
+    generate_text(model, tok, 32, "abc", max_new_tokens=10 ** 8 * n)
+
+
 def curate_near_dup_same_hash(n: int) -> None:
     """12,000 × n images with one pHash (one popular picture under many URLs)."""
     import numpy as np

@@ -575,16 +575,21 @@ def train(
     """Train a Qwen-VL-style model, stage 1, 2 or 3 (torchrun for several processes)."""
     from qvl.recipes import RecipeError, load_recipe
     from qvl.trainer.data import DataError
-    from qvl.trainer.train import TrainSettings
+    from qvl.trainer.train import TrainSettings, check_overrides
     from qvl.trainer.train import train as run_train
 
     try:
         overrides = dict(load_recipe(recipe).get("stage", {})) if recipe else {}
-        overrides.update({k: v for k, v in {"micro_batch": micro_batch, "accumulation": accumulation,
-                                            "lr": lr}.items() if v is not None})
+        check_overrides(overrides, f"{recipe} [stage]")
+        options = {k: v for k, v in {"micro_batch": micro_batch, "accumulation": accumulation, "lr": lr}.items()
+                   if v is not None}
+        for key, value in options.items():
+            check_overrides({key: value}, f"--{key.replace('_', '-')}")
+        overrides.update(options)
         result = run_train(TrainSettings(stage=stage, data=data, out=out, preset=preset, max_steps=max_steps,
                                          init=init, resume=resume, overwrite=overwrite, llm=llm, seed=seed, max_rejected=max_rejected,
-                                         fsdp=fsdp, precision=precision, progress=progress, overrides=overrides))
+                                         fsdp=fsdp, precision=precision, progress=progress, overrides=overrides,
+                                         overrides_from=f"{recipe} [stage] and options" if recipe else "options"))
     except (DataError, RecipeError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
     console.print(f"[green]trained {result['steps']} steps[/] -> {out}/checkpoint, {out}/metrics.jsonl, {out}/loss.png")

@@ -83,7 +83,8 @@ def iter_records(path: Path) -> Iterator[tuple[int, dict | AnnotationError]]:
     parquet (1-based row); a line that is not a JSON object, or longer than MAX_LINE_BYTES,
     yields an error instead (the record's own fields are typed by its renderer)."""
     if not path.is_file():
-        raise FormatInputError(f"{path}: no such file")
+        raise FormatInputError(f"{path}: not a regular file (a device, folder or pipe)" if path.exists()
+                               else f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         try:

@@ -126,21 +126,42 @@ def read_preset(folder: str | Path, explicit: str | None = None) -> ModelConfig:
     return chosen or own
 
 
+FLOATING = {"F16", "BF16", "F32", "F64"}  # a model's weights; anything else is not a checkpoint qvl wrote
+
+
+def _few(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n:,} more" if len(items) > n else "")
+
+
 def load_weights(model: QwenVL, path: Path, what: str) -> None:
-    """``path`` into ``model``; a damaged file or one of another architecture is one error naming it."""
+    """``path`` into ``model``; a damaged file, one of another architecture (keys or shapes that
+    differ, named a few at a time), weights that are not floating point or not finite, is one
+    error naming the file and the tensors."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
-    for name, entry in read_safetensors_header(path).items():
-        if entry.dtype not in ("F16", "BF16", "F32", "F64"):  # qvl writes floating weights only
-            raise CheckpointError(f"{path}: tensor {name} is {entry.dtype}; a qvl checkpoint holds floating weights")
+    entries = read_safetensors_header(path)
+    odd = sorted(f"{key} ({entry.dtype})" for key, entry in entries.items() if entry.dtype not in FLOATING)
+    if odd:
+        raise CheckpointError(f"{path}: tensors that are not floating point ({', '.join(sorted(FLOATING))}): "
+                              f"{_few(odd)}")
+    own = model.state_dict()
+    shapes = sorted(f"{key} {tuple(entry.shape)} (the model's {tuple(own[key].shape)})"
+                    for key, entry in entries.items() if key in own and tuple(entry.shape) != tuple(own[key].shape))
+    stored = {own[key].data_ptr() for key in entries if key in own}
+    missing = sorted(key for key in own if key not in entries and own[key].data_ptr() not in stored)  # tied: saved once
+    unexpected = sorted(key for key in entries if key not in own)
+    for problem, keys in (("shapes that differ", shapes), ("missing tensors", missing),
+                          ("tensors the model does not have", unexpected)):
+        if keys:
+            raise CheckpointError(f"{path}: not weights of {what}: {problem}: {_few(keys)}")
     try:
         load_model(model, str(path))
     except (OSError, RuntimeError, ValueError, SafetensorError) as e:
         raise CheckpointError(f"{path}: cannot load into {what} ({' '.join(str(e).split())[:300]})") from None
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{path}: tensor {name} holds NaN or infinity; the checkpoint is damaged")
+    for key, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: tensor {key} holds NaN or infinite values; a model cannot run on it")
 
 
 def load_checkpoint(folder: str | Path, explicit_preset: str | None = None):

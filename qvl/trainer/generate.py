@@ -97,34 +97,30 @@ def chat_prompt_ids(tok: Tokenizer, image_tokens: int, question: str) -> list[in
     return render_prompt(tok, image_tokens, f"Picture 1: <img>x</img>\n{question}", chat=True)[0]
 
 
-def context_length(model: QwenVL) -> int:
-    """The positions the LLM has: nothing past them is generated."""
-    config = model.llm.config
-    for name in ("max_position_embeddings", "n_positions", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 1 << 15
-
-
 def generate_text(model: QwenVL, tok: Tokenizer, resolution: int, prompt: str, images: Path | None = None,
                   chat: bool = False, system: str | None = None, max_new_tokens: int = 64) -> dict:
     """``{"ids": new token ids, "text": their text}`` for a prompt with ``<img>PATH</img>``
-    spans; the paths are read under ``images`` as `qvl format` reads them (never outside)."""
+    spans; the paths are read under ``images`` as `qvl format` reads them (never outside).
+    Generation stops at the model's context length (``max_new_tokens`` is capped to what is left
+    after the prompt): past it the work only grows, and the positions were never trained."""
     from qvl.formats.boxes import AnnotationError
     from qvl.formats.images import ImageStore
 
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError:
-        raise QvlError("--prompt: not valid Unicode (a lone surrogate)") from None
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise QvlError(f"--max-new-tokens {max_new_tokens!r}: at least 1")
+    for option, text in (("--prompt", prompt), ("--system", system)):
+        try:
+            (text or "").encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: bytes the shell passed that are not UTF-8
+            raise QvlError(f"{option}: not valid Unicode (a lone surrogate at character {e.start})") from None
     ids, refs = render_prompt(tok, model.config.image_tokens, prompt, chat, system)
     if not ids:
         raise QvlError("--prompt is empty: there is nothing to continue")
-    context = context_length(model)
-    if not 1 <= max_new_tokens <= context - len(ids):
-        raise QvlError(f"--max-new-tokens {max_new_tokens}: must be from 1 to {context - len(ids)} "
-                       f"(the model's {context}-token context less the prompt's {len(ids)})")
+    context = model.llm.config.max_position_embeddings
+    if len(ids) >= context:
+        raise QvlError(f"--prompt: {len(ids):,} tokens fill the model's context of {context:,}; "
+                       "nothing can be generated after it")
+    max_new_tokens = min(max_new_tokens, context - len(ids))
     store = ImageStore(images)
     try:
         pixels = torch.stack([load_image(store.read(ref)[0], resolution) for ref in refs]) if refs else None

@@ -189,8 +189,10 @@ def load_preset(name_or_path: str) -> ModelConfig:
         raise PresetError(f"{path}: unreadable ({e.strerror or e})") from None
     try:
         data = decode_json(raw) if path.suffix == ".json" else tomllib.loads(raw.decode("utf-8"))
-    except (RecordError, tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:  # tomllib recurses per [
-        raise PresetError(f"{path}: not a qvl preset ({e})") from None
+    except (RecordError, ValueError) as e:  # TOMLDecodeError, UnicodeDecodeError, an int of 4300+ digits
+        raise PresetError(f"{path}: not a qvl preset ({str(e)[:300]})") from None
+    except RecursionError:  # tomllib recurses once per nested array or table
+        raise PresetError(f"{path}: not a qvl preset (nested too deeply)") from None
     return preset_from_dict(data, str(path))
 
 

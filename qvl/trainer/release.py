@@ -124,15 +124,20 @@ def preset_from_config(config: ReleaseConfig, where: str = "config.json") -> Mod
     )
 
 
-def config_from_preset(preset: ModelConfig, like: dict, resolution: int) -> dict:
-    """``like`` (the release's config.json) with the sizes of ``preset``."""
+def config_from_preset(preset: ModelConfig, like: dict, resolution: int, where: str = "the checkpoint") -> dict:
+    """``like`` (the release's config.json) with the sizes of ``preset``; a preset not in the
+    release's shape (one ``convert from-qwen-vl`` writes) is one error saying what it lacks."""
     v, a, llm = preset.vision, preset.adapter, preset.llm
-    needed = ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "intermediate_size",
-              "rms_norm_eps", "rope_theta", "vocab_size", "tie_word_embeddings")
-    missing = [key for key in needed if key not in llm]
-    if missing:
-        raise ConvertError(f"preset {preset.name}: not in the release's shape (its [llm] lacks {', '.join(missing)}); "
-                           "only a checkpoint converted from the release (or trained from one) converts back")
+    lacks = [f"[{table}] {key}" for table, values, keys in (
+        ("vision", v, ("width", "layers", "heads", "patch_size", "mlp_ratio")),
+        ("llm", llm, ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "intermediate_size",
+                      "rms_norm_eps", "rope_theta", "vocab_size", "tie_word_embeddings"))) for key in keys
+             if key not in values]
+    lacks += [need for need, ok in (("[vision] class_token = false", v.get("class_token", True) is False),
+                                    ("[adapter] stored_positions = true", a.get("stored_positions") is True)) if not ok]
+    if lacks:
+        raise ConvertError(f"{where} (preset {preset.name}): not in the release's shape (a checkpoint of convert "
+                           f"from-qwen-vl, or trained from one); its preset lacks {', '.join(lacks)}")
     out = json.loads(json.dumps(like))
     out.update(hidden_size=llm["hidden_size"], num_hidden_layers=llm["num_hidden_layers"],
                num_attention_heads=llm["num_attention_heads"], kv_channels=llm["head_dim"],
@@ -413,7 +418,7 @@ def to_qwen_vl(checkpoint: str | Path, out: str | Path, like: str | Path, dtype:
         raise ConvertError(f"--like {like}: no modeling_qwen.py (the release's remote code is needed to load it)")
     meta = read_meta(checkpoint)
     preset = read_preset(checkpoint)
-    config = config_from_preset(preset, like_config, meta.resolution)
+    config = config_from_preset(preset, like_config, meta.resolution, str(checkpoint))
     entries = key_map(preset)
     tensors = Tensors([checkpoint / "model.safetensors"], floating=True)
     _check_names({k for e in entries for k in e[1]}, tensors.keys(), {k for e in entries for k in e[0]}, None,

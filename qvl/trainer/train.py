@@ -29,16 +29,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from qvl import storage
-from qvl.boundary import Count, decode_json
+from qvl.boundary import Count, convert, decode_json
 from qvl.errors import QvlError, RecordError
 from qvl.formats.tokenizers import IMG_PAD, load_tokenizer
 from qvl.progress import progress_bar
-from qvl.recipes import coerce, require
+from qvl.recipes import fill
 from qvl.schemas.samples import IGNORE_INDEX
 from qvl.trainer import parallel
 from qvl.trainer.checkpoint import load_weights, read_meta, read_preset
 from qvl.trainer.data import Loader, Shards
-from qvl.trainer.model import QwenVL, load_preset
+from qvl.trainer.model import QwenVL, StagesSpec, load_preset
 from qvl.trainer.stages import STAGES, Stage
 
 
@@ -60,16 +60,59 @@ class TrainSettings:
     precision: str = "auto"  # bf16 autocast where the device computes bf16 natively, else fp32; or bf16 / fp32
     max_rejected: float = 0.01  # a fraction of the shards' input records
     overrides: dict = dataclasses.field(default_factory=dict)  # stage fields from a recipe / CLI
+    overrides_from: str = "stage overrides"  # where they come from, for errors: a recipe's file and table
     log: bool = True
     progress: bool = False  # a progress bar (steps/s, ETA, loss) instead of a line every 10 steps
 
-    def __post_init__(self) -> None:
-        require(math.isfinite(self.max_rejected) and 0 <= self.max_rejected <= 1, "max_rejected",
-                f"{self.max_rejected!r}: must be a fraction from 0 to 1")
-        require(0 <= self.seed < 1 << 32, "seed", f"{self.seed!r}: must be from 0 to 2^32 - 1")
-        require(self.max_steps is None or 0 <= self.max_steps <= 1 << 40, "max_steps",
-                f"{self.max_steps!r}: must be 0 or more")
-        require(1 <= self.checkpoint_every <= 1 << 40, "checkpoint_every", f"{self.checkpoint_every!r}: must be 1 or more")
+
+class SettingsError(QvlError):
+    """A training setting out of range, said before anything loads (a micro-batch of 0 or a
+    seed numpy refuses would otherwise hang or fail minutes in)."""
+
+
+MAX_STEPS = 1 << 40  # as a preset's [stages] allows
+MAX_SEED = (1 << 32) - 1  # numpy's seeds
+
+
+def check_settings(s: TrainSettings) -> None:
+    """The run's own numbers, each named as its option: steps, seed, reject fraction, checkpoint
+    interval; then the stage overrides (``check_overrides``)."""
+    if s.stage not in STAGES:
+        raise SettingsError(f"--stage {s.stage!r}: use 1, 2 or 3")
+    if s.max_steps is not None and (isinstance(s.max_steps, bool) or not isinstance(s.max_steps, int)
+                                    or not 0 <= s.max_steps <= MAX_STEPS):
+        raise SettingsError(f"--max-steps {s.max_steps!r}: a number of optimiser steps from 0 to {MAX_STEPS:,}")
+    if isinstance(s.seed, bool) or not isinstance(s.seed, int) or not 0 <= s.seed <= MAX_SEED:
+        raise SettingsError(f"--seed {s.seed!r}: an integer from 0 to {MAX_SEED:,}")
+    if not isinstance(s.max_rejected, (int, float)) or not 0 <= s.max_rejected <= 1:  # NaN fails too
+        raise SettingsError(f"--max-rejected {s.max_rejected!r}: a fraction from 0 to 1")
+    if isinstance(s.checkpoint_every, bool) or not isinstance(s.checkpoint_every, int) or s.checkpoint_every < 1:
+        raise SettingsError(f"checkpoint_every {s.checkpoint_every!r}: at least 1 step")
+    check_overrides(s.overrides, s.overrides_from)
+
+
+def _one_stage(hint):
+    """``_per_stage(X) | None`` -> ``X``: the range a preset's [stages] allows for one value."""
+    per_stage = typing.get_args(hint)[0]  # Annotated[list[X], Meta]
+    return typing.get_args(typing.get_args(per_stage)[0])[0]
+
+
+StageValues = msgspec.defstruct(
+    "StageValues", [(name, _one_stage(hint) | None, None)
+                    for name, hint in typing.get_type_hints(StagesSpec, include_extras=True).items()])
+
+
+def check_overrides(overrides: dict, where: str) -> None:
+    """Stage overrides (a recipe's [stage], --micro-batch, --lr ...): known fields of ``Stage``
+    of the right type (``recipes.fill``), in the ranges a preset's [stages] allows; an error
+    names ``where`` and the setting."""
+    if not overrides:
+        return
+    fill(Stage, {**dataclasses.asdict(STAGES[1]), **overrides}, where)
+    try:
+        convert({k: v for k, v in overrides.items() if k in StageValues.__struct_fields__}, StageValues)
+    except RecordError as e:
+        raise SettingsError(f"{where}: {e}") from None
 
 
 def stage_for(settings: TrainSettings, preset) -> Stage:
@@ -77,19 +120,9 @@ def stage_for(settings: TrainSettings, preset) -> Stage:
     stage = dataclasses.replace(STAGES[settings.stage])
     for key, values in preset.stages.items():
         setattr(stage, key, values[settings.stage - 1])
-    hints = typing.get_type_hints(Stage)
-    for key, value in settings.overrides.items():
-        if key not in hints:
-            raise ValueError(f"unknown stage setting {key!r}; known: {', '.join(sorted(hints))}")
-        setattr(stage, key, coerce(value, hints[key], f"[stage] {key}"))
+    stage = fill(Stage, {**dataclasses.asdict(stage), **settings.overrides}, settings.overrides_from)
     if settings.max_steps is not None:
         stage.max_steps = settings.max_steps
-    for key, ok, allowed in (("micro_batch", 1 <= stage.micro_batch <= 1 << 16, "1 to 65536"),
-                             ("accumulation", 1 <= stage.accumulation <= 1 << 16, "1 to 65536"),
-                             ("max_steps", 0 <= stage.max_steps <= 1 << 40, "0 or more"),
-                             ("lr", math.isfinite(stage.lr) and stage.lr > 0, "a finite number above 0"),
-                             ("min_lr", math.isfinite(stage.min_lr) and stage.min_lr >= 0, "a finite number, 0 or more")):
-        require(ok, key, f"{getattr(stage, key)!r}: must be {allowed}")
     return stage
 
 
@@ -174,6 +207,7 @@ def rng_state() -> dict:
 
 def train(s: TrainSettings) -> dict:
     # ---------------------------------------------------------------- setup
+    check_settings(s)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1 and not dist.is_initialized():

@@ -124,6 +124,9 @@ def test_cli_sft_inspect_and_existing_output(tmp_path, images):
     assert shown.exit_code == 0 and "Red." in shown.output and "<imgpad>×256" in shown.output
     missing = runner.invoke(app, ["format", "sft", "-i", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "x")])
     assert missing.exit_code == 1 and "nope.jsonl: no such file" in missing.output
+    for not_a_file in (tmp_path, Path("/dev/zero")):  # it exists: "no such file" would mislead
+        refused = runner.invoke(app, ["format", "sft", "-i", str(not_a_file), "--out", str(tmp_path / "x")])
+        assert refused.exit_code == 1 and f"{not_a_file}: not a regular file" in refused.output, refused.output
 
 
 def test_written_features_equal_datasets_own():

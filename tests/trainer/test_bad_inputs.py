@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from qvl.cli import app
@@ -236,6 +237,8 @@ VISION = "[vision]\nwidth = 32\nlayers = 1\nheads = 2\n"
     (HEAD + VISION + "patch_size = 8\n[stages]\nlr = [inf, 1e-3, 1e-3]\n", "lr"),
     ("name = 'x'\ntokenizer = 'bytes'\nimage_tokens = 5\n", "image_tokens"),
     ("name = [", "not a qvl preset"),
+    ("a = " + "[" * 100_000, "nested too deeply"),  # tomllib's RecursionError
+    ("a = 1" + "0" * 5000, "not a qvl preset"),  # Python's limit on integer digits
     (HEAD + VISION + "patch_size = 8\n[llm]\nhidden_size = 33\nnum_attention_heads = 2\n", "hidden_size"),
 ])
 def test_a_bad_preset_file_is_one_line_naming_it(micro, tmp_path, text, field):
@@ -263,23 +266,23 @@ def test_a_preset_too_big_to_build_is_refused_before_allocating(micro, tmp_path,
 
 
 @pytest.mark.parametrize("option, value, named", [
-    ("--micro-batch", "0", "micro_batch"),  # hung: "1 steps of 0x1x1" forever
-    ("--accumulation", "1000000000000", "accumulation"),  # hung
-    ("--max-steps", "-5", "max_steps"),  # trained 0 steps, exit 0
-    ("--max-rejected", "nan", "max_rejected"),  # switched the reject check off
-    ("--seed", str(10 ** 30), "seed"),  # numpy's message, no option named
+    ("--micro-batch", "0", "--micro-batch"),  # hung: "1 steps of 0x1x1" forever
+    ("--accumulation", "1000000000000", "--accumulation"),  # hung
+    ("--max-steps", "-5", "--max-steps"),  # trained 0 steps, exit 0
+    ("--max-rejected", "nan", "--max-rejected"),  # switched the reject check off
+    ("--seed", str(10 ** 30), "--seed"),  # numpy's message, no option named
 ])
 def test_training_settings_out_of_range_are_one_line_before_any_work(micro, tmp_path, option, value, named):
     assert named in one_line_error(train_cli(micro, tmp_path / "run", option, value))
     assert not (tmp_path / "run" / "checkpoint").exists()
 
 
-def test_generate_is_bounded_by_the_models_context(checkpoint):
-    """--max-new-tokens 10^8 ran past the positions the model has (unbounded time); -1 printed nothing."""
-    for value in ("100000000", "0", "-1"):
+def test_generate_refuses_no_new_tokens_and_a_prompt_that_is_not_unicode(checkpoint):
+    """--max-new-tokens -1 printed nothing, exit 0 (10^8 is capped at the context: see the test below)."""
+    for value in ("0", "-1"):
         result = runner.invoke(app, ["generate", "--checkpoint", str(checkpoint), "--prompt", "<ref>a</ref>",
                                      "--max-new-tokens", value])
-        assert "--max-new-tokens" in one_line_error(result) and "context" in result.output
+        assert "--max-new-tokens" in one_line_error(result)
     result = runner.invoke(app, ["generate", "--checkpoint", str(checkpoint), "--prompt", "a\udcff",
                                  "--max-new-tokens", "2"])
     assert "--prompt" in one_line_error(result)
@@ -314,3 +317,95 @@ def test_weights_that_load_but_cannot_be_right_are_one_line(checkpoint, damage):
     result = generate_cli(checkpoint)
     message = one_line_error(result)
     assert "model.safetensors" in message and result.output.count("\n") == 1
+
+
+# ---------------------------------------------------------------- settings out of range, refused before loading
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--micro-batch", "0"),  # hung: no row ever filled a micro-batch
+    ("--accumulation", "1000000000000"),  # hung collecting micro-batches
+    ("--max-steps", "-5"),  # trained 0 steps silently
+    ("--max-rejected", "nan"),  # disabled the reject check silently
+    ("--max-rejected", "1.5"),
+    ("--seed", "99999999999"),  # numpy's message
+    ("--seed", "-1"),
+    ("--lr", "0"),  # torch's message, after the model was built
+    ("--lr", "nan"),
+])
+def test_a_setting_out_of_range_is_refused_naming_it(micro, tmp_path, option, value):
+    out = tmp_path / "run"
+    message = one_line_error(train_cli(micro, out, option, value))
+    assert message.startswith(f"error: {option}"), message
+    assert not out.exists()  # refused before the run folder was claimed
+
+
+def test_a_recipe_stage_setting_is_named_with_its_file_and_table(micro, tmp_path):
+    out = tmp_path / "run"
+    for text, said in [("[stage]\ncolour = 1\n", "unknown setting(s) colour"),
+                       ("[stage]\nmicro_batch = 0\n", "micro_batch"),
+                       ("[stage]\nlr = 'fast'\n", "lr")]:
+        recipe = tmp_path / "r.toml"
+        recipe.write_text(text)
+        message = one_line_error(train_cli(micro, out, "--recipe", str(recipe)))
+        assert f"{recipe} [stage]: " in message and said in message, message
+    assert not out.exists()
+
+
+def short_context(checkpoint: Path, positions: int) -> None:
+    """The checkpoint's preset with a context of ``positions`` tokens (rotary positions: no weights change)."""
+    preset = json.loads((checkpoint / "preset.json").read_text())
+    preset["llm"]["max_position_embeddings"] = positions
+    (checkpoint / "preset.json").write_text(json.dumps(preset))
+
+
+def test_generate_stops_at_the_context_length(checkpoint):
+    short_context(checkpoint, 40)
+    result = runner.invoke(app, ["generate", "--checkpoint", str(checkpoint), "--prompt", "abc", "--json",
+                                 "--max-new-tokens", "100000000"])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.output)["ids"]) <= 40 - 3
+    message = one_line_error(runner.invoke(app, ["generate", "--checkpoint", str(checkpoint), "--prompt", "x" * 40]))
+    assert "--prompt" in message and "context of 40" in message
+    for wrong in ("0", "-1"):
+        message = one_line_error(runner.invoke(app, ["generate", "--checkpoint", str(checkpoint), "--prompt", "abc",
+                                                     "--max-new-tokens", wrong]))
+        assert "--max-new-tokens" in message, message
+
+
+@pytest.mark.parametrize("damage, said", [
+    ("a key missing", "missing tensors"),
+    ("an extra key", "tensors the model does not have"),
+    ("a wrong shape", "shapes that differ"),
+    ("int64", "not floating point"),
+    ("nan", "NaN or infinite"),
+    ("inf", "NaN or infinite"),
+])
+def test_weights_of_another_shape_or_not_numbers_are_one_line_naming_the_tensor(checkpoint, damage, said):
+    from safetensors.torch import load_file, save_file
+
+    path = checkpoint / "model.safetensors"
+    weights = load_file(path)
+    key = sorted(k for k, t in weights.items() if t.ndim == 2)[0]
+    if damage == "a key missing":
+        del weights[key]
+    elif damage == "an extra key":
+        weights["stray.weight"] = torch.zeros(2)
+        key = "stray.weight"
+    elif damage == "a wrong shape":
+        weights[key] = weights[key][:1].clone()
+    elif damage == "int64":
+        weights[key] = weights[key].long()
+    else:
+        weights[key] = torch.full_like(weights[key], float(damage))
+    save_file(weights, path)
+    message = one_line_error(generate_cli(checkpoint))
+    assert str(path) in message and said in message and key in message, message
+
+
+@pytest.mark.parametrize("option", ["--prompt", "--system"])
+def test_a_prompt_that_is_not_unicode_names_the_option(checkpoint, option):
+    args = {"--prompt": "ok", "--system": "ok", option: "a\udcff"}  # a byte the shell could not decode
+    message = one_line_error(runner.invoke(app, ["generate", "--checkpoint", str(checkpoint), "--chat",
+                                                 "--prompt", args["--prompt"], "--system", args["--system"]]))
+    assert message.startswith(f"error: {option}: not valid Unicode"), message

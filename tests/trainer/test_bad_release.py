@@ -205,3 +205,15 @@ def test_an_index_that_is_not_utf8_names_the_file(small, tmp_path):
     index.write_bytes(index.read_bytes().replace(b"lm_head", b"lm\x80\xffhead"))
     message = one_line_error(convert(folder, tmp_path / "out"))
     assert index.name in message and "UTF-8" in message, message
+
+
+def test_to_qwen_vl_of_a_checkpoint_not_in_the_release_shape_says_what_it_lacks(micro, small, tmp_path):
+    run = tmp_path / "run"
+    trained = runner.invoke(app, ["train", "--stage", "2", "--data", str(micro["multitask"]), "--out", str(run),
+                                  "--preset", micro["preset"], "--max-steps", "0", "--no-progress"])
+    assert trained.exit_code == 0, trained.output
+    message = one_line_error(runner.invoke(app, ["convert", "to-qwen-vl", str(run / "checkpoint"), "--out",
+                                                 str(tmp_path / "o"), "--like", str(small)]))
+    assert str(run / "checkpoint") in message and "not in the release's shape" in message, message
+    assert "[llm] head_dim" in message and "stored_positions" in message, message
+    assert not (tmp_path / "o").exists()
