@@ -63,6 +63,19 @@ def formats_importers_grit_chunks(n: int) -> None:
         _records("grit", [path])
 
 
+def formats_importers_refcoco_memo(n: int) -> None:
+    """A refs pickle of n x 100,000 memoized strings, then a LONG_BINPUT 2^32-1: CPython sized its
+    memo by that index (32 GB); now the opcodes are scanned (linear) and the index refused."""
+    import pickle
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "refs(unc).p"
+        body = pickle.dumps([str(i) for i in range(100_000 * n)], protocol=2)[:-1]
+        path.write_bytes(body + b"r\xff\xff\xff\xff.")
+        (Path(d) / "instances.json").write_text('{"images": [], "annotations": []}')
+        _records("refcoco", [path, Path(d) / "instances.json"])
+
+
 def _sft(turn: str, model: str = "qwen-vl", max_len: int = 1 << 20, image: bool = False) -> None:
     """One conversation whose user turn is ``turn``, rendered and tokenized (``max_len`` high
     enough that it is not refused by its length)."""

@@ -508,3 +508,19 @@ def test_a_lone_surrogate_in_a_key_or_where_no_text_belongs_is_bad_text(tmp_path
     run_cli("sft", chat, tmp_path / "sft", "--tokenizer", "bytes")
     assert {line: r["reason"] for line, r in rejects_of(tmp_path / "sft").items()} == {
         1: "bad_text", 2: "bad_text", 3: "bad_text"}
+
+
+# ---------------------------------------------------------------- issue #19, second probe
+
+@pytest.mark.parametrize("pickled, words", [
+    (b"\x80\x02]r\xff\xff\xff\xff.", "memo index 4294967295"),  # LONG_BINPUT 2^32-1: CPython sized its memo to 32 GB
+    (b"\x80\x04\x8e" + b"\xff" * 8 + b".", "bytes8 byte count"),  # BINBYTES8 of 2^64-1 bytes: OverflowError
+    (b"\x80\x04\x95" + (2**63 - 1).to_bytes(8, "little") + b"].", "frame of"),
+    (b"\x80\x02](}q\x00b.", "refuses opcode BUILD"),
+])
+def test_a_refs_pickle_that_asks_for_memory_or_objects_is_one_error_naming_it(tmp_path, images, pickled, words):
+    refs, instances = _write_published(tmp_path, {"refs(unc).p": pickled, "instances.json": INSTANCES})
+    for command in (_from("refcoco", [refs, instances], images, tmp_path / "out"),
+                    cli("export", "--from", "refcoco", str(refs), str(instances), "--out", str(tmp_path / "x"), "--to", "ms-swift")):
+        message = one_line_error(command)
+        assert f"{refs}: not a plain refs pickle" in message and words in message, message
