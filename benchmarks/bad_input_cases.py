@@ -33,9 +33,9 @@ def _records(layout: str, files: list[Path]) -> None:
 def formats_importers_deep_json(n: int) -> None:
     """n x 100 KB of '[' in a streamed file: ijson's prefixes were quadratic (gigabytes); now refused at depth 64."""
     with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "gqa.json"
+        path = Path(d) / "blip.json"
         path.write_bytes(b"[" * (100_000 * n))
-        _records("gqa", [path])
+        _records("llava-pretrain", [path])
 
 
 def formats_importers_escaped_strings(n: int) -> None:

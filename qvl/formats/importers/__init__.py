@@ -189,14 +189,45 @@ class DepthLimited:
         self.offset += n
 
 
+BOM = b"\xef\xbb\xbf"
+VALUE_STARTS = {b"[": "a list", b"{": "an object", b'"': "a string", b"t": "true", b"f": "false", b"n": "null",
+                **{bytes([c]): "a number" for c in b"-0123456789"}}
+
+
+def _open(path: Path):
+    """The file in binary, past a UTF-8 byte-order mark (``json.load`` accepts one; ijson does not)."""
+    f = open(path, "rb")
+    if f.read(len(BOM)) != BOM:
+        f.seek(0)
+    return f
+
+
+def _check_top(path: Path, prefix: str, pairs: bool) -> None:
+    """A file whose top level is not what ``prefix`` reads (``item...``: a list; ``key...`` or
+    pairs: an object) would give no records, silently: it is one error naming the file."""
+    first = prefix.split(".")[0]
+    expected = "a list" if first == "item" else "an object" if first or pairs else None
+    if expected is None:
+        return
+    with _open(path) as f:
+        while chunk := f.read(BLOCK):
+            if head := chunk.lstrip(b" \t\r\n"):
+                found = VALUE_STARTS.get(head[:1])
+                if found is not None and found != expected:
+                    raise LayoutFileError(f"{path}: the layout publishes {expected} at the top level, not {found}")
+                return
+
+
 def stream(path: Path, prefix: str, pairs: bool = False) -> Iterator:
     """The values under ``prefix`` (``(key, value)`` with ``pairs``) of a JSON file too big to
-    load, read as a stream; a file that stops being JSON is a LayoutFileError naming it."""
+    load, read as a stream; a file that stops being JSON, or whose top level is not the one
+    ``prefix`` reads, is a LayoutFileError naming it."""
     import ijson
 
     try:
+        _check_top(path, prefix, pairs)
         backend = _backend(path)
-        with open(path, "rb") as f:
+        with _open(path) as f:
             read = backend.kvitems if pairs else backend.items
             yield from read(DepthLimited(f, path), prefix, use_float=True)
     except (ijson.JSONError, UnicodeDecodeError) as e:
@@ -208,7 +239,7 @@ def events(path: Path) -> Iterator:
     import ijson
 
     try:
-        with open(path, "rb") as f:
+        with _open(path) as f:
             yield from ijson.parse(DepthLimited(f, path))
     except (ijson.JSONError, UnicodeDecodeError) as e:
         raise stream_error(path, e) from None
