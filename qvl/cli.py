@@ -439,6 +439,8 @@ def format_mix(
     for source, tasks in manifest["by_source"].items():
         console.print(f"  {source}: " + ", ".join(f"{t} {c['samples']:,} samples / {c['tokens']:,} tokens"
                                                   for t, c in tasks.items()))
+    for source, count in manifest["mix"]["skipped_by_task"].items():
+        console.print(f"  {source}: {count:,} records of other tasks skipped")
 
 
 @format_app.command("inspect")
