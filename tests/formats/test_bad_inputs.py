@@ -557,3 +557,14 @@ def test_a_streamed_file_may_start_with_a_utf8_bom_as_a_loaded_one_may(tmp_path,
     result = _from(layout, [path], images, tmp_path / "out")
     assert result.exit_code == 0 and "Traceback" not in result.output, result.output
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["samples"] == 1
+
+
+@pytest.mark.parametrize("command", ["multitask", "export"])
+@pytest.mark.parametrize("limit", ["-3", "0"])
+def test_a_limit_below_one_is_one_error_not_an_empty_output(tmp_path, images, command, limit):
+    gqa = _write_published(tmp_path, {"gqa.json": GQA_GOOD})[0]
+    tail = ["--images", str(images), "--tokenizer", "bytes"] if command == "multitask" else ["--to", "ms-swift"]
+    message = one_line_error(cli(command, "--from", "gqa", str(gqa), "--limit", limit, "--out", str(tmp_path / "out"),
+                                 *tail))
+    assert f"--limit {limit}: must be 1 or more" in message
+    assert not (tmp_path / "out").exists()

@@ -17,6 +17,7 @@ carry many). A file that is not JSON, or ends early, is one ``LayoutFileError`` 
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +69,8 @@ def registry() -> dict[str, Importer]:
 
 def records(layout: str, files: list[Path], tasks: list[str] | None = None, split: str | None = None,
             limit: int | None = None) -> Yield:
-    """The importer's records for ``files`` (at most ``limit``), after checking what was asked."""
+    """The importer's records for ``files`` (at most ``limit``), after checking what was asked
+    (here, before the first record is read: a bad request is an error before any output)."""
     known = registry()
     if layout not in known:
         raise LayoutFileError(f"--from {layout}: unknown layout; known: {', '.join(known)}")
@@ -77,15 +79,12 @@ def records(layout: str, files: list[Path], tasks: list[str] | None = None, spli
     bad = sorted(wanted - set(importer.tasks))
     if bad:
         raise LayoutFileError(f"--from {layout} gives {', '.join(importer.tasks)}, not {', '.join(bad)}")
+    if limit is not None and limit < 1:
+        raise LayoutFileError(f"--limit {limit}: must be 1 or more (leave it out for every record)")
     for path in files:
         if not Path(path).is_file():
             raise LayoutFileError(f"{path}: no such file")
-    produced = 0
-    for item in importer.read([Path(p) for p in files], Options(wanted, split)):
-        if limit is not None and produced >= limit:
-            return
-        produced += 1
-        yield item
+    return itertools.islice(importer.read([Path(p) for p in files], Options(wanted, split)), limit)
 
 
 def load_json(path: Path):
