@@ -533,8 +533,8 @@ VQA_ANSWERS = {"annotations": [{"question_id": 1, "multiple_choice_answer": "red
 
 @pytest.mark.parametrize("layout, files, words", [
     ("gqa", {"gqa.json": [1, 2]}, "gqa.json: the layout publishes an object at the top level, not a list"),
-    ("llava-pretrain", {"blip.json": {"a": LLAVA_GOOD}}, "blip.json: the layout publishes a list at the top level, "
-                                                          "not an object"),
+    ("llava-pretrain", {"blip.json": {"a": LLAVA_GOOD}},
+     "blip.json: the layout publishes a list at the top level, not an object"),
     ("visual-genome", {"region_descriptions.json": {"regions": []}, "image_data.json": VG_IMAGES},
      "region_descriptions.json: the layout publishes a list at the top level, not an object"),
     ("vqav2", {"q.json": [VQA_QUESTIONS], "a.json": VQA_ANSWERS}, "need a file with 'questions'"),
