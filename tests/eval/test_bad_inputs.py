@@ -291,3 +291,19 @@ def test_any_caption_lines(lines):
         else:
             assert len(samples) == len(lines)
             assert all(s.fields["captions"] and all(isinstance(c, str) for c in s.fields["captions"]) for s in samples)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(st.lists(st.floats(-100, 100, allow_nan=False), min_size=4, max_size=4))
+def test_any_finite_reference_box_is_scored_or_named(bbox):
+    x1, y1, x2, y2 = bbox
+    drawable = x1 < x2 and y1 < y2 and min(x1, y1) >= -1 and x2 <= 41 and y2 <= 31
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = write(tmp / "ref.jsonl", [{**GROUND, "bbox": bbox}])
+        preds = write(tmp / "preds.jsonl", ['{"answer": "(1,2),(30,40)"}'])
+        result = run_eval("grounding", data, preds, tmp / "o")
+        if drawable:
+            assert result.exit_code == 0, result.output
+        else:
+            one_line_error(result, "ref.jsonl:1: $.bbox")
