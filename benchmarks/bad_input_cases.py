@@ -33,9 +33,9 @@ def _records(layout: str, files: list[Path]) -> None:
 def formats_importers_deep_json(n: int) -> None:
     """n x 100 KB of '[' in a streamed file: ijson's prefixes were quadratic (gigabytes); now refused at depth 64."""
     with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "gqa.json"
+        path = Path(d) / "blip.json"
         path.write_bytes(b"[" * (100_000 * n))
-        _records("gqa", [path])
+        _records("llava-pretrain", [path])
 
 
 def formats_importers_escaped_strings(n: int) -> None:
@@ -61,6 +61,19 @@ def formats_importers_grit_chunks(n: int) -> None:
                                  "width": [64], "height": [48],
                                  "noun_chunks": pa.array(chunks, pa.list_(pa.list_(pa.float64())))}), path)
         _records("grit", [path])
+
+
+def formats_importers_refcoco_memo(n: int) -> None:
+    """A refs pickle of n x 100,000 memoized strings, then a LONG_BINPUT 2^32-1: CPython sized its
+    memo by that index (32 GB); now the opcodes are scanned (linear) and the index refused."""
+    import pickle
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "refs(unc).p"
+        body = pickle.dumps([str(i) for i in range(100_000 * n)], protocol=2)[:-1]
+        path.write_bytes(body + b"r\xff\xff\xff\xff.")
+        (Path(d) / "instances.json").write_text('{"images": [], "annotations": []}')
+        _records("refcoco", [path, Path(d) / "instances.json"])
 
 
 def _sft(turn: str, model: str = "qwen-vl", max_len: int = 1 << 20, image: bool = False) -> None:

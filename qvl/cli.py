@@ -514,6 +514,8 @@ def format_mix(
     for source, tasks in manifest["by_source"].items():
         console.print(f"  {source}: " + ", ".join(f"{t} {c['samples']:,} samples / {c['tokens']:,} tokens"
                                                   for t, c in tasks.items()))
+    for source, count in manifest["mix"]["skipped_by_task"].items():
+        console.print(f"  {source}: {count:,} records of other tasks skipped")
 
 
 @format_app.command("inspect")
@@ -529,18 +531,26 @@ def format_inspect(
     from qvl.formats.tokenizers import load_tokenizer
 
     manifest = read_manifest(folder)
+    columns = {"id", "input_ids", "labels", "images", "task", "sample_ids"}
     try:
         import datasets
 
         ds = datasets.load_from_disk(str(folder))
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:  # datasets' own checks
-        _fail(f"{folder}: not a qvl format output ({type(e).__name__}: {str(e)[:200]})")
+        problem = f"no column(s) {', '.join(sorted(columns - set(ds.column_names)))}" \
+            if not columns <= set(ds.column_names) else None
+    except Exception as e:  # datasets fails on a damaged folder with any type (TypeError, KeyError…)
+        problem = " ".join(str(e).split())[:300] or type(e).__name__
+    if problem:
+        _fail(f"{folder}: not a qvl format output ({problem})")
     if len(ds) == 0:
         _fail(f"{folder}: holds no rows ({manifest.rejected:,} of {manifest.records:,} records rejected; "
               "see rejects.parquet)")
     if not 0 <= row < len(ds):
         _fail(f"{folder}: row {row} out of range (0..{len(ds) - 1})")
-    sample = ds.with_format(None)[row]
+    try:
+        sample = ds.with_format(None)[row]
+    except Exception as e:  # as above: a damaged arrow file or image in the row
+        _fail(f"{folder}: row {row} cannot be read ({' '.join(str(e).split())[:300] or type(e).__name__})")
     tok = load_tokenizer(manifest.tokenizer, manifest.model)
     console.print(f"[bold]{sample['id']}[/] task={sample['task']} tokens={len(sample['input_ids'])} "
                   f"images={len(sample['images'])} samples={sample['sample_ids']}  "

@@ -11,8 +11,9 @@ A sample's id is its ``question_id`` / ``image_id`` / ``id`` when it has one, el
 record that is not as its layout says is an error naming the file, the line (or the place in a
 JSON file, ``$.annotations[3].image_id``) and the field: a benchmark with silently fewer samples
 is not that benchmark. Records are decoded into typed structs: strings where text belongs
-(valid Unicode), finite pixel numbers in range, 64-bit ids; keys a layout does not name are
-ignored (the published files carry more than is scored).
+(valid Unicode), finite pixel numbers in range (a reference box x1 < x2, y1 < y2, on its
+image), 64-bit ids; keys a layout does not name are ignored (the published files carry more
+than is scored).
 """
 
 from __future__ import annotations
@@ -162,13 +163,25 @@ def records(path: Path, type_: type[T]) -> Iterator[tuple[int, T]]:
                 raise EvalDataError(f"{path}:{n}: {e} ({LAYOUT[type_]})") from None
 
 
+SLACK = 1.0  # pixels a reference box may pass the image's edge by (published boxes round outward)
+
+
+def _check_box(path: Path, n: int, r: GroundingRecord) -> None:
+    """A reference box no answer could match (inverted, empty, or off the image) would be
+    scored all the same, as a miss: it is an error naming the line, as any bad record."""
+    x1, y1, x2, y2 = r.bbox
+    if not (x1 < x2 and y1 < y2):
+        raise EvalDataError(f"{path}:{n}: $.bbox: [{x1:g}, {y1:g}, {x2:g}, {y2:g}] is not x1 < x2, y1 < y2 "
+                            f"({LAYOUT[GroundingRecord]})")
+    if min(x1, y1) < -SLACK or x2 > r.width + SLACK or y2 > r.height + SLACK:
+        raise EvalDataError(f"{path}:{n}: $.bbox: [{x1:g}, {y1:g}, {x2:g}, {y2:g}] lies outside the "
+                            f"{r.width:g}x{r.height:g} image")
+
+
 def grounding(path: Path) -> list[Sample]:
     samples = []
     for n, r in records(path, GroundingRecord):
-        x1, y1, x2, y2 = r.bbox
-        if not (0 <= x1 < x2 <= r.width + 1 and 0 <= y1 < y2 <= r.height + 1):  # a pixel of rounding allowed
-            raise EvalDataError(f"{path}:{n}: $.bbox {r.bbox} is not a box inside the {r.width:g}x{r.height:g} image "
-                                f"(x1 < x2, y1 < y2, within the image): the reference every answer is scored against")
+        _check_box(path, n, r)
         samples.append(Sample(str(n if r.id is None else r.id), r.image,
                               {"sent": r.sent, "bbox": [float(v) for v in r.bbox], "width": float(r.width),
                                "height": float(r.height)}))

@@ -8,7 +8,9 @@ record when a hash of (seed, source, record place) falls under its share, and re
 seed, one record in memory at a time. Counts are met in expectation (binomial), not exactly.
 Everything drawn goes through the same renderers, rejects and packing as `qvl format
 multitask` (the paper packs same-task samples together: ``pack_to`` packs each task apart),
-and the manifest reports samples and tokens per source and task. A recipe is checked before
+and the manifest reports samples and tokens per source and task. A ``qvl`` source's records of
+tasks other than its ``tasks`` are passed over and counted (``skipped_by_task``); a source
+with no record of its tasks is an error, not an empty share. A recipe is checked before
 any sample is drawn: known keys of their types, text that is valid Unicode, a ``fraction``
 from 0 to 1000 and a ``count`` of at most 1000 copies of each record its source holds (more is
 a typo, and output without bound).
@@ -69,8 +71,6 @@ class Source:
                 f"{self.count}: must be from 0 to {MAX_COUNT:,}")
         require(self.fraction is None or (math.isfinite(self.fraction) and 0 <= self.fraction <= MAX_REPEAT),
                 "fraction", f"{self.fraction}: must be a number from 0 to {MAX_REPEAT}")
-        require(not (self.layout == "qvl" and self.tasks), "tasks",
-                "a qvl source's records name their own task; tasks picks among a published layout's (--from)")
 
 
 @dataclass
@@ -113,13 +113,21 @@ def load_mix(path: str | Path) -> MixSettings:
     return mix
 
 
-def _records(source: Source) -> Iterator[tuple[str, int, str, dict | AnnotationError]]:
+def _records(source: Source, skipped: dict[str, int] | None = None) \
+        -> Iterator[tuple[str, int, str, dict | AnnotationError]]:
+    """The source's records of its ``tasks``; those of other tasks in a ``qvl`` file are passed
+    over and counted in ``skipped`` (an importer gives only the tasks asked of it)."""
     from qvl.formats import importers
     from qvl.formats.build import file_records
 
     files = [Path(f) for f in source.files]
     if source.layout == "qvl":
-        yield from file_records(files)
+        for file, index, sample_id, record in file_records(files):
+            if source.tasks and isinstance(record, dict) and record.get("task") not in source.tasks:
+                if skipped is not None:
+                    skipped[source.name] = skipped.get(source.name, 0) + 1
+                continue
+            yield file, index, sample_id, record
         return
     for file, index, record in importers.records(source.layout, files, list(source.tasks) or None, source.split):
         yield file, index, f"{Path(file).name}:{index}", record
@@ -162,9 +170,21 @@ def run_mix(recipe: str | Path, out: Path, overwrite: bool = False, show_progres
                                   pack_to=mix.pack_to)
     except SettingError as e:
         raise RecipeError(f"{recipe} [mix]: {e}") from None
-    totals = {source.name: sum(1 for _ in _records(source)) for source in mix.sources}
+    from qvl.formats.multitask import RENDERERS
+
     for source in mix.sources:
-        if source.count is not None and totals[source.name] and source.count > MAX_REPEAT * totals[source.name]:
+        unknown = [t for t in source.tasks if t not in RENDERERS]
+        if source.layout == "qvl" and unknown:
+            raise RecipeError(f"{recipe} [[source]] {source.name}: tasks: unknown {', '.join(map(repr, unknown))} "
+                              f"(use {', '.join(RENDERERS)})")
+    skipped: dict[str, int] = {}
+    totals = {source.name: sum(1 for _ in _records(source, skipped)) for source in mix.sources}
+    for source in mix.sources:
+        if not totals[source.name]:
+            others = f" ({skipped[source.name]:,} of other tasks skipped)" if skipped.get(source.name) else ""
+            of_tasks = f" of tasks {', '.join(source.tasks)}" if source.tasks else ""
+            raise RecipeError(f"{recipe} [[source]] {source.name}: no records{of_tasks} in its files{others}")
+        if source.count is not None and source.count > MAX_REPEAT * totals[source.name]:
             raise RecipeError(f"{recipe} [[source]] {source.name}: count {source.count:,} asks for more than "
                               f"{MAX_REPEAT} copies of each of its {totals[source.name]:,} records")
     downloads = {s.downloads for s in mix.sources if s.downloads}
@@ -179,4 +199,5 @@ def run_mix(recipe: str | Path, out: Path, overwrite: bool = False, show_progres
     return run_format("multitask", [Path(f) for s in mix.sources for f in s.files], out, common,
                       Path(next(iter(downloads))) if downloads else None, settings, overwrite, show_progress,
                       records=drawn(mix, totals, prefixes),
-                      extra={"mix": {"recipe": str(recipe), "seed": mix.seed, "available": totals, "asked": asked}})
+                      extra={"mix": {"recipe": str(recipe), "seed": mix.seed, "available": totals, "asked": asked,
+                                     "skipped_by_task": skipped}})

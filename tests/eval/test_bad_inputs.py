@@ -58,6 +58,25 @@ def test_a_lone_surrogate_in_predictions_names_the_file_and_line(tmp_path):
     one_line_error(run_eval("grounding", data, preds, tmp_path / "o"), "preds.jsonl:2", "not valid Unicode")
 
 
+@pytest.mark.parametrize("bbox, words", [
+    ([20, 25, 2, 3], "is not x1 < x2, y1 < y2"),
+    ([2, 3, 2, 25], "is not x1 < x2, y1 < y2"),
+    ([2, 3, 2000, 25], "lies outside the 40x30 image"),
+    ([-50, 3, 20, 25], "lies outside the 40x30 image"),
+])
+def test_a_reference_box_no_answer_could_match_names_file_line_and_field(tmp_path, bbox, words):
+    data = write(tmp_path / "ref.jsonl", [GROUND, {**GROUND, "bbox": bbox}])
+    preds = write(tmp_path / "preds.jsonl", ['{"answer": "(1,2),(3,4)"}'] * 2)
+    one_line_error(run_eval("grounding", data, preds, tmp_path / "o"), "ref.jsonl:2: $.bbox", words)
+
+
+def test_a_reference_box_on_the_image_edge_is_scored(tmp_path):
+    data = write(tmp_path / "ref.jsonl", [{**GROUND, "bbox": [0, 0, 40, 30]}, {**GROUND, "bbox": [0, 0, 40.4, 30.2]}])
+    preds = write(tmp_path / "preds.jsonl", ['{"answer": "(0,0),(999,999)"}'] * 2)
+    result = run_eval("grounding", data, preds, tmp_path / "o")
+    assert result.exit_code == 0, result.output
+
+
 @pytest.mark.parametrize("answer", [1, None])
 def test_vqa_annotation_answers_that_are_not_text(tmp_path, answer):
     questions = {"questions": [{"question_id": 7, "image_id": 42, "question": "How many?"}]}
@@ -286,3 +305,19 @@ def test_a_reference_box_that_is_no_box_in_the_image_is_one_error_naming_the_lin
         grounding(path)
     path.write_text(json.dumps(good) + "\n")
     assert grounding(path)[0].fields["bbox"] == [1.0, 2.0, 10.0, 20.0]
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(st.lists(st.floats(-100, 100, allow_nan=False), min_size=4, max_size=4))
+def test_any_finite_reference_box_is_scored_or_named(bbox):
+    x1, y1, x2, y2 = bbox
+    drawable = x1 < x2 and y1 < y2 and min(x1, y1) >= -1 and x2 <= 41 and y2 <= 31
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = write(tmp / "ref.jsonl", [{**GROUND, "bbox": bbox}])
+        preds = write(tmp / "preds.jsonl", ['{"answer": "(1,2),(30,40)"}'])
+        result = run_eval("grounding", data, preds, tmp / "o")
+        if drawable:
+            assert result.exit_code == 0, result.output
+        else:
+            one_line_error(result, "ref.jsonl:1: $.bbox")

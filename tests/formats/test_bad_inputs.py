@@ -330,6 +330,9 @@ def test_deeply_nested_streamed_json_is_one_error_not_the_machine(tmp_path, imag
     """ijson keeps a prefix per level: 200 KB of '[' asked it for ~100 GB."""
     opening = b'{"q": ' if layout == "gqa" else b""  # GQA's top level is an object
     (tmp_path / name).write_bytes(opening + b"[" * 200_000)
+
+
+    (tmp_path / name).write_bytes(b'{"a":' * 40_000 if layout == "gqa" else b"[" * 200_000)  # gqa's is an object
     files = [tmp_path / name] + ([_write_published(tmp_path, {"image_data.json": VG_IMAGES})[0]]
                                  if layout == "visual-genome" else [])
     message = one_line_error(_from(layout, files, images, tmp_path / "out"))
@@ -509,3 +512,63 @@ def test_a_lone_surrogate_in_a_key_or_where_no_text_belongs_is_bad_text(tmp_path
     run_cli("sft", chat, tmp_path / "sft", "--tokenizer", "bytes")
     assert {line: r["reason"] for line, r in rejects_of(tmp_path / "sft").items()} == {
         1: "bad_text", 2: "bad_text", 3: "bad_text"}
+
+
+# ---------------------------------------------------------------- issue #19, second probe
+
+@pytest.mark.parametrize("pickled, words", [
+    (b"\x80\x02]r\xff\xff\xff\xff.", "memo index 4294967295"),  # LONG_BINPUT 2^32-1: CPython sized its memo to 32 GB
+    (b"\x80\x04\x8e" + b"\xff" * 8 + b".", "bytes8 byte count"),  # BINBYTES8 of 2^64-1 bytes: OverflowError
+    (b"\x80\x04\x95" + (2**63 - 1).to_bytes(8, "little") + b"].", "frame of"),
+    (b"\x80\x02](}q\x00b.", "refuses opcode BUILD"),
+])
+def test_a_refs_pickle_that_asks_for_memory_or_objects_is_one_error_naming_it(tmp_path, images, pickled, words):
+    refs, instances = _write_published(tmp_path, {"refs(unc).p": pickled, "instances.json": INSTANCES})
+    for command in (_from("refcoco", [refs, instances], images, tmp_path / "out"),
+                    cli("export", "--from", "refcoco", str(refs), str(instances), "--out", str(tmp_path / "x"), "--to", "ms-swift")):
+        message = one_line_error(command)
+        assert f"{refs}: not a plain refs pickle" in message and words in message, message
+
+
+GQA_GOOD = {"1": {"question": "What colour?", "answer": "red", "imageId": "red"}}
+VQA_QUESTIONS = {"data_subtype": "val2014", "questions": [{"question_id": 1, "image_id": 1, "question": "What?"}]}
+VQA_ANSWERS = {"annotations": [{"question_id": 1, "multiple_choice_answer": "red"}]}
+
+
+@pytest.mark.parametrize("layout, files, words", [
+    ("gqa", {"gqa.json": [1, 2]}, "gqa.json: the layout publishes an object at the top level, not a list"),
+    ("llava-pretrain", {"blip.json": {"a": LLAVA_GOOD}},
+     "blip.json: the layout publishes a list at the top level, not an object"),
+    ("visual-genome", {"region_descriptions.json": {"regions": []}, "image_data.json": VG_IMAGES},
+     "region_descriptions.json: the layout publishes a list at the top level, not an object"),
+    ("vqav2", {"q.json": [VQA_QUESTIONS], "a.json": VQA_ANSWERS}, "need a file with 'questions'"),
+    ("vqav2", {"q.json": {**VQA_QUESTIONS, "questions": {"1": VQA_QUESTIONS["questions"][0]}}, "a.json": VQA_ANSWERS},
+     "q.json: 'questions' must be a list of questions, not an object"),
+    ("vqav2", {"q.json": VQA_QUESTIONS, "a.json": {"annotations": "none"}},
+     "a.json: 'annotations' must be a list of annotations, not a string"),
+])
+def test_a_published_file_of_the_wrong_shape_is_one_error_naming_it(tmp_path, images, layout, files, words):
+    message = one_line_error(_from(layout, _write_published(tmp_path, files), images, tmp_path / "out"))
+    assert words in message, message
+
+
+@pytest.mark.parametrize("layout, name, content", [("gqa", "gqa.json", GQA_GOOD),
+                                                   ("llava-pretrain", "blip.json", [LLAVA_GOOD])])
+def test_a_streamed_file_may_start_with_a_utf8_bom_as_a_loaded_one_may(tmp_path, images, layout, name, content):
+    (images / "red.jpg").write_bytes((images / "red.png").read_bytes())
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(content).encode())
+    result = _from(layout, [path], images, tmp_path / "out")
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["samples"] == 1
+
+
+@pytest.mark.parametrize("command", ["multitask", "export"])
+@pytest.mark.parametrize("limit", ["-3", "0"])
+def test_a_limit_below_one_is_one_error_not_an_empty_output(tmp_path, images, command, limit):
+    gqa = _write_published(tmp_path, {"gqa.json": GQA_GOOD})[0]
+    tail = ["--images", str(images), "--tokenizer", "bytes"] if command == "multitask" else ["--to", "ms-swift"]
+    message = one_line_error(cli(command, "--from", "gqa", str(gqa), "--limit", limit, "--out", str(tmp_path / "out"),
+                                 *tail))
+    assert f"--limit {limit}: must be 1 or more" in message
+    assert not (tmp_path / "out").exists()

@@ -219,3 +219,38 @@ def test_the_depth_guard_counts_only_brackets_outside_strings(depth, texts, size
         assert depth > MAX_DEPTH and "f.json: JSON nested more than" in str(e)
     else:
         assert depth <= MAX_DEPTH
+
+
+# A published file whose top level is not the layout's: (files around the value, the file that
+# holds it, the shape the layout publishes there). Any other value would give no records, silently.
+GQA_RECORD = {"question": "Is it red?", "answer": "yes", "imageId": "red"}
+LLAVA_RECORD = {"id": "0", "image": "red.png", "conversations": TURNS}
+SHAPES = {
+    "gqa": (lambda top: {"gqa.json": top}, "gqa.json", dict, GQA_RECORD),
+    "llava-pretrain": (lambda top: {"blip.json": top}, "blip.json", list, LLAVA_RECORD),
+    "visual-genome": (lambda top: {"region_descriptions.json": top, "image_data.json": json.dumps(
+        [{"image_id": 1, "url": "https://vg.example/VG_100K/1.jpg", "width": 64, "height": 48}]).encode()},
+        "region_descriptions.json", list, {"id": 1, "regions": [REGION]}),
+    "coco-captions": (lambda top: {"captions.json": top}, "captions.json", dict, {"images": [], "annotations": []}),
+    "textvqa": (lambda top: {"TextVQA_0.5.1_train.json": top}, "TextVQA_0.5.1_train.json", dict, {"data": []}),
+}
+
+
+@pytest.mark.parametrize("layout", list(SHAPES))
+def test_a_top_level_that_is_not_the_layouts_is_one_error_naming_the_file(layout, images):
+    around, name, shape, good = SHAPES[layout]
+    wrong = st.one_of(HOSTILE, st.just([good]), st.just({"0": good}), st.just([]), st.just({}))
+
+    @FUZZ
+    @given(top=wrong.filter(lambda v: not isinstance(v, shape)), bom=st.booleans())
+    def run(top, bom):
+        files = {k: v if isinstance(v, bytes) else (b"\xef\xbb\xbf" if bom else b"") + dump(v, None)
+                 for k, v in around(top).items()}
+        with tempfile.TemporaryDirectory(prefix="qvl-fuzz-") as folder:
+            for file, data in files.items():
+                (Path(folder) / file).write_bytes(data)
+            with pytest.raises(QvlError, match=f"{name}: ") as e:
+                list(importers.records(layout, [Path(folder) / file for file in files]))
+            assert not isinstance(e.value, RecordError)
+
+    run()

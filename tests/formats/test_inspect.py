@@ -67,3 +67,35 @@ def test_a_missing_or_broken_manifest_is_one_line(output, tmp_path, content):
     result = inspect(folder)
     assert result.exit_code == 1 and result.output.startswith("error:") and "Traceback" not in result.output
     assert "manifest.json" in result.output, result.output
+
+
+def _features_of(value):
+    return lambda folder: (folder / "dataset_info.json").write_text(json.dumps({"features": value}))
+
+
+def _without_task(folder):
+    import shutil
+
+    import datasets
+
+    datasets.load_from_disk(str(folder)).remove_columns("task").save_to_disk(str(folder.parent / "re"))
+    for name in ("dataset_info.json", "state.json", "data-00000-of-00001.arrow"):
+        shutil.copy(folder.parent / "re" / name, folder / name)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_features_of(5), "not a qvl format output (argument of type 'int' is not iterable)"),
+    (_features_of({"id": {"dtype": "string", "_type": "Value"}}), "not a qvl format output"),
+    (lambda folder: (folder / "state.json").write_text('{"_data_files": 5}'), "not a qvl format output"),
+    (lambda folder: (folder / "data-00000-of-00001.arrow").write_bytes(b"\xff" * 300), "not a qvl format output"),
+    (_without_task, "not a qvl format output (no column(s) task)"),
+])
+def test_a_damaged_dataset_folder_is_one_line_naming_it(output, tmp_path, damage, message):
+    import shutil
+
+    folder = tmp_path / "out"
+    shutil.copytree(output, folder)
+    damage(folder)
+    result = inspect(folder)
+    assert result.exit_code == 1 and result.output.startswith("error:") and "Traceback" not in result.output
+    assert f"{folder}: {message}" in " ".join(result.output.split()), result.output

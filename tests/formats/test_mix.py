@@ -86,7 +86,6 @@ MIX = {"seed": 0, "tokenizer": "bytes", "image_tokens": 4, "pack_to": 256}
     ({"name": None}, "missing setting(s) name"),
     ({"files": []}, "files: a source needs its files"),
     ({"images": "a\0b"}, "images: a path cannot hold a NUL character"),
-    ({"tasks": ["vqa"]}, "tasks: a qvl source's records name their own task"),  # was ignored: nothing said
 ])
 def test_a_bad_source_is_one_line_naming_the_file(tmp_path, suffix, change, message):
     src = source_files(tmp_path / "data")
@@ -166,3 +165,22 @@ def test_any_recipe_is_drawn_or_refused_in_one_line(recipe):
             assert manifest["records"] == manifest["samples"] + manifest["rejected"]
         else:
             one_line_error(result, path.name)
+
+
+# ---------------------------------------------------------------- a source's tasks
+
+def test_records_of_tasks_not_asked_for_are_counted_and_a_source_of_none_is_refused(tmp_path):
+    src = source_files(tmp_path / "data")
+    with src.open("a") as f:
+        f.write(json.dumps({"task": "vqa", "image": "red.png", "question": "What colour?", "answer": "red"}) + "\n")
+    source = {"name": "caps", "layout": "qvl", "files": [str(src)], "images": str(src.parent), "count": 1}
+    result = mix(write_recipe(tmp_path / "vqa.toml", MIX, [{**source, "tasks": ["vqa"]}]), tmp_path / "out")
+    assert result.exit_code == 0 and "3 records of other tasks skipped" in result.output, result.output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["mix"]["available"] == {"caps": 1} and manifest["mix"]["skipped_by_task"] == {"caps": 3}
+    assert manifest["samples"] == 1 and manifest["by_source"]["caps"].keys() == {"vqa"}
+    recipe = write_recipe(tmp_path / "ocr.toml", MIX, [{**source, "tasks": ["ocr"]}])
+    one_line_error(mix(recipe, tmp_path / "out2"), "ocr.toml", "caps: no records of tasks ocr in its files "
+                   "(4 of other tasks skipped)")
+    recipe = write_recipe(tmp_path / "typo.toml", MIX, [{**source, "tasks": ["vqa2"]}])
+    one_line_error(mix(recipe, tmp_path / "out3"), "typo.toml", "tasks: unknown 'vqa2'")

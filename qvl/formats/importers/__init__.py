@@ -17,6 +17,7 @@ carry many). A file that is not JSON, or ends early, is one ``LayoutFileError`` 
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +69,8 @@ def registry() -> dict[str, Importer]:
 
 def records(layout: str, files: list[Path], tasks: list[str] | None = None, split: str | None = None,
             limit: int | None = None) -> Yield:
-    """The importer's records for ``files`` (at most ``limit``), after checking what was asked."""
+    """The importer's records for ``files`` (at most ``limit``), after checking what was asked
+    (here, before the first record is read: a bad request is an error before any output)."""
     known = registry()
     if layout not in known:
         raise LayoutFileError(f"--from {layout}: unknown layout; known: {', '.join(known)}")
@@ -82,12 +84,7 @@ def records(layout: str, files: list[Path], tasks: list[str] | None = None, spli
     for path in files:
         if not Path(path).is_file():
             raise LayoutFileError(f"{path}: no such file")
-    produced = 0
-    for item in importer.read([Path(p) for p in files], Options(wanted, split)):
-        if limit is not None and produced >= limit:
-            return
-        produced += 1
-        yield item
+    return itertools.islice(importer.read([Path(p) for p in files], Options(wanted, split)), limit)
 
 
 def load_json(path: Path):
@@ -191,26 +188,45 @@ class DepthLimited:
         self.offset += n
 
 
-def _check_top(path: Path, opening: str) -> None:
-    """A streamed file opens with the layout's top level (``{`` or ``[``): otherwise ijson finds
-    nothing under the prefix and the file would read as holding no record, without a word."""
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip(b" \t\r\n")
-    if head[:1] != opening.encode():
-        kind = "an object" if opening == "{" else "a list"
-        raise LayoutFileError(f"{path}: the layout's top level is {kind} ({opening}…), this file opens with "
-                              f"{head[:20]!r}")
+BOM = b"\xef\xbb\xbf"
+VALUE_STARTS = {b"[": "a list", b"{": "an object", b'"': "a string", b"t": "true", b"f": "false", b"n": "null",
+                **{bytes([c]): "a number" for c in b"-0123456789"}}
+
+
+def _open(path: Path):
+    """The file in binary, past a UTF-8 byte-order mark (``json.load`` accepts one; ijson does not)."""
+    f = open(path, "rb")
+    if f.read(len(BOM)) != BOM:
+        f.seek(0)
+    return f
+
+
+def _check_top(path: Path, prefix: str, pairs: bool) -> None:
+    """A file whose top level is not what ``prefix`` reads (``item...``: a list; ``key...`` or
+    pairs: an object) would give no records, silently: it is one error naming the file."""
+    first = prefix.split(".")[0]
+    expected = "a list" if first == "item" else "an object" if first or pairs else None
+    if expected is None:
+        return
+    with _open(path) as f:
+        while chunk := f.read(BLOCK):
+            if head := chunk.lstrip(b" \t\r\n"):
+                found = VALUE_STARTS.get(head[:1])
+                if found is not None and found != expected:
+                    raise LayoutFileError(f"{path}: the layout publishes {expected} at the top level, not {found}")
+                return
 
 
 def stream(path: Path, prefix: str, pairs: bool = False) -> Iterator:
     """The values under ``prefix`` (``(key, value)`` with ``pairs``) of a JSON file too big to
-    load, read as a stream; a file that stops being JSON is a LayoutFileError naming it."""
+    load, read as a stream; a file that stops being JSON, or whose top level is not the one
+    ``prefix`` reads, is a LayoutFileError naming it."""
     import ijson
 
-    _check_top(path, "[" if prefix.split(".")[0] == "item" else "{")
     try:
+        _check_top(path, prefix, pairs)
         backend = _backend(path)
-        with open(path, "rb") as f:
+        with _open(path) as f:
             read = backend.kvitems if pairs else backend.items
             yield from read(DepthLimited(f, path), prefix, use_float=True)
     except (ijson.JSONError, UnicodeDecodeError) as e:
@@ -222,7 +238,7 @@ def events(path: Path) -> Iterator:
     import ijson
 
     try:
-        with open(path, "rb") as f:
+        with _open(path) as f:
             yield from ijson.parse(DepthLimited(f, path))
     except (ijson.JSONError, UnicodeDecodeError) as e:
         raise stream_error(path, e) from None

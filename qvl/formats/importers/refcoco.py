@@ -11,7 +11,10 @@ annotation's COCO ``bbox``: ``xywh`` pixels, checked against the image's width a
 
 The pickle is read by a restricted unpickler that admits only plain containers, strings and
 numbers: a pickle that asks for any class or function is an error naming the file — a
-downloaded pickle is never ``pickle.load``-ed. Refs of other splits are passed over; every ref
+downloaded pickle is never ``pickle.load``-ed. Its opcodes are read first (``pickletools``
+executes and allocates nothing): one outside plain values, or a memo index or frame size the
+file cannot account for (CPython sizes its memo by the largest index: 9 bytes could ask for
+32 GB), is refused before anything is unpickled. Refs of other splits are passed over; every ref
 of the split (or whose split cannot be read) is a sample or a reject.
 """
 
@@ -62,35 +65,46 @@ class PlainUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refuses {module}.{name}: only plain containers, strings and numbers")
 
 
-MEMO_OPS = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
+# The opcodes of plain containers, strings, numbers and the memo: all that a refs file holds.
+PLAIN_OPCODES = frozenset({
+    "PROTO", "FRAME", "STOP", "MARK", "POP", "POP_MARK", "DUP",
+    "NONE", "NEWTRUE", "NEWFALSE", "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT",
+    "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8",
+    "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8",
+    "EMPTY_LIST", "APPEND", "APPENDS", "LIST", "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3",
+    "EMPTY_DICT", "DICT", "SETITEM", "SETITEMS", "EMPTY_SET", "ADDITEMS", "FROZENSET",
+    "PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET", "MEMOIZE",
+})
+MEMO_OPCODES = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"})
 
 
-def check_opcodes(data: bytes, path: Path) -> None:
-    """Walk the pickle's opcodes without running them: a memo index beyond the opcodes seen so
-    far (CPython sizes its memo table from it: 9 bytes can ask for 32 GB) or a length beyond the
-    file (pickletools reads what is there and says so) refuses the file before it is unpickled."""
-    ops = pickletools.genops(io.BytesIO(data))
-    n = 0
-    while True:
-        try:
-            op, arg, _ = next(ops)
-        except StopIteration:
-            return
-        except (ValueError, TypeError) as e:
-            raise LayoutFileError(f"{path}: not a plain refs pickle ({str(e)[:200]})") from None
-        if op.name in MEMO_OPS and not 0 <= int(arg) <= n:
-            raise LayoutFileError(f"{path}: not a plain refs pickle (memo index {arg} at opcode {n})")
-        n += 1
+def check_opcodes(data: bytes) -> None:
+    """Refuse (``UnpicklingError``) a pickle with an opcode outside ``PLAIN_OPCODES``, a memo
+    index beyond the opcodes read so far (a pickler numbers its memo 0, 1, 2, ...) or a frame
+    longer than the file. Linear: ``genops`` only reads, and a length past the end of the
+    data is its ``ValueError``."""
+    for count, (op, arg, pos) in enumerate(pickletools.genops(io.BytesIO(data))):
+        if op.name not in PLAIN_OPCODES:
+            raise pickle.UnpicklingError(f"refuses opcode {op.name} at byte {pos}: only plain containers, "
+                                         "strings and numbers")
+        if op.name in MEMO_OPCODES and (not isinstance(arg, int) or not 0 <= arg <= count):
+            raise pickle.UnpicklingError(f"memo index {arg} at byte {pos} is beyond the {count} opcodes before it")
+        if op.name == "FRAME" and arg > len(data):
+            raise pickle.UnpicklingError(f"frame of {arg} bytes at byte {pos} in a file of {len(data)}")
 
 
 def load_refs(path: Path) -> list:
     raw = path.read_bytes()
     check_opcodes(raw, path)
     try:
-        data = PlainUnpickler(io.BytesIO(raw), encoding="latin1").load()
+        data = path.read_bytes()
+        check_opcodes(data)
+        data = PlainUnpickler(io.BytesIO(data), encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
-            MemoryError, OverflowError, RecursionError) as e:
-        raise LayoutFileError(f"{path}: not a plain refs pickle ({e})") from None
+            OverflowError, MemoryError, RecursionError) as e:
+        raise LayoutFileError(f"{path}: not a plain refs pickle ({str(e)[:200] or type(e).__name__})") from None
+    except OSError as e:
+        raise LayoutFileError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(data, list):
         raise LayoutFileError(f"{path}: a refs file holds a list of refs")
     return data

@@ -33,12 +33,22 @@ class Answer(msgspec.Struct):
     multiple_choice_answer: str
 
 
+EVENTS = {"start_map": "an object", "string": "a string", "number": "a number", "boolean": "true/false",
+          "null": "null"}
+
+
 def _kind(path: Path) -> str | None:
     """"questions" or "annotations": the first of those top-level keys (found before the big
-    array it names, so only the head of the file is read)."""
+    array it names, so only the head of the file is read). It must name a list: anything else
+    would give no records, silently."""
+    found = None
     for prefix, event, value in events(path):
+        if found is not None:
+            if event != "start_array":
+                raise LayoutFileError(f"{path}: '{found}' must be a list of {found}, not {EVENTS.get(event, event)}")
+            return found
         if prefix == "" and event == "map_key" and value in ("questions", "annotations"):
-            return value
+            found = value
     return None
 
 
