@@ -94,8 +94,6 @@ def check_opcodes(data: bytes) -> None:
 
 
 def load_refs(path: Path) -> list:
-    raw = path.read_bytes()
-    check_opcodes(raw, path)
     try:
         data = path.read_bytes()
         check_opcodes(data)
