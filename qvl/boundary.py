@@ -92,19 +92,38 @@ def decode_json(data: bytes | str, type_: Any = Any, reason: str = "malformed_js
         raise RecordError(f"not valid JSON: {message}", reason) from None
 
 
-def read_json_file(path: Any, type_: Any, max_bytes: int, error: type[QvlError] = QvlError, hint: str = "") -> Any:
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n:,} bytes"
+
+
+def read_bounded(path: Any, max_bytes: int, error: type[Exception] = QvlError, what: str = "") -> bytes:
+    """A file of at most ``max_bytes``, never read further — or one ``error`` naming it (``what``
+    says what such a file is)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e}){what}") from None
+    if len(data) > max_bytes:
+        raise error(f"{path}: larger than {_size(max_bytes)}{what}")
+    return data
+
+
+def read_text(path: Any, max_bytes: int, error: type[Exception] = QvlError, what: str = "") -> str:
+    """A UTF-8 text file of at most ``max_bytes``, or one ``error`` naming it (and the line of the
+    first byte that is not UTF-8)."""
+    raw = read_bounded(path, max_bytes, error, what)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise error(f"{path}:{line}: not UTF-8 text{what}") from None
+
+
+def read_json_file(path: Any, type_: Any, max_bytes: int, error: type[Exception] = QvlError, hint: str = "") -> Any:
     """A whole JSON file, at most ``max_bytes``, as ``type_`` — or one ``error`` naming the file, and
     the field with what was expected (``hint`` says what such a file is)."""
-    from pathlib import Path
-
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise error(f"{path}: {size:,} bytes; such a file holds at most {max_bytes:,}{hint}")
-        data = path.read_bytes()
-    except OSError as e:
-        raise error(f"{path}: unreadable ({e.strerror or e}){hint}") from None
+    data = read_bounded(path, max_bytes, error, hint)
     try:
         return decode_json(data, type_)
     except RecordError as e:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from qvl.boundary import read_text
 from qvl.errors import QvlError
 
 T = TypeVar("T")
@@ -66,18 +67,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.suffix not in (".toml", ".yaml", ".yml"):
         raise RecipeError(f"{path}: a recipe is a .toml, .yaml or .yml file")
-    try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_RECIPE_BYTES + 1)
-    except OSError as e:
-        raise RecipeError(f"{path}: cannot read recipe ({e.strerror})") from None
-    if len(raw) > MAX_RECIPE_BYTES:
-        raise RecipeError(f"{path}: larger than {MAX_RECIPE_BYTES >> 20} MiB: not a recipe")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise RecipeError(f"{path}:{line}: not UTF-8 text") from None
+    text = read_text(path, MAX_RECIPE_BYTES, RecipeError, ": not a recipe")
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)

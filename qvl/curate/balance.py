@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qvl import storage
+from qvl.boundary import read_text
 from qvl.curate.settings import FilterSettings
 from qvl.errors import QvlError
 
@@ -54,18 +55,7 @@ def read_entries(path: str | Path) -> list[str]:
     """The entries of a ``--balance`` file, one a line (blank lines skipped); a file that cannot
     be read, is too large, is not UTF-8, holds an entry too long or no entry is one QvlError
     naming it (and the line)."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_ENTRIES_BYTES + 1)
-    except OSError as e:
-        raise QvlError(f"{path}: cannot read the balance entries ({e.strerror})") from None
-    if len(raw) > MAX_ENTRIES_BYTES:
-        raise QvlError(f"{path}: larger than {MAX_ENTRIES_BYTES >> 20} MiB (balance entries are words and short phrases)")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise QvlError(f"{path}:{line}: not UTF-8 text (balance entries are one a line)") from None
+    text = read_text(path, MAX_ENTRIES_BYTES, QvlError, " (balance entries are words and short phrases, one a line)")
     entries = []
     for n, line in enumerate(text.removeprefix("\ufeff").splitlines(), 1):
         if len(entry := line.strip()) > MAX_ENTRY_CHARS:

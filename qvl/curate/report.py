@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from qvl import storage
-from qvl.boundary import decode_json
+from qvl.boundary import read_json_file
 from qvl.curate import rules
 from qvl.curate import stats as st
 from qvl.curate.settings import FilterSettings
@@ -24,11 +24,7 @@ def read(path: str | Path) -> dict:
     is larger than any report, not UTF-8, not JSON, holds NaN or infinity (Python's ``json``
     reads and writes them, no other reader does) or arrays nested deeper than the interpreter
     recurses is a ValueError (``OSError`` if unreadable) for the caller to name the file in."""
-    with open(path, "rb") as f:
-        data = f.read(MAX_JSON_BYTES + 1)
-    if len(data) > MAX_JSON_BYTES:
-        raise ValueError(f"larger than {MAX_JSON_BYTES >> 20} MiB")
-    return decode_json(data, dict)
+    return read_json_file(path, dict, MAX_JSON_BYTES, ValueError)
 
 
 def build(totals: dict, settings: FilterSettings, shards, partitions: int) -> dict:

@@ -19,8 +19,7 @@ from typing import Annotated
 import msgspec
 import torch
 
-from qvl import boundary
-from qvl.boundary import Count, decode_json
+from qvl.boundary import Count, decode_json, read_json_file
 from qvl.errors import QvlError, RecordError
 from qvl.trainer.model import ModelConfig, Name, QwenVL, Resolution, load_preset
 
@@ -51,11 +50,6 @@ class TensorEntry(msgspec.Struct, forbid_unknown_fields=True):
     dtype: str
     shape: Annotated[list[Count], msgspec.Meta(max_length=16)]
     data_offsets: Annotated[list[Count], msgspec.Meta(min_length=2, max_length=2)]
-
-
-def read_json_file(path: Path, type_, max_bytes: int = MAX_META_BYTES, error=CheckpointError):
-    """A small JSON file as ``type_``, or one ``error`` naming the file and the field."""
-    return boundary.read_json_file(path, type_, max_bytes, error)
 
 
 def read_safetensors_header(path: Path, error=CheckpointError) -> dict[str, TensorEntry]:
@@ -101,7 +95,7 @@ def read_meta(folder: Path) -> CheckpointMeta:
     if not path.is_file():
         raise CheckpointError(f"{folder}: not a checkpoint folder (no meta.json; give a run's checkpoint/ folder "
                               "or the --out of qvl convert)")
-    return read_json_file(path, CheckpointMeta)
+    return read_json_file(path, CheckpointMeta, MAX_META_BYTES, CheckpointError)
 
 
 def read_preset(folder: str | Path, explicit: str | None = None) -> ModelConfig:

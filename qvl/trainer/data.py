@@ -14,10 +14,9 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from qvl.boundary import Count
+from qvl.boundary import Count, read_json_file
 from qvl.errors import QvlError
 from qvl.schemas.samples import IGNORE_INDEX, SAMPLE
-from qvl.trainer.checkpoint import read_json_file
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

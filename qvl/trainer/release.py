@@ -31,10 +31,10 @@ import msgspec
 import torch
 
 from qvl import storage
+from qvl.boundary import read_json_file
 from qvl.errors import QvlError
 from qvl.trainer.checkpoint import (
     TensorEntry,
-    read_json_file,
     read_meta,
     read_preset,
     read_safetensors_header,
