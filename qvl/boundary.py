@@ -28,7 +28,6 @@ Side = Annotated[float, msgspec.Meta(gt=0, le=MAX_SIDE)]
 IntSide = Annotated[int, msgspec.Meta(ge=1, le=MAX_SIDE)]
 Id = Annotated[int, msgspec.Meta(ge=-MAX_ID, le=MAX_ID)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
-Finite = Annotated[float, msgspec.Meta(ge=-1e300, le=1e300)]  # any real number, never NaN or infinity
 
 
 def _check_text(value: Any, where: str) -> None:
@@ -142,8 +141,3 @@ def _has_lone_surrogate_escape(data: bytes | str) -> bool:
     except RecordError:
         return True
     return False
-
-
-def file_error(path: Any, problem: str) -> QvlError:
-    """A whole file qvl cannot read, named."""
-    return QvlError(f"{path}: {problem}")
