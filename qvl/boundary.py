@@ -74,16 +74,16 @@ def decode_json(data: bytes | str, type_: Any = Any, reason: str = "malformed_js
     string that is not valid UTF-8 is ``bad_text``."""
     try:
         return msgspec.json.decode(data, type=type_, strict=True)
-    except RecursionError:
+    except RecursionError:  # msgspec recurses per nesting level: a line of 100k '[' is malformed, not a crash
         raise RecordError("not valid JSON: arrays or objects nested too deeply", reason) from None
     except msgspec.ValidationError as e:
         raise RecordError(str(e), "bad_field") from None
-    except UnicodeDecodeError as e:  # msgspec checks UTF-8 inside strings only as it builds them
+    except UnicodeDecodeError as e:  # msgspec < 0.23 checks UTF-8 inside strings only as it builds them
         raise RecordError(f"text is not valid UTF-8 (byte {e.start} of a string)", "bad_text") from None
-    except RecursionError:  # msgspec recurses per nesting level: a line of 100k '[' is malformed, not a crash
-        raise RecordError("not valid JSON: nested too deeply", reason) from None
     except msgspec.DecodeError as e:
         message = str(e)
+        if "UTF-8" in message:  # msgspec >= 0.23: "Invalid UTF-8 encoded string"
+            raise RecordError("text is not valid UTF-8", "bad_text") from None
         if "truncated" in message or "surrogate" in message:
             if _has_lone_surrogate_escape(data):
                 raise RecordError("text is not valid Unicode (a lone surrogate escape such as \\ud800)",

@@ -422,10 +422,12 @@ def format_export(
     max_image_pixels: MaxImagePixelsOpt = None,
     tool_max_pixels: Annotated[Optional[int], typer.Option(
         help="--to llamafactory: its image_max_pixels (default 589824); with --check: the tool's max bound as it will "
-             "run (ms-swift: MAX_PIXELS, default: the environment's)")] = None,
+             "run (ms-swift: MAX_PIXELS, default: the environment's; llamafactory: default: the export's "
+             "llamafactory.yaml)")] = None,
     tool_min_pixels: Annotated[Optional[int], typer.Option(
         help="--to llamafactory: its image_min_pixels (default 1024); with --check: the tool's min bound as it will "
-             "run (ms-swift: MIN_PIXELS, default: the environment's)")] = None,
+             "run (ms-swift: MIN_PIXELS, default: the environment's; llamafactory: default: the export's "
+             "llamafactory.yaml)")] = None,
     max_pixels: MaxPixelsOpt = 64_000_000,
     check: Annotated[Optional[Path], typer.Option(
         "--check", help="an export folder: re-derive every record's image size the way --to will run and report "
@@ -469,6 +471,9 @@ def format_export(
         return
     if out is None:
         _fail("give --out (or --check DIR)")
+    if to == "ms-swift" and (tool_max_pixels, tool_min_pixels) != (None, None):
+        _fail("--tool-max-pixels / --tool-min-pixels are LLaMA-Factory's image_max_pixels / image_min_pixels; "
+              "ms-swift's MAX_PIXELS / MIN_PIXELS are the processor's bounds: --max-image-pixels / --min-image-pixels")
     tool_max_pixels = LLAMAFACTORY_MAX_PIXELS if tool_max_pixels is None else tool_max_pixels
     tool_min_pixels = LLAMAFACTORY_MIN_PIXELS if tool_min_pixels is None else tool_min_pixels
 

@@ -60,6 +60,19 @@ class _NoAliasLoader(yaml.SafeLoader):
                                               "in a recipe: write each value out", event.start_mark)
         return super().compose_node(parent, index)
 
+    def construct_mapping(self, node, deep=False):
+        """A key written twice is a mistake (TOML refuses it too): YAML would keep the last silently."""
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # an unhashable key: SafeLoader's own error follows
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {short(key)} is written twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """A recipe's top-level table; anything unreadable, too large, not TOML/YAML, nested too deep
@@ -74,7 +87,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         else:
             data = yaml.load(text, Loader=_NoAliasLoader) or {}
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
-        raise RecipeError(f"{path}: not valid {path.suffix[1:].upper()}: {short(str(e), 300)}") from None
+        raise RecipeError(f"{path}: not valid {path.suffix[1:].upper()}: {short(' '.join(str(e).split()), 300)}") from None
     except RecursionError:
         raise RecipeError(f"{path}: nested too deeply") from None
     except ValueError as e:  # an integer of more than 4300 digits

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -81,3 +82,13 @@ def test_any_entries_file_is_entries_or_one_error_naming_it(tmp_path, lines):
         assert str(path) in str(e)
         return
     assert entries and all(e and e == e.strip() for e in entries)
+    assert not any(c < " " and c != "\t" for e in entries for c in e)
+
+
+@pytest.mark.parametrize("text", ["\0\0\0\n", "cat\n\x07dog\n", "ok\n\x1b[31mred\n"])
+def test_an_entry_with_a_control_character_is_refused_naming_the_line(tmp_path, text):
+    """A NUL-filled or binary file is not a list of phrases: refused, not 'entries' that match nothing."""
+    path = tmp_path / "entries.txt"
+    path.write_text(text)
+    with pytest.raises(QvlError, match=rf"{path}:\d+: a control character"):
+        read_entries(path)

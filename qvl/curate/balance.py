@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -61,6 +62,9 @@ def read_entries(path: str | Path) -> list[str]:
         if len(entry := line.strip()) > MAX_ENTRY_CHARS:
             raise QvlError(f"{path}:{n}: an entry of {len(entry):,} characters; "
                            f"balance entries are words and short phrases (at most {MAX_ENTRY_CHARS:,})")
+        if bad := next((c for c in entry if c != "\t" and unicodedata.category(c) == "Cc"), None):
+            raise QvlError(f"{path}:{n}: a control character ({bad!r}) in an entry; "
+                           "balance entries are words and short phrases (is this a text file?)")
         if entry:
             entries.append(entry)
     if not entries:

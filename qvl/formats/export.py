@@ -47,13 +47,24 @@ import math
 import os
 import shutil
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Annotated, Any
+
+import msgspec
 
 from qvl import storage
-from qvl.boundary import MAX_SIDE, Id, convert
-from qvl.errors import RecordError
+from qvl.boundary import (
+    MAX_ITEMS,
+    MAX_SIDE,
+    Id,
+    convert,
+    decode_json,
+    read_json_file,
+    read_text,
+)
+from qvl.errors import QvlError, RecordError
 from qvl.formats import chatml, families, multitask
 from qvl.formats.boxes import AnnotationError
 from qvl.formats.build import FormatInputError, file_records
@@ -444,8 +455,8 @@ def _write_snippet(tmp: Path, out: Path, settings: ExportSettings, resize: dict)
                  "# the export is now if you move it (or run ms-swift from inside the export folder).",
                  f"ROOT_IMAGE_DIR={where}"]
         if resize:
-            lines[3:3] = [f"# MAX_PIXELS/MIN_PIXELS: the bounds the boxes were computed for ({settings.model}); "
-                          f"check with qvl format export --check DIR --to ms-swift"]
+            lines[3:3] = [(f"# MAX_PIXELS/MIN_PIXELS: the bounds the boxes were computed for ({settings.model}); "
+                           "check with qvl format export --check DIR --to ms-swift")]
             lines += [f"MAX_PIXELS={resize['max_pixels']}", f"MIN_PIXELS={resize['min_pixels']}"]
         (tmp / "swift.env").write_text("\n".join(lines) + "\n", encoding="utf-8")
         return
@@ -460,8 +471,111 @@ def _write_snippet(tmp: Path, out: Path, settings: ExportSettings, resize: dict)
     (tmp / "llamafactory.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-class CheckError(ValueError):
-    """An export folder --check cannot read."""
+class CheckError(QvlError):
+    """An export folder --check cannot read, or bounds it cannot check with."""
+
+
+PixelBound = Annotated[int, msgspec.Meta(ge=1, le=MAX_SETTING_PIXELS)]
+MAX_EXPORT_JSON = 1 << 20
+MAX_CHECK_LINE = 64 << 20  # one data.jsonl record; an export writes a few KB
+
+
+class _SwiftResize(msgspec.Struct):
+    min_pixels: PixelBound
+    max_pixels: PixelBound
+
+
+class _LlamaFactoryResize(msgspec.Struct):
+    image_min_pixels: PixelBound
+    image_max_pixels: PixelBound
+    processor_min_pixels: PixelBound
+    processor_max_pixels: PixelBound
+
+
+class _ExportReport(msgspec.Struct):
+    """What --check reads of export.json: the target, the model and the bounds the boxes were
+    computed for (``{}`` for a model whose boxes do not depend on the size)."""
+
+    target: str
+    model: str
+    resize: dict[str, Any] = {}
+
+
+class _Message(msgspec.Struct):
+    role: str
+    content: str
+
+
+class _ExportedRecord(msgspec.Struct):
+    messages: Annotated[list[_Message], msgspec.Meta(max_length=MAX_ITEMS)]
+    images: Annotated[list[str], msgspec.Meta(max_length=MAX_ITEMS)] = []
+    id: str | Id | None = None
+
+
+def _bound(value: int | str | None, name: str, default: int) -> int:
+    """A pixel bound from an option or the environment (``name`` says which), in range."""
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise CheckError(f"{name}={value!r}: not a whole number of pixels") from None
+    if not 1 <= number <= MAX_SETTING_PIXELS:
+        raise CheckError(f"{name}={value}: must be a whole number of pixels from 1 to {MAX_SETTING_PIXELS}")
+    return number
+
+
+def _llamafactory_yaml(folder: Path) -> dict:
+    """image_min_pixels / image_max_pixels as the export's llamafactory.yaml says (edited or
+    not): the bounds the user merges into LLaMA-Factory's config."""
+    import yaml
+
+    path = folder / "llamafactory.yaml"
+    if not path.exists():
+        return {}
+    text = read_text(path, MAX_EXPORT_JSON, CheckError)
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise CheckError(f"{path}: not YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(config, dict):
+        raise CheckError(f"{path}: not a mapping of LLaMA-Factory settings")
+    return {key: config[key] for key in ("image_min_pixels", "image_max_pixels") if key in config}
+
+
+def _exported_records(path: Path):
+    """(line number, record) of an export's data.jsonl, each line decoded and typed, or one
+    CheckError naming the file and line."""
+    with open(path, "rb") as data:
+        number = 0
+        while True:
+            line = data.readline(MAX_CHECK_LINE + 1)
+            if not line:
+                return
+            number += 1
+            if len(line) > MAX_CHECK_LINE:
+                raise CheckError(f"{path}:{number}: a line longer than {MAX_CHECK_LINE >> 20} MiB")
+            if not line.strip():
+                continue
+            try:
+                yield number, decode_json(line, _ExportedRecord)
+            except RecordError as e:
+                raise CheckError(f"{path}:{number}: {e}") from None
+
+
+def _image_size(folder: Path, path: str) -> tuple[int, int] | str:
+    """(width, height) from the image's header, or why the tool cannot open it. A relative path
+    is the export's (as both tools resolve it from the export folder)."""
+    from PIL import Image, UnidentifiedImageError
+
+    full = Path(path) if Path(path).is_absolute() else folder / path
+    if not full.is_file():  # never open a device or a FIFO: /dev/zero would never end
+        return "no such image file"
+    try:
+        with Image.open(full) as image:
+            return image.size
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as e:
+        return f"not an image the tool can open ({' '.join(str(e).split())[:200]})"
 
 
 def run_check(folder: Path, target: str, min_pixels: int | None = None, max_pixels: int | None = None,
@@ -469,30 +583,37 @@ def run_check(folder: Path, target: str, min_pixels: int | None = None, max_pixe
     """Re-derive every record's image sizes the way ``target`` will run on export ``folder``
     (ms-swift: ``min_pixels``/``max_pixels`` as its MIN_PIXELS/MAX_PIXELS — default: the
     environment's, else qwen_vl_utils' own; LLaMA-Factory: as its image_min_pixels /
-    image_max_pixels — default: its own), against the sizes the export computed its boxes for.
-    A record whose boxes are pixels (Qwen2.5-VL) and whose image the tool feeds at another size
-    is ``moved``; one whose image the tool would refuse is ``refused``; the others agree."""
+    image_max_pixels — default: the export's llamafactory.yaml, else LLaMA-Factory's own),
+    against the sizes the export computed its boxes for. A record whose boxes are pixels
+    (Qwen2.5-VL) and whose image the tool feeds at another size is ``moved``; one whose image
+    the tool would refuse or cannot open is ``refused``; the others agree."""
     folder = Path(folder)
     environ = os.environ if environ is None else environ
-    try:
-        report = json.loads((folder / "export.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckError(f"{folder}: no readable export.json ({e})") from None
     require(target in TARGETS, "target", f"{target!r}: use {', '.join(TARGETS)} (--to)")
-    if report.get("target") != target:
-        raise CheckError(f"{folder} was exported for {report.get('target')}, not {target}")
-    model = report.get("model")
+    report = read_json_file(folder / "export.json", _ExportReport, MAX_EXPORT_JSON, CheckError,
+                            " (export.json as qvl format export writes it)")
+    if report.target != target:
+        raise CheckError(f"{folder} was exported for {report.target}, not {target}")
+    if report.model not in families.MODELS:
+        raise CheckError(f"{folder / 'export.json'}: model {report.model!r} is none of {', '.join(families.MODELS)}")
+    model = report.model
     out = {"folder": str(folder), "target": target, "model": model, "records": 0, "images": 0, "moved": [],
            "resized": 0, "refused": [], "ok": True}
     if model not in families.FAMILIES:
         return {**out, "note": f"{model}: sizes do not enter its boxes (nothing to check)"}
     fam = families.family(model)
-    resize = report.get("resize") or {}
+    resize_type = _SwiftResize if target == "ms-swift" else _LlamaFactoryResize
+    try:
+        resize = convert(report.resize, resize_type)
+    except RecordError as e:
+        raise CheckError(f"{folder / 'export.json'}: resize: {e}") from None
     if target == "ms-swift":
-        exported = ToolBounds(target, resize["min_pixels"], resize["max_pixels"])
+        exported = ToolBounds(target, resize.min_pixels, resize.max_pixels)
         square = fam.factor * fam.factor
-        low = min_pixels if min_pixels is not None else int(environ.get("MIN_PIXELS") or SWIFT_DEFAULT_TOKENS[0] * square)
-        high = max_pixels if max_pixels is not None else int(environ.get("MAX_PIXELS") or SWIFT_DEFAULT_TOKENS[1] * square)
+        low = _bound(min_pixels, "--tool-min-pixels", 0) or \
+            _bound(environ.get("MIN_PIXELS"), "MIN_PIXELS (environment)", SWIFT_DEFAULT_TOKENS[0] * square)
+        high = _bound(max_pixels, "--tool-max-pixels", 0) or \
+            _bound(environ.get("MAX_PIXELS"), "MAX_PIXELS (environment)", SWIFT_DEFAULT_TOKENS[1] * square)
         run = ToolBounds(target, low // square * square, high // square * square)
         if not square <= run.min_pixels <= run.max_pixels:
             raise CheckError(f"MIN_PIXELS {low} / MAX_PIXELS {high}: ms-swift takes {run.min_pixels // square} to "
@@ -500,38 +621,44 @@ def run_check(folder: Path, target: str, min_pixels: int | None = None, max_pixe
                              "refuses (at least one token, min not above max)")
         out["run_with"] = {"MIN_PIXELS": run.min_pixels, "MAX_PIXELS": run.max_pixels}
     else:
-        exported = ToolBounds(target, resize["image_min_pixels"], resize["image_max_pixels"],
-                              resize["processor_min_pixels"], resize["processor_max_pixels"])
-        run = ToolBounds(target, LLAMAFACTORY_MIN_PIXELS if min_pixels is None else min_pixels,
-                         LLAMAFACTORY_MAX_PIXELS if max_pixels is None else max_pixels,
-                         exported.processor_min_pixels, exported.processor_max_pixels)
+        exported = ToolBounds(target, resize.image_min_pixels, resize.image_max_pixels,
+                              resize.processor_min_pixels, resize.processor_max_pixels)
+        config = _llamafactory_yaml(folder)
+        where = folder / "llamafactory.yaml"
+        low = _bound(min_pixels, "--tool-min-pixels", 0) or \
+            _bound(config.get("image_min_pixels"), f"image_min_pixels ({where})", LLAMAFACTORY_MIN_PIXELS)
+        high = _bound(max_pixels, "--tool-max-pixels", 0) or \
+            _bound(config.get("image_max_pixels"), f"image_max_pixels ({where})", LLAMAFACTORY_MAX_PIXELS)
+        if low > high:
+            raise CheckError(f"image_min_pixels {low} is more than image_max_pixels {high}")
+        run = ToolBounds(target, low, high, exported.processor_min_pixels, exported.processor_max_pixels)
         out["run_with"] = {"image_min_pixels": run.min_pixels, "image_max_pixels": run.max_pixels}
     out["exported_for"] = {k: v for k, v in vars(exported).items() if v is not None and k != "target"}
     pixel_boxes = fam.boxes == "json_pixels"
-    from PIL import Image
-
-    with open(folder / "data.jsonl", encoding="utf-8") as data:
-        for line in data:
-            record = json.loads(line)
-            out["records"] += 1
-            boxed = pixel_boxes and any('"bbox_2d"' in m.get("content", "") for m in record.get("messages", []))
-            for path in record.get("images", []):
-                out["images"] += 1
-                full = Path(path) if Path(path).is_absolute() else folder / path
-                with Image.open(full) as image:
-                    width, height = image.size
-                try:
-                    assumed = fed_size(exported, fam, width, height)
-                except AnnotationError:
-                    assumed = None
-                try:
-                    fed = fed_size(run, fam, width, height)
-                except AnnotationError as e:
-                    out["refused"].append({"id": record.get("id"), "image": path, "reason": str(e)})
-                    continue
-                if fed != assumed:
-                    out["resized"] += 1
-                    if boxed:
-                        out["moved"].append({"id": record.get("id"), "image": path, "boxes_for": assumed, "fed": fed})
+    sizes: dict[str, tuple[int, int] | str] = {}
+    for _, record in _exported_records(folder / "data.jsonl"):
+        out["records"] += 1
+        boxed = pixel_boxes and any('"bbox_2d"' in m.content for m in record.messages)
+        for path in record.images:
+            out["images"] += 1
+            if path not in sizes:
+                sizes[path] = _image_size(folder, path)
+            size = sizes[path]
+            if isinstance(size, str):
+                out["refused"].append({"id": record.id, "image": path, "reason": size})
+                continue
+            try:
+                assumed = fed_size(exported, fam, *size)
+            except AnnotationError:
+                assumed = None
+            try:
+                fed = fed_size(run, fam, *size)
+            except AnnotationError as e:
+                out["refused"].append({"id": record.id, "image": path, "reason": str(e)})
+                continue
+            if fed != assumed:
+                out["resized"] += 1
+                if boxed:
+                    out["moved"].append({"id": record.id, "image": path, "boxes_for": assumed, "fed": fed})
     out["ok"] = not out["moved"] and not out["refused"]
     return out

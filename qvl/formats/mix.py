@@ -129,7 +129,9 @@ def _records(source: Source, skipped: dict[str, int] | None = None) \
                 continue
             yield file, index, sample_id, record
         return
-    for file, index, record in importers.records(source.layout, files, list(source.tasks) or None, source.split):
+    asked_by = f"[[source]] {source.name} (layout = {source.layout!r})"
+    for file, index, record in importers.records(source.layout, files, list(source.tasks) or None, source.split,
+                                                 asked_by=asked_by):
         yield file, index, f"{Path(file).name}:{index}", record
 
 

@@ -137,9 +137,14 @@ def _set(spec: msgspec.Struct) -> dict:
     return {k: v for k, v in msgspec.structs.asdict(spec).items() if v is not None}
 
 
+NAMED_TOKENIZERS = ("qwen-vl", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "bytes")  # those load_tokenizer knows by name
+
+
 def _check_preset(spec: PresetSpec) -> str | None:
     """What makes a well-typed preset unbuildable, or None."""
     v, llm = spec.vision, spec.llm
+    if spec.tokenizer not in NAMED_TOKENIZERS and not (Path(spec.tokenizer) / "tokenizer.json").is_file():
+        return f"tokenizer {spec.tokenizer!r}: use {', '.join(NAMED_TOKENIZERS)}, or a folder holding tokenizer.json"
     if math.isqrt(spec.image_tokens) ** 2 != spec.image_tokens:
         return f"image_tokens {spec.image_tokens} must be a square number (the adapter's query grid)"
     if v.open_clip_config is None:

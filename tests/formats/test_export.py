@@ -310,4 +310,168 @@ def test_cli_check(data, tmp_path, monkeypatch):
     monkeypatch.setenv("MAX_PIXELS", "200000")
     assert _cli("--check", str(tmp_path / "out"), "--to", "ms-swift").exit_code == 0
     missing = _cli("--check", str(tmp_path / "nowhere"), "--to", "ms-swift")
-    assert missing.exit_code == 1 and "no readable export.json" in missing.output
+    assert missing.exit_code == 1 and "export.json: cannot read" in missing.output
+
+
+# ---------------------------------------------------------------- --check on a folder it cannot trust
+
+@pytest.fixture(scope="module")
+def exported(data, tmp_path_factory):
+    """One export per tool, Qwen2.5-VL (pixel boxes: sizes matter)."""
+    root = tmp_path_factory.mktemp("checked")
+    for target in ("ms-swift", "llamafactory"):
+        run_export([data / "convo.jsonl"], root / target, data / "img", show_progress=False,
+                   settings=ExportSettings(target=target, model="qwen2.5-vl"))
+    return root
+
+
+def _copy(exported, tmp_path, target):
+    import shutil
+
+    folder = tmp_path / target
+    shutil.copytree(exported / target, folder, symlinks=True)
+    return folder
+
+
+def _edit_report(folder, **changes):
+    report = json.loads((folder / "export.json").read_text())
+    (folder / "export.json").write_text(json.dumps({**report, **changes}))
+
+
+@pytest.mark.parametrize("target, report, message", [
+    ("ms-swift", "[]", "export.json: Expected `object`, got `array`"),
+    ("ms-swift", {"resize": "x"}, "Expected `object`, got `str` - at `$.resize`"),
+    ("ms-swift", {"resize": {"min_pixels": "3136", "max_pixels": 12845056}}, "resize: Expected `int`, got `str`"),
+    ("ms-swift", {"resize": {"min_pixels": -1, "max_pixels": 12845056}}, "resize: Expected `int` >= 1"),
+    ("ms-swift", {"resize": {}}, "resize: Object missing required field `min_pixels`"),
+    ("llamafactory", {"resize": {"image_min_pixels": 1024}}, "resize: Object missing required field"),
+    ("ms-swift", {"model": "qwen9-vl"}, "model 'qwen9-vl' is none of qwen-vl, qwen2-vl"),
+    ("ms-swift", {"model": None}, "Expected `str`, got `null` - at `$.model`"),
+    ("ms-swift", "{not json", "export.json: not valid JSON"),
+])
+def test_check_refuses_an_export_json_it_cannot_trust(exported, tmp_path, target, report, message):
+    from qvl.formats.export import CheckError, run_check
+
+    folder = _copy(exported, tmp_path, target)
+    if isinstance(report, dict):
+        _edit_report(folder, **report)
+    else:
+        (folder / "export.json").write_text(report)
+    with pytest.raises(CheckError) as e:
+        run_check(folder, target, environ={})
+    assert message in str(e.value) and str(folder) in str(e.value)
+
+
+@pytest.mark.parametrize("line, message", [
+    ("[1, 2]", ":4: Expected `object`, got `array`"),
+    ('{"messages": "oops", "images": []}', ":4: Expected `array`, got `str` - at `$.messages`"),
+    ('{"messages": [], "images": null}', ":4: Expected `array`, got `null` - at `$.images`"),
+    ('{"messages": [], "images": [5]}', ":4: Expected `str`, got `int` - at `$.images[0]`"),
+    ('{"messages": [], "images": "notalist"}', ":4: Expected `array`, got `str` - at `$.images`"),
+    ('{"messages": [{"role": "user"}]}', ":4: Object missing required field `content` - at `$.messages[0]`"),
+    ('{"messages": [], "images": ["a.png"', ":4: not valid JSON"),
+    (b'{"messages": [], "id": "\xff"}', ":4: text is not valid UTF-8"),
+])
+def test_check_names_the_line_of_data_jsonl_it_cannot_read(exported, tmp_path, line, message):
+    from qvl.formats.export import CheckError, run_check
+
+    folder = _copy(exported, tmp_path, "ms-swift")
+    data = (folder / "data.jsonl").read_bytes()
+    line = line if isinstance(line, bytes) else line.encode()
+    (folder / "data.jsonl").write_bytes(data + b"\n" + line + b"\n")  # line 3 blank: skipped; line 4 the bad one
+    with pytest.raises(CheckError) as e:
+        run_check(folder, "ms-swift", environ={})
+    assert str(folder / "data.jsonl") + message in str(e.value), str(e.value)
+
+
+def test_check_refuses_images_the_tool_cannot_open(exported, tmp_path):
+    """A missing file, a device (never read: /dev/zero has no end), a file that is not an image:
+    each ``refused`` with why, the check goes on over the other records."""
+    folder = _copy(exported, tmp_path, "ms-swift")
+    (folder / "notes.png").write_text("not an image")
+    rows = [json.loads(line) for line in (folder / "data.jsonl").read_text().splitlines()]
+    rows += [{"id": name, "messages": [{"role": "user", "content": "<image>"}], "images": [path]}
+             for name, path in (("gone", "images/none.png"), ("device", "/dev/zero"), ("text", "notes.png"))]
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from qvl.formats.export import run_check
+
+    result = run_check(folder, "ms-swift", environ={"MAX_PIXELS": "12845056", "MIN_PIXELS": "3136"})
+    assert [(r["id"], r["reason"].split(" (")[0]) for r in result["refused"]] == [
+        ("gone", "no such image file"), ("device", "no such image file"), ("text", "not an image the tool can open")]
+    assert result["records"] == 5 and not result["ok"] and not result["moved"]
+
+
+@pytest.mark.parametrize("environ, args, message", [
+    ({"MAX_PIXELS": "abc"}, {}, "MAX_PIXELS (environment)='abc': not a whole number of pixels"),
+    ({"MIN_PIXELS": "-3"}, {}, "MIN_PIXELS (environment)=-3: must be a whole number of pixels from 1"),
+    ({}, {"max_pixels": -1}, "--tool-max-pixels=-1: must be a whole number of pixels from 1"),
+    ({}, {"min_pixels": 10 ** 30}, "--tool-min-pixels=1000000000000000000000000000000: must be"),
+    ({}, {"min_pixels": 10 ** 6, "max_pixels": 10 ** 5}, "which qwen_vl_utils refuses"),
+])
+def test_check_names_the_bound_it_cannot_use(exported, environ, args, message):
+    from qvl.formats.export import CheckError, run_check
+
+    with pytest.raises(CheckError) as e:
+        run_check(exported / "ms-swift", "ms-swift", environ=environ, **args)
+    assert message in str(e.value)
+
+
+def test_check_reads_llamafactory_yaml_as_the_user_edited_it(exported, tmp_path):
+    """The bounds the user merges into LLaMA-Factory's config are the ones checked (an option
+    overrides them); an edit that would move the boxes is found, an unusable one named."""
+    from qvl.formats.export import CheckError, run_check
+
+    folder = _copy(exported, tmp_path, "llamafactory")
+    config = folder / "llamafactory.yaml"
+    assert run_check(folder, "llamafactory")["ok"]
+    config.write_text(config.read_text().replace("image_max_pixels: 589824", "image_max_pixels: 65536"))
+    edited = run_check(folder, "llamafactory")
+    assert edited["run_with"]["image_max_pixels"] == 65536 and [m["id"] for m in edited["moved"]] == ["c1"]
+    assert run_check(folder, "llamafactory", max_pixels=589824)["ok"]
+    config.write_text(config.read_text().replace("image_max_pixels: 65536", "image_max_pixels: lots"))
+    with pytest.raises(CheckError, match=r"image_max_pixels \(.*llamafactory.yaml\)='lots': not a whole number"):
+        run_check(folder, "llamafactory")
+    config.write_text("dataset: [qvl\n")
+    with pytest.raises(CheckError, match="llamafactory.yaml: not YAML"):
+        run_check(folder, "llamafactory")
+
+
+def test_cli_check_and_tool_bounds_say_one_line(exported, data, tmp_path):
+    folder = _copy(exported, tmp_path, "ms-swift")
+    (folder / "data.jsonl").write_text("[1, 2]\n")
+    bad = _cli("--check", str(folder), "--to", "ms-swift", "--tool-max-pixels", "12845056")
+    assert bad.exit_code == 1 and bad.output.startswith("error:") and ":1: Expected `object`" in bad.output
+    assert "Traceback" not in bad.output and len(bad.output.strip().splitlines()) <= 3
+    ignored = _cli("-i", str(data / "ann.jsonl"), "--images", str(data / "img"), "--to", "ms-swift",
+                   "--out", str(tmp_path / "x"), "--tool-max-pixels", "65536")
+    assert ignored.exit_code == 1 and "--max-image-pixels" in ignored.output and not (tmp_path / "x").exists()
+
+
+def test_check_never_crashes_on_generated_records(exported, tmp_path_factory):
+    """Any JSON value where a record, a message or an image list belongs: a result, or one
+    CheckError naming the file — never another exception."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from qvl.formats.export import CheckError, run_check
+
+    folder = _copy(exported, tmp_path_factory.mktemp("fuzz"), "ms-swift")
+    good = (folder / "data.jsonl").read_text()
+    leaf = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)
+    value = st.recursive(leaf, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                           max_size=3), max_leaves=8)
+    record = st.fixed_dictionaries({}, optional={"id": value, "messages": value | st.lists(
+        st.fixed_dictionaries({"role": value, "content": value}), max_size=2), "images": value})
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(record, min_size=1, max_size=3))
+    def check(records):
+        (folder / "data.jsonl").write_text(good + "".join(json.dumps(r) + "\n" for r in records))
+        try:
+            result = run_check(folder, "ms-swift", environ={})
+        except CheckError as e:
+            assert str(folder / "data.jsonl") in str(e)
+        else:
+            assert result["records"] >= 2
+
+    check()

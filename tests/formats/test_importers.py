@@ -221,7 +221,7 @@ def test_llava_pretrain_captions_and_the_cli(tmp_path):
     assert bad.exit_code == 1 and "unknown layout" in bad.output
     bad = runner.invoke(app, ["format", "multitask", "--from", "gqa", str(tmp_path / "x.json"), "--task", "ocr",
                               "--out", str(tmp_path / "o3")])
-    assert bad.exit_code == 1 and "--from gqa gives vqa, not ocr" in bad.output
+    assert bad.exit_code == 1 and "--from gqa: gqa gives vqa, not ocr" in bad.output
 
 
 def test_mix_draws_each_source_its_share_deterministically(tmp_path):

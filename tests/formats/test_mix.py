@@ -184,3 +184,23 @@ def test_records_of_tasks_not_asked_for_are_counted_and_a_source_of_none_is_refu
                    "(4 of other tasks skipped)")
     recipe = write_recipe(tmp_path / "typo.toml", MIX, [{**source, "tasks": ["vqa2"]}])
     one_line_error(mix(recipe, tmp_path / "out3"), "typo.toml", "tasks: unknown 'vqa2'")
+
+
+def test_a_layout_asked_for_a_task_it_lacks_is_named_by_its_source(tmp_path):
+    """The recipe's source is what asked for the task, not a --from the user never typed."""
+    src = source_files(tmp_path / "data")
+    recipe = write_recipe(tmp_path / "mix.toml", MIX, [{"name": "questions", "layout": "gqa", "files": [str(src)],
+                                                        "images": str(src.parent), "count": 1, "tasks": ["ocr"]}])
+    output = one_line_error(mix(recipe, tmp_path / "out"), "[[source]] questions (layout = 'gqa')",
+                            "gqa gives vqa, not ocr")
+    assert "--from" not in output
+
+
+@pytest.mark.parametrize("text, message", [
+    ("mix:\n  seed: [1,\n    2\nsource: 3\n", "not valid YAML: while parsing a flow sequence"),
+    ("mix:\n  seed: 1\n  seed: 2\nsource: []\n", "the key 'seed' is written twice"),
+])
+def test_a_yaml_error_is_one_line(tmp_path, text, message):
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text(text)
+    one_line_error(mix(recipe, tmp_path / "out"), "mix.yaml", message)

@@ -240,6 +240,7 @@ VISION = "[vision]\nwidth = 32\nlayers = 1\nheads = 2\n"
     ("a = " + "[" * 100_000, "nested too deeply"),  # tomllib's RecursionError
     ("a = 1" + "0" * 5000, "not a qvl preset"),  # Python's limit on integer digits
     (HEAD + VISION + "patch_size = 8\n[llm]\nhidden_size = 33\nnum_attention_heads = 2\n", "hidden_size"),
+    (HEAD.replace("'bytes'", "'gpt9'") + VISION + "patch_size = 8\n", "tokenizer 'gpt9': use qwen-vl"),  # not --tokenizer
 ])
 def test_a_bad_preset_file_is_one_line_naming_it(micro, tmp_path, text, field):
     preset = tmp_path / "bad.toml"

@@ -68,17 +68,19 @@ def registry() -> dict[str, Importer]:
 
 
 def records(layout: str, files: list[Path], tasks: list[str] | None = None, split: str | None = None,
-            limit: int | None = None) -> Yield:
+            limit: int | None = None, asked_by: str = "") -> Yield:
     """The importer's records for ``files`` (at most ``limit``), after checking what was asked
-    (here, before the first record is read: a bad request is an error before any output)."""
+    (here, before the first record is read: a bad request is an error before any output).
+    ``asked_by`` names where the layout was asked for (default: ``--from``)."""
     known = registry()
+    asked_by = asked_by or f"--from {layout}"
     if layout not in known:
-        raise LayoutFileError(f"--from {layout}: unknown layout; known: {', '.join(known)}")
+        raise LayoutFileError(f"{asked_by}: unknown layout; known: {', '.join(known)}")
     importer = known[layout]
     wanted = frozenset(tasks or importer.tasks)
     bad = sorted(wanted - set(importer.tasks))
     if bad:
-        raise LayoutFileError(f"--from {layout} gives {', '.join(importer.tasks)}, not {', '.join(bad)}")
+        raise LayoutFileError(f"{asked_by}: {layout} gives {', '.join(importer.tasks)}, not {', '.join(bad)}")
     if limit is not None and limit < 1:
         raise LayoutFileError(f"--limit {limit}: must be 1 or more (leave it out for every record)")
     for path in files:
