@@ -16,6 +16,7 @@ import json
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,29 +152,52 @@ def chat_caption(model: QwenVL, tok, held: list[dict], resolution: int) -> float
                   lambda c: f"It is {c['phrase']}.")
 
 
-def run_learning_demo(out: Path, eval_path: Path, world: DemoWorld | None = None, log=print,
-                      show_progress: bool = False) -> dict:
-    world = world or DemoWorld()
+@contextmanager
+def timed(seconds: dict, name: str, log):
+    """Logs how long a part of the demo took, and keeps it for eval.json: where the minutes go."""
     started = time.perf_counter()
-    files = write_world(out / "world", world)
+    yield
+    seconds[name] = round(time.perf_counter() - started, 1)
+    log(f"  {name}: {seconds[name]:.0f} s")
+
+
+def run_learning_demo(out: Path, eval_path: Path, world: DemoWorld | None = None, log=print,
+                      show_progress: bool = False, seconds: dict | None = None) -> dict:
+    world = world or DemoWorld()
+    seconds = {} if seconds is None else seconds
+    started = time.perf_counter()
     preset = load_preset("tiny")
     settings = FormatSettings(tokenizer=preset.tokenizer, image_tokens=preset.image_tokens)
     shards = {}
-    for key, kind in (("stage1", "multitask"), ("stage2", "multitask"), ("sft", "sft")):
-        shards[key] = out / "shards" / key
-        run_format(kind, [files[key]], shards[key], files["images"], settings=settings, overwrite=True,
-                   show_progress=False)
+    with timed(seconds, "world and its shards", log):
+        files = write_world(out / "world", world)
+        for key, kind in (("stage1", "multitask"), ("stage2", "multitask"), ("sft", "sft")):
+            shards[key] = out / "shards" / key
+            run_format(kind, [files[key]], shards[key], files["images"], settings=settings, overwrite=True,
+                       show_progress=False)
     init = None
     for stage, key, steps in ((1, "stage1", world.steps[0]), (2, "stage2", world.steps[1]), (3, "sft", world.steps[2])):
         run = out / f"stage{stage}"
         log(f"training stage {stage} for {steps} steps ...")
-        train(TrainSettings(stage=stage, data=shards[key], out=run, preset="tiny", max_steps=steps, init=init,
-                            seed=world.seed, log=False, progress=show_progress, overwrite=True))
+        with timed(seconds, f"stage {stage}", log):
+            train(TrainSettings(stage=stage, data=shards[key], out=run, preset="tiny", max_steps=steps, init=init,
+                                seed=world.seed, log=False, progress=show_progress, overwrite=True))
         init = run / "checkpoint"
     # the same model before any step: the baseline every figure is held against
     train(TrainSettings(stage=2, data=shards["stage2"], out=out / "untrained", preset="tiny", max_steps=0,
                         seed=world.seed, log=False, overwrite=True))
     log("evaluating on held-out images ...")
+    with timed(seconds, "evaluation", log):
+        result = _evaluate(out, files, init, preset, world)
+    result["minutes"] = round((time.perf_counter() - started) / 60, 2)
+    result["seconds"] = seconds
+    storage.write_json(eval_path, result)
+    return result
+
+
+def _evaluate(out: Path, files: dict, init: Path, preset, world: DemoWorld) -> dict:
+    """The finished model in chat, the stage-2 model on the paper's prompts, each beside the
+    same model untrained, on the held-out images."""
     shutil.rmtree(out / "eval", ignore_errors=True)  # answers of an earlier demo run's models
     checkpoints = {"untrained": out / "untrained" / "checkpoint", "stage2": out / "stage2" / "checkpoint",
                    "final": init}
@@ -186,7 +210,7 @@ def run_learning_demo(out: Path, eval_path: Path, world: DemoWorld | None = None
     stage2 = {name: {"grounding_acc": grounding(checkpoints[name], files, out / "eval" / f"{name}-referring",
                                                 chat=False)["accuracy"],
                      **evaluate_multitask(models[name], tok, held, resolution)} for name in ("stage2", "untrained")}
-    result = {
+    return {
         # the finished model (stage 3), asked as a user would: "Where is the red circle?"
         "grounding_acc": chat["final"]["accuracy"],
         "grounding_acc_untrained": chat["untrained"]["accuracy"],
@@ -197,7 +221,4 @@ def run_learning_demo(out: Path, eval_path: Path, world: DemoWorld | None = None
         "held_out_images": len(held),
         "examples": chat["final"]["examples"],
         "world": {k: v for k, v in world.__dict__.items()},
-        "minutes": round((time.perf_counter() - started) / 60, 2),
     }
-    storage.write_json(eval_path, result)
-    return result

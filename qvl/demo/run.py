@@ -6,7 +6,7 @@ from pathlib import Path
 
 from qvl.curate.pipeline import run_filter
 from qvl.curate.settings import RunSettings
-from qvl.demo.learn import DemoWorld, run_learning_demo
+from qvl.demo.learn import DemoWorld, run_learning_demo, timed
 from qvl.demo.pairs import write_demo_pairs
 from qvl.demo.world import write_annotations
 from qvl.formats.build import FormatSettings, run_format
@@ -15,15 +15,19 @@ from qvl.formats.build import FormatSettings, run_format
 def run_demo(out: Path, rows_per_shard: int = 4000, show_progress: bool = True, learn: bool = True,
              world: DemoWorld | None = None, log=print) -> dict:
     """Generate the demo pairs and curate them; returns the paths a person looks at."""
-    raw = write_demo_pairs(out / "raw_pairs", rows_per_shard=rows_per_shard)
-    curated = out / "curated"
-    report = run_filter(raw, curated, run=RunSettings(), overwrite=True, show_progress=show_progress)
-    annotations = write_annotations(out / "world")
-    formatted = {}
-    for kind in ("multitask", "sft"):
-        formatted[kind] = run_format(kind, [annotations[kind]], out / "shards" / kind, annotations["images"],
-                                     settings=FormatSettings(), overwrite=True, show_progress=show_progress)
-    learned = run_learning_demo(out / "learn", out / "eval.json", world, log, show_progress) if learn else None
+    seconds: dict[str, float] = {}
+    with timed(seconds, "curate", log):
+        raw = write_demo_pairs(out / "raw_pairs", rows_per_shard=rows_per_shard)
+        curated = out / "curated"
+        report = run_filter(raw, curated, run=RunSettings(), overwrite=True, show_progress=show_progress)
+    with timed(seconds, "format", log):
+        annotations = write_annotations(out / "world")
+        formatted = {}
+        for kind in ("multitask", "sft"):
+            formatted[kind] = run_format(kind, [annotations[kind]], out / "shards" / kind, annotations["images"],
+                                         settings=FormatSettings(), overwrite=True, show_progress=show_progress)
+    learned = run_learning_demo(out / "learn", out / "eval.json", world, log, show_progress, seconds) \
+        if learn else None
     results = {
         "raw pairs": out / "raw_pairs",
         "kept pairs": curated / "kept",
