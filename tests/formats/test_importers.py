@@ -6,6 +6,7 @@ chunks that overlap, illegible TextOCR words, unicode captions."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import pickle
 import tarfile
@@ -47,12 +48,28 @@ def rendered(tmp_path: Path, layout: str, files: list[Path], images: Path | None
     return texts, pq.read_table(out / "rejects.parquet").to_pylist(), manifest
 
 
+COCO_LICENSES = [{"url": "http://creativecommons.org/licenses/by-nc-sa/2.0/", "id": 1,
+                  "name": "Attribution-NonCommercial-ShareAlike License"}]
+
+
+def coco_image(image_id: int, split: str, width: int, height: int) -> dict:
+    """An ``images`` entry as COCO publishes it (2014 names; 2017 names are ``%012d.jpg``)."""
+    name = f"COCO_{split}_{image_id:012d}.jpg"
+    return {"license": 1, "file_name": name, "coco_url": f"http://images.cocodataset.org/{split}/{name}",
+            "height": height, "width": width, "date_captured": "2013-11-14 16:28:13",
+            "flickr_url": "http://farm4.staticflickr.com/3153/2970773875_164f0c0b83_z.jpg", "id": image_id}
+
+
 def test_coco_captions(tmp_path):
     image(tmp_path / "img", "COCO_train2014_000000581857.jpg")
-    data = {"images": [{"id": 581857, "file_name": "COCO_train2014_000000581857.jpg", "width": 640, "height": 480}],
-            "annotations": [{"id": 1, "image_id": 581857, "caption": "A man riding a wave on a surfboard."},
-                            {"id": 2, "image_id": 581857, "caption": "Ünïcode café surfer"},
-                            {"id": 3, "image_id": 999, "caption": "an orphan caption"}]}
+    # as cocodataset/cocoapi PythonAPI/pycocotools/coco.py reads it (images by id, annotations by image_id)
+    data = {"info": {"description": "COCO 2014 Dataset", "url": "http://cocodataset.org", "version": "1.0",
+                     "year": 2014, "contributor": "COCO Consortium", "date_created": "2017/09/01"},
+            "images": [coco_image(581857, "train2014", 640, 480)],
+            "licenses": COCO_LICENSES,
+            "annotations": [{"image_id": 581857, "id": 1, "caption": "A man riding a wave on a surfboard."},
+                            {"image_id": 581857, "id": 2, "caption": "Ünïcode café surfer"},
+                            {"image_id": 999, "id": 3, "caption": "an orphan caption"}]}
     (tmp_path / "captions_train2014.json").write_text(json.dumps(data))
     texts, rejects, _ = rendered(tmp_path, "coco-captions", [tmp_path / "captions_train2014.json"], tmp_path / "img")
     assert texts == {
@@ -61,42 +78,114 @@ def test_coco_captions(tmp_path):
     assert [(r["line"], r["reason"]) for r in rejects] == [(2, "missing_image")]
 
 
+VQA_INFO = {"description": "This is v2.0 of the VQA dataset.", "url": "http://visualqa.org", "version": "2.0",
+            "year": 2017, "contributor": "VQA Team", "date_created": "2017-04-26 17:07:13"}
+VQA_LICENSE = {"url": "http://creativecommons.org/licenses/by/4.0/", "name": "Creative Commons Attribution 4.0"}
+
+
 def test_vqav2_gqa_textvqa(tmp_path):
     root = tmp_path / "img"
     for name in ("COCO_val2014_000000000042.jpg", "n161313.jpg", "0054c91397f2fe05.jpg"):
         image(root, name)
-    (tmp_path / "q.json").write_text(json.dumps({"data_subtype": "val2014", "questions": [
-        {"question_id": 420, "image_id": 42, "question": "What is the man holding?"}]}))
-    (tmp_path / "a.json").write_text(json.dumps({"annotations": [
-        {"question_id": 420, "image_id": 42, "multiple_choice_answer": "surfboard",
-         "answers": [{"answer": "surfboard"}, {"answer": "board"}]}]}))
-    texts, _, _ = rendered(tmp_path, "vqav2", [tmp_path / "a.json", tmp_path / "q.json"], root)
+    # as GT-Vision-Lab/VQA PythonHelperTools/vqaTools/vqa.py reads them (image names: PythonHelperTools/vqaDemo.py)
+    (tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps({
+        "info": VQA_INFO, "task_type": "Open-Ended", "data_type": "mscoco", "license": VQA_LICENSE,
+        "data_subtype": "val2014", "questions": [
+            {"image_id": 42, "question": "What is the man holding?", "question_id": 420}]}))
+    (tmp_path / "v2_mscoco_val2014_annotations.json").write_text(json.dumps({
+        "info": VQA_INFO, "license": VQA_LICENSE, "data_subtype": "val2014", "annotations": [
+            {"question_type": "what is the", "multiple_choice_answer": "surfboard",
+             "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1}
+                         for k, a in enumerate(["surfboard"] * 8 + ["board", "surf board"])],
+             "image_id": 42, "answer_type": "other", "question_id": 420}],
+        "data_type": "mscoco"}))
+    texts, _, _ = rendered(tmp_path, "vqav2", [tmp_path / "v2_mscoco_val2014_annotations.json",
+                                               tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json"], root)
     assert texts == {"vqav2:420": "<img></img> What is the man holding? Answer: surfboard<|endoftext|>"}
-    (tmp_path / "gqa.json").write_text(json.dumps({"201307251": {
-        "imageId": "n161313", "question": "Is it overcast?", "answer": "no", "fullAnswer": "No, it is clear."}}))
-    texts, _, _ = rendered(tmp_path, "gqa", [tmp_path / "gqa.json"], root)
+    # as MILVLG/openvqa openvqa/datasets/gqa/gqa_loader.py reads it (a dict by question id; imageId, answer)
+    (tmp_path / "testdev_balanced_questions.json").write_text(json.dumps({"201307251": {
+        "semantic": [{"operation": "select", "dependencies": [], "argument": "scene"},
+                     {"operation": "verify weather", "dependencies": [0], "argument": "overcast"}],
+        "entailed": ["201307250"], "equivalent": ["201307251"], "question": "Is it overcast?",
+        "imageId": "n161313", "isBalanced": True, "groups": {"global": None, "local": "06-weather_overcast"},
+        "answer": "no", "semanticStr": "select: scene->verify weather: overcast [0]",
+        "annotations": {"answer": {}, "question": {}, "fullAnswer": {}},
+        "types": {"detailed": "weatherVerify", "semantic": "global", "structural": "verify"},
+        "fullAnswer": "No, it is clear."}}))
+    texts, _, _ = rendered(tmp_path, "gqa", [tmp_path / "testdev_balanced_questions.json"], root)
     assert texts == {"gqa:201307251": "<img></img> Is it overcast? Answer: no<|endoftext|>"}
-    (tmp_path / "TextVQA_0.5.1_train.json").write_text(json.dumps({"data": [{
-        "question_id": 34602, "image_id": "0054c91397f2fe05", "question": "what is the brand of this phone?",
-        "answers": ["toshiba", "nokia", "nokia", "toshiba", "nokia", "nokia", "unanswerable", "nokia", "nokia",
-                    "nokia"]}]}))
+    # as huggingface/datasets datasets/textvqa/textvqa.py reads it ('data'; image train_images/{image_id}.jpg)
+    (tmp_path / "TextVQA_0.5.1_train.json").write_text(json.dumps({
+        "dataset_type": "train", "dataset_name": "textvqa", "dataset_version": "0.5.1", "data": [{
+            "question": "what is the brand of this phone?", "image_id": "0054c91397f2fe05",
+            "image_classes": ["Mobile phone", "Telephone"],
+            "flickr_original_url": "https://farm6.staticflickr.com/2891/9134076951_f65b421097_o.jpg",
+            "flickr_300k_url": "https://c4.staticflickr.com/3/2891/9134076951_9db89d3e0f_z.jpg",
+            "image_width": 1024, "image_height": 730,
+            "answers": ["toshiba", "nokia", "nokia", "toshiba", "nokia", "nokia", "unanswerable", "nokia", "nokia",
+                        "nokia"],
+            "question_tokens": ["what", "is", "the", "brand", "of", "this", "phone"], "question_id": 34602,
+            "set_name": "train"}]}))
     texts, _, _ = rendered(tmp_path, "textvqa", [tmp_path / "TextVQA_0.5.1_train.json"], root)
     assert texts == {"textvqa:34602": "<img></img> what is the brand of this phone? Answer: nokia<|endoftext|>"}
 
 
+def py2_pickle(obj) -> bytes:
+    """``obj`` as Python 2's ``cPickle.dump`` writes it by default (protocol 0: text opcodes, ``str``
+    as ``S'...'``), the way the refer API's ``refs(*).p`` were made."""
+    out, memo = [], itertools.count()
+
+    def emit(value) -> None:
+        if isinstance(value, bool):
+            out.append(f"I0{int(value)}\n")
+        elif isinstance(value, int):
+            out.append(f"I{value}\n")
+        elif isinstance(value, float):
+            out.append(f"F{value!r}\n")
+        elif isinstance(value, str):
+            out.append(f"S{value!r}\np{next(memo)}\n")
+        elif isinstance(value, list):
+            out.append(f"(lp{next(memo)}\n")
+            for item in value:
+                emit(item)
+                out.append("a")
+        else:
+            out.append(f"(dp{next(memo)}\n")
+            for key, item in value.items():
+                emit(key)
+                emit(item)
+                out.append("s")
+
+    emit(obj)
+    return ("".join(out) + ".").encode("latin-1")
+
+
+def sentence(sent_id: int, sent: str) -> dict:
+    return {"tokens": sent.split(), "raw": sent.upper(), "sent_id": sent_id, "sent": sent}
+
+
 def refcoco_files(tmp_path: Path) -> list[Path]:
+    # as lichengunc/refer refer.py reads them (refs by ref_id, ann_id -> instances' annotation, image_id -> image)
     refs = [
-        {"ref_id": 0, "ann_id": 1719310, "image_id": 581857, "split": "train", "category_id": 1,
-         "file_name": "COCO_train2014_000000581857_16.jpg",  # names image 581857, with an annotation suffix
-         "sentences": [{"sent": "the lady with the blue shirt", "sent_id": 0, "tokens": []},
-                       {"sent": "lady w back to us", "sent_id": 1, "tokens": []}]},
-        {"ref_id": 1, "ann_id": 1719310, "image_id": 581857, "split": "testA", "file_name": "x.jpg",
-         "sentences": [{"sent": "not in train", "sent_id": 2}]},
+        {"sent_ids": [0, 1], "file_name": "COCO_train2014_000000581857_16.jpg",  # image 581857 + annotation suffix
+         "ann_id": 1719310, "ref_id": 0, "image_id": 581857, "split": "train",
+         "sentences": [sentence(0, "the lady with the blue shirt"), sentence(1, "lady w back to us")],
+         "category_id": 1},
+        {"sent_ids": [2], "file_name": "COCO_train2014_000000581857_17.jpg", "ann_id": 1719310, "ref_id": 1,
+         "image_id": 581857, "split": "testA", "sentences": [sentence(2, "not in train")], "category_id": 1},
+        {"sent_ids": [3], "file_name": "COCO_train2014_000000581857_18.jpg", "ann_id": 1719310, "ref_id": 2,
+         "image_id": 581857, "split": "testB", "sentences": [sentence(3, "in testB")], "category_id": 1},
     ]
-    (tmp_path / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    (tmp_path / "refs(unc).p").write_bytes(py2_pickle(refs))
     (tmp_path / "instances.json").write_text(json.dumps({
-        "images": [{"id": 581857, "file_name": "COCO_train2014_000000581857.jpg", "width": 640, "height": 427}],
-        "annotations": [{"id": 1719310, "image_id": 581857, "bbox": [103.93, 200.0, 134.22, 177.42]}]}))
+        "info": {"description": "This is stable 1.0 version of the 2014 MS COCO dataset.", "version": "1.0",
+                 "year": 2014},
+        "images": [coco_image(581857, "train2014", 640, 427)],
+        "licenses": COCO_LICENSES,
+        "annotations": [{"segmentation": [[103.93, 200.0, 238.15, 200.0, 238.15, 377.42, 103.93, 377.42]],
+                         "area": 23813.46, "iscrowd": 0, "image_id": 581857,
+                         "bbox": [103.93, 200.0, 134.22, 177.42], "category_id": 1, "id": 1719310}],
+        "categories": [{"supercategory": "person", "id": 1, "name": "person"}]}))
     return [tmp_path / "refs(unc).p", tmp_path / "instances.json"]
 
 
@@ -115,6 +204,16 @@ def test_refcoco_xywh_suffixed_names_and_several_sentences(tmp_path):
     texts, _, _ = rendered(tmp_path, "refcoco", refcoco_files(tmp_path), tmp_path / "img", split="testA",
                            tasks=["ref_grounding"])
     assert list(texts) == ["refcoco:1:2"]
+
+
+def test_refcoco_splits_as_the_refer_api_chooses_them(tmp_path):
+    """``REFER.getRefIds(split='test')`` is testA and testB together; a name it does not know it refuses."""
+    image(tmp_path / "img", "COCO_train2014_000000581857.jpg", (640, 427))
+    texts, _, _ = rendered(tmp_path, "refcoco", refcoco_files(tmp_path), tmp_path / "img", split="test",
+                           tasks=["ref_grounding"])
+    assert sorted(texts) == ["refcoco:1:2", "refcoco:2:3"]
+    with pytest.raises(LayoutFileError, match="--split 'dev': not a split of the refer API; one of train, val, test"):
+        list(importers.records("refcoco", refcoco_files(tmp_path), split="dev"))
 
 
 def test_refcoco_pickle_that_calls_a_function_is_refused(tmp_path):

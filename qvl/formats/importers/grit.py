@@ -1,6 +1,10 @@
-"""``grit``: GRIT-20M's parquet shards (``caption``, ``url``, ``width``, ``height``, ``noun_chunks``,
-``ref_exps``; each chunk/expression ``[start, end, x1, y1, x2, y2, confidence]`` with the box
-normalised to 0-1: ``norm``). A row that gives no sample (no chunk, no expression) is a reject.
+"""``grit``: GRIT-20M's parquet shards as on Hugging Face (``zzliang/GRIT``, ``grit-20m/coyo_*_snappy.parquet``:
+``id``, ``url``, ``caption``, ``width``, ``height``, ``noun_chunks``, ``ref_exps``,
+``clip_similarity_vitb32``, ``clip_similarity_vitl14``); each chunk/expression
+``[start, end, x1, y1, x2, y2, confidence]`` with the box normalised to 0-1 (``norm``), as
+kosmos-2's ``data/visualize_grit.py`` (microsoft/unilm) reads it. A sample's id is the row's
+``key`` where a shard has one (the jsonl release's), else its COYO ``id``, else file and row. A
+row that gives no sample (no chunk, no expression) is a reject.
 
 ``grounding``: the caption with its noun chunks as region spans (chunks on one span share it,
 their boxes listed; of chunks that overlap, the more confident is kept and the other dropped —
@@ -16,7 +20,7 @@ from typing import Annotated
 
 import msgspec
 
-from qvl.boundary import Coord, IntSide
+from qvl.boundary import Coord, Id, IntSide
 from qvl.formats.boxes import AnnotationError
 from qvl.formats.importers import Importer, LayoutFileError, Options, Yield, decode
 
@@ -34,6 +38,7 @@ class Row(msgspec.Struct):
     width: IntSide | None = None
     height: IntSide | None = None
     key: str | int | None = None
+    id: Id | None = None  # COYO-700M's 64-bit id: the Hugging Face shards have it, not key
     noun_chunks: Entries | None = None
     ref_exps: Entries | None = None
 
@@ -65,7 +70,7 @@ def read(files: list[Path], opts: Options) -> Yield:
         missing = {"caption", "url", "width", "height"} - set(reader.schema_arrow.names)
         if missing:
             raise LayoutFileError(f"{path}: not a GRIT shard (no {', '.join(sorted(missing))})")
-        columns = [c for c in ("key", "url", "caption", "width", "height", "noun_chunks", "ref_exps")
+        columns = [c for c in ("key", "id", "url", "caption", "width", "height", "noun_chunks", "ref_exps")
                    if c in reader.schema_arrow.names]
         row = 0
         try:
@@ -82,7 +87,7 @@ def read(files: list[Path], opts: Options) -> Yield:
 
 def _samples(path: str, here: int, row: Row, opts: Options) -> Yield:
     """The row's samples; a row that gives none (no chunk, no expression) is a reject, never a silent drop."""
-    key = row.key or here
+    key = row.key if row.key not in (None, "") else row.id if row.id is not None else f"{Path(path).stem}:{here}"
     common = {"image": row.url, "width": row.width, "height": row.height, "box_format": "norm", "source": "grit"}
     given = 0
     if "grounding" in opts.tasks:
