@@ -1,7 +1,11 @@
-"""Each importer on a fixture in its dataset's published layout (written here from the
-datasets' documented schemas), with the exact rendered text and box numbers — traps included:
-xywh vs xyxy, RefCOCO file names with an annotation suffix, several sentences per ref, GRIT
-chunks that overlap, illegible TextOCR words, unicode captions."""
+"""Each importer on a fixture in its dataset's published layout, with the exact rendered text and
+box numbers — traps included: xywh vs xyxy, RefCOCO file names with an annotation suffix, several
+sentences per ref, GRIT chunks that overlap, illegible TextOCR words, unicode captions.
+
+A format description is not enough (qvl once read TextOCR's ``imgToAnns`` as ``img2Anns``): each
+fixture is written from code that reads the real published file — the dataset's own API or a
+widely used loader, named in a comment above it — with every top-level key that file has, the
+same types (int or string ids, lists or dicts) and the same file naming."""
 
 from __future__ import annotations
 
@@ -231,19 +235,36 @@ def test_refcoco_pickle_that_calls_a_function_is_refused(tmp_path):
 
 def test_visual_genome_regions(tmp_path):
     image(tmp_path / "img", "VG_100K_2/1.jpg", (800, 600))
-    (tmp_path / "region_descriptions.json").write_text(json.dumps([{"id": 1, "regions": [
+    # as ranjaykrishna/visual_genome_python_driver visual_genome/local.py + utils.py read them (VG 1.2)
+    (tmp_path / "region_descriptions.json").write_text(json.dumps([{"regions": [
         {"region_id": 1382, "width": 82, "height": 139, "image_id": 1, "phrase": "the clock is green in colour",
          "y": 57, "x": 421},
         {"region_id": 1383, "width": 500, "height": 50, "image_id": 1, "phrase": "far off the edge", "y": 10,
-         "x": 700}]}]))
+         "x": 700}], "id": 1}]))
     (tmp_path / "image_data.json").write_text(json.dumps([{
-        "image_id": 1, "url": "https://cs.stanford.edu/people/rak248/VG_100K_2/1.jpg", "width": 800, "height": 600}]))
+        "width": 800, "url": "https://cs.stanford.edu/people/rak248/VG_100K_2/1.jpg", "height": 600, "image_id": 1,
+        "coco_id": None, "flickr_id": None}]))
     texts, rejects, _ = rendered(tmp_path, "visual-genome", [tmp_path / "region_descriptions.json",
                                                              tmp_path / "image_data.json"], tmp_path / "img")
     # xywh (421, 57, 82, 139) -> xyxy (421, 57, 503, 196) on 800x600 -> (526,95),(628,326)
     assert texts["vg:1382"] == "<img></img><ref>the clock is green in colour</ref><box>(526,95),(628,326)</box><|endoftext|>"
     assert texts["vg:1382:caption"].endswith("</box> is the clock is green in colour<|endoftext|>")
     assert {r["reason"] for r in rejects} == {"bad_box"} and len(rejects) == 2  # x + w = 1200 > 800
+
+
+def test_visual_genome_1_0_ids(tmp_path):
+    """VG 1.0 names an image ``id`` and a region ``id``: the driver reads both (``region_id`` else ``id``)."""
+    image(tmp_path / "img", "VG_100K/10.jpg", (800, 600))
+    (tmp_path / "region_descriptions.json").write_text(json.dumps([{"regions": [
+        {"id": 77, "width": 82, "height": 139, "phrase": "a green clock", "y": 57, "x": 421}],
+        "id": 10}]))
+    (tmp_path / "image_data.json").write_text(json.dumps([{
+        "width": 800, "url": "https://cs.stanford.edu/people/rak248/VG_100K/10.jpg", "height": 600, "id": 10,
+        "coco_id": None, "flickr_id": 123}]))
+    texts, rejects, _ = rendered(tmp_path, "visual-genome", [tmp_path / "region_descriptions.json",
+                                                             tmp_path / "image_data.json"], tmp_path / "img")
+    assert texts["vg:77"] == "<img></img><ref>a green clock</ref><box>(526,95),(628,326)</box><|endoftext|>"
+    assert rejects == []
 
 
 def test_grit_overlapping_chunks_normalised_boxes_and_downloads(tmp_path):
@@ -258,33 +279,44 @@ def test_grit_overlapping_chunks_normalised_boxes_and_downloads(tmp_path):
         tar.addfile(info, io.BytesIO(buf.getvalue()))
     pq.write_table(pa.table({"url": [url], "key": ["000000000"], "status": ["success"]}), downloads / "00000.parquet")
     chunk = pa.list_(pa.float64())
+    # as microsoft/unilm kosmos-2/data/visualize_grit.py reads a row ([start, end, x1, y1, x2, y2, score], boxes
+    # normalised), in the columns of Hugging Face zzliang/GRIT grit-20m/coyo_*_snappy.parquet (no key: COYO's id)
     pq.write_table(pa.table({
-        "key": ["0001"], "url": [url], "caption": ["a dog and a cat on a sofa"], "width": [500], "height": [400],
+        "clip_similarity_vitb32": [0.353271484375], "clip_similarity_vitl14": [0.2958984375],
+        "id": pa.array([1795296605919], pa.int64()), "url": [url], "caption": ["a dog and a cat on a sofa"],
+        "width": pa.array([500], pa.int64()), "height": pa.array([400], pa.int64()),
         "noun_chunks": pa.array([[[0, 5, 0.125, 0.25, 0.5, 0.75, 0.9], [2, 5, 0.2, 0.2, 0.4, 0.4, 0.5],
                                   [10, 15, 0.5, 0.5, 0.875, 0.875, 0.8], [10, 15, 0.625, 0.625, 1.0, 1.0, 0.7]]],
                                 pa.list_(chunk)),
         "ref_exps": pa.array([[[10, 15, 0.5, 0.5, 0.875, 0.875, 0.8]]], pa.list_(chunk))}),
-        tmp_path / "grit-00000.parquet")
-    texts, rejects, _ = rendered(tmp_path, "grit", [tmp_path / "grit-00000.parquet"], downloads=downloads)
+        tmp_path / "coyo_0_snappy.parquet")
+    texts, rejects, _ = rendered(tmp_path, "grit", [tmp_path / "coyo_0_snappy.parquet"], downloads=downloads)
     # "dog" [2, 5] overlaps "a dog" [0, 5] and is less confident: dropped; "a cat" keeps both its boxes
-    assert texts["grit:0001"] == (
+    assert texts["grit:1795296605919"] == (
         "<img></img>Generate the caption in English with grounding: <ref>a dog</ref><box>(125,250),(500,750)</box>"
         " and <ref>a cat</ref><box>(500,500),(875,875)</box><box>(625,625),(999,999)</box> on a sofa<|endoftext|>")
-    assert texts["grit:0001:ref0"] == "<img></img><ref>a cat</ref><box>(500,500),(875,875)</box><|endoftext|>"
+    assert texts["grit:1795296605919:ref0"] == \
+        "<img></img><ref>a cat</ref><box>(500,500),(875,875)</box><|endoftext|>"
     assert rejects == []
 
 
+def word(ann_id: str, text: str, points: list) -> dict:
+    xs, ys = points[0::2], points[1::2]
+    bbox = [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
+    return {"id": ann_id, "image_id": ann_id.split("_")[0], "bbox": bbox, "utf8_string": text, "points": points,
+            "area": bbox[2] * bbox[3]}
+
+
 def test_textocr_quads_and_illegible_words(tmp_path):
-    image(tmp_path / "img", "train/a1.jpg", (1024, 768))
+    image(tmp_path / "img", "a1.jpg", (1024, 768))  # TextVQA's train_images/ (the file says train/a1.jpg)
+    words = [word("a1_1", "STOP", [100, 100, 300, 100, 300, 200, 100, 200]), word("a1_2", ".", [1, 1, 2, 1, 2, 2, 1, 2]),
+             word("a1_3", "Café", [10, 10, 60, 12, 62, 40, 30, 45, 8, 38]), word("a2_1", ".", [1, 1, 2, 1, 2, 2, 1, 2])]
+    # as mindspore-lab/mindocr tools/dataset_converters/textocr.py reads it (imgs, imgToAnns, anns; image by name)
     (tmp_path / "TextOCR_0.1_train.json").write_text(json.dumps({
-        "info": {"version": "0.1"},  # the released file's keys: info, imgs, anns, imgToAnns
-        "imgs": {"a1": {"id": "a1", "width": 1024, "height": 768, "file_name": "train/a1.jpg"},
-                 "a2": {"id": "a2", "width": 10, "height": 10, "file_name": "train/a2.jpg"}},
-        "anns": {"a1_1": {"image_id": "a1", "utf8_string": "STOP", "points": [100, 100, 300, 100, 300, 200, 100, 200]},
-                 "a1_2": {"image_id": "a1", "utf8_string": ".", "points": [1, 1, 2, 1, 2, 2, 1, 2]},
-                 "a1_3": {"image_id": "a1", "utf8_string": "Café",
-                          "points": [10, 10, 60, 12, 62, 40, 30, 45, 8, 38]},
-                 "a2_1": {"image_id": "a2", "utf8_string": ".", "points": [1, 1, 2, 1, 2, 2, 1, 2]}},
+        "info": {"description": "TextOCR", "version": "0.1"},
+        "imgs": {"a1": {"id": "a1", "width": 1024, "height": 768, "set": "train", "file_name": "train/a1.jpg"},
+                 "a2": {"id": "a2", "width": 10, "height": 10, "set": "train", "file_name": "train/a2.jpg"}},
+        "anns": {w["id"]: w for w in words},
         "imgToAnns": {"a1": ["a1_1", "a1_2", "a1_3"], "a2": ["a2_1"]}}))
     texts, rejects, manifest = rendered(tmp_path, "textocr", [tmp_path / "TextOCR_0.1_train.json"], tmp_path / "img")
     # a five-point polygon becomes its bounding box's corners: x 8..62, y 10..45
@@ -300,8 +332,17 @@ def test_textocr_quads_and_illegible_words(tmp_path):
         list(importers.records("textocr", [tmp_path / "TextOCR_0.1_train.json"]))
 
 
+def test_a_textocr_file_name_that_names_no_file_is_a_reject(tmp_path):
+    (tmp_path / "TextOCR_0.1_val.json").write_text(json.dumps({
+        "info": {}, "imgs": {"b1": {"id": "b1", "width": 64, "height": 48, "set": "val", "file_name": "train/.."}},
+        "anns": {"b1_1": word("b1_1", "EXIT", [1, 1, 30, 1, 30, 20, 1, 20])}, "imgToAnns": {"b1": ["b1_1"]}}))
+    [(_, _, error)] = list(importers.records("textocr", [tmp_path / "TextOCR_0.1_val.json"]))
+    assert error.reason == "bad_field" and "names no file" in str(error)
+
+
 def test_llava_pretrain_captions_and_the_cli(tmp_path):
     image(tmp_path / "img", "00453/004539375.jpg")
+    # as haotian-liu/LLaVA llava/train/train.py reads it (LazySupervisedDataset: image under the folder; preprocess_plain)
     (tmp_path / "blip_laion_cc_sbu_558k.json").write_text(json.dumps([
         {"id": "004539375", "image": "00453/004539375.jpg", "conversations": [
             {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
