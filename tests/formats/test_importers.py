@@ -298,6 +298,12 @@ def test_grit_overlapping_chunks_normalised_boxes_and_downloads(tmp_path):
     assert texts["grit:1795296605919:ref0"] == \
         "<img></img><ref>a cat</ref><box>(500,500),(875,875)</box><|endoftext|>"
     assert rejects == []
+    # the release's grit_coyo.jsonl, as visualize_grit.py reads it: one row a line, with COYO's file name as key
+    row = pq.read_table(tmp_path / "coyo_0_snappy.parquet").to_pylist()[0]
+    (tmp_path / "grit_coyo.jsonl").write_text(json.dumps({"key": "000373938", **row}) + "\n" + "{\"key\": 1\n")
+    again, rejects, _ = rendered(tmp_path, "grit", [tmp_path / "grit_coyo.jsonl"], downloads=downloads)
+    assert again == {k.replace("1795296605919", "000373938"): v for k, v in texts.items()}
+    assert [(r["line"], r["reason"]) for r in rejects] == [(1, "malformed_json")]
 
 
 def word(ann_id: str, text: str, points: list) -> dict:
