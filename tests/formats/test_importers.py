@@ -27,6 +27,7 @@ from qvl.formats import importers
 from qvl.formats.build import FormatSettings, run_format
 from qvl.formats.importers import LayoutFileError
 from qvl.formats.tokenizers import load_tokenizer
+from tests.conftest import needs_shared_data
 
 runner = CliRunner()
 
@@ -208,6 +209,27 @@ def test_refcoco_xywh_suffixed_names_and_several_sentences(tmp_path):
     texts, _, _ = rendered(tmp_path, "refcoco", refcoco_files(tmp_path), tmp_path / "img", split="testA",
                            tasks=["ref_grounding"])
     assert list(texts) == ["refcoco:1:2"]
+
+
+@needs_shared_data
+def test_refcoco_on_real_coco_instances(shared_data, tmp_path):
+    """COCO's own annotations of image 39769 (640x480) as instances.json holds them, boxes xywh."""
+    annotations = json.loads((shared_data / "external" / "coco_39769" / "coco_annotations.txt").read_text())
+    image(tmp_path / "img", "000000039769.jpg", (640, 480))
+    refs = [{"sent_ids": [0], "file_name": "COCO_train2014_000000039769_1108446.jpg", "ann_id": 1108446, "ref_id": 0,
+             "image_id": 39769, "split": "train", "sentences": [sentence(0, "remote on the right")],
+             "category_id": 75}]
+    (tmp_path / "refs(unc).p").write_bytes(py2_pickle(refs))
+    (tmp_path / "instances.json").write_text(json.dumps({
+        "info": {}, "images": [{**coco_image(39769, "val2017", 640, 480), "file_name": "000000039769.jpg"}],
+        "licenses": COCO_LICENSES, "annotations": annotations,
+        "categories": [{"supercategory": "electronic", "id": 75, "name": "remote"}]}))
+    texts, rejects, _ = rendered(tmp_path, "refcoco", [tmp_path / "refs(unc).p", tmp_path / "instances.json"],
+                                 tmp_path / "img", tasks=["ref_grounding"])
+    # bbox [332.89, 79.57, 38.65, 106.31] -> xyxy (332.89, 79.57, 371.54, 185.88) on 640x480
+    assert texts == {"refcoco:0:0": "<img></img><ref>remote on the right</ref><box>(520,165),(580,387)</box>"
+                                    "<|endoftext|>"}
+    assert rejects == []
 
 
 def test_refcoco_splits_as_the_refer_api_chooses_them(tmp_path):
