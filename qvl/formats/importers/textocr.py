@@ -6,9 +6,10 @@ One ``ocr`` sample per image of ``imgToAnns`` with its legible words in the file
 marks illegible words ``.``: dropped; an image with none gives no sample). A word's ``points`` are a
 polygon in pixels: four corners become the quad as they are; a longer polygon becomes the
 corners of its bounding box. An image is its ``file_name``'s last part under ``--images``: the
-file says ``train/{id}.jpg`` for train and val alike, but TextVQA's ``train_val_images.zip`` (the images
-TextOCR annotates) unpacks to ``train_images/{id}.jpg`` — give that folder, as mindocr's converter
-(``tools/dataset_converters/textocr.py``) does. A word that cannot be read (not in ``anns``, a bad polygon) rejects its image: the image is the record.
+file says ``train/{id}.jpg``, but TextVQA's ``train_val_images.zip`` (the images TextOCR
+annotates) unpacks to ``train_images/{id}.jpg`` — give that folder, as mindocr's converter
+(``tools/dataset_converters/textocr.py``) does. A word that cannot be read (not in
+``anns``, a bad polygon) rejects its image: the image is the record.
 """
 
 from __future__ import annotations

@@ -30,11 +30,14 @@ class ImageData(msgspec.Struct):
     id: Id | None = None  # VG 1.0 and 1.4 say id, 1.2 image_id: the driver reads id, else image_id
     image_id: Id | None = None
 
+    def ident(self) -> int | None:
+        return self.id if self.id is not None else self.image_id
+
     def path(self) -> str:
         """``VG_100K_2/1.jpg``: the url's last two parts."""
         parts = self.url.rstrip("/").split("/")
         if len(parts) < 2 or not all(p.strip() and p not in (".", "..") for p in parts[-2:]):
-            raise AnnotationError(f"image {self.id if self.id is not None else self.image_id}: url {self.url!r:.120} does not end in FOLDER/NAME",
+            raise AnnotationError(f"image {self.ident()}: url {self.url!r:.120} does not end in FOLDER/NAME",
                                   "bad_field")
         return "/".join(parts[-2:])
 
@@ -63,8 +66,7 @@ def _images(path: Path) -> dict:
     entries = load_json(path)
     if not isinstance(entries, list):
         raise LayoutFileError(f"{path}: an image_data.json holds a list of images")
-    found = keyed(entries, ImageData, lambda img: img.id if img.id is not None else img.image_id, "image",
-                  ids=("id", "image_id"))
+    found = keyed(entries, ImageData, ImageData.ident, "image", ids=("id", "image_id"))
     for key, image in list(found.items()):
         if isinstance(image, ImageData):
             try:
