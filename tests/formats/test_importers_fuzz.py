@@ -54,7 +54,10 @@ MUTATION = st.one_of(st.none(), st.tuples(st.sampled_from(["cut", "scribble"]), 
 
 
 def dump(value, mutation) -> bytes:
-    data = json.dumps(value).encode()  # NaN and Infinity as JS literals, lone surrogates as \ud800 escapes
+    return mutate(json.dumps(value).encode(), mutation)  # NaN and Infinity as JS literals, lone surrogates as \ud800
+
+
+def mutate(data: bytes, mutation) -> bytes:
     if mutation is None:
         return data
     kind, where = mutation
@@ -194,6 +197,18 @@ def test_a_hostile_grit_shard_never_costs_a_traceback(made, images):
     buf = io.BytesIO()
     pq.write_table(table, buf)
     check("grit", {"grit.parquet": buf.getvalue()}, range(len(rows)) if typed else None, images)
+
+
+GRIT_ROW = {"key": "000373938", "id": 1795296605919, "url": "https://grit.example/0.jpg", "caption": "a dog",
+            "width": 64, "height": 48, "noun_chunks": [[0, 5, 0.1, 0.1, 0.5, 0.5, 0.9]],
+            "ref_exps": [[0, 5, 0.1, 0.1, 0.5, 0.5, 0.9]]}
+
+
+@FUZZ
+@given(rows=many(GRIT_ROW), mutation=MUTATION)
+def test_a_hostile_grit_jsonl_never_costs_a_traceback(rows, mutation, images):
+    data = b"".join(json.dumps(row).encode() + b"\n" for row in rows)
+    check("grit", {"grit_coyo.jsonl": mutate(data, mutation)}, range(len(rows)) if mutation is None else None, images)
 
 
 def nested(depth: int, texts: list[str]):

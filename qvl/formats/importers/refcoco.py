@@ -1,7 +1,8 @@
 """``refcoco``: RefCOCO / RefCOCO+ / RefCOCOg as published — ``refs(unc).p``, ``refs(umd).p`` or
 ``refs(google).p`` (a pickle) beside the dataset's ``instances.json``.
 
-Each sentence of each ref of the chosen split (``--split``, default ``train``) gives a
+Each sentence of each ref of the chosen split (``--split``, default ``train``; chosen as the refer
+API's ``getRefIds(split=...)`` chooses: ``test`` is ``testA`` and ``testB`` together) gives a
 ``ref_grounding`` sample (the sentence -> the box) and a ``grounded_caption`` sample (the
 box -> the sentence); several sentences of one ref are several samples. The box is the ref's
 annotation's COCO ``bbox``: ``xywh`` pixels, checked against the image's width and height from
@@ -93,6 +94,19 @@ def check_opcodes(data: bytes) -> None:
             raise pickle.UnpicklingError(f"frame of {arg} bytes at byte {pos} in a file of {len(data)}")
 
 
+# The splits ``REFER.getRefIds`` takes (lichengunc/refer, refer.py): ``test`` is every test split,
+# ``testA`` every split naming A (RefClef's ``testAB`` too); any other name it refuses.
+SPLITS = ("train", "val", "test", "testA", "testB", "testC", "testAB", "testBC", "testAC")
+
+
+def in_split(ref_split: str, asked: str) -> bool:
+    if asked in ("testA", "testB", "testC"):
+        return asked[-1] in ref_split
+    if asked == "test":
+        return "test" in ref_split
+    return ref_split == asked
+
+
 def load_refs(path: Path) -> list:
     try:
         data = path.read_bytes()
@@ -121,9 +135,11 @@ def read(files: list[Path], opts: Options) -> Yield:
     images = keyed(coco["images"], Image, lambda img: img.id, f"image in {instances[0].name}")
     boxes = keyed(coco["annotations"], Instance, lambda ann: ann.id, f"annotation in {instances[0].name}")
     split = opts.split or "train"
+    if split not in SPLITS:
+        raise LayoutFileError(f"--split {split!r:.60}: not a split of the refer API; one of {', '.join(SPLITS)}")
     where = str(pickles[0])
     for i, raw in enumerate(refs):
-        if isinstance(raw, dict) and isinstance(raw.get("split"), str) and raw["split"] != split:
+        if isinstance(raw, dict) and isinstance(raw.get("split"), str) and not in_split(raw["split"], split):
             continue  # another split's
         try:
             ref = decode(raw, Ref, f"ref {i}")

@@ -5,13 +5,16 @@ id -> its annotation ids).
 One ``ocr`` sample per image of ``imgToAnns`` with its legible words in the file's order (TextOCR
 marks illegible words ``.``: dropped; an image with none gives no sample). A word's ``points`` are a
 polygon in pixels: four corners become the quad as they are; a longer polygon becomes the
-corners of its bounding box. Images are the file's ``file_name`` (``train/…jpg``) under ``--images``.
-A word that cannot be read (not in ``anns``, a bad polygon) rejects its image: the image is the record.
+corners of its bounding box. An image is its ``file_name``'s last part under ``--images``: the
+file says ``train/{id}.jpg``, but TextVQA's ``train_val_images.zip`` (the images TextOCR
+annotates) unpacks to ``train_images/{id}.jpg`` — give that folder, as mindocr's converter
+(``tools/dataset_converters/textocr.py``) does. A word that cannot be read (not in
+``anns``, a bad polygon) rejects its image: the image is the record.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
 
 import msgspec
@@ -25,6 +28,13 @@ class Image(msgspec.Struct):
     file_name: str
     width: IntSide | None = None
     height: IntSide | None = None
+
+    def name(self, image_id: str) -> str:
+        name = PurePosixPath(self.file_name).name
+        if name in ("", ".", ".."):
+            raise AnnotationError(f"image {image_id!r:.60}: file_name {self.file_name!r:.80} names no file",
+                                  "bad_field")
+        return name
 
 
 class Word(msgspec.Struct):
@@ -68,12 +78,13 @@ def read(files: list[Path], opts: Options) -> Yield:
                 if image_id not in data["imgs"]:
                     raise AnnotationError(f"image {image_id!r:.60}: not in 'imgs'", "missing_image")
                 image = decode(data["imgs"][image_id], Image, f"image {image_id!r:.60}")
+                name = image.name(image_id)
                 lines = _lines(data, image_id, ann_ids)
             except AnnotationError as e:
                 yield str(path), i, e
                 continue
             if lines:
-                yield str(path), i, {"task": "ocr", "id": f"textocr:{image_id}", "image": image.file_name,
+                yield str(path), i, {"task": "ocr", "id": f"textocr:{image_id}", "image": name,
                                      "width": image.width, "height": image.height, "lines": lines,
                                      "source": "textocr"}
 

@@ -5,7 +5,10 @@ Each region (``phrase``; ``x, y, width, height`` pixels: ``xywh``) gives a ``ref
 ``image_data.json``. Images are where VG's ``url`` puts them: ``VG_100K/{id}.jpg`` or
 ``VG_100K_2/{id}.jpg`` under ``--images``. ``region_descriptions.json`` is ~700 MB: read as a
 stream (ijson, one image's regions at a time), memory flat. Records are numbered by region
-(from 1); an image entry whose ``regions`` cannot be read is one record, rejected.
+(from 1); an image entry whose ``regions`` cannot be read is one record, rejected. Ids are read
+as the official driver (ranjaykrishna/visual_genome_python_driver, ``visual_genome/utils.py``)
+reads them: an image is ``id``, else ``image_id`` (1.0 and 1.4 say ``id``, 1.2 ``image_id``); a
+region ``region_id``, else ``id`` (1.0); a region belongs to its entry's image.
 """
 
 from __future__ import annotations
@@ -24,14 +27,17 @@ class ImageData(msgspec.Struct):
     url: str
     width: IntSide
     height: IntSide
+    id: Id | None = None  # VG 1.0 and 1.4 say id, 1.2 image_id: the driver reads id, else image_id
     image_id: Id | None = None
-    id: Id | None = None  # VG 1.0 and 1.4 say id
+
+    def ident(self) -> int | None:
+        return self.id if self.id is not None else self.image_id
 
     def path(self) -> str:
         """``VG_100K_2/1.jpg``: the url's last two parts."""
         parts = self.url.rstrip("/").split("/")
         if len(parts) < 2 or not all(p.strip() and p not in (".", "..") for p in parts[-2:]):
-            raise AnnotationError(f"image {self.image_id}: url {self.url!r:.120} does not end in FOLDER/NAME",
+            raise AnnotationError(f"image {self.ident()}: url {self.url!r:.120} does not end in FOLDER/NAME",
                                   "bad_field")
         return "/".join(parts[-2:])
 
@@ -43,7 +49,11 @@ class Region(msgspec.Struct):
     width: Coord
     height: Coord
     region_id: Id | None = None
+    id: Id | None = None  # VG 1.0 says id: the driver reads region_id, else id
     image_id: Id | None = None
+
+    def ident(self) -> int | None:
+        return self.region_id if self.region_id is not None else self.id
 
 
 class ImageRegions(msgspec.Struct):
@@ -56,8 +66,7 @@ def _images(path: Path) -> dict:
     entries = load_json(path)
     if not isinstance(entries, list):
         raise LayoutFileError(f"{path}: an image_data.json holds a list of images")
-    found = keyed(entries, ImageData, lambda img: img.image_id if img.image_id is not None else img.id, "image",
-                  ids=("image_id", "id"))
+    found = keyed(entries, ImageData, ImageData.ident, "image", ids=("id", "image_id"))
     for key, image in list(found.items()):
         if isinstance(image, ImageData):
             try:
@@ -87,11 +96,11 @@ def read(files: list[Path], opts: Options) -> Yield:
             index += 1
             try:
                 region = decode(raw_region, Region, f"image entry {k} region {n}")
-                found = images.get(region.image_id if region.image_id is not None else image_id)
+                found = images.get(image_id if image_id is not None else region.image_id)  # the entry's, as the driver
                 if isinstance(found, AnnotationError):
-                    raise AnnotationError(f"region {region.region_id}: {found}", found.reason)
+                    raise AnnotationError(f"region {region.ident()}: {found}", found.reason)
                 if found is None or not region.phrase.strip():
-                    raise AnnotationError(f"region {region.region_id}: no phrase, or its image is not in "
+                    raise AnnotationError(f"region {region.ident()}: no phrase, or its image is not in "
                                           "image_data.json")
             except AnnotationError as e:
                 yield where, index, e
@@ -99,7 +108,7 @@ def read(files: list[Path], opts: Options) -> Yield:
             name, width, height = found
             common = {"image": name, "width": width, "height": height, "box_format": "xywh",
                       "box": [region.x, region.y, region.width, region.height], "source": "visual-genome"}
-            rid = region.region_id if region.region_id is not None else index
+            rid = region.ident() if region.ident() is not None else index
             if "ref_grounding" in opts.tasks:
                 yield where, index, {"task": "ref_grounding", "id": f"vg:{rid}", "ref": region.phrase.strip(),
                                      **common}
