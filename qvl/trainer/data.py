@@ -109,36 +109,71 @@ class Batch:
     position_ids: torch.Tensor  # [B, T], restarting at every packed sample
     attention_mask: torch.Tensor  # [B, 1, T, T] additive: block-diagonal causal
     pixels: torch.Tensor | None  # [n_images, 3, R, R] in span order
-    tasks: list[str]
+    spans: list[list[tuple[str, int, int]]]  # per row: (task, start, end) of each shard row packed into it
     sample_ids: list[list[str]]
 
 
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Row indices grouped into bins of at most ``capacity`` tokens (a row longer than that has
+    its own): first fit, longest first (ties in their order)."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return bins
+
+
 def collate(rows: list[dict], resolution: int, pad_id: int,
-            pixels: list[list[torch.Tensor]] | None = None) -> Batch:
-    """Rows as one batch; ``pixels`` (each row's images, decoded) if the caller decoded them."""
-    length = max(len(r["input_ids"]) for r in rows)
-    b = len(rows)
+            pixels: list[list[torch.Tensor]] | None = None, pack_to: int | None = None) -> Batch:
+    """Rows as one batch; ``pixels`` (each row's images, decoded) if the caller decoded them.
+
+    With ``pack_to``, rows are first packed together (``pack_rows``) into rows of at most that
+    many tokens. The math is the padded batch's: each sample attends only to itself, positions
+    restart, and a packed row's first label is not predicted from the row before it (unpacked, a
+    row's first token is never a target) — so the loss and its gradient are the same, on fewer
+    padded tokens."""
+    pixels = pixels if pixels is not None else [[load_image(img["bytes"], resolution) for img in row["images"]]
+                                                for row in rows]
+    lengths = [len(r["input_ids"]) for r in rows]
+    groups = pack_rows(lengths, pack_to) if pack_to else [[i] for i in range(len(rows))]
+    length = max(sum(lengths[i] for i in group) for group in groups)
+    b = len(groups)
     ids = torch.full((b, length), pad_id, dtype=torch.long)
     labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
     positions = torch.zeros((b, length), dtype=torch.long)
     mask = torch.full((b, 1, length, length), float("-inf"))
     causal = torch.triu(torch.full((length, length), float("-inf")), 1)
-    images = []
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        ids[i, :n] = torch.tensor(row["input_ids"])
-        labels[i, :n] = torch.tensor(row["labels"])
+    images, spans, sample_ids = [], [], []
+    for i, group in enumerate(groups):
         start = 0
-        for sample_len in row["sample_lengths"]:
-            end = start + sample_len
-            positions[i, start:end] = torch.arange(sample_len)
-            mask[i, 0, start:end, start:end] = causal[:sample_len, :sample_len]
-            start = end
-        for j in range(n, length):  # padding attends to itself only (no all -inf rows)
+        spans.append([])
+        sample_ids.append([])
+        for k, r in enumerate(group):
+            row, n = rows[r], len(rows[r]["input_ids"])
+            ids[i, start:start + n] = torch.tensor(row["input_ids"])
+            labels[i, start:start + n] = torch.tensor(row["labels"])
+            if k:
+                labels[i, start] = IGNORE_INDEX
+            sample_start = start
+            for sample_len in row["sample_lengths"]:
+                end = sample_start + sample_len
+                positions[i, sample_start:end] = torch.arange(sample_len)
+                mask[i, 0, sample_start:end, sample_start:end] = causal[:sample_len, :sample_len]
+                sample_start = end
+            spans[i].append((row["task"], start, start + n))
+            sample_ids[i] += row["sample_ids"]
+            images += pixels[r]
+            start += n
+        for j in range(start, length):  # padding attends to itself only (no all -inf rows)
             mask[i, 0, j, j] = 0.0
-        images += pixels[i] if pixels is not None else [load_image(img["bytes"], resolution) for img in row["images"]]
-    return Batch(ids, labels, positions, mask, torch.stack(images) if images else None,
-                 [r["task"] for r in rows], [r["sample_ids"] for r in rows])
+    return Batch(ids, labels, positions, mask, torch.stack(images) if images else None, spans, sample_ids)
 
 
 class Loader:
@@ -210,4 +245,8 @@ class Loader:
                 rows.append(row)
                 pixels.append(images)
             if rows:
-                return collate(rows, self.resolution, self.pad_id, pixels)
+                # unpacked multitask samples padded to a micro-batch's longest are ~1.6x their tokens;
+                # rows a quarter longer than that take most of them (a stage-2 step of the demo: 25%
+                # less time), while longer rows would cost more in attention than they save
+                longest = max(len(row["input_ids"]) for row in rows)
+                return collate(rows, self.resolution, self.pad_id, pixels, min(self.seq_len, longest * 5 // 4))

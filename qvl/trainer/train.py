@@ -354,11 +354,12 @@ def train(s: TrainSettings) -> dict:
                     with parallel.no_sync(wrapped, world, fsdp):
                         loss.backward()
                 total_loss += loss.item() / world
-                for row, task in enumerate(batch.tasks):
-                    n = int((targets[row] != IGNORE_INDEX).sum())
-                    entry = task_loss.setdefault(task, [0.0, 0])
-                    entry[0] += float(per_token[row].detach().sum())
-                    entry[1] += n
+                for row, spans in enumerate(batch.spans):
+                    for task, start, end in spans:
+                        part = slice(max(start - 1, 0), end - 1)  # per_token[t] is the loss of token t + 1
+                        entry = task_loss.setdefault(task, [0.0, 0])
+                        entry[0] += float(per_token[row, part].detach().sum())
+                        entry[1] += int((targets[row, part] != IGNORE_INDEX).sum())
             trainable = [p for p in model.parameters() if p.requires_grad]
             grad_norm = parallel.grad_norm(torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip))
             optimizer.step()

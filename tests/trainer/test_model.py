@@ -65,3 +65,44 @@ def test_no_token_attends_across_packed_samples(micro):
             outs.append(model(batch.input_ids, None, batch.attention_mask, batch.position_ids))
     assert torch.allclose(outs[2][0, :4], outs[0][0], atol=1e-5)
     assert torch.allclose(outs[2][0, 4:], outs[1][0], atol=1e-5)
+
+
+def test_a_packed_micro_batch_has_the_padded_batchs_loss_and_gradient(micro):
+    """collate packs a micro-batch's rows into fewer, fuller rows: every sample still sees only
+    itself and the same tokens are targets (a packed row's first label is not predicted from
+    the row before it), so the loss, its gradient and each task's loss are the padded batch's."""
+    from qvl.trainer.data import Shards, pack_rows
+    from qvl.trainer.train import IGNORE_INDEX
+
+    preset = load_preset(micro["preset"])
+    shards = Shards(micro["multitask"])
+    rows = [shards.row(i) for i in range(12)]
+    rows.append({"input_ids": [65, 66, 67], "labels": [65, 66, 67], "images": [], "task": "text",
+                 "sample_ids": ["t"], "sample_lengths": [3]})  # a text row: its first label is supervised
+    lengths = [len(r["input_ids"]) for r in rows]
+    assert len(pack_rows(lengths, max(lengths) * 2)) < len(rows)
+    torch.manual_seed(0)
+    model = QwenVL(preset, 256 + 217, 256 + 216, 32)
+    results = []
+    for pack_to in (None, max(lengths) * 2):
+        batch = collate(rows, 32, 0, pack_to=pack_to)
+        model.zero_grad()
+        logits = model(batch.input_ids, batch.pixels, batch.attention_mask, batch.position_ids)
+        targets = batch.labels[:, 1:]
+        per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets,
+                                                      ignore_index=IGNORE_INDEX, reduction="none")
+        per_token.sum().backward()
+        by_task = {}
+        for row, spans in enumerate(batch.spans):
+            for task, start, end in spans:
+                by_task[task] = by_task.get(task, 0.0) + float(per_token[row, max(start - 1, 0):end - 1].detach().sum())
+        grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((batch.input_ids.shape[0], int((targets != IGNORE_INDEX).sum()), float(per_token.sum()),
+                        grad, by_task, sorted(sum(batch.sample_ids, []))))
+    (rows_padded, n_padded, loss_padded, grad_padded, tasks_padded, ids_padded), \
+        (rows_packed, n_packed, loss_packed, grad_packed, tasks_packed, ids_packed) = results
+    assert rows_packed < rows_padded and n_packed == n_padded and ids_packed == ids_padded
+    assert abs(loss_packed - loss_padded) < 1e-3 * abs(loss_padded)
+    assert torch.allclose(grad_packed, grad_padded, rtol=1e-3, atol=1e-5)
+    assert tasks_packed.keys() == tasks_padded.keys() and all(
+        abs(tasks_packed[t] - tasks_padded[t]) < 1e-3 * abs(tasks_padded[t]) for t in tasks_padded)
