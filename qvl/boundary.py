@@ -9,6 +9,8 @@ downstream of a boundary sees raw JSON.
 
 from __future__ import annotations
 
+import os
+import stat
 from typing import Annotated, Any, TypeVar
 
 import msgspec
@@ -95,9 +97,27 @@ def _size(n: int) -> str:
     return f"{n >> 20} MiB" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n:,} bytes"
 
 
+def regular_file(path: Any, error: type[Exception] = QvlError, what: str = "") -> None:
+    """``path`` is a regular file, or one ``error`` naming it: a FIFO would block the run and a
+    device (``/dev/zero``) never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise error(f"{short_path(path)}: cannot read ({e.strerror or e}){what}") from None
+    if not stat.S_ISREG(mode):
+        raise error(f"{short_path(path)}: not a regular file{what}")
+
+
+def short_path(path: Any, limit: int = 300) -> str:
+    """A path for an error message, cut short: a 4,000-character name is not a message."""
+    text = str(path)
+    return text if len(text) <= limit else text[:limit // 2] + "…" + text[-limit // 2:]
+
+
 def read_bounded(path: Any, max_bytes: int, error: type[Exception] = QvlError, what: str = "") -> bytes:
-    """A file of at most ``max_bytes``, never read further — or one ``error`` naming it (``what``
-    says what such a file is)."""
+    """A regular file of at most ``max_bytes``, never read further — or one ``error`` naming it
+    (``what`` says what such a file is)."""
+    regular_file(path, error, what)
     try:
         with open(path, "rb") as f:
             data = f.read(max_bytes + 1)
@@ -122,7 +142,7 @@ def read_text(path: Any, max_bytes: int, error: type[Exception] = QvlError, what
 def read_json_file(path: Any, type_: Any, max_bytes: int, error: type[Exception] = QvlError, hint: str = "") -> Any:
     """A whole JSON file, at most ``max_bytes``, as ``type_`` — or one ``error`` naming the file, and
     the field with what was expected (``hint`` says what such a file is)."""
-    data = read_bounded(path, max_bytes, error, hint)
+    data = read_bounded(path, max_bytes, error, hint).removeprefix(b"\xef\xbb\xbf")  # a BOM is read past
     try:
         return decode_json(data, type_)
     except RecordError as e:

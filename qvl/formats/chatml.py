@@ -160,6 +160,7 @@ def render(conv: Conversation, sample_id: str, tok: Tokenizer, image_tokens, mod
         if role == "system" and content == DEFAULT_SYSTEM:
             plan.ids(tok.fixed(content), False)
         else:
+            families.check_boxes(content)
             plan.content(content, role == "assistant", tok, image_tokens)
         plan.ids(im_end, True)
         plan.ids(newline, True)

@@ -45,6 +45,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
 from collections import Counter
 from collections.abc import Iterable
@@ -62,7 +63,7 @@ from qvl.boundary import (
     convert,
     decode_json,
     read_json_file,
-    read_text,
+    regular_file,
 )
 from qvl.errors import QvlError, RecordError
 from qvl.formats import chatml, families, multitask
@@ -73,7 +74,7 @@ from qvl.formats.images import ImageStore
 from qvl.formats.sequence import Plan, Tag
 from qvl.formats.tokenizers import IMG_END, IMG_START, SPECIAL_TOKENS, load_tokenizer
 from qvl.progress import progress_bar
-from qvl.recipes import require
+from qvl.recipes import require, short
 
 TARGETS = ("ms-swift", "llamafactory")
 PLACEHOLDER = "<image>"
@@ -255,6 +256,8 @@ def _conversation(record: dict, fam: Family | None, resized_of) -> tuple[str | N
     turns, refs, last_image = [], [], None
     for role, content in conv.turns:
         # the tools write Qwen-VL's picture labels themselves: only the families' conversion keeps none either
+        if fam is None:
+            families.check_boxes(content)
         text = families.strip_picture_labels(content) if fam is None else \
             families.convert(content, fam, resized_of, last_image)
         out, pos = [], 0
@@ -350,6 +353,9 @@ def run_export(inputs: list[Path], out: Path, images: Path | None = None, downlo
                         system, turns, refs = _conversation(record, fam, resized_of)
                         kind = "sft"
                     files = [image_file(ref) for ref in refs]
+                    if bounds is not None:  # an image the tool refuses fails its record, boxes or not
+                        for ref in refs:
+                            resized_of(ref)
                 except AnnotationError as e:
                     rejects.write(json.dumps({"file": path, "line": line, "id": sample_id, "reason": e.reason,
                                               "detail": str(e)}, ensure_ascii=False) + "\n")
@@ -453,9 +459,9 @@ def _write_snippet(tmp: Path, out: Path, settings: ExportSettings, resize: dict)
                  "#   set -a; . ./swift.env; set +a",
                  "# ROOT_IMAGE_DIR: data.jsonl's image paths are relative to the export folder; set it to where",
                  "# the export is now if you move it (or run ms-swift from inside the export folder).",
-                 f"ROOT_IMAGE_DIR={where}"]
+                 f"ROOT_IMAGE_DIR={shlex.quote(str(where))}"]
         if resize:
-            lines[3:3] = [(f"# MAX_PIXELS/MIN_PIXELS: the bounds the boxes were computed for ({settings.model}); "
+            lines[4:4] = [(f"# MAX_PIXELS/MIN_PIXELS: the bounds the boxes were computed for ({settings.model}); "
                            "check with qvl format export --check DIR --to ms-swift")]
             lines += [f"MAX_PIXELS={resize['max_pixels']}", f"MIN_PIXELS={resize['min_pixels']}"]
         (tmp / "swift.env").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -516,36 +522,46 @@ def _bound(value: int | str | None, name: str, default: int) -> int:
     """A pixel bound from an option or the environment (``name`` says which), in range."""
     if value is None or value == "":
         return default
+    shown = short(value)
     try:
-        number = int(value)
+        number = int(value) if isinstance(value, int) or len(value) <= 20 else None
     except ValueError:
-        raise CheckError(f"{name}={value!r}: not a whole number of pixels") from None
+        number = None
+    if number is None:
+        raise CheckError(f"{name}={shown}: not a whole number of pixels")
     if not 1 <= number <= MAX_SETTING_PIXELS:
-        raise CheckError(f"{name}={value}: must be a whole number of pixels from 1 to {MAX_SETTING_PIXELS}")
+        raise CheckError(f"{name}={shown}: must be a whole number of pixels from 1 to {MAX_SETTING_PIXELS}")
     return number
 
 
-def _llamafactory_yaml(folder: Path) -> dict:
+class _LlamaFactoryBounds(msgspec.Struct):
+    """What --check reads of llamafactory.yaml: LLaMA-Factory takes whole numbers here (a
+    string or a float would fail in its training run, not be read as one)."""
+
+    image_min_pixels: PixelBound | None = None
+    image_max_pixels: PixelBound | None = None
+
+
+def _llamafactory_yaml(folder: Path) -> _LlamaFactoryBounds:
     """image_min_pixels / image_max_pixels as the export's llamafactory.yaml says (edited or
     not): the bounds the user merges into LLaMA-Factory's config."""
-    import yaml
+    from qvl.recipes import load_recipe
 
     path = folder / "llamafactory.yaml"
     if not path.exists():
-        return {}
-    text = read_text(path, MAX_EXPORT_JSON, CheckError)
+        return _LlamaFactoryBounds()
     try:
-        config = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise CheckError(f"{path}: not YAML ({' '.join(str(e).split())})") from None
-    if not isinstance(config, dict):
-        raise CheckError(f"{path}: not a mapping of LLaMA-Factory settings")
-    return {key: config[key] for key in ("image_min_pixels", "image_max_pixels") if key in config}
+        config = load_recipe(path)  # bounded, no aliases, nesting and 5000-digit integers refused
+        keys = {k: config[k] for k in ("image_min_pixels", "image_max_pixels") if k in config}
+        return convert(keys, _LlamaFactoryBounds)
+    except QvlError as e:
+        raise CheckError(f"{path}: {e}".replace(f"{path}: {path}: ", f"{path}: ")) from None
 
 
 def _exported_records(path: Path):
     """(line number, record) of an export's data.jsonl, each line decoded and typed, or one
     CheckError naming the file and line."""
+    regular_file(path, CheckError)
     with open(path, "rb") as data:
         number = 0
         while True:
@@ -555,6 +571,8 @@ def _exported_records(path: Path):
             number += 1
             if len(line) > MAX_CHECK_LINE:
                 raise CheckError(f"{path}:{number}: a line longer than {MAX_CHECK_LINE >> 20} MiB")
+            if number == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")
             if not line.strip():
                 continue
             try:
@@ -569,8 +587,11 @@ def _image_size(folder: Path, path: str) -> tuple[int, int] | str:
     from PIL import Image, UnidentifiedImageError
 
     full = Path(path) if Path(path).is_absolute() else folder / path
-    if not full.is_file():  # never open a device or a FIFO: /dev/zero would never end
-        return "no such image file"
+    try:
+        if not full.is_file():  # never open a device or a FIFO: /dev/zero would never end
+            return "no such image file"
+    except OSError as e:  # a name too long for the file system
+        return f"cannot open ({e.strerror})"
     try:
         with Image.open(full) as image:
             return image.size
@@ -624,11 +645,8 @@ def run_check(folder: Path, target: str, min_pixels: int | None = None, max_pixe
         exported = ToolBounds(target, resize.image_min_pixels, resize.image_max_pixels,
                               resize.processor_min_pixels, resize.processor_max_pixels)
         config = _llamafactory_yaml(folder)
-        where = folder / "llamafactory.yaml"
-        low = _bound(min_pixels, "--tool-min-pixels", 0) or \
-            _bound(config.get("image_min_pixels"), f"image_min_pixels ({where})", LLAMAFACTORY_MIN_PIXELS)
-        high = _bound(max_pixels, "--tool-max-pixels", 0) or \
-            _bound(config.get("image_max_pixels"), f"image_max_pixels ({where})", LLAMAFACTORY_MAX_PIXELS)
+        low = _bound(min_pixels, "--tool-min-pixels", 0) or config.image_min_pixels or LLAMAFACTORY_MIN_PIXELS
+        high = _bound(max_pixels, "--tool-max-pixels", 0) or config.image_max_pixels or LLAMAFACTORY_MAX_PIXELS
         if low > high:
             raise CheckError(f"image_min_pixels {low} is more than image_max_pixels {high}")
         run = ToolBounds(target, low, high, exported.processor_min_pixels, exported.processor_max_pixels)
@@ -638,7 +656,7 @@ def run_check(folder: Path, target: str, min_pixels: int | None = None, max_pixe
     sizes: dict[str, tuple[int, int] | str] = {}
     for _, record in _exported_records(folder / "data.jsonl"):
         out["records"] += 1
-        boxed = pixel_boxes and any('"bbox_2d"' in m.content for m in record.messages)
+        boxed = pixel_boxes and any('"bbox_2d"' in m.content for m in record.messages if m.role == "assistant")
         for path in record.images:
             out["images"] += 1
             if path not in sizes:

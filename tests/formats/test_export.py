@@ -200,20 +200,23 @@ def test_every_export_setting_is_checked(data, tmp_path, option, value, message)
 
 
 def test_a_bad_record_is_a_reject_of_that_record_only(data, tmp_path):
-    """A lone surrogate (``bad_text``), a list where the task or id belongs, an image the tool's
-    shrink leaves no pixel of: each rejects its own record, the run goes on."""
+    """A lone surrogate (``bad_text``), a list where the task or id belongs, an image the tool
+    refuses: each rejects its own record, the run goes on."""
     good = {"task": "caption", "image": "cat.png", "caption": "a cat"}
     lines = [json.dumps(good),
              '{"task": "caption", "image": "cat.png", "caption": "a cat \\ud800"}',
              json.dumps({**good, "task": ["caption"]}),
              json.dumps({**good, "id": [1]}),
              json.dumps({**good, "id": 10 ** 30}),
-             json.dumps({"task": "ref_grounding", "image": "wide.png", "ref": "it", "box": [1, 2, 30, 40]}),
+             json.dumps({"task": "ref_grounding", "image": "strip.png", "ref": "it", "box": [1, 2, 30, 4]}),
              json.dumps(good)]
     src = tmp_path / "bad.jsonl"
     src.write_text("\n".join(lines) + "\n")
-    report = run_export([src], tmp_path / "out", data / "img", show_progress=False,
-                        settings=ExportSettings(target="llamafactory", tool_max_pixels=1, tool_min_pixels=1))
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "cat.png").write_bytes((data / "img" / "cat.png").read_bytes())
+    photo(tmp_path / "img" / "strip.png", (3000, 10))  # aspect over 200: ms-swift's qwen_vl_utils refuses it
+    report = run_export([src], tmp_path / "out", tmp_path / "img", show_progress=False,
+                        settings=ExportSettings(target="ms-swift"))
     rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert [(r["line"], r["reason"]) for r in rejects] == [(2, "bad_text"), (3, "bad_field"), (4, "bad_field"),
                                                           (5, "bad_field"), (6, "bad_image_size")]
@@ -403,9 +406,9 @@ def test_check_refuses_images_the_tool_cannot_open(exported, tmp_path):
 
 @pytest.mark.parametrize("environ, args, message", [
     ({"MAX_PIXELS": "abc"}, {}, "MAX_PIXELS (environment)='abc': not a whole number of pixels"),
-    ({"MIN_PIXELS": "-3"}, {}, "MIN_PIXELS (environment)=-3: must be a whole number of pixels from 1"),
+    ({"MIN_PIXELS": "-3"}, {}, "MIN_PIXELS (environment)='-3': must be a whole number of pixels from 1"),
     ({}, {"max_pixels": -1}, "--tool-max-pixels=-1: must be a whole number of pixels from 1"),
-    ({}, {"min_pixels": 10 ** 30}, "--tool-min-pixels=1000000000000000000000000000000: must be"),
+    ({}, {"min_pixels": 10 ** 30}, "--tool-min-pixels=an integer of 100 bits: must be"),
     ({}, {"min_pixels": 10 ** 6, "max_pixels": 10 ** 5}, "which qwen_vl_utils refuses"),
 ])
 def test_check_names_the_bound_it_cannot_use(exported, environ, args, message):
@@ -428,12 +431,58 @@ def test_check_reads_llamafactory_yaml_as_the_user_edited_it(exported, tmp_path)
     edited = run_check(folder, "llamafactory")
     assert edited["run_with"]["image_max_pixels"] == 65536 and [m["id"] for m in edited["moved"]] == ["c1"]
     assert run_check(folder, "llamafactory", max_pixels=589824)["ok"]
-    config.write_text(config.read_text().replace("image_max_pixels: 65536", "image_max_pixels: lots"))
-    with pytest.raises(CheckError, match=r"image_max_pixels \(.*llamafactory.yaml\)='lots': not a whole number"):
-        run_check(folder, "llamafactory")
+    edited = config.read_text()
+    for value, message in (("lots", "Expected `int | null`, got `str` - at `$.image_max_pixels`"),
+                           ("'100000'", "got `str`"), ("589824.9", "got `float`"), ("true", "got `bool`"),
+                           ("[1]", "got `array`"), (".inf", "got `float`"), ("0", "Expected `int` >= 1"),
+                           ("9" * 5000, "Exceeds the limit"), ("[" * 100_000 + "]" * 100_000, "nested too deeply")):
+        config.write_text(edited.replace("image_max_pixels: 65536", f"image_max_pixels: {value}"))
+        with pytest.raises(CheckError) as e:
+            run_check(folder, "llamafactory")
+        assert str(e.value).startswith(f"{config}: ") and message in str(e.value) and len(str(e.value)) < 600
     config.write_text("dataset: [qvl\n")
-    with pytest.raises(CheckError, match="llamafactory.yaml: not YAML"):
+    with pytest.raises(CheckError, match="llamafactory.yaml: not valid YAML"):
         run_check(folder, "llamafactory")
+
+
+@pytest.mark.parametrize("name", ["data.jsonl", "export.json", "llamafactory.yaml"])
+def test_check_refuses_a_fifo_for_its_files(exported, tmp_path, name):
+    """A FIFO where a file belongs would block --check forever (reading it never ends)."""
+    from qvl.formats.export import CheckError, run_check
+
+    folder = _copy(exported, tmp_path, "llamafactory")
+    (folder / name).unlink()
+    os.mkfifo(folder / name)
+    with pytest.raises(CheckError, match=f"{name}: not a regular file"):
+        run_check(folder, "llamafactory")
+
+
+def test_check_reads_past_a_bom_and_sees_boxes_only_in_answers(exported, tmp_path):
+    """A BOM as editors write it is read past; a question that mentions "bbox_2d" is no box."""
+    from qvl.formats.export import run_check
+
+    folder = _copy(exported, tmp_path, "ms-swift")
+    rows = [json.loads(line) for line in (folder / "data.jsonl").read_text().splitlines()]
+    rows = [{**r, "messages": [m for m in r["messages"] if m["role"] != "assistant"]} for r in rows]
+    rows[0]["messages"][-1]["content"] += ' What does "bbox_2d" mean?'
+    (folder / "data.jsonl").write_text("\ufeff" + "".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "export.json").write_text("\ufeff" + (folder / "export.json").read_text())
+    result = run_check(folder, "ms-swift", max_pixels=256 * 256, environ={})
+    assert result["records"] == 2 and result["resized"] == 2 and not result["moved"] and result["ok"]
+
+
+def test_swift_env_quotes_the_folder_for_the_shell(data, tmp_path):
+    """`. swift.env` runs in a shell: a folder named with `$(...)`, a space or a quote is one
+    value, never a command."""
+    import subprocess
+
+    out = tmp_path / "a b$(touch PWNED)'c" / "out"
+    out.parent.mkdir()
+    run_export([data / "ann.jsonl"], out, data / "img", show_progress=False,
+               settings=ExportSettings(target="ms-swift", model="qwen2.5-vl"))
+    shown = subprocess.run(["bash", "-c", 'set -a; . "$1"; printf %s "$ROOT_IMAGE_DIR"', "-", str(out / "swift.env")],
+                           cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert shown == str(out.resolve()) and not (tmp_path / "PWNED").exists()
 
 
 def test_cli_check_and_tool_bounds_say_one_line(exported, data, tmp_path):
@@ -475,3 +524,20 @@ def test_check_never_crashes_on_generated_records(exported, tmp_path_factory):
             assert result["records"] >= 2
 
     check()
+
+
+def test_a_record_whose_image_the_tool_refuses_is_rejected_boxes_or_not(data, tmp_path):
+    """ms-swift refuses an aspect ratio over 200: a record without boxes on such an image is a
+    reject too, not a line --check then reports as refused."""
+    from qvl.formats.export import run_check
+
+    (tmp_path / "img").mkdir()
+    photo(tmp_path / "img" / "strip.png", (3000, 10))
+    src = tmp_path / "convo.jsonl"
+    src.write_text(json.dumps({"id": "s", "messages": [{"role": "user", "content": "<image>What is it?"},
+                                                      {"role": "assistant", "content": "A strip."}],
+                               "images": ["strip.png"]}) + "\n")
+    report = run_export([src], tmp_path / "out", tmp_path / "img", show_progress=False,
+                        settings=ExportSettings(target="ms-swift", model="qwen2.5-vl"))
+    assert report["samples"] == 0 and report["rejected_by_reason"] == {"bad_image_size": 1}
+    assert run_check(tmp_path / "out", "ms-swift", environ={})["ok"]

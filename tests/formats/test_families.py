@@ -7,6 +7,7 @@ sizes; labels, and boxes converted on real COCO boxes."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -329,3 +330,40 @@ def test_cli_renders_multitask_for_a_family_and_shows_it(tmp_path):
     n = families.image_tokens(families.family("qwen3-vl"), 640, 480, None, 32 * 32 * 100)[0]
     assert shown.exit_code == 0 and f"<|image_pad|>×{n}" in shown.output and '"label": "the cat"' in shown.output
     assert n <= 100
+
+
+@pytest.mark.parametrize("content, said", [
+    ("<ref>a</ref><box>(" + "9" * 5000 + ",20),(10,400)</box>", "not (x1,y1),(x2,y2) within 0-1000"),
+    ("<ref>a</ref><box>(100000000000000000000,20),(10,400)</box>", "within 0-1000"),
+    ("<ref>a</ref><box>(6,20),(3000,400)</box>", "within 0-1000"),
+    ("<ref>a</ref><box>(300,20),(10,400)</box>", "x1 < x2"),
+    ("<ref>a</ref><box>(nan,20),(10,400)</box>", "within 0-1000"),
+    ("<ref>a</ref><box>(-5,20),(10,400)</box>", "within 0-1000"),
+    ("<ref>a</ref> is here", "<ref> that does not convert"),
+    ("<ref>a<box>(1,2),(30,40)</box></ref>", "<ref> that does not convert"),
+])
+def test_a_box_that_cannot_be_trained_on_rejects_its_record(content, said):
+    """Boxes past 0-1000, inverted, of 10^20 or of 5,000 digits, and Qwen-VL markup that has no
+    counterpart in the family's JSON boxes are the record's bad_box — never trained on as text,
+    never a run's end (a 5,000-digit box ended `format export` with Python's int() limit)."""
+    from qvl.formats.boxes import AnnotationError
+
+    for name in ("qwen2.5-vl", "qwen3-vl"):
+        with pytest.raises(AnnotationError, match=re.escape(said)) as e:
+            families.convert("<img>a.png</img>" + content, families.family(name), lambda ref: (644, 476))
+        assert e.value.reason == "bad_box"
+    if "does not convert" not in said:  # Qwen-VL's own and Qwen2-VL's token boxes take the same check
+        with pytest.raises(AnnotationError, match=re.escape(said)):
+            families.convert(content, families.family("qwen2-vl"), None)
+        with pytest.raises(AnnotationError, match=re.escape(said)):
+            families.check_boxes(content)
+
+
+def test_a_box_less_than_a_pixel_of_the_resized_image_is_refused():
+    from qvl.formats.boxes import AnnotationError
+
+    fam = families.family("qwen2.5-vl")
+    assert families.convert("<img>a</img><box>(1,1),(3,3)</box>", fam, lambda ref: (644, 476)) == \
+        '<img>a</img>{"bbox_2d": [1, 0, 2, 1]}'
+    with pytest.raises(AnnotationError, match="less than a pixel"):
+        families.convert("<img>a</img><box>(1,1),(2,2)</box>", fam, lambda ref: (644, 476))

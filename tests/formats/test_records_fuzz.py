@@ -189,10 +189,10 @@ def _old_convert(text: str, fam, resized_of, previous_image=None) -> str:
     return _OLD_GROUNDED.sub(json_boxes, text)
 
 
-# good content: every <ref> closed and followed by its boxes, images before boxes
+# good content: every <ref> closed and followed by its boxes, images before boxes, no box under a pixel
 GOOD = st.lists(st.sampled_from(["<img>a.png</img>", "Picture 2: <img> b.png </img>\n", "some text, < and >",
-                                 "<ref>a red car</ref><box>(1,2),(300,400)</box>", "<box>(5, 6),(7,8)</box>",
-                                 "<ref>x < y</ref><box>(0,0),(999,999)</box><box>(1,1),(2,2)</box>", "\n"]),
+                                 "<ref>a red car</ref><box>(1,2),(300,400)</box>", "<box>(5, 6),(70,80)</box>",
+                                 "<ref>x < y</ref><box>(0,0),(999,999)</box><box>(1,1),(200,200)</box>", "\n"]),
                 max_size=12).map(lambda parts: "<img>first.png</img>" + "".join(parts))
 
 
