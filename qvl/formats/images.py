@@ -8,9 +8,11 @@ import tarfile
 from collections import OrderedDict
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qvl import pixels
+from qvl.errors import QvlError
 from qvl.formats.boxes import AnnotationError
 
 
@@ -62,20 +64,21 @@ class ImageStore:
 
     def _index(self) -> dict[str, tuple[Path, str]]:
         """url -> (tar, member): a `qvl curate download` folder's kept pairs (only images that
-        passed its checks), or plain img2dataset output (every row with status success)."""
+        passed its checks), or plain img2dataset output (every row with status success). A
+        table of another shape is one error naming it."""
         if self._url_index is None:
-            self._url_index = {}
+            index: dict[str, tuple[Path, str]] = {}
             if self.downloads is not None and (self.downloads / "kept").is_dir():
                 for part in sorted((self.downloads / "kept").glob("*.parquet")):
-                    for row in pq.read_table(part, columns=["url", "image_tar", "image_key"]).to_pylist():
-                        self._url_index[row["url"]] = (self.downloads / row["image_tar"], f"{row['image_key']}.jpg")
+                    for row in _rows(part, ["url", "image_tar", "image_key"], "a `qvl curate download` kept table"):
+                        index[row["url"]] = (self.downloads / row["image_tar"], f"{row['image_key']}.jpg")
             elif self.downloads is not None:
                 for meta in sorted(self.downloads.glob("*.parquet")):
-                    table = pq.read_table(meta, columns=["url", "key", "status"]).to_pylist()
                     tar = meta.with_suffix(".tar")
-                    for row in table:
+                    for row in _rows(meta, ["url", "key", "status"], "img2dataset output"):
                         if row["status"] == "success":
-                            self._url_index[row["url"]] = (tar, f"{row['key']}.jpg")
+                            index[row["url"]] = (tar, f"{row['key']}.jpg")
+            self._url_index = index
         return self._url_index
 
     def local_path(self, ref: str) -> Path:
@@ -118,6 +121,27 @@ class ImageStore:
             return data, pixels.decoded_size(data, self.max_pixels)
         except pixels.BadImage as e:
             raise AnnotationError(f"image {_short(ref)}: {e}", e.reason) from None
+
+
+_TEXT = (pa.string(), pa.large_string(), pa.null())
+
+
+def _rows(path: Path, columns: list[str], what: str) -> list[dict]:
+    """``columns`` of a parquet table, all text — or one error naming the file and what is wrong."""
+    try:
+        types = {field.name: field.type for field in pq.read_schema(path)}
+    except (OSError, ValueError, pa.ArrowException) as e:  # not parquet, cut short, unreadable
+        raise QvlError(f"{path}: not a readable parquet file ({' '.join(str(e).split())[:200]})") from None
+    missing = [c for c in columns if c not in types]
+    if missing:
+        raise QvlError(f"{path}: not {what} (no {', '.join(missing)})")
+    wrong = [f"{c} is {types[c]}" for c in columns if types[c] not in _TEXT]
+    if wrong:
+        raise QvlError(f"{path}: not {what} ({', '.join(wrong)}, not text)")
+    try:
+        return pq.read_table(path, columns=columns).to_pylist()
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise QvlError(f"{path}: not a readable parquet file ({' '.join(str(e).split())[:200]})") from None
 
 
 def _short(ref: str) -> str:

@@ -572,3 +572,54 @@ def test_a_limit_below_one_is_one_error_not_an_empty_output(tmp_path, images, co
                                  *tail))
     assert f"--limit {limit}: must be 1 or more" in message
     assert not (tmp_path / "out").exists()
+
+
+# --- --downloads: img2dataset output, or a `qvl curate download` folder ---
+
+def _downloads(tmp_path: Path, tables: dict[str, dict], tars: dict[str, bytes]) -> Path:
+    """A --downloads folder of parquet ``tables`` and tars (name -> one image, member 0.jpg)."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+
+    folder = tmp_path / "downloads"
+    for name, columns in tables.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table(columns), folder / name)
+    for name, data in tars.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(tmp_path / name, "w") as tar:
+            info = tarfile.TarInfo("0.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return folder
+
+
+def _grit_with(downloads: Path, tmp_path: Path):
+    return cli("multitask", "--from", "grit", str(_grit(tmp_path, 0)), "--downloads", str(downloads),
+               "--out", str(tmp_path / "out"), "--tokenizer", "bytes", "--image-tokens", "4")
+
+
+URL = "https://grit.example/0.jpg"
+
+
+@pytest.mark.parametrize("tables, words", [
+    ({"meta.parquet": {"url": [URL], "caption": ["a dog"]}}, "meta.parquet: not img2dataset output (no key, status)"),
+    ({"00000.parquet": {"url": [URL], "key": [0], "status": [1]}},
+     "00000.parquet: not img2dataset output (key is int64, status is int64, not text)"),
+    ({"kept/part-00000.parquet": {"url": [URL], "image_key": ["0"]}},
+     "part-00000.parquet: not a `qvl curate download` kept table (no image_tar)"),
+    ({"00000.parquet": {"x": [b"\x00"]}}, "00000.parquet: not img2dataset output (no url, key, status)"),
+])
+def test_a_downloads_table_of_another_shape_is_one_error_naming_it(tmp_path, tables, words):
+    message = one_line_error(_grit_with(_downloads(tmp_path, tables, {}), tmp_path))
+    assert words in message, message
+
+
+def test_a_downloads_file_that_is_not_parquet_is_one_error_naming_it(tmp_path):
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    (folder / "00000.parquet").write_text("url,key,status\n")
+    message = one_line_error(_grit_with(folder, tmp_path))
+    assert f"{folder / '00000.parquet'}: not a readable parquet file" in message, message
