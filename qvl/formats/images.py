@@ -21,7 +21,7 @@ class ImageStore:
         self.root = root.resolve() if root else None
         self.downloads = downloads
         self.max_pixels = max_pixels
-        self._url_index: dict[str, tuple[Path, str]] | None = None
+        self._url_index: dict[str, tuple[Path, int, str | None, str | None]] | None = None
         # a grounding sample asks for the size, then the bytes: read and verify each image once,
         # keeping the most recent ones up to CACHE_BYTES (64 images of 272 MB would be 17 GB)
         self._cache: OrderedDict[str, tuple[bytes, tuple[int, int]]] = OrderedDict()
@@ -62,22 +62,25 @@ class ImageStore:
             raise AnnotationError(f"image {_short(ref)}: missing under {self.root}", "missing_image")
         return resolved
 
-    def _index(self) -> dict[str, tuple[Path, str]]:
-        """url -> (tar, member): a `qvl curate download` folder's kept pairs (only images that
-        passed its checks), or plain img2dataset output (every row with status success). A
-        table of another shape is one error naming it."""
+    def _index(self) -> dict[str, tuple[Path, int, str | None, str | None]]:
+        """url -> (table, row, tar, member): a `qvl curate download` folder's kept pairs (only
+        images that passed its checks), or plain img2dataset output (every row with status
+        success). A table of another shape is one error naming it; a row without its tar is
+        that image's reject."""
         if self._url_index is None:
-            index: dict[str, tuple[Path, str]] = {}
+            index: dict[str, tuple[Path, int, str | None, str | None]] = {}
             if self.downloads is not None and (self.downloads / "kept").is_dir():
                 for part in sorted((self.downloads / "kept").glob("*.parquet")):
-                    for row in _rows(part, ["url", "image_tar", "image_key"], "a `qvl curate download` kept table"):
-                        index[row["url"]] = (self.downloads / row["image_tar"], f"{row['image_key']}.jpg")
+                    rows = _rows(part, ["url", "image_tar", "image_key"], "a `qvl curate download` kept table")
+                    for i, row in enumerate(rows, 1):
+                        member = None if row["image_key"] is None else f"{row['image_key']}.jpg"
+                        index[row["url"]] = (part, i, row["image_tar"], member)
             elif self.downloads is not None:
                 for meta in sorted(self.downloads.glob("*.parquet")):
-                    tar = meta.with_suffix(".tar")
-                    for row in _rows(meta, ["url", "key", "status"], "img2dataset output"):
+                    for i, row in enumerate(_rows(meta, ["url", "key", "status"], "img2dataset output"), 1):
                         if row["status"] == "success":
-                            index[row["url"]] = (tar, f"{row['key']}.jpg")
+                            member = None if row["key"] is None else f"{row['key']}.jpg"
+                            index[row["url"]] = (meta, i, meta.with_suffix(".tar").name, member)
             self._url_index = index
         return self._url_index
 
@@ -98,7 +101,11 @@ class ImageStore:
             if found is None:
                 raise AnnotationError(f"image {_short(ref)}: URL not in the local img2dataset output (--downloads)",
                                       "missing_image")
-            tar, member = found
+            table, row, tar_ref, member = found
+            where = f"image {_short(ref)}: {table} row {row}"
+            if tar_ref is None or member is None:
+                raise AnnotationError(f"{where}: no {'image_tar' if tar_ref is None else 'image key'}", "missing_image")
+            tar = self.downloads / tar_ref
             try:
                 with tarfile.open(tar) as t:
                     info = t.getmember(member)

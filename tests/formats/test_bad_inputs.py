@@ -623,3 +623,21 @@ def test_a_downloads_file_that_is_not_parquet_is_one_error_naming_it(tmp_path):
     (folder / "00000.parquet").write_text("url,key,status\n")
     message = one_line_error(_grit_with(folder, tmp_path))
     assert f"{folder / '00000.parquet'}: not a readable parquet file" in message, message
+
+
+@pytest.mark.parametrize("tar, reason, words", [
+    (None, "missing_image", "part-00000.parquet row 1: no image_tar"),
+    ("attempts/001/00000.tar", None, ""),
+])
+def test_a_kept_row_with_no_tar_or_one_outside_downloads_is_that_images_reject(tmp_path, images, tar, reason, words):
+    red = (images / "red.png").read_bytes()
+    folder = _downloads(tmp_path, {"kept/part-00000.parquet": {"url": [URL], "image_tar": [tar], "image_key": ["0"]}},
+                        {"outside.tar": red, "downloads/attempts/001/00000.tar": red})
+    (folder / "link.tar").symlink_to(tmp_path / "outside.tar")
+    result = _grit_with(folder, tmp_path)
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    rejects = pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()
+    if reason is None:
+        assert rejects == [] and json.loads((tmp_path / "out" / "manifest.json").read_text())["samples"] == 2
+    else:
+        assert rejects and all(r["reason"] == reason and words in r["detail"] for r in rejects), rejects
