@@ -45,19 +45,7 @@ class ImageStore:
     def _path(self, ref: str) -> Path:
         if self.root is None:
             raise AnnotationError(f"image {_short(ref)}: no --images folder given", "missing_image")
-        if not ref or "\x00" in ref or any(ord(c) < 32 for c in ref):
-            raise AnnotationError(f"image {_short(ref)}: not a usable path (empty, or a control character in it)",
-                                  "unsafe_image_path")
-        candidate = Path(ref)
-        if candidate.is_absolute() or ".." in candidate.parts:
-            raise AnnotationError(f"image {_short(ref)}: must be a relative path inside --images", "unsafe_image_path")
-        try:
-            resolved = (self.root / candidate).resolve()
-            is_file = resolved.is_file()
-        except OSError as e:  # a name too long, a loop of links...
-            raise AnnotationError(f"image {_short(ref)}: not a usable path ({e.strerror})", "unsafe_image_path") from None
-        if not resolved.is_relative_to(self.root):
-            raise AnnotationError(f"image {_short(ref)}: resolves outside --images (a symlink out?)", "unsafe_image_path")
+        resolved, is_file = _inside(self.root, ref, f"image {_short(ref)}", "--images")
         if not is_file:
             raise AnnotationError(f"image {_short(ref)}: missing under {self.root}", "missing_image")
         return resolved
@@ -65,8 +53,8 @@ class ImageStore:
     def _index(self) -> dict[str, tuple[Path, int, str | None, str | None]]:
         """url -> (table, row, tar, member): a `qvl curate download` folder's kept pairs (only
         images that passed its checks), or plain img2dataset output (every row with status
-        success). A table of another shape is one error naming it; a row without its tar is
-        that image's reject."""
+        success). A table of another shape is one error naming it; a row's tar is checked when
+        its image is asked for, so a bad row is that image's reject."""
         if self._url_index is None:
             index: dict[str, tuple[Path, int, str | None, str | None]] = {}
             if self.downloads is not None and (self.downloads / "kept").is_dir():
@@ -105,7 +93,7 @@ class ImageStore:
             where = f"image {_short(ref)}: {table} row {row}"
             if tar_ref is None or member is None:
                 raise AnnotationError(f"{where}: no {'image_tar' if tar_ref is None else 'image key'}", "missing_image")
-            tar = self.downloads / tar_ref
+            tar, _ = _inside(self.downloads, tar_ref, f"{where}: tar {_short(tar_ref)}", "--downloads")
             try:
                 with tarfile.open(tar) as t:
                     info = t.getmember(member)
@@ -128,6 +116,25 @@ class ImageStore:
             return data, pixels.decoded_size(data, self.max_pixels)
         except pixels.BadImage as e:
             raise AnnotationError(f"image {_short(ref)}: {e}", e.reason) from None
+
+
+def _inside(root: Path, ref: str, what: str, option: str) -> tuple[Path, bool]:
+    """``ref`` resolved under ``root``, and whether it is a file; an ``unsafe_image_path`` reject
+    if it is empty, holds a control character, is absolute, or climbs out (``..``, a symlink)."""
+    if not ref or any(ord(c) < 32 for c in ref):
+        raise AnnotationError(f"{what}: not a usable path (empty, or a control character in it)", "unsafe_image_path")
+    candidate = Path(ref)
+    if candidate.is_absolute() or ".." in candidate.parts:
+        raise AnnotationError(f"{what}: must be a relative path inside {option}", "unsafe_image_path")
+    try:
+        root = root.resolve()
+        resolved = (root / candidate).resolve()
+        is_file = resolved.is_file()
+    except OSError as e:  # a name too long, a loop of links...
+        raise AnnotationError(f"{what}: not a usable path ({e.strerror})", "unsafe_image_path") from None
+    if not resolved.is_relative_to(root):
+        raise AnnotationError(f"{what}: resolves outside {option} (a symlink out?)", "unsafe_image_path")
+    return resolved, is_file
 
 
 _TEXT = (pa.string(), pa.large_string(), pa.null())

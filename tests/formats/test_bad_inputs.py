@@ -627,6 +627,9 @@ def test_a_downloads_file_that_is_not_parquet_is_one_error_naming_it(tmp_path):
 
 @pytest.mark.parametrize("tar, reason, words", [
     (None, "missing_image", "part-00000.parquet row 1: no image_tar"),
+    ("../outside.tar", "unsafe_image_path", "tar '../outside.tar': must be a relative path inside --downloads"),
+    ("/abs/outside.tar", "unsafe_image_path", "must be a relative path inside --downloads"),
+    ("link.tar", "unsafe_image_path", "tar 'link.tar': resolves outside --downloads"),
     ("attempts/001/00000.tar", None, ""),
 ])
 def test_a_kept_row_with_no_tar_or_one_outside_downloads_is_that_images_reject(tmp_path, images, tar, reason, words):
