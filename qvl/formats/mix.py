@@ -15,6 +15,10 @@ any sample is drawn: known keys of their types, text that is valid Unicode, a ``
 from 0 to 1000 and a ``count`` of at most 1000 copies of each record its source holds (more is
 a typo, and output without bound).
 
+Relative paths in a recipe (``files``, ``images``, ``downloads``) are relative to the recipe's
+own folder, as in a Makefile or a pyproject: a recipe means the same data from any working
+directory.
+
     [mix]
     seed = 0
     pack_to = 2048
@@ -113,14 +117,19 @@ def load_mix(path: str | Path) -> MixSettings:
     return mix
 
 
-def _records(source: Source, skipped: dict[str, int] | None = None) \
+def _at(recipe: str | Path, path: str) -> Path:
+    """A path of the recipe, relative to the recipe's folder (an absolute one stays as it is)."""
+    return Path(recipe).parent / path
+
+
+def _records(source: Source, recipe: str | Path, skipped: dict[str, int] | None = None) \
         -> Iterator[tuple[str, int, str, dict | AnnotationError]]:
     """The source's records of its ``tasks``; those of other tasks in a ``qvl`` file are passed
     over and counted in ``skipped`` (an importer gives only the tasks asked of it)."""
     from qvl.formats import importers
     from qvl.formats.build import file_records
 
-    files = [Path(f) for f in source.files]
+    files = [_at(recipe, f) for f in source.files]
     if source.layout == "qvl":
         for file, index, sample_id, record in file_records(files):
             if source.tasks and isinstance(record, dict) and record.get("task") not in source.tasks:
@@ -140,7 +149,7 @@ def _uniform(seed: int, source: str, place: str) -> float:
     return struct.unpack("<Q", digest)[0] / 2 ** 64
 
 
-def drawn(mix: MixSettings, totals: dict[str, int], prefixes: dict[str, str]) \
+def drawn(mix: MixSettings, recipe: str | Path, totals: dict[str, int], prefixes: dict[str, str]) \
         -> Iterator[tuple[str, int, str, dict | AnnotationError]]:
     """Every source's records, each kept ``share`` times in expectation (a deterministic draw),
     its image path made relative to the mixture's common images folder."""
@@ -149,8 +158,10 @@ def drawn(mix: MixSettings, totals: dict[str, int], prefixes: dict[str, str]) \
         share = source.fraction if source.fraction is not None else (source.count / total if total else 0.0)
         whole, part = math.floor(share), share - math.floor(share)
         prefix = prefixes.get(source.name, "")
-        for file, index, sample_id, record in _records(source):
-            copies = whole + (_uniform(mix.seed, source.name, f"{file}:{index}:{sample_id}") < part)
+        written = {str(_at(recipe, f)): str(Path(f)) for f in source.files}  # the draw is the recipe's, run from anywhere
+        for file, index, sample_id, record in _records(source, recipe):
+            place = f"{written.get(str(file), file)}:{index}:{sample_id}"
+            copies = whole + (_uniform(mix.seed, source.name, place) < part)
             for copy in range(copies):
                 if isinstance(record, dict):
                     image = record.get("image")
@@ -180,7 +191,7 @@ def run_mix(recipe: str | Path, out: Path, overwrite: bool = False, show_progres
             raise RecipeError(f"{recipe} [[source]] {source.name}: tasks: unknown {', '.join(map(repr, unknown))} "
                               f"(use {', '.join(RENDERERS)})")
     skipped: dict[str, int] = {}
-    totals = {source.name: sum(1 for _ in _records(source, skipped)) for source in mix.sources}
+    totals = {source.name: sum(1 for _ in _records(source, recipe, skipped)) for source in mix.sources}
     for source in mix.sources:
         if not totals[source.name]:
             others = f" ({skipped[source.name]:,} of other tasks skipped)" if skipped.get(source.name) else ""
@@ -193,13 +204,13 @@ def run_mix(recipe: str | Path, out: Path, overwrite: bool = False, show_progres
     if len(downloads) > 1:
         raise RecipeError(f"{recipe}: sources name different downloads folders; one `qvl curate download` folder "
                           "serves the mixture")
-    roots = {s.name: Path(s.images).resolve() for s in mix.sources if s.images}
+    roots = {s.name: _at(recipe, s.images).resolve() for s in mix.sources if s.images}
     common = Path(os.path.commonpath(list(roots.values()))) if roots else None
     prefixes = {name: f"{root.relative_to(common).as_posix()}/" if root != common else ""
                 for name, root in roots.items()}
     asked = {s.name: s.count if s.count is not None else round(s.fraction * totals[s.name]) for s in mix.sources}
-    return run_format("multitask", [Path(f) for s in mix.sources for f in s.files], out, common,
-                      Path(next(iter(downloads))) if downloads else None, settings, overwrite, show_progress,
-                      records=drawn(mix, totals, prefixes),
+    return run_format("multitask", [_at(recipe, f) for s in mix.sources for f in s.files], out, common,
+                      _at(recipe, next(iter(downloads))) if downloads else None, settings, overwrite, show_progress,
+                      records=drawn(mix, recipe, totals, prefixes),
                       extra={"mix": {"recipe": str(recipe), "seed": mix.seed, "available": totals, "asked": asked,
                                      "skipped_by_task": skipped}})

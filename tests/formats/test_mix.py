@@ -204,3 +204,33 @@ def test_a_yaml_error_is_one_line(tmp_path, text, message):
     recipe = tmp_path / "mix.yaml"
     recipe.write_text(text)
     one_line_error(mix(recipe, tmp_path / "out"), "mix.yaml", message)
+
+
+# ---------------------------------------------------------------- a source's request and files
+
+def gqa_files(root: Path, n: int = 1) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 24), "red").save(root / "red.jpg")
+    path = root / "questions.json"
+    path.write_text(json.dumps({str(i): {"question": f"What colour {i}?", "answer": "red", "imageId": "red"}
+                                for i in range(n)}))
+    return path
+
+
+def test_relative_paths_are_the_recipes_folders_and_the_draw_is_the_same_from_anywhere(tmp_path, monkeypatch):
+    """A recipe means the same files and the same draw wherever it is run from, however it is named."""
+    gqa_files(tmp_path / "ds" / "gqa", 40)
+    (tmp_path / "recipes").mkdir()
+    recipe = write_recipe(tmp_path / "recipes" / "mix.toml", MIX, [
+        {"name": "g", "layout": "gqa", "files": ["../ds/gqa/questions.json"], "images": "../ds/gqa",
+         "fraction": 0.5}])
+    ids = []
+    for cwd, named in ((tmp_path / "recipes", "mix.toml"), (tmp_path, "recipes/mix.toml"), ("/", str(recipe))):
+        monkeypatch.chdir(cwd)
+        out = tmp_path / f"out{len(ids)}"
+        result = mix(Path(named), out)
+        assert result.exit_code == 0, result.output
+        import datasets
+
+        ids.append(sorted(i for row in datasets.load_from_disk(str(out))["sample_ids"] for i in row))
+    assert 5 < len(ids[0]) < 35 and ids[0] == ids[1] == ids[2]
