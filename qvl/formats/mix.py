@@ -17,7 +17,7 @@ a typo, and output without bound).
 
 Relative paths in a recipe (``files``, ``images``, ``downloads``) are relative to the recipe's
 own folder, as in a Makefile or a pyproject: a recipe means the same data from any working
-directory.
+directory. A source's files must exist; an error in a source names the recipe and the source.
 
     [mix]
     seed = 0
@@ -113,6 +113,8 @@ def load_mix(path: str | Path) -> MixSettings:
     if len(set(names)) != len(names):
         raise RecipeError(f"{path}: source names repeat ({', '.join(names)})")
     mix = fill(MixSettings, table(data, "mix", str(path)), f"{path} [mix]")
+    for source in sources:
+        _check_files(source, path)
     mix.sources = sources
     return mix
 
@@ -122,26 +124,45 @@ def _at(recipe: str | Path, path: str) -> Path:
     return Path(recipe).parent / path
 
 
+def _check_files(source: Source, recipe: str | Path) -> None:
+    """Each file of the source is a file."""
+    where = f"{recipe} [[source]] {source.name}"
+    for file in (_at(recipe, f) for f in source.files):
+        if not file.is_file():
+            raise RecipeError(f"{where}: files: {file}: " + (
+                "not a regular file (a device, folder or pipe)" if file.exists() else "no such file"))
+    if source.layout == "qvl" and source.split is not None:
+        raise RecipeError(f"{where}: split: a qvl source has no splits (a layout's files may)")
+
+
 def _records(source: Source, recipe: str | Path, skipped: dict[str, int] | None = None) \
         -> Iterator[tuple[str, int, str, dict | AnnotationError]]:
     """The source's records of its ``tasks``; those of other tasks in a ``qvl`` file are passed
-    over and counted in ``skipped`` (an importer gives only the tasks asked of it)."""
+    over and counted in ``skipped`` (an importer gives only the tasks asked of it). A file that
+    cannot be read is an error naming the recipe and the source as well as the file."""
     from qvl.formats import importers
-    from qvl.formats.build import file_records
+    from qvl.formats.build import FormatInputError, file_records
 
     files = [_at(recipe, f) for f in source.files]
+    where = f"{recipe} [[source]] {source.name}"
     if source.layout == "qvl":
-        for file, index, sample_id, record in file_records(files):
-            if source.tasks and isinstance(record, dict) and record.get("task") not in source.tasks:
-                if skipped is not None:
-                    skipped[source.name] = skipped.get(source.name, 0) + 1
-                continue
-            yield file, index, sample_id, record
+        try:
+            for file, index, sample_id, record in file_records(files):
+                if source.tasks and isinstance(record, dict) and record.get("task") not in source.tasks:
+                    if skipped is not None:
+                        skipped[source.name] = skipped.get(source.name, 0) + 1
+                    continue
+                yield file, index, sample_id, record
+        except FormatInputError as e:
+            raise RecipeError(f"{where}: {e}") from None
         return
-    asked_by = f"[[source]] {source.name} (layout = {source.layout!r})"
-    for file, index, record in importers.records(source.layout, files, list(source.tasks) or None, source.split,
-                                                 asked_by=asked_by):
-        yield file, index, f"{Path(file).name}:{index}", record
+    found = importers.records(source.layout, files, list(source.tasks) or None, source.split,
+                              asked_by=f"{where} (layout = {source.layout!r})")
+    try:
+        for file, index, record in found:
+            yield file, index, f"{Path(file).name}:{index}", record
+    except importers.LayoutFileError as e:
+        raise RecipeError(f"{where}: {e}") from None
 
 
 def _uniform(seed: int, source: str, place: str) -> float:

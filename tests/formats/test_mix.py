@@ -217,6 +217,31 @@ def gqa_files(root: Path, n: int = 1) -> Path:
     return path
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"layout": "refcoco", "files": ["refs(unc).p", "instances.json"], "split": "tset"},
+     "[[source]] s (layout = 'refcoco'): split 'tset': not a split of refcoco; one of train, val, test"),
+    ({"split": "val"}, "[[source]] s (layout = 'gqa'): split 'val': gqa has no splits to choose from"),
+    ({"layout": "qvl", "split": "val"}, "[[source]] s: split: a qvl source has no splits"),
+    ({"layout": "cocoo"}, "[[source]] s (layout = 'cocoo'): unknown layout; known: coco-captions"),
+    ({"tasks": ["grounding"]}, "[[source]] s (layout = 'gqa'): gqa gives vqa, not grounding"),
+    ({"tasks": ["captionz"]}, "[[source]] s (layout = 'gqa'): gqa gives vqa, not captionz"),
+    ({"files": ["nope.json"]}, "[[source]] s: files: DATA/nope.json: no such file"),
+    ({"files": ["/dev/null"]}, "[[source]] s: files: /dev/null: not a regular file"),
+    ({"files": ["truncated.json"]}, "[[source]] s: DATA/truncated.json: not readable JSON (truncated"),
+    ({"layout": "qvl", "files": ["truncated.json"]}, "[[source]] s: DATA/truncated.json: not valid JSON"),
+])
+def test_a_bad_source_request_or_file_names_the_recipe_and_the_source(tmp_path, change, message):
+    data = tmp_path / "data"
+    gqa_files(data)
+    for name in ("refs(unc).p", "instances.json"):  # never read: the split is refused first
+        (data / name).write_bytes(b"")
+    (data / "truncated.json").write_text('{"1": {"question": "What')
+    source = {"name": "s", "layout": "gqa", "files": ["questions.json"], "images": ".", "count": 1, **change}
+    recipe = write_recipe(data / "mix.toml", MIX, [source])
+    output = one_line_error(mix(recipe, tmp_path / "out"), f"{recipe} ", message.replace("DATA", str(data)))
+    assert "--from" not in output and "--split" not in output
+
+
 def test_relative_paths_are_the_recipes_folders_and_the_draw_is_the_same_from_anywhere(tmp_path, monkeypatch):
     """A recipe means the same files and the same draw wherever it is run from, however it is named."""
     gqa_files(tmp_path / "ds" / "gqa", 40)
