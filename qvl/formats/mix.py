@@ -17,7 +17,8 @@ a typo, and output without bound).
 
 Relative paths in a recipe (``files``, ``images``, ``downloads``) are relative to the recipe's
 own folder, as in a Makefile or a pyproject: a recipe means the same data from any working
-directory. A source's files must exist; an error in a source names the recipe and the source.
+directory. A source's files must exist, each listed once (twice would double-count it); an
+error in a source names the recipe and the source.
 
     [mix]
     seed = 0
@@ -125,12 +126,17 @@ def _at(recipe: str | Path, path: str) -> Path:
 
 
 def _check_files(source: Source, recipe: str | Path) -> None:
-    """Each file of the source is a file."""
+    """Each file of the source is a file, listed once (twice, its records would count twice)."""
     where = f"{recipe} [[source]] {source.name}"
+    seen: dict[Path, Path] = {}
     for file in (_at(recipe, f) for f in source.files):
         if not file.is_file():
             raise RecipeError(f"{where}: files: {file}: " + (
                 "not a regular file (a device, folder or pipe)" if file.exists() else "no such file"))
+        real = file.resolve()
+        if real in seen:
+            raise RecipeError(f"{where}: files: {file} is listed twice (also as {seen[real]})")
+        seen[real] = file
     if source.layout == "qvl" and source.split is not None:
         raise RecipeError(f"{where}: split: a qvl source has no splits (a layout's files may)")
 

@@ -242,6 +242,15 @@ def test_a_bad_source_request_or_file_names_the_recipe_and_the_source(tmp_path, 
     assert "--from" not in output and "--split" not in output
 
 
+def test_a_file_listed_twice_in_a_source_is_refused(tmp_path):
+    questions = gqa_files(tmp_path / "data")
+    recipe = write_recipe(tmp_path / "data" / "mix.toml", MIX, [
+        {"name": "s", "layout": "gqa", "files": [str(questions), "./questions.json"], "images": ".",
+         "fraction": 1.0}])
+    one_line_error(mix(recipe, tmp_path / "out"), f"{recipe} [[source]] s: files: {tmp_path}/data/questions.json "
+                   f"is listed twice (also as {questions})")
+
+
 def test_relative_paths_are_the_recipes_folders_and_the_draw_is_the_same_from_anywhere(tmp_path, monkeypatch):
     """A recipe means the same files and the same draw wherever it is run from, however it is named."""
     gqa_files(tmp_path / "ds" / "gqa", 40)
