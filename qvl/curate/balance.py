@@ -242,15 +242,18 @@ def plot_entries(before: dict[int, int], after: dict[int, int], path: Path) -> N
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
+    plotted = False
     for counts, label in ((before, "before"), (after, "after")):
         values = sorted((n for n in counts.values() if n), reverse=True)
         if values:
             ax.plot(range(1, len(values) + 1), values, label=f"{label} ({sum(values):,} matches)")
+            plotted = True
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("entry rank")
     ax.set_ylabel("pairs matching the entry")
-    ax.legend()
+    if plotted:  # no caption matched: a legend of nothing would warn on stderr
+        ax.legend()
     fig.tight_layout()
     with storage.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
