@@ -410,6 +410,16 @@ def test_a_bad_balance_entries_file_is_one_line_naming_it(tmp_path, content, exp
     assert expected in one_line_error(result) and not (out / "kept").exists()
 
 
+def test_a_balance_file_that_is_a_fifo_device_or_folder_is_refused_unread(tmp_path):
+    """They said "no such file"; a FIFO read by the filter would wait for a writer forever."""
+    import os
+
+    os.mkfifo(tmp_path / "fifo")
+    for entries in (tmp_path / "fifo", Path("/dev/zero"), tmp_path):
+        result, out = filter_cli(tmp_path, [_pairs_file(tmp_path)], "--balance", str(entries))
+        assert f"{entries}: not a regular file (a device, folder or pipe)" in one_line_error(result)
+
+
 def test_an_entry_longer_than_any_real_one_is_one_line_naming_file_and_line(tmp_path):
     """One line of 1M characters crashed the matcher (SIGSEGV at exit) after the run had reported."""
     entries = tmp_path / "entries.txt"
