@@ -105,7 +105,7 @@ def regular_file(path: Any, error: type[Exception] = QvlError, what: str = "") -
     except OSError as e:
         raise error(f"{short_path(path)}: cannot read ({e.strerror or e}){what}") from None
     if not stat.S_ISREG(mode):
-        raise error(f"{short_path(path)}: not a regular file{what}")
+        raise error(f"{short_path(path)}: not a regular file (a device, folder or pipe){what}")
 
 
 def short_path(path: Any, limit: int = 300) -> str:
@@ -116,13 +116,21 @@ def short_path(path: Any, limit: int = 300) -> str:
 
 def read_bounded(path: Any, max_bytes: int, error: type[Exception] = QvlError, what: str = "") -> bytes:
     """A regular file of at most ``max_bytes``, never read further — or one ``error`` naming it
-    (``what`` says what such a file is)."""
-    regular_file(path, error, what)
+    (``what`` says what such a file is). A FIFO, device or folder is refused unread: opening a
+    FIFO waits for a writer forever, and ``/dev/zero`` is no file of settings."""
+    data = None
     try:
-        with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO opens at once, to be refused
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                with os.fdopen(fd, "rb", closefd=False) as f:
+                    data = f.read(max_bytes + 1)
+        finally:
+            os.close(fd)
     except OSError as e:
         raise error(f"{path}: cannot read ({e.strerror or e}){what}") from None
+    if data is None:
+        raise error(f"{path}: not a regular file (a device, folder or pipe){what}")
     if len(data) > max_bytes:
         raise error(f"{path}: larger than {_size(max_bytes)}{what}")
     return data

@@ -77,3 +77,31 @@ def test_any_nest_is_a_value_or_a_record_error(depth, opener, tail):
         decode_json(opener * depth + tail)
     except RecordError as e:
         assert e.reason in {"malformed_json", "bad_field", "bad_text"}
+
+
+def test_a_fifo_device_or_folder_is_refused_unread(tmp_path):
+    """Opening a FIFO with no writer waited forever; /dev/zero read up to the bound."""
+    import os
+    import threading
+
+    from qvl.boundary import read_bounded, read_text
+    from qvl.errors import QvlError
+
+    os.mkfifo(tmp_path / "fifo")
+    errors = {}
+
+    def read(path):
+        try:
+            read_text(path, 1 << 20, what=" (a test file)")
+        except QvlError as e:
+            errors[str(path)] = str(e)
+
+    for path in (tmp_path / "fifo", "/dev/zero", tmp_path):
+        reader = threading.Thread(target=read, args=(path,), daemon=True)
+        reader.start()
+        reader.join(10)
+        assert errors.get(str(path)) == f"{path}: not a regular file (a device, folder or pipe) (a test file)", errors
+    (tmp_path / "ok").write_bytes(b"x" * 10)
+    assert read_bounded(tmp_path / "ok", 10) == b"x" * 10
+    with pytest.raises(QvlError, match="larger than 9 bytes"):
+        read_bounded(tmp_path / "ok", 9)

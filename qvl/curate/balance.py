@@ -53,23 +53,40 @@ def active(s: FilterSettings) -> bool:
 
 
 def read_entries(path: str | Path) -> list[str]:
-    """The entries of a ``--balance`` file, one a line (blank lines skipped); a file that cannot
-    be read, is too large, is not UTF-8, holds an entry too long or no entry is one QvlError
-    naming it (and the line)."""
+    """The entries of a ``--balance`` file, one a line (lines end at ``\n`` alone, as ``wc -l``
+    and editors count them; whitespace around an entry is dropped, blank lines skipped); a file
+    that cannot be read, is too large, is not UTF-8, holds an entry too long, an entry that could
+    never match, or no entry is one QvlError naming it (and the line)."""
     text = read_text(path, MAX_ENTRIES_BYTES, QvlError, " (balance entries are words and short phrases, one a line)")
     entries = []
-    for n, line in enumerate(text.removeprefix("\ufeff").splitlines(), 1):
+    for n, line in enumerate(text.removeprefix("\ufeff").split("\n"), 1):
         if len(entry := line.strip()) > MAX_ENTRY_CHARS:
             raise QvlError(f"{path}:{n}: an entry of {len(entry):,} characters; "
                            f"balance entries are words and short phrases (at most {MAX_ENTRY_CHARS:,})")
-        if bad := next((c for c in entry if c != "\t" and unicodedata.category(c) == "Cc"), None):
-            raise QvlError(f"{path}:{n}: a control character ({bad!r}) in an entry; "
-                           "balance entries are words and short phrases (is this a text file?)")
+        if problem := _unmatchable(entry):
+            raise QvlError(f"{path}:{n}: {problem}")
         if entry:
             entries.append(entry)
     if not entries:
         raise QvlError(f"{path}: no entries (every line is blank); give one entry a line")
     return entries
+
+
+def _unmatchable(entry: str) -> str | None:
+    """What in ``entry`` no caption holds once cleaned, said for a message: the filter's
+    ``unicode`` and ``irregular`` rules turn controls, invisible format characters (zero-width,
+    bidi) and any whitespace run into one plain space, so such an entry could never match."""
+    never = "in an entry: captions are cleaned of it, so the entry could never match"
+    for c in entry:
+        kind = unicodedata.category(c)
+        if c.isspace() and c != " ":  # a tab, \v, \f, U+0085, U+2028/9, U+3000...
+            return f"whitespace other than a plain space ({c!r}, U+{ord(c):04X}) {never}"
+        if kind == "Cc":
+            return (f"a control character ({c!r}) in an entry; balance entries are words and short phrases "
+                    "(is this a text file?)")
+        if kind == "Cf":
+            return f"an invisible format character ({c!r}, U+{ord(c):04X}: zero-width, bidi...) {never}"
+    return f"two spaces in a row {never}" if "  " in entry else None
 
 
 @lru_cache(maxsize=2)
@@ -242,15 +259,18 @@ def plot_entries(before: dict[int, int], after: dict[int, int], path: Path) -> N
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
+    plotted = False
     for counts, label in ((before, "before"), (after, "after")):
         values = sorted((n for n in counts.values() if n), reverse=True)
         if values:
             ax.plot(range(1, len(values) + 1), values, label=f"{label} ({sum(values):,} matches)")
+            plotted = True
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("entry rank")
     ax.set_ylabel("pairs matching the entry")
-    ax.legend()
+    if plotted:  # no caption matched: a legend of nothing would warn on stderr
+        ax.legend()
     fig.tight_layout()
     with storage.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

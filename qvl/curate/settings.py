@@ -94,7 +94,9 @@ class FilterSettings:
                 "source_lang")
         require(self.balance_t >= 1, "balance_t", f"{self.balance_t}: must be >= 1")
         require(self.balance_entries is None or Path(self.balance_entries).is_file(), "balance_entries",
-                f"{self.balance_entries}: no such file")
+                f"{self.balance_entries}: " + ("not a regular file (a device, folder or pipe)"
+                                               if self.balance_entries and Path(self.balance_entries).exists()
+                                               else "no such file"))
         if self.lang_mix:
             require(all(v >= 0 for v in self.lang_mix.values()) and abs(sum(self.lang_mix.values()) - 1) < 1e-6,
                     "lang_mix", f"{self.lang_mix}: shares >= 0 that add up to 1")

@@ -8,9 +8,11 @@ import tarfile
 from collections import OrderedDict
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qvl import pixels
+from qvl.errors import QvlError
 from qvl.formats.boxes import AnnotationError
 
 
@@ -19,7 +21,7 @@ class ImageStore:
         self.root = root.resolve() if root else None
         self.downloads = downloads
         self.max_pixels = max_pixels
-        self._url_index: dict[str, tuple[Path, str]] | None = None
+        self._url_index: dict[str, tuple[Path, int, str | None, str | None]] | None = None
         # a grounding sample asks for the size, then the bytes: read and verify each image once,
         # keeping the most recent ones up to CACHE_BYTES (64 images of 272 MB would be 17 GB)
         self._cache: OrderedDict[str, tuple[bytes, tuple[int, int]]] = OrderedDict()
@@ -43,39 +45,31 @@ class ImageStore:
     def _path(self, ref: str) -> Path:
         if self.root is None:
             raise AnnotationError(f"image {_short(ref)}: no --images folder given", "missing_image")
-        if not ref or "\x00" in ref or any(ord(c) < 32 for c in ref):
-            raise AnnotationError(f"image {_short(ref)}: not a usable path (empty, or a control character in it)",
-                                  "unsafe_image_path")
-        candidate = Path(ref)
-        if candidate.is_absolute() or ".." in candidate.parts:
-            raise AnnotationError(f"image {_short(ref)}: must be a relative path inside --images", "unsafe_image_path")
-        try:
-            resolved = (self.root / candidate).resolve()
-            is_file = resolved.is_file()
-        except OSError as e:  # a name too long, a loop of links...
-            raise AnnotationError(f"image {_short(ref)}: not a usable path ({e.strerror})", "unsafe_image_path") from None
-        if not resolved.is_relative_to(self.root):
-            raise AnnotationError(f"image {_short(ref)}: resolves outside --images (a symlink out?)", "unsafe_image_path")
+        resolved, is_file = _inside(self.root, ref, f"image {_short(ref)}", "--images")
         if not is_file:
             raise AnnotationError(f"image {_short(ref)}: missing under {self.root}", "missing_image")
         return resolved
 
-    def _index(self) -> dict[str, tuple[Path, str]]:
-        """url -> (tar, member): a `qvl curate download` folder's kept pairs (only images that
-        passed its checks), or plain img2dataset output (every row with status success)."""
+    def _index(self) -> dict[str, tuple[Path, int, str | None, str | None]]:
+        """url -> (table, row, tar, member): a `qvl curate download` folder's kept pairs (only
+        images that passed its checks), or plain img2dataset output (every row with status
+        success). A table of another shape is one error naming it; a row's tar is checked when
+        its image is asked for, so a bad row is that image's reject."""
         if self._url_index is None:
-            self._url_index = {}
+            index: dict[str, tuple[Path, int, str | None, str | None]] = {}
             if self.downloads is not None and (self.downloads / "kept").is_dir():
                 for part in sorted((self.downloads / "kept").glob("*.parquet")):
-                    for row in pq.read_table(part, columns=["url", "image_tar", "image_key"]).to_pylist():
-                        self._url_index[row["url"]] = (self.downloads / row["image_tar"], f"{row['image_key']}.jpg")
+                    rows = _rows(part, ["url", "image_tar", "image_key"], "a `qvl curate download` kept table")
+                    for i, row in enumerate(rows, 1):
+                        member = None if row["image_key"] is None else f"{row['image_key']}.jpg"
+                        index[row["url"]] = (part, i, row["image_tar"], member)
             elif self.downloads is not None:
                 for meta in sorted(self.downloads.glob("*.parquet")):
-                    table = pq.read_table(meta, columns=["url", "key", "status"]).to_pylist()
-                    tar = meta.with_suffix(".tar")
-                    for row in table:
+                    for i, row in enumerate(_rows(meta, ["url", "key", "status"], "img2dataset output"), 1):
                         if row["status"] == "success":
-                            self._url_index[row["url"]] = (tar, f"{row['key']}.jpg")
+                            member = None if row["key"] is None else f"{row['key']}.jpg"
+                            index[row["url"]] = (meta, i, meta.with_suffix(".tar").name, member)
+            self._url_index = index
         return self._url_index
 
     def local_path(self, ref: str) -> Path:
@@ -95,7 +89,11 @@ class ImageStore:
             if found is None:
                 raise AnnotationError(f"image {_short(ref)}: URL not in the local img2dataset output (--downloads)",
                                       "missing_image")
-            tar, member = found
+            table, row, tar_ref, member = found
+            where = f"image {_short(ref)}: {table} row {row}"
+            if tar_ref is None or member is None:
+                raise AnnotationError(f"{where}: no {'image_tar' if tar_ref is None else 'image key'}", "missing_image")
+            tar, _ = _inside(self.downloads, tar_ref, f"{where}: tar {_short(tar_ref)}", "--downloads")
             try:
                 with tarfile.open(tar) as t:
                     info = t.getmember(member)
@@ -118,6 +116,46 @@ class ImageStore:
             return data, pixels.decoded_size(data, self.max_pixels)
         except pixels.BadImage as e:
             raise AnnotationError(f"image {_short(ref)}: {e}", e.reason) from None
+
+
+def _inside(root: Path, ref: str, what: str, option: str) -> tuple[Path, bool]:
+    """``ref`` resolved under ``root``, and whether it is a file; an ``unsafe_image_path`` reject
+    if it is empty, holds a control character, is absolute, or climbs out (``..``, a symlink)."""
+    if not ref or any(ord(c) < 32 for c in ref):
+        raise AnnotationError(f"{what}: not a usable path (empty, or a control character in it)", "unsafe_image_path")
+    candidate = Path(ref)
+    if candidate.is_absolute() or ".." in candidate.parts:
+        raise AnnotationError(f"{what}: must be a relative path inside {option}", "unsafe_image_path")
+    try:
+        root = root.resolve()
+        resolved = (root / candidate).resolve()
+        is_file = resolved.is_file()
+    except OSError as e:  # a name too long, a loop of links...
+        raise AnnotationError(f"{what}: not a usable path ({e.strerror})", "unsafe_image_path") from None
+    if not resolved.is_relative_to(root):
+        raise AnnotationError(f"{what}: resolves outside {option} (a symlink out?)", "unsafe_image_path")
+    return resolved, is_file
+
+
+_TEXT = (pa.string(), pa.large_string(), pa.null())
+
+
+def _rows(path: Path, columns: list[str], what: str) -> list[dict]:
+    """``columns`` of a parquet table, all text — or one error naming the file and what is wrong."""
+    try:
+        types = {field.name: field.type for field in pq.read_schema(path)}
+    except (OSError, ValueError, pa.ArrowException) as e:  # not parquet, cut short, unreadable
+        raise QvlError(f"{path}: not a readable parquet file ({' '.join(str(e).split())[:200]})") from None
+    missing = [c for c in columns if c not in types]
+    if missing:
+        raise QvlError(f"{path}: not {what} (no {', '.join(missing)})")
+    wrong = [f"{c} is {types[c]}" for c in columns if types[c] not in _TEXT]
+    if wrong:
+        raise QvlError(f"{path}: not {what} ({', '.join(wrong)}, not text)")
+    try:
+        return pq.read_table(path, columns=columns).to_pylist()
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise QvlError(f"{path}: not a readable parquet file ({' '.join(str(e).split())[:200]})") from None
 
 
 def _short(ref: str) -> str:

@@ -15,6 +15,11 @@ any sample is drawn: known keys of their types, text that is valid Unicode, a ``
 from 0 to 1000 and a ``count`` of at most 1000 copies of each record its source holds (more is
 a typo, and output without bound).
 
+Relative paths in a recipe (``files``, ``images``, ``downloads``) are relative to the recipe's
+own folder, as in a Makefile or a pyproject: a recipe means the same data from any working
+directory. A source's files must exist, each listed once (twice would double-count it); an
+error in a source names the recipe and the source.
+
     [mix]
     seed = 0
     pack_to = 2048
@@ -109,30 +114,61 @@ def load_mix(path: str | Path) -> MixSettings:
     if len(set(names)) != len(names):
         raise RecipeError(f"{path}: source names repeat ({', '.join(names)})")
     mix = fill(MixSettings, table(data, "mix", str(path)), f"{path} [mix]")
+    for source in sources:
+        _check_files(source, path)
     mix.sources = sources
     return mix
 
 
-def _records(source: Source, skipped: dict[str, int] | None = None) \
+def _at(recipe: str | Path, path: str) -> Path:
+    """A path of the recipe, relative to the recipe's folder (an absolute one stays as it is)."""
+    return Path(recipe).parent / path
+
+
+def _check_files(source: Source, recipe: str | Path) -> None:
+    """Each file of the source is a file, listed once (twice, its records would count twice)."""
+    where = f"{recipe} [[source]] {source.name}"
+    seen: dict[Path, Path] = {}
+    for file in (_at(recipe, f) for f in source.files):
+        if not file.is_file():
+            raise RecipeError(f"{where}: files: {file}: " + (
+                "not a regular file (a device, folder or pipe)" if file.exists() else "no such file"))
+        real = file.resolve()
+        if real in seen:
+            raise RecipeError(f"{where}: files: {file} is listed twice (also as {seen[real]})")
+        seen[real] = file
+    if source.layout == "qvl" and source.split is not None:
+        raise RecipeError(f"{where}: split: a qvl source has no splits (a layout's files may)")
+
+
+def _records(source: Source, recipe: str | Path, skipped: dict[str, int] | None = None) \
         -> Iterator[tuple[str, int, str, dict | AnnotationError]]:
     """The source's records of its ``tasks``; those of other tasks in a ``qvl`` file are passed
-    over and counted in ``skipped`` (an importer gives only the tasks asked of it)."""
+    over and counted in ``skipped`` (an importer gives only the tasks asked of it). A file that
+    cannot be read is an error naming the recipe and the source as well as the file."""
     from qvl.formats import importers
-    from qvl.formats.build import file_records
+    from qvl.formats.build import FormatInputError, file_records
 
-    files = [Path(f) for f in source.files]
+    files = [_at(recipe, f) for f in source.files]
+    where = f"{recipe} [[source]] {source.name}"
     if source.layout == "qvl":
-        for file, index, sample_id, record in file_records(files):
-            if source.tasks and isinstance(record, dict) and record.get("task") not in source.tasks:
-                if skipped is not None:
-                    skipped[source.name] = skipped.get(source.name, 0) + 1
-                continue
-            yield file, index, sample_id, record
+        try:
+            for file, index, sample_id, record in file_records(files):
+                if source.tasks and isinstance(record, dict) and record.get("task") not in source.tasks:
+                    if skipped is not None:
+                        skipped[source.name] = skipped.get(source.name, 0) + 1
+                    continue
+                yield file, index, sample_id, record
+        except FormatInputError as e:
+            raise RecipeError(f"{where}: {e}") from None
         return
-    asked_by = f"[[source]] {source.name} (layout = {source.layout!r})"
-    for file, index, record in importers.records(source.layout, files, list(source.tasks) or None, source.split,
-                                                 asked_by=asked_by):
-        yield file, index, f"{Path(file).name}:{index}", record
+    found = importers.records(source.layout, files, list(source.tasks) or None, source.split,
+                              asked_by=f"{where} (layout = {source.layout!r})")
+    try:
+        for file, index, record in found:
+            yield file, index, f"{Path(file).name}:{index}", record
+    except importers.LayoutFileError as e:
+        raise RecipeError(f"{where}: {e}") from None
 
 
 def _uniform(seed: int, source: str, place: str) -> float:
@@ -140,7 +176,7 @@ def _uniform(seed: int, source: str, place: str) -> float:
     return struct.unpack("<Q", digest)[0] / 2 ** 64
 
 
-def drawn(mix: MixSettings, totals: dict[str, int], prefixes: dict[str, str]) \
+def drawn(mix: MixSettings, recipe: str | Path, totals: dict[str, int], prefixes: dict[str, str]) \
         -> Iterator[tuple[str, int, str, dict | AnnotationError]]:
     """Every source's records, each kept ``share`` times in expectation (a deterministic draw),
     its image path made relative to the mixture's common images folder."""
@@ -149,8 +185,10 @@ def drawn(mix: MixSettings, totals: dict[str, int], prefixes: dict[str, str]) \
         share = source.fraction if source.fraction is not None else (source.count / total if total else 0.0)
         whole, part = math.floor(share), share - math.floor(share)
         prefix = prefixes.get(source.name, "")
-        for file, index, sample_id, record in _records(source):
-            copies = whole + (_uniform(mix.seed, source.name, f"{file}:{index}:{sample_id}") < part)
+        written = {str(_at(recipe, f)): str(Path(f)) for f in source.files}  # the draw is the recipe's, run from anywhere
+        for file, index, sample_id, record in _records(source, recipe):
+            place = f"{written.get(str(file), file)}:{index}:{sample_id}"
+            copies = whole + (_uniform(mix.seed, source.name, place) < part)
             for copy in range(copies):
                 if isinstance(record, dict):
                     image = record.get("image")
@@ -180,7 +218,7 @@ def run_mix(recipe: str | Path, out: Path, overwrite: bool = False, show_progres
             raise RecipeError(f"{recipe} [[source]] {source.name}: tasks: unknown {', '.join(map(repr, unknown))} "
                               f"(use {', '.join(RENDERERS)})")
     skipped: dict[str, int] = {}
-    totals = {source.name: sum(1 for _ in _records(source, skipped)) for source in mix.sources}
+    totals = {source.name: sum(1 for _ in _records(source, recipe, skipped)) for source in mix.sources}
     for source in mix.sources:
         if not totals[source.name]:
             others = f" ({skipped[source.name]:,} of other tasks skipped)" if skipped.get(source.name) else ""
@@ -193,13 +231,13 @@ def run_mix(recipe: str | Path, out: Path, overwrite: bool = False, show_progres
     if len(downloads) > 1:
         raise RecipeError(f"{recipe}: sources name different downloads folders; one `qvl curate download` folder "
                           "serves the mixture")
-    roots = {s.name: Path(s.images).resolve() for s in mix.sources if s.images}
+    roots = {s.name: _at(recipe, s.images).resolve() for s in mix.sources if s.images}
     common = Path(os.path.commonpath(list(roots.values()))) if roots else None
     prefixes = {name: f"{root.relative_to(common).as_posix()}/" if root != common else ""
                 for name, root in roots.items()}
     asked = {s.name: s.count if s.count is not None else round(s.fraction * totals[s.name]) for s in mix.sources}
-    return run_format("multitask", [Path(f) for s in mix.sources for f in s.files], out, common,
-                      Path(next(iter(downloads))) if downloads else None, settings, overwrite, show_progress,
-                      records=drawn(mix, totals, prefixes),
+    return run_format("multitask", [_at(recipe, f) for s in mix.sources for f in s.files], out, common,
+                      _at(recipe, next(iter(downloads))) if downloads else None, settings, overwrite, show_progress,
+                      records=drawn(mix, recipe, totals, prefixes),
                       extra={"mix": {"recipe": str(recipe), "seed": mix.seed, "available": totals, "asked": asked,
                                      "skipped_by_task": skipped}})

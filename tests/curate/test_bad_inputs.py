@@ -401,6 +401,21 @@ def _recipe(tmp_path: Path, line: str) -> Path:
     (b"\n\n   \n\t\n", "entries.txt: no entries (every line is blank)"),
     (b"", "entries.txt: no entries"),
     (b"bus\ncar\n\xff\xfe street\n", "entries.txt:3: not UTF-8 text"),
+    # lines end at \n alone: \v, \f, \x1c-\x1e, U+0085, U+2028/9 split no line (wc -l counts this NUL on line 4)
+    (b"dog\ncat\n\v\v\v\nbird\x00\n", "entries.txt:4: a control character ('\\x00')"),
+    (b"dog\x0bcat\n", "entries.txt:1: whitespace other than a plain space ('\\x0b', U+000B) in an entry: captions "
+                     "are cleaned of it, so the entry could never match"),
+    (b"dog\x0ccat\n", "entries.txt:1: whitespace other than a plain space ('\\x0c', U+000C)"),
+    (b"dog\x1ecat\n", "entries.txt:1: whitespace other than a plain space ('\\x1e', U+001E)"),
+    ("dog\ncat\x85x\n".encode(), "entries.txt:2: whitespace other than a plain space ('\\x85', U+0085)"),
+    ("dog\u2028cat\n".encode(), "entries.txt:1: whitespace other than a plain space ('\\u2028', U+2028)"),
+    ("dog\u2029cat\n".encode(), "entries.txt:1: whitespace other than a plain space ('\\u2029', U+2029)"),
+    (b"dog\tbig dog\n", "entries.txt:1: whitespace other than a plain space ('\\t', U+0009)"),
+    ("big\u00a0dog\n".encode(), "entries.txt:1: whitespace other than a plain space ('\\xa0', U+00A0)"),
+    (b"big  dog\n", "entries.txt:1: two spaces in a row in an entry"),
+    ("dog\ncat\u200bx\n".encode(), "entries.txt:2: an invisible format character ('\\u200b', U+200B: zero-width"),
+    ("dog\ncat\u202ex\n".encode(), "entries.txt:2: an invisible format character ('\\u202e', U+202E"),
+    ("dog\n\ufeffcat\n".encode(), "entries.txt:2: an invisible format character ('\\ufeff', U+FEFF"),
 ])
 
 def test_a_bad_balance_entries_file_is_one_line_naming_it(tmp_path, content, expected):
@@ -408,6 +423,16 @@ def test_a_bad_balance_entries_file_is_one_line_naming_it(tmp_path, content, exp
     entries.write_bytes(content)
     result, out = filter_cli(tmp_path, [_pairs_file(tmp_path)], "--balance", str(entries))
     assert expected in one_line_error(result) and not (out / "kept").exists()
+
+
+def test_a_balance_file_that_is_a_fifo_device_or_folder_is_refused_unread(tmp_path):
+    """They said "no such file"; a FIFO read by the filter would wait for a writer forever."""
+    import os
+
+    os.mkfifo(tmp_path / "fifo")
+    for entries in (tmp_path / "fifo", Path("/dev/zero"), tmp_path):
+        result, out = filter_cli(tmp_path, [_pairs_file(tmp_path)], "--balance", str(entries))
+        assert f"{entries}: not a regular file (a device, folder or pipe)" in one_line_error(result)
 
 
 def test_an_entry_longer_than_any_real_one_is_one_line_naming_file_and_line(tmp_path):
@@ -436,7 +461,7 @@ def test_an_entry_too_long_for_the_matcher_is_refused_naming_its_line(tmp_path):
 
 def test_an_entries_file_with_a_bom_and_blank_lines_balances(tmp_path):
     entries = tmp_path / "entries.txt"
-    entries.write_bytes("\ufeffbus\n\n  street  \n".encode())
+    entries.write_bytes("\ufeffbus\r\n\r\n \t street\t \r\n".encode())
     result, out = filter_cli(tmp_path, [_pairs_file(tmp_path)], "--balance", str(entries))
     assert result.exit_code == 0, result.output
     assert outcomes(out) == {"pairs.jsonl:1": None}

@@ -145,3 +145,15 @@ def test_ray_and_from_ledger_decide_alike(mixed, tmp_path):
     fresh = run_filter([folder / "pairs.parquet"], tmp_path / "fresh", looser, run, show_progress=False)
     assert again["funnel"] == fresh["funnel"] and again["kept_rows"] > local["kept_rows"]
     assert _rows(tmp_path / "again", "kept").equals(_rows(tmp_path / "fresh", "kept"))
+
+
+def test_a_plot_of_no_match_says_nothing_on_stderr(tmp_path):
+    """No caption matched an entry: matplotlib warned "No artists with labels found" on legend()."""
+    import warnings
+
+    from qvl.curate.balance import plot_entries
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_entries({0: 0}, {}, tmp_path / "balance.png")
+    assert (tmp_path / "balance.png").read_bytes()[:4] == b"\x89PNG"

@@ -572,3 +572,75 @@ def test_a_limit_below_one_is_one_error_not_an_empty_output(tmp_path, images, co
                                  *tail))
     assert f"--limit {limit}: must be 1 or more" in message
     assert not (tmp_path / "out").exists()
+
+
+# --- --downloads: img2dataset output, or a `qvl curate download` folder ---
+
+def _downloads(tmp_path: Path, tables: dict[str, dict], tars: dict[str, bytes]) -> Path:
+    """A --downloads folder of parquet ``tables`` and tars (name -> one image, member 0.jpg)."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+
+    folder = tmp_path / "downloads"
+    for name, columns in tables.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table(columns), folder / name)
+    for name, data in tars.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(tmp_path / name, "w") as tar:
+            info = tarfile.TarInfo("0.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return folder
+
+
+def _grit_with(downloads: Path, tmp_path: Path):
+    return cli("multitask", "--from", "grit", str(_grit(tmp_path, 0)), "--downloads", str(downloads),
+               "--out", str(tmp_path / "out"), "--tokenizer", "bytes", "--image-tokens", "4")
+
+
+URL = "https://grit.example/0.jpg"
+
+
+@pytest.mark.parametrize("tables, words", [
+    ({"meta.parquet": {"url": [URL], "caption": ["a dog"]}}, "meta.parquet: not img2dataset output (no key, status)"),
+    ({"00000.parquet": {"url": [URL], "key": [0], "status": [1]}},
+     "00000.parquet: not img2dataset output (key is int64, status is int64, not text)"),
+    ({"kept/part-00000.parquet": {"url": [URL], "image_key": ["0"]}},
+     "part-00000.parquet: not a `qvl curate download` kept table (no image_tar)"),
+    ({"00000.parquet": {"x": [b"\x00"]}}, "00000.parquet: not img2dataset output (no url, key, status)"),
+])
+def test_a_downloads_table_of_another_shape_is_one_error_naming_it(tmp_path, tables, words):
+    message = one_line_error(_grit_with(_downloads(tmp_path, tables, {}), tmp_path))
+    assert words in message, message
+
+
+def test_a_downloads_file_that_is_not_parquet_is_one_error_naming_it(tmp_path):
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    (folder / "00000.parquet").write_text("url,key,status\n")
+    message = one_line_error(_grit_with(folder, tmp_path))
+    assert f"{folder / '00000.parquet'}: not a readable parquet file" in message, message
+
+
+@pytest.mark.parametrize("tar, reason, words", [
+    (None, "missing_image", "part-00000.parquet row 1: no image_tar"),
+    ("../outside.tar", "unsafe_image_path", "tar '../outside.tar': must be a relative path inside --downloads"),
+    ("/abs/outside.tar", "unsafe_image_path", "must be a relative path inside --downloads"),
+    ("link.tar", "unsafe_image_path", "tar 'link.tar': resolves outside --downloads"),
+    ("attempts/001/00000.tar", None, ""),
+])
+def test_a_kept_row_with_no_tar_or_one_outside_downloads_is_that_images_reject(tmp_path, images, tar, reason, words):
+    red = (images / "red.png").read_bytes()
+    folder = _downloads(tmp_path, {"kept/part-00000.parquet": {"url": [URL], "image_tar": [tar], "image_key": ["0"]}},
+                        {"outside.tar": red, "downloads/attempts/001/00000.tar": red})
+    (folder / "link.tar").symlink_to(tmp_path / "outside.tar")
+    result = _grit_with(folder, tmp_path)
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    rejects = pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()
+    if reason is None:
+        assert rejects == [] and json.loads((tmp_path / "out" / "manifest.json").read_text())["samples"] == 2
+    else:
+        assert rejects and all(r["reason"] == reason and words in r["detail"] for r in rejects), rejects

@@ -238,8 +238,10 @@ def test_refcoco_splits_as_the_refer_api_chooses_them(tmp_path):
     texts, _, _ = rendered(tmp_path, "refcoco", refcoco_files(tmp_path), tmp_path / "img", split="test",
                            tasks=["ref_grounding"])
     assert sorted(texts) == ["refcoco:1:2", "refcoco:2:3"]
-    with pytest.raises(LayoutFileError, match="--split 'dev': not a split of the refer API; one of train, val, test"):
-        list(importers.records("refcoco", refcoco_files(tmp_path), split="dev"))
+    with pytest.raises(LayoutFileError, match="--split 'dev': not a split of refcoco; one of train, val, test"):
+        importers.records("refcoco", refcoco_files(tmp_path), split="dev")  # before any file is read
+    with pytest.raises(LayoutFileError, match="--split 'val': gqa has no splits to choose from"):
+        importers.records("gqa", [tmp_path / "gqa.json"], split="val")
 
 
 def test_refcoco_pickle_that_calls_a_function_is_refused(tmp_path):

@@ -204,3 +204,67 @@ def test_a_yaml_error_is_one_line(tmp_path, text, message):
     recipe = tmp_path / "mix.yaml"
     recipe.write_text(text)
     one_line_error(mix(recipe, tmp_path / "out"), "mix.yaml", message)
+
+
+# ---------------------------------------------------------------- a source's request and files
+
+def gqa_files(root: Path, n: int = 1) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 24), "red").save(root / "red.jpg")
+    path = root / "questions.json"
+    path.write_text(json.dumps({str(i): {"question": f"What colour {i}?", "answer": "red", "imageId": "red"}
+                                for i in range(n)}))
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"layout": "refcoco", "files": ["refs(unc).p", "instances.json"], "split": "tset"},
+     "[[source]] s (layout = 'refcoco'): split 'tset': not a split of refcoco; one of train, val, test"),
+    ({"split": "val"}, "[[source]] s (layout = 'gqa'): split 'val': gqa has no splits to choose from"),
+    ({"layout": "qvl", "split": "val"}, "[[source]] s: split: a qvl source has no splits"),
+    ({"layout": "cocoo"}, "[[source]] s (layout = 'cocoo'): unknown layout; known: coco-captions"),
+    ({"tasks": ["grounding"]}, "[[source]] s (layout = 'gqa'): gqa gives vqa, not grounding"),
+    ({"tasks": ["captionz"]}, "[[source]] s (layout = 'gqa'): gqa gives vqa, not captionz"),
+    ({"files": ["nope.json"]}, "[[source]] s: files: DATA/nope.json: no such file"),
+    ({"files": ["/dev/null"]}, "[[source]] s: files: /dev/null: not a regular file"),
+    ({"files": ["truncated.json"]}, "[[source]] s: DATA/truncated.json: not readable JSON (truncated"),
+    ({"layout": "qvl", "files": ["truncated.json"]}, "[[source]] s: DATA/truncated.json: not valid JSON"),
+])
+def test_a_bad_source_request_or_file_names_the_recipe_and_the_source(tmp_path, change, message):
+    data = tmp_path / "data"
+    gqa_files(data)
+    for name in ("refs(unc).p", "instances.json"):  # never read: the split is refused first
+        (data / name).write_bytes(b"")
+    (data / "truncated.json").write_text('{"1": {"question": "What')
+    source = {"name": "s", "layout": "gqa", "files": ["questions.json"], "images": ".", "count": 1, **change}
+    recipe = write_recipe(data / "mix.toml", MIX, [source])
+    output = one_line_error(mix(recipe, tmp_path / "out"), f"{recipe} ", message.replace("DATA", str(data)))
+    assert "--from" not in output and "--split" not in output
+
+
+def test_a_file_listed_twice_in_a_source_is_refused(tmp_path):
+    questions = gqa_files(tmp_path / "data")
+    recipe = write_recipe(tmp_path / "data" / "mix.toml", MIX, [
+        {"name": "s", "layout": "gqa", "files": [str(questions), "./questions.json"], "images": ".",
+         "fraction": 1.0}])
+    one_line_error(mix(recipe, tmp_path / "out"), f"{recipe} [[source]] s: files: {tmp_path}/data/questions.json "
+                   f"is listed twice (also as {questions})")
+
+
+def test_relative_paths_are_the_recipes_folders_and_the_draw_is_the_same_from_anywhere(tmp_path, monkeypatch):
+    """A recipe means the same files and the same draw wherever it is run from, however it is named."""
+    gqa_files(tmp_path / "ds" / "gqa", 40)
+    (tmp_path / "recipes").mkdir()
+    recipe = write_recipe(tmp_path / "recipes" / "mix.toml", MIX, [
+        {"name": "g", "layout": "gqa", "files": ["../ds/gqa/questions.json"], "images": "../ds/gqa",
+         "fraction": 0.5}])
+    ids = []
+    for cwd, named in ((tmp_path / "recipes", "mix.toml"), (tmp_path, "recipes/mix.toml"), ("/", str(recipe))):
+        monkeypatch.chdir(cwd)
+        out = tmp_path / f"out{len(ids)}"
+        result = mix(Path(named), out)
+        assert result.exit_code == 0, result.output
+        import datasets
+
+        ids.append(sorted(i for row in datasets.load_from_disk(str(out))["sample_ids"] for i in row))
+    assert 5 < len(ids[0]) < 35 and ids[0] == ids[1] == ids[2]

@@ -48,6 +48,7 @@ class Importer:
     tasks: tuple[str, ...]
     read: Callable[[list[Path], Options], Yield]
     files: str  # what to give it, for messages
+    splits: tuple[str, ...] = ()  # the splits its files hold, for layouts that hold several
 
 
 def registry() -> dict[str, Importer]:
@@ -73,6 +74,7 @@ def records(layout: str, files: list[Path], tasks: list[str] | None = None, spli
     (here, before the first record is read: a bad request is an error before any output).
     ``asked_by`` names where the layout was asked for (default: ``--from``)."""
     known = registry()
+    split_by = f"{asked_by}: split" if asked_by else "--split"
     asked_by = asked_by or f"--from {layout}"
     if layout not in known:
         raise LayoutFileError(f"{asked_by}: unknown layout; known: {', '.join(known)}")
@@ -81,6 +83,10 @@ def records(layout: str, files: list[Path], tasks: list[str] | None = None, spli
     bad = sorted(wanted - set(importer.tasks))
     if bad:
         raise LayoutFileError(f"{asked_by}: {layout} gives {', '.join(importer.tasks)}, not {', '.join(bad)}")
+    if split is not None and split not in importer.splits:
+        raise LayoutFileError(f"{split_by} {split!r:.60}: " + (
+            f"not a split of {layout}; one of {', '.join(importer.splits)}" if importer.splits else
+            f"{layout} has no splits to choose from (only {', '.join(n for n, i in known.items() if i.splits)})"))
     if limit is not None and limit < 1:
         raise LayoutFileError(f"--limit {limit}: must be 1 or more (leave it out for every record)")
     for path in files:

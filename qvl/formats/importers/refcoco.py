@@ -126,7 +126,7 @@ def read(files: list[Path], opts: Options) -> Yield:
     pickles = [p for p in files if p.suffix == ".p"]
     instances = [p for p in files if p.suffix == ".json"]
     if len(pickles) != 1 or len(instances) != 1:
-        raise LayoutFileError("--from refcoco takes one refs(*).p and one instances.json")
+        raise LayoutFileError("refcoco takes one refs(*).p and one instances.json")
     refs = load_refs(pickles[0])
     coco = load_json(instances[0])
     if not isinstance(coco, dict) or not isinstance(coco.get("images"), list) \
@@ -134,9 +134,7 @@ def read(files: list[Path], opts: Options) -> Yield:
         raise LayoutFileError(f"{instances[0]}: not a COCO instances file (no 'images' and 'annotations' lists)")
     images = keyed(coco["images"], Image, lambda img: img.id, f"image in {instances[0].name}")
     boxes = keyed(coco["annotations"], Instance, lambda ann: ann.id, f"annotation in {instances[0].name}")
-    split = opts.split or "train"
-    if split not in SPLITS:
-        raise LayoutFileError(f"--split {split!r:.60}: not a split of the refer API; one of {', '.join(SPLITS)}")
+    split = opts.split or "train"  # one of SPLITS: records() checked it
     where = str(pickles[0])
     for i, raw in enumerate(refs):
         if isinstance(raw, dict) and isinstance(raw.get("split"), str) and not in_split(raw["split"], split):
@@ -168,4 +166,4 @@ def read(files: list[Path], opts: Options) -> Yield:
                                  "caption": sentence.sent, **common}
 
 
-IMPORTER = Importer("refcoco", ("ref_grounding", "grounded_caption"), read, "refs(*).p + instances.json")
+IMPORTER = Importer("refcoco", ("ref_grounding", "grounded_caption"), read, "refs(*).p + instances.json", SPLITS)
