@@ -628,6 +628,10 @@ def run_check(folder: Path, target: str, min_pixels: int | None = None, max_pixe
         resize = convert(report.resize, resize_type)
     except RecordError as e:
         raise CheckError(f"{folder / 'export.json'}: resize: {e}") from None
+    low_key, high_key = ("min_pixels", "max_pixels") if target == "ms-swift" else ("image_min_pixels", "image_max_pixels")
+    if getattr(resize, low_key) > getattr(resize, high_key):
+        raise CheckError(f"{folder / 'export.json'}: resize: {low_key} {getattr(resize, low_key)} is more than "
+                         f"{high_key} {getattr(resize, high_key)}")
     if target == "ms-swift":
         exported = ToolBounds(target, resize.min_pixels, resize.max_pixels)
         square = fam.factor * fam.factor
@@ -657,6 +661,11 @@ def run_check(folder: Path, target: str, min_pixels: int | None = None, max_pixe
     for _, record in _exported_records(folder / "data.jsonl"):
         out["records"] += 1
         boxed = pixel_boxes and any('"bbox_2d"' in m.content for m in record.messages if m.role == "assistant")
+        placeholders = sum(m.content.count(PLACEHOLDER) for m in record.messages)
+        if placeholders != len(record.images):  # both tools refuse such a record when they load it
+            out["refused"].append({"id": record.id, "image": ", ".join(record.images)[:200],
+                                   "reason": f"{placeholders} {PLACEHOLDER} placeholders for {len(record.images)} images"})
+            continue
         for path in record.images:
             out["images"] += 1
             if path not in sizes:

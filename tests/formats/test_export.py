@@ -349,6 +349,7 @@ def _edit_report(folder, **changes):
     ("ms-swift", {"resize": {}}, "resize: Object missing required field `min_pixels`"),
     ("llamafactory", {"resize": {"image_min_pixels": 1024}}, "resize: Object missing required field"),
     ("ms-swift", {"model": "qwen9-vl"}, "model 'qwen9-vl' is none of qwen-vl, qwen2-vl"),
+    ("ms-swift", {"resize": {"min_pixels": 4000, "max_pixels": 3136}}, "min_pixels 4000 is more than max_pixels 3136"),
     ("ms-swift", {"model": None}, "Expected `str`, got `null` - at `$.model`"),
     ("ms-swift", "{not json", "export.json: not valid JSON"),
 ])
@@ -395,13 +396,15 @@ def test_check_refuses_images_the_tool_cannot_open(exported, tmp_path):
     rows = [json.loads(line) for line in (folder / "data.jsonl").read_text().splitlines()]
     rows += [{"id": name, "messages": [{"role": "user", "content": "<image>"}], "images": [path]}
              for name, path in (("gone", "images/none.png"), ("device", "/dev/zero"), ("text", "notes.png"))]
+    rows.append({"id": "two", "messages": [{"role": "user", "content": "<image>"}], "images": rows[0]["images"] * 2})
     (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     from qvl.formats.export import run_check
 
     result = run_check(folder, "ms-swift", environ={"MAX_PIXELS": "12845056", "MIN_PIXELS": "3136"})
     assert [(r["id"], r["reason"].split(" (")[0]) for r in result["refused"]] == [
-        ("gone", "no such image file"), ("device", "no such image file"), ("text", "not an image the tool can open")]
-    assert result["records"] == 5 and not result["ok"] and not result["moved"]
+        ("gone", "no such image file"), ("device", "no such image file"), ("text", "not an image the tool can open"),
+        ("two", "1 <image> placeholders for 2 images")]
+    assert result["records"] == 6 and not result["ok"] and not result["moved"]
 
 
 @pytest.mark.parametrize("environ, args, message", [
