@@ -40,7 +40,10 @@ make_env() {  # name, packages...
   local name=$1; shift
   local env=$CACHE/$name stamp="$* torch==$TORCH site=$SITE"
   if [ -f "$env/.qvl-stamp" ] && [ "$(cat "$env/.qvl-stamp")" = "$stamp" ]; then
-    echo "$name: up to date ($env)"; return
+    # the .pth names this cache's torch-site: rewritten, so that a cache moved or copied still finds torch
+    "$env/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' | \
+      { read -r envsite; echo "$CACHE/torch-site" > "$envsite/qvl-project-torch.pth"; }
+    "$env/bin/python" -c 'import torch' && { echo "$name: up to date ($env)"; return; }
   fi
   local start=$SECONDS
   rm -rf "$env"
