@@ -97,7 +97,7 @@ def test_a_packed_micro_batch_has_the_padded_batchs_loss_and_gradient(micro):
             for task, start, end in spans:
                 by_task[task] = by_task.get(task, 0.0) + float(per_token[row, max(start - 1, 0):end - 1].detach().sum())
         grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-        results.append((batch.input_ids.shape[0], int((targets != IGNORE_INDEX).sum()), float(per_token.sum()),
+        results.append((batch.input_ids.shape[0], int((targets != IGNORE_INDEX).sum()), float(per_token.detach().sum()),
                         grad, by_task, sorted(sum(batch.sample_ids, []))))
     (rows_padded, n_padded, loss_padded, grad_padded, tasks_padded, ids_padded), \
         (rows_packed, n_packed, loss_packed, grad_packed, tasks_packed, ids_packed) = results
