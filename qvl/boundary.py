@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, BinaryIO, TypeVar
 
 import msgspec
 
@@ -97,40 +97,33 @@ def _size(n: int) -> str:
     return f"{n >> 20} MiB" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n:,} bytes"
 
 
-def regular_file(path: Any, error: type[Exception] = QvlError, what: str = "") -> None:
-    """``path`` is a regular file, or one ``error`` naming it: a FIFO would block the run and a
-    device (``/dev/zero``) never ends."""
+def open_regular(path: Any, error: type[Exception] = QvlError, what: str = "") -> BinaryIO:
+    """``path`` opened for binary reading if it is a regular file, or one ``error`` naming it. A
+    FIFO, device or folder is refused unread: opening a FIFO waits for a writer forever, and
+    ``/dev/zero`` never ends. (O_NONBLOCK lets a FIFO open at once, to be refused; the check is
+    on the opened file, so nothing can swap it in between.)"""
     try:
-        mode = os.stat(path).st_mode
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
-        raise error(f"{short_path(path)}: cannot read ({e.strerror or e}){what}") from None
-    if not stat.S_ISREG(mode):
-        raise error(f"{short_path(path)}: not a regular file (a device, folder or pipe){what}")
-
-
-def short_path(path: Any, limit: int = 300) -> str:
-    """A path for an error message, cut short: a 4,000-character name is not a message."""
-    text = str(path)
-    return text if len(text) <= limit else text[:limit // 2] + "…" + text[-limit // 2:]
+        raise error(f"{path}: cannot read ({e.strerror or e}){what}") from None
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        regular = False
+    if not regular:
+        os.close(fd)
+        raise error(f"{path}: not a regular file (a device, folder or pipe){what}")
+    return os.fdopen(fd, "rb")
 
 
 def read_bounded(path: Any, max_bytes: int, error: type[Exception] = QvlError, what: str = "") -> bytes:
     """A regular file of at most ``max_bytes``, never read further — or one ``error`` naming it
-    (``what`` says what such a file is). A FIFO, device or folder is refused unread: opening a
-    FIFO waits for a writer forever, and ``/dev/zero`` is no file of settings."""
-    data = None
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO opens at once, to be refused
+    (``what`` says what such a file is; see ``open_regular``)."""
+    with open_regular(path, error, what) as f:
         try:
-            if stat.S_ISREG(os.fstat(fd).st_mode):
-                with os.fdopen(fd, "rb", closefd=False) as f:
-                    data = f.read(max_bytes + 1)
-        finally:
-            os.close(fd)
-    except OSError as e:
-        raise error(f"{path}: cannot read ({e.strerror or e}){what}") from None
-    if data is None:
-        raise error(f"{path}: not a regular file (a device, folder or pipe){what}")
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise error(f"{path}: cannot read ({e.strerror or e}){what}") from None
     if len(data) > max_bytes:
         raise error(f"{path}: larger than {_size(max_bytes)}{what}")
     return data

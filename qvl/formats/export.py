@@ -62,8 +62,8 @@ from qvl.boundary import (
     Id,
     convert,
     decode_json,
+    open_regular,
     read_json_file,
-    regular_file,
 )
 from qvl.errors import QvlError, RecordError
 from qvl.formats import chatml, families, multitask
@@ -552,17 +552,19 @@ def _llamafactory_yaml(folder: Path) -> _LlamaFactoryBounds:
         return _LlamaFactoryBounds()
     try:
         config = load_recipe(path)  # bounded, no aliases, nesting and 5000-digit integers refused
-        keys = {k: config[k] for k in ("image_min_pixels", "image_max_pixels") if k in config}
-        return convert(keys, _LlamaFactoryBounds)
-    except QvlError as e:
-        raise CheckError(f"{path}: {e}".replace(f"{path}: {path}: ", f"{path}: ")) from None
+    except QvlError as e:  # its message names the file
+        raise CheckError(str(e)) from None
+    try:
+        return convert({k: config[k] for k in ("image_min_pixels", "image_max_pixels") if k in config},
+                       _LlamaFactoryBounds)
+    except RecordError as e:
+        raise CheckError(f"{path}: {e}") from None
 
 
 def _exported_records(path: Path):
     """(line number, record) of an export's data.jsonl, each line decoded and typed, or one
     CheckError naming the file and line."""
-    regular_file(path, CheckError)
-    with open(path, "rb") as data:
+    with open_regular(path, CheckError) as data:
         number = 0
         while True:
             line = data.readline(MAX_CHECK_LINE + 1)
