@@ -46,6 +46,9 @@ from qvl.errors import QvlError
 # node of ~50 bytes in every worker, so the file is too (16 MiB: under 1 GB a worker).
 MAX_ENTRY_CHARS = 1000
 MAX_ENTRIES_BYTES = 16 << 20
+# lang_mix: the driver sums a histogram of the survivors' draws per language in this many buckets
+# (512 KB each), to find the bucket of each language's cut without collecting every draw
+MIX_BUCKETS = 1 << 16
 
 
 def active(s: FilterSettings) -> bool:
@@ -192,13 +195,6 @@ class Plan:
     entry_counts: dict[int, int]
 
 
-def lang_probabilities(counts: dict[str, int], mix: dict[str, float]) -> dict[str, float]:
-    """Keep probabilities that give the mix from these counts: the largest total whose every
-    language's share fits in what that language holds."""
-    total = min((counts.get(lang, 0) / share for lang, share in mix.items() if share > 0), default=0.0)
-    return {lang: min(1.0, total * mix.get(lang, 0.0) / n) if n else 0.0 for lang, n in counts.items()}
-
-
 def _reasons(frame: pl.DataFrame, s: FilterSettings, plan: Plan, matched: Path) -> tuple[pl.Series, pa.Array]:
     """Steps 1 and 2 on a kept partition: the drop reason (or null) and each caption's entries."""
     reason = pl.Series("r", [None] * frame.height, dtype=pl.String)
@@ -226,24 +222,105 @@ def _reasons(frame: pl.DataFrame, s: FilterSettings, plan: Plan, matched: Path) 
 
 
 def first(path: Path, s: FilterSettings, plan: Plan, work: Path, matched: Path) -> dict:
-    """Pass 2: steps 1-2 decided and kept aside; the survivors counted per language."""
+    """Pass 2: steps 1-2 decided and kept aside with each row's language and lang_mix draw; the
+    survivors counted per language, and (with a mix) their draws' histogram per language of
+    the mix: what the driver needs to find each language's cut without seeing every draw."""
     frame = pl.read_parquet(path, columns=["row_id", "source", "lang", "clip_score"])
     reason, found = _reasons(frame, s, plan, matched)
-    storage.write_parquet(work, pa.table({"row_id": frame.get_column("row_id").to_arrow(),
-                                          "reason": reason.to_arrow(), "entries": found}))
-    survivors = frame.filter(reason.is_null())
-    return {"lang": {k: v for k, v in survivors.group_by("lang").len().iter_rows()}}
-
-
-def finish(path: Path, s: FilterSettings, lang_keep: dict[str, float], work: Path) -> tuple[pl.DataFrame, dict]:
-    """Pass 3: step 3 on what steps 1-2 left; the partition with ``balance_reason``, and the
-    entry counts of what is finally kept."""
-    frame = pl.read_parquet(path)
-    reason = pl.read_parquet(work, columns=["reason"]).get_column("reason")
+    columns = {"row_id": frame.get_column("row_id").to_arrow(), "lang": frame.get_column("lang").to_arrow(),
+               "reason": reason.to_arrow(), "entries": found}
+    out: dict = {"lang": {k: v for k, v in frame.filter(reason.is_null()).group_by("lang").len().iter_rows()}}
     if s.lang_mix:
-        p = frame.get_column("lang").replace_strict(lang_keep, default=0.0, return_dtype=pl.Float64).to_numpy()
-        drop = uniform(s.balance_seed, "lang_mix", frame.get_column("row_id")) >= p
-        reason = pl.select(pl.coalesce(reason, pl.Series(np.where(drop, "lang_mix", None).tolist(),
+        draw = uniform(s.balance_seed, "lang_mix", frame.get_column("row_id"))
+        columns["draw"] = pa.array(draw)
+        survivors = reason.is_null().to_numpy()
+        langs = frame.get_column("lang").to_numpy()
+        out["hist"] = {lang: np.bincount(_bucket(draw[survivors & (langs == lang)]), minlength=MIX_BUCKETS)
+                       for lang, share in s.lang_mix.items() if share > 0 and lang in out["lang"]}
+    storage.write_parquet(work, pa.table(columns))
+    return out
+
+
+def add_into(total: dict, part: dict) -> dict:
+    """``total`` plus ``part``, key by key (numbers or histograms): the driver sums the
+    partitions' results as they arrive, holding one histogram per language, not one a partition."""
+    for key, value in part.items():
+        total[key] = total.get(key, 0) + value
+    return total
+
+
+# ---------------------------------------------------------------- step 3: the exact mix
+
+
+def mix_targets(counts: dict[str, int], mix: dict[str, float]) -> dict[str, int]:
+    """How many rows of each language to keep: T x share, rounded and never above the count,
+    for the largest total T whose every share > 0 fits in what its language holds (so each
+    language is within one row of T x share); a language not in the mix keeps none."""
+    total = min((counts.get(lang, 0) / share for lang, share in mix.items() if share > 0), default=0.0)
+    return {lang: min(n, round(total * mix.get(lang, 0.0))) for lang, n in counts.items()}
+
+
+def boundaries(hists: dict[str, np.ndarray], targets: dict[str, int]) -> dict[str, tuple[int, int, int]]:
+    """Per language kept in part: (the bucket its k-th lowest draw falls in, how many of that
+    bucket's rows are kept, how many it holds)."""
+    out = {}
+    for lang, hist in hists.items():
+        cum = np.cumsum(hist)
+        if 0 < (k := targets.get(lang, 0)) < cum[-1]:
+            b = int(np.searchsorted(cum, k))
+            out[lang] = (b, k - (int(cum[b - 1]) if b else 0), int(hist[b]))
+    return out
+
+
+def boundary_rows(work: Path, buckets: dict[str, int]) -> dict[str, pl.DataFrame]:
+    """The optional extra pass: one partition's survivors (draw, row id) in each language's
+    boundary bucket — about count / 65,536 rows a language over the whole run."""
+    frame = pl.read_parquet(work, columns=["row_id", "lang", "reason", "draw"]).filter(pl.col("reason").is_null())
+    bucket = _bucket(frame.get_column("draw").to_numpy())
+    langs = frame.get_column("lang")
+    return {lang: frame.filter((langs == lang).fill_null(False).to_numpy() & (bucket == b)).select("draw", "row_id")
+            for lang, b in buckets.items()}
+
+
+def mix_cuts(counts: dict[str, int], targets: dict[str, int], edges: dict[str, tuple[int, int, int]],
+             rows: dict[str, pl.DataFrame]) -> dict[str, tuple[float, str]]:
+    """Each language's cut: the first of its survivors, in (draw, row id) order, not kept — so
+    exactly its target sorts before it. A boundary bucket kept whole cuts at the bucket's end
+    (row id "": the draw alone decides); none kept cuts at 0, all at 1."""
+    cuts = {}
+    for lang, n in counts.items():
+        k = targets.get(lang, 0)
+        if lang in edges:
+            b, need, size = edges[lang]
+            if need == size:
+                cuts[lang] = ((b + 1) / MIX_BUCKETS, "")
+            else:
+                draw, row_id = rows[lang].sort("draw", "row_id").row(need)
+                cuts[lang] = (draw, row_id)
+        else:
+            cuts[lang] = (1.0, "") if k >= n else (0.0, "")
+    return cuts
+
+
+def _bucket(draw: np.ndarray) -> np.ndarray:
+    """A draw's histogram bucket (exact: a draw is a multiple of 2^-53)."""
+    return (draw * MIX_BUCKETS).astype(np.int64)
+
+
+def finish(path: Path, s: FilterSettings, cuts: dict[str, tuple[float, str]], work: Path) -> tuple[pl.DataFrame, dict]:
+    """Pass 3: step 3 on what steps 1-2 left — a survivor is kept when its (draw, row id) sorts
+    before its language's cut; the partition with ``balance_reason``, and the entry counts of
+    what is finally kept."""
+    frame = pl.read_parquet(path)
+    decided = pl.read_parquet(work, columns=["reason", *(["draw"] if s.lang_mix else [])])
+    reason = decided.get_column("reason")
+    if s.lang_mix:
+        lang, named = frame.get_column("lang"), {k: c for k, c in cuts.items() if k is not None}
+        cut_draw = lang.replace_strict({k: c[0] for k, c in named.items()}, default=0.0, return_dtype=pl.Float64)
+        cut_row = lang.replace_strict({k: c[1] for k, c in named.items()}, default="", return_dtype=pl.String)
+        draw, row_id = decided.get_column("draw"), frame.get_column("row_id")
+        kept = ((draw < cut_draw) | ((draw == cut_draw) & (row_id < cut_row))).fill_null(False).to_numpy()
+        reason = pl.select(pl.coalesce(reason, pl.Series(np.where(kept, None, "lang_mix").tolist(),
                                                            dtype=pl.String))).to_series()
     values, offsets = _flat(pq.read_table(work, columns=["entries"]).column("entries").combine_chunks())
     kept_rows = reason.is_null().to_numpy()

@@ -259,7 +259,12 @@ def balance_first(out: Path, k: int, settings: FilterSettings, plan: "balance.Pl
         if path.exists() else {}
 
 
-def balance_finish(out: Path, k: int, settings: FilterSettings, lang_keep: dict[str, float]) -> dict:
+def balance_boundary(out: Path, k: int, buckets: dict[str, int]) -> dict:
+    work = Paths(out).out / "_work" / "balance" / f"{k:05d}.parquet"
+    return balance.boundary_rows(work, buckets) if work.exists() else {}
+
+
+def balance_finish(out: Path, k: int, settings: FilterSettings, cuts: dict[str, tuple[float, str]]) -> dict:
     """Write partition ``k``'s kept rows and its balance rejects; the marker's stats count the
     rows it dropped (its ``kept`` counts are those of the final kept rows)."""
     paths = Paths(out)
@@ -267,7 +272,7 @@ def balance_finish(out: Path, k: int, settings: FilterSettings, lang_keep: dict[
     stats: dict = {}
     after: dict[int, int] = {}
     if path.exists():
-        frame, after = balance.finish(path, settings, lang_keep, paths.out / "_work" / "balance" / f"{k:05d}.parquet")
+        frame, after = balance.finish(path, settings, cuts, paths.out / "_work" / "balance" / f"{k:05d}.parquet")
         kept = frame.filter(pl.col("balance_reason").is_null()).drop("balance_reason")
         dropped = frame.filter(pl.col("balance_reason").is_not_null()).with_columns(
             drop_reason=pl.col("balance_reason"), failed_rules=pl.concat_list("balance_reason")).drop("balance_reason")
@@ -284,9 +289,25 @@ def balance_finish(out: Path, k: int, settings: FilterSettings, lang_keep: dict[
     return marker
 
 
+def _mix_cuts(executor, out: Path, settings: FilterSettings, partitions: int, survivors: dict) -> dict:
+    """Each language's exact cut from pass 2's counts and histograms; the boundary buckets'
+    draws gathered in one extra pass when a bucket is kept in part."""
+    targets = balance.mix_targets(survivors["lang"], settings.lang_mix)
+    edges = balance.boundaries(survivors["hist"], targets)
+    partial = {lang: b for lang, (b, need, size) in edges.items() if need < size}
+    rows: dict[str, list] = {lang: [] for lang in partial}
+    if partial:
+        for _, found in executor.run(balance_boundary, {k: (out, k, partial) for k in range(partitions)},
+                                     lambda n: None):
+            for lang, frame in found.items():
+                rows[lang].append(frame)
+    return balance.mix_cuts(survivors["lang"], targets, edges, {lang: pl.concat(f) for lang, f in rows.items()})
+
+
 def run_balance(executor, out: Path, settings: FilterSettings, partitions: int) -> tuple[list[dict], dict]:
-    """The three passes; resumes from the partitions' markers. Returns the markers and what
-    the report says of the steps (thresholds, entries, language probabilities)."""
+    """The passes (gather, decide steps 1-2, the mix's boundary rows if needed, finish); resumes
+    from the partitions' markers. Returns the markers and what the report says of the steps
+    (thresholds, entries, the language mix's counts and cuts)."""
     paths = Paths(out)
     markers = {k: storage.read_json(paths.state / "balance" / f"{k:05d}.json") for k in range(partitions)
                if (paths.state / "balance" / f"{k:05d}.json").exists()}
@@ -297,16 +318,15 @@ def run_balance(executor, out: Path, settings: FilterSettings, partitions: int) 
                                                lambda n: None)]
         plan = balance.Plan(balance.thresholds(gathered, settings.clip_top_fraction)
                             if settings.clip_top_fraction is not None else {}, balance.merge_counts(gathered))
-        firsts = [r for _, r in executor.run(balance_first, {k: (out, k, settings, plan) for k in range(partitions)},
-                                             lambda n: None)]
-        lang_counts: dict[str, int] = {}
-        for f in firsts:
-            for lang, n in f.get("lang", {}).items():
-                lang_counts[lang] = lang_counts.get(lang, 0) + n
-        lang_keep = balance.lang_probabilities(lang_counts, settings.lang_mix) if settings.lang_mix else {}
+        survivors: dict = {"lang": {}, "hist": {}}
+        for _, f in executor.run(balance_first, {k: (out, k, settings, plan) for k in range(partitions)},
+                                 lambda n: None):
+            balance.add_into(survivors["lang"], f.get("lang", {}))
+            balance.add_into(survivors["hist"], f.get("hist", {}))
+        cuts = _mix_cuts(executor, out, settings, partitions, survivors) if settings.lang_mix else {}
         storage.write_json(plan_file, {"top": plan.top, "entries_before": {str(i): n for i, n in plan.entry_counts.items()},
-                                       "lang_before_mix": lang_counts, "lang_keep": lang_keep})
-        for k, marker in executor.run(balance_finish, {k: (out, k, settings, lang_keep) for k in todo},
+                                       "lang_before_mix": survivors["lang"], "lang_cuts": cuts})
+        for k, marker in executor.run(balance_finish, {k: (out, k, settings, cuts) for k in todo},
                                       lambda n: None):
             markers[k] = marker
     summary = storage.read_json(plan_file)
@@ -317,8 +337,7 @@ def run_balance(executor, out: Path, settings: FilterSettings, partitions: int) 
     before = {int(i): n for i, n in summary["entries_before"].items()}
     report = {"clip_top_fraction": {"fraction": settings.clip_top_fraction, "by": settings.clip_top_by,
                                     "groups": summary["top"]} if settings.clip_top_fraction is not None else None,
-              "lang_mix": {"target": settings.lang_mix, "counts_before": summary["lang_before_mix"],
-                           "keep_probability": summary["lang_keep"]} if settings.lang_mix else None,
+              "lang_mix": _mix_report(settings.lang_mix, summary) if settings.lang_mix else None,
               "entries": {"file": settings.balance_entries, "t": settings.balance_t, "matched_entries": len(before),
                           "matches_before": sum(before.values()), "matches_after": sum(after.values()),
                           "largest_before": max(before.values(), default=0),
@@ -326,6 +345,16 @@ def run_balance(executor, out: Path, settings: FilterSettings, partitions: int) 
     if settings.balance_entries:
         balance.plot_entries(before, after, out / "balance.png")
     return list(markers.values()), report
+
+
+def _mix_report(mix: dict[str, float], summary: dict) -> dict:
+    """The mix asked for, the survivors it was drawn from, what is kept of each language, and
+    the cut of each language kept in part: its first row not kept (a row id "": the draw alone)."""
+    counts = summary["lang_before_mix"]
+    targets = balance.mix_targets(counts, mix)
+    return {"target": mix, "counts_before": counts, "kept": targets,
+            "cut": {lang: {"draw": draw, "row_id": row_id} for lang, (draw, row_id) in summary["lang_cuts"].items()
+                    if 0 < targets[lang] < counts[lang]}}
 
 
 # ---------------------------------------------------------------- the run

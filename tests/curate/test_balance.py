@@ -1,5 +1,5 @@
 """The subset's balance after rules 1-12: the top-fraction threshold is the exact k-th largest
-score of the whole run, the language mix lands within half a point of its target, MetaCLIP
+score of the whole run, the language mix is exact (within a row per language), MetaCLIP
 balancing keeps about min(count, t) per entry — and the local engine, Ray and --from-ledger
 decide alike."""
 
@@ -12,6 +12,8 @@ import numpy as np
 import polars as pl
 import pytest
 
+from qvl.curate import balance
+from qvl.curate.balance import uniform
 from qvl.curate.pipeline import run_filter
 from qvl.curate.settings import FilterSettings, RunSettings
 
@@ -54,23 +56,91 @@ def test_top_fraction_threshold_is_the_kth_largest_of_the_run(tmp_path):
     assert counts_by_reason(report)["clip_top_fraction"] == n - kept.height and report["accounted"]
 
 
-def test_lang_mix_is_met_within_half_a_point(tmp_path):
-    rng = random.Random(1)
-    rows = []
-    for i in range(100_000):
-        if i % 2:
-            text = f"a {rng.choice(['red', 'blue', 'old'])} {rng.choice(ANIMALS)} standing near the river {i}"
+FR_CAPTIONS = ["une photo d'un {} noir assis sur la table de la cuisine, numéro {}",
+               "un vieux {} près du pont de pierre au-dessus de la rivière, numéro {}"]
+MIX = {"en": 0.773, "zh": 0.227}
+
+
+def assert_exact_mix(report: dict, out, mix: dict[str, float], seed: int) -> dict[str, int]:
+    """The kept set holds each language of the mix within one row of T x share, T the largest
+    total the survivors allow; the kept rows of a language are its survivors of lowest draw;
+    a language outside the mix keeps none. Returns the kept counts."""
+    section = report["balance"]["lang_mix"]
+    before = section["counts_before"]
+    total = min(before.get(lang, 0) / share for lang, share in mix.items() if share > 0)
+    kept = kept_of(out)
+    kept = kept.with_columns(draw=uniform(seed, "lang_mix", kept["row_id"]))
+    dropped = pl.concat([pl.read_parquet(f) for f in (out / "rejected").glob("balance-*.parquet")])
+    dropped = dropped.filter(pl.col("drop_reason") == "lang_mix")
+    dropped = dropped.with_columns(draw=uniform(seed, "lang_mix", dropped["row_id"]))
+    counts = dict(kept.group_by("lang").len().iter_rows())
+    assert counts == {lang: n for lang, n in section["kept"].items() if n}, (counts, section)
+    for lang, n in before.items():
+        assert counts.get(lang, 0) + dropped.filter(pl.col("lang") == lang).height == n
+        if mix.get(lang, 0) > 0:
+            assert abs(counts[lang] - total * mix[lang]) <= 1 and counts[lang] <= n, (lang, counts, total)
+            mine, lost = kept.filter(pl.col("lang") == lang), dropped.filter(pl.col("lang") == lang)
+            if lost.height:  # every kept row sorts before the cut, every dropped one not
+                last = mine.sort("draw", "row_id").select("draw", "row_id").row(-1)
+                first = lost.sort("draw", "row_id").select("draw", "row_id").row(0)
+                assert last < tuple(section["cut"][lang].values()) <= first
         else:
+            assert counts.get(lang, 0) == 0
+    assert sum(counts.values()) == report["kept_rows"] and report["accounted"]
+    return counts
+
+
+@pytest.fixture(scope="module")
+def thinned(tmp_path_factory):
+    """Rows that duplicates, too-small images, the top-80% CLIP cut and MetaCLIP balancing all
+    thin before the mix, and French captions that survive the rules but are not in the mix."""
+    folder = tmp_path_factory.mktemp("balance-thinned")
+    rng = random.Random(5)
+    rows = []
+    for i in range(12_000):
+        if i % 10 < 6:
+            text = f"a {rng.choice(['red', 'blue', 'old'])} {rng.choice(ANIMALS)} standing near the river {i}"
+        elif i % 10 < 9:
             text = f"{rng.choice(ZH_SUBJECTS)}{rng.choice(ZH_PLACES)}，编号{i}"
-        rows.append({"url": f"http://x.test/{i}.jpg", "text": text})
-    write(tmp_path / "pairs.parquet", rows)
-    settings = FilterSettings(lang_mix={"en": 0.773, "zh": 0.227}, balance_seed=7)
-    report = run_filter([tmp_path / "pairs.parquet"], tmp_path / "out", settings,
-                        RunSettings(workers=2, rows_per_partition=30_000), show_progress=False)
-    shares = {lang: v["share_pct"] for lang, v in report["by_language"].items()}
-    assert abs(shares["en"] - 77.3) <= 0.5 and abs(shares["zh"] - 22.7) <= 0.5, shares
-    assert report["by_language"]["en"]["kept"] == report["balance"]["lang_mix"]["counts_before"]["en"]  # none dropped
-    assert counts_by_reason(report)["lang_mix"] > 0 and report["accounted"]
+        else:
+            text = rng.choice(FR_CAPTIONS).format(rng.choice(["chat", "chien"]), i)
+        small = i % 7 == 0
+        rows.append({"url": f"http://x.test/{i % 11_000}.jpg", "text": text, "clip_score": round(rng.uniform(0.2, 0.4), 6),
+                     "width": 60 if small else 400, "height": 60 if small else 300})
+    write(folder / "pairs.parquet", rows)
+    entries = folder / "entries.txt"
+    entries.write_text("\n".join(ANIMALS[:4] + ["小狗", "汽车", "chat", "chien"]) + "\n")
+    settings = FilterSettings(clip_thresholds={}, clip_top_fraction=0.8, clip_top_by="source_lang",
+                              languages=("en", "zh", "fr"), balance_entries=str(entries), balance_t=300,
+                              lang_mix=MIX, balance_seed=7)
+    return folder / "pairs.parquet", settings
+
+
+def test_lang_mix_is_exact_after_every_other_step(thinned, tmp_path):
+    pairs, settings = thinned
+    report = run_filter([pairs], tmp_path / "out", settings, RunSettings(workers=2, rows_per_partition=1500),
+                        show_progress=False)
+    dropped = counts_by_reason(report)
+    assert report["dedup_partitions"] == 8
+    steps = ("duplicate", "too_small", "clip_top_fraction", "no_entry", "balance", "lang_mix")
+    assert all(dropped[step] > 0 for step in steps), dropped
+    counts = assert_exact_mix(report, tmp_path / "out", MIX, 7)
+    assert set(report["balance"]["lang_mix"]["counts_before"]) == {"en", "zh", "fr"} and "fr" not in counts
+
+
+def test_a_cut_inside_a_bucket_is_found_by_the_extra_pass(thinned, tmp_path, monkeypatch):
+    """With 16 buckets each holds hundreds of rows: the cut falls inside one, and the pass that
+    gathers its rows from every partition finds the same cut as the fine histogram did."""
+    pairs, settings = thinned
+    run = RunSettings(workers=1, rows_per_partition=1500)  # inline, so the patched bucket count holds
+    fine = run_filter([pairs], tmp_path / "fine", settings, run, show_progress=False)
+    monkeypatch.setattr(balance, "MIX_BUCKETS", 16)
+    coarse = run_filter([pairs], tmp_path / "coarse", settings, run, show_progress=False)
+    cuts = coarse["balance"]["lang_mix"]["cut"]
+    assert cuts and all(c["row_id"] for c in cuts.values()), cuts  # a row, not a bucket's end
+    assert_exact_mix(coarse, tmp_path / "coarse", MIX, 7)
+    assert fine["funnel"] == coarse["funnel"]
+    assert _rows(tmp_path / "fine", "kept").equals(_rows(tmp_path / "coarse", "kept"))
 
 
 def test_metaclip_balancing_keeps_about_t_per_entry(tmp_path):
