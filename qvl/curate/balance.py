@@ -11,14 +11,21 @@ its reason in the funnel, applied in this order:
    Aho-Corasick); counting matches per entry over the run, a pair is kept with probability
    ``max over its entries of min(1, t / count)``: the head of the distribution is flattened, the
    tail kept whole. A caption matching no entry is dropped (``no_entry``).
-3. ``lang_mix`` (Qwen-VL's 77.3% English / 22.7% Chinese): the over-represented languages are
-   down-sampled so the kept set has the given mix; a language not in the mix is dropped. Last,
-   so that the mix holds for what is finally kept.
+3. ``lang_mix`` (Qwen-VL's 77.3% English / 22.7% Chinese): last, on the survivors of every
+   other rule and step, counted over the whole run. T is the largest total whose every share
+   fits in what its language holds; each language keeps round(T x share) rows (the limiting one
+   all of its own), so the kept set holds the mix exactly, within one row a language. Which
+   rows: a language's survivors of lowest draw, ties broken by row id — not a coin per row,
+   whose mix holds only on average. A language not in the mix is dropped.
 
 Every random choice is a hash of (seed, step, row id): a rerun, the Ray engine and
-``--from-ledger`` draw alike. Two passes over the kept partitions, each a task on the run's
-engine: one gathers scores and entry counts, one decides and rewrites the partition (its
-dropped rows go to ``rejected/balance-K.parquet``, their facts to ``ledger/balance/K.parquet``).
+``--from-ledger`` draw alike. The passes over the kept partitions are tasks on the run's engine:
+one gathers scores and entry counts; one decides steps 1-2, keeps each row's language and
+lang_mix draw aside, and returns the survivors' counts and a histogram of their draws per
+language (2^16 buckets: the driver never holds one number a row); when a language's cut falls
+inside a bucket, one small pass gathers that bucket's (draw, row id) from every partition, and
+the driver fixes the cut; the last decides step 3 and rewrites the partition (its dropped rows
+go to ``rejected/balance-K.parquet``, their facts to ``ledger/balance/K.parquet``).
 """
 
 from __future__ import annotations

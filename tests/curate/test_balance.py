@@ -16,6 +16,7 @@ from qvl.curate import balance
 from qvl.curate.balance import uniform
 from qvl.curate.pipeline import run_filter
 from qvl.curate.settings import FilterSettings, RunSettings
+from tests.conftest import needs_shared_data
 
 ANIMALS = ["zebra", "giraffe", "lion", "otter", "heron", "walrus"]
 ZH_SUBJECTS = ["一只小狗", "一只小猫", "一辆红色汽车", "一座古老房子", "一棵大树"]
@@ -143,6 +144,30 @@ def test_a_cut_inside_a_bucket_is_found_by_the_extra_pass(thinned, tmp_path, mon
     assert _rows(tmp_path / "fine", "kept").equals(_rows(tmp_path / "coarse", "kept"))
 
 
+@needs_shared_data
+def test_lang_mix_is_exact_on_real_laion_captions(shared_data, tmp_path):
+    """10,000 real LAION rows (mostly English, some French and German, which survive the rules
+    here but are not in the mix) given CLIP scores, with 3,000 Chinese captions beside them; the
+    top 70% by CLIP per source and language is kept before the mix, over four partitions."""
+    rng = np.random.default_rng(11)
+    laion = pl.read_parquet(shared_data / "external" / "laion_img2dataset" / "test_10000.parquet")
+    laion.with_columns(similarity=pl.Series(rng.uniform(0.25, 0.4, laion.height).round(6))).write_parquet(
+        tmp_path / "laion.parquet")
+    words = random.Random(12)
+    write(tmp_path / "zh.parquet", [{"url": f"http://zh.test/{i}.jpg", "clip_score": float(rng.uniform(0.25, 0.4)),
+                                     "text": f"{words.choice(ZH_SUBJECTS)}{words.choice(ZH_PLACES)}，编号{i}"}
+                                    for i in range(3000)])
+    settings = FilterSettings(clip_thresholds={}, clip_top_fraction=0.7, clip_top_by="source_lang",
+                              languages=("en", "zh", "fr", "de"), lang_mix=MIX, balance_seed=3)
+    report = run_filter([tmp_path / "laion.parquet", tmp_path / "zh.parquet"], tmp_path / "out", settings,
+                        RunSettings(workers=2, rows_per_partition=3000), show_progress=False)
+    assert report["dedup_partitions"] == 6 and counts_by_reason(report)["clip_top_fraction"] > 0
+    before = report["balance"]["lang_mix"]["counts_before"]
+    assert before["en"] > 4000 and before["fr"] > 0 and before["de"] > 0, before
+    counts = assert_exact_mix(report, tmp_path / "out", MIX, 3)
+    assert counts["en"] == before["en"] and counts["zh"] < before["zh"]  # the Chinese side is cut
+
+
 def test_metaclip_balancing_keeps_about_t_per_entry(tmp_path):
     rng = random.Random(2)
     sizes = {"zebra": 3000, "giraffe": 1200, "lion": 400, "otter": 150, "heron": 40}
@@ -207,6 +232,8 @@ def test_ray_and_from_ledger_decide_alike(mixed, tmp_path):
     on_ray = run_filter([folder / "pairs.parquet"], tmp_path / "ray", settings,
                         RunSettings(engine="ray", workers=2, rows_per_partition=1500), show_progress=False)
     assert json.dumps(local["funnel"]) == json.dumps(on_ray["funnel"])
+    assert local["balance"] == on_ray["balance"]
+    assert_exact_mix(local, tmp_path / "local", settings.lang_mix, settings.balance_seed)
     for part in ("kept", "rejected"):
         assert _rows(tmp_path / "local", part).equals(_rows(tmp_path / "ray", part)), part
     # a looser size rule decided again from the ledger equals a fresh run with it
@@ -215,6 +242,7 @@ def test_ray_and_from_ledger_decide_alike(mixed, tmp_path):
     fresh = run_filter([folder / "pairs.parquet"], tmp_path / "fresh", looser, run, show_progress=False)
     assert again["funnel"] == fresh["funnel"] and again["kept_rows"] > local["kept_rows"]
     assert _rows(tmp_path / "again", "kept").equals(_rows(tmp_path / "fresh", "kept"))
+    assert_exact_mix(again, tmp_path / "again", settings.lang_mix, settings.balance_seed)
 
 
 def test_a_plot_of_no_match_says_nothing_on_stderr(tmp_path):
