@@ -12,9 +12,9 @@ from qvl.curate.settings import FilterSettings
 def frame(rows: list[dict]) -> pl.DataFrame:
     base = {"url": "https://x.test/a.jpg", "text_raw": "a dog on the beach", "width": 640, "height": 480,
             "clip_score": 0.35, "nsfw": None, "watermark": None, "aesthetic": None, "source": "laion",
-            "_input_error": None}
+            "_input_error": None, "invalid_scores": []}
     return pl.DataFrame([{**base, **r} for r in rows],
-                        schema_overrides={"_input_error": pl.String, "clip_score": pl.Float64, "nsfw": pl.Float64,
+                        schema_overrides={"_input_error": pl.String, "invalid_scores": pl.List(pl.String), "clip_score": pl.Float64, "nsfw": pl.Float64,
                                           "watermark": pl.Float64, "aesthetic": pl.Float64,
                                           "url": pl.String, "text_raw": pl.String})
 
@@ -161,7 +161,7 @@ def test_plain_row_shortcuts_give_the_same_result_as_every_rule(tmp_path):
     frames = [pl.concat(list(readers.read_batches(readers.open_shard(p, i), 100_000)), how="diagonal_relaxed")
               for i, p in enumerate(write_demo_pairs(tmp_path, rows_per_shard=1500))]
     demo = pl.concat([f.select("url", "text_raw", "width", "height", "clip_score", "nsfw", "watermark", "aesthetic",
-                               "source", "_input_error")
+                               "source", "_input_error", "invalid_scores")
                       for f in frames], how="vertical_relaxed")
     crafted = frame([{"text_raw": t} for t in edge * 60])
     for data in (demo, crafted.select(demo.columns)):
