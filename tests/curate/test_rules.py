@@ -254,3 +254,24 @@ def test_failed_rules_keeps_any_input_error_first_then_the_rules_in_order():
                           rules.fail_column("clip_score"): [True, False, True, False]})
     assert frame.select(rules.failed_rules(frame)).to_series().to_list() == [
         ["clip_score", "emoji"], ["malformed_row", "emoji"], ["a_reason_added_later", "clip_score"], []]
+
+
+def test_a_broken_score_fails_invalid_score_first_where_its_rule_is_on():
+    """``invalid_scores`` names the scores whose column the file has but whose value is null/NaN/inf
+    (readers.py); a null score not named there comes from a file without the column: unscored."""
+    rows = [{"clip_score": None, "invalid_scores": ["clip_score"]},
+            {"watermark": None, "invalid_scores": ["watermark"]},
+            {"clip_score": None},  # the file has no clip score: the rule does not apply
+            {"source": "cc3m", "clip_score": None, "invalid_scores": ["clip_score"]},  # no clip threshold for cc3m
+            {"aesthetic": None, "invalid_scores": ["aesthetic"]},  # aesthetic is off by default
+            {"text_raw": "two words", "clip_score": None, "invalid_scores": ["clip_score", "nsfw"]}]
+    out = run(rows)
+    assert out.get_column("drop_reason").to_list() == ["invalid_score", "invalid_score", None, None, None,
+                                                       "invalid_score"]
+    assert out.select(rules.failed_rules(out)).to_series()[5].to_list() == ["invalid_score", "length"]
+    assert reasons(rows[4:5], aesthetic_threshold_default=5.0) == ["invalid_score"]
+    assert reasons(rows[:2], keep_unscored=True) == [None, None]  # they pass, as unscored rows do
+    assert reasons(rows[:2], watermark_threshold_default=None, clip_thresholds={}) == [None, None]  # rules off
+    assert reasons(rows[:2], skip_rules=("clip_score", "watermark")) == [None, None]
+    order = [r.name for r in rules.RULES]
+    assert order.index("invalid_score") + 1 == order.index("clip_score")
