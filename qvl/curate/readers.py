@@ -273,8 +273,8 @@ MAX_NUMBER = float(1 << 53)
 
 def _numbers(arr: pa.Array) -> tuple[pa.Array, np.ndarray | None, np.ndarray]:
     """A size or score column as float64: (values, rows whose text is not a number, rows
-    whose number is not finite or absurdly large). Those numbers become null — unknown, as
-    if the column had no value there — and are counted; unparsable text rejects its row."""
+    whose number is not finite or absurdly large). Those numbers become null and are counted:
+    a size is then unknown, a score broken (``invalid_scores``); unparsable text rejects its row."""
     unparsable = None
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or pa.types.is_binary(arr.type):
         text = pl.Series(_decode_utf8(arr)[0]).str.strip_chars()
@@ -358,8 +358,12 @@ def _invalid_scores(invalid: dict[str, np.ndarray], recorded: pa.ChunkedArray | 
     invalid = {k: v for k, v in invalid.items() if v.any()}
     if not invalid:
         return pl.Series(INVALID, [[]], dtype=pl.List(pl.String)).new_from_index(0, n)
-    return pl.select(pl.concat_list([pl.when(pl.lit(pl.Series(v))).then(pl.lit(k)) for k, v in invalid.items()])
-                     .list.drop_nulls().alias(INVALID)).to_series()
+    names = list(invalid)
+    code = np.zeros(n, dtype=np.uint32)  # one bit per score; each of the 2^k lists is built once
+    for i, mask in enumerate(invalid.values()):
+        code |= mask.astype(np.uint32) << i
+    lists = [[k for i, k in enumerate(names) if c >> i & 1] for c in range(1 << len(names))]
+    return pl.Series(INVALID, lists, dtype=pl.List(pl.String)).gather(code)
 
 
 def _malformed(shard: Shard, rows: list[tuple[int, str, str]]) -> pl.DataFrame:
