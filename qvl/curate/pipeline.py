@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from qvl import __version__, storage
 from qvl.curate import balance, dedup, engines, langid, readers, rethreshold, rules
 from qvl.curate import stats as st
+from qvl.curate.layouts import SCORES
 from qvl.curate.readers import Shard
 from qvl.curate.settings import FilterSettings, RunSettings
 from qvl.errors import QvlError
@@ -80,7 +81,7 @@ def ledger_rows(frame: pl.DataFrame) -> pa.Table:
     """The ledger's facts of evaluated rows: what each rule measured and decided, no text."""
     return frame.select(
         "row_id", pl.col("_seq").alias("seq"), "source", "width", "height", "clip_score", "nsfw",
-        "watermark", "aesthetic",
+        "watermark", "aesthetic", "invalid_scores",
         pl.col("units"), pl.col("text").str.len_chars().cast(pl.Int64).alias("text_chars"),
         pl.col("lang").cast(pl.String), pl.col("lang_score").cast(pl.Float32), pl.col("lang_by").cast(pl.String),
         pl.col("drop_reason").cast(pl.String),
@@ -106,12 +107,19 @@ def with_language(frame: pl.DataFrame, passed: pl.Series, survivors: pl.DataFram
 
 
 def count_batch(stats: dict, frame: pl.DataFrame) -> None:
-    """Per source: rows in, rows each rewrite changed, rows without each score, numbers that
-    were not finite — one group-by over the evaluated batch."""
-    sums = {"input": pl.len(), "clip_unscored": pl.col("clip_score").is_null().sum()}
+    """Per source: rows in, rows each rewrite changed, rows whose file has no column of a score
+    (unscored: the rule does not apply) and rows whose value in such a column is broken (invalid:
+    dropped by ``invalid_score`` or, with keep_unscored, kept), numbers that were not finite —
+    one group-by over the evaluated batch."""
+    def broken(score: str) -> pl.Expr:
+        return pl.col("invalid_scores").list.contains(score)
+
+    sums = {"input": pl.len(), "clip_unscored": (pl.col("clip_score").is_null() & ~broken("clip_score")).sum()}
     sums.update({f"rewritten|{name}": pl.col(f"_changed_{name}").sum() for name in rules.REWRITES
                  if f"_changed_{name}" in frame.columns})
-    sums.update({f"unscored|{score}": pl.col(score).is_null().sum() for score in ("nsfw", "watermark", "aesthetic")})
+    sums.update({f"unscored|{score}": (pl.col(score).is_null() & ~broken(score)).sum()
+                 for score in ("nsfw", "watermark", "aesthetic")})
+    sums.update({f"invalid_scores|{score}": broken(score).sum() for score in SCORES})
     if "_non_finite" in frame.columns:
         sums["non_finite"] = pl.col("_non_finite").sum()
     for row in frame.group_by("source").agg(**sums).iter_rows(named=True):

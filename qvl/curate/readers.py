@@ -273,8 +273,8 @@ MAX_NUMBER = float(1 << 53)
 
 def _numbers(arr: pa.Array) -> tuple[pa.Array, np.ndarray | None, np.ndarray]:
     """A size or score column as float64: (values, rows whose text is not a number, rows
-    whose number is not finite or absurdly large). Those numbers become null — unknown, as
-    if the column had no value there — and are counted; unparsable text rejects its row."""
+    whose number is not finite or absurdly large). Those numbers become null and are counted:
+    a size is then unknown, a score broken (``invalid_scores``); unparsable text rejects its row."""
     unparsable = None
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or pa.types.is_binary(arr.type):
         text = pl.Series(_decode_utf8(arr)[0]).str.strip_chars()
@@ -308,18 +308,22 @@ def _canonical(
         if bad is not None:
             input_error[bad & (input_error == None)] = "invalid_utf8"  # noqa: E711
     non_finite = np.zeros(n, dtype=bool)
+    mapped = set(cols.values())
+    passthrough = {c: table.column(c) for c in table.column_names if c not in mapped}
+    invalid: dict[str, np.ndarray] = {}
     for name in layouts.NUMBERS:
         dtype = pa.int64() if name in ("width", "height") else pa.float64()
         if name in cols:
-            values, unparsable, missing = _numbers(table.column(cols[name]).combine_chunks())
+            raw = table.column(cols[name]).combine_chunks()
+            values, unparsable, missing = _numbers(raw)
             if unparsable is not None:
                 input_error[unparsable & (input_error == None)] = "malformed_row"  # noqa: E711
             non_finite |= missing
             out[name] = pa.compute.round(values).cast(dtype) if dtype == pa.int64() else values
+            if name in layouts.SCORES and not pa.types.is_null(raw.type):
+                invalid[name] = values.is_null().to_numpy(zero_copy_only=False)
         else:
             out[name] = pa.nulls(n, dtype)
-    mapped = set(cols.values())
-    passthrough = {c: table.column(c) for c in table.column_names if c not in mapped}
     frame = pl.from_arrow(pa.table({**out, **passthrough}), rechunk=False)
     if not isinstance(frame, pl.DataFrame):  # pragma: no cover - from_arrow of a table
         raise TypeError("expected a DataFrame")
@@ -329,12 +333,37 @@ def _canonical(
         frame = frame.with_columns(pl.col("source").cast(pl.String).fill_null(shard.layout.name))
     stem = shard.name or shard.path.name
     line = pl.Series("_line", lines, dtype=pl.Int64)
+    read = input_error == None  # noqa: E711 - a row that could not be read has no score to judge
     return frame.with_columns(
         row_id=pl.lit(stem + ":") + line.cast(pl.String),
         _seq=(pl.lit(shard.index, pl.Int64) * (1 << SEQ_ROW_BITS)) + line,
         _input_error=pl.Series(input_error.tolist(), dtype=pl.String),
         _non_finite=pl.Series(non_finite),
+        invalid_scores=_invalid_scores({k: v & read for k, v in invalid.items()}, passthrough.get(INVALID), n),
     ).rename({"text": "text_raw"})
+
+
+INVALID = "invalid_scores"  # the scores a row's file has a column for, but no finite value in it
+
+
+def _invalid_scores(invalid: dict[str, np.ndarray], recorded: pa.ChunkedArray | None, n: int) -> pl.Series:
+    """Per row, the names of the scores whose column the file has but whose value is null, NaN,
+    ±inf or absurd (rule ``invalid_score``). A file that is qvl's own output has every score
+    column, null where its input had none: its own ``invalid_scores`` column says which nulls
+    are broken, so filtering it again keeps an unscored row unscored. A parquet column of null
+    type holds no value by declaration: read as absent."""
+    if recorded is not None and (pa.types.is_list(recorded.type) or pa.types.is_large_list(recorded.type)):
+        before = pl.Series(recorded.combine_chunks()).cast(pl.List(pl.String))
+        invalid = {k: v & before.list.contains(k).fill_null(False).to_numpy() for k, v in invalid.items()}
+    invalid = {k: v for k, v in invalid.items() if v.any()}
+    if not invalid:
+        return pl.Series(INVALID, [[]], dtype=pl.List(pl.String)).new_from_index(0, n)
+    names = list(invalid)
+    code = np.zeros(n, dtype=np.uint32)  # one bit per score; each of the 2^k lists is built once
+    for i, mask in enumerate(invalid.values()):
+        code |= mask.astype(np.uint32) << i
+    lists = [[k for i, k in enumerate(names) if c >> i & 1] for c in range(1 << len(names))]
+    return pl.Series(INVALID, lists, dtype=pl.List(pl.String)).gather(code)
 
 
 def _malformed(shard: Shard, rows: list[tuple[int, str, str]]) -> pl.DataFrame:

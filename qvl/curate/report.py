@@ -14,6 +14,7 @@ from qvl import storage
 from qvl.boundary import read_json_file
 from qvl.curate import rules
 from qvl.curate import stats as st
+from qvl.curate.layouts import SCORES
 from qvl.curate.settings import FilterSettings
 
 MAX_JSON_BYTES = 64 << 20  # a report or a run's state is a few KB; a larger file is not one of them
@@ -62,10 +63,15 @@ def build(totals: dict, settings: FilterSettings, shards, partitions: int) -> di
             "dropped": {r: totals["dropped"][r][source] for r in rules.DROP_ORDER
                         if source in totals.get("dropped", {}).get(r, {})},
             "clip_unscored": totals.get("clip_unscored", {}).get(source, 0),
-            # rows without a published score pass its rule: how many, per score
+            # rows whose file has no column of a published score: its rule does not apply; per score
             "unscored": {score: totals.get("unscored", {}).get(score, {}).get(source, 0)
                          for score in ("nsfw", "watermark", "aesthetic")},
-            # a NaN/infinite size or score: read as unknown (sizes checked after download)
+            # a score column the file has, its value null/NaN/inf: dropped by invalid_score where the
+            # score's rule is on (kept with keep_unscored), per score
+            "invalid_scores": {score: totals.get("invalid_scores", {}).get(score, {}).get(source, 0)
+                               for score in SCORES},
+            # a NaN/infinite/absurd size or score: read as null (sizes checked after download; a score
+            # is then one of invalid_scores)
             "non_finite_numbers": totals.get("non_finite", {}).get(source, 0),
         }
     langs: dict[str, int] = {}
@@ -162,12 +168,13 @@ def markdown(report: dict) -> str:
             if n:
                 lines.append(f"| {lang} | {source} | {_n(row['input'])} | {_n(n)} | "
                              f"{100 * n / row['input']:.2f}% |")
-    lines += ["", "| dataset | input | kept | kept % | CLIP-unscored rows | top drop reasons |",
-              "|---|---:|---:|---:|---:|---|"]
+    lines += ["", "| dataset | input | kept | kept % | CLIP-unscored rows | broken scores | top drop reasons |",
+              "|---|---:|---:|---:|---:|---:|---|"]
     for source, row in report["by_source"].items():
         top = sorted(row["dropped"].items(), key=lambda kv: -kv[1])[:3]
         lines.append(f"| {source} | {_n(row['input'])} | {_n(row['kept'])} | {row['kept_pct']:.2f}% | "
-                     f"{_n(row['clip_unscored'])} | {', '.join(f'{k} {_n(v)}' for k, v in top)} |")
+                     f"{_n(row['clip_unscored'])} | {_n(sum(row.get('invalid_scores', {}).values()))} | "
+                     f"{', '.join(f'{k} {_n(v)}' for k, v in top)} |")
     lines += ["", "## Languages kept", "", "| language | kept | share |", "|---|---:|---:|"]
     for lang, row in report["by_language"].items():
         lines.append(f"| {lang} | {_n(row['kept'])} | {row['share_pct']:.2f}% |")

@@ -2,10 +2,13 @@
 
 A finished run holds every input row once (kept or rejected) with its cleaned text and
 the measures its rules took: width and height, the CLIP score, ``units`` (the length
-rule's), the language label and score, and ``failed_rules`` (every rule that failed).
+rule's), the language label and score, ``invalid_scores`` (the scores whose column the
+input had but whose value was broken: a null score alone cannot tell that from a file
+without the column) and ``failed_rules`` (every rule that failed).
 Re-thresholding reads those rows back as its input and decides again: the text rules
 (``dataset_tag``, ``emoji``, ``non_en_zh_chars`` …) keep their recorded outcome, the
-threshold rules (``aspect_ratio``, ``too_small``, ``clip_score``, the published scores, ``length``, ``lang``)
+threshold rules (``aspect_ratio``, ``too_small``, ``invalid_score``, ``clip_score``, the published scores,
+``length``, ``lang``)
 are evaluated on the recorded measures with the new settings. Language id runs only on
 rows that now survive and were never labelled; duplicates are found again among the new
 survivors. The new run has the full output contract (kept, rejected, ledger, report).
@@ -36,10 +39,10 @@ from qvl.schemas.pairs import check_columns
 SCORE_SETTINGS = {f"{score}_{kind}" for score in ("nsfw", "watermark", "aesthetic")
                   for kind in ("thresholds", "threshold_default")}
 RETHRESHOLDABLE = {"min_side", "max_aspect_ratio", "clip_thresholds", "clip_threshold_default", "min_units",
-                   "max_units", "languages", "min_lang_score", "skip_rules", *SCORE_SETTINGS,
+                   "max_units", "languages", "min_lang_score", "skip_rules", *SCORE_SETTINGS, "keep_unscored",
                    # decided again on the new survivors (their text matched again for balancing)
                    "clip_top_fraction", "clip_top_by", "balance_entries", "balance_t", "lang_mix", "balance_seed"}
-MEASURED = ("aspect_ratio", "too_small", "clip_score", "nsfw", "watermark", "aesthetic", "length")
+MEASURED = ("aspect_ratio", "too_small", "invalid_score", "clip_score", "nsfw", "watermark", "aesthetic", "length")
 TEXT_RULES = ("missing_url", "dataset_tag", "empty_text", "emoji", "non_en_zh_chars")
 FORMAT = "qvl-run"  # Shard.format of a previous run's output file
 
@@ -110,11 +113,13 @@ def _checked(path: Path) -> int:
                                            "drop_reason": "string"})
     except QvlError as e:
         raise LedgerError(f"{e} (not an output of `qvl curate filter`)") from None
-    if "failed_rules" in schema.names:
-        t = schema.field("failed_rules").type
+    for name in ("failed_rules", "invalid_scores"):
+        if name not in schema.names:
+            continue
+        t = schema.field(name).type
         if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_string(t.value_type) \
                 and not pa.types.is_large_string(t.value_type):
-            raise LedgerError(f"{path}: column 'failed_rules' is {t}, expected a list of rule names")
+            raise LedgerError(f"{path}: column {name!r} is {t}, expected a list of names")
     return f.metadata.num_rows
 
 
@@ -125,8 +130,9 @@ def read_batches(shard: Shard, batch_rows: int) -> Iterator[pl.DataFrame]:
         frame = pl.from_arrow(batch)
         frame = frame.with_columns([pl.lit(None, pl.Float64).alias(c) for c in ("nsfw", "watermark", "aesthetic")
                                     if c not in frame.columns])  # outputs of runs before these scores
-        if "failed_rules" not in frame.columns:
-            frame = frame.with_columns(failed_rules=pl.lit([], pl.List(pl.String)))
+        # outputs of runs before these lists: no rule failed / no score was told apart as broken
+        frame = frame.with_columns([pl.lit([], pl.List(pl.String)).alias(c) for c in ("failed_rules", "invalid_scores")
+                                    if c not in frame.columns])
         # row ids are "<file>:<line>"; a file name holding ":" keeps its last part as the line
         file = frame.get_column("row_id").str.replace(r":[0-9]+$", "")
         line = frame.get_column("row_id").str.extract(r":([0-9]+)$", 1).cast(pl.Int64)

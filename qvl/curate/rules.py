@@ -207,6 +207,27 @@ def clip_threshold(s: FilterSettings) -> pl.Expr:
     )
 
 
+INVALID_SCORES = pl.col("invalid_scores")
+
+
+def invalid_score(s: FilterSettings) -> pl.Expr:
+    """A score column the row's file has, holding no finite value for the row, where that score's
+    rule is on for the row's source. The threshold rules pass a null score, so without this a
+    NaN or an empty cell would keep a row its score might have dropped; a file without the column
+    is another matter (its rows are unscored and pass). ``invalid_scores`` names such scores per
+    row (readers.py), so the fact survives into the outputs and ``--from-ledger``."""
+    if s.keep_unscored:
+        return pl.lit(False)
+    limits = {"clip_score": clip_threshold(s), **{n: score_threshold(s, n) for n in ("nsfw", "watermark", "aesthetic")}}
+    on = [INVALID_SCORES.list.contains(n) & t.is_not_null() for n, t in limits.items() if n not in s.skip_rules]
+    return pl.any_horizontal(on).fill_null(False) if on else pl.lit(False)
+
+
+def _invalid_setting(s: FilterSettings) -> str:
+    what = "a score column the file has with no finite value (null, NaN, inf) where that score's rule is on"
+    return what + (": kept (keep_unscored)" if s.keep_unscored else "")
+
+
 def clip_score(s: FilterSettings) -> pl.Expr:
     return (pl.col("clip_score") < clip_threshold(s)).fill_null(False)
 
@@ -306,6 +327,7 @@ RULES: tuple[Rule, ...] = (
     Rule("empty_text", "drop", empty_text, lambda s: "nothing left after rewriting"),
     Rule("aspect_ratio", "drop", aspect_ratio, lambda s: f"long/short side > {s.max_aspect_ratio}"),
     Rule("too_small", "drop", too_small, lambda s: f"short side < {s.min_side} px"),
+    Rule("invalid_score", "drop", invalid_score, _invalid_setting),
     Rule("clip_score", "drop", clip_score,
          lambda s: ", ".join(f"{k} < {v}" for k, v in s.clip_thresholds.items())
          + (f", other < {s.clip_threshold_default}" if s.clip_threshold_default is not None else "")),

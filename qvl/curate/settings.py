@@ -40,13 +40,16 @@ class FilterSettings:
     clip_threshold_default: float | None = None
     # published scores (LAION punsafe/pwatermark/aesthetic, COYO nsfw/watermark/aesthetic scores):
     # drop when nsfw or watermark is above, aesthetic below, the source's threshold; None: off;
-    # a row without the score passes and is counted as unscored
+    # a row whose file has no such column passes and is counted as unscored
     nsfw_thresholds: dict[str, float] = field(default_factory=dict)
     nsfw_threshold_default: float | None = 0.5
     watermark_thresholds: dict[str, float] = field(default_factory=dict)
     watermark_threshold_default: float | None = 0.8
     aesthetic_thresholds: dict[str, float] = field(default_factory=dict)
     aesthetic_threshold_default: float | None = None
+    # invalid_score: a score column the file has, with no finite value in a row (null, NaN, inf),
+    # drops that row where the score's rule is on; True: such rows pass as unscored (still counted)
+    keep_unscored: bool = False
     # 10 length: units = whitespace-separated words + CJK characters
     min_units: int = 3
     max_units: int = 256

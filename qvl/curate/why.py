@@ -39,12 +39,19 @@ def _filter_story(folder: Path, row_id: str) -> tuple[list[dict], str]:
     failed = set(facts["failed_rules"] or [])
     w, h, score, source = facts["width"], facts["height"], facts["clip_score"], facts["source"]
     threshold = s["clip_thresholds"].get(source, s["clip_threshold_default"])
+    broken = facts.get("invalid_scores") or []  # ledgers of runs before invalid_score have none
+
+    def missing(name: str) -> str:
+        return "broken (the column holds no finite value here)" if name in broken else "unscored (no such column)"
+
     values = {
         "aspect_ratio": (f"{w}x{h} -> {max(w, h) / min(w, h):.2f}" if min(w, h) > 0 else f"{w}x{h}")
         if w is not None and h is not None else "size unknown (checked after download)",
         "too_small": f"short side {min(w, h)}" if w is not None and h is not None else "size unknown",
-        "clip_score": "unscored" if score is None else f"{score:.3f} (threshold for {source}: {threshold})",
-        **{score: "unscored" if facts.get(score) is None else
+        "invalid_score": ", ".join(broken) + (" (kept: keep_unscored)" if s.get("keep_unscored") else "")
+        if broken else "none",
+        "clip_score": missing("clip_score") if score is None else f"{score:.3f} (threshold for {source}: {threshold})",
+        **{score: missing(score) if facts.get(score) is None else
            f"{facts[score]:.3f} (threshold for {source}: "
            f"{s.get(score + '_thresholds', {}).get(source, s.get(score + '_threshold_default'))})"
            for score in ("nsfw", "watermark", "aesthetic")},

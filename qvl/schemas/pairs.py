@@ -28,10 +28,13 @@ RAW_PAIR = pa.schema(
         pa.field("nsfw", pa.float64(), nullable=True),
         pa.field("watermark", pa.float64(), nullable=True),
         pa.field("aesthetic", pa.float64(), nullable=True),
+        # the scores whose column the input had but held no finite value for this row (null, NaN,
+        # inf): broken, not absent — rule invalid_score; a null score not named here was never there
+        pa.field("invalid_scores", pa.list_(pa.string()), nullable=False),
         pa.field("source", pa.string(), nullable=False),
     ]
 )
-"""Canonical raw pair; sizes and scores may be absent in the input (null)."""
+"""Canonical raw pair; sizes and scores may be absent in the input (null), scores broken (``invalid_scores``)."""
 
 _TRACKING = [
     pa.field("row_id", pa.string(), nullable=False),  # "<file stem>:<0-based row>"

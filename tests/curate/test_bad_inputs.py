@@ -138,19 +138,51 @@ def test_one_bad_row_is_a_reject_with_its_reason(tmp_path, case):
     assert report["accounted"] and report["input_rows"] == len(expected)
 
 
-def test_non_finite_numbers_are_unknown_and_counted(tmp_path):
+def test_non_finite_sizes_are_unknown_non_finite_scores_invalid_and_both_counted(tmp_path):
     path = tmp_path / "laion.parquet"
     pq.write_table(pa.table({"URL": [f"http://x.test/{i}.jpg" for i in range(4)], "TEXT": [CAPTION + f" {i}" for i in range(4)],
                              "WIDTH": [float("nan"), 640.0, float("inf"), 1e300], "HEIGHT": [480.0] * 4,
                              "similarity": [float("nan"), float("-inf"), 0.3, 0.3]}), path)
     result, out = filter_cli(tmp_path, [path])
     assert result.exit_code == 0, result.output
+    assert outcomes(out) == {"laion.parquet:0": "invalid_score", "laion.parquet:1": "invalid_score",
+                             "laion.parquet:2": None, "laion.parquet:3": None}
     kept = pl.read_parquet(out / "kept" / "*.parquet").sort("row_id")
-    assert kept["width"].to_list() == [None, 640, None, None]  # never -9223372036854775808
-    assert kept["clip_score"].to_list() == [None, None, 0.3, 0.3]
+    assert kept["width"].to_list() == [None, None]  # never -9223372036854775808
     report = json.loads((out / "report.json").read_text())
-    assert report["by_source"]["laion"]["non_finite_numbers"] == 4
-    assert report["by_source"]["laion"]["clip_unscored"] == 2
+    laion = report["by_source"]["laion"]
+    assert laion["non_finite_numbers"] == 4 and laion["clip_unscored"] == 0
+    assert laion["invalid_scores"]["clip_score"] == 2 and laion["dropped"] == {"invalid_score": 2}
+
+    result, out = filter_cli(tmp_path, [path], "--keep-unscored", out=tmp_path / "keep")
+    assert result.exit_code == 0, result.output
+    kept = pl.read_parquet(out / "kept" / "*.parquet").sort("row_id")
+    assert kept["width"].to_list() == [None, 640, None, None]
+    assert kept["clip_score"].to_list() == [None, None, 0.3, 0.3]
+    assert kept["invalid_scores"].to_list() == [["clip_score"], ["clip_score"], [], []]
+    laion = json.loads((out / "report.json").read_text())["by_source"]["laion"]
+    assert laion["invalid_scores"]["clip_score"] == 2 and laion["clip_unscored"] == 0 and laion["dropped"] == {}
+
+
+def test_empty_score_cells_in_csv_and_jsonl_are_invalid_a_missing_column_is_not(tmp_path):
+    """A CSV cell left empty and a JSONL record without the key (the first record has it) are a
+    column with no value: invalid_score; a file without the column at all: unscored, kept."""
+    (tmp_path / "a.csv").write_text(f"URL,TEXT,pwatermark\nhttp://x.test/1.jpg,{CAPTION},0.1\n"
+                                    f"http://x.test/2.jpg,{CAPTION} two,\nhttp://x.test/3.jpg,{CAPTION} three, \n")
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"URL": "http://x.test/4.jpg", "TEXT": CAPTION + " four", "punsafe": 0.1},
+        {"URL": "http://x.test/5.jpg", "TEXT": CAPTION + " five"},
+        {"URL": "http://x.test/6.jpg", "TEXT": CAPTION + " six", "punsafe": None},
+        {"URL": "http://x.test/7.jpg", "TEXT": CAPTION + " seven", "punsafe": float("nan")}]) + "\n")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"URL": "http://x.test/8.jpg", "TEXT": CAPTION + " eight"}) + "\n")
+    result, out = filter_cli(tmp_path, [tmp_path / "a.csv", tmp_path / "b.jsonl", tmp_path / "c.jsonl"])
+    assert result.exit_code == 0, result.output
+    assert outcomes(out) == {"a.csv:2": None, "a.csv:3": "invalid_score", "a.csv:4": "invalid_score",
+                             "b.jsonl:1": None, "b.jsonl:2": "invalid_score", "b.jsonl:3": "invalid_score",
+                             "b.jsonl:4": "invalid_score", "c.jsonl:1": None}
+    laion = json.loads((out / "report.json").read_text())["by_source"]["laion"]
+    assert laion["invalid_scores"] == {"clip_score": 0, "nsfw": 3, "watermark": 2, "aesthetic": 0}
+    assert laion["unscored"] == {"nsfw": 3 + 1, "watermark": 4 + 1, "aesthetic": 8}
 
 
 # ---------------------------------------------------------------- a whole file or setting: one clear line

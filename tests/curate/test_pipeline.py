@@ -230,3 +230,56 @@ def test_from_ledger_refuses_what_needs_the_raw_text(demo_run, tmp_path):
     raw, out, report = demo_run
     with pytest.raises(LedgerError, match="dataset_tags"):
         run_filter([], tmp_path / "x", FilterSettings(dataset_tags=("PERSON",)), from_ledger=out, show_progress=False)
+
+
+def broken_score_inputs(folder: Path) -> list[Path]:
+    """Demo shards with scores broken as real files break them: NaN and inf in LAION's columns,
+    an aesthetic column with gaps, and a JSONL whose `source` mixes LAION rows (some without a
+    clip score, or with an empty one) and CC3M rows (no clip threshold: their gaps do not matter)."""
+    raw = write_demo_pairs(folder, rows_per_shard=800)
+    laion = pl.read_parquet(raw[0])
+    k = pl.int_range(laion.height) % 17
+    laion.with_columns(
+        similarity=pl.when(k == 0).then(float("nan")).otherwise("similarity"),
+        pwatermark=pl.when(k == 3).then(float("inf")).otherwise("pwatermark"),
+        aesthetic=pl.when(k == 5).then(None).otherwise(pl.when(k % 2 == 0).then(5.5).otherwise(4.5)),
+    ).write_parquet(raw[0])
+    mixed = folder / "mixed.jsonl"
+    with open(mixed, "w") as f:
+        for i in range(60):
+            row = {"url": f"https://img.example.com/mixed/{i}.jpg", "text": f"a small boat on a quiet lake number {i}",
+                   "source": "laion" if i % 2 else "cc3m", "clip_score": 0.35}
+            if i % 3 == 1:  # the first line has the key: the file has the column
+                del row["clip_score"]
+            elif i % 5 == 0:
+                row["clip_score"] = ""
+            f.write(json.dumps(row) + "\n")
+    return [*raw, mixed]
+
+
+@pytest.mark.parametrize("before, after", [
+    ({"keep_unscored": True}, {"keep_unscored": False, "aesthetic_threshold_default": 5.0}),
+    ({"aesthetic_threshold_default": 5.0}, {"keep_unscored": True, "watermark_threshold_default": None}),
+])
+def test_from_ledger_decides_invalid_score_as_a_fresh_run(tmp_path, before, after):
+    from qvl.curate.why import explain
+
+    raw = broken_score_inputs(tmp_path / "raw")
+    runs = RunSettings(workers=1, batch_rows=700)
+    prev = run_filter(raw, tmp_path / "prev", FilterSettings(**before), runs, show_progress=False)
+    new = FilterSettings(**{**before, **after})
+    again = run_filter([], tmp_path / "again", new, runs, from_ledger=tmp_path / "prev", show_progress=False)
+    fresh = run_filter(raw, tmp_path / "fresh", new, runs, show_progress=False)
+    invalid = {r["step"]: r["dropped"] for r in (fresh if before.get("keep_unscored") else prev)["funnel"]}
+    assert invalid["invalid_score"] > 0 and invalid["invalid_score"] != {
+        r["step"]: r["dropped"] for r in (prev if before.get("keep_unscored") else fresh)["funnel"]}["invalid_score"]
+    assert again["funnel"] == fresh["funnel"] and again["by_language"] == fresh["by_language"]
+    (k1, r1), (k2, r2) = outputs(tmp_path / "again"), outputs(tmp_path / "fresh")
+    assert k1.select("row_id", "invalid_scores").equals(k2.select("row_id", "invalid_scores"))
+    assert r1.select("row_id", "drop_reason", "failed_rules").equals(r2.select("row_id", "drop_reason", "failed_rules"))
+    mixed = prev["by_source"]
+    assert mixed["cc3m"]["invalid_scores"]["clip_score"] == 14 and mixed["laion"]["invalid_scores"]["clip_score"] > 14
+    out = tmp_path / ("fresh" if before.get("keep_unscored") else "prev")
+    story = {s["step"]: s for s in explain(out, "mixed.jsonl:2")["steps"]}  # laion, no clip_score key
+    assert story["invalid_score"]["outcome"] == "FAIL" and story["clip_score"]["value"].startswith("broken")
+    assert explain(out, "mixed.jsonl:5")["verdict"].startswith("kept")  # cc3m: no clip threshold

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from qvl.curate import readers
 from qvl.curate.readers import InputError
+from tests.conftest import needs_shared_data
 
 
 def read_all(path, **kw) -> pl.DataFrame:
@@ -168,3 +169,41 @@ def test_any_jsonl_line_is_a_row_or_a_reject_never_a_crash(tmp_path_factory, lin
     assert sorted(df.get_column("row_id").to_list()) == sorted(f"pairs.jsonl:{i + 1}" for i in range(len(lines)))
     assert set(df.get_column("_input_error").drop_nulls()) <= {"malformed_row", "invalid_utf8"}
     df.write_parquet(tmp_path_factory.mktemp("p") / "rows.parquet")
+
+
+@needs_shared_data
+def test_broken_scores_are_named_per_row_absent_ones_are_not(shared_data, tmp_path):
+    """Real LAION captions (URL/TEXT only) with score columns added: NaN, inf, null and absurd
+    values in a column the file has are ``invalid_scores``; a column of null type is no score."""
+    real = pq.read_table(shared_data / "external" / "laion_img2dataset" / "test_1000.parquet",
+                         columns=["URL", "TEXT"]).slice(0, 6)
+    p = tmp_path / "laion.parquet"
+    pq.write_table(real.append_column("similarity", pa.array([0.3, float("nan"), None, 0.3, 1e300, 0.31]))
+                   .append_column("pwatermark", pa.array([0.1, 0.1, 0.2, float("inf"), 0.1, float("-inf")]))
+                   .append_column("punsafe", pa.nulls(6)), p)
+    df = read_all(p)
+    assert df["invalid_scores"].to_list() == [[], ["clip_score"], ["clip_score"], ["watermark"], ["clip_score"],
+                                              ["watermark"]]
+    assert df["nsfw"].null_count() == 6 and df["text_raw"].to_list() == real["TEXT"].to_pylist()
+
+
+def test_a_qvl_output_read_again_keeps_its_unscored_rows_unscored(tmp_path):
+    """qvl's outputs have every score column, null where the input had none: their own
+    ``invalid_scores`` tells the broken nulls from the absent ones."""
+    p = tmp_path / "kept.parquet"
+    pq.write_table(pa.table({"url": ["http://a/1", "http://a/2", "http://a/3"], "text": ["a", "b", "c"],
+                             "clip_score": [None, None, 0.3], "nsfw": pa.array([None, None, None], pa.float64()),
+                             "invalid_scores": [[], ["clip_score"], ["nsfw"]], "source": ["cc3m", "laion", "laion"]}),
+                   p)
+    df = read_all(p)
+    assert df["invalid_scores"].to_list() == [[], ["clip_score"], ["nsfw"]]
+    assert df["source"].to_list() == ["cc3m", "laion", "laion"]
+
+
+def test_a_row_that_could_not_be_read_has_no_broken_score(tmp_path):
+    p = tmp_path / "pairs.jsonl"
+    p.write_text(json.dumps({"URL": "http://a/1", "TEXT": "a cat", "similarity": 0.3}) + "\n{broken\n"
+                 + json.dumps({"URL": "http://a/2", "TEXT": "a dog", "similarity": "high"}) + "\n")
+    df = read_all(p).sort("row_id")
+    assert df["_input_error"].to_list() == [None, "malformed_row", "malformed_row"]
+    assert df["invalid_scores"].to_list() == [[], [], []]

@@ -12,9 +12,9 @@ from qvl.curate.settings import FilterSettings
 def frame(rows: list[dict]) -> pl.DataFrame:
     base = {"url": "https://x.test/a.jpg", "text_raw": "a dog on the beach", "width": 640, "height": 480,
             "clip_score": 0.35, "nsfw": None, "watermark": None, "aesthetic": None, "source": "laion",
-            "_input_error": None}
+            "_input_error": None, "invalid_scores": []}
     return pl.DataFrame([{**base, **r} for r in rows],
-                        schema_overrides={"_input_error": pl.String, "clip_score": pl.Float64, "nsfw": pl.Float64,
+                        schema_overrides={"_input_error": pl.String, "invalid_scores": pl.List(pl.String), "clip_score": pl.Float64, "nsfw": pl.Float64,
                                           "watermark": pl.Float64, "aesthetic": pl.Float64,
                                           "url": pl.String, "text_raw": pl.String})
 
@@ -161,7 +161,7 @@ def test_plain_row_shortcuts_give_the_same_result_as_every_rule(tmp_path):
     frames = [pl.concat(list(readers.read_batches(readers.open_shard(p, i), 100_000)), how="diagonal_relaxed")
               for i, p in enumerate(write_demo_pairs(tmp_path, rows_per_shard=1500))]
     demo = pl.concat([f.select("url", "text_raw", "width", "height", "clip_score", "nsfw", "watermark", "aesthetic",
-                               "source", "_input_error")
+                               "source", "_input_error", "invalid_scores")
                       for f in frames], how="vertical_relaxed")
     crafted = frame([{"text_raw": t} for t in edge * 60])
     for data in (demo, crafted.select(demo.columns)):
@@ -254,3 +254,24 @@ def test_failed_rules_keeps_any_input_error_first_then_the_rules_in_order():
                           rules.fail_column("clip_score"): [True, False, True, False]})
     assert frame.select(rules.failed_rules(frame)).to_series().to_list() == [
         ["clip_score", "emoji"], ["malformed_row", "emoji"], ["a_reason_added_later", "clip_score"], []]
+
+
+def test_a_broken_score_fails_invalid_score_first_where_its_rule_is_on():
+    """``invalid_scores`` names the scores whose column the file has but whose value is null/NaN/inf
+    (readers.py); a null score not named there comes from a file without the column: unscored."""
+    rows = [{"clip_score": None, "invalid_scores": ["clip_score"]},
+            {"watermark": None, "invalid_scores": ["watermark"]},
+            {"clip_score": None},  # the file has no clip score: the rule does not apply
+            {"source": "cc3m", "clip_score": None, "invalid_scores": ["clip_score"]},  # no clip threshold for cc3m
+            {"aesthetic": None, "invalid_scores": ["aesthetic"]},  # aesthetic is off by default
+            {"text_raw": "two words", "clip_score": None, "invalid_scores": ["clip_score", "nsfw"]}]
+    out = run(rows)
+    assert out.get_column("drop_reason").to_list() == ["invalid_score", "invalid_score", None, None, None,
+                                                       "invalid_score"]
+    assert out.select(rules.failed_rules(out)).to_series()[5].to_list() == ["invalid_score", "length"]
+    assert reasons(rows[4:5], aesthetic_threshold_default=5.0) == ["invalid_score"]
+    assert reasons(rows[:2], keep_unscored=True) == [None, None]  # they pass, as unscored rows do
+    assert reasons(rows[:2], watermark_threshold_default=None, clip_thresholds={}) == [None, None]  # rules off
+    assert reasons(rows[:2], skip_rules=("clip_score", "watermark")) == [None, None]
+    order = [r.name for r in rules.RULES]
+    assert order.index("invalid_score") + 1 == order.index("clip_score")

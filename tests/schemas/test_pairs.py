@@ -19,7 +19,7 @@ def test_validate_table_checks_types_and_nulls():
     table = pa.table({name: pa.nulls(1, CURATED_PAIR.field(name).type) for name in CURATED_PAIR.names})
     with pytest.raises(SchemaError, match="out.parquet: column 'row_id' has 1 null"):
         validate_table(table, CURATED_PAIR, "out.parquet")
-    table = pa.table({name: pa.array([{"string": "x", "float": 0.5}.get(str(CURATED_PAIR.field(name).type), None)],
+    table = pa.table({name: pa.array([{"string": "x", "float": 0.5, "list<item: string>": []}.get(str(CURATED_PAIR.field(name).type), None)],
                                      CURATED_PAIR.field(name).type) for name in CURATED_PAIR.names})
     validate_table(table, CURATED_PAIR, "out.parquet")
     with pytest.raises(SchemaError, match="missing column 'lang'"):
