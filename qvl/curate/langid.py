@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from qvl.curate import second_opinion
 from qvl.curate.fasttext_batch import BatchModel, Unsupported
 from qvl.curate.settings import FilterSettings
 from qvl.errors import QvlError
@@ -98,6 +99,12 @@ class LanguageIdentifier:
             probs[where] = np.concatenate([batch_probs, line_probs])
         return labels, probs, [""] * len(labels), np.zeros(len(labels), np.float32)
 
+    def top_labels(self, texts: list[str], k: int) -> list[list[str]]:
+        """fastText's ``k`` likeliest labels for each text, most likely first."""
+        predict = self._predict
+        return [[label[9:] for _, label in predict(text.replace("\n", " ") + "\n", k, 0.0, "replace")]
+                for text in texts]
+
     def _per_line(self, texts: list[str], k: int) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
         """fastText's own predictor, one text at a time."""
         l1: list[str] = []
@@ -122,19 +129,28 @@ def identifier(model_path: str | None) -> LanguageIdentifier:
     return LanguageIdentifier(model_path)
 
 
+LANG_OUTPUTS = {"lang": pl.String, "lang_score": pl.Float32, "lang_by": pl.String, "lang_fasttext": pl.String,
+                "lang_fasttext_score": pl.Float32, "lang_lingua": pl.String, "lang_lingua_score": pl.Float32}
+
+
 def tag(frame: pl.DataFrame, s: FilterSettings) -> pl.DataFrame:
-    """Add ``lang``, ``lang_score``, ``lang_by``, ``_lang_fasttext`` and ``_fail_lang``."""
+    """Add the ``LANG_OUTPUTS`` columns and ``_fail_lang``: the script's and fastText's opinion,
+    then lingua's on the captions fastText doubts (``settle``)."""
     if "lang" in s.skip_rules:  # no model call at all: every row passes untagged
         return frame.with_columns(
             lang=pl.lit("und"), lang_score=pl.lit(0.0, pl.Float32), lang_by=pl.lit("skipped"),
-            _lang_fasttext=pl.lit(None, pl.String), _fail_lang=pl.lit(False),
+            **{c: pl.lit(None, t) for c, t in LANG_OUTPUTS.items() if c not in ("lang", "lang_score", "lang_by")},
+            _fail_lang=pl.lit(False),
         )
     if frame.height == 0:
-        return frame.with_columns(
-            lang=pl.lit(None, pl.String), lang_score=pl.lit(None, pl.Float32),
-            lang_by=pl.lit(None, pl.String), _lang_fasttext=pl.lit(None, pl.String),
-            _fail_lang=pl.lit(None, pl.Boolean),
-        )
+        return frame.with_columns(**{c: pl.lit(None, t) for c, t in LANG_OUTPUTS.items()},
+                                  _fail_lang=pl.lit(None, pl.Boolean))
+    return settle(first_opinion(frame, s), s)
+
+
+def first_opinion(frame: pl.DataFrame, s: FilterSettings) -> pl.DataFrame:
+    """``lang``, ``lang_score``, ``lang_by`` ("script" or "fasttext") from the script and fastText,
+    and fastText's own top label and probability (``lang_fasttext``, null where it was not asked)."""
     text = frame.get_column("text")
     has_han = text.str.contains(HAN).fill_null(False)
     han_only_cjk = has_han & ~text.str.contains(f"{KANA}|{HANGUL}").fill_null(False)
@@ -145,29 +161,64 @@ def tag(frame: pl.DataFrame, s: FilterSettings) -> pl.DataFrame:
     ask = (~by_script).arg_true()
     l1, p1, _, _ = ident.predict(text.gather(ask), k=1)
     label1 = pl.Series([None] * n, dtype=pl.String).scatter(ask, pl.Series(l1, dtype=pl.String))
-    prob1 = pl.Series(np.zeros(n, dtype=np.float32)).scatter(ask, pl.Series(p1))
+    prob1 = pl.Series([None] * n, dtype=pl.Float32).scatter(ask, pl.Series(p1, dtype=pl.Float32))
     second = (~by_script & ((~has_han & (label1 == "zh")) | (han_only_cjk & ~label1.is_in(["zh", "en"])))
               ).fill_null(False).arg_true()
     _, _, l2, p2 = ident.predict(text.gather(second).to_list(), k=2)
     label2 = pl.Series([""] * n, dtype=pl.String).scatter(second, pl.Series(l2, dtype=pl.String))
     prob2 = pl.Series(np.zeros(n, dtype=np.float32)).scatter(second, pl.Series(p2))
 
-    label1_, label2_ = pl.col("_l1"), pl.col("_l2")
+    label1_, label2_ = pl.col("lang_fasttext"), pl.col("_l2")
     script = pl.col("_by_script")
     to_zh = pl.col("_han_only_cjk") & (label1_ != "zh") & ((label1_ != "en") | ~pl.col("_latin"))
     not_zh = ~pl.col("_has_han") & (label1_ == "zh")
-    out = frame.with_columns(
-        _l1=label1, _p1=prob1, _l2=label2, _p2=prob2, _by_script=by_script, _han_only_cjk=han_only_cjk,
-        _latin=latin, _has_han=has_han,
+    return frame.with_columns(
+        lang_fasttext=label1, lang_fasttext_score=prob1, _l2=label2, _p2=prob2, _by_script=by_script,
+        _han_only_cjk=han_only_cjk, _latin=latin, _has_han=has_han,
     ).with_columns(
         lang=pl.when(script | to_zh).then(pl.lit("zh")).when(not_zh).then(label2_).otherwise(label1_),
         lang_score=pl.when(script).then(None)
         .when(to_zh).then(pl.when(label2_ == "zh").then(pl.col("_p2")).otherwise(0.0))
-        .when(not_zh).then(pl.col("_p2")).otherwise(pl.col("_p1")).cast(pl.Float32),
+        .when(not_zh).then(pl.col("_p2")).otherwise(pl.col("lang_fasttext_score")).cast(pl.Float32),
         lang_by=pl.when(script | to_zh | not_zh).then(pl.lit("script")).otherwise(pl.lit("fasttext")),
-        _lang_fasttext=label1_,
+    ).drop("_l2", "_p2", "_by_script", "_han_only_cjk", "_latin", "_has_han")
+
+
+def doubtful(s: FilterSettings) -> pl.Expr:
+    """Latin-script captions (no Han, kana or hangul) that fastText alone would drop: a kept
+    language below ``min_lang_score``, or another language below ``second_opinion_below``."""
+    if not s.second_opinion:
+        return pl.lit(False)
+    kept = pl.col("lang").is_in(list(s.languages))
+    unsure = pl.when(kept).then(pl.col("lang_score") < s.min_lang_score).otherwise(
+        pl.col("lang_score") < s.second_opinion_below)
+    return (unsure & pl.col("text").str.contains("[A-Za-z]")
+            & ~pl.col("text").str.contains(f"{HAN}|{KANA}|{HANGUL}")).fill_null(False)
+
+
+def settle(frame: pl.DataFrame, s: FilterSettings) -> pl.DataFrame:
+    """lingua's opinion on the doubtful captions (``second_opinion``), which decides for them
+    (``lang_by = "lingua"``), and ``_fail_lang``. Each distinct caption is judged once."""
+    ask = frame.select(doubtful(s)).to_series()
+    lingua_label = pl.Series([None] * frame.height, dtype=pl.String)
+    lingua_score = pl.Series([None] * frame.height, dtype=pl.Float32)
+    if ask.any():
+        where = ask.arg_true()
+        texts = frame.get_column("text").gather(where)
+        distinct = texts.unique(maintain_order=True)
+        theirs = identifier(s.lang_model).top_labels(distinct.to_list(), second_opinion.FASTTEXT_CANDIDATES)
+        labels, scores = second_opinion.judge(distinct.to_list(), theirs, s.languages)
+        answers = pl.DataFrame({"text": distinct, "l": pl.Series(labels, dtype=pl.String),
+                                "p": pl.Series(scores, dtype=pl.Float32)})
+        found = pl.DataFrame({"text": texts}).join(answers, on="text", how="left", maintain_order="left")
+        lingua_label = lingua_label.scatter(where, found.get_column("l"))
+        lingua_score = lingua_score.scatter(where, found.get_column("p"))
+    asked = pl.col("lang_lingua").is_not_null()
+    out = frame.with_columns(lang_lingua=lingua_label, lang_lingua_score=lingua_score).with_columns(
+        lang=pl.when(asked).then(pl.col("lang_lingua")).otherwise(pl.col("lang")),
+        lang_score=pl.when(asked).then(pl.col("lang_lingua_score")).otherwise(pl.col("lang_score")),
+        lang_by=pl.when(asked).then(pl.lit("lingua")).otherwise(pl.col("lang_by")),
     )
     allowed = pl.col("lang").is_in(list(s.languages))
-    confident = (pl.col("lang_by") == "script") | (pl.col("lang_score") >= s.min_lang_score)
-    return out.with_columns(_fail_lang=~(allowed & confident)).drop(
-        "_l1", "_p1", "_l2", "_p2", "_by_script", "_han_only_cjk", "_latin", "_has_han")
+    confident = pl.col("lang_by").is_in(["script", "lingua"]) | (pl.col("lang_score") >= s.min_lang_score)
+    return out.with_columns(_fail_lang=~(allowed & confident).fill_null(False))

@@ -34,7 +34,7 @@ from qvl.errors import QvlError
 from qvl.inputs import DuplicateInput, input_names
 from qvl.schemas import CURATED_PAIR, REJECTED_PAIR
 
-INTERNAL = {"_seq", "_part", "_input_error", "_lang_fasttext", "_non_finite"}
+INTERNAL = {"_seq", "_part", "_input_error", "_non_finite"}
 INTERNAL_PREFIXES = ("_fail_", "_changed_")
 
 
@@ -83,13 +83,13 @@ def ledger_rows(frame: pl.DataFrame) -> pa.Table:
         "row_id", pl.col("_seq").alias("seq"), "source", "width", "height", "clip_score", "nsfw",
         "watermark", "aesthetic", "invalid_scores",
         pl.col("units"), pl.col("text").str.len_chars().cast(pl.Int64).alias("text_chars"),
-        pl.col("lang").cast(pl.String), pl.col("lang_score").cast(pl.Float32), pl.col("lang_by").cast(pl.String),
+        *[pl.col(c).cast(t) for c, t in langid.LANG_OUTPUTS.items()],
         pl.col("drop_reason").cast(pl.String),
         pl.col("failed_rules").cast(pl.List(pl.String)),
     ).to_arrow()
 
 
-LANG_COLUMNS = {"lang": pl.String, "lang_score": pl.Float32, "lang_by": pl.String, "_fail_lang": pl.Boolean}
+LANG_COLUMNS = {**langid.LANG_OUTPUTS, "_fail_lang": pl.Boolean}
 
 
 def with_language(frame: pl.DataFrame, passed: pl.Series, survivors: pl.DataFrame) -> pl.DataFrame:
@@ -142,6 +142,19 @@ def _public(frame: pl.DataFrame, schema: pa.Schema) -> pa.Table:
     return chosen.to_arrow(compat_level=pl.CompatLevel.newest()).cast(pa.schema([*schema, *passthrough]))
 
 
+def count_languages(stats: dict, survivors: pl.DataFrame) -> None:
+    """What the script changed of fastText's labels, what it decided alone, and lingua's second
+    opinions per source (asked; of those, kept)."""
+    by_script = survivors.filter(pl.col("lang_by") == "script")
+    st.count_by(stats, "lang_relabelled", by_script.filter(pl.col("lang_fasttext").is_not_null())
+                .with_columns(_to=pl.col("lang_fasttext") + "->" + pl.col("lang")), ["_to"])
+    st.count_by(stats, "lang_script_only",  # decided by the script alone: fastText never asked
+                by_script.filter(pl.col("lang_fasttext").is_null() & pl.col("lang_score").is_null()), ["lang"])
+    asked = survivors.filter(pl.col("lang_by") == "lingua")
+    st.count_by(stats, "lang_second_opinion", asked.with_columns(
+        _outcome=pl.when(pl.col("_fail_lang")).then(pl.lit("dropped")).otherwise(pl.lit("kept"))), ["_outcome", "source"])
+
+
 # ---------------------------------------------------------------- phase 1
 
 
@@ -167,12 +180,7 @@ def process_shard(
 
             passed = frame.get_column("drop_reason").is_null()
             survivors = tag(frame.filter(passed), settings)
-            by_script = survivors.filter(pl.col("lang_by") == "script")
-            st.count_by(stats, "lang_relabelled", by_script.filter(pl.col("_lang_fasttext").is_not_null())
-                        .with_columns(_to=pl.col("_lang_fasttext") + "->" + pl.col("lang")), ["_to"])
-            st.count_by(stats, "lang_script_only",  # decided by the script alone: fastText never asked
-                        by_script.filter(pl.col("_lang_fasttext").is_null() & pl.col("lang_score").is_null()),
-                        ["lang"])
+            count_languages(stats, survivors)
             frame = with_language(frame, passed, survivors)
             rejected = frame.filter(pl.col("drop_reason").is_not_null())
             st.count_by(stats, "dropped", rejected, ["drop_reason", "source"])

@@ -93,6 +93,8 @@ def build(totals: dict, settings: FilterSettings, shards, partitions: int) -> di
         "by_language": by_language,
         "lang_cross_check": {"changed": st.total(relabelled), "by_change": dict(sorted(relabelled.items())),
                              "script_only": totals.get("lang_script_only", {})},
+        "lang_second_opinion": {outcome: totals.get("lang_second_opinion", {}).get(outcome, {})
+                                for outcome in ("kept", "dropped")},
         "inputs": [str(s.path) for s in shards],
         "dedup_partitions": partitions,
         "settings": dataclasses.asdict(settings),
@@ -184,10 +186,19 @@ def markdown(report: dict) -> str:
               + (": " + ", ".join(f"{k} {_n(v)}" for k, v in xc["by_change"].items()) if xc["by_change"] else "")
               + "." + (f" The script alone decided **{_n(st.total(alone))}** captions (Han characters only, no"
                        " kana, hangul or Latin letters: Chinese, fastText not asked)." if alone else ""),
+              *_second_opinion_line(report.get("lang_second_opinion")),
               "", "## Rewrites", "", "| rule | rows changed | what |", "|---|---:|---|"]
     for name, row in report["rewrites"].items():
         lines.append(f"| {name} | {_n(row['rows_changed'])} | {row['setting']} |")
     return "\n".join(lines) + "\n"
+
+
+def _second_opinion_line(counts: dict | None) -> list[str]:
+    if not counts or not any(counts.values()):
+        return []
+    kept, dropped = st.total(counts.get("kept", {})), st.total(counts.get("dropped", {}))
+    return ["", f"lingua gave a second opinion on **{_n(kept + dropped)}** Latin-script captions fastText "
+                f"would have dropped: **{_n(kept)}** kept, {_n(dropped)} dropped."]
 
 
 PALETTE = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C"]

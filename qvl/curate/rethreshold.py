@@ -39,7 +39,8 @@ from qvl.schemas.pairs import check_columns
 SCORE_SETTINGS = {f"{score}_{kind}" for score in ("nsfw", "watermark", "aesthetic")
                   for kind in ("thresholds", "threshold_default")}
 RETHRESHOLDABLE = {"min_side", "max_aspect_ratio", "clip_thresholds", "clip_threshold_default", "min_units",
-                   "max_units", "languages", "min_lang_score", "skip_rules", *SCORE_SETTINGS, "keep_unscored",
+                   "max_units", "languages", "min_lang_score", "second_opinion", "second_opinion_below", "skip_rules",
+                   *SCORE_SETTINGS, "keep_unscored",
                    # decided again on the new survivors (their text matched again for balancing)
                    "clip_top_fraction", "clip_top_by", "balance_entries", "balance_t", "lang_mix", "balance_seed"}
 MEASURED = ("aspect_ratio", "too_small", "invalid_score", "clip_score", "nsfw", "watermark", "aesthetic", "length")
@@ -109,7 +110,9 @@ def _checked(path: Path) -> int:
     try:
         check_columns(schema, {**dict.fromkeys(("row_id", "url", "text", "source", "lang", "lang_by"), "string"),
                                **dict.fromkeys(("width", "height", "clip_score", "units", "lang_score"), "number")},
-                      str(path), optional={**dict.fromkeys(("nsfw", "watermark", "aesthetic"), "number"),
+                      str(path), optional={**dict.fromkeys(("nsfw", "watermark", "aesthetic", "lang_fasttext_score",
+                                                            "lang_lingua_score"), "number"),
+                                           **dict.fromkeys(("lang_fasttext", "lang_lingua"), "string"),
                                            "drop_reason": "string"})
     except QvlError as e:
         raise LedgerError(f"{e} (not an output of `qvl curate filter`)") from None
@@ -167,14 +170,20 @@ def evaluate(frame: pl.DataFrame, s: FilterSettings) -> pl.DataFrame:
 
 
 def tag(survivors: pl.DataFrame, s: FilterSettings) -> pl.DataFrame:
-    """Language: the recorded label and score where there is one, fastText on the rest."""
+    """Language: the recorded script and fastText opinions where there are some, lingua asked
+    again on what the new settings doubt (as a fresh run would: its choice of languages follows
+    them), fastText on the rows never labelled."""
     if rules.LANG in s.skip_rules:
         return langid.tag(survivors, s)
-    survivors = survivors.with_row_index("_order")  # the rows come back in the order they came
-    labelled = pl.col("lang_by").is_in(["fasttext", "script"]).fill_null(False)
-    known = survivors.filter(labelled)
-    allowed = pl.col("lang").is_in(list(s.languages))
-    confident = (pl.col("lang_by") == "script") | (pl.col("lang_score") >= s.min_lang_score)
-    known = known.with_columns(_lang_fasttext=pl.lit(None, pl.String), _fail_lang=~(allowed & confident))
-    fresh = langid.tag(survivors.filter(~labelled).drop("lang", "lang_score", "lang_by", strict=False), s)
-    return pl.concat([known, fresh], how="diagonal_relaxed").sort("_order").drop("_order")
+    survivors = survivors.with_row_index("_order").with_columns(  # outputs of runs before lingua lack some
+        [pl.lit(None, t).alias(c) for c, t in langid.LANG_OUTPUTS.items() if c not in survivors.columns])
+    by = pl.col("lang_by")
+    labelled = by.is_in(["fasttext", "script", "lingua"]).fill_null(False)
+    lingua = by == "lingua"
+    known = survivors.filter(labelled).with_columns(  # fastText's opinion back where lingua's stood
+        lang=pl.when(lingua).then(pl.col("lang_fasttext")).otherwise(pl.col("lang")),
+        lang_score=pl.when(lingua).then(pl.col("lang_fasttext_score")).otherwise(pl.col("lang_score")),
+        lang_by=pl.when(lingua).then(pl.lit("fasttext")).otherwise(by),
+    )
+    fresh = langid.tag(survivors.filter(~labelled).drop(*langid.LANG_OUTPUTS, strict=False), s)
+    return pl.concat([langid.settle(known, s), fresh], how="diagonal_relaxed").sort("_order").drop("_order")

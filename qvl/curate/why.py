@@ -29,6 +29,18 @@ def _lookup(files: list[Path], row_id: str) -> dict | None:
     return found.row(0, named=True) if found.height else None
 
 
+def _language(facts: dict) -> str:
+    """Both models' answers where both were asked (ledgers of runs before lingua have one)."""
+    if facts["lang"] is None:
+        return "not evaluated (an earlier rule failed)"
+    if facts["lang_score"] is None:
+        return f"{facts['lang']} by {facts['lang_by']} (Han characters only; fastText not asked)"
+    said = f"{facts['lang']} {facts['lang_score']:.2f} by {facts['lang_by']}"
+    if facts.get("lang_by") == "lingua":
+        said += f" (fastText: {facts['lang_fasttext']} {facts['lang_fasttext_score']:.2f}, doubtful)"
+    return said
+
+
 def _filter_story(folder: Path, row_id: str) -> tuple[list[dict], str]:
     facts = _lookup(sorted((folder / "ledger" / "filter").glob("*.parquet")), row_id)
     if facts is None:
@@ -56,9 +68,7 @@ def _filter_story(folder: Path, row_id: str) -> tuple[list[dict], str]:
            f"{s.get(score + '_thresholds', {}).get(source, s.get(score + '_threshold_default'))})"
            for score in ("nsfw", "watermark", "aesthetic")},
         "length": f"{facts['units']} units",
-        "lang": "not evaluated (an earlier rule failed)" if facts["lang"] is None
-        else f"{facts['lang']} by {facts['lang_by']} (Han characters only; fastText not asked)"
-        if facts["lang_score"] is None else f"{facts['lang']} {facts['lang_score']:.2f} by {facts['lang_by']}",
+        "lang": _language(facts),
     }
     steps = []
     evaluated_late = facts["drop_reason"] in (None, rules.LANG)  # lang runs on the survivors of rules 1-10

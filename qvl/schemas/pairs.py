@@ -44,6 +44,15 @@ _TRACKING = [
 # the length rule's measure of the cleaned text: whitespace-separated words + CJK characters
 _UNITS = pa.field("units", pa.uint32(), nullable=True)
 
+# both models' answers, whichever decided: fastText's top label (null where the script alone
+# decided) and lingua's (null where it was not asked)
+_OPINIONS = [
+    pa.field("lang_fasttext", pa.string(), nullable=True),
+    pa.field("lang_fasttext_score", pa.float32(), nullable=True),
+    pa.field("lang_lingua", pa.string(), nullable=True),
+    pa.field("lang_lingua_score", pa.float32(), nullable=True),
+]
+
 CURATED_PAIR = pa.schema(
     _TRACKING
     + list(RAW_PAIR)
@@ -52,8 +61,10 @@ CURATED_PAIR = pa.schema(
         pa.field("lang", pa.string(), nullable=False),
         # null where the script alone decided (Han only, no kana/hangul/Latin): fastText not asked
         pa.field("lang_score", pa.float32(), nullable=True),
-        # "fasttext", or "script" where the script decided or overrode fastText's label
+        # "fasttext"; "script" where the script decided or overrode fastText's label; "lingua" where
+        # fastText doubted a Latin-script caption and lingua decided (curate/second_opinion.py)
         pa.field("lang_by", pa.string(), nullable=False),
+        *_OPINIONS,
     ]
 )
 
@@ -65,6 +76,7 @@ REJECTED_PAIR = pa.schema(
         pa.field("lang", pa.string(), nullable=True),
         pa.field("lang_score", pa.float32(), nullable=True),
         pa.field("lang_by", pa.string(), nullable=True),
+        *_OPINIONS,
         pa.field("drop_reason", pa.string(), nullable=False),
         pa.field("failed_rules", pa.list_(pa.string()), nullable=False),
     ]

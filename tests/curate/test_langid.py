@@ -57,7 +57,7 @@ def test_han_only_captions_are_decided_by_script_without_asking_fasttext(ident):
     assert out.get_column("lang").to_list() == ["zh"] * 3
     assert out.get_column("lang_by").to_list() == ["script"] * 3
     assert out.get_column("lang_score").to_list() == [None] * 3
-    assert out.get_column("_lang_fasttext").to_list() == [None] * 3
+    assert out.get_column("lang_fasttext").to_list() == [None] * 3
     assert out.get_column("_fail_lang").to_list() == [False] * 3
 
 
@@ -65,9 +65,9 @@ def test_mixed_han_and_latin_still_asks_fasttext_for_both_labels(ident):
     """Latin letters may make a caption English; fastText decides, and where its top label
     is neither zh nor en the script relabels with the second label's zh probability."""
     texts = ["iPhone 手机壳 新款", "中文 and English mixed 文字", "ni hao ma zhong guo"]
-    out = tag(texts)
+    out = tag(texts, second_opinion=False)
     l1, p1, l2, p2 = ident.predict(texts)
-    assert out.get_column("_lang_fasttext").to_list() == l1
+    assert out.get_column("lang_fasttext").to_list() == l1
     assert out.get_column("lang").to_list() == ["zh", "zh", l1[2]]
     assert out.get_column("lang_by").to_list() == ["script", "fasttext", "fasttext"]
     expected = [p2[0] if l2[0] == "zh" else 0.0, p1[1], p1[2]]
@@ -102,7 +102,7 @@ def test_other_languages_and_low_scores_fail():
     out = tag(["une belle maison près de la rivière en été", "a dog playing on the beach at sunset"])
     assert out.get_column("lang").to_list() == ["fr", "en"]
     assert out.get_column("_fail_lang").to_list() == [True, False]
-    strict = tag(["a dog playing on the beach at sunset"], min_lang_score=0.9999)
+    strict = tag(["a dog playing on the beach at sunset"], min_lang_score=0.9999, second_opinion=False)
     assert strict.get_column("_fail_lang").to_list() == [True]
 
 

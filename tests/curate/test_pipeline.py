@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from qvl.curate import stats as st
 from qvl.curate.pipeline import RunStateError, run_filter
 from qvl.curate.settings import FilterSettings, RunSettings
 from qvl.demo.pairs import write_demo_pairs
@@ -222,6 +223,22 @@ def test_from_ledger_equals_a_fresh_run_with_the_new_thresholds(demo_run, tmp_pa
     cols = ["row_id", "text", "lang", "units"]
     assert k1.select(cols).equals(k2.select(cols))
     assert r1.select("row_id", "drop_reason", "failed_rules").equals(r2.select("row_id", "drop_reason", "failed_rules"))
+
+
+@pytest.mark.parametrize("change", [{"min_lang_score": 0.95}, {"second_opinion": False},
+                                    {"second_opinion_below": 0.3}, {"languages": ("en",)}])
+def test_from_ledger_decides_language_as_a_fresh_run(demo_run, tmp_path, change):
+    """Recorded fastText opinions are re-thresholded and lingua asked again where the new settings
+    doubt them: the same labels, deciders and outcomes as a fresh run."""
+    raw, out, report = demo_run
+    assert st.total(report["lang_second_opinion"]["kept"]) > 0  # the previous run had lingua decide some
+    runs = RunSettings(workers=2, batch_rows=700)
+    again = run_filter([], tmp_path / "again", FilterSettings(**change), runs, from_ledger=out, show_progress=False)
+    fresh = run_filter(raw, tmp_path / "fresh", FilterSettings(**change), runs, show_progress=False)
+    assert again["funnel"] == fresh["funnel"] and again["lang_second_opinion"] == fresh["lang_second_opinion"]
+    (k1, r1), (k2, r2) = outputs(tmp_path / "again"), outputs(tmp_path / "fresh")
+    cols = ["row_id", "lang", "lang_score", "lang_by", "lang_fasttext", "lang_lingua", "lang_lingua_score"]
+    assert k1.select(cols).equals(k2.select(cols)) and r1.select(cols).equals(r2.select(cols))
 
 
 def test_from_ledger_refuses_what_needs_the_raw_text(demo_run, tmp_path):
