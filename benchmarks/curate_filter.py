@@ -5,8 +5,7 @@
 
 Generates DataComp-shaped parquet shards (vectorised, seeded; ~30% of rows carry noise
 the rules remove), then in one run prints: rows/s of the whole pipeline, rows/s without
-language id, lid.176 texts/s by fastText line by line and by qvl's batch reader (with their
-labels compared), the same rules as a per-row Python loop (the
+language id, the same rules as a per-row Python loop (the
 way per-sample curation tools run them), and peak RSS at each size in --rss-sizes.
 Each pipeline run is a fresh subprocess so its peak RSS is its own. --compare-with runs
 another checkout's qvl (e.g. `git worktree add /tmp/old <commit>`) on the same rows in the
@@ -248,9 +247,6 @@ def main() -> None:
     parser.add_argument("--compare-with", type=Path, default=None,
                         help="another qvl source tree, run on the same rows beside this one")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each pipeline; the best one counts")
-    parser.add_argument("--real-captions", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data"
-                        / "external" / "laion_img2dataset" / "test_10000.parquet",
-                        help="a LAION parquet (TEXT column) for lid.176 on real captions; skipped if absent")
     args = parser.parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="qvl-bench-"))
@@ -272,30 +268,6 @@ def main() -> None:
                 if (name, mode) not in best or r["seconds"] < best[name, mode]["seconds"]:
                     best[name, mode] = r
     no_lang, whole = best["this", "no_lang"], best["this", "whole"]
-
-    from qvl.curate.fasttext_batch import BatchModel
-    from qvl.curate.langid import identifier
-
-    texts = pl.read_parquet(next(data.glob("*.parquet")), columns=["text"]).get_column("text").head(200_000)
-    ident = identifier(None)
-    t = time.perf_counter()
-    line_labels = ident._per_line(texts.to_list(), 1)[0]  # fastText itself, one text at a time
-    fasttext_rate = texts.len() / (time.perf_counter() - t)
-    batch = BatchModel(ident.path)  # a fresh one: its token cache starts empty, as in a worker
-    t = time.perf_counter()
-    batch_labels = batch.top1(texts)[0]
-    batch_rate = texts.len() / (time.perf_counter() - t)
-    same_labels = sum(a == b for a, b in zip(line_labels, batch_labels))
-    real = None  # real captions: a web vocabulary, every token new to a fresh reader
-    if args.real_captions.is_file():
-        captions = pl.read_parquet(args.real_captions).get_column("TEXT").drop_nulls()
-        t = time.perf_counter()
-        line_real = ident._per_line(captions.to_list(), 1)[0]
-        line_rate = captions.len() / (time.perf_counter() - t)
-        t = time.perf_counter()
-        batch_real = BatchModel(ident.path).top1(captions)[0]
-        real = (captions.len(), line_rate, captions.len() / (time.perf_counter() - t),
-                sum(a == b for a, b in zip(line_real, batch_real)))
 
     first = next(data.glob("*.parquet"))
     sample = pl.read_parquet(first).head(args.baseline_rows).to_dicts()
@@ -345,14 +317,6 @@ def main() -> None:
           f"{engine_rate / baseline_rate:.1f}x / {rate_no_lang / baseline_rate:.1f}x | >= 20x |")
     print(f"| rows whose drop reason both give alike (must be all) | {agree:,} of {len(sample):,} | |")
     print(f"| whole pipeline with language id | {rate_whole:,.0f} input rows/s | >= 150,000 |")
-    print(f"| lid.176 top label: fastText line by line (1 core) / qvl's batch reader ({pl.thread_pool_size()} polars "
-          f"threads, cold cache) | "
-          f"{fasttext_rate:,.0f} / {batch_rate:,.0f} texts/s ({batch_rate / fasttext_rate:.1f}x) | |")
-    print(f"| texts both label alike (must be all) | {same_labels:,} of {texts.len():,} | |")
-    if real:
-        print(f"| the same on {real[0]:,} real LAION captions ({args.real_captions.name}, cold cache), "
-              f"labels alike | {real[1]:,.0f} / {real[2]:,.0f} texts/s ({real[2] / real[1]:.1f}x); "
-              f"{real[3]:,} of {real[0]:,} | |")
     print(f"| rows reaching language id | {whole['rows'] and no_lang['kept'] / no_lang['rows']:.1%} of input | |")
     print(f"| peak RSS, {args.rows:,} rows, whole pipeline | {whole['rss_mib']:,.0f} MiB | |")
     if args.compare_with:
