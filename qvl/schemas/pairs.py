@@ -1,7 +1,7 @@
 """Image-text pair tables: raw (as read, canonical names), curated (kept) and rejected.
 
 Input layouts (LAION, DataComp, ...) are mapped onto the canonical raw columns by
-``qvl.curate.layouts``; every column not mapped is carried through unchanged, so the
+``qvl.curate.sources.layouts``; every column not mapped is carried through unchanged, so the
 schemas below name the columns qvl relies on, not every column a table may hold.
 """
 
@@ -62,7 +62,7 @@ CURATED_PAIR = pa.schema(
         # null where the script alone decided (Han only, no kana/hangul/Latin): fastText not asked
         pa.field("lang_score", pa.float32(), nullable=True),
         # "fasttext"; "script" where the script decided or overrode fastText's label; "lingua" where
-        # fastText doubted a Latin-script caption and lingua decided (curate/second_opinion.py)
+        # fastText doubted a Latin-script caption and lingua decided (curate/lang/second_opinion.py)
         pa.field("lang_by", pa.string(), nullable=False),
         *_OPINIONS,
     ]

@@ -13,8 +13,8 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from qvl.curate.download import DownloadSettings, run_download
-from qvl.curate.pipeline import run_filter
+from qvl.curate.filter.pipeline import run_filter
+from qvl.curate.images.download import DownloadSettings, run_download
 from qvl.curate.settings import FilterSettings, RunSettings
 
 

@@ -289,11 +289,11 @@ def test_a_long_first_jsonl_line_is_read(tmp_path):
 
 
 def test_headerless_tsv_layout_is_a_majority_and_said(tmp_path):
-    from qvl.curate import readers
+    from qvl.curate.sources import shards
 
     path = tmp_path / "cc.tsv"
     path.write_text("".join(f"http://x.test/{i}.jpg\t{CAPTION}\n" for i in range(9)) + f"{CAPTION}\thttp://x.test/9.jpg\n")
-    shard = readers.open_shard(path, 0)
+    shard = shards.open_shard(path, 0)
     assert shard.layout.name == "cc12m" and shard.layout_note == "cc12m: 9 of 10 sampled lines are url<TAB>caption"
     path.write_text("".join(f"http://x.test/{i}.jpg\t{CAPTION}\n" for i in range(5))
                     + "".join(f"{CAPTION}\thttp://x.test/{i}.jpg\n" for i in range(5)))
@@ -339,7 +339,7 @@ def test_killing_the_main_process_ends_its_workers(tmp_path):
 
 @pytest.mark.parametrize("case", ["missing", "empty", "truncated", "garbage", "not a model"])
 def test_a_bad_language_model_is_a_one_line_error_before_any_row_is_read(tmp_path, case):
-    from qvl.curate.langid import default_model_path
+    from qvl.curate.lang.langid import default_model_path
 
     good = default_model_path().read_bytes()
     model = tmp_path / "lid.ftz"

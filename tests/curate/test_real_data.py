@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import polars as pl
 
-from qvl.curate import stats as st
-from qvl.curate.pipeline import run_filter
+from qvl.curate.filter import stats as st
+from qvl.curate.filter.pipeline import run_filter
 from qvl.curate.settings import RunSettings
 from tests.conftest import needs_shared_data
 

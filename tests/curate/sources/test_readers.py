@@ -12,13 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qvl.curate import readers
-from qvl.curate.readers import InputError
+from qvl.curate.sources import readers, shards
+from qvl.curate.sources.shards import InputError
 from tests.conftest import needs_shared_data
 
 
 def read_all(path, **kw) -> pl.DataFrame:
-    shard = readers.open_shard(path, 0, **kw)
+    shard = shards.open_shard(path, 0, **kw)
     return pl.concat(list(readers.read_batches(shard, batch_rows=2)), how="diagonal_relaxed")
 
 
@@ -26,7 +26,7 @@ def test_laion_parquet_is_recognised_and_carries_other_columns(tmp_path):
     p = tmp_path / "laion.parquet"
     pq.write_table(pa.table({"URL": ["http://a/1.jpg"], "TEXT": ["a cat"], "WIDTH": [640.0], "HEIGHT": [480.0],
                              "similarity": [0.31], "punsafe": [0.01], "LICENSE": ["?"]}), p)
-    shard = readers.open_shard(p, 3)
+    shard = shards.open_shard(p, 3)
     assert shard.layout.name == "laion"
     df = read_all(p)
     row = df.row(0, named=True)
@@ -42,7 +42,7 @@ def test_datacomp_uses_the_l14_score(tmp_path):
                              "original_height": [2], "clip_b32_similarity_score": [0.1],
                              "clip_l14_similarity_score": [0.3]}), p)
     df = read_all(p)
-    assert readers.open_shard(p, 0).layout.name == "datacomp"
+    assert shards.open_shard(p, 0).layout.name == "datacomp"
     assert df.get_column("clip_score").to_list() == [0.3]
     assert df.get_column("clip_b32_similarity_score").to_list() == [0.1]
 
@@ -54,7 +54,7 @@ def test_datacomp_uses_the_l14_score(tmp_path):
 def test_headerless_cc_tsv(tmp_path, line, layout, text):
     p = tmp_path / "cc.tsv"
     p.write_text(line * 3, encoding="utf-8")
-    assert readers.open_shard(p, 0).layout.name == layout
+    assert shards.open_shard(p, 0).layout.name == layout
     df = read_all(p)
     assert df.get_column("text_raw").to_list() == [text] * 3
     assert df.get_column("row_id").to_list() == ["cc.tsv:1", "cc.tsv:2", "cc.tsv:3"]
@@ -71,26 +71,26 @@ def test_mapping_for_unknown_layouts(tmp_path):
     p = tmp_path / "x.csv"
     p.write_text("image_link,caption,score\nhttp://a,\"a, quoted caption\",1\n")
     with pytest.raises(InputError, match=r"x.csv: unknown layout.*--map"):
-        readers.open_shard(p, 0)
+        shards.open_shard(p, 0)
     df = read_all(p, mapping={"url": "image_link", "text": "caption"})
     assert df.get_column("text_raw").to_list() == ["a, quoted caption"]
     assert df.get_column("score").to_list() == ["1"]  # passthrough columns of text files stay text
     with pytest.raises(InputError, match="lacks: nope"):
-        readers.open_shard(p, 0, mapping={"url": "image_link", "text": "nope"})
+        shards.open_shard(p, 0, mapping={"url": "image_link", "text": "nope"})
 
 
 def test_missing_text_column_names_file_and_columns(tmp_path):
     p = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"URL": ["u"], "caption": ["t"]}), p)
     with pytest.raises(InputError, match=r"bad.parquet: unknown layout \(columns: URL, caption\)"):
-        readers.open_shard(p, 0)
+        shards.open_shard(p, 0)
 
 
 def test_wrong_column_type_is_named(tmp_path):
     p = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"url": ["u"], "text": [1]}), p)
     with pytest.raises(InputError, match=r"bad.parquet: column 'text' is int64, expected a string column"):
-        readers.open_shard(p, 0)
+        shards.open_shard(p, 0)
 
 
 def test_truncated_parquet_is_a_clear_error(tmp_path):
@@ -99,17 +99,17 @@ def test_truncated_parquet_is_a_clear_error(tmp_path):
     bad = tmp_path / "cut.parquet"
     bad.write_bytes(good.read_bytes()[:-30])
     with pytest.raises(InputError, match="cut.parquet: not a readable parquet file"):
-        readers.open_shard(bad, 0)
+        shards.open_shard(bad, 0)
 
 
 def test_unsupported_and_missing_files(tmp_path):
     (tmp_path / "a.txt").write_text("x")
     with pytest.raises(InputError, match="unsupported file type"):
-        readers.open_shard(tmp_path / "a.txt", 0)
+        shards.open_shard(tmp_path / "a.txt", 0)
     with pytest.raises(InputError, match="no such file"):
-        readers.discover([tmp_path / "missing.parquet"])
+        shards.discover([tmp_path / "missing.parquet"])
     with pytest.raises(InputError, match="holds no parquet"):
-        readers.discover([tmp_path])
+        shards.discover([tmp_path])
 
 
 def test_invalid_utf8_row_is_flagged_not_lost(tmp_path):

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from qvl.curate import second_opinion
+from qvl.curate.lang import second_opinion
 from qvl.curate.settings import FilterSettings
 from qvl.errors import QvlError
 

@@ -6,7 +6,7 @@ import fasttext
 import polars as pl
 import pytest
 
-from qvl.curate import langid
+from qvl.curate.lang import langid
 from qvl.curate.settings import FilterSettings
 
 TEXTS = ["a dog playing on the beach at sunset", "一只金毛犬在海滩上玩耍", "une maison près de la rivière",

@@ -1,4 +1,4 @@
-"""Runs one img2dataset download in its own process: ``python -m qvl.curate.fetch CONFIG.json``.
+"""Runs one img2dataset download in its own process: ``python -m qvl.curate.images.fetch CONFIG.json``.
 
 img2dataset starts its workers with "spawn", which imports this module again in each of
 them (as ``__mp_main__``): what ``guard`` installs at import therefore holds in every
@@ -25,7 +25,7 @@ def guard() -> None:
     from img2dataset import resizer
 
     from qvl import pixels
-    from qvl.curate import netcheck
+    from qvl.curate.images import netcheck
 
     if os.environ.get(ALLOW_PRIVATE) != "1":
         urllib.request.install_opener(netcheck.opener())

@@ -1,8 +1,9 @@
 """Where `qvl curate filter` runs its tasks: this machine, or a Ray cluster.
 
-Both engines run the same two functions — ``process_shard`` (rules and language id over
-one input shard) and ``dedup_partition`` (one hash partition) — with the same arguments,
-so their outputs are identical; only the scheduling differs. Each task writes its own
+Both engines run the same functions — ``process_shard`` (rules and language id over one
+input shard), ``dedup_partition`` (one hash partition), the balance steps — with the same
+arguments, so their outputs are identical; only the scheduling differs. A task that reports
+its rows as it goes is given the engine's progress queue as its last argument. Each task writes its own
 files atomically and a marker, so either engine resumes a run the other started.
 """
 
@@ -12,30 +13,22 @@ import multiprocessing as mp
 import os
 import queue
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing.managers import SyncManager
 
 from qvl.curate.settings import RunSettings
 from qvl.lifeline import exit_with_parent
 
-_worker_progress: "mp.Queue | queue.SimpleQueue | None" = None
 
-
-def _init_worker(progress_queue, parent: int | None = None) -> None:
-    global _worker_progress
-    _worker_progress = progress_queue
-    if parent is not None:
-        exit_with_parent(parent)
-
-
-def shard_task(shard, out, settings, batch_rows, partitions) -> dict:
-    from qvl.curate.pipeline import process_shard
-
-    return process_shard(shard, out, settings, batch_rows, partitions, _worker_progress)
+def _init_worker(parent: int) -> None:
+    exit_with_parent(parent)
 
 
 class LocalEngine:
     """Runs tasks inline (one worker) or in a pool of spawned processes, forwarding the
     rows they report to a progress callback. Spawned, not forked: polars' thread pool
-    does not survive a fork. Each worker gets an equal share of polars threads."""
+    does not survive a fork. Each worker gets an equal share of polars threads. The pool's
+    progress queue lives in a manager process: a task is given it as an argument (a plain
+    multiprocessing queue can reach a worker only when the worker starts)."""
 
     def __init__(self, workers: int):
         self.workers = workers
@@ -44,25 +37,25 @@ class LocalEngine:
     def __enter__(self) -> "LocalEngine":
         if self.workers > 1:
             ctx = mp.get_context("spawn")
-            self.queue = ctx.Queue()
+            self.manager = SyncManager(ctx=ctx)
+            self.manager.start(_init_worker, (os.getpid(),))
+            self.queue = self.manager.Queue()
             self._previous = os.environ.get("POLARS_MAX_THREADS")
             os.environ["POLARS_MAX_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.workers))
             self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
-                                            initargs=(self.queue, os.getpid()))
+                                            initargs=(os.getpid(),))
         else:
             self.queue = queue.SimpleQueue()
-            _init_worker(self.queue)
         return self
 
     def __exit__(self, *exc) -> None:
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
+            self.manager.shutdown()
             if self._previous is None:
                 os.environ.pop("POLARS_MAX_THREADS", None)
             else:
                 os.environ["POLARS_MAX_THREADS"] = self._previous
-        else:
-            _init_worker(None)
 
     def _drain(self, on_progress) -> None:
         while True:
@@ -71,18 +64,23 @@ class LocalEngine:
             except queue.Empty:
                 return
 
-    def run(self, fn, jobs: dict, on_progress):
-        """Yield (key, result) for every ``key: args`` job, as each one finishes."""
+    def run(self, fn, jobs: dict, on_progress=None):
+        """Yield (key, result) for every ``key: args`` job, as each one finishes; with
+        ``on_progress``, ``fn`` is given the progress queue after its args, and the rows
+        put there reach ``on_progress``."""
+        extra = (self.queue,) if on_progress is not None else ()
         if self.pool is None or len(jobs) <= 1:
             for key, args in jobs.items():
-                result = fn(*args)
-                self._drain(on_progress)
+                result = fn(*args, *extra)
+                if on_progress is not None:
+                    self._drain(on_progress)
                 yield key, result
             return
-        pending = {self.pool.submit(fn, *args): key for key, args in jobs.items()}
+        pending = {self.pool.submit(fn, *args, *extra): key for key, args in jobs.items()}
         while pending:
             done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-            self._drain(on_progress)
+            if on_progress is not None:
+                self._drain(on_progress)
             for fut in done:
                 yield pending.pop(fut), fut.result()
 
@@ -116,16 +114,18 @@ class RayEngine:
         if self.started:
             self.ray.shutdown()
 
-    def run(self, fn, jobs: dict, on_progress):
-        """Yield (key, result) for every ``key: args`` job, as each one finishes; report
-        a finished shard's rows (Ray tasks have no progress queue)."""
+    def run(self, fn, jobs: dict, on_progress=None):
+        """Yield (key, result) for every ``key: args`` job, as each one finishes; with
+        ``on_progress``, ``fn`` is given no queue (None) and a finished shard's rows are reported."""
+        extra = (None,) if on_progress is not None else ()
         remote = self.ray.remote(num_cpus=1, max_retries=2)(fn)
-        pending = {remote.remote(*args): key for key, args in jobs.items()}
+        pending = {remote.remote(*args, *extra): key for key, args in jobs.items()}
         while pending:
             done, _ = self.ray.wait(list(pending), num_returns=1)
             for ref in done:
                 result = self.ray.get(ref)
-                on_progress(sum(result.get("stats", {}).get("input", {}).values()))
+                if on_progress is not None:
+                    on_progress(sum(result.get("stats", {}).get("input", {}).values()))
                 yield pending.pop(ref), result
 
 

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from qvl import storage
-from qvl.curate import download as dl
+from qvl.curate.images import download as dl
 from qvl.errors import QvlError
 from qvl.progress import progress_bar
 from qvl.recipes import require

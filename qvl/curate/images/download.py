@@ -30,12 +30,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 
 from qvl import pixels, storage
-from qvl.curate import fetch, netcheck
-from qvl.curate import report as report_mod
+from qvl.curate.filter import report as report_mod
+from qvl.curate.filter import rules
+from qvl.curate.images import fetch, netcheck
+from qvl.curate.images.near_dups import near_duplicates
+from qvl.curate.settings import FilterSettings
 from qvl.errors import QvlError
 from qvl.lifeline import PARENT_ENV
 from qvl.progress import progress_bar
@@ -174,7 +176,7 @@ def _fetch(queue: pl.DataFrame, folder: Path, s: DownloadSettings, show_progress
     shards = -(-rows // s.samples_per_shard)
     log = open(own / "img2dataset.log", "ab")
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "qvl.curate.fetch", str(own / "img2dataset.json")],
+        proc = subprocess.Popen([sys.executable, "-m", "qvl.curate.images.fetch", str(own / "img2dataset.json")],
                                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", fetch.MAX_PIXELS: str(s.max_pixels),
                                      fetch.ALLOW_PRIVATE: "1" if s.allow_private else "0",
                                      PARENT_ENV: str(os.getpid())})
@@ -286,93 +288,6 @@ def check_images(f: Folders, facts: pl.DataFrame, threads: int, max_pixels: int,
 # ---------------------------------------------------------------- decisions
 
 
-# Pairs compared at once (one block of a bucket), and candidate pairs joined at once: memory
-# stays a few tens of MB however many images share a hash or a band.
-_BLOCK = 1 << 20
-_LEAF = 2048  # a bucket this small (or with too few free bits to split) is compared whole, in blocks
-_FULL = (1 << 64) - 1
-
-
-def near_duplicates(hashes: np.ndarray, bits: int) -> dict[int, int]:
-    """Groups of 64-bit hashes within ``bits`` of each other (transitively). Returns, for every
-    member but the first of its group (rows come ranked), the index of that first one.
-
-    Identical hashes are one group from the start (``np.unique``): thousands of copies of one
-    popular picture cost O(n log n), not n×n. The distinct hashes are found close by multi-index
-    hashing: split the bits into ``bits + 1`` bands; two hashes that close agree on one band
-    whole, so only hashes sharing a band value are compared. A large bucket is split again on
-    its remaining bits the same way, and compared in blocks, so memory stays bounded; the
-    close pairs are joined by union-find on numpy arrays, never a dense matrix."""
-    hashes = np.asarray(hashes).astype(np.uint64)
-    n = len(hashes)
-    if n == 0:
-        return {}
-    unique, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
-    labels = np.arange(len(unique))
-    pending: list[tuple[np.ndarray, np.ndarray]] = []
-    size = 0
-
-    def flush() -> None:
-        nonlocal size
-        if pending:
-            _join(labels, np.concatenate([a for a, _ in pending]), np.concatenate([b for _, b in pending]))
-        pending.clear()
-        size = 0
-
-    def compare(ids: np.ndarray) -> None:
-        nonlocal size
-        h = unique[ids]
-        step = max(1, _BLOCK // len(ids))
-        for s in range(0, len(ids), step):
-            close = np.bitwise_count(h[s:s + step, None] ^ h[None, s:]) <= bits
-            x, y = np.nonzero(close)
-            later = y > x  # each pair once, never a hash with itself
-            pending.append((ids[s + x[later]], ids[s + y[later]]))
-            size += int(later.sum())
-            if size >= _BLOCK:
-                flush()
-
-    def search(ids: np.ndarray, known: int) -> None:
-        free = [b for b in range(64) if not known >> b & 1] if len(ids) > _LEAF else []
-        if len(free) <= bits + 1:  # small, or too few bits left to split: at most 2^(bits+1) hashes
-            compare(ids)
-            return
-        for band in np.array_split(np.array(free), bits + 1):
-            mask = np.uint64(sum(1 << int(b) for b in band))
-            key = unique[ids] & mask
-            order = np.argsort(key, kind="stable")
-            sorted_keys = key[order]
-            starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-            for a, b in zip(starts, np.r_[starts[1:], len(ids)]):
-                if b - a >= 2:
-                    search(ids[order[a:b]], known | int(mask))
-
-    if bits >= 0 and len(unique) > 1:
-        search(np.arange(len(unique)), 0)
-        flush()
-    # each group's first row: the smallest index among its hashes' first rows
-    lead = np.full(len(unique), n)
-    np.minimum.at(lead, labels, first)
-    leader = lead[labels][inverse]
-    lost = np.flatnonzero(leader != np.arange(n))
-    return dict(zip(lost.tolist(), leader[lost].tolist()))
-
-
-def _join(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
-    """Union-find over ``labels`` (each entry points at a smaller one or itself) for the pairs
-    ``a``-``b``: hook the larger root onto the smaller, then flatten every path; O(log) rounds."""
-    while a.size:
-        ra, rb = labels[a], labels[b]
-        apart = ra != rb
-        a, b, ra, rb = a[apart], b[apart], ra[apart], rb[apart]
-        np.minimum.at(labels, np.maximum(ra, rb), np.minimum(ra, rb))
-        while True:
-            up = labels[labels]
-            if np.array_equal(up, labels):
-                break
-            labels[:] = up
-
-
 def clip_facts(f: Folders) -> pl.DataFrame | None:
     path = f.ledger / "clip.parquet"
     return pl.read_parquet(path) if path.exists() else None
@@ -406,8 +321,11 @@ def derive(f: Folders, kept: pl.DataFrame, base_report: dict, s: DownloadSetting
         clip_fail = (pl.col("clip_score_computed") < limit).fill_null(False)
     else:
         clip_fail = pl.lit(False)
-    short = pl.min_horizontal("image_width", "image_height")
-    long_side = pl.max_horizontal("image_width", "image_height")
+    # rules 8-9 of the filter (the same expressions) on the real pixels; the limits as given, unchecked, as ever
+    limits = FilterSettings()
+    limits.min_side, limits.max_aspect_ratio = min_side, max_ratio
+    real = frame.select(width="image_width", height="image_height").select(
+        **{r.name: r.build(limits) for r in rules.RULES if r.name in ("too_small", "aspect_ratio")})
     # what the fetching processes refused: a connection or redirect to a private address,
     # bytes that are no image or have too many pixels (never stored)
     error = pl.coalesce("error_message", "image_error").fill_null("")
@@ -419,8 +337,8 @@ def derive(f: Folders, kept: pl.DataFrame, base_report: dict, s: DownloadSetting
         pl.when((pl.col("status") == "failed_to_resize") | pl.col("image_error").is_not_null())
         .then(pl.lit("image_corrupt")),
         pl.when(pl.col("status").ne_missing("success")).then(pl.lit("download_failed")),
-        pl.when(short < min_side).then(pl.lit("image_too_small")),
-        pl.when(long_side.cast(pl.Float64) / short > max_ratio).then(pl.lit("image_aspect_ratio")),
+        pl.when(real.get_column("too_small")).then(pl.lit("image_too_small")),
+        pl.when(real.get_column("aspect_ratio")).then(pl.lit("image_aspect_ratio")),
         pl.when(clip_fail).then(pl.lit("clip_score_computed")),
     ), download_error=pl.coalesce("_refused_why", "error_message", "image_error"))
     # rule 12 on the image hash: one image, several texts -> keep the longest (then the first)

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from qvl.curate.clipscore import ClipScoreError, ClipSettings, run_clip_score
+from qvl.curate.images.clipscore import ClipScoreError, ClipSettings, run_clip_score
 from tests.conftest import needs_shared_data
 
 TINY = {"embed_dim": 32,
@@ -125,7 +125,7 @@ def test_laion_aesthetic_heads_on_their_reference_embeddings(shared_data):
     """The published heads rank the published per-rating embeddings in order (B/32 and L/14)."""
     import numpy as np
 
-    from qvl.curate.clipscore import AestheticHead
+    from qvl.curate.images.clipscore import AestheticHead
 
     folder = shared_data / "external" / "laion_aesthetic"
     for name, dim in (("vit_b_32", 512), ("vit_l_14", 768)):

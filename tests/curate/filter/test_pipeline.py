@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from qvl.curate import stats as st
-from qvl.curate.pipeline import RunStateError, run_filter
+from qvl.curate.filter import stats as st
+from qvl.curate.filter.pipeline import RunStateError, run_filter
 from qvl.curate.settings import FilterSettings, RunSettings
 from qvl.demo.pairs import write_demo_pairs
 from qvl.schemas import CURATED_PAIR, REJECTED_PAIR, validate_table
@@ -146,7 +146,7 @@ def test_dedup_across_shards_and_partitions(tmp_path):
 
 
 def test_dedup_partitions_come_in_rounds_of_the_workers():
-    from qvl.curate.dedup import partition_count
+    from qvl.curate.filter.dedup import partition_count
 
     assert partition_count(3_000_000, 1_000_000, 4096, workers=2) == 4  # not 3: no lone second round
     assert partition_count(2_000_000, 1_000_000, 4096, workers=2) == 2
@@ -242,7 +242,7 @@ def test_from_ledger_decides_language_as_a_fresh_run(demo_run, tmp_path, change)
 
 
 def test_from_ledger_refuses_what_needs_the_raw_text(demo_run, tmp_path):
-    from qvl.curate.rethreshold import LedgerError
+    from qvl.curate.filter.rethreshold import LedgerError
 
     raw, out, report = demo_run
     with pytest.raises(LedgerError, match="dataset_tags"):

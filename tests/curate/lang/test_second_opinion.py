@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from qvl.curate import langid, second_opinion
+from qvl.curate.lang import langid, second_opinion
 from qvl.curate.settings import FilterSettings
 
 # CC3M validation captions (all English) that lid.176 alone drops: below 0.5 for en, or another label

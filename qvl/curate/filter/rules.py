@@ -343,7 +343,7 @@ RULES: tuple[Rule, ...] = (
 INPUT_ERRORS = ("malformed_row", "invalid_utf8")
 LANG = "lang"
 DUPLICATE = "duplicate"
-BALANCE = ("clip_top_fraction", "no_entry", "balance", "lang_mix")  # after rule 12: curate/balance.py
+BALANCE = ("clip_top_fraction", "no_entry", "balance", "lang_mix")  # after rule 12: curate/filter/balance.py
 DROP_ORDER: tuple[str, ...] = (
     INPUT_ERRORS + tuple(r.name for r in RULES if r.kind == "drop") + (LANG, DUPLICATE) + BALANCE
 )

@@ -8,7 +8,7 @@ import json
 import polars as pl
 import pytest
 
-from qvl.curate.pipeline import run_filter
+from qvl.curate.filter.pipeline import run_filter
 from qvl.curate.settings import RunSettings
 from qvl.demo.pairs import write_demo_pairs
 

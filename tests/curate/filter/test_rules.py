@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from qvl.curate import rules
+from qvl.curate.filter import rules
 from qvl.curate.settings import FilterSettings
 
 
@@ -152,13 +152,13 @@ def test_dataset_tags_are_a_setting():
 def test_plain_row_shortcuts_give_the_same_result_as_every_rule(tmp_path):
     """`apply` lets plain ASCII rows take each rule's shortcut; the outcome must be exactly
     that of running every rule on every row, on noisy demo data and crafted edge cases."""
-    from qvl.curate import readers
+    from qvl.curate.sources import readers, shards
     from qvl.demo.pairs import write_demo_pairs
 
     edge = ["a b c", "a  b c", " a b c", "a b c ", "a b", "x y z.", "see www.foo.com now", "IMG 1234 ok",
             "wow!!! nice one", "wow!!!! nice one", "a.b c d", "a@b c d", "tab\there ok", "", "3 < 4 ok",
             "fish & chips ok", "ab cd ef " * 40, "DSC0042 my photo", "a - b - c", "dots ... here ok"]
-    frames = [pl.concat(list(readers.read_batches(readers.open_shard(p, i), 100_000)), how="diagonal_relaxed")
+    frames = [pl.concat(list(readers.read_batches(shards.open_shard(p, i), 100_000)), how="diagonal_relaxed")
               for i, p in enumerate(write_demo_pairs(tmp_path, rows_per_shard=1500))]
     demo = pl.concat([f.select("url", "text_raw", "width", "height", "clip_score", "nsfw", "watermark", "aesthetic",
                                "source", "_input_error", "invalid_scores")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from qvl.curate import report as report_mod
+from qvl.curate.filter import report as report_mod
 
 BLUE = (0x4C, 0x72, 0xB0)
 

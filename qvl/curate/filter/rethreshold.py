@@ -28,10 +28,12 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qvl.curate import langid, layouts, rules
-from qvl.curate import report as report_mod
-from qvl.curate.readers import SEQ_ROW_BITS, Shard
+from qvl.curate.filter import report as report_mod
+from qvl.curate.filter import rules
+from qvl.curate.lang import langid
 from qvl.curate.settings import FilterSettings
+from qvl.curate.sources import layouts
+from qvl.curate.sources.shards import SEQ_ROW_BITS, Shard
 from qvl.errors import QvlError
 from qvl.recipes import fill
 from qvl.schemas.pairs import check_columns

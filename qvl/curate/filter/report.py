@@ -12,10 +12,10 @@ from pathlib import Path
 
 from qvl import storage
 from qvl.boundary import read_json_file
-from qvl.curate import rules
-from qvl.curate import stats as st
-from qvl.curate.layouts import SCORES
+from qvl.curate.filter import rules
+from qvl.curate.filter import stats as st
 from qvl.curate.settings import FilterSettings
+from qvl.curate.sources.layouts import SCORES
 
 MAX_JSON_BYTES = 64 << 20  # a report or a run's state is a few KB; a larger file is not one of them
 

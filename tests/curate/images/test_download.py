@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from qvl.curate import netcheck
-from qvl.curate.download import DownloadError, DownloadSettings, run_download
+from qvl.curate.images import netcheck
+from qvl.curate.images.download import DownloadError, DownloadSettings, run_download
 from qvl.formats.images import ImageStore
 from tests.curate.conftest import BODIES, PAIRS, SETTINGS
 
@@ -198,7 +198,7 @@ def test_every_spelling_of_a_private_address_is_refused(host):
 
 
 def _curated_urls(tmp_path: Path, urls: list[str]) -> Path:
-    from qvl.curate.pipeline import run_filter
+    from qvl.curate.filter.pipeline import run_filter
     from qvl.curate.settings import FilterSettings, RunSettings
 
     raw = tmp_path / "raw.parquet"
@@ -289,7 +289,7 @@ def test_bytes_that_are_not_an_image_are_never_stored(downloaded, server):
 def test_near_duplicate_images_keep_one_pair(tmp_path, server):
     """The same photo re-encoded, resized and lightly cropped under three URLs -> one kept (the
     longest caption); two different photos -> both kept; the ledger names the winner."""
-    from qvl.curate.pipeline import run_filter
+    from qvl.curate.filter.pipeline import run_filter
     from qvl.curate.settings import FilterSettings, RunSettings
     from qvl.curate.why import explain
 
@@ -325,7 +325,7 @@ def test_near_duplicate_images_keep_one_pair(tmp_path, server):
 def test_multi_index_hashing_finds_what_a_full_comparison_finds():
     import numpy as np
 
-    from qvl.curate.download import near_duplicates
+    from qvl.curate.images.near_dups import near_duplicates
 
     rng = np.random.default_rng(0)
     base = rng.integers(0, 2 ** 63, 40, dtype=np.uint64)
@@ -364,7 +364,7 @@ def test_many_copies_of_one_picture_group_in_bounded_memory():
     1 GiB at 12,000); now identical hashes are one group from the start."""
     import numpy as np
 
-    from qvl.curate.download import near_duplicates
+    from qvl.curate.images.near_dups import near_duplicates
 
     hashes = np.full(4000, 0x0F0F_1234_5678_9ABC, dtype=np.uint64)
     hashes[::7] ^= np.uint64(0b11)  # a few copies two bits off: still the same group
@@ -379,7 +379,7 @@ def test_distinct_hashes_sharing_a_band_group_in_bounded_memory():
     it is split again on its other bits, never compared as one dense matrix."""
     import numpy as np
 
-    from qvl.curate.download import near_duplicates
+    from qvl.curate.images.near_dups import near_duplicates
 
     rng = np.random.default_rng(1)
     hashes = (rng.integers(0, 2 ** 63, 4000, dtype=np.uint64) << np.uint64(13)) | np.uint64(0x1ABC)
@@ -414,11 +414,11 @@ def test_near_duplicates_match_a_full_comparison(monkeypatch, records, bits):
     """Copies, flipped bits, buckets split again and blocks joined: the groups of a full comparison."""
     import numpy as np
 
-    from qvl.curate import download
+    from qvl.curate.images import near_dups
 
-    monkeypatch.setattr(download, "_LEAF", 4)  # split every bucket of more than four hashes again
-    monkeypatch.setattr(download, "_BLOCK", 16)  # many small blocks and joins
+    monkeypatch.setattr(near_dups, "_LEAF", 4)  # split every bucket of more than four hashes again
+    monkeypatch.setattr(near_dups, "_BLOCK", 16)  # many small blocks and joins
     bases = [0x0123_4567_89AB_CDEF, 0xFEDC_BA98_7654_3210, 0x00FF_00FF_00FF_00FF, 0, 1 << 63, 0x5555_5555_5555_5555,
              0x0F0F_0F0F_0F0F_0F0F, 0x1234_0000_0000_1234]
     hashes = np.array([bases[b] ^ sum(1 << f for f in flips) for b, flips in records], dtype=np.uint64)
-    assert download.near_duplicates(hashes, bits) == _brute_force_groups(hashes, bits)
+    assert near_dups.near_duplicates(hashes, bits) == _brute_force_groups(hashes, bits)

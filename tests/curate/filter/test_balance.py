@@ -12,9 +12,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from qvl.curate import balance
-from qvl.curate.balance import uniform
-from qvl.curate.pipeline import run_filter
+from qvl.curate.filter import balance
+from qvl.curate.filter.balance import uniform
+from qvl.curate.filter.pipeline import run_filter
 from qvl.curate.settings import FilterSettings, RunSettings
 from tests.conftest import needs_shared_data
 
@@ -249,7 +249,7 @@ def test_a_plot_of_no_match_says_nothing_on_stderr(tmp_path):
     """No caption matched an entry: matplotlib warned "No artists with labels found" on legend()."""
     import warnings
 
-    from qvl.curate.balance import plot_entries
+    from qvl.curate.filter.balance import plot_entries
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -1,0 +1,1 @@
+"""The kept pairs' images: download (img2dataset in its own process), address and pixel checks, CLIP scores."""
