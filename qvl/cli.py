@@ -541,7 +541,7 @@ def format_inspect(
     """Print one row decoded, supervised spans in green, the rest dim."""
     from rich.text import Text
 
-    from qvl.formats.inspect import spans
+    from qvl.formats.shard_info import spans
     from qvl.formats.shards import read_manifest
     from qvl.formats.tokenizers import load_tokenizer
 

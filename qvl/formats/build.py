@@ -21,12 +21,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qvl import __version__, pixels
-from qvl.errors import QvlError
-from qvl.formats import chatml, families, multitask
-from qvl.formats.boxes import AnnotationError
-from qvl.formats.families import MODELS
+from qvl.errors import AnnotationError, QvlError
+from qvl.formats import families
+from qvl.formats.families import MODELS, vision
 from qvl.formats.images import ImageStore
-from qvl.formats.sequence import Encoded, Plan, assemble
+from qvl.formats.render import chatml, multitask
+from qvl.formats.render.sequence import Encoded, Plan, assemble
 from qvl.formats.shards import ShardWriter
 from qvl.formats.tokenizers import load_tokenizer
 from qvl.inputs import DuplicateInput, input_names
@@ -58,12 +58,12 @@ class FormatSettings:
             value = getattr(self, key)
             require(value is None or value <= most, key, f"{value}: must be <= {most:,}")
         require(self.model in MODELS, "model", f"{self.model!r}: use {', '.join(MODELS)}")
-        if self.model == "qwen-vl":
+        if not families.family(self.model).sized_images:
             for key in ("min_image_pixels", "max_image_pixels"):
                 require(getattr(self, key) is None, key, "only for --model qwen2-vl, qwen2.5-vl or qwen3-vl "
                                                          "(Qwen-VL's images are 448x448)")
         else:
-            families.pixel_bounds(families.family(self.model), self.min_image_pixels, self.max_image_pixels)
+            vision.pixel_bounds(families.family(self.model), self.min_image_pixels, self.max_image_pixels)
 
 
 # Upper bounds of the settings: far past any real use, each keeps one number from asking for
@@ -226,15 +226,15 @@ def run_format(
             raise FormatInputError(f"{option} {folder}: no such folder")
     records = file_records(inputs) if records is None else records
     store = ImageStore(images, downloads, settings.max_pixels)
-    model = None if settings.model == "qwen-vl" else families.family(settings.model)
-    if model is None:
+    model = families.family(settings.model)
+    if not model.sized_images:
         tok, image_tokens, resized_of = load_tokenizer(settings.tokenizer), settings.image_tokens, None
     else:
         tok = load_tokenizer(settings.model if settings.tokenizer == "qwen-vl" else settings.tokenizer, settings.model)
         families.check_tokenizer(tok, model)
 
         def resized_of(ref: str) -> tuple[int, int]:
-            return families.image_tokens(model, *store.size(ref), settings.min_image_pixels,
+            return vision.image_tokens(model, *store.size(ref), settings.min_image_pixels,
                                          settings.max_image_pixels)[1]
 
         def image_tokens(ref: str) -> int:
@@ -247,7 +247,7 @@ def run_format(
         image_pad = tok.special("<|image_pad|>")
     ctx = multitask.Context(tok, image_tokens, store.size, model, resized_of)
     limit = min(settings.max_len, settings.pack_to or settings.max_len)
-    writer = ShardWriter(out, overwrite, max_rows=settings.shard_rows, positions=model is not None)
+    writer = ShardWriter(out, overwrite, max_rows=settings.shard_rows, positions=model.sized_images)
     stats: Counter = Counter()
     rejected: Counter = Counter()
     by_task: dict[str, Counter] = defaultdict(Counter)
@@ -270,7 +270,7 @@ def run_format(
             "sample_ids": [[s.id for s in row] for row in rows],
             "sample_lengths": [[len(s.input_ids) for s in row] for row in rows],
         }
-        if model is not None:  # each sample's own positions, from 0: a packed row trains as its samples alone
+        if model.sized_images:  # each sample's own positions, from 0: a packed row trains as its samples alone
             columns["position_ids"] = _position_lists(rows, lengths)
         stats["rows"] += len(rows)
         stats["row_tokens"] += sum(lengths)
@@ -300,8 +300,8 @@ def run_format(
                 continue
             try:
                 sample.loaded = [dict(zip(("bytes", "path"), store.read(ref))) for ref in sample.images]
-                if model is not None:
-                    sample.positions = families.mrope_positions(sample.input_ids, image_pad,
+                if model.sized_images:
+                    sample.positions = vision.mrope_positions(sample.input_ids, image_pad,
                                                                 [grid(ref) for ref in sample.images])
             except AnnotationError as e:
                 writer.reject(file, line, sample.id, e.reason, str(e))

@@ -1,7 +1,7 @@
 """qvl's records as the JSON datasets of ms-swift and LLaMA-Factory, for users who keep their
 trainer and take qvl's data.
 
-The text is rendered by the same code as ``qvl format`` (``families.convert`` for
+The text is rendered by the same code as ``qvl format`` (``markup.convert`` for
 conversations, the multitask renderers for annotations), so boxes are already in the
 target model's convention: token boxes 0-1000 for Qwen2-VL, JSON ``bbox_2d`` in pixels of the
 *resized* image for Qwen2.5-VL, JSON 0-1000 for Qwen3-VL. The resize is the one the target
@@ -65,14 +65,14 @@ from qvl.boundary import (
     open_regular,
     read_json_file,
 )
-from qvl.errors import QvlError, RecordError
-from qvl.formats import chatml, families, multitask
-from qvl.formats.boxes import AnnotationError
+from qvl.errors import AnnotationError, QvlError, RecordError
+from qvl.formats import families
 from qvl.formats.build import FormatInputError, file_records
-from qvl.formats.families import Family
+from qvl.formats.families import IMG_END, IMG_START, TAGS, Family, vision
 from qvl.formats.images import ImageStore
-from qvl.formats.sequence import Plan, Tag
-from qvl.formats.tokenizers import IMG_END, IMG_START, SPECIAL_TOKENS, load_tokenizer
+from qvl.formats.render import chatml, markup, multitask
+from qvl.formats.render.sequence import Plan, Tag
+from qvl.formats.tokenizers import load_tokenizer
 from qvl.progress import progress_bar
 from qvl.recipes import require, short
 
@@ -141,7 +141,7 @@ def swift_bounds(fam: Family, min_pixels: int | None = None, max_pixels: int | N
     """(MIN_PIXELS, MAX_PIXELS) as ms-swift uses them: ``compat_qwen_vl_utils`` turns each into
     whole tokens (``value // factor**2``), qwen_vl_utils multiplies back — floored to a multiple
     of ``factor``². None: the released processor's bound."""
-    low, high = families.pixel_bounds(fam, min_pixels, max_pixels)
+    low, high = vision.pixel_bounds(fam, min_pixels, max_pixels)
     square = fam.factor * fam.factor
     return low // square * square, high // square * square
 
@@ -188,7 +188,7 @@ class ToolBounds:
 def tool_bounds(settings: ExportSettings, fam: Family) -> ToolBounds:
     if settings.target == "ms-swift":
         return ToolBounds("ms-swift", *swift_bounds(fam, settings.min_image_pixels, settings.max_image_pixels))
-    low, high = families.pixel_bounds(fam, settings.min_image_pixels, settings.max_image_pixels)
+    low, high = vision.pixel_bounds(fam, settings.min_image_pixels, settings.max_image_pixels)
     return ToolBounds("llamafactory", settings.tool_min_pixels, settings.tool_max_pixels, low, high)
 
 
@@ -198,7 +198,7 @@ def fed_size(bounds: ToolBounds, fam: Family, width: int, height: int) -> tuple[
     if bounds.target == "ms-swift":
         return swift_resize(fam, width, height, bounds.min_pixels, bounds.max_pixels)
     width, height = tool_resize(width, height, bounds.max_pixels, bounds.min_pixels)
-    return families.image_tokens(fam, width, height, bounds.processor_min_pixels, bounds.processor_max_pixels)[1]
+    return vision.image_tokens(fam, width, height, bounds.processor_min_pixels, bounds.processor_max_pixels)[1]
 
 
 class _Transcript(Plan):
@@ -235,16 +235,14 @@ class _Transcript(Plan):
                                   "special_token_in_text")
 
 
-def _forbidden(fam: Family | None, markup: bool = False) -> tuple[str, ...]:
+def _forbidden(fam: Family, markup: bool = False) -> tuple[str, ...]:
     """What a record's own text may not hold: the model's special tokens and the placeholder.
-    In a Qwen-VL conversation (``markup``) the grounding tags and image spans are its markup."""
-    if fam is not None:
-        return (PLACEHOLDER, *fam.specials)
-    allowed = ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", IMG_START, IMG_END) if markup else ()
-    return (PLACEHOLDER, *(t for t in SPECIAL_TOKENS if t not in allowed))
+    In a conversation (``markup``) Qwen-VL's grounding tags and image spans are its markup."""
+    allowed = TAGS if markup else ()
+    return (PLACEHOLDER, *(t for t in fam.specials if t not in allowed))
 
 
-def _conversation(record: dict, fam: Family | None, resized_of) -> tuple[str | None, list[tuple[str, str]], list[str]]:
+def _conversation(record: dict, fam: Family, resized_of) -> tuple[str | None, list[tuple[str, str]], list[str]]:
     """(system, [(role, text)], image refs) of a conversation in the model's conventions."""
     conv = chatml.parse(record)
     forbidden = _forbidden(fam, markup=True)
@@ -255,11 +253,7 @@ def _conversation(record: dict, fam: Family | None, resized_of) -> tuple[str | N
                                   "special_token_in_text")
     turns, refs, last_image = [], [], None
     for role, content in conv.turns:
-        # the tools write Qwen-VL's picture labels themselves: only the families' conversion keeps none either
-        if fam is None:
-            families.check_boxes(content)
-        text = families.strip_picture_labels(content) if fam is None else \
-            families.convert(content, fam, resized_of, last_image)
+        text = markup.convert(content, fam, resized_of, last_image)  # the tools write the picture labels themselves
         out, pos = [], 0
         while (start := text.find(IMG_START, pos)) >= 0 and (end := text.find(IMG_END, start)) >= 0:
             out += [text[pos:start], PLACEHOLDER]
@@ -279,7 +273,7 @@ def run_export(inputs: list[Path], out: Path, images: Path | None = None, downlo
     for folder, option in ((images, "--images"), (downloads, "--downloads")):
         if folder is not None and not Path(folder).is_dir():
             raise FormatInputError(f"{option} {folder}: no such folder")
-    fam = None if settings.model == "qwen-vl" else families.family(settings.model)
+    fam = families.family(settings.model)
     store = ImageStore(images, downloads, settings.max_pixels)
     if storage.claim(out, KIND, create=False) and not overwrite:
         raise FileExistsError(f"{out}: holds a qvl export; choose another --out or --overwrite")
@@ -291,7 +285,7 @@ def run_export(inputs: list[Path], out: Path, images: Path | None = None, downlo
     except OSError as e:
         raise storage.OutputError(f"{out}: cannot write beside it ({e.strerror})") from None
     lf = settings.target == "llamafactory"
-    bounds = tool_bounds(settings, fam) if fam is not None else None
+    bounds = tool_bounds(settings, fam) if fam.sized_images else None
 
     def resized_of(ref: str) -> tuple[int, int]:
         return fed_size(bounds, fam, *store.size(ref))
@@ -423,9 +417,9 @@ def _unknown(plan, record, ctx):
                           "unknown_task")
 
 
-def _resize_note(settings: ExportSettings, fam: Family | None) -> dict:
+def _resize_note(settings: ExportSettings, fam: Family) -> dict:
     """The bounds the boxes were computed with: the trainer must use the same."""
-    if fam is None:
+    if not fam.sized_images:
         return {}
     bounds = tool_bounds(settings, fam)
     if settings.target == "llamafactory":
@@ -439,7 +433,7 @@ def _resize_note(settings: ExportSettings, fam: Family | None) -> dict:
             "env": {"MAX_PIXELS": bounds.max_pixels, "MIN_PIXELS": bounds.min_pixels},
             "set": f"MAX_PIXELS={bounds.max_pixels} MIN_PIXELS={bounds.min_pixels} in ms-swift's environment "
                    "(swift.env)"}
-    asked = families.pixel_bounds(fam, settings.min_image_pixels, settings.max_image_pixels)
+    asked = vision.pixel_bounds(fam, settings.min_image_pixels, settings.max_image_pixels)
     if asked != (bounds.min_pixels, bounds.max_pixels):
         note["floored_from"] = {"min_pixels": asked[0], "max_pixels": asked[1],
                                 "why": f"ms-swift counts the bounds in whole tokens of {fam.factor}x{fam.factor} px"}
@@ -622,7 +616,7 @@ def run_check(folder: Path, target: str, min_pixels: int | None = None, max_pixe
     model = report.model
     out = {"folder": str(folder), "target": target, "model": model, "records": 0, "images": 0, "moved": [],
            "resized": 0, "refused": [], "ok": True}
-    if model not in families.FAMILIES:
+    if not families.family(model).sized_images:
         return {**out, "note": f"{model}: sizes do not enter its boxes (nothing to check)"}
     fam = families.family(model)
     resize_type = _SwiftResize if target == "ms-swift" else _LlamaFactoryResize

@@ -43,8 +43,7 @@ from pathlib import Path
 from typing import Iterator
 
 from qvl.boundary import MAX_ID, convert
-from qvl.errors import RecordError
-from qvl.formats.boxes import AnnotationError
+from qvl.errors import AnnotationError, RecordError
 from qvl.recipes import RecipeError, SettingError, fill, load_recipe, require, table
 
 MAX_REPEAT = 1000  # copies of one record a source may ask for: more is a typo, and unbounded output
@@ -210,7 +209,7 @@ def run_mix(recipe: str | Path, out: Path, overwrite: bool = False, show_progres
                                   pack_to=mix.pack_to)
     except SettingError as e:
         raise RecipeError(f"{recipe} [mix]: {e}") from None
-    from qvl.formats.multitask import RENDERERS
+    from qvl.formats.render.multitask import RENDERERS
 
     for source in mix.sources:
         unknown = [t for t in source.tasks if t not in RENDERERS]

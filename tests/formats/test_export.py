@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from qvl.errors import AnnotationError
 from qvl.formats import families
-from qvl.formats.boxes import AnnotationError
 from qvl.formats.build import FormatSettings, run_format
 from qvl.formats.export import ExportSettings, run_export, tool_resize
-from qvl.formats.families import reference_processor
+from qvl.formats.families import vision
 from tests.formats.test_build import img2dataset_output
-from tests.formats.test_families import CAT, photo
+from tests.formats.families.test_families import CAT, photo
+from tests.reference.processors import reference_processor
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def test_ms_swift_records_give_the_ids_qvl_renders(data, tmp_path, name):
     if name == "qwen2-vl":
         assert answer == "<|object_ref_start|>the cat<|object_ref_end|><|box_start|>(100,100),(500,500)<|box_end|>"
     else:  # pixels of 1500x1000 resized by the processor: 1512x1008
-        assert families.image_tokens(families.family(name), 1500, 1000)[1] == (1512, 1008)
+        assert vision.image_tokens(families.family(name), 1500, 1000)[1] == (1512, 1008)
         assert answer == '{"bbox_2d": [151, 101, 756, 504], "label": "the cat"}'
 
 
@@ -248,7 +249,7 @@ def test_each_tools_resize_of_a_side_under_28_px():
     from qvl.formats.export import ToolBounds, fed_size, swift_bounds, swift_resize
 
     q2, q3 = families.family("qwen2-vl"), families.family("qwen3-vl")
-    assert families.image_tokens(q2, 1500, 10)[1] == (700, 28)  # `qvl format sft`: the processor on the raw image
+    assert vision.image_tokens(q2, 1500, 10)[1] == (700, 28)  # `qvl format sft`: the processor on the raw image
     assert swift_resize(q2, 1500, 10, 3136, 12845056) == (1512, 28)
     assert swift_resize(q2, 2000, 13, 3136, 12845056) == (1988, 28)
     assert swift_resize(q3, 1500, 10, 65536, 16777216) == (3136, 32)
