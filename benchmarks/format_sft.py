@@ -25,6 +25,8 @@ from pathlib import Path
 
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests/reference's oracle
+
 from qvl.formats.build import FormatSettings, run_format
 from qvl.formats.tokenizers import load_tokenizer
 

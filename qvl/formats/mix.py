@@ -146,7 +146,7 @@ def _records(source: Source, recipe: str | Path, skipped: dict[str, int] | None 
     over and counted in ``skipped`` (an importer gives only the tasks asked of it). A file that
     cannot be read is an error naming the recipe and the source as well as the file."""
     from qvl.formats import importers
-    from qvl.formats.build import FormatInputError, file_records
+    from qvl.formats.records import FormatInputError, file_records
 
     files = [_at(recipe, f) for f in source.files]
     where = f"{recipe} [[source]] {source.name}"
