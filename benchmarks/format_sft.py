@@ -25,6 +25,8 @@ from pathlib import Path
 
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests/reference's oracle
+
 from qvl.formats.build import FormatSettings, run_format
 from qvl.formats.tokenizers import load_tokenizer
 
@@ -101,7 +103,7 @@ def baseline(path: Path) -> tuple[int, int, float]:
 
 def family_baseline(path: Path, images: Path, model: str, work: Path) -> tuple[list[list[int]], float, float]:
     """The family's transformers processor per sample, as fine-tuning frameworks run it."""
-    from qvl.formats.families import reference_processor
+    from tests.reference.processors import reference_processor
 
     t = time.perf_counter()
     processor = reference_processor(model, work / "processor")

@@ -448,13 +448,8 @@ def format_export(
     """Write conversations and annotations as ms-swift's or LLaMA-Factory's JSON dataset, the
     template's text and boxes already in --model's convention for the resize that tool applies;
     or, with --check DIR, check an export against the bounds the tool will run with."""
-    from qvl.formats.export import (
-        LLAMAFACTORY_MAX_PIXELS,
-        LLAMAFACTORY_MIN_PIXELS,
-        ExportSettings,
-        run_check,
-        run_export,
-    )
+    from qvl.formats.export import LLAMAFACTORY_MAX_PIXELS, LLAMAFACTORY_MIN_PIXELS, ExportSettings, run_export
+    from qvl.formats.export_check import run_check
 
     if check is not None:
         try:
@@ -541,7 +536,7 @@ def format_inspect(
     """Print one row decoded, supervised spans in green, the rest dim."""
     from rich.text import Text
 
-    from qvl.formats.inspect import spans
+    from qvl.formats.shard_info import spans
     from qvl.formats.shards import read_manifest
     from qvl.formats.tokenizers import load_tokenizer
 

@@ -21,3 +21,8 @@ class RecordError(QvlError):
     def __init__(self, message: str, reason: str = "bad_sample"):
         super().__init__(message)
         self.reason = reason
+
+
+# One sample is wrong: it goes to the rejects with ``reason`` and the message. The name the
+# formats have always used for ``RecordError``, of which it is the same class.
+AnnotationError = RecordError

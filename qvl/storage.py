@@ -163,6 +163,33 @@ def remove_stale(out: Path) -> None:
                 shutil.rmtree(leftover, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def replacing(out: Path) -> Iterator[Path]:
+    """A fresh folder ``OUT.tmp-PID`` beside ``out`` to build a whole output in: when the block
+    ends it takes ``out``'s place (an old ``out`` renamed aside, then deleted), so a reader sees
+    the old output or the new one, never half; an error deletes it. What killed runs left
+    beside ``out`` is removed first."""
+    remove_stale(out)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot write beside it ({e.strerror})") from None
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f"{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -202,7 +202,7 @@ def _predictions(path: Path, samples: list[Sample], task: str) -> dict[str, str]
 def _generate(s: EvalSettings, samples: list[Sample], out: Path, rank: int, world: int) -> None:
     import torch
 
-    from qvl.formats.boxes import AnnotationError
+    from qvl.errors import AnnotationError
     from qvl.formats.images import ImageStore
     from qvl.progress import progress_bar
     from qvl.trainer.checkpoint import load_checkpoint

@@ -14,22 +14,21 @@ import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from qvl import __version__, pixels
-from qvl.errors import QvlError
-from qvl.formats import chatml, families, multitask
-from qvl.formats.boxes import AnnotationError
-from qvl.formats.families import MODELS
+from qvl import __version__, pixels, storage
+from qvl.errors import AnnotationError
+from qvl.formats import families, shards
+from qvl.formats.families import MODELS, vision
 from qvl.formats.images import ImageStore
-from qvl.formats.sequence import Encoded, Plan, assemble
+from qvl.formats.records import check_folders, file_records, given_id
+from qvl.formats.render import chatml, multitask
+from qvl.formats.render.sequence import Encoded, Plan, assemble
 from qvl.formats.shards import ShardWriter
 from qvl.formats.tokenizers import load_tokenizer
-from qvl.inputs import DuplicateInput, input_names
 from qvl.progress import progress_bar
 from qvl.recipes import require
 
@@ -58,95 +57,18 @@ class FormatSettings:
             value = getattr(self, key)
             require(value is None or value <= most, key, f"{value}: must be <= {most:,}")
         require(self.model in MODELS, "model", f"{self.model!r}: use {', '.join(MODELS)}")
-        if self.model == "qwen-vl":
+        if not families.family(self.model).sized_images:
             for key in ("min_image_pixels", "max_image_pixels"):
                 require(getattr(self, key) is None, key, "only for --model qwen2-vl, qwen2.5-vl or qwen3-vl "
                                                          "(Qwen-VL's images are 448x448)")
         else:
-            families.pixel_bounds(families.family(self.model), self.min_image_pixels, self.max_image_pixels)
+            vision.pixel_bounds(families.family(self.model), self.min_image_pixels, self.max_image_pixels)
 
 
 # Upper bounds of the settings: far past any real use, each keeps one number from asking for
 # unbounded memory or time (a 10^9-token row, a 10^9-sample packing buffer).
 LIMITS = {"image_tokens": 1 << 16, "max_len": 1 << 20, "pack_to": 1 << 20, "pack_buffer": 1 << 20, "batch": 1 << 16,
           "shard_rows": 1 << 24, "max_pixels": 1 << 30}
-MAX_LINE_BYTES = 64 << 20  # a JSONL record: far past any real one; a longer line is skipped unread
-MAX_JSON_BYTES = 2 << 30  # a .json list is parsed whole: a bigger one must be JSONL
-
-
-class FormatInputError(QvlError):
-    """A whole input file cannot be read; the message names it."""
-
-
-def iter_records(path: Path) -> Iterator[tuple[int, dict | AnnotationError]]:
-    """(line, record) for JSONL (1-based lines), a JSON list (1-based item number), or
-    parquet (1-based row); a line that is not a JSON object, or longer than MAX_LINE_BYTES,
-    yields an error instead (the record's own fields are typed by its renderer)."""
-    if not path.is_file():
-        raise FormatInputError(f"{path}: not a regular file (a device, folder or pipe)" if path.exists()
-                               else f"{path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        try:
-            table = pq.ParquetFile(path)
-        except Exception as e:
-            raise FormatInputError(f"{path}: not a readable parquet file ({e})") from None
-        n = 0
-        for batch in table.iter_batches(batch_size=4096):
-            for row in batch.to_pylist():
-                n += 1
-                yield n, _curated_pair(row)
-        return
-    if suffix == ".json":
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise FormatInputError(f"{path}: {path.stat().st_size:,} bytes, over the {MAX_JSON_BYTES:,} a .json list "
-                                   "may have (it is read whole): write it as JSONL, one record a line")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: a >4300-digit number too
-            raise FormatInputError(f"{path}: not valid JSON ({str(e)[:200]})") from None
-        if not isinstance(data, list):
-            raise FormatInputError(f"{path}: a .json input must hold a list of records")
-        for i, record in enumerate(data, start=1):
-            yield i, record if isinstance(record, dict) else AnnotationError("not a JSON object", "malformed_json")
-        return
-    with open(path, "rb") as f:
-        n = 0
-        while raw := f.readline(MAX_LINE_BYTES + 1):
-            n += 1
-            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):  # skipped, never held whole
-                    pass
-                yield n, AnnotationError(f"a line over {MAX_LINE_BYTES:,} bytes", "line_too_long")
-                continue
-            if not raw.strip():
-                yield n, AnnotationError("empty line", "malformed_json")
-                continue
-            try:
-                record = json.loads(raw)
-            except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: a >4300-digit number too
-                yield n, AnnotationError(f"not valid JSON: {str(e)[:200]}", "malformed_json")
-                continue
-            yield n, record if isinstance(record, dict) else AnnotationError("not a JSON object", "malformed_json")
-
-
-def _given_id(record: dict, default: str) -> str:
-    """The record's own id (text, or an integer) when it has a usable one, else ``default``;
-    a wrong one is the typed record's to reject — the reject needs an id it can write."""
-    given = record.get("id")
-    if isinstance(given, bool) or not isinstance(given, (str, int)) or given == "":
-        return default
-    if isinstance(given, int):
-        return str(given) if abs(given) < 1 << 63 else default
-    return given if given.isascii() or _encodes(given) else default
-
-
-def _encodes(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def _check_length(plan: Plan, limit: int, per_token: int | None) -> None:
@@ -156,15 +78,6 @@ def _check_length(plan: Plan, limit: int, per_token: int | None) -> None:
     if per_token is not None and plan.chars > limit * per_token:
         raise AnnotationError(f"at least {-(-plan.chars // per_token):,} tokens > {limit} ({plan.chars:,} characters "
                               "of text)", "too_long")
-
-
-def _curated_pair(row: dict) -> dict:
-    """A kept row of `qvl curate filter` (url/text/lang) is a stage-1 caption sample."""
-    if "task" in row:
-        return row
-    return {"task": "caption", "image": row.get("url"), "caption": row.get("text"),
-            "lang": row.get("lang") if row.get("lang") in ("en", "zh") else "en",
-            "id": row.get("row_id"), "source": row.get("source", "curated")}
 
 
 def _int_lists(pieces: list[np.ndarray], lengths: list[int]) -> pa.Array:
@@ -203,17 +116,6 @@ def _best_fit(samples: list[Encoded], capacity: int) -> list[list[Encoded]]:
     return bins
 
 
-def file_records(inputs: list[Path]) -> Iterator[tuple[str, int, str, dict | AnnotationError]]:
-    """(file, line, default id, record) of qvl's own annotation files, ids named as in qvl.inputs."""
-    try:
-        names = input_names(inputs)
-    except DuplicateInput as e:
-        raise FormatInputError(str(e)) from None
-    for path, name in zip(inputs, names):
-        for line, record in iter_records(path):
-            yield str(path), line, f"{name}:{line}", record
-
-
 def run_format(
     kind: str, inputs: list[Path], out: Path, images: Path | None = None, downloads: Path | None = None,
     settings: FormatSettings | None = None, overwrite: bool = False, show_progress: bool = True,
@@ -221,20 +123,18 @@ def run_format(
 ) -> dict:
     """Render ``inputs`` (qvl's annotation files; or ``records``, from importers) into shards."""
     settings = settings or FormatSettings()
-    for folder, option in ((images, "--images"), (downloads, "--downloads")):
-        if folder is not None and not Path(folder).is_dir():
-            raise FormatInputError(f"{option} {folder}: no such folder")
+    check_folders(images, downloads)
     records = file_records(inputs) if records is None else records
     store = ImageStore(images, downloads, settings.max_pixels)
-    model = None if settings.model == "qwen-vl" else families.family(settings.model)
-    if model is None:
+    model = families.family(settings.model)
+    if not model.sized_images:
         tok, image_tokens, resized_of = load_tokenizer(settings.tokenizer), settings.image_tokens, None
     else:
         tok = load_tokenizer(settings.model if settings.tokenizer == "qwen-vl" else settings.tokenizer, settings.model)
         families.check_tokenizer(tok, model)
 
         def resized_of(ref: str) -> tuple[int, int]:
-            return families.image_tokens(model, *store.size(ref), settings.min_image_pixels,
+            return vision.image_tokens(model, *store.size(ref), settings.min_image_pixels,
                                          settings.max_image_pixels)[1]
 
         def image_tokens(ref: str) -> int:
@@ -247,7 +147,7 @@ def run_format(
         image_pad = tok.special("<|image_pad|>")
     ctx = multitask.Context(tok, image_tokens, store.size, model, resized_of)
     limit = min(settings.max_len, settings.pack_to or settings.max_len)
-    writer = ShardWriter(out, overwrite, max_rows=settings.shard_rows, positions=model is not None)
+    shards.claim(out, overwrite)
     stats: Counter = Counter()
     rejected: Counter = Counter()
     by_task: dict[str, Counter] = defaultdict(Counter)
@@ -270,7 +170,7 @@ def run_format(
             "sample_ids": [[s.id for s in row] for row in rows],
             "sample_lengths": [[len(s.input_ids) for s in row] for row in rows],
         }
-        if model is not None:  # each sample's own positions, from 0: a packed row trains as its samples alone
+        if model.sized_images:  # each sample's own positions, from 0: a packed row trains as its samples alone
             columns["position_ids"] = _position_lists(rows, lengths)
         stats["rows"] += len(rows)
         stats["row_tokens"] += sum(lengths)
@@ -300,8 +200,8 @@ def run_format(
                 continue
             try:
                 sample.loaded = [dict(zip(("bytes", "path"), store.read(ref))) for ref in sample.images]
-                if model is not None:
-                    sample.positions = families.mrope_positions(sample.input_ids, image_pad,
+                if model.sized_images:
+                    sample.positions = vision.mrope_positions(sample.input_ids, image_pad,
                                                                 [grid(ref) for ref in sample.images])
             except AnnotationError as e:
                 writer.reject(file, line, sample.id, e.reason, str(e))
@@ -324,70 +224,72 @@ def run_format(
         else:
             emit([[s] for s in ready])
 
-    try:
-        with progress_bar(disable=not show_progress) as bar:
-            task_id = bar.add_task(f"format {kind}", total=None, unit="samples")
-            batch: list[tuple[str, int, Plan]] = []
-            for path, line, sample_id, record in records:
-                stats["records"] += 1
-                bar.advance(task_id)
-                try:
-                    if isinstance(record, AnnotationError):
-                        raise record
-                    sample_id = _given_id(record, sample_id)
-                    if sample_id in seen_ids:  # kept (the records differ), counted and shown
-                        duplicates[sample_id] += 1
-                    seen_ids.add(sample_id)
-                    if kind == "sft":
-                        plan = chatml.render(chatml.parse(record), sample_id, tok, image_tokens, model, resized_of)
-                    else:
-                        plan = multitask.render(record, sample_id, ctx)
-                    _check_length(plan, limit, tok.max_token_chars)
-                except AnnotationError as e:
-                    writer.reject(path, line, None if isinstance(record, AnnotationError) else sample_id,
-                                  e.reason, str(e))
-                    rejected[e.reason] += 1
-                    continue
-                batch.append((path, line, plan))
-                if len(batch) >= settings.batch:
+    with storage.replacing(out) as tmp:
+        writer = ShardWriter(tmp, max_rows=settings.shard_rows, positions=model.sized_images)
+        try:
+            with progress_bar(disable=not show_progress) as bar:
+                task_id = bar.add_task(f"format {kind}", total=None, unit="samples")
+                batch: list[tuple[str, int, Plan]] = []
+                for path, line, sample_id, record in records:
+                    stats["records"] += 1
+                    bar.advance(task_id)
+                    try:
+                        if isinstance(record, AnnotationError):
+                            raise record
+                        sample_id = given_id(record, sample_id)
+                        if sample_id in seen_ids:  # kept (the records differ), counted and shown
+                            duplicates[sample_id] += 1
+                        seen_ids.add(sample_id)
+                        if kind == "sft":
+                            plan = chatml.render(chatml.parse(record), sample_id, tok, image_tokens, model, resized_of)
+                        else:
+                            plan = multitask.render(record, sample_id, ctx)
+                        _check_length(plan, limit, tok.max_token_chars)
+                    except AnnotationError as e:
+                        writer.reject(path, line, None if isinstance(record, AnnotationError) else sample_id,
+                                      e.reason, str(e))
+                        rejected[e.reason] += 1
+                        continue
+                    batch.append((path, line, plan))
+                    if len(batch) >= settings.batch:
+                        process(batch)
+                        batch = []
+                if batch:
                     process(batch)
-                    batch = []
-            if batch:
-                process(batch)
-            for task in list(buffers):
-                flush_packed(task)
-        capacity = stats["rows"] * settings.pack_to if settings.pack_to else None
-        manifest = {
-            "kind": kind,
-            "qvl": __version__,
-            "tokenizer": tok.name,
-            "model": settings.model,
-            "vocab_size": tok.vocab_size,
-            "settings": dataclasses.asdict(settings),
-            "inputs": [str(p) for p in inputs],
-            "records": stats["records"],
-            "samples": stats["samples"],
-            "rows": stats["rows"],
-            "rejected": sum(rejected.values()),
-            "rejected_by_reason": dict(sorted(rejected.items())),
-            "tokens": stats["tokens"],
-            "supervised_tokens": stats["supervised_tokens"],
-            "images": stats["images"],
-            "by_task": {t: dict(c) for t, c in sorted(by_task.items())},
-            "by_source": {source: {t: dict(c) for (src, t), c in sorted(by_source.items()) if src == source}
-                          for source in sorted({src for src, _ in by_source})},
-            "duplicate_ids": {"samples": sum(duplicates.values()), "examples": sorted(duplicates)[:20]},
-            "packing": {"capacity_tokens": capacity, "real_tokens": stats["row_tokens"],
-                        "efficiency": round(stats["row_tokens"] / capacity, 4) if capacity else None},
-        }
-        manifest.update(extra or {})
-        manifest["fingerprint"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
-        if manifest["records"] != manifest["samples"] + manifest["rejected"]:
-            raise AssertionError("format: records lost between input and output")
-        order = {str(p): i for i, p in enumerate(inputs)}
-        writer.rejects.sort(key=lambda r: (order.get(r["file"], len(order)), r["file"], r["line"]))
-        writer.finish(manifest)
-        return manifest
-    except BaseException:
-        writer.abort()
-        raise
+                for task in list(buffers):
+                    flush_packed(task)
+            capacity = stats["rows"] * settings.pack_to if settings.pack_to else None
+            manifest = {
+                "kind": kind,
+                "qvl": __version__,
+                "tokenizer": tok.name,
+                "model": settings.model,
+                "vocab_size": tok.vocab_size,
+                "settings": dataclasses.asdict(settings),
+                "inputs": [str(p) for p in inputs],
+                "records": stats["records"],
+                "samples": stats["samples"],
+                "rows": stats["rows"],
+                "rejected": sum(rejected.values()),
+                "rejected_by_reason": dict(sorted(rejected.items())),
+                "tokens": stats["tokens"],
+                "supervised_tokens": stats["supervised_tokens"],
+                "images": stats["images"],
+                "by_task": {t: dict(c) for t, c in sorted(by_task.items())},
+                "by_source": {source: {t: dict(c) for (src, t), c in sorted(by_source.items()) if src == source}
+                              for source in sorted({src for src, _ in by_source})},
+                "duplicate_ids": {"samples": sum(duplicates.values()), "examples": sorted(duplicates)[:20]},
+                "packing": {"capacity_tokens": capacity, "real_tokens": stats["row_tokens"],
+                            "efficiency": round(stats["row_tokens"] / capacity, 4) if capacity else None},
+            }
+            manifest.update(extra or {})
+            manifest["fingerprint"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+            if manifest["records"] != manifest["samples"] + manifest["rejected"]:
+                raise AssertionError("format: records lost between input and output")
+            order = {str(p): i for i, p in enumerate(inputs)}
+            writer.rejects.sort(key=lambda r: (order.get(r["file"], len(order)), r["file"], r["line"]))
+            writer.finish(manifest)
+            return manifest
+        except BaseException:
+            writer.abort()
+            raise

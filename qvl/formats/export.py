@@ -1,7 +1,7 @@
 """qvl's records as the JSON datasets of ms-swift and LLaMA-Factory, for users who keep their
 trainer and take qvl's data.
 
-The text is rendered by the same code as ``qvl format`` (``families.convert`` for
+The text is rendered by the same code as ``qvl format`` (``markup.convert`` for
 conversations, the multitask renderers for annotations), so boxes are already in the
 target model's convention: token boxes 0-1000 for Qwen2-VL, JSON ``bbox_2d`` in pixels of the
 *resized* image for Qwen2.5-VL, JSON 0-1000 for Qwen3-VL. The resize is the one the target
@@ -46,35 +46,27 @@ import json
 import math
 import os
 import shlex
-import shutil
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
-
-import msgspec
 
 from qvl import storage
 from qvl.boundary import (
-    MAX_ITEMS,
     MAX_SIDE,
     Id,
     convert,
-    decode_json,
-    open_regular,
-    read_json_file,
 )
-from qvl.errors import QvlError, RecordError
-from qvl.formats import chatml, families, multitask
-from qvl.formats.boxes import AnnotationError
-from qvl.formats.build import FormatInputError, file_records
-from qvl.formats.families import Family
+from qvl.errors import AnnotationError, RecordError
+from qvl.formats import families
+from qvl.formats.families import IMG_END, IMG_START, TAGS, Family, vision
 from qvl.formats.images import ImageStore
-from qvl.formats.sequence import Plan, Tag
-from qvl.formats.tokenizers import IMG_END, IMG_START, SPECIAL_TOKENS, load_tokenizer
+from qvl.formats.records import check_folders, file_records
+from qvl.formats.render import chatml, markup, multitask
+from qvl.formats.render.sequence import Plan, Tag
+from qvl.formats.tokenizers import load_tokenizer
 from qvl.progress import progress_bar
-from qvl.recipes import require, short
+from qvl.recipes import require
 
 TARGETS = ("ms-swift", "llamafactory")
 PLACEHOLDER = "<image>"
@@ -141,7 +133,7 @@ def swift_bounds(fam: Family, min_pixels: int | None = None, max_pixels: int | N
     """(MIN_PIXELS, MAX_PIXELS) as ms-swift uses them: ``compat_qwen_vl_utils`` turns each into
     whole tokens (``value // factor**2``), qwen_vl_utils multiplies back — floored to a multiple
     of ``factor``². None: the released processor's bound."""
-    low, high = families.pixel_bounds(fam, min_pixels, max_pixels)
+    low, high = vision.pixel_bounds(fam, min_pixels, max_pixels)
     square = fam.factor * fam.factor
     return low // square * square, high // square * square
 
@@ -188,7 +180,7 @@ class ToolBounds:
 def tool_bounds(settings: ExportSettings, fam: Family) -> ToolBounds:
     if settings.target == "ms-swift":
         return ToolBounds("ms-swift", *swift_bounds(fam, settings.min_image_pixels, settings.max_image_pixels))
-    low, high = families.pixel_bounds(fam, settings.min_image_pixels, settings.max_image_pixels)
+    low, high = vision.pixel_bounds(fam, settings.min_image_pixels, settings.max_image_pixels)
     return ToolBounds("llamafactory", settings.tool_min_pixels, settings.tool_max_pixels, low, high)
 
 
@@ -198,7 +190,7 @@ def fed_size(bounds: ToolBounds, fam: Family, width: int, height: int) -> tuple[
     if bounds.target == "ms-swift":
         return swift_resize(fam, width, height, bounds.min_pixels, bounds.max_pixels)
     width, height = tool_resize(width, height, bounds.max_pixels, bounds.min_pixels)
-    return families.image_tokens(fam, width, height, bounds.processor_min_pixels, bounds.processor_max_pixels)[1]
+    return vision.image_tokens(fam, width, height, bounds.processor_min_pixels, bounds.processor_max_pixels)[1]
 
 
 class _Transcript(Plan):
@@ -235,16 +227,14 @@ class _Transcript(Plan):
                                   "special_token_in_text")
 
 
-def _forbidden(fam: Family | None, markup: bool = False) -> tuple[str, ...]:
+def _forbidden(fam: Family, markup: bool = False) -> tuple[str, ...]:
     """What a record's own text may not hold: the model's special tokens and the placeholder.
-    In a Qwen-VL conversation (``markup``) the grounding tags and image spans are its markup."""
-    if fam is not None:
-        return (PLACEHOLDER, *fam.specials)
-    allowed = ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", IMG_START, IMG_END) if markup else ()
-    return (PLACEHOLDER, *(t for t in SPECIAL_TOKENS if t not in allowed))
+    In a conversation (``markup``) Qwen-VL's grounding tags and image spans are its markup."""
+    allowed = TAGS if markup else ()
+    return (PLACEHOLDER, *(t for t in fam.specials if t not in allowed))
 
 
-def _conversation(record: dict, fam: Family | None, resized_of) -> tuple[str | None, list[tuple[str, str]], list[str]]:
+def _conversation(record: dict, fam: Family, resized_of) -> tuple[str | None, list[tuple[str, str]], list[str]]:
     """(system, [(role, text)], image refs) of a conversation in the model's conventions."""
     conv = chatml.parse(record)
     forbidden = _forbidden(fam, markup=True)
@@ -255,11 +245,7 @@ def _conversation(record: dict, fam: Family | None, resized_of) -> tuple[str | N
                                   "special_token_in_text")
     turns, refs, last_image = [], [], None
     for role, content in conv.turns:
-        # the tools write Qwen-VL's picture labels themselves: only the families' conversion keeps none either
-        if fam is None:
-            families.check_boxes(content)
-        text = families.strip_picture_labels(content) if fam is None else \
-            families.convert(content, fam, resized_of, last_image)
+        text = markup.convert(content, fam, resized_of, last_image)  # the tools write the picture labels themselves
         out, pos = [], 0
         while (start := text.find(IMG_START, pos)) >= 0 and (end := text.find(IMG_END, start)) >= 0:
             out += [text[pos:start], PLACEHOLDER]
@@ -276,22 +262,13 @@ def run_export(inputs: list[Path], out: Path, images: Path | None = None, downlo
                records: Iterable[tuple[str, int, str, dict | AnnotationError]] | None = None) -> dict:
     """Write ``out``/data.jsonl (+ LLaMA-Factory's dataset_info.json), rejects.jsonl and export.json."""
     settings = settings or ExportSettings()
-    for folder, option in ((images, "--images"), (downloads, "--downloads")):
-        if folder is not None and not Path(folder).is_dir():
-            raise FormatInputError(f"{option} {folder}: no such folder")
-    fam = None if settings.model == "qwen-vl" else families.family(settings.model)
+    check_folders(images, downloads)
+    fam = families.family(settings.model)
     store = ImageStore(images, downloads, settings.max_pixels)
     if storage.claim(out, KIND, create=False) and not overwrite:
         raise FileExistsError(f"{out}: holds a qvl export; choose another --out or --overwrite")
-    storage.remove_stale(out)  # what a killed export left beside ``out``
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        (tmp / "images").mkdir(parents=True)
-    except OSError as e:
-        raise storage.OutputError(f"{out}: cannot write beside it ({e.strerror})") from None
     lf = settings.target == "llamafactory"
-    bounds = tool_bounds(settings, fam) if fam is not None else None
+    bounds = tool_bounds(settings, fam) if fam.sized_images else None
 
     def resized_of(ref: str) -> tuple[int, int]:
         return fed_size(bounds, fam, *store.size(ref))
@@ -326,7 +303,8 @@ def run_export(inputs: list[Path], out: Path, images: Path | None = None, downlo
         return written[ref]
 
     records = file_records(inputs) if records is None else records
-    try:
+    with storage.replacing(out) as tmp:
+        (tmp / "images").mkdir()
         with open(tmp / "data.jsonl", "w", encoding="utf-8") as data, \
                 open(tmp / "rejects.jsonl", "w", encoding="utf-8") as rejects, \
                 progress_bar(disable=not show_progress) as bar:
@@ -392,17 +370,7 @@ def run_export(inputs: list[Path], out: Path, images: Path | None = None, downlo
         }
         storage.write_json(tmp / "export.json", report)
         storage.write_json(tmp / storage.MARKER, {"kind": KIND})
-        if out.exists():
-            old = out.with_name(f"{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-        return report
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return report
 
 
 def _checked(record: dict) -> None:
@@ -423,9 +391,9 @@ def _unknown(plan, record, ctx):
                           "unknown_task")
 
 
-def _resize_note(settings: ExportSettings, fam: Family | None) -> dict:
+def _resize_note(settings: ExportSettings, fam: Family) -> dict:
     """The bounds the boxes were computed with: the trainer must use the same."""
-    if fam is None:
+    if not fam.sized_images:
         return {}
     bounds = tool_bounds(settings, fam)
     if settings.target == "llamafactory":
@@ -439,7 +407,7 @@ def _resize_note(settings: ExportSettings, fam: Family | None) -> dict:
             "env": {"MAX_PIXELS": bounds.max_pixels, "MIN_PIXELS": bounds.min_pixels},
             "set": f"MAX_PIXELS={bounds.max_pixels} MIN_PIXELS={bounds.min_pixels} in ms-swift's environment "
                    "(swift.env)"}
-    asked = families.pixel_bounds(fam, settings.min_image_pixels, settings.max_image_pixels)
+    asked = vision.pixel_bounds(fam, settings.min_image_pixels, settings.max_image_pixels)
     if asked != (bounds.min_pixels, bounds.max_pixels):
         note["floored_from"] = {"min_pixels": asked[0], "max_pixels": asked[1],
                                 "why": f"ms-swift counts the bounds in whole tokens of {fam.factor}x{fam.factor} px"}
@@ -475,219 +443,3 @@ def _write_snippet(tmp: Path, out: Path, settings: ExportSettings, resize: dict)
         lines += ["# the bounds the boxes were computed for; check with qvl format export --check DIR --to llamafactory",
                   f"image_max_pixels: {resize['image_max_pixels']}", f"image_min_pixels: {resize['image_min_pixels']}"]
     (tmp / "llamafactory.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-class CheckError(QvlError):
-    """An export folder --check cannot read, or bounds it cannot check with."""
-
-
-PixelBound = Annotated[int, msgspec.Meta(ge=1, le=MAX_SETTING_PIXELS)]
-MAX_EXPORT_JSON = 1 << 20
-MAX_CHECK_LINE = 64 << 20  # one data.jsonl record; an export writes a few KB
-
-
-class _SwiftResize(msgspec.Struct):
-    min_pixels: PixelBound
-    max_pixels: PixelBound
-
-
-class _LlamaFactoryResize(msgspec.Struct):
-    image_min_pixels: PixelBound
-    image_max_pixels: PixelBound
-    processor_min_pixels: PixelBound
-    processor_max_pixels: PixelBound
-
-
-class _ExportReport(msgspec.Struct):
-    """What --check reads of export.json: the target, the model and the bounds the boxes were
-    computed for (``{}`` for a model whose boxes do not depend on the size)."""
-
-    target: str
-    model: str
-    resize: dict[str, Any] = {}
-
-
-class _Message(msgspec.Struct):
-    role: str
-    content: str
-
-
-class _ExportedRecord(msgspec.Struct):
-    messages: Annotated[list[_Message], msgspec.Meta(max_length=MAX_ITEMS)]
-    images: Annotated[list[str], msgspec.Meta(max_length=MAX_ITEMS)] = []
-    id: str | Id | None = None
-
-
-def _bound(value: int | str | None, name: str, default: int) -> int:
-    """A pixel bound from an option or the environment (``name`` says which), in range."""
-    if value is None or value == "":
-        return default
-    shown = short(value)
-    try:
-        number = int(value) if isinstance(value, int) or len(value) <= 20 else None
-    except ValueError:
-        number = None
-    if number is None:
-        raise CheckError(f"{name}={shown}: not a whole number of pixels")
-    if not 1 <= number <= MAX_SETTING_PIXELS:
-        raise CheckError(f"{name}={shown}: must be a whole number of pixels from 1 to {MAX_SETTING_PIXELS}")
-    return number
-
-
-class _LlamaFactoryBounds(msgspec.Struct):
-    """What --check reads of llamafactory.yaml: LLaMA-Factory takes whole numbers here (a
-    string or a float would fail in its training run, not be read as one)."""
-
-    image_min_pixels: PixelBound | None = None
-    image_max_pixels: PixelBound | None = None
-
-
-def _llamafactory_yaml(folder: Path) -> _LlamaFactoryBounds:
-    """image_min_pixels / image_max_pixels as the export's llamafactory.yaml says (edited or
-    not): the bounds the user merges into LLaMA-Factory's config."""
-    from qvl.recipes import load_recipe
-
-    path = folder / "llamafactory.yaml"
-    if not path.exists():
-        return _LlamaFactoryBounds()
-    try:
-        config = load_recipe(path)  # bounded, no aliases, nesting and 5000-digit integers refused
-    except QvlError as e:  # its message names the file
-        raise CheckError(str(e)) from None
-    try:
-        return convert({k: config[k] for k in ("image_min_pixels", "image_max_pixels") if k in config},
-                       _LlamaFactoryBounds)
-    except RecordError as e:
-        raise CheckError(f"{path}: {e}") from None
-
-
-def _exported_records(path: Path):
-    """(line number, record) of an export's data.jsonl, each line decoded and typed, or one
-    CheckError naming the file and line."""
-    with open_regular(path, CheckError) as data:
-        number = 0
-        while True:
-            line = data.readline(MAX_CHECK_LINE + 1)
-            if not line:
-                return
-            number += 1
-            if len(line) > MAX_CHECK_LINE:
-                raise CheckError(f"{path}:{number}: a line longer than {MAX_CHECK_LINE >> 20} MiB")
-            if number == 1:
-                line = line.removeprefix(b"\xef\xbb\xbf")
-            if not line.strip():
-                continue
-            try:
-                yield number, decode_json(line, _ExportedRecord)
-            except RecordError as e:
-                raise CheckError(f"{path}:{number}: {e}") from None
-
-
-def _image_size(folder: Path, path: str) -> tuple[int, int] | str:
-    """(width, height) from the image's header, or why the tool cannot open it. A relative path
-    is the export's (as both tools resolve it from the export folder)."""
-    from PIL import Image, UnidentifiedImageError
-
-    full = Path(path) if Path(path).is_absolute() else folder / path
-    try:
-        if not full.is_file():  # never open a device or a FIFO: /dev/zero would never end
-            return "no such image file"
-    except OSError as e:  # a name too long for the file system
-        return f"cannot open ({e.strerror})"
-    try:
-        with Image.open(full) as image:
-            return image.size
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as e:
-        return f"not an image the tool can open ({' '.join(str(e).split())[:200]})"
-
-
-def run_check(folder: Path, target: str, min_pixels: int | None = None, max_pixels: int | None = None,
-              environ: dict | None = None) -> dict:
-    """Re-derive every record's image sizes the way ``target`` will run on export ``folder``
-    (ms-swift: ``min_pixels``/``max_pixels`` as its MIN_PIXELS/MAX_PIXELS — default: the
-    environment's, else qwen_vl_utils' own; LLaMA-Factory: as its image_min_pixels /
-    image_max_pixels — default: the export's llamafactory.yaml, else LLaMA-Factory's own),
-    against the sizes the export computed its boxes for. A record whose boxes are pixels
-    (Qwen2.5-VL) and whose image the tool feeds at another size is ``moved``; one whose image
-    the tool would refuse or cannot open is ``refused``; the others agree."""
-    folder = Path(folder)
-    environ = os.environ if environ is None else environ
-    require(target in TARGETS, "target", f"{target!r}: use {', '.join(TARGETS)} (--to)")
-    report = read_json_file(folder / "export.json", _ExportReport, MAX_EXPORT_JSON, CheckError,
-                            " (export.json as qvl format export writes it)")
-    if report.target != target:
-        raise CheckError(f"{folder} was exported for {report.target}, not {target}")
-    if report.model not in families.MODELS:
-        raise CheckError(f"{folder / 'export.json'}: model {report.model!r} is none of {', '.join(families.MODELS)}")
-    model = report.model
-    out = {"folder": str(folder), "target": target, "model": model, "records": 0, "images": 0, "moved": [],
-           "resized": 0, "refused": [], "ok": True}
-    if model not in families.FAMILIES:
-        return {**out, "note": f"{model}: sizes do not enter its boxes (nothing to check)"}
-    fam = families.family(model)
-    resize_type = _SwiftResize if target == "ms-swift" else _LlamaFactoryResize
-    try:
-        resize = convert(report.resize, resize_type)
-    except RecordError as e:
-        raise CheckError(f"{folder / 'export.json'}: resize: {e}") from None
-    low_key, high_key = ("min_pixels", "max_pixels") if target == "ms-swift" else ("image_min_pixels", "image_max_pixels")
-    if getattr(resize, low_key) > getattr(resize, high_key):
-        raise CheckError(f"{folder / 'export.json'}: resize: {low_key} {getattr(resize, low_key)} is more than "
-                         f"{high_key} {getattr(resize, high_key)}")
-    if target == "ms-swift":
-        exported = ToolBounds(target, resize.min_pixels, resize.max_pixels)
-        square = fam.factor * fam.factor
-        low = _bound(min_pixels, "--tool-min-pixels", 0) or \
-            _bound(environ.get("MIN_PIXELS"), "MIN_PIXELS (environment)", SWIFT_DEFAULT_TOKENS[0] * square)
-        high = _bound(max_pixels, "--tool-max-pixels", 0) or \
-            _bound(environ.get("MAX_PIXELS"), "MAX_PIXELS (environment)", SWIFT_DEFAULT_TOKENS[1] * square)
-        run = ToolBounds(target, low // square * square, high // square * square)
-        if not square <= run.min_pixels <= run.max_pixels:
-            raise CheckError(f"MIN_PIXELS {low} / MAX_PIXELS {high}: ms-swift takes {run.min_pixels // square} to "
-                             f"{run.max_pixels // square} tokens of {fam.factor}x{fam.factor} px, which qwen_vl_utils "
-                             "refuses (at least one token, min not above max)")
-        out["run_with"] = {"MIN_PIXELS": run.min_pixels, "MAX_PIXELS": run.max_pixels}
-    else:
-        exported = ToolBounds(target, resize.image_min_pixels, resize.image_max_pixels,
-                              resize.processor_min_pixels, resize.processor_max_pixels)
-        config = _llamafactory_yaml(folder)
-        low = _bound(min_pixels, "--tool-min-pixels", 0) or config.image_min_pixels or LLAMAFACTORY_MIN_PIXELS
-        high = _bound(max_pixels, "--tool-max-pixels", 0) or config.image_max_pixels or LLAMAFACTORY_MAX_PIXELS
-        if low > high:
-            raise CheckError(f"image_min_pixels {low} is more than image_max_pixels {high}")
-        run = ToolBounds(target, low, high, exported.processor_min_pixels, exported.processor_max_pixels)
-        out["run_with"] = {"image_min_pixels": run.min_pixels, "image_max_pixels": run.max_pixels}
-    out["exported_for"] = {k: v for k, v in vars(exported).items() if v is not None and k != "target"}
-    pixel_boxes = fam.boxes == "json_pixels"
-    sizes: dict[str, tuple[int, int] | str] = {}
-    for _, record in _exported_records(folder / "data.jsonl"):
-        out["records"] += 1
-        boxed = pixel_boxes and any('"bbox_2d"' in m.content for m in record.messages if m.role == "assistant")
-        placeholders = sum(m.content.count(PLACEHOLDER) for m in record.messages)
-        if placeholders != len(record.images):  # both tools refuse such a record when they load it
-            out["refused"].append({"id": record.id, "image": ", ".join(record.images)[:200],
-                                   "reason": f"{placeholders} {PLACEHOLDER} placeholders for {len(record.images)} images"})
-            continue
-        for path in record.images:
-            out["images"] += 1
-            if path not in sizes:
-                sizes[path] = _image_size(folder, path)
-            size = sizes[path]
-            if isinstance(size, str):
-                out["refused"].append({"id": record.id, "image": path, "reason": size})
-                continue
-            try:
-                assumed = fed_size(exported, fam, *size)
-            except AnnotationError:
-                assumed = None
-            try:
-                fed = fed_size(run, fam, *size)
-            except AnnotationError as e:
-                out["refused"].append({"id": record.id, "image": path, "reason": str(e)})
-                continue
-            if fed != assumed:
-                out["resized"] += 1
-                if boxed:
-                    out["moved"].append({"id": record.id, "image": path, "boxes_for": assumed, "fed": fed})
-    out["ok"] = not out["moved"] and not out["refused"]
-    return out

@@ -12,8 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qvl import pixels
-from qvl.errors import QvlError
-from qvl.formats.boxes import AnnotationError
+from qvl.errors import AnnotationError, QvlError
 
 
 class ImageStore:

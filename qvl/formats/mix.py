@@ -43,8 +43,7 @@ from pathlib import Path
 from typing import Iterator
 
 from qvl.boundary import MAX_ID, convert
-from qvl.errors import RecordError
-from qvl.formats.boxes import AnnotationError
+from qvl.errors import AnnotationError, RecordError
 from qvl.recipes import RecipeError, SettingError, fill, load_recipe, require, table
 
 MAX_REPEAT = 1000  # copies of one record a source may ask for: more is a typo, and unbounded output
@@ -147,7 +146,7 @@ def _records(source: Source, recipe: str | Path, skipped: dict[str, int] | None 
     over and counted in ``skipped`` (an importer gives only the tasks asked of it). A file that
     cannot be read is an error naming the recipe and the source as well as the file."""
     from qvl.formats import importers
-    from qvl.formats.build import FormatInputError, file_records
+    from qvl.formats.records import FormatInputError, file_records
 
     files = [_at(recipe, f) for f in source.files]
     where = f"{recipe} [[source]] {source.name}"
@@ -210,7 +209,7 @@ def run_mix(recipe: str | Path, out: Path, overwrite: bool = False, show_progres
                                   pack_to=mix.pack_to)
     except SettingError as e:
         raise RecipeError(f"{recipe} [mix]: {e}") from None
-    from qvl.formats.multitask import RENDERERS
+    from qvl.formats.render.multitask import RENDERERS
 
     for source in mix.sources:
         unknown = [t for t in source.tasks if t not in RENDERERS]

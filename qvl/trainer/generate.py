@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from qvl.errors import QvlError
-from qvl.formats.sequence import Plan, assemble
+from qvl.formats.render.sequence import Plan, assemble
 from qvl.formats.tokenizers import Tokenizer
 from qvl.trainer.data import load_image
 from qvl.trainer.model import QwenVL
@@ -79,7 +79,7 @@ def render_prompt(tok: Tokenizer, image_tokens: int, text: str, chat: bool = Fal
     images where they stand: as it is (a base model's prompt), or (``chat``) one ChatML user
     turn after the system message, ending where the assistant speaks — what the release's
     ``make_context`` builds."""
-    from qvl.formats.chatml import DEFAULT_SYSTEM, Conversation, render
+    from qvl.formats.render.chatml import DEFAULT_SYSTEM, Conversation, render
 
     if chat:
         plan = render(Conversation(None, system or DEFAULT_SYSTEM, [("user", text)], "prompt"), "prompt", tok,
@@ -103,7 +103,7 @@ def generate_text(model: QwenVL, tok: Tokenizer, resolution: int, prompt: str, i
     spans; the paths are read under ``images`` as `qvl format` reads them (never outside).
     Generation stops at the model's context length (``max_new_tokens`` is capped to what is left
     after the prompt): past it the work only grows, and the positions were never trained."""
-    from qvl.formats.boxes import AnnotationError
+    from qvl.errors import AnnotationError
     from qvl.formats.images import ImageStore
 
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:

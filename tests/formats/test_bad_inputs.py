@@ -466,7 +466,7 @@ def test_a_huge_image_file_is_refused_unread(tmp_path):
 
 
 def test_malformed_lines_numbers_and_nesting_are_rejects_of_their_line(tmp_path, images, monkeypatch):
-    from qvl.formats import build
+    from qvl.formats import records as build
 
     monkeypatch.setattr(build, "MAX_LINE_BYTES", 8192)  # the same code as at 64 MiB, with a small file
     src = write_jsonl(tmp_path / "ann.jsonl", [

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from qvl.errors import AnnotationError
 from qvl.formats import families
-from qvl.formats.boxes import AnnotationError
 from qvl.formats.build import FormatSettings, run_format
 from qvl.formats.export import ExportSettings, run_export, tool_resize
-from qvl.formats.families import reference_processor
+from qvl.formats.families import vision
+from tests.formats.families.test_families import CAT, photo
 from tests.formats.test_build import img2dataset_output
-from tests.formats.test_families import CAT, photo
+from tests.reference.processors import reference_processor
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def test_ms_swift_records_give_the_ids_qvl_renders(data, tmp_path, name):
     if name == "qwen2-vl":
         assert answer == "<|object_ref_start|>the cat<|object_ref_end|><|box_start|>(100,100),(500,500)<|box_end|>"
     else:  # pixels of 1500x1000 resized by the processor: 1512x1008
-        assert families.image_tokens(families.family(name), 1500, 1000)[1] == (1512, 1008)
+        assert vision.image_tokens(families.family(name), 1500, 1000)[1] == (1512, 1008)
         assert answer == '{"bbox_2d": [151, 101, 756, 504], "label": "the cat"}'
 
 
@@ -248,7 +249,7 @@ def test_each_tools_resize_of_a_side_under_28_px():
     from qvl.formats.export import ToolBounds, fed_size, swift_bounds, swift_resize
 
     q2, q3 = families.family("qwen2-vl"), families.family("qwen3-vl")
-    assert families.image_tokens(q2, 1500, 10)[1] == (700, 28)  # `qvl format sft`: the processor on the raw image
+    assert vision.image_tokens(q2, 1500, 10)[1] == (700, 28)  # `qvl format sft`: the processor on the raw image
     assert swift_resize(q2, 1500, 10, 3136, 12845056) == (1512, 28)
     assert swift_resize(q2, 2000, 13, 3136, 12845056) == (1988, 28)
     assert swift_resize(q3, 1500, 10, 65536, 16777216) == (3136, 32)
@@ -285,7 +286,7 @@ def test_the_settings_are_written_where_each_tool_reads_them(data, tmp_path):
 def test_check_finds_the_records_whose_boxes_would_move(data, tmp_path, target):
     """Exported for the tool's defaults: checked as the tool runs by default, every box lands;
     checked with a smaller max bound, the boxed record on the big image is reported."""
-    from qvl.formats.export import run_check
+    from qvl.formats.export_check import run_check
 
     run_export([data / "convo.jsonl"], tmp_path / "out", data / "img", show_progress=False,
                settings=ExportSettings(target=target, model="qwen2.5-vl"))
@@ -354,7 +355,7 @@ def _edit_report(folder, **changes):
     ("ms-swift", "{not json", "export.json: not valid JSON"),
 ])
 def test_check_refuses_an_export_json_it_cannot_trust(exported, tmp_path, target, report, message):
-    from qvl.formats.export import CheckError, run_check
+    from qvl.formats.export_check import CheckError, run_check
 
     folder = _copy(exported, tmp_path, target)
     if isinstance(report, dict):
@@ -377,7 +378,7 @@ def test_check_refuses_an_export_json_it_cannot_trust(exported, tmp_path, target
     (b'{"messages": [], "id": "\xff"}', ":4: text is not valid UTF-8"),
 ])
 def test_check_names_the_line_of_data_jsonl_it_cannot_read(exported, tmp_path, line, message):
-    from qvl.formats.export import CheckError, run_check
+    from qvl.formats.export_check import CheckError, run_check
 
     folder = _copy(exported, tmp_path, "ms-swift")
     data = (folder / "data.jsonl").read_bytes()
@@ -398,7 +399,7 @@ def test_check_refuses_images_the_tool_cannot_open(exported, tmp_path):
              for name, path in (("gone", "images/none.png"), ("device", "/dev/zero"), ("text", "notes.png"))]
     rows.append({"id": "two", "messages": [{"role": "user", "content": "<image>"}], "images": rows[0]["images"] * 2})
     (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    from qvl.formats.export import run_check
+    from qvl.formats.export_check import run_check
 
     result = run_check(folder, "ms-swift", environ={"MAX_PIXELS": "12845056", "MIN_PIXELS": "3136"})
     assert [(r["id"], r["reason"].split(" (")[0]) for r in result["refused"]] == [
@@ -415,7 +416,7 @@ def test_check_refuses_images_the_tool_cannot_open(exported, tmp_path):
     ({}, {"min_pixels": 10 ** 6, "max_pixels": 10 ** 5}, "which qwen_vl_utils refuses"),
 ])
 def test_check_names_the_bound_it_cannot_use(exported, environ, args, message):
-    from qvl.formats.export import CheckError, run_check
+    from qvl.formats.export_check import CheckError, run_check
 
     with pytest.raises(CheckError) as e:
         run_check(exported / "ms-swift", "ms-swift", environ=environ, **args)
@@ -425,7 +426,7 @@ def test_check_names_the_bound_it_cannot_use(exported, environ, args, message):
 def test_check_reads_llamafactory_yaml_as_the_user_edited_it(exported, tmp_path):
     """The bounds the user merges into LLaMA-Factory's config are the ones checked (an option
     overrides them); an edit that would move the boxes is found, an unusable one named."""
-    from qvl.formats.export import CheckError, run_check
+    from qvl.formats.export_check import CheckError, run_check
 
     folder = _copy(exported, tmp_path, "llamafactory")
     config = folder / "llamafactory.yaml"
@@ -451,7 +452,7 @@ def test_check_reads_llamafactory_yaml_as_the_user_edited_it(exported, tmp_path)
 @pytest.mark.parametrize("name", ["data.jsonl", "export.json", "llamafactory.yaml"])
 def test_check_refuses_a_fifo_for_its_files(exported, tmp_path, name):
     """A FIFO where a file belongs would block --check forever (reading it never ends)."""
-    from qvl.formats.export import CheckError, run_check
+    from qvl.formats.export_check import CheckError, run_check
 
     folder = _copy(exported, tmp_path, "llamafactory")
     (folder / name).unlink()
@@ -462,7 +463,7 @@ def test_check_refuses_a_fifo_for_its_files(exported, tmp_path, name):
 
 def test_check_reads_past_a_bom_and_sees_boxes_only_in_answers(exported, tmp_path):
     """A BOM as editors write it is read past; a question that mentions "bbox_2d" is no box."""
-    from qvl.formats.export import run_check
+    from qvl.formats.export_check import run_check
 
     folder = _copy(exported, tmp_path, "ms-swift")
     rows = [json.loads(line) for line in (folder / "data.jsonl").read_text().splitlines()]
@@ -505,7 +506,7 @@ def test_check_never_crashes_on_generated_records(exported, tmp_path_factory):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from qvl.formats.export import CheckError, run_check
+    from qvl.formats.export_check import CheckError, run_check
 
     folder = _copy(exported, tmp_path_factory.mktemp("fuzz"), "ms-swift")
     good = (folder / "data.jsonl").read_text()
@@ -532,7 +533,7 @@ def test_check_never_crashes_on_generated_records(exported, tmp_path_factory):
 def test_a_record_whose_image_the_tool_refuses_is_rejected_boxes_or_not(data, tmp_path):
     """ms-swift refuses an aspect ratio over 200: a record without boxes on such an image is a
     reject too, not a line --check then reports as refused."""
-    from qvl.formats.export import run_check
+    from qvl.formats.export_check import run_check
 
     (tmp_path / "img").mkdir()
     photo(tmp_path / "img" / "strip.png", (3000, 10))

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from qvl.cli import app
 from qvl.formats import families
-from qvl.formats.sequence import image_spans
+from qvl.formats.render import markup
+from qvl.formats.render.sequence import image_spans
 
 runner = CliRunner()
 FUZZ = settings(max_examples=30, deadline=None, derandomize=True,
@@ -167,8 +168,8 @@ _OLD_GROUNDED = re.compile(r"(?:<ref>(?P<ref>.*?)</ref>)?(?P<boxes>(?:<box>\(\s*
 
 
 def _old_convert(text: str, fam, resized_of, previous_image=None) -> str:
-    """families.convert's JSON branch as it was (quadratic), the reference for good input."""
-    text = families.strip_picture_labels(text)
+    """markup.convert's JSON branch as it was (quadratic), the reference for good input."""
+    text = markup.strip_picture_labels(text)
     if "<box>" not in text and "<quad>" not in text and "<ref>" not in text:
         return text
 
@@ -176,7 +177,7 @@ def _old_convert(text: str, fam, resized_of, previous_image=None) -> str:
         label = match.group("ref")
         found = [previous_image] * (previous_image is not None) + _OLD_IMAGE.findall(text[:match.start()])
         out = []
-        for box in families._BOX.findall(match.group("boxes")):
+        for box in markup._BOX.findall(match.group("boxes")):
             coords = [int(v) for v in box]
             if fam.boxes == "json_pixels":
                 w, h = resized_of(found[-1].strip())
@@ -201,4 +202,4 @@ GOOD = st.lists(st.sampled_from(["<img>a.png</img>", "Picture 2: <img> b.png </i
 def test_family_conversion_is_unchanged_on_good_content(text, name):
     fam = families.family(name)
     sizes = {"first.png": (640, 480), "a.png": (320, 200), "b.png": (1000, 28)}
-    assert families.convert(text, fam, sizes.__getitem__) == _old_convert(text, fam, sizes.__getitem__)
+    assert markup.convert(text, fam, sizes.__getitem__) == _old_convert(text, fam, sizes.__getitem__)

@@ -28,7 +28,7 @@ from PIL import Image
 from qvl.formats import families
 from qvl.formats.build import FormatSettings, run_format
 from qvl.formats.export import ExportSettings, fed_size, run_export, tool_bounds, tool_resize
-from qvl.formats.families import reference_processor
+from tests.reference.processors import reference_processor
 
 HERE = Path(__file__).resolve().parent
 ENVS = Path(os.environ.get("QVL_INTEROP_DIR") or HERE.parents[1] / ".interop")

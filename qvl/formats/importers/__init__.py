@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 from qvl.boundary import convert
-from qvl.errors import QvlError, RecordError
-from qvl.formats.boxes import AnnotationError
+from qvl.errors import AnnotationError, QvlError, RecordError
 
 T = TypeVar("T")
 Yield = Iterator[tuple[str, int, "dict | AnnotationError"]]

@@ -14,8 +14,16 @@ from pathlib import Path
 import msgspec
 
 from qvl.boundary import Id
-from qvl.formats.boxes import AnnotationError
-from qvl.formats.importers import Importer, LayoutFileError, Options, Yield, decode, keyed, load_json
+from qvl.errors import AnnotationError
+from qvl.formats.importers import (
+    Importer,
+    LayoutFileError,
+    Options,
+    Yield,
+    decode,
+    keyed,
+    load_json,
+)
 
 
 class CocoImage(msgspec.Struct):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import msgspec
 
-from qvl.formats.boxes import AnnotationError
+from qvl.errors import AnnotationError
 from qvl.formats.importers import Importer, Options, Yield, decode, stream
 
 

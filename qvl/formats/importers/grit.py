@@ -22,8 +22,7 @@ from typing import Annotated
 import msgspec
 
 from qvl.boundary import Coord, Id, IntSide, decode_json
-from qvl.errors import RecordError
-from qvl.formats.boxes import AnnotationError
+from qvl.errors import AnnotationError, RecordError
 from qvl.formats.importers import Importer, LayoutFileError, Options, Yield, decode
 
 BATCH = 4096

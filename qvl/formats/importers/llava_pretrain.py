@@ -13,7 +13,7 @@ from typing import Annotated
 import msgspec
 
 from qvl.boundary import MAX_ITEMS, Id
-from qvl.formats.boxes import AnnotationError
+from qvl.errors import AnnotationError
 from qvl.formats.importers import Importer, Options, Yield, decode, stream
 
 

@@ -30,8 +30,16 @@ from typing import Annotated
 import msgspec
 
 from qvl.boundary import MAX_ITEMS, Coord, Id, IntSide
-from qvl.formats.boxes import AnnotationError
-from qvl.formats.importers import Importer, LayoutFileError, Options, Yield, decode, keyed, load_json
+from qvl.errors import AnnotationError
+from qvl.formats.importers import (
+    Importer,
+    LayoutFileError,
+    Options,
+    Yield,
+    decode,
+    keyed,
+    load_json,
+)
 
 
 class Sentence(msgspec.Struct):

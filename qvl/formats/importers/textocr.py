@@ -20,8 +20,15 @@ from typing import Annotated, Any
 import msgspec
 
 from qvl.boundary import MAX_ITEMS, Coord, IntSide
-from qvl.formats.boxes import AnnotationError
-from qvl.formats.importers import Importer, LayoutFileError, Options, Yield, decode, load_json
+from qvl.errors import AnnotationError
+from qvl.formats.importers import (
+    Importer,
+    LayoutFileError,
+    Options,
+    Yield,
+    decode,
+    load_json,
+)
 
 
 class Image(msgspec.Struct):

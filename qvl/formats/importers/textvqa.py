@@ -14,8 +14,15 @@ from typing import Annotated
 import msgspec
 
 from qvl.boundary import MAX_ITEMS, Id
-from qvl.formats.boxes import AnnotationError
-from qvl.formats.importers import Importer, LayoutFileError, Options, Yield, decode, load_json
+from qvl.errors import AnnotationError
+from qvl.formats.importers import (
+    Importer,
+    LayoutFileError,
+    Options,
+    Yield,
+    decode,
+    load_json,
+)
 
 
 class Question(msgspec.Struct):

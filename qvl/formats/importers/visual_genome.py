@@ -19,8 +19,17 @@ from typing import Any
 import msgspec
 
 from qvl.boundary import Coord, Id, IntSide
-from qvl.formats.boxes import AnnotationError
-from qvl.formats.importers import Importer, LayoutFileError, Options, Yield, decode, keyed, load_json, stream
+from qvl.errors import AnnotationError
+from qvl.formats.importers import (
+    Importer,
+    LayoutFileError,
+    Options,
+    Yield,
+    decode,
+    keyed,
+    load_json,
+    stream,
+)
 
 
 class ImageData(msgspec.Struct):

@@ -16,8 +16,16 @@ from pathlib import Path
 import msgspec
 
 from qvl.boundary import Count, Id
-from qvl.formats.boxes import AnnotationError
-from qvl.formats.importers import Importer, LayoutFileError, Options, Yield, decode, events, stream
+from qvl.errors import AnnotationError
+from qvl.formats.importers import (
+    Importer,
+    LayoutFileError,
+    Options,
+    Yield,
+    decode,
+    events,
+    stream,
+)
 
 SUBTYPE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # train2014, val2014, test-dev2015: part of every image's name
 

@@ -2,7 +2,24 @@ from __future__ import annotations
 
 import pytest
 
-from qvl.formats.boxes import AnnotationError, box_text, normalize_box, normalize_quad, quad_text
+from qvl.errors import AnnotationError
+from qvl.formats.render.boxes import (
+    box_text,
+    pixel_box,
+    pixel_quad,
+    quad_text,
+    scale_box,
+    scale_quad,
+)
+
+
+def normalize_box(box, width: int, height: int, box_format: str = "xyxy") -> tuple[int, int, int, int]:
+    """A box checked and scaled, as the renderers do it."""
+    return scale_box(pixel_box(box, width, height, box_format), width, height)
+
+
+def normalize_quad(quad, width: int, height: int, box_format: str = "xyxy") -> list[tuple[int, int]]:
+    return scale_quad(pixel_quad(quad, width, height, box_format), width, height)
 
 
 def test_pixel_boxes_scale_to_1000_and_floor():

@@ -16,8 +16,10 @@ from PIL import Image
 
 from qvl.formats import families
 from qvl.formats.build import FormatSettings, run_format
-from qvl.formats.families import reference_processor
+from qvl.formats.families import vision
+from qvl.formats.render import markup
 from qvl.formats.tokenizers import load_tokenizer
+from tests.reference.processors import reference_processor
 
 SIZES = [(640, 480), (17, 23), (5000, 3000), (1500, 10)]  # ordinary, tiny, huge, 1:150
 
@@ -107,7 +109,7 @@ def test_ids_and_labels_equal_the_hugging_face_processor(data, tmp_path, name, p
         assert rows[record["id"]]["position_ids"] == rope_index(name, ids, processed["image_grid_thw"],
                                                                 tok.special("<|image_pad|>")), (name, SIZES[i])
         n = ids.count(tok.special("<|image_pad|>"))
-        assert n == families.image_tokens(families.family(name), *SIZES[i])[0]
+        assert n == vision.image_tokens(families.family(name), *SIZES[i])[0]
         supervised = tok.decode([t for t, lab in zip(ids, labels) if lab != -100])
         # the assistant's contents, each with its <|im_end|> and newline; nothing of the system or user turns
         assert supervised == "A field of coloured noise, café.<|im_end|>\nNothing.<|im_end|>\n"
@@ -156,7 +158,7 @@ def test_resize_bounds_are_settings(data, tmp_path):
                                                   max_image_pixels=28 * 28 * 64))
     image = Image.open(root / "img" / "2.png").convert("RGB")
     grid = processor.image_processor(images=[image])["image_grid_thw"][0]
-    assert int(grid.prod()) // 4 == families.image_tokens(families.family("qwen2-vl"), 5000, 3000, 28 * 28 * 4,
+    assert int(grid.prod()) // 4 == vision.image_tokens(families.family("qwen2-vl"), 5000, 3000, 28 * 28 * 4,
                                                               28 * 28 * 64)[0] <= 64
     assert manifest["model"] == "qwen2-vl"
 
@@ -173,10 +175,10 @@ COCO_39769 = {"width": 640, "height": 480, "box_xywh": [40.65, 38.8, 418.38, 333
 def test_boxes_in_each_family_convention(tmp_path, name, answer):
     import datasets
 
-    from qvl.formats.boxes import box_text, normalize_box
+    from qvl.formats.render.boxes import box_text, pixel_box, scale_box
 
     c = COCO_39769
-    box = box_text(normalize_box(c["box_xywh"], c["width"], c["height"], "xywh"))
+    box = box_text(scale_box(pixel_box(c["box_xywh"], c["width"], c["height"], "xywh"), c["width"], c["height"]))
     assert box == "(63,80),(717,775)"
     (tmp_path / "img").mkdir()
     photo(tmp_path / "img" / "cat.png", (c["width"], c["height"]))
@@ -189,7 +191,7 @@ def test_boxes_in_each_family_convention(tmp_path, name, answer):
     tok = load_tokenizer(name)
     supervised = [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100]
     assert tok._enc.decode(supervised[:-2]) == answer  # the answer before <|im_end|> and its newline
-    assert families.image_tokens(families.family("qwen2.5-vl"), 640, 480)[1] == (644, 476)
+    assert vision.image_tokens(families.family("qwen2.5-vl"), 640, 480)[1] == (644, 476)
 
 
 def test_a_tokenizer_file_with_other_ids_is_refused(tmp_path, data, processors):
@@ -327,7 +329,7 @@ def test_cli_renders_multitask_for_a_family_and_shows_it(tmp_path):
                                str(32 * 32 * 100), "--no-progress"])
     assert made.exit_code == 0, made.output
     shown = runner.invoke(app, ["format", "inspect", str(tmp_path / "out")])
-    n = families.image_tokens(families.family("qwen3-vl"), 640, 480, None, 32 * 32 * 100)[0]
+    n = vision.image_tokens(families.family("qwen3-vl"), 640, 480, None, 32 * 32 * 100)[0]
     assert shown.exit_code == 0 and f"<|image_pad|>×{n}" in shown.output and '"label": "the cat"' in shown.output
     assert n <= 100
 
@@ -346,24 +348,24 @@ def test_a_box_that_cannot_be_trained_on_rejects_its_record(content, said):
     """Boxes past 0-1000, inverted, of 10^20 or of 5,000 digits, and Qwen-VL markup that has no
     counterpart in the family's JSON boxes are the record's bad_box — never trained on as text,
     never a run's end (a 5,000-digit box ended `format export` with Python's int() limit)."""
-    from qvl.formats.boxes import AnnotationError
+    from qvl.errors import AnnotationError
 
     for name in ("qwen2.5-vl", "qwen3-vl"):
         with pytest.raises(AnnotationError, match=re.escape(said)) as e:
-            families.convert("<img>a.png</img>" + content, families.family(name), lambda ref: (644, 476))
+            markup.convert("<img>a.png</img>" + content, families.family(name), lambda ref: (644, 476))
         assert e.value.reason == "bad_box"
     if "does not convert" not in said:  # Qwen-VL's own and Qwen2-VL's token boxes take the same check
         with pytest.raises(AnnotationError, match=re.escape(said)):
-            families.convert(content, families.family("qwen2-vl"), None)
+            markup.convert(content, families.family("qwen2-vl"), None)
         with pytest.raises(AnnotationError, match=re.escape(said)):
-            families.check_boxes(content)
+            markup.check_boxes(content)
 
 
 def test_a_box_less_than_a_pixel_of_the_resized_image_is_refused():
-    from qvl.formats.boxes import AnnotationError
+    from qvl.errors import AnnotationError
 
     fam = families.family("qwen2.5-vl")
-    assert families.convert("<img>a</img><box>(1,1),(3,3)</box>", fam, lambda ref: (644, 476)) == \
+    assert markup.convert("<img>a</img><box>(1,1),(3,3)</box>", fam, lambda ref: (644, 476)) == \
         '<img>a</img>{"bbox_2d": [1, 0, 2, 1]}'
     with pytest.raises(AnnotationError, match="less than a pixel"):
-        families.convert("<img>a</img><box>(1,1),(2,2)</box>", fam, lambda ref: (644, 476))
+        markup.convert("<img>a</img><box>(1,1),(2,2)</box>", fam, lambda ref: (644, 476))

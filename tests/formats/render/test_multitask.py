@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from qvl.formats import multitask
-from qvl.formats.boxes import AnnotationError
-from qvl.formats.sequence import assemble
+from qvl.errors import AnnotationError
+from qvl.formats.render import multitask
+from qvl.formats.render.sequence import assemble
 from qvl.formats.tokenizers import load_tokenizer
 
 

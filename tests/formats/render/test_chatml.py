@@ -7,9 +7,9 @@ import unicodedata
 
 import pytest
 
-from qvl.formats import chatml
-from qvl.formats.boxes import AnnotationError
-from qvl.formats.sequence import assemble
+from qvl.errors import AnnotationError
+from qvl.formats.render import chatml
+from qvl.formats.render.sequence import assemble
 from qvl.formats.tokenizers import IMG_END, IMG_PAD, IMG_START, load_tokenizer
 from tests.conftest import needs_shared_data
 

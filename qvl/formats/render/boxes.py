@@ -10,15 +10,10 @@ from __future__ import annotations
 import math
 
 from qvl.boundary import MAX_COORD
-from qvl.errors import RecordError
+from qvl.errors import AnnotationError
 
 BOX_FORMATS = ("xyxy", "xywh", "norm")
 SCALE = 1000
-
-
-# One sample is wrong: it goes to the rejects with ``reason`` and the message. The name
-# formats/ has always used for qvl's RecordError.
-AnnotationError = RecordError
 
 
 def is_number(value) -> bool:
@@ -72,10 +67,6 @@ def scale_box(box: tuple[float, float, float, float], width: int, height: int) -
     return _scaled(box[0], width), _scaled(box[1], height), _scaled(box[2], width), _scaled(box[3], height)
 
 
-def normalize_box(box, width: int, height: int, box_format: str = "xyxy") -> tuple[int, int, int, int]:
-    return scale_box(pixel_box(box, width, height, box_format), width, height)
-
-
 def pixel_quad(quad, width: int, height: int, box_format: str = "xyxy") -> list[tuple[float, float]]:
     """Four checked corner points in pixels; ``norm`` input means 0-1 coordinates, anything else pixels."""
     if not isinstance(quad, (list, tuple)) or len(quad) != 4:
@@ -96,10 +87,6 @@ def pixel_quad(quad, width: int, height: int, box_format: str = "xyxy") -> list[
 
 def scale_quad(points: list[tuple[float, float]], width: int, height: int) -> list[tuple[int, int]]:
     return [(_scaled(x, width), _scaled(y, height)) for x, y in points]
-
-
-def normalize_quad(quad, width: int, height: int, box_format: str = "xyxy") -> list[tuple[int, int]]:
-    return scale_quad(pixel_quad(quad, width, height, box_format), width, height)
 
 
 def box_text(box: tuple[int, int, int, int]) -> str:

@@ -19,11 +19,11 @@ from typing import Annotated
 import msgspec
 
 from qvl.boundary import MAX_ITEMS, Id, convert
-from qvl.formats import families
-from qvl.formats.boxes import AnnotationError
-from qvl.formats.families import Family
-from qvl.formats.sequence import Plan
-from qvl.formats.tokenizers import IMG_END, IMG_START, Tokenizer
+from qvl.errors import AnnotationError
+from qvl.formats.families import FAMILIES, Family, picture
+from qvl.formats.render import markup
+from qvl.formats.render.sequence import Plan
+from qvl.formats.tokenizers import Tokenizer
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 PLACEHOLDER = "<image>"
@@ -107,7 +107,7 @@ def _with_pictures(texts: list[str], images: list[str]) -> list[str]:
         rebuilt = parts[0]
         for part in parts[1:]:
             n += 1
-            rebuilt += f"Picture {n}: {IMG_START}{images[n - 1]}{IMG_END}\n" + part.lstrip("\n")
+            rebuilt += picture(n, images[n - 1]) + part.lstrip("\n")
         out.append(rebuilt)
     return out
 
@@ -145,10 +145,10 @@ def parse(record: dict) -> Conversation:
                         "sft" if typed.source is None else typed.source)
 
 
-def render(conv: Conversation, sample_id: str, tok: Tokenizer, image_tokens, model: Family | None = None,
+def render(conv: Conversation, sample_id: str, tok: Tokenizer, image_tokens, model: Family = FAMILIES["qwen-vl"],
            resized_of=None) -> Plan:
-    """Qwen-VL's ChatML (``model`` None), or a newer family's (see ``families``)."""
-    if model is not None:
+    """Qwen-VL's ChatML with finetune.py's labels, or a newer family's template (see ``families``)."""
+    if model.chat:
         return _render_family(conv, sample_id, tok, image_tokens, model, resized_of)
     plan = Plan(sample_id, "sft", conv.source)
     im_start, im_end = array("i", [tok.special("<|im_start|>")]), array("i", [tok.special("<|im_end|>")])
@@ -160,7 +160,7 @@ def render(conv: Conversation, sample_id: str, tok: Tokenizer, image_tokens, mod
         if role == "system" and content == DEFAULT_SYSTEM:
             plan.ids(tok.fixed(content), False)
         else:
-            families.check_boxes(content)
+            markup.check_boxes(content)
             plan.content(content, role == "assistant", tok, image_tokens)
         plan.ids(im_end, True)
         plan.ids(newline, True)
@@ -184,7 +184,7 @@ def _render_family(conv: Conversation, sample_id: str, tok: Tokenizer, image_tok
     for role, content in turns:
         answer = role == "assistant"
         plan.ids(im_start, False)
-        converted = families.convert(content, model, resized_of, last_image)
+        converted = markup.convert(content, model, resized_of, last_image)
         if answer:  # the trainers split the prompt from the answer here: header and answer apart
             plan.ids(tok.fixed(role), False)
             plan.ids(newline, False)

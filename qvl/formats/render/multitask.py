@@ -28,9 +28,9 @@ from typing import Annotated, Any, Callable
 import msgspec
 
 from qvl.boundary import MAX_ITEMS, Coord, Count, Id, Side, convert
-from qvl.errors import RecordError
-from qvl.formats.boxes import (
-    AnnotationError,
+from qvl.errors import AnnotationError, RecordError
+from qvl.formats.families import FAMILIES, Family
+from qvl.formats.render.boxes import (
     box_text,
     pixel_box,
     pixel_quad,
@@ -38,8 +38,7 @@ from qvl.formats.boxes import (
     scale_box,
     scale_quad,
 )
-from qvl.formats.families import Family
-from qvl.formats.sequence import Plan, Tag
+from qvl.formats.render.sequence import Plan, Tag
 from qvl.formats.tokenizers import Tokenizer
 
 EOS = "<|endoftext|>"
@@ -47,8 +46,6 @@ CAPTION_PROMPT = {"en": "Generate the caption in English:", "zh": "Generate the 
 GROUNDING_PROMPT = {"en": "Generate the caption in English with grounding:",
                     "zh": "Generate the caption in Chinese with grounding:"}
 OCR_PROMPT = "OCR with grounding:"
-REF, REF_END, BOX, BOX_END, QUAD, QUAD_END = (Tag(t) for t in ("<ref>", "</ref>", "<box>", "</box>", "<quad>",
-                                                              "</quad>"))
 
 
 # the newer families' prompts where Qwen-VL's do not read as a request (their cookbooks' wording)
@@ -73,16 +70,16 @@ class Boxes:
 
 class Context:
     """What a renderer needs besides the record: the tokenizer, image sizes, and the model
-    family (None: Qwen-VL) with its resized sizes (``resized_of(ref)``)."""
+    family with its resized sizes (``resized_of(ref)``)."""
 
     def __init__(self, tok: Tokenizer, image_tokens, image_size: Callable[[str], tuple[int, int]],
-                 model: Family | None = None, resized_of: Callable[[str], tuple[int, int]] | None = None):
+                 model: Family = FAMILIES["qwen-vl"], resized_of: Callable[[str], tuple[int, int]] | None = None):
         self.tok = tok
         self.image_tokens = image_tokens
         self.image_size = image_size
         self.model = model
         self.resized_of = resized_of
-        self.lead = " " if model is None else ""  # Qwen-VL's targets continue the prompt after a space
+        self.lead = "" if model.chat else " "  # Qwen-VL's targets continue the prompt after a space
 
     def segments(self, parts: list) -> list:
         """``Boxes`` segments expanded into tags and text for the model."""
@@ -96,15 +93,13 @@ class Context:
         model = self.model
         if part.quad:
             points = scale_quad(part.boxes, width, height)
-            if model is None or model.boxes == "tokens":
-                ref, end, quad, quad_end = (REF, REF_END, QUAD, QUAD_END) if model is None else (
-                    Tag("<|object_ref_start|>"), Tag("<|object_ref_end|>"), Tag("<|quad_start|>"), Tag("<|quad_end|>"))
+            if model.boxes == "tokens":
+                ref, end, quad, quad_end = _tags(model, "<ref>", "</ref>", "<quad>", "</quad>")
                 return [ref, part.label, end, quad, quad_text(points), quad_end]
             xs, ys = [x for x, _ in part.boxes], [y for _, y in part.boxes]  # JSON families: the enclosing box
             return [self._json_box((min(xs), min(ys), max(xs), max(ys)), part, "text_content")]
-        if model is None or model.boxes == "tokens":
-            ref, end, box, box_end = (REF, REF_END, BOX, BOX_END) if model is None else (
-                Tag("<|object_ref_start|>"), Tag("<|object_ref_end|>"), Tag("<|box_start|>"), Tag("<|box_end|>"))
+        if model.boxes == "tokens":
+            ref, end, box, box_end = _tags(model, "<ref>", "</ref>", "<box>", "</box>")
             out = [ref, part.label, end] if part.label is not None else []
             for b in part.boxes:
                 out += [box, box_text(scale_box(b, width, height)), box_end]
@@ -121,6 +116,11 @@ class Context:
             coords = list(scale_box(box, width, height))
         return json.dumps({"bbox_2d": coords, **({key: part.label} if part.label is not None else {})},
                           ensure_ascii=False)
+
+
+def _tags(model: Family, *names: str) -> tuple[Tag, ...]:
+    """Qwen-VL's grounding tags as ``model``'s box tokens."""
+    return tuple(Tag(model.tags[name]) for name in names)
 
 
 Box = Annotated[list[Coord], msgspec.Meta(min_length=4, max_length=4)]
@@ -222,7 +222,7 @@ def _size(record: Record, ctx: Context) -> tuple[int, int]:
 def _start(plan: Plan, record: Record, ctx: Context) -> None:
     """Qwen-VL: the image first. A newer family: its system turn (if it has a default), then the
     user's turn opening with the image."""
-    if ctx.model is not None:
+    if ctx.model.chat:
         _open(plan, ctx, ctx.model.default_system)
         plan.ids([ctx.tok.special("<|im_start|>")], False)
         plan.ids(ctx.tok.fixed("user"), False)
@@ -246,7 +246,7 @@ def _prompt(plan: Plan, ctx: Context, parts: list) -> None:
 
 def _target(plan: Plan, ctx: Context, parts: list) -> None:
     """The answer: for a newer family the user's turn closes and the assistant's opens first."""
-    if ctx.model is not None:
+    if ctx.model.chat:
         plan.ids([ctx.tok.special("<|im_end|>")], False)
         plan.ids(ctx.tok.fixed("\n"), False)
         plan.ids([ctx.tok.special("<|im_start|>")], False)
@@ -256,7 +256,7 @@ def _target(plan: Plan, ctx: Context, parts: list) -> None:
 
 
 def _end(plan: Plan, ctx: Context) -> None:
-    if ctx.model is not None:
+    if ctx.model.chat:
         plan.ids(array("i", [ctx.tok.special("<|im_end|>")]) + array("i", ctx.tok.fixed("\n")), True)
     else:
         plan.ids([ctx.tok.special(EOS)], True)
@@ -279,7 +279,7 @@ def caption(plan: Plan, record: Record, ctx: Context) -> None:
 def vqa(plan: Plan, record: Record, ctx: Context) -> None:
     question = _field(record, "question").strip()
     _start(plan, record, ctx)
-    _prompt(plan, ctx, [" " + question + " Answer:" if ctx.model is None else question])
+    _prompt(plan, ctx, [question if ctx.model.chat else " " + question + " Answer:"])
     _target(plan, ctx, [ctx.lead + _field(record, "answer").strip()])
     _end(plan, ctx)
 
@@ -322,9 +322,9 @@ def ref_grounding(plan: Plan, record: Record, ctx: Context) -> None:
     box = pixel_box(_field(record, "box", list), width, height, _box_format(record))
     ref = _field(record, "ref").strip()
     _start(plan, record, ctx)
-    if ctx.model is None or ctx.model.boxes == "tokens":
-        ref_tags = (REF, REF_END) if ctx.model is None else (Tag("<|object_ref_start|>"), Tag("<|object_ref_end|>"))
-        _prompt(plan, ctx, [ref_tags[0], ref, ref_tags[1]])
+    if ctx.model.boxes == "tokens":
+        ref_start, ref_end = _tags(ctx.model, "<ref>", "</ref>")
+        _prompt(plan, ctx, [ref_start, ref, ref_end])
         _target(plan, ctx, [Boxes(None, (box,), (width, height), image)])
     else:
         _prompt(plan, ctx, [FAMILY_PROMPTS["ref_grounding"].format(ref=ref)])
@@ -338,10 +338,9 @@ def grounded_caption(plan: Plan, record: Record, ctx: Context) -> None:
     box = pixel_box(_field(record, "box", list), width, height, _box_format(record))
     caption_text = _field(record, "caption").strip()
     _start(plan, record, ctx)
-    if ctx.model is None or ctx.model.boxes == "tokens":
-        this = (REF, "This", REF_END) if ctx.model is None else (
-            Tag("<|object_ref_start|>"), "This", Tag("<|object_ref_end|>"))
-        _prompt(plan, ctx, [*this, Boxes(None, (box,), (width, height), image)])
+    if ctx.model.boxes == "tokens":
+        ref_start, ref_end = _tags(ctx.model, "<ref>", "</ref>")
+        _prompt(plan, ctx, [ref_start, "This", ref_end, Boxes(None, (box,), (width, height), image)])
         _target(plan, ctx, [" is " + caption_text])
     else:
         region = ctx.segments([Boxes(None, (box,), (width, height), image)])[0]
@@ -362,7 +361,7 @@ def ocr(plan: Plan, record: Record, ctx: Context) -> None:
         target.append(Boxes(_field(line, "text"), tuple(pixel_quad(line.quad, width, height, fmt)),
                             (width, height), image, quad=True))
     _start(plan, record, ctx)
-    if ctx.model is None or ctx.model.boxes == "tokens":
+    if ctx.model.boxes == "tokens":
         _prompt(plan, ctx, [OCR_PROMPT])
         _target(plan, ctx, target)
     else:
