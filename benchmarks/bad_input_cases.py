@@ -240,7 +240,8 @@ def trainer_generate_max_new_tokens(n: int) -> None:
 
     from qvl.formats.tokenizers import IMG_PAD, load_tokenizer
     from qvl.trainer.generate import generate_text
-    from qvl.trainer.model import QwenVL, preset_from_dict
+    from qvl.trainer.model import QwenVL
+    from qvl.trainer.preset import preset_from_dict
 
     torch.manual_seed(0)
     preset = preset_from_dict({"name": "micro", "tokenizer": "bytes", "image_tokens": 4,

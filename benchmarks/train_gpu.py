@@ -41,7 +41,7 @@ def parameters(preset) -> dict[str, int]:
     from qvl.trainer.model import QwenVL
 
     with torch.device("meta"):
-        model = QwenVL(preset, preset.llm["vocab_size"], 151859, 448)
+        model = QwenVL(preset, preset.llm.vocab_size, 151859, 448)
     return {part: sum(p.numel() for p in getattr(model, part).parameters()) for part in ("vision", "adapter", "llm")}
 
 
@@ -60,11 +60,11 @@ def step_flops(preset, counts: dict, trains: tuple[str, ...], tokens: int, image
     """Model FLOPs of one optimiser step: 2 per multiply-add forward, 4 backward where gradients
     flow (a trained part, or anything feeding one)."""
     v, llm = preset.vision, preset.llm
-    patches = (resolution // v["patch_size"]) ** 2
-    vit = 2 * counts["vision"] * patches + 4 * v["layers"] * patches ** 2 * v["width"]
+    patches = (resolution // v.patch_size) ** 2
+    vit = 2 * counts["vision"] * patches + 4 * v.layers * patches ** 2 * v.width
     adapter = 2 * counts["adapter"] * preset.image_tokens
     seq = 2048
-    lm = 2 * counts["llm"] * tokens + 4 * llm["num_hidden_layers"] * tokens * seq / 2 * llm["hidden_size"]
+    lm = 2 * counts["llm"] * tokens + 4 * llm.num_hidden_layers * tokens * seq / 2 * llm.hidden_size
     vision_back = 2 if "vision" in trains else 0
     adapter_back = 2 if ("adapter" in trains or "vision" in trains) else 0
     return images * (vit * (1 + vision_back) + adapter * (1 + adapter_back)) + lm * 3

@@ -167,7 +167,7 @@ def curate_filter(
     from qvl.curate.settings import FilterSettings, RunSettings
     from qvl.curate.sources.layouts import LayoutError
     from qvl.curate.sources.shards import InputError
-    from qvl.recipes import RecipeError, fill, load_recipe, name, table
+    from qvl.recipes import RecipeError, load_recipe, name, resolve, table
 
     try:
         if not inputs and from_ledger is None:
@@ -178,8 +178,7 @@ def curate_filter(
         unknown = set(data) - {"filter", "run"}
         if unknown:
             raise RecipeError(f"{recipe}: unknown table(s) {', '.join(sorted(map(name, unknown)))}; use [filter] and [run]")
-        filter_values = {**base, **table(data, "filter", str(recipe))}
-        run_values = dict(table(data, "run", str(recipe)))
+        filter_table, run_table = table(data, "filter", str(recipe)), table(data, "run", str(recipe))
         cli_values = {"min_side": min_side, "max_aspect_ratio": max_aspect_ratio, "min_units": min_units,
                       "max_units": max_units, "min_lang_score": min_lang_score,
                       "lang_model": str(lang_model) if lang_model else None,
@@ -190,16 +189,15 @@ def curate_filter(
                       "clip_top_by": clip_top_by, "balance_entries": str(balance) if balance else None,
                       "balance_t": balance_t,
                       "lang_mix": _thresholds([lang_mix], "--lang-mix") if lang_mix else None}
-        filter_values.update({k: v for k, v in cli_values.items() if v is not None})
-        if clip_threshold:
+        if clip_threshold:  # --clip-threshold sets some models' thresholds and keeps the others'
             thresholds = dict(base.get("clip_thresholds", FilterSettings().clip_thresholds))
-            thresholds.update(filter_values.get("clip_thresholds", {}))
+            thresholds.update(filter_table.get("clip_thresholds", {}))
             thresholds.update(_thresholds(clip_threshold, "--clip-threshold"))
-            filter_values["clip_thresholds"] = thresholds
-        run_values.update({k: v for k, v in {"workers": workers, "batch_rows": batch_rows, "engine": engine,
-                                             "address": address}.items() if v is not None})
-        settings = fill(FilterSettings, filter_values, f"{recipe} [filter]" if recipe else "options")
-        run = fill(RunSettings, run_values, f"{recipe} [run]" if recipe else "options")
+            cli_values["clip_thresholds"] = thresholds
+        settings = resolve(FilterSettings, base, filter_table, options=cli_values,
+                           where=f"{recipe} [filter]" if recipe else "options")
+        run_options = {"workers": workers, "batch_rows": batch_rows, "engine": engine, "address": address}
+        run = resolve(RunSettings, run_table, options=run_options, where=f"{recipe} [run]" if recipe else "options")
         report = run_filter(inputs or [], out, settings, run, mapping=_pairs(map_, "--map") or None, source=source,
                             overwrite=overwrite, show_progress=progress, from_ledger=from_ledger)
     except (InputError, RecipeError, RunStateError, LayoutError, LangModelError, LedgerError, ValueError,
@@ -593,19 +591,18 @@ def train(
     seed: int = 0,
 ) -> None:
     """Train a Qwen-VL-style model, stage 1, 2 or 3 (torchrun for several processes)."""
-    from qvl.recipes import RecipeError, load_recipe
+    from qvl.recipes import RecipeError, load_recipe, merge
     from qvl.trainer.data import DataError
     from qvl.trainer.train import TrainSettings, check_overrides
     from qvl.trainer.train import train as run_train
 
     try:
-        overrides = dict(load_recipe(recipe).get("stage", {})) if recipe else {}
-        check_overrides(overrides, f"{recipe} [stage]")
-        options = {k: v for k, v in {"micro_batch": micro_batch, "accumulation": accumulation, "lr": lr}.items()
-                   if v is not None}
-        for key, value in options.items():
+        recipe_stage = dict(load_recipe(recipe).get("stage", {})) if recipe else {}
+        check_overrides(recipe_stage, f"{recipe} [stage]")
+        options = {"micro_batch": micro_batch, "accumulation": accumulation, "lr": lr}
+        for key, value in merge(options=options).items():
             check_overrides({key: value}, f"--{key.replace('_', '-')}")
-        overrides.update(options)
+        overrides = merge(recipe_stage, options=options)  # over the preset's stage table: resolved in train.stage_for
         result = run_train(TrainSettings(stage=stage, data=data, out=out, preset=preset, max_steps=max_steps,
                                          init=init, resume=resume, overwrite=overwrite, llm=llm, seed=seed, max_rejected=max_rejected,
                                          fsdp=fsdp, precision=precision, progress=progress, overrides=overrides,

@@ -18,7 +18,7 @@ import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Mapping, TypeVar
 
 import yaml
 
@@ -211,3 +211,20 @@ def fill(cls: type[T], values: dict[str, Any], where: str) -> T:
         return cls(**{key: coerce(value, hints[key], key) for key, value in values.items()})
     except SettingError as e:
         raise RecipeError(f"{where}: {e}") from None
+
+
+def merge(*layers: Mapping[str, Any], options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``layers`` (a previous run's settings, a recipe's table ...; lowest precedence first) and
+    then ``options`` as one mapping, a later value replacing an earlier one. In ``options`` None
+    means "not given" (an option left out); in a layer it is a value (YAML's ``null``: off)."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update(layer)
+    merged.update({k: v for k, v in (options or {}).items() if v is not None})
+    return merged
+
+
+def resolve(cls: type[T], *layers: Mapping[str, Any], options: Mapping[str, Any] | None = None, where: str) -> T:
+    """Settings ``cls`` from ``layers`` < ``options`` (``merge``), checked by ``fill``: the one
+    rule by which a command combines a previous run's settings, a recipe and its options."""
+    return fill(cls, merge(*layers, options=options), where)

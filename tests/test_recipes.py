@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from qvl.curate.filter.balance import read_entries
 from qvl.curate.settings import FilterSettings, RunSettings
 from qvl.errors import QvlError
-from qvl.recipes import fill, load_recipe, table
+from qvl.recipes import RecipeError, fill, load_recipe, resolve, table
 
 FIELDS = sorted({f.name for cls in (FilterSettings, RunSettings) for f in dataclasses.fields(cls)})
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
@@ -92,3 +92,14 @@ def test_an_entry_with_a_control_character_is_refused_naming_the_line(tmp_path, 
     path.write_text(text)
     with pytest.raises(QvlError, match=rf"{path}:\d+: a control character"):
         read_entries(path)
+
+
+def test_resolve_layers_settings_lowest_first_and_options_left_out_are_not_given():
+    previous = {"min_side": 10, "nsfw_threshold_default": None, "max_units": 50}  # a previous run: nsfw off
+    recipe = {"min_side": 20, "languages": ["en"]}
+    options = {"min_side": 30, "max_units": None, "lang_model": None}
+    settings = resolve(FilterSettings, previous, recipe, options=options, where="r.toml [filter]")
+    assert (settings.min_side, settings.max_units, settings.languages) == (30, 50, ("en",))
+    assert settings.nsfw_threshold_default is None and settings.lang_model is None
+    with pytest.raises(RecipeError, match=r"r.toml \[filter\]: unknown setting\(s\) min_sides"):
+        resolve(FilterSettings, {"min_sides": 1}, where="r.toml [filter]")

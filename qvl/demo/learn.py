@@ -36,7 +36,8 @@ from qvl.formats.tokenizers import load_tokenizer
 from qvl.trainer.checkpoint import load_checkpoint
 from qvl.trainer.data import load_image
 from qvl.trainer.generate import chat_prompt_ids, greedy_batch, prompt_ids
-from qvl.trainer.model import QwenVL, load_preset
+from qvl.trainer.model import QwenVL
+from qvl.trainer.preset import load_preset
 from qvl.trainer.train import TrainSettings, train
 
 

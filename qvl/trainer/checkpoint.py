@@ -1,7 +1,8 @@
 """A qvl checkpoint folder: ``model.safetensors`` (the whole model), ``preset.json`` (the
 architecture it was built with), ``meta.json`` (stage, step, resolution) and, for resuming,
-``state.pt``. The preset travels with the weights, so ``qvl generate``, ``qvl train --init``
-(and evaluation) need no ``--preset``; one given that builds another architecture is an error.
+``state.pt`` (``save_checkpoint`` writes a run's, ``resume`` reads it back). The preset
+travels with the weights, so ``qvl generate``, ``qvl train --init`` (and evaluation) need no
+``--preset``; one given that builds another architecture is an error.
 
 Every file is decoded here into a typed, ranged structure before anything is built from it:
 ``meta.json`` into ``CheckpointMeta``, a ``.safetensors`` header into ``TensorEntry``s whose
@@ -18,10 +19,14 @@ from typing import Annotated
 
 import msgspec
 import torch
+import torch.distributed as dist
 
+from qvl import storage
 from qvl.boundary import Count, decode_json, read_json_file
 from qvl.errors import QvlError, RecordError
-from qvl.trainer.model import ModelConfig, Name, QwenVL, Resolution, load_preset
+from qvl.trainer import parallel
+from qvl.trainer.model import QwenVL
+from qvl.trainer.preset import ModelConfig, Name, Resolution, load_preset
 
 MAX_HEADER_BYTES = 16 << 20  # a safetensors header: Qwen-VL-Chat's largest is ~100 KB
 MAX_META_BYTES = 1 << 20
@@ -170,3 +175,53 @@ def load_checkpoint(folder: str | Path, explicit_preset: str | None = None):
     model = QwenVL(preset, tok.vocab_size, tok.special(IMG_PAD), meta.resolution)
     load_weights(model, folder / "model.safetensors", f"preset {preset.name}")
     return model.eval(), preset, tok, msgspec.structs.asdict(meta)
+
+
+def save_checkpoint(folder: Path, model: QwenVL, optimizer, loader_state: dict, step: int, fsdp: bool, world: int,
+                    main: bool, preset: ModelConfig, meta: dict) -> None:
+    """A training run's checkpoint: whole weights, optimiser, every rank's data position and the
+    torch RNG (``state.pt``, for resuming), ``preset.json`` and ``meta.json``. A collective:
+    every rank calls it, rank 0 writes."""
+    from safetensors.torch import save_file, save_model
+
+    loaders = [None] * world
+    if world > 1:
+        dist.all_gather_object(loaders, loader_state)
+    else:
+        loaders = [loader_state]
+    weights, optimizer_state = parallel.full_state(model, optimizer, fsdp)  # a collective under FSDP
+    if not main:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with storage.atomic_path(folder / "model.safetensors") as tmp:
+        if fsdp:
+            save_file(parallel.unique_tensors(weights), str(tmp))
+        else:
+            save_model(model, str(tmp))
+    with storage.atomic_path(folder / "state.pt") as tmp:
+        torch.save({"optimizer": optimizer_state, "loader": loaders, "step": step,
+                    "torch_rng": torch.get_rng_state()}, tmp)
+    storage.write_json(folder / "preset.json", preset.to_dict())
+    storage.write_json(folder / "meta.json", meta)
+
+
+def resume(folder: Path, model: QwenVL, optimizer, loader, fsdp: bool, main: bool, rank: int) -> int:
+    """Weights, optimiser, this rank's data position and the torch RNG from ``save_checkpoint``'s
+    folder; its step. Anything damaged is one CheckpointError naming the folder."""
+    from safetensors.torch import load_file, load_model
+
+    try:
+        state = torch.load(folder / "state.pt", weights_only=True)
+        if fsdp:
+            weights = load_file(str(folder / "model.safetensors")) if main else {}
+            parallel.load_full_state(model, optimizer, weights, state["optimizer"] if main else {})
+        else:
+            load_model(model, str(folder / "model.safetensors"))
+            optimizer.load_state_dict(state["optimizer"])
+        loader.restore(state["loader"][rank])
+        step = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+    except Exception as e:  # torch/safetensors raise many types for a damaged file
+        raise CheckpointError(f"{folder}: cannot resume from this checkpoint ({type(e).__name__}: "
+                              f"{str(e)[:300]})") from None
+    return step

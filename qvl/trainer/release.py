@@ -39,7 +39,8 @@ from qvl.trainer.checkpoint import (
     read_preset,
     read_safetensors_header,
 )
-from qvl.trainer.model import ModelConfig, QwenVL, Resolution
+from qvl.trainer.model import QwenVL
+from qvl.trainer.preset import AdapterConfig, LLMConfig, ModelConfig, Resolution, VisionConfig
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 SHARD_BYTES = 4 << 30  # release-style shards of the exported model
@@ -112,14 +113,14 @@ def preset_from_config(config: ReleaseConfig, where: str = "config.json") -> Mod
         raise ConvertError(f"{where}: not a Qwen-VL configuration qvl reproduces: {'; '.join(bad)}")
     return ModelConfig(
         name="qwen-vl-release", tokenizer="qwen-vl", image_tokens=256,  # the release's 16x16 queries
-        vision={"class_token": False, "width": visual.width, "layers": visual.layers, "heads": visual.heads,
-                "patch_size": visual.patch_size, "mlp_ratio": visual.mlp_ratio, "pos_table": 16, "norm_eps": 1e-6},
-        adapter={"heads": visual.output_dim // 128, "stored_positions": True, "norm_eps": 1e-6},
-        llm={"vocab_size": config.vocab_size, "hidden_size": hidden, "num_hidden_layers": config.num_hidden_layers,
-             "num_attention_heads": heads, "num_key_value_heads": heads, "head_dim": head_dim,
-             "intermediate_size": config.intermediate_size // 2,  # the release halves it
-             "rms_norm_eps": config.layer_norm_epsilon, "rope_theta": config.rotary_emb_base,
-             "max_position_embeddings": config.seq_length, "tie_word_embeddings": config.tie_word_embeddings},
+        vision=VisionConfig(class_token=False, width=visual.width, layers=visual.layers, heads=visual.heads,
+                            patch_size=visual.patch_size, mlp_ratio=visual.mlp_ratio, pos_table=16, norm_eps=1e-6),
+        adapter=AdapterConfig(heads=visual.output_dim // 128, stored_positions=True, norm_eps=1e-6),
+        llm=LLMConfig(vocab_size=config.vocab_size, hidden_size=hidden, num_hidden_layers=config.num_hidden_layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, head_dim=head_dim,
+                      intermediate_size=config.intermediate_size // 2,  # the release halves it
+                      rms_norm_eps=config.layer_norm_epsilon, rope_theta=config.rotary_emb_base,
+                      max_position_embeddings=config.seq_length, tie_word_embeddings=config.tie_word_embeddings),
         stages={"resolution": [visual.image_size] * 3},
     )
 
@@ -132,22 +133,20 @@ def config_from_preset(preset: ModelConfig, like: dict, resolution: int, where: 
         ("vision", v, ("width", "layers", "heads", "patch_size", "mlp_ratio")),
         ("llm", llm, ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "intermediate_size",
                       "rms_norm_eps", "rope_theta", "vocab_size", "tie_word_embeddings"))) for key in keys
-             if key not in values]
-    lacks += [need for need, ok in (("[vision] class_token = false", v.get("class_token", True) is False),
-                                    ("[adapter] stored_positions = true", a.get("stored_positions") is True)) if not ok]
+             if getattr(values, key) is None]
+    lacks += [need for need, ok in (("[vision] class_token = false", not v.class_token),
+                                    ("[adapter] stored_positions = true", a.stored_positions)) if not ok]
     if lacks:
         raise ConvertError(f"{where} (preset {preset.name}): not in the release's shape (a checkpoint of convert "
                            f"from-qwen-vl, or trained from one); its preset lacks {', '.join(lacks)}")
     out = json.loads(json.dumps(like))
-    out.update(hidden_size=llm["hidden_size"], num_hidden_layers=llm["num_hidden_layers"],
-               num_attention_heads=llm["num_attention_heads"], kv_channels=llm["head_dim"],
-               intermediate_size=llm["intermediate_size"] * 2, layer_norm_epsilon=llm["rms_norm_eps"],
-               rotary_emb_base=llm["rope_theta"], vocab_size=llm["vocab_size"],
-               tie_word_embeddings=llm["tie_word_embeddings"])
-    out.setdefault("visual", {}).update(width=v["width"], layers=v["layers"], heads=v["heads"],
-                                        patch_size=v["patch_size"], mlp_ratio=v["mlp_ratio"],
-                                        output_dim=llm["hidden_size"], image_size=resolution)
-    if a.get("heads") != llm["hidden_size"] // 128:
+    out.update(hidden_size=llm.hidden_size, num_hidden_layers=llm.num_hidden_layers,
+               num_attention_heads=llm.num_attention_heads, kv_channels=llm.head_dim,
+               intermediate_size=llm.intermediate_size * 2, layer_norm_epsilon=llm.rms_norm_eps,
+               rotary_emb_base=llm.rope_theta, vocab_size=llm.vocab_size, tie_word_embeddings=llm.tie_word_embeddings)
+    out.setdefault("visual", {}).update(width=v.width, layers=v.layers, heads=v.heads, patch_size=v.patch_size,
+                                        mlp_ratio=v.mlp_ratio, output_dim=llm.hidden_size, image_size=resolution)
+    if a.heads != llm.hidden_size // 128:
         raise ConvertError(f"preset {preset.name}: the release's Resampler has hidden_size // 128 heads")
     return out
 
@@ -184,8 +183,8 @@ def key_map(preset: ModelConfig) -> list[tuple[tuple[str, ...], tuple[str, ...],
     for part in ("weight", "bias"):
         add(v + f"ln_pre.{part}", f"vision.vit.ln_pre.{part}")
         add(v + f"ln_post.{part}", f"adapter.ln_post.{part}")
-    heads = preset.vision["heads"]
-    for m in range(preset.vision["layers"]):
+    heads = preset.vision.heads
+    for m in range(preset.vision.layers):
         src, dst = f"{v}transformer.resblocks.{m}.", f"vision.vit.transformer.resblocks.{m}."
         for name in ("ln_1", "ln_2", "attn.out_proj", "mlp.c_fc", "mlp.c_proj"):
             for part in ("weight", "bias"):
@@ -202,7 +201,7 @@ def key_map(preset: ModelConfig) -> list[tuple[tuple[str, ...], tuple[str, ...],
     add("transformer.wte.weight", "llm.model.embed_tokens.weight")
     add("transformer.ln_f.weight", "llm.model.norm.weight")
     add("lm_head.weight", "llm.lm_head.weight")
-    for n in range(preset.llm["num_hidden_layers"]):
+    for n in range(preset.llm.num_hidden_layers):
         src, dst = f"transformer.h.{n}.", f"llm.model.layers.{n}."
         add(src + "ln_1.weight", dst + "input_layernorm.weight")
         add(src + "ln_2.weight", dst + "post_attention_layernorm.weight")
@@ -219,7 +218,7 @@ def key_map(preset: ModelConfig) -> list[tuple[tuple[str, ...], tuple[str, ...],
 def expected_shapes(preset: ModelConfig, resolution: int) -> dict[str, torch.Size]:
     """The tensors the preset's model holds, built on the meta device (no memory)."""
     with torch.device("meta"):
-        model = QwenVL(preset, preset.llm["vocab_size"], 151859, resolution)
+        model = QwenVL(preset, preset.llm.vocab_size, 151859, resolution)
     return {k: t.shape for k, t in model.state_dict().items()}
 
 

@@ -1,5 +1,5 @@
-"""`qvl train --stage N`: one file, top to bottom — setup, model, data, optimiser, loop,
-checkpoint. Runs on a CPU (tiny preset) or under torchrun, one process per device: DDP, or
+"""`qvl train --stage N`: setup (model, data, optimiser), the loop, and the checkpoint it
+saves and resumes from (``checkpoint.save_checkpoint``, ``checkpoint.resume``). Runs on a CPU (tiny preset) or under torchrun, one process per device: DDP, or
 FSDP (``--fsdp``) for models that do not fit one device.
 
 The loss of an optimiser step is the mean over every supervised token of the step, on
@@ -20,25 +20,26 @@ import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import msgspec
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, load_model, save_file, save_model
 
 from qvl import storage
 from qvl.boundary import Count, convert, decode_json
 from qvl.errors import QvlError, RecordError
 from qvl.formats.tokenizers import IMG_PAD, load_tokenizer
 from qvl.progress import progress_bar
-from qvl.recipes import fill
+from qvl.recipes import resolve
 from qvl.schemas.samples import IGNORE_INDEX
 from qvl.trainer import parallel
-from qvl.trainer.checkpoint import load_weights, read_meta, read_preset
+from qvl.trainer.checkpoint import CheckpointError, load_weights, read_meta, read_preset, resume, save_checkpoint
 from qvl.trainer.data import Loader, Shards
-from qvl.trainer.model import QwenVL, StagesSpec, load_preset
+from qvl.trainer.model import QwenVL
+from qvl.trainer.preset import ModelConfig, StagesSpec, load_preset
 from qvl.trainer.stages import STAGES, Stage
 
 
@@ -108,7 +109,7 @@ def check_overrides(overrides: dict, where: str) -> None:
     names ``where`` and the setting."""
     if not overrides:
         return
-    fill(Stage, {**dataclasses.asdict(STAGES[1]), **overrides}, where)
+    resolve(Stage, dataclasses.asdict(STAGES[1]), overrides, where=where)
     try:
         convert({k: v for k, v in overrides.items() if k in StageValues.__struct_fields__}, StageValues)
     except RecordError as e:
@@ -120,7 +121,7 @@ def stage_for(settings: TrainSettings, preset) -> Stage:
     stage = dataclasses.replace(STAGES[settings.stage])
     for key, values in preset.stages.items():
         setattr(stage, key, values[settings.stage - 1])
-    stage = fill(Stage, {**dataclasses.asdict(stage), **settings.overrides}, settings.overrides_from)
+    stage = resolve(Stage, dataclasses.asdict(stage), settings.overrides, where=settings.overrides_from)
     if settings.max_steps is not None:
         stage.max_steps = settings.max_steps
     return stage
@@ -138,7 +139,7 @@ def param_groups(model: QwenVL, stage: Stage) -> list[dict]:
     """AdamW groups: no decay on biases, norms, embeddings and queries; the ViT's layers
     scaled by decay ** (depth from the top)."""
     groups: dict[tuple, dict] = {}
-    top = model.vision.cfg["layers"] + 1
+    top = model.vision.cfg.layers + 1
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -201,24 +202,53 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return device.type == "cpu" and native
 
 
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+@dataclass
+class Run:
+    """One process's share of a training run: what setup builds and the loop advances."""
+
+    settings: TrainSettings
+    world: int
+    rank: int
+    device: torch.device
+    preset: ModelConfig
+    stage: Stage
+    model: QwenVL
+    wrapped: torch.nn.Module  # the model under DDP or FSDP (the model itself on one process)
+    fsdp: bool
+    loader: Loader
+    optimizer: torch.optim.Optimizer
+    bf16: bool
+    say: Callable[[str], None]
+    step: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def save(self) -> None:
+        """The checkpoint at this step (a collective: every rank calls it)."""
+        s, stage = self.settings, self.stage
+        save_checkpoint(s.out / "checkpoint", self.model, self.optimizer, self.loader.state(), self.step,
+                        self.fsdp, self.world, self.main, self.preset,
+                        {"stage": stage.number, "step": self.step, "preset": self.preset.name,
+                         "resolution": stage.resolution, "precision": "bf16" if self.bf16 else "fp32",
+                         "settings": str(s)})
 
 
-def train(s: TrainSettings) -> dict:
-    # ---------------------------------------------------------------- setup
+def _start(s: TrainSettings) -> tuple[int, int, torch.device]:
+    """(world, rank, device): the process group joined, seeds set, the run folder checked by
+    rank 0 and its verdict shared, so every rank stops with the same message."""
     check_settings(s)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    main = rank == 0
     random.seed(s.seed)
     np.random.seed(s.seed)
     torch.manual_seed(s.seed)
     problem = None
-    if main:  # one rank decides about the folder; every rank stops with its message
+    if rank == 0:
         try:
             check_run_folder(s)
         except QvlError as e:
@@ -229,27 +259,25 @@ def train(s: TrainSettings) -> dict:
         problem = shared[0]
     if problem:
         raise RunError(problem)
+    return world, rank, device
 
-    def say(message: str) -> None:
-        if main and s.log:
-            print(message, flush=True)
 
-    # ---------------------------------------------------------------- model
-    preset = read_preset(s.init, s.preset) if s.init is not None else load_preset(s.preset or "tiny")
-    stage = stage_for(s, preset)
-    tok = load_tokenizer(preset.tokenizer)
-    # built at the resolution the weights were trained at, then interpolated to this stage's
+def _build_model(s: TrainSettings, preset: ModelConfig, stage: Stage, tok) -> QwenVL:
+    """Built at the resolution the weights were trained at (``--init``), then interpolated to
+    this stage's; trainable parts as the stage says."""
     start_res = read_meta(Path(s.init)).resolution if s.init else stage.resolution
     model = QwenVL(preset, tok.vocab_size, tok.special(IMG_PAD), start_res, s.llm)
     if s.init is not None:
         load_weights(model, Path(s.init) / "model.safetensors", f"preset {preset.name} (--init)")
     model.vision.set_resolution(stage.resolution)
     model.set_trainable(stage.trains)
-    model.to(device)
-    fsdp = s.fsdp and world > 1
-    wrapped = parallel.wrap(model, world, fsdp)
+    return model
 
-    # ---------------------------------------------------------------- data
+
+def _open_data(s: TrainSettings, preset: ModelConfig, stage: Stage, tok, rows: int, rank: int, world: int,
+               say) -> Loader:
+    """The shards' loader, once their manifest matches the model (architecture, tokenizer,
+    image tokens, a vocabulary inside the embedding's ``rows``)."""
     shards = Shards(s.data, s.max_rejected)
     manifest = shards.manifest
     if manifest.model != "qwen-vl":
@@ -259,141 +287,139 @@ def train(s: TrainSettings) -> dict:
         raise ValueError(f"{s.data}: formatted with tokenizer {manifest.tokenizer} and "
                          f"{manifest.settings.image_tokens} image tokens; preset {preset.name} needs "
                          f"{tok.name} and {preset.image_tokens} (re-run qvl format with --tokenizer/--image-tokens)")
-    rows = model.llm.get_input_embeddings().weight.shape[0]
     if (manifest.vocab_size or 0) > rows:
         raise ValueError(f"{s.data}: its tokenizer has {manifest.vocab_size:,} ids; the model's embedding "
                          f"{rows:,} rows")
-    loader = Loader(shards, stage.micro_batch, stage.resolution, tok.special("<|endoftext|>"), stage.seq_len,
-                    s.seed, rank, world, log=say, vocab_size=rows, image_pad=(tok.special(IMG_PAD), preset.image_tokens))
+    return Loader(shards, stage.micro_batch, stage.resolution, tok.special("<|endoftext|>"), stage.seq_len,
+                  s.seed, rank, world, log=say, vocab_size=rows, image_pad=(tok.special(IMG_PAD), preset.image_tokens))
 
-    # ---------------------------------------------------------------- optimiser
-    groups = param_groups(model, stage)
-    optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=stage.betas, eps=stage.eps)
-    step = 0
+
+def setup(s: TrainSettings) -> Run:
+    """Everything before the first step: processes, model, data, optimiser; a resumed run's
+    checkpoint loaded and its metrics cut back to it."""
+    world, rank, device = _start(s)
+    main = rank == 0
+    say = (lambda message: print(message, flush=True)) if main and s.log else (lambda message: None)
+
+    preset = read_preset(s.init, s.preset) if s.init is not None else load_preset(s.preset or "tiny")
+    stage = stage_for(s, preset)
+    tok = load_tokenizer(preset.tokenizer)
+    model = _build_model(s, preset, stage, tok)
+    model.to(device)
+    fsdp = s.fsdp and world > 1
+    wrapped = parallel.wrap(model, world, fsdp)
+    rows = model.llm.get_input_embeddings().weight.shape[0]
+    loader = _open_data(s, preset, stage, tok, rows, rank, world, say)
+    optimizer = torch.optim.AdamW(param_groups(model, stage), lr=stage.lr, betas=stage.betas, eps=stage.eps)
+    run = Run(s, world, rank, device, preset, stage, model, wrapped, fsdp, loader, optimizer,
+              use_bf16(s.precision, device), say)
     metrics_path = s.out / "metrics.jsonl"
     if s.resume:
         try:
-            state = torch.load(s.out / "checkpoint" / "state.pt", weights_only=True)
-            if fsdp:
-                weights = load_file(str(s.out / "checkpoint" / "model.safetensors")) if main else {}
-                parallel.load_full_state(model, optimizer, weights, state["optimizer"] if main else {})
-            else:
-                load_model(model, str(s.out / "checkpoint" / "model.safetensors"))
-                optimizer.load_state_dict(state["optimizer"])
-            loader.restore(state["loader"][rank])
-            step = int(state["step"])
-            torch.set_rng_state(state["torch_rng"])
-        except Exception as e:  # torch/safetensors raise many types for a damaged file
-            raise RunError(f"{s.out / 'checkpoint'}: cannot resume from this checkpoint ({type(e).__name__}: "
-                           f"{str(e)[:300]}); --overwrite starts the run again") from None
-        say(f"resumed at step {step}")
+            run.step = resume(s.out / "checkpoint", model, optimizer, loader, fsdp, main, rank)
+        except CheckpointError as e:
+            raise RunError(f"{e}; --overwrite starts the run again") from None
+        say(f"resumed at step {run.step}")
         if main and metrics_path.exists():  # drop lines past the checkpoint: the curve continues exactly
-            storage.write_text(metrics_path, "".join(line + "\n" for line in _metrics_until(metrics_path, step)))
+            storage.write_text(metrics_path, "".join(line + "\n" for line in _metrics_until(metrics_path, run.step)))
     elif main and metrics_path.exists():
         metrics_path.unlink()
-    bf16 = use_bf16(s.precision, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    return run
 
-    def save_checkpoint() -> None:
-        loaders = [None] * world
-        if world > 1:
-            dist.all_gather_object(loaders, loader.state())
-        else:
-            loaders = [loader.state()]
-        weights, optimizer_state = parallel.full_state(model, optimizer, fsdp)  # a collective under FSDP
-        if not main:
-            return
-        folder = s.out / "checkpoint"
-        folder.mkdir(parents=True, exist_ok=True)
-        with storage.atomic_path(folder / "model.safetensors") as tmp:
-            if fsdp:
-                save_file(parallel.unique_tensors(weights), str(tmp))
-            else:
-                save_model(model, str(tmp))
-        with storage.atomic_path(folder / "state.pt") as tmp:
-            torch.save({"optimizer": optimizer_state, "loader": loaders, "step": step,
-                        "torch_rng": torch.get_rng_state()}, tmp)
-        storage.write_json(folder / "preset.json", preset.to_dict())
-        storage.write_json(folder / "meta.json", {"stage": stage.number, "step": step, "preset": preset.name,
-                                                  "resolution": stage.resolution,
-                                                  "precision": "bf16" if bf16 else "fp32", "settings": str(s)})
 
-    # ---------------------------------------------------------------- loop
-    say(f"stage {stage.number} ({stage.name}): trains {', '.join(stage.trains)}; {stage.max_steps} steps of "
-        f"{stage.micro_batch}x{stage.accumulation}x{world}; lr {stage.lr:g}->{stage.min_lr:g}, "
-        f"res {stage.resolution}, {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable, "
-        f"{'bf16 autocast' if bf16 else 'fp32'}")
-    total_loss = float("nan")
-    bar = progress_bar(disable=not (main and s.progress))
-    bar_task = bar.add_task(f"stage {stage.number}", total=stage.max_steps, completed=step, unit="steps")
-    with bar:
-        while step < stage.max_steps:
-            started = time.perf_counter()
-            lr = lr_at(step, stage)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            micro = [loader.next() for _ in range(stage.accumulation)]
-            tokens = torch.tensor(float(sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in micro)))
-            if world > 1:
-                dist.all_reduce(tokens)
-            total_loss = 0.0
-            task_loss: dict[str, list[float]] = {}
-            for i, batch in enumerate(micro):
-                with autocast:
-                    logits = wrapped(batch.input_ids.to(device), None if batch.pixels is None else batch.pixels.to(device),
+def _optimizer_step(run: Run, autocast) -> tuple[dict, float, float, float]:
+    """One optimiser step over ``accumulation`` micro-batches: its metrics line, and its loss,
+    gradient norm and learning rate unrounded (for the log)."""
+    stage, model, world, device = run.stage, run.model, run.world, run.device
+    started = time.perf_counter()
+    lr = lr_at(run.step, stage)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    micro = [run.loader.next() for _ in range(stage.accumulation)]
+    tokens = torch.tensor(float(sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in micro)))
+    if world > 1:
+        dist.all_reduce(tokens)
+    total_loss = 0.0
+    task_loss: dict[str, list[float]] = {}
+    for i, batch in enumerate(micro):
+        with autocast:
+            logits = run.wrapped(batch.input_ids.to(device), None if batch.pixels is None else batch.pixels.to(device),
                                  batch.attention_mask.to(device), batch.position_ids.to(device))
-                targets = batch.labels[:, 1:].to(device)
-                per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
-                                            ignore_index=IGNORE_INDEX, reduction="none")
-                loss = per_token.sum() / tokens.clamp(min=1) * world  # DDP and FSDP average gradients over ranks
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"step {step}: loss is {loss.item()} on samples {batch.sample_ids}")
-                if i == len(micro) - 1:
-                    loss.backward()
-                else:
-                    with parallel.no_sync(wrapped, world, fsdp):
-                        loss.backward()
-                total_loss += loss.item() / world
-                for row, spans in enumerate(batch.spans):
-                    for task, start, end in spans:
-                        part = slice(max(start - 1, 0), end - 1)  # per_token[t] is the loss of token t + 1
-                        entry = task_loss.setdefault(task, [0.0, 0])
-                        entry[0] += float(per_token[row, part].detach().sum())
-                        entry[1] += int((targets[row, part] != IGNORE_INDEX).sum())
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            grad_norm = parallel.grad_norm(torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if world > 1:
-                reduced = torch.tensor([total_loss])
-                dist.all_reduce(reduced)
-                total_loss = float(reduced)
-            step += 1
-            seconds = time.perf_counter() - started
-            n_tokens = sum(b.input_ids.numel() for b in micro) * world
-            n_images = sum(0 if b.pixels is None else b.pixels.shape[0] for b in micro) * world
-            record = {"step": step, "loss": round(total_loss, 6), "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
-                      "grad_norm": round(grad_norm, 4), "tokens_per_s": round(n_tokens / seconds, 1),
-                      "images_per_s": round(n_images / seconds, 1),
-                      "image_token_spread": None if model.image_token_spread is None else round(model.image_token_spread, 6),
-                      "task_loss": {t: round(v[0] / max(1, v[1]), 6) for t, v in sorted(task_loss.items())}}
-            if main:
+        targets = batch.labels[:, 1:].to(device)
+        per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
+                                    ignore_index=IGNORE_INDEX, reduction="none")
+        loss = per_token.sum() / tokens.clamp(min=1) * world  # DDP and FSDP average gradients over ranks
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"step {run.step}: loss is {loss.item()} on samples {batch.sample_ids}")
+        if i == len(micro) - 1:
+            loss.backward()
+        else:
+            with parallel.no_sync(run.wrapped, world, run.fsdp):
+                loss.backward()
+        total_loss += loss.item() / world
+        for row, spans in enumerate(batch.spans):
+            for task, start, end in spans:
+                part = slice(max(start - 1, 0), end - 1)  # per_token[t] is the loss of token t + 1
+                entry = task_loss.setdefault(task, [0.0, 0])
+                entry[0] += float(per_token[row, part].detach().sum())
+                entry[1] += int((targets[row, part] != IGNORE_INDEX).sum())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = parallel.grad_norm(torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if world > 1:
+        reduced = torch.tensor([total_loss])
+        dist.all_reduce(reduced)
+        total_loss = float(reduced)
+    run.step += 1
+    seconds = time.perf_counter() - started
+    n_tokens = sum(b.input_ids.numel() for b in micro) * world
+    n_images = sum(0 if b.pixels is None else b.pixels.shape[0] for b in micro) * world
+    record = {"step": run.step, "loss": round(total_loss, 6),
+            "lr": {g["name"]: g["lr"] for g in run.optimizer.param_groups},
+            "grad_norm": round(grad_norm, 4), "tokens_per_s": round(n_tokens / seconds, 1),
+            "images_per_s": round(n_images / seconds, 1),
+            "image_token_spread": None if model.image_token_spread is None else round(model.image_token_spread, 6),
+            "task_loss": {t: round(v[0] / max(1, v[1]), 6) for t, v in sorted(task_loss.items())}}
+    return record, total_loss, grad_norm, lr
+
+
+def loop(run: Run) -> None:
+    """Steps to the stage's ``max_steps``: a metrics line each, a checkpoint every ``checkpoint_every``."""
+    s, stage = run.settings, run.stage
+    metrics_path = s.out / "metrics.jsonl"
+    run.say(f"stage {stage.number} ({stage.name}): trains {', '.join(stage.trains)}; {stage.max_steps} steps of "
+            f"{stage.micro_batch}x{stage.accumulation}x{run.world}; lr {stage.lr:g}->{stage.min_lr:g}, "
+            f"res {stage.resolution}, "
+            f"{sum(p.numel() for p in run.model.parameters() if p.requires_grad) / 1e6:.2f}M trainable, "
+            f"{'bf16 autocast' if run.bf16 else 'fp32'}")
+    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.bf16)
+    bar = progress_bar(disable=not (run.main and s.progress))
+    bar_task = bar.add_task(f"stage {stage.number}", total=stage.max_steps, completed=run.step, unit="steps")
+    with bar:
+        while run.step < stage.max_steps:
+            record, loss, grad_norm, lr = _optimizer_step(run, autocast)
+            if run.main:
                 with open(metrics_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
-                bar.update(bar_task, completed=step, description=f"stage {stage.number} loss {total_loss:.3f}")
-                if s.log and not s.progress and (step % 10 == 0 or step == stage.max_steps):
-                    say(f"step {step}/{stage.max_steps} loss {total_loss:.4f} lr {lr:.2e} "
-                        f"grad {grad_norm:.2f} {record['tokens_per_s']:.0f} tok/s")
-            if step % s.checkpoint_every == 0 and step < stage.max_steps:
-                save_checkpoint()
+                bar.update(bar_task, completed=run.step, description=f"stage {stage.number} loss {loss:.3f}")
+                if s.log and not s.progress and (run.step % 10 == 0 or run.step == stage.max_steps):
+                    run.say(f"step {run.step}/{stage.max_steps} loss {loss:.4f} lr {lr:.2e} "
+                            f"grad {grad_norm:.2f} {record['tokens_per_s']:.0f} tok/s")
+            if run.step % s.checkpoint_every == 0 and run.step < stage.max_steps:
+                run.save()
 
-    save_checkpoint()  # the final weights, also for a zero-step run (a stage's starting point)
-    if main and metrics_path.exists():
-        plot_loss(metrics_path, s.out / "loss.png")
-    if world > 1:
+
+def train(s: TrainSettings) -> dict:
+    run = setup(s)
+    loop(run)
+    run.save()  # the final weights, also for a zero-step run (a stage's starting point)
+    if run.main and (s.out / "metrics.jsonl").exists():
+        plot_loss(s.out / "metrics.jsonl", s.out / "loss.png")
+    if run.world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return {"steps": step, "out": str(s.out)}
+    return {"steps": run.step, "out": str(s.out)}
 
 
 class MetricsLine(msgspec.Struct):

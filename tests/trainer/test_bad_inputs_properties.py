@@ -22,9 +22,10 @@ from qvl.cli import app
 from qvl.errors import QvlError
 from qvl.trainer.checkpoint import CheckpointMeta, read_meta, read_safetensors_header
 from qvl.trainer.data import Shards
-from qvl.trainer.model import QwenVL, load_preset
+from qvl.trainer.model import QwenVL
+from qvl.trainer.preset import load_preset
 from qvl.trainer.release import plan_from_qwen_vl
-from tests.trainer import qwen_vl_reference as ref
+from tests.reference import release_forward as ref
 from tests.trainer.test_bad_release import SMALL
 
 runner = CliRunner()

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from qvl.cli import app
-from tests.trainer import qwen_vl_reference as ref
+from tests.reference import release_forward as ref
 
 runner = CliRunner()
 

@@ -6,7 +6,8 @@ import torch
 
 from qvl.formats.tokenizers import load_tokenizer
 from qvl.trainer.generate import greedy, greedy_batch, prompt_ids
-from qvl.trainer.model import QwenVL, load_preset
+from qvl.trainer.model import QwenVL
+from qvl.trainer.preset import load_preset
 
 
 def test_cached_generation_equals_full_recompute(micro):

@@ -1,15 +1,22 @@
-"""The model's pieces: adapter shapes at 224 and 448, positions, no attention across packed samples."""
+"""The model's pieces: adapter shapes at 224 and 448, positions, no attention across packed samples;
+presets: typed, typos named, round trips."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
 from qvl.trainer.data import collate
-from qvl.trainer.model import Adapter, QwenVL, VisionEncoder, load_preset, sincos_2d
+from qvl.trainer.adapter import Adapter, sincos_2d
+from qvl.trainer.model import QwenVL
+from qvl.trainer.preset import PRESETS, PresetError, VisionConfig, load_preset, preset_from_dict
+from qvl.trainer.vision import VisionEncoder
 
 
 def test_adapter_shapes_at_224_and_448():
-    vision = VisionEncoder({"width": 64, "layers": 1, "heads": 2, "patch_size": 14}, 224)
+    vision = VisionEncoder(VisionConfig(width=64, layers=1, heads=2, patch_size=14), 224)
     adapter = Adapter(256, 64, 96, 4)
     for res, patches in ((224, 256), (448, 1024)):
         vision.set_resolution(res)
@@ -35,7 +42,7 @@ def test_windowed_queries_read_only_their_own_cell():
 
 
 def test_position_embedding_interpolation_keeps_the_grid():
-    vision = VisionEncoder({"width": 32, "layers": 1, "heads": 2, "patch_size": 8}, 32)
+    vision = VisionEncoder(VisionConfig(width=32, layers=1, heads=2, patch_size=8), 32)
     before = vision.vit.positional_embedding.detach().clone()
     vision.set_resolution(64)
     vision.set_resolution(32)  # down again: bicubic there and back stays close
@@ -106,3 +113,38 @@ def test_a_packed_micro_batch_has_the_padded_batchs_loss_and_gradient(micro):
     assert torch.allclose(grad_packed, grad_padded, rtol=1e-3, atol=1e-5)
     assert tasks_packed.keys() == tasks_padded.keys() and all(
         abs(tasks_packed[t] - tasks_padded[t]) < 1e-3 * abs(tasks_padded[t]) for t in tasks_padded)
+
+
+@pytest.mark.parametrize("name", ["tiny", "qwen-vl"])
+def test_a_bundled_preset_round_trips_through_its_json(name):
+    preset = load_preset(name)
+    assert preset_from_dict(json.loads(json.dumps(preset.to_dict())), "preset.json") == preset
+
+
+@pytest.mark.parametrize("part, typo", [("vision", "pos_tabel"), ("adapter", "widow"), ("llm", "hidden_sise")])
+def test_a_misspelt_key_in_a_preset_toml_is_named(tmp_path, part, typo):
+    path = tmp_path / "typo.toml"
+    path.write_text((PRESETS / "tiny.toml").read_text().replace(f"[{part}]", f"[{part}]\n{typo} = 1"))
+    with pytest.raises(PresetError, match=rf"typo.toml: \[{part}\]: unknown setting\(s\) {typo}"):
+        load_preset(str(path))
+
+
+def test_a_misspelt_key_in_a_checkpoints_preset_json_is_named(tmp_path):
+    carried = load_preset("tiny").to_dict()
+    carried["llm"]["num_hiden_layers"] = 3
+    path = tmp_path / "preset.json"
+    path.write_text(json.dumps(carried))
+    with pytest.raises(PresetError, match=r"preset.json: \[llm\]: unknown setting\(s\) num_hiden_layers"):
+        load_preset(str(path))
+
+
+def test_a_preset_json_written_before_typed_configs_still_loads(tmp_path):
+    """Older checkpoints carry only the keys their preset set."""
+    path = tmp_path / "preset.json"
+    path.write_text(json.dumps({"name": "tiny", "tokenizer": "bytes", "image_tokens": 16,
+                                "vision": {"width": 128, "layers": 3, "heads": 4, "patch_size": 8, "mlp_ratio": 4.0},
+                                "adapter": {"heads": 4, "window": True, "slot_positions": True},
+                                "llm": {"hidden_size": 192, "num_hidden_layers": 3, "num_attention_heads": 4,
+                                        "num_key_value_heads": 4, "intermediate_size": 512,
+                                        "max_position_embeddings": 2048}}))
+    assert load_preset(str(path)).architecture() == load_preset("tiny").architecture()

@@ -18,7 +18,7 @@ from qvl.formats.tokenizers import load_tokenizer
 from qvl.trainer.checkpoint import load_checkpoint
 from qvl.trainer.generate import render_prompt
 from qvl.trainer.release import ConvertError, from_qwen_vl, to_qwen_vl
-from tests.trainer import qwen_vl_reference as ref
+from tests.reference import release_forward as ref
 
 runner = CliRunner()
 
@@ -45,7 +45,7 @@ def test_conversion_fills_every_tensor_and_keeps_the_dtype(release):
     model, preset, tok, meta = load_checkpoint(release["ckpt"])
     assert set(weights) == set(model.state_dict())
     assert len(weights) == release["meta"]["tensors"] and {t.dtype for t in weights.values()} == {torch.bfloat16}
-    assert preset.llm["intermediate_size"] == 256 and preset.adapter["heads"] == 1 and meta["resolution"] == 56
+    assert preset.llm.intermediate_size == 256 and preset.adapter.heads == 1 and meta["resolution"] == 56
     # the stored Resampler positions are loaded, not recomputed
     assert torch.equal(weights["adapter.pos_embed"], release["sd"]["transformer.visual.attn_pool.pos_embed"].bfloat16())
     assert not model.adapter.pos_embed.requires_grad
