@@ -188,7 +188,7 @@ def io_floor(folder: Path, out: Path, tuned: bool = False, part: int = 0, parts:
     not pyarrow's defaults — the floor qvl's own writes are measured against."""
     import pyarrow.parquet as pq
 
-    from qvl.storage import writer_options
+    from qvl.common.storage import writer_options
 
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
@@ -212,7 +212,7 @@ def design_floor(folder: Path, run: Path, out: Path, part: int = 0, parts: int =
     before the clock starts; shards and partitions ``part::parts``, on one thread."""
     import pyarrow.parquet as pq
 
-    from qvl.storage import writer_options
+    from qvl.common.storage import writer_options
 
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)

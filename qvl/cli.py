@@ -15,8 +15,8 @@ from rich.markdown import Markdown
 from rich.markup import escape
 from typer.core import TyperGroup
 
+from qvl.common.progress import console
 from qvl.errors import QvlError
-from qvl.progress import console
 
 # click's, whether typer vendors click or not: the base of every "the command line is wrong"
 _UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
@@ -446,7 +446,12 @@ def format_export(
     """Write conversations and annotations as ms-swift's or LLaMA-Factory's JSON dataset, the
     template's text and boxes already in --model's convention for the resize that tool applies;
     or, with --check DIR, check an export against the bounds the tool will run with."""
-    from qvl.formats.export import LLAMAFACTORY_MAX_PIXELS, LLAMAFACTORY_MIN_PIXELS, ExportSettings, run_export
+    from qvl.formats.export import (
+        LLAMAFACTORY_MAX_PIXELS,
+        LLAMAFACTORY_MIN_PIXELS,
+        ExportSettings,
+        run_export,
+    )
     from qvl.formats.export_check import run_check
 
     if check is not None:

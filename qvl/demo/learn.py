@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from qvl import storage
+from qvl.common import storage
 from qvl.demo.world import caption_of, draw_scene
 from qvl.eval.run import EvalSettings, evaluate
 from qvl.formats.build import FormatSettings, run_format

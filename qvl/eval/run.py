@@ -19,8 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from qvl import storage
 from qvl.boundary import MAX_COORD
+from qvl.common import storage
 from qvl.eval import caption as caption_scorer
 from qvl.eval import grounding as grounding_scorer
 from qvl.eval import vqa as vqa_scorer
@@ -202,9 +202,9 @@ def _predictions(path: Path, samples: list[Sample], task: str) -> dict[str, str]
 def _generate(s: EvalSettings, samples: list[Sample], out: Path, rank: int, world: int) -> None:
     import torch
 
+    from qvl.common.progress import progress_bar
     from qvl.errors import AnnotationError
     from qvl.formats.images import ImageStore
-    from qvl.progress import progress_bar
     from qvl.trainer.checkpoint import load_checkpoint
     from qvl.trainer.data import load_image
     from qvl.trainer.generate import greedy_batch, render_prompt

@@ -19,7 +19,9 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 
-from qvl import __version__, pixels, storage
+from qvl import __version__
+from qvl.common import pixels, storage
+from qvl.common.progress import progress_bar
 from qvl.errors import AnnotationError
 from qvl.formats import families, shards
 from qvl.formats.families import MODELS, vision
@@ -29,7 +31,6 @@ from qvl.formats.render import chatml, multitask
 from qvl.formats.render.sequence import Encoded, Plan, assemble
 from qvl.formats.shards import ShardWriter
 from qvl.formats.tokenizers import load_tokenizer
-from qvl.progress import progress_bar
 from qvl.recipes import require
 
 

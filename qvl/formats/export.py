@@ -51,12 +51,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from qvl import storage
 from qvl.boundary import (
     MAX_SIDE,
     Id,
     convert,
 )
+from qvl.common import storage
+from qvl.common.progress import progress_bar
 from qvl.errors import AnnotationError, RecordError
 from qvl.formats import families
 from qvl.formats.families import IMG_END, IMG_START, TAGS, Family, vision
@@ -65,7 +66,6 @@ from qvl.formats.records import check_folders, file_records
 from qvl.formats.render import chatml, markup, multitask
 from qvl.formats.render.sequence import Plan, Tag
 from qvl.formats.tokenizers import load_tokenizer
-from qvl.progress import progress_bar
 from qvl.recipes import require
 
 TARGETS = ("ms-swift", "llamafactory")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qvl import pixels
+from qvl.common import pixels
 from qvl.errors import AnnotationError, QvlError
 
 

@@ -10,8 +10,8 @@ from typing import Iterator
 
 import pyarrow.parquet as pq
 
+from qvl.common.inputs import DuplicateInput, input_names
 from qvl.errors import AnnotationError, QvlError
-from qvl.inputs import DuplicateInput, input_names
 
 MAX_LINE_BYTES = 64 << 20  # a JSONL record: far past any real one; a longer line is skipped unread
 MAX_JSON_BYTES = 2 << 30  # a .json list is parsed whole: a bigger one must be JSONL
@@ -83,7 +83,7 @@ def _curated_pair(row: dict) -> dict:
 
 
 def file_records(inputs: list[Path]) -> Iterator[tuple[str, int, str, dict | AnnotationError]]:
-    """(file, line, default id, record) of qvl's own annotation files, ids named as in qvl.inputs."""
+    """(file, line, default id, record) of qvl's own annotation files, ids named as in qvl.common.inputs."""
     try:
         names = input_names(inputs)
     except DuplicateInput as e:

@@ -16,8 +16,8 @@ import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qvl import storage
 from qvl.boundary import Count, read_json_file
+from qvl.common import storage
 from qvl.schemas.samples import REJECT, SAMPLE, SAMPLE_MROPE
 
 

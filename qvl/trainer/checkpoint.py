@@ -21,8 +21,8 @@ import msgspec
 import torch
 import torch.distributed as dist
 
-from qvl import storage
 from qvl.boundary import Count, decode_json, read_json_file
+from qvl.common import storage
 from qvl.errors import QvlError, RecordError
 from qvl.trainer import parallel
 from qvl.trainer.model import QwenVL

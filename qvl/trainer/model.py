@@ -18,7 +18,6 @@ from qvl.trainer.adapter import Adapter
 from qvl.trainer.preset import LLMConfig, ModelConfig, PresetError
 from qvl.trainer.vision import VisionEncoder
 
-
 LLM_NEEDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 

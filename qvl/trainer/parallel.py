@@ -57,7 +57,10 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -
     """Whole model and optimiser state dicts (on rank 0; every rank must call this)."""
     if not fsdp:
         return model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     return (get_model_state_dict(model, options=_options()),
             get_optimizer_state_dict(model, optimizer, options=_options()))
@@ -77,7 +80,10 @@ def unique_tensors(state: dict) -> dict:
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
                     optim_state: dict) -> None:
     """The reverse of ``full_state`` under FSDP: rank 0's whole state dicts spread to every rank."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     set_model_state_dict(model, model_state, options=_options(broadcast_from_rank0=True, strict=False))
     set_optimizer_state_dict(model, optimizer, optim_state, options=_options(broadcast_from_rank0=True))

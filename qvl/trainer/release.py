@@ -30,8 +30,8 @@ from typing import Annotated, Callable, Iterator
 import msgspec
 import torch
 
-from qvl import storage
 from qvl.boundary import read_json_file
+from qvl.common import storage
 from qvl.errors import QvlError
 from qvl.trainer.checkpoint import (
     TensorEntry,
@@ -40,7 +40,13 @@ from qvl.trainer.checkpoint import (
     read_safetensors_header,
 )
 from qvl.trainer.model import QwenVL
-from qvl.trainer.preset import AdapterConfig, LLMConfig, ModelConfig, Resolution, VisionConfig
+from qvl.trainer.preset import (
+    AdapterConfig,
+    LLMConfig,
+    ModelConfig,
+    Resolution,
+    VisionConfig,
+)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 SHARD_BYTES = 4 << 30  # release-style shards of the exported model

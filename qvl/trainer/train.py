@@ -28,15 +28,22 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from qvl import storage
 from qvl.boundary import Count, convert, decode_json
+from qvl.common import storage
+from qvl.common.progress import progress_bar
 from qvl.errors import QvlError, RecordError
 from qvl.formats.tokenizers import IMG_PAD, load_tokenizer
-from qvl.progress import progress_bar
 from qvl.recipes import resolve
 from qvl.schemas.samples import IGNORE_INDEX
 from qvl.trainer import parallel
-from qvl.trainer.checkpoint import CheckpointError, load_weights, read_meta, read_preset, resume, save_checkpoint
+from qvl.trainer.checkpoint import (
+    CheckpointError,
+    load_weights,
+    read_meta,
+    read_preset,
+    resume,
+    save_checkpoint,
+)
 from qvl.trainer.data import Loader, Shards
 from qvl.trainer.model import QwenVL
 from qvl.trainer.preset import ModelConfig, StagesSpec, load_preset

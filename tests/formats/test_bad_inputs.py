@@ -449,7 +449,7 @@ def test_resize_bounds_and_huge_settings_are_one_line_errors(tmp_path, images, a
 def test_a_huge_image_file_is_refused_unread(tmp_path):
     root = tmp_path / "images"
     root.mkdir()
-    from qvl.pixels import max_file_bytes
+    from qvl.common.pixels import max_file_bytes
 
     limit = max_file_bytes(100_000)  # --max-pixels 100000 below
     with open(root / "huge.png", "wb") as f:  # a valid small PNG's bytes, then a sparse hole up to past the limit

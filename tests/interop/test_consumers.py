@@ -27,7 +27,13 @@ from PIL import Image
 
 from qvl.formats import families
 from qvl.formats.build import FormatSettings, run_format
-from qvl.formats.export import ExportSettings, fed_size, run_export, tool_bounds, tool_resize
+from qvl.formats.export import (
+    ExportSettings,
+    fed_size,
+    run_export,
+    tool_bounds,
+    tool_resize,
+)
 from tests.reference.processors import reference_processor
 
 HERE = Path(__file__).resolve().parent

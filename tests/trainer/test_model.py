@@ -8,10 +8,16 @@ import json
 import pytest
 import torch
 
-from qvl.trainer.data import collate
 from qvl.trainer.adapter import Adapter, sincos_2d
+from qvl.trainer.data import collate
 from qvl.trainer.model import QwenVL
-from qvl.trainer.preset import PRESETS, PresetError, VisionConfig, load_preset, preset_from_dict
+from qvl.trainer.preset import (
+    PRESETS,
+    PresetError,
+    VisionConfig,
+    load_preset,
+    preset_from_dict,
+)
 from qvl.trainer.vision import VisionEncoder
 
 

@@ -42,8 +42,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qvl import storage
 from qvl.boundary import read_text
+from qvl.common import storage
 from qvl.curate.settings import FilterSettings
 from qvl.errors import QvlError
 

@@ -15,8 +15,8 @@ import queue
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing.managers import SyncManager
 
+from qvl.common.lifeline import exit_with_parent
 from qvl.curate.settings import RunSettings
-from qvl.lifeline import exit_with_parent
 
 
 def _init_worker(parent: int) -> None:

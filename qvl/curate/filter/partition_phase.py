@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 
-from qvl import storage
+from qvl.common import storage
 from qvl.curate.filter import balance, dedup, rules
 from qvl.curate.filter import stats as st
 from qvl.curate.filter.paths import Paths

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import polars as pl
 
-from qvl import __version__, storage
+from qvl import __version__
+from qvl.common import storage
+from qvl.common.inputs import DuplicateInput, input_names
 from qvl.curate.filter import balance, dedup, engines, rethreshold, rules
 from qvl.curate.filter import stats as st
 from qvl.curate.filter.partition_phase import dedup_partition, run_balance
@@ -32,7 +34,6 @@ from qvl.curate.lang import langid
 from qvl.curate.settings import FilterSettings, RunSettings
 from qvl.curate.sources.shards import InputError, Shard, discover, open_shard
 from qvl.errors import QvlError
-from qvl.inputs import DuplicateInput, input_names
 
 
 class RunStateError(QvlError, RuntimeError):
@@ -95,10 +96,10 @@ def run_filter(
 ) -> dict:
     """Filter ``inputs`` into ``out`` — or, with ``from_ledger``, re-decide a previous run's
     rows with new thresholds; returns the report (also written as JSON/MD/PNG)."""
-    from qvl.curate.filter import report as report_mod
-    from qvl.progress import (
+    from qvl.common.progress import (
         progress_bar,  # here, not above: the worker processes need no rich
     )
+    from qvl.curate.filter import report as report_mod
 
     settings = settings or FilterSettings()
     run = run or RunSettings()

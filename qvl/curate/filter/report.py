@@ -10,8 +10,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from qvl import storage
 from qvl.boundary import read_json_file
+from qvl.common import storage
 from qvl.curate.filter import rules
 from qvl.curate.filter import stats as st
 from qvl.curate.settings import FilterSettings

@@ -88,7 +88,7 @@ def shards_of(prev: Path) -> list[Shard]:
     run_json = prev / "_state" / "run.json"
     try:
         state = report_mod.read(run_json)
-        names = state.get("input_names") or [Path(p).name for p in state["inputs"]]  # runs before qvl.inputs
+        names = state.get("input_names") or [Path(p).name for p in state["inputs"]]  # runs before qvl.common.inputs
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise LedgerError(f"{run_json}: damaged ({type(e).__name__}: {str(e)[:200]})") from None
     if not names or not all(isinstance(n, str) for n in names):

@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
-from qvl import storage
+from qvl.common import storage
 from qvl.curate.filter import dedup, rethreshold, rules
 from qvl.curate.filter import stats as st
 from qvl.curate.filter.paths import Paths

@@ -25,10 +25,10 @@ import polars as pl
 import torch
 from PIL import Image
 
-from qvl import storage
+from qvl.common import storage
+from qvl.common.progress import progress_bar
 from qvl.curate.images import download as dl
 from qvl.errors import QvlError
-from qvl.progress import progress_bar
 from qvl.recipes import require
 
 

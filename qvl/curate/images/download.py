@@ -32,15 +32,15 @@ from pathlib import Path
 
 import polars as pl
 
-from qvl import pixels, storage
+from qvl.common import pixels, storage
+from qvl.common.lifeline import PARENT_ENV
+from qvl.common.progress import progress_bar
 from qvl.curate.filter import report as report_mod
 from qvl.curate.filter import rules
 from qvl.curate.images import fetch, netcheck
 from qvl.curate.images.near_dups import near_duplicates
 from qvl.curate.settings import FilterSettings
 from qvl.errors import QvlError
-from qvl.lifeline import PARENT_ENV
-from qvl.progress import progress_bar
 from qvl.recipes import require
 
 # drop steps of this stage, in funnel order

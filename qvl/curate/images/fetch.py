@@ -24,7 +24,7 @@ def guard() -> None:
 
     from img2dataset import resizer
 
-    from qvl import pixels
+    from qvl.common import pixels
     from qvl.curate.images import netcheck
 
     if os.environ.get(ALLOW_PRIVATE) != "1":
@@ -48,7 +48,7 @@ def guard() -> None:
 
 
 if __name__ in ("__main__", "__mp_main__"):  # this process, or a worker img2dataset spawned
-    from qvl.lifeline import exit_with_parent
+    from qvl.common.lifeline import exit_with_parent
 
     os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
     exit_with_parent()
@@ -58,7 +58,7 @@ if __name__ in ("__main__", "__mp_main__"):  # this process, or a worker img2dat
 def main() -> None:
     from img2dataset import download
 
-    from qvl.lifeline import PARENT_ENV
+    from qvl.common.lifeline import PARENT_ENV
 
     os.environ[PARENT_ENV] = str(os.getpid())  # img2dataset's workers watch this process
 

@@ -30,7 +30,6 @@ from qvl.curate.sources.shards import (
     open_text,
 )
 
-
 # ---------------------------------------------------------------- decoding
 
 

@@ -75,7 +75,7 @@ class Shard:
     # a previous run's output file (--from-ledger): that run's input file names, in shard order
     origin: tuple[str, ...] = ()
     layout_note: str = ""  # how the layout was recognised, when it took more than a header
-    name: str = ""  # the file's name in row ids (qvl.inputs); default: its file name
+    name: str = ""  # the file's name in row ids (qvl.common.inputs); default: its file name
 
     @property
     def key(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qvl import storage
+from qvl.common import storage
 
 
 def test_dictionaries_and_statistics_only_where_they_pay(tmp_path):
