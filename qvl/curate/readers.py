@@ -84,6 +84,7 @@ class Shard:
     # a previous run's output file (--from-ledger): that run's input file names, in shard order
     origin: tuple[str, ...] = ()
     layout_note: str = ""  # how the layout was recognised, when it took more than a header
+    unread: tuple[str, ...] = ()  # JSONL: the layout's columns the sampled lines lack (refused later)
     name: str = ""  # the file's name in row ids (qvl.inputs); default: its file name
 
     @property
@@ -164,16 +165,19 @@ def _sample_lines(path: Path, compression: str | None) -> list[str]:
 
 
 def _json_columns(path: Path, lines: list[str]) -> list[str]:
-    """The keys of the first line that is a JSON object (a bad first line is a reject, not the file's end)."""
+    """The keys of the sampled lines that are JSON objects, in the order first seen: a key the first
+    record lacks (a score only some records have) is still a column (a bad line is a reject, not
+    the file's end)."""
+    keys: dict[str, None] = {}
     for line in lines:
         if not line.strip():
             continue
         obj, _ = _json_line(line)
         if isinstance(obj, dict):
-            return list(obj)
-    if any(line.strip() for line in lines):
+            keys.update(dict.fromkeys(obj))
+    if not keys and any(line.strip() for line in lines):
         raise InputError(f"{path}: none of the first {len(lines)} lines is a JSON object (is this JSONL?)")
-    return []
+    return list(keys)
 
 
 def open_shard(
@@ -231,7 +235,11 @@ def _open_shard(path: Path, index: int, mapping: dict[str, str] | None, source: 
         raise InputError(str(e)) from None
     mapped = set(layout.columns.values())
     passthrough = tuple(c for c in columns if c not in mapped) if schema is None else ()
-    return Shard(path, index, fmt, compression, layout, source, est_rows, passthrough)
+    # a known column of the layout that no sampled line holds: a JSONL record naming it later
+    # would otherwise lose that value unseen
+    unread = tuple(c for c in layouts.full(layout).columns.values() if c not in mapped) \
+        if fmt == "jsonl" and not mapping else ()
+    return Shard(path, index, fmt, compression, layout, source, est_rows, passthrough, unread=unread)
 
 
 # ---------------------------------------------------------------- decoding
@@ -557,6 +565,10 @@ def _jsonl_batches(shard: Shard, batch_rows: int) -> Iterator[pl.DataFrame]:
                 if reason is not None or not isinstance(obj, dict):
                     bad.append((line_no, raw.decode("utf-8", errors="replace").rstrip("\n"), reason or "malformed_row"))
                     continue
+                if shard.unread and (late := [k for k in shard.unread if k in obj]):
+                    raise InputError(f"{shard.path}:{line_no}: key {late[0]!r} first appears here, after the "
+                                     f"{SAMPLE_LINES} lines a JSONL file's columns are read from, so its values "
+                                     "would be lost; give it in an early record (null where there is none)")
                 records.append(obj)
                 lines.append(line_no)
                 if len(records) >= batch_rows:
