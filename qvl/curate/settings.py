@@ -110,6 +110,10 @@ class FilterSettings:
         if self.lang_mix:
             require(all(v >= 0 for v in self.lang_mix.values()) and abs(sum(self.lang_mix.values()) - 1) < 1e-6,
                     "lang_mix", f"{self.lang_mix}: shares >= 0 that add up to 1")
+            # a share for a language the run never keeps would make the whole mix empty (T = 0)
+            never = sorted(lang for lang, share in self.lang_mix.items() if share > 0 and lang not in self.languages)
+            require(not never, "lang_mix", f"{', '.join(never)}: not among the kept languages "
+                    f"({', '.join(self.languages)}); a mix over a language the run drops keeps nothing")
 
 
 @dataclass

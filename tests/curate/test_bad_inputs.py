@@ -19,6 +19,9 @@ import pytest
 from typer.testing import CliRunner
 
 from qvl.cli import app
+from qvl.curate.filter.pipeline import run_filter
+from qvl.curate.settings import FilterSettings, RunSettings
+from qvl.errors import QvlError
 
 runner = CliRunner()
 CAPTION = "a red bus parked on a quiet street"
@@ -502,6 +505,8 @@ def test_an_entries_file_with_a_bom_and_blank_lines_balances(tmp_path):
 @pytest.mark.parametrize("options, expected", [
     (["--lang-mix", "en:0.5,zh:0.5"], "--lang-mix takes KEY=VALUE, got 'en:0.5'"),
     (["--lang-mix", "en=inf"], "--lang-mix en=inf: not a finite number"),
+    (["--lang-mix", "en=0.5,en=0.5"], "--lang-mix: 'en' given twice"),
+    (["--languages", ""], "options: languages: '': a list of lid.176 language codes (en, zh, ja ...)"),
     (["--clip-threshold", "laion=nan"], "--clip-threshold laion=nan: not a finite number"),
     (["--map", "url"], "--map takes KEY=VALUE, got 'url'"),
 ])
@@ -645,3 +650,26 @@ def test_a_damaged_run_state_on_resume_is_one_line_naming_it(tmp_path, state):
     (out / "_state" / "run.json").write_text(state)
     result, _ = filter_cli(tmp_path, [_pairs_file(tmp_path)])
     assert "_state/run.json: damaged" in one_line_error(result)
+
+
+def test_a_jsonl_score_the_first_record_lacks_is_read_from_the_records_that_have_it(tmp_path):
+    """The file's columns are the keys of its first lines, not of its first line alone: scores given
+    only from the second record on were silently dropped (the rows kept as unscored)."""
+    lines = ['{"URL":"http://j.com/0","TEXT":"a cat sleeping on the red sofa"}',
+             '{"URL":"http://j.com/1","TEXT":"a dog running on the beach today","similarity":0.01}',
+             '{"URL":"http://j.com/2","TEXT":"a red car parked in the street","similarity":0.02}']
+    (tmp_path / "j.jsonl").write_text("\n".join(lines) + "\n")
+    report = run_filter([tmp_path / "j.jsonl"], tmp_path / "out", FilterSettings(second_opinion=False),
+                        RunSettings(workers=1), show_progress=False)
+    dropped = {r["step"]: r["dropped"] for r in report["funnel"]}
+    assert dropped["clip_score"] == 2 and dropped["invalid_score"] == 1 and report["kept_rows"] == 0
+
+
+def test_a_jsonl_key_first_given_after_the_sampled_lines_is_an_error_not_a_loss(tmp_path):
+    from qvl.curate.sources.shards import SAMPLE_LINES
+
+    lines = [f'{{"URL":"http://j.com/{i}","TEXT":"a cat sleeping on the red sofa"}}' for i in range(SAMPLE_LINES + 5)]
+    lines.append('{"URL":"http://j.com/x","TEXT":"a dog running on the beach","punsafe":0.99}')
+    (tmp_path / "late.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(QvlError, match=rf"late.jsonl:{SAMPLE_LINES + 6}: key 'punsafe' first appears here"):
+        run_filter([tmp_path / "late.jsonl"], tmp_path / "out", run=RunSettings(workers=1), show_progress=False)

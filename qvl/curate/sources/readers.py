@@ -23,6 +23,7 @@ from qvl.curate.sources import layouts
 from qvl.curate.sources.shards import (
     BOM,
     MAX_LINE_BYTES,
+    SAMPLE_LINES,
     SEQ_ROW_BITS,
     InputError,
     Shard,
@@ -353,6 +354,10 @@ def _jsonl_batches(shard: Shard, batch_rows: int) -> Iterator[pl.DataFrame]:
                 if reason is not None or not isinstance(obj, dict):
                     bad.append((line_no, raw.decode("utf-8", errors="replace").rstrip("\n"), reason or "malformed_row"))
                     continue
+                if shard.unread and (late := [k for k in shard.unread if k in obj]):
+                    raise InputError(f"{shard.path}:{line_no}: key {late[0]!r} first appears here, after the "
+                                     f"{SAMPLE_LINES} lines a JSONL file's columns are read from, so its values "
+                                     "would be lost; give it in an early record (null where there is none)")
                 records.append(obj)
                 lines.append(line_no)
                 if len(records) >= batch_rows:

@@ -75,6 +75,7 @@ class Shard:
     # a previous run's output file (--from-ledger): that run's input file names, in shard order
     origin: tuple[str, ...] = ()
     layout_note: str = ""  # how the layout was recognised, when it took more than a header
+    unread: tuple[str, ...] = ()  # JSONL: the layout's columns the sampled lines lack (refused later)
     name: str = ""  # the file's name in row ids (qvl.common.inputs); default: its file name
 
     @property
@@ -155,16 +156,19 @@ def _sample_lines(path: Path, compression: str | None) -> list[str]:
 
 
 def _json_columns(path: Path, lines: list[str]) -> list[str]:
-    """The keys of the first line that is a JSON object (a bad first line is a reject, not the file's end)."""
+    """The keys of the sampled lines that are JSON objects, in the order first seen: a key the first
+    record lacks (a score only some records have) is still a column (a bad line is a reject, not
+    the file's end)."""
+    keys: dict[str, None] = {}
     for line in lines:
         if not line.strip():
             continue
         obj, _ = json_line(line)
         if isinstance(obj, dict):
-            return list(obj)
-    if any(line.strip() for line in lines):
+            keys.update(dict.fromkeys(obj))
+    if not keys and any(line.strip() for line in lines):
         raise InputError(f"{path}: none of the first {len(lines)} lines is a JSON object (is this JSONL?)")
-    return []
+    return list(keys)
 
 
 def open_shard(
@@ -222,4 +226,8 @@ def _open_shard(path: Path, index: int, mapping: dict[str, str] | None, source: 
         raise InputError(str(e)) from None
     mapped = set(layout.columns.values())
     passthrough = tuple(c for c in columns if c not in mapped) if schema is None else ()
-    return Shard(path, index, fmt, compression, layout, source, est_rows, passthrough)
+    # a known column of the layout that no sampled line holds: a JSONL record naming it later
+    # would otherwise lose that value unseen
+    unread = tuple(c for c in layouts.full(layout).columns.values() if c not in mapped) \
+        if fmt == "jsonl" and not mapping else ()
+    return Shard(path, index, fmt, compression, layout, source, est_rows, passthrough, unread=unread)

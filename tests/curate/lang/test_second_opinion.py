@@ -112,3 +112,59 @@ def test_the_run_records_both_opinions_and_why_tells_them(tmp_path):
     assert "lingua gave a second opinion" in report and "**4** kept" in report
     why = runner.invoke(app, ["curate", "why", str(tmp_path / "out"), "pairs.parquet:0"], env={"COLUMNS": "200"})
     assert why.exit_code == 0 and "by lingua (fastText: " in why.output
+
+
+NOT_HAN_BUT_ZH = "1969/1970/1971/1972 CHEVELLE/ MALIBU BLACK PERFORATED HEADLINER, NEW / IN STOCK"  # fastText: zh 0.55
+NOT_ZH_LOW = "13 ' ( COMMERCIAL GRADE ) POND AERATION WINDMILL AERATOR WIND MILL"  # fastText: zh 0.15, then en 0.12
+
+
+def test_a_label_the_script_only_said_not_zh_about_is_held_to_the_threshold():
+    out = tag([NOT_ZH_LOW], second_opinion=False)
+    assert out.get_column("lang_by").to_list() == ["script"] and out.get_column("lang").to_list() != ["zh"]
+    assert out.get_column("_fail_lang").to_list() == [True]  # was kept at 0.12
+    assert tag([NOT_ZH_LOW]).get_column("lang_by").to_list() == ["lingua"]  # doubtful: lingua decides
+
+
+@pytest.mark.parametrize("change", [["--no-second-opinion"], ["--second-opinion-below", "0.5", "--min-lang-score", "0.4"]])
+def test_from_ledger_rebuilds_the_script_correction_of_rows_lingua_decided(tmp_path, change):
+    from typer.testing import CliRunner
+
+    from qvl.cli import app
+
+    texts = [NOT_HAN_BUT_ZH, NOT_ZH_LOW, *CC3M_DROPPED_BY_FASTTEXT, *OTHER_LANGUAGES]
+    pl.DataFrame({"url": [f"https://img.example/{i}.jpg" for i in range(len(texts))], "text": texts}).write_parquet(
+        tmp_path / "pairs.parquet")
+    runner = CliRunner()
+    base = ["curate", "filter", "--workers", "1", "--no-progress"]
+    assert runner.invoke(app, [*base, str(tmp_path / "pairs.parquet"), "--out", str(tmp_path / "prev")]).exit_code == 0
+    again = runner.invoke(app, [*base, "--from-ledger", str(tmp_path / "prev"), "--out", str(tmp_path / "again"), *change])
+    fresh = runner.invoke(app, [*base, str(tmp_path / "pairs.parquet"), "--out", str(tmp_path / "fresh"), *change])
+    assert again.exit_code == 0 and fresh.exit_code == 0, again.output + fresh.output
+    cols = ["row_id", "lang", "lang_by", "lang_fasttext", "lang_lingua"]
+
+    def rows(out: str) -> pl.DataFrame:
+        files = [*(tmp_path / out).glob("kept/*.parquet"), *(tmp_path / out).glob("rejected/*.parquet")]
+        return pl.concat([pl.read_parquet(f).select(cols) for f in files]).sort("row_id")
+
+    assert rows("again").equals(rows("fresh"))
+    assert "zh" not in rows("again").filter(pl.col("row_id") == "pairs.parquet:0").get_column("lang").to_list()
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"languages": ("en", "xx")}, "xx: not lid.176 labels"),
+    ({"languages": ("en", "nb")}, "nb: not lid.176 labels"),
+])
+def test_unknown_language_codes_are_refused_before_any_row(tmp_path, settings, message):
+    from qvl.curate.filter.pipeline import run_filter
+
+    pl.DataFrame({"url": ["https://a/1.jpg"], "text": ["a dog on the beach"]}).write_parquet(tmp_path / "p.parquet")
+    with pytest.raises(langid.LangModelError, match=message):
+        run_filter([tmp_path / "p.parquet"], tmp_path / "out", FilterSettings(**settings), show_progress=False)
+
+
+def test_a_mix_over_a_language_the_run_drops_is_refused():
+    from qvl.recipes import SettingError
+
+    with pytest.raises(SettingError, match="fr: not among the kept languages"):
+        FilterSettings(lang_mix={"en": 0.9, "fr": 0.1})
+    FilterSettings(lang_mix={"en": 0.9, "fr": 0.1}, languages=("en", "fr"))  # kept: fine
