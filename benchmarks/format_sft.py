@@ -28,6 +28,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests/reference's oracle
 
 from qvl.formats.build import FormatSettings, run_format
+from qvl.formats.families import picture
 from qvl.formats.tokenizers import load_tokenizer
 
 WORDS = ("the a dog cat runs on beach park red blue small large image shows two three people near river "
@@ -54,7 +55,7 @@ def generate(folder: Path, n: int, seed: int = 0, size: tuple[int, int] = (64, 6
             for t in range(rng.randint(2, 6)):
                 user = sentence(rng) + "?"
                 if t == 0 and rng.random() < 0.5:
-                    user = f"Picture 1: <img>{rng.randrange(16)}.png</img>\n" + user
+                    user = picture(1, f"{rng.randrange(16)}.png") + user
                 turns += [{"from": "user", "value": user},
                           {"from": "assistant", "value": " ".join(sentence(rng) for _ in range(rng.randint(1, 4)))}]
             f.write(json.dumps({"id": f"c{i}", "conversations": turns}, ensure_ascii=False) + "\n")

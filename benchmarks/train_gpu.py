@@ -81,6 +81,7 @@ def main() -> None:
     from PIL import Image
 
     from qvl.formats.build import FormatSettings, run_format
+    from qvl.formats.families import picture
     from qvl.trainer.release import preset_from_config
     from qvl.trainer.stages import STAGES
     from qvl.trainer.train import TrainSettings, train
@@ -107,7 +108,7 @@ def main() -> None:
     (work / "s2.jsonl").write_text("".join(json.dumps({"task": "caption", "image": f"{i % 16}.jpg",
                                                        "caption": caption(i)}) + "\n" for i in range(400)))
     (work / "s3.jsonl").write_text("".join(json.dumps({"id": str(i), "conversations": [
-        {"from": "user", "value": f"Picture 1: <img>{i % 16}.jpg</img>\nDescribe the picture."},
+        {"from": "user", "value": picture(1, f"{i % 16}.jpg") + "Describe the picture."},
         {"from": "assistant", "value": caption(i)}]}) + "\n" for i in range(400)))
     (work / "preset.json").write_text(json.dumps(preset.to_dict()))
     counts = parameters(preset)

@@ -8,7 +8,7 @@ import functools
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.markdown import Markdown
@@ -17,6 +17,9 @@ from typer.core import TyperGroup
 
 from qvl.common.progress import console
 from qvl.errors import QvlError
+
+if TYPE_CHECKING:
+    from qvl.formats.build import FormatJob
 
 # click's, whether typer vendors click or not: the base of every "the command line is wrong"
 _UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
@@ -315,22 +318,15 @@ def curate_clip_score(
     console.print(f"scored; [green]{report['kept_rows']:,}[/] pairs kept. Report: {images / 'report.md'}")
 
 
-def _format(kind: str, inputs: list[Path], out: Path, images: Optional[Path], downloads: Optional[Path],
-            tokenizer: str, image_tokens: int, max_len: int, pack_to: Optional[int], max_pixels: int,
-            overwrite: bool, progress: bool, records=None, model: str = "qwen-vl",
-            min_image_pixels: Optional[int] = None, max_image_pixels: Optional[int] = None) -> None:
-    from qvl.formats.build import FormatSettings, run_format
+def _format(job: FormatJob) -> None:
+    from qvl.formats.build import run_format
 
-    if not inputs:
-        _fail("give input files (--input FILE, or --from LAYOUT FILE...)")
     try:
-        settings = FormatSettings(tokenizer=tokenizer, image_tokens=image_tokens, max_len=max_len, pack_to=pack_to,
-                                  max_pixels=max_pixels, model=model, min_image_pixels=min_image_pixels,
-                                  max_image_pixels=max_image_pixels)
-        manifest = run_format(kind, inputs, out, images, downloads, settings, overwrite, progress, records)
-    except (ValueError, FileExistsError) as e:  # bad settings, inputs, tokenizer or --out: a message
+        manifest = run_format(job.kind, job.inputs, job.out, job.images, job.downloads, job.settings, job.overwrite,
+                              job.show_progress, job.records)
+    except (ValueError, FileExistsError) as e:  # bad inputs, tokenizer or --out: a message
         _fail(str(e))
-    _report_format(manifest, out)
+    _report_format(manifest, job.out)
 
 
 def _report_format(manifest: dict, out: Path) -> None:
@@ -377,19 +373,22 @@ def format_multitask(
     """Render the seven multitask pre-training formats into tokenized Arrow shards (qvl's own
     annotation files, or a published dataset's with --from LAYOUT); with --model, as one chat
     exchange each in Qwen2-VL's, Qwen2.5-VL's or Qwen3-VL's template and box convention."""
+    from qvl.formats.build import FormatJob, FormatSettings
+
     records = None
     paths = [*inputs, *(files or [])]
     if from_ is not None:
         from qvl.formats import importers
 
-        def records():
-            for file, index, record in importers.records(from_, paths, task or None, split, limit):
-                yield file, index, f"{Path(file).name}:{index}", record
-        records = records()
+        records = importers.keyed_records(from_, paths, task or None, split, limit)
     elif files:
         _fail("give annotation files with --input, or published files with --from LAYOUT")
-    _format("multitask", paths, out, images, downloads, tokenizer, image_tokens, max_len, pack_to, max_pixels,
-            overwrite, progress, records, model, min_image_pixels, max_image_pixels)
+    if not paths:
+        _fail("give input files (--input FILE, or --from LAYOUT FILE...)")
+    settings = FormatSettings(tokenizer=tokenizer, image_tokens=image_tokens, max_len=max_len, pack_to=pack_to,
+                              max_pixels=max_pixels, model=model, min_image_pixels=min_image_pixels,
+                              max_image_pixels=max_image_pixels)
+    _format(FormatJob("multitask", paths, out, settings, images, downloads, overwrite, progress, records))
 
 
 @format_app.command("sft")
@@ -411,8 +410,12 @@ def format_sft(
 ) -> None:
     """Render conversations (Qwen-VL, LLaVA, ShareGPT) in ChatML into tokenized shards: Qwen-VL's,
     or with --model the template, image tokens and box conventions of Qwen2-VL, Qwen2.5-VL or Qwen3-VL."""
-    _format("sft", inputs, out, images, downloads, tokenizer, image_tokens, max_len, pack_to, max_pixels, overwrite,
-            progress, None, model, min_image_pixels, max_image_pixels)
+    from qvl.formats.build import FormatJob, FormatSettings
+
+    settings = FormatSettings(tokenizer=tokenizer, image_tokens=image_tokens, max_len=max_len, pack_to=pack_to,
+                              max_pixels=max_pixels, model=model, min_image_pixels=min_image_pixels,
+                              max_image_pixels=max_image_pixels)
+    _format(FormatJob("sft", inputs, out, settings, images, downloads, overwrite, progress))
 
 
 @format_app.command("export")
@@ -495,8 +498,7 @@ def format_export(
     if from_ is not None:
         from qvl.formats import importers
 
-        records = ((file, index, f"{Path(file).name}:{index}", record)
-                   for file, index, record in importers.records(from_, paths, task or None, split, limit))
+        records = importers.keyed_records(from_, paths, task or None, split, limit)
     elif files:
         _fail("give annotation files with --input, or published files with --from LAYOUT")
     try:
@@ -634,6 +636,7 @@ def generate(
     preset: Annotated[Optional[str], typer.Option(help="only for checkpoints that carry no preset.json")] = None,
 ) -> None:
     """Greedy generation from a checkpoint; stops at <|endoftext|>, <|im_end|> or --max-new-tokens."""
+    from qvl.formats.families import picture
     from qvl.trainer.checkpoint import load_checkpoint
     from qvl.trainer.generate import generate_text
 
@@ -643,7 +646,7 @@ def generate(
             if images is not None:
                 raise ValueError("give --image or --images, not both")
             images, shorthand = image.parent, image.name
-            prompt = (f"Picture 1: <img>{shorthand}</img>\n" if chat else f"<img>{shorthand}</img>") + prompt
+            prompt = (picture(1, shorthand) if chat else f"<img>{shorthand}</img>") + prompt
         result = generate_text(model, tok, int(meta["resolution"]), prompt, images, chat, system, max_new_tokens)
     except ValueError as e:
         _fail(str(e))

@@ -32,6 +32,7 @@ from qvl.common import storage
 from qvl.demo.world import caption_of, draw_scene
 from qvl.eval.run import EvalSettings, evaluate
 from qvl.formats.build import FormatSettings, run_format
+from qvl.formats.families import picture
 from qvl.formats.tokenizers import load_tokenizer
 from qvl.trainer.checkpoint import load_checkpoint
 from qvl.trainer.data import load_image
@@ -104,7 +105,7 @@ def write_world(folder: Path, world: DemoWorld) -> dict:
                  {"from": "assistant", "value": f"<ref>{ref}</ref><box>({box[0]},{box[1]}),({box[2]},{box[3]})</box>"}]
         # one question or both, in either order: the answer must follow the question, not the turn
         turns = [what, where, what + where, where + what][i % 4]
-        turns[0] = {**turns[0], "value": f"Picture 1: <img>{name}</img>\n" + turns[0]["value"]}
+        turns[0] = {**turns[0], "value": picture(1, name) + turns[0]["value"]}
         sft.append({"id": f"c{i}", "conversations": turns})
     held, refs = [], []
     (folder / "held").mkdir(exist_ok=True)

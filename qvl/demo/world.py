@@ -15,6 +15,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from qvl.formats.families import picture
+
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
 ZH_COLORS = {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色"}
@@ -118,7 +120,7 @@ def write_annotations(folder: Path, n_images: int = 120, size: int = 96, seed: i
         multitask.append({"task": "grounded_caption", "image": name, "box": list(target.box),
                           "caption": target.phrase})
         conversations.append({"id": f"conv_{i:05d}", "conversations": [
-            {"from": "user", "value": f"Picture 1: <img>{name}</img>\nWhat do you see?"},
+            {"from": "user", "value": picture(1, name) + "What do you see?"},
             {"from": "assistant", "value": f"I see {en}."},
             {"from": "user", "value": f"Where is the {target.color} {target.shape}?"},
             {"from": "assistant", "value": f"<ref>the {target.color} {target.shape}</ref>"

@@ -25,6 +25,7 @@ from qvl.eval import caption as caption_scorer
 from qvl.eval import grounding as grounding_scorer
 from qvl.eval import vqa as vqa_scorer
 from qvl.eval.data import EvalDataError, Sample, predictions, read
+from qvl.formats.families import picture
 from qvl.recipes import require
 
 TASKS = ("grounding", "caption", "vqa")
@@ -44,12 +45,12 @@ class Protocol:
 
 
 PROTOCOLS = {
-    "grounding": Protocol("<img>{image}</img><ref>{sent}</ref><box>", "Picture 1: <img>{image}</img>\nWhere is {sent}?",
+    "grounding": Protocol("<img>{image}</img><ref>{sent}</ref><box>", picture(1, "{image}") + "Where is {sent}?",
                           28, 10, "the man on the left (120,345),(567,890)"),
     "caption": Protocol("<img>{image}</img>Describe the image in English:",
-                        "Picture 1: <img>{image}</img>\nDescribe the image in English:", 30, 8,
+                        picture(1, "{image}") + "Describe the image in English:", 30, 8,
                         "A man riding a red bicycle down a city street next to a row of parked cars."),
-    "vqa": Protocol("<img>{image}</img>{question} Answer:", "Picture 1: <img>{image}</img>\n{question}", 10, 1,
+    "vqa": Protocol("<img>{image}</img>{question} Answer:", picture(1, "{image}") + "{question}", 10, 1,
                     "two people on the beach"),
 }
 

@@ -21,12 +21,17 @@ import pyarrow as pa
 
 from qvl import __version__
 from qvl.common import pixels, storage
-from qvl.common.progress import progress_bar
 from qvl.errors import AnnotationError
 from qvl.formats import families, shards
 from qvl.formats.families import MODELS, vision
 from qvl.formats.images import ImageStore
-from qvl.formats.records import check_folders, file_records, given_id
+from qvl.formats.records import (
+    Record,
+    check_folders,
+    each_record,
+    file_records,
+    given_id,
+)
 from qvl.formats.render import chatml, multitask
 from qvl.formats.render.sequence import Encoded, Plan, assemble
 from qvl.formats.shards import ShardWriter
@@ -64,6 +69,21 @@ class FormatSettings:
                                                          "(Qwen-VL's images are 448x448)")
         else:
             vision.pixel_bounds(families.family(self.model), self.min_image_pixels, self.max_image_pixels)
+
+
+@dataclass
+class FormatJob:
+    """One `qvl format multitask|sft` as the CLI gathers it: what to read, where to write, how."""
+
+    kind: str  # multitask or sft
+    inputs: list[Path]
+    out: Path
+    settings: FormatSettings
+    images: Path | None = None
+    downloads: Path | None = None
+    overwrite: bool = False
+    show_progress: bool = True
+    records: Iterable[tuple[str, int, str, dict | AnnotationError]] | None = None  # from importers, for --from
 
 
 # Upper bounds of the settings: far past any real use, each keeps one number from asking for
@@ -117,47 +137,82 @@ def _best_fit(samples: list[Encoded], capacity: int) -> list[list[Encoded]]:
     return bins
 
 
-def run_format(
-    kind: str, inputs: list[Path], out: Path, images: Path | None = None, downloads: Path | None = None,
-    settings: FormatSettings | None = None, overwrite: bool = False, show_progress: bool = True,
-    records: Iterable[tuple[str, int, str, dict | AnnotationError]] | None = None, extra: dict | None = None,
-) -> dict:
-    """Render ``inputs`` (qvl's annotation files; or ``records``, from importers) into shards."""
-    settings = settings or FormatSettings()
-    check_folders(images, downloads)
-    records = file_records(inputs) if records is None else records
-    store = ImageStore(images, downloads, settings.max_pixels)
-    model = families.family(settings.model)
+def _vision(settings: FormatSettings, model: families.Family, store: ImageStore):
+    """(tokenizer, image tokens, resize, merged patch grid, image-pad id): Qwen-VL's fixed count
+    of tokens an image, or the newer families' count from each image's resized size."""
     if not model.sized_images:
-        tok, image_tokens, resized_of = load_tokenizer(settings.tokenizer), settings.image_tokens, None
-    else:
-        tok = load_tokenizer(settings.model if settings.tokenizer == "qwen-vl" else settings.tokenizer, settings.model)
-        families.check_tokenizer(tok, model)
+        return load_tokenizer(settings.tokenizer), settings.image_tokens, None, None, None
+    tok = load_tokenizer(settings.model if settings.tokenizer == "qwen-vl" else settings.tokenizer, settings.model)
+    families.check_tokenizer(tok, model)
 
-        def resized_of(ref: str) -> tuple[int, int]:
-            return vision.image_tokens(model, *store.size(ref), settings.min_image_pixels,
-                                         settings.max_image_pixels)[1]
+    def resized_of(ref: str) -> tuple[int, int]:
+        return vision.image_tokens(model, *store.size(ref), settings.min_image_pixels, settings.max_image_pixels)[1]
 
-        def image_tokens(ref: str) -> int:
-            width, height = resized_of(ref)
-            return (width // model.factor) * (height // model.factor)
+    def image_tokens(ref: str) -> int:
+        width, height = resized_of(ref)
+        return (width // model.factor) * (height // model.factor)
 
-        def grid(ref: str) -> tuple[int, int]:  # the merged patch grid: (rows, columns)
-            width, height = resized_of(ref)
-            return height // model.factor, width // model.factor
-        image_pad = tok.special("<|image_pad|>")
-    ctx = multitask.Context(tok, image_tokens, store.size, model, resized_of)
-    limit = min(settings.max_len, settings.pack_to or settings.max_len)
-    shards.claim(out, overwrite)
-    stats: Counter = Counter()
-    rejected: Counter = Counter()
-    by_task: dict[str, Counter] = defaultdict(Counter)
-    by_source: dict[tuple[str, str], Counter] = defaultdict(Counter)
-    buffers: dict[str, list[Encoded]] = defaultdict(list)
-    seen_ids: set[str] = set()
-    duplicates: Counter = Counter()
+    def grid(ref: str) -> tuple[int, int]:  # the merged patch grid: (rows, columns)
+        width, height = resized_of(ref)
+        return height // model.factor, width // model.factor
+    return tok, image_tokens, resized_of, grid, tok.special("<|image_pad|>")
 
-    def emit(rows: list[list[Encoded]]) -> None:
+
+class _Build:
+    """One run's rendering and rows: each record rendered (``render``, the loop's step), the
+    plans tokenized a batch at a time, checked, and written in input order or packed per task;
+    every count the manifest gives."""
+
+    def __init__(self, kind: str, settings: FormatSettings, store: ImageStore, model: families.Family):
+        self.kind, self.settings, self.store, self.model = kind, settings, store, model
+        self.writer: ShardWriter | None = None  # once the output's temp folder is open: the tokenizer loads before
+        self.tok, self.image_tokens, self.resized_of, self.grid, self.image_pad = _vision(settings, model, store)
+        self.ctx = multitask.Context(self.tok, self.image_tokens, store.size, model, self.resized_of)
+        self.limit = min(settings.max_len, settings.pack_to or settings.max_len)
+        self.stats: Counter = Counter()
+        self.rejected: Counter = Counter()
+        self.by_task: dict[str, Counter] = defaultdict(Counter)
+        self.by_source: dict[tuple[str, str], Counter] = defaultdict(Counter)
+        self.buffers: dict[str, list[Encoded]] = defaultdict(list)
+        self.seen_ids: set[str] = set()
+        self.duplicates: Counter = Counter()
+        self.batch: list[tuple[str, int, Plan]] = []
+
+    def reject(self, file: str, line: int, sample_id: str | None, reason: str, detail: str) -> None:
+        self.writer.reject(file, line, sample_id, reason, detail)
+        self.rejected[reason] += 1
+
+    def reject_record(self, record: Record, error: AnnotationError) -> None:
+        """A record unread has no id of its own: its reject's id is empty."""
+        self.reject(record.file, record.line, None if isinstance(record.data, AnnotationError) else record.id,
+                    error.reason, str(error))
+
+    def render(self, record: Record) -> Plan:
+        record.id = given_id(record.data, record.id)
+        if record.id in self.seen_ids:  # kept (the records differ), counted and shown
+            self.duplicates[record.id] += 1
+        self.seen_ids.add(record.id)
+        if self.kind == "sft":
+            plan = chatml.render(chatml.parse(record.data), record.id, self.tok, self.image_tokens, self.model,
+                                 self.resized_of)
+        else:
+            plan = multitask.render(record.data, record.id, self.ctx)
+        _check_length(plan, self.limit, self.tok.max_token_chars)
+        return plan
+
+    def add(self, record: Record, plan: Plan) -> None:
+        self.batch.append((record.file, record.line, plan))
+        if len(self.batch) >= self.settings.batch:
+            self.process(self.batch)
+            self.batch = []
+
+    def finish(self) -> None:
+        if self.batch:
+            self.process(self.batch)
+        for task in list(self.buffers):
+            self.flush_packed(task)
+
+    def emit(self, rows: list[list[Encoded]]) -> None:
         if not rows:
             return
         lengths = [sum(len(s.input_ids) for s in row) for row in rows]
@@ -171,122 +226,113 @@ def run_format(
             "sample_ids": [[s.id for s in row] for row in rows],
             "sample_lengths": [[len(s.input_ids) for s in row] for row in rows],
         }
-        if model.sized_images:  # each sample's own positions, from 0: a packed row trains as its samples alone
+        if self.model.sized_images:  # each sample's own positions, from 0: a packed row trains as its samples alone
             columns["position_ids"] = _position_lists(rows, lengths)
-        stats["rows"] += len(rows)
-        stats["row_tokens"] += sum(lengths)
-        writer.write(columns)
+        self.stats["rows"] += len(rows)
+        self.stats["row_tokens"] += sum(lengths)
+        self.writer.write(columns)
 
-    def flush_packed(task: str) -> None:
-        emit(_best_fit(buffers.pop(task, []), settings.pack_to))
+    def flush_packed(self, task: str) -> None:
+        self.emit(_best_fit(self.buffers.pop(task, []), self.settings.pack_to))
 
-    def process(batch: list[tuple[str, int, Plan]]) -> None:
+    def _tokenized(self, batch: list[tuple[str, int, Plan]]) -> list[tuple[tuple[str, int, Plan], Encoded]]:
         try:
-            pairs = list(zip(batch, assemble([plan for _, _, plan in batch], tok)))
+            return list(zip(batch, assemble([plan for _, _, plan in batch], self.tok)))
         except ValueError:  # the tokenizer refused a text (tiktoken: a run of 1M spaces): reject that one alone
             pairs = []
             for item in batch:
                 try:
-                    pairs.append((item, assemble([item[2]], tok)[0]))
+                    pairs.append((item, assemble([item[2]], self.tok)[0]))
                 except ValueError as e:
-                    writer.reject(item[0], item[1], item[2].id, "untokenizable",
-                                  f"the tokenizer refused a text: {str(e)[:200]}")
-                    rejected["untokenizable"] += 1
+                    self.reject(item[0], item[1], item[2].id, "untokenizable",
+                                f"the tokenizer refused a text: {str(e)[:200]}")
+            return pairs
+
+    def process(self, batch: list[tuple[str, int, Plan]]) -> None:
         ready = []
-        for (file, line, _), sample in pairs:
+        for (file, line, _), sample in self._tokenized(batch):
             n = len(sample.input_ids)
-            if n > limit:
-                writer.reject(file, line, sample.id, "too_long", f"{n} tokens > {limit}")
-                rejected["too_long"] += 1
+            if n > self.limit:
+                self.reject(file, line, sample.id, "too_long", f"{n} tokens > {self.limit}")
                 continue
             try:
-                sample.loaded = [dict(zip(("bytes", "path"), store.read(ref))) for ref in sample.images]
-                if model.sized_images:
-                    sample.positions = vision.mrope_positions(sample.input_ids, image_pad,
-                                                                [grid(ref) for ref in sample.images])
+                sample.loaded = [dict(zip(("bytes", "path"), self.store.read(ref))) for ref in sample.images]
+                if self.model.sized_images:
+                    sample.positions = vision.mrope_positions(sample.input_ids, self.image_pad,
+                                                              [self.grid(ref) for ref in sample.images])
             except AnnotationError as e:
-                writer.reject(file, line, sample.id, e.reason, str(e))
-                rejected[e.reason] += 1
+                self.reject(file, line, sample.id, e.reason, str(e))
                 continue
-            stats["samples"] += 1
-            stats["tokens"] += n
-            stats["supervised_tokens"] += sample.supervised
-            stats["images"] += len(sample.images)
-            by_task[sample.task]["samples"] += 1
-            by_task[sample.task]["tokens"] += n
-            by_source[(sample.source, sample.task)]["samples"] += 1
-            by_source[(sample.source, sample.task)]["tokens"] += n
+            self.stats["samples"] += 1
+            self.stats["tokens"] += n
+            self.stats["supervised_tokens"] += sample.supervised
+            self.stats["images"] += len(sample.images)
+            self.by_task[sample.task]["samples"] += 1
+            self.by_task[sample.task]["tokens"] += n
+            self.by_source[(sample.source, sample.task)]["samples"] += 1
+            self.by_source[(sample.source, sample.task)]["tokens"] += n
             ready.append(sample)
-        if settings.pack_to:
+        if self.settings.pack_to:
             for sample in ready:
-                buffers[sample.task].append(sample)
-                if len(buffers[sample.task]) >= settings.pack_buffer:
-                    flush_packed(sample.task)
+                self.buffers[sample.task].append(sample)
+                if len(self.buffers[sample.task]) >= self.settings.pack_buffer:
+                    self.flush_packed(sample.task)
         else:
-            emit([[s] for s in ready])
+            self.emit([[s] for s in ready])
 
+    def manifest(self, inputs: list[Path], extra: dict | None) -> dict:
+        settings, stats, rejected, by_source = self.settings, self.stats, self.rejected, self.by_source
+        capacity = stats["rows"] * settings.pack_to if settings.pack_to else None
+        manifest = {
+            "kind": self.kind,
+            "qvl": __version__,
+            "tokenizer": self.tok.name,
+            "model": settings.model,
+            "vocab_size": self.tok.vocab_size,
+            "settings": dataclasses.asdict(settings),
+            "inputs": [str(p) for p in inputs],
+            "records": stats["records"],
+            "samples": stats["samples"],
+            "rows": stats["rows"],
+            "rejected": sum(rejected.values()),
+            "rejected_by_reason": dict(sorted(rejected.items())),
+            "tokens": stats["tokens"],
+            "supervised_tokens": stats["supervised_tokens"],
+            "images": stats["images"],
+            "by_task": {t: dict(c) for t, c in sorted(self.by_task.items())},
+            "by_source": {source: {t: dict(c) for (src, t), c in sorted(by_source.items()) if src == source}
+                          for source in sorted({src for src, _ in by_source})},
+            "duplicate_ids": {"samples": sum(self.duplicates.values()), "examples": sorted(self.duplicates)[:20]},
+            "packing": {"capacity_tokens": capacity, "real_tokens": stats["row_tokens"],
+                        "efficiency": round(stats["row_tokens"] / capacity, 4) if capacity else None},
+        }
+        manifest.update(extra or {})
+        manifest["fingerprint"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+        if manifest["records"] != manifest["samples"] + manifest["rejected"]:
+            raise AssertionError("format: records lost between input and output")
+        return manifest
+
+
+def run_format(
+    kind: str, inputs: list[Path], out: Path, images: Path | None = None, downloads: Path | None = None,
+    settings: FormatSettings | None = None, overwrite: bool = False, show_progress: bool = True,
+    records: Iterable[tuple[str, int, str, dict | AnnotationError]] | None = None, extra: dict | None = None,
+) -> dict:
+    """Render ``inputs`` (qvl's annotation files; or ``records``, from importers) into shards."""
+    settings = settings or FormatSettings()
+    check_folders(images, downloads)
+    records = file_records(inputs) if records is None else records
+    store = ImageStore(images, downloads, settings.max_pixels)
+    model = families.family(settings.model)
+    build = _Build(kind, settings, store, model)
+    shards.claim(out, overwrite)
     with storage.replacing(out) as tmp:
-        writer = ShardWriter(tmp, max_rows=settings.shard_rows, positions=model.sized_images)
+        build.writer = writer = ShardWriter(tmp, max_rows=settings.shard_rows, positions=model.sized_images)
         try:
-            with progress_bar(disable=not show_progress) as bar:
-                task_id = bar.add_task(f"format {kind}", total=None, unit="samples")
-                batch: list[tuple[str, int, Plan]] = []
-                for path, line, sample_id, record in records:
-                    stats["records"] += 1
-                    bar.advance(task_id)
-                    try:
-                        if isinstance(record, AnnotationError):
-                            raise record
-                        sample_id = given_id(record, sample_id)
-                        if sample_id in seen_ids:  # kept (the records differ), counted and shown
-                            duplicates[sample_id] += 1
-                        seen_ids.add(sample_id)
-                        if kind == "sft":
-                            plan = chatml.render(chatml.parse(record), sample_id, tok, image_tokens, model, resized_of)
-                        else:
-                            plan = multitask.render(record, sample_id, ctx)
-                        _check_length(plan, limit, tok.max_token_chars)
-                    except AnnotationError as e:
-                        writer.reject(path, line, None if isinstance(record, AnnotationError) else sample_id,
-                                      e.reason, str(e))
-                        rejected[e.reason] += 1
-                        continue
-                    batch.append((path, line, plan))
-                    if len(batch) >= settings.batch:
-                        process(batch)
-                        batch = []
-                if batch:
-                    process(batch)
-                for task in list(buffers):
-                    flush_packed(task)
-            capacity = stats["rows"] * settings.pack_to if settings.pack_to else None
-            manifest = {
-                "kind": kind,
-                "qvl": __version__,
-                "tokenizer": tok.name,
-                "model": settings.model,
-                "vocab_size": tok.vocab_size,
-                "settings": dataclasses.asdict(settings),
-                "inputs": [str(p) for p in inputs],
-                "records": stats["records"],
-                "samples": stats["samples"],
-                "rows": stats["rows"],
-                "rejected": sum(rejected.values()),
-                "rejected_by_reason": dict(sorted(rejected.items())),
-                "tokens": stats["tokens"],
-                "supervised_tokens": stats["supervised_tokens"],
-                "images": stats["images"],
-                "by_task": {t: dict(c) for t, c in sorted(by_task.items())},
-                "by_source": {source: {t: dict(c) for (src, t), c in sorted(by_source.items()) if src == source}
-                              for source in sorted({src for src, _ in by_source})},
-                "duplicate_ids": {"samples": sum(duplicates.values()), "examples": sorted(duplicates)[:20]},
-                "packing": {"capacity_tokens": capacity, "real_tokens": stats["row_tokens"],
-                            "efficiency": round(stats["row_tokens"] / capacity, 4) if capacity else None},
-            }
-            manifest.update(extra or {})
-            manifest["fingerprint"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
-            if manifest["records"] != manifest["samples"] + manifest["rejected"]:
-                raise AssertionError("format: records lost between input and output")
+            build.stats["records"] = each_record(records, build.render, build.add, build.reject_record,
+                                                 f"format {kind}", "samples", show_progress)
+            build.finish()
+            manifest = build.manifest(inputs, extra)
             order = {str(p): i for i, p in enumerate(inputs)}
             writer.rejects.sort(key=lambda r: (order.get(r["file"], len(order)), r["file"], r["line"]))
             writer.finish(manifest)

@@ -57,12 +57,11 @@ from qvl.boundary import (
     convert,
 )
 from qvl.common import storage
-from qvl.common.progress import progress_bar
 from qvl.errors import AnnotationError, RecordError
 from qvl.formats import families
 from qvl.formats.families import IMG_END, IMG_START, TAGS, Family, vision
 from qvl.formats.images import ImageStore
-from qvl.formats.records import check_folders, file_records
+from qvl.formats.records import Record, check_folders, each_record, file_records
 from qvl.formats.render import chatml, markup, multitask
 from qvl.formats.render.sequence import Plan, Tag
 from qvl.formats.tokenizers import load_tokenizer
@@ -257,110 +256,121 @@ def _conversation(record: dict, fam: Family, resized_of) -> tuple[str | None, li
     return conv.system, turns, refs
 
 
-def run_export(inputs: list[Path], out: Path, images: Path | None = None, downloads: Path | None = None,
-               settings: ExportSettings | None = None, overwrite: bool = False, show_progress: bool = True,
-               records: Iterable[tuple[str, int, str, dict | AnnotationError]] | None = None) -> dict:
-    """Write ``out``/data.jsonl (+ LLaMA-Factory's dataset_info.json), rejects.jsonl and export.json."""
-    settings = settings or ExportSettings()
-    check_folders(images, downloads)
-    fam = families.family(settings.model)
-    store = ImageStore(images, downloads, settings.max_pixels)
-    if storage.claim(out, KIND, create=False) and not overwrite:
-        raise FileExistsError(f"{out}: holds a qvl export; choose another --out or --overwrite")
-    lf = settings.target == "llamafactory"
-    bounds = tool_bounds(settings, fam) if fam.sized_images else None
+class _Export:
+    """One run's records as the tool's messages (``convert``, the loop's step), written to
+    ``data.jsonl`` with their images in ``images/`` (``write``), or to ``rejects.jsonl``."""
 
-    def resized_of(ref: str) -> tuple[int, int]:
-        return fed_size(bounds, fam, *store.size(ref))
+    def __init__(self, settings: ExportSettings, store: ImageStore):
+        self.fam = fam = families.family(settings.model)
+        self.store = store
+        self.tmp: Path | None = None  # the output's temp folder and its two files, once open: bounds and
+        self.data = self.rejects = None  # tokenizer are checked before
+        self.bounds = tool_bounds(settings, fam) if fam.sized_images else None
+        tok = load_tokenizer(settings.model, settings.model)  # the renderers' framing ids, never written
+        self.ctx = multitask.Context(tok, 0, store.size, fam, self.resized_of)
+        self.counts: Counter = Counter()
+        self.rejected: Counter = Counter()
+        self.written: dict[str, str] = {}
 
-    tok = load_tokenizer(settings.model, settings.model)  # the renderers' framing ids, never written
-    ctx = multitask.Context(tok, 0, store.size, fam, resized_of)
-    counts: Counter = Counter()
-    rejected: Counter = Counter()
-    written: dict[str, str] = {}
+    def resized_of(self, ref: str) -> tuple[int, int]:
+        return fed_size(self.bounds, self.fam, *self.store.size(ref))
 
-    def image_file(ref: str) -> str:
+    def image_file(self, ref: str) -> str:
         """A path relative to the export, so that it can move: a file under --images linked
         (or, across file systems, copied) to ``images/local/`` at its path under --images, the
         image of a URL taken out of the img2dataset output into ``images/web/``."""
-        if ref not in written:
-            data, _ = store.read(ref)  # checked to decode, within the pixel guard
+        if ref not in self.written:
+            data, _ = self.store.read(ref)  # checked to decode, within the pixel guard
             if ref.startswith(("http://", "https://")):
                 name = f"images/web/{hashlib.sha1(ref.encode()).hexdigest()}.jpg"
-                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-                storage.write_bytes(tmp / name, data)
+                (self.tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                storage.write_bytes(self.tmp / name, data)
             else:
-                source = store.local_path(ref)
-                name = f"images/local/{source.relative_to(store.root).as_posix()}"
-                target = tmp / name
+                source = self.store.local_path(ref)
+                name = f"images/local/{source.relative_to(self.store.root).as_posix()}"
+                target = self.tmp / name
                 if not target.exists():
                     target.parent.mkdir(parents=True, exist_ok=True)
                     try:
                         os.link(source, target)
                     except OSError:
                         storage.write_bytes(target, data)
-            written[ref] = name
-        return written[ref]
+            self.written[ref] = name
+        return self.written[ref]
 
+    def convert(self, item: Record) -> tuple[str | None, list[tuple[str, str]], list[str], str]:
+        """(system, turns, image files, task) of a record; its own id, once typed, is the one written."""
+        record = item.data
+        _checked(record)
+        if record.get("id") is not None:
+            item.id = str(record["id"])
+        if "task" in record:
+            if record.get("task") == "text":
+                raise AnnotationError("pure text is pre-training data, not a chat record", "unsupported_for_export")
+            plan = _Transcript(item.id, str(record.get("task")), "", _forbidden(self.fam))
+            multitask.RENDERERS.get(record.get("task"), _unknown)(plan, record, self.ctx)
+            system, refs = None, plan.images
+            turns = [("user", "".join(plan.user)), ("assistant", "".join(plan.assistant).strip())]
+            kind = plan.task
+        else:
+            system, turns, refs = _conversation(record, self.fam, self.resized_of)
+            kind = "sft"
+        files = [self.image_file(ref) for ref in refs]
+        if self.bounds is not None:  # an image the tool refuses fails its record, boxes or not
+            for ref in refs:
+                self.resized_of(ref)
+        return system, turns, files, kind
+
+    def write(self, item: Record, converted: tuple[str | None, list[tuple[str, str]], list[str], str]) -> None:
+        system, turns, files, kind = converted
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+            [{"role": role, "content": text} for role, text in turns]
+        self.data.write(json.dumps({"id": item.id, "messages": messages, "images": files}, ensure_ascii=False) + "\n")
+        self.counts["samples"] += 1
+        self.counts[f"task:{kind}"] += 1
+        self.counts["images"] += len(files)
+
+    def reject(self, item: Record, error: AnnotationError) -> None:
+        """A reject names the record's own id once read, else its default one (file:line)."""
+        self.rejects.write(json.dumps({"file": item.file, "line": item.line, "id": item.id, "reason": error.reason,
+                                       "detail": str(error)}, ensure_ascii=False) + "\n")
+        self.rejected[error.reason] += 1
+
+
+def run_export(inputs: list[Path], out: Path, images: Path | None = None, downloads: Path | None = None,
+               settings: ExportSettings | None = None, overwrite: bool = False, show_progress: bool = True,
+               records: Iterable[tuple[str, int, str, dict | AnnotationError]] | None = None) -> dict:
+    """Write ``out``/data.jsonl (+ LLaMA-Factory's dataset_info.json), rejects.jsonl and export.json."""
+    settings = settings or ExportSettings()
+    check_folders(images, downloads)
+    store = ImageStore(images, downloads, settings.max_pixels)
+    if storage.claim(out, KIND, create=False) and not overwrite:
+        raise FileExistsError(f"{out}: holds a qvl export; choose another --out or --overwrite")
+    export = _Export(settings, store)
     records = file_records(inputs) if records is None else records
     with storage.replacing(out) as tmp:
         (tmp / "images").mkdir()
         with open(tmp / "data.jsonl", "w", encoding="utf-8") as data, \
-                open(tmp / "rejects.jsonl", "w", encoding="utf-8") as rejects, \
-                progress_bar(disable=not show_progress) as bar:
-            task = bar.add_task(f"export {settings.target}", total=None, unit="records")
-            for path, line, sample_id, record in records:
-                counts["records"] += 1
-                bar.advance(task)
-                try:
-                    if isinstance(record, AnnotationError):
-                        raise record
-                    _checked(record)
-                    if record.get("id") is not None:
-                        sample_id = str(record["id"])
-                    if "task" in record:
-                        if record.get("task") == "text":
-                            raise AnnotationError("pure text is pre-training data, not a chat record",
-                                                  "unsupported_for_export")
-                        plan = _Transcript(sample_id, str(record.get("task")), "", _forbidden(fam))
-                        multitask.RENDERERS.get(record.get("task"), _unknown)(plan, record, ctx)
-                        system, refs = None, plan.images
-                        turns = [("user", "".join(plan.user)), ("assistant", "".join(plan.assistant).strip())]
-                        kind = plan.task
-                    else:
-                        system, turns, refs = _conversation(record, fam, resized_of)
-                        kind = "sft"
-                    files = [image_file(ref) for ref in refs]
-                    if bounds is not None:  # an image the tool refuses fails its record, boxes or not
-                        for ref in refs:
-                            resized_of(ref)
-                except AnnotationError as e:
-                    rejects.write(json.dumps({"file": path, "line": line, "id": sample_id, "reason": e.reason,
-                                              "detail": str(e)}, ensure_ascii=False) + "\n")
-                    rejected[e.reason] += 1
-                    continue
-                messages = ([{"role": "system", "content": system}] if system is not None else []) + \
-                    [{"role": role, "content": text} for role, text in turns]
-                data.write(json.dumps({"id": sample_id, "messages": messages, "images": files},
-                                      ensure_ascii=False) + "\n")
-                counts["samples"] += 1
-                counts[f"task:{kind}"] += 1
-                counts["images"] += len(files)
+                open(tmp / "rejects.jsonl", "w", encoding="utf-8") as rejects:
+            export.tmp, export.data, export.rejects = tmp, data, rejects
+            read = each_record(records, export.convert, export.write, export.reject, f"export {settings.target}",
+                               "records", show_progress)
+        counts, rejected = export.counts, export.rejected
         if not any((tmp / "images").iterdir()):
             (tmp / "images").rmdir()
-        if counts["records"] != counts["samples"] + sum(rejected.values()):
+        if read != counts["samples"] + sum(rejected.values()):
             raise AssertionError("export: records lost between input and output")
-        if lf:
+        if settings.target == "llamafactory":
             storage.write_json(tmp / "dataset_info.json", {"qvl": {
                 "file_name": "data.jsonl", "formatting": "sharegpt",
                 "columns": {"messages": "messages", "images": "images"},
                 "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
                          "assistant_tag": "assistant", "system_tag": "system"}}})
-        resize = _resize_note(settings, fam)
+        resize = _resize_note(settings, export.fam)
         _write_snippet(tmp, out, settings, resize)
         report = {
             "target": settings.target, "model": settings.model,
-            "records": counts["records"], "samples": counts["samples"], "images": counts["images"],
+            "records": read, "samples": counts["samples"], "images": counts["images"],
             "rejected": sum(rejected.values()), "rejected_by_reason": dict(sorted(rejected.items())),
             "by_task": {k[5:]: v for k, v in sorted(counts.items()) if k.startswith("task:")},
             "inputs": [str(p) for p in inputs],

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from qvl.common import pixels
 from qvl.errors import AnnotationError, QvlError
+from qvl.schemas import DOWNLOADED_LOOKUP, check_columns
 
 
 class ImageStore:
@@ -58,7 +59,8 @@ class ImageStore:
             index: dict[str, tuple[Path, int, str | None, str | None]] = {}
             if self.downloads is not None and (self.downloads / "kept").is_dir():
                 for part in sorted((self.downloads / "kept").glob("*.parquet")):
-                    rows = _rows(part, ["url", "image_tar", "image_key"], "a `qvl curate download` kept table")
+                    rows = _rows(part, list(DOWNLOADED_LOOKUP), "a `qvl curate download` kept table",
+                                 DOWNLOADED_LOOKUP)
                     for i, row in enumerate(rows, 1):
                         member = None if row["image_key"] is None else f"{row['image_key']}.jpg"
                         index[row["url"]] = (part, i, row["image_tar"], member)
@@ -139,12 +141,16 @@ def _inside(root: Path, ref: str, what: str, option: str) -> tuple[Path, bool]:
 _TEXT = (pa.string(), pa.large_string(), pa.null())
 
 
-def _rows(path: Path, columns: list[str], what: str) -> list[dict]:
-    """``columns`` of a parquet table, all text — or one error naming the file and what is wrong."""
+def _rows(path: Path, columns: list[str], what: str, kinds: dict[str, str] | None = None) -> list[dict]:
+    """``columns`` of a parquet table, all text — checked as ``kinds`` (a qvl table's schema) says
+    when there is one — or one error naming the file and what is wrong."""
     try:
-        types = {field.name: field.type for field in pq.read_schema(path)}
+        schema = pq.read_schema(path)
     except (OSError, ValueError, pa.ArrowException) as e:  # not parquet, cut short, unreadable
         raise QvlError(f"{path}: not a readable parquet file ({' '.join(str(e).split())[:200]})") from None
+    if kinds is not None:
+        check_columns(schema, kinds, f"{path} (not {what})")
+    types = {field.name: field.type for field in schema}
     missing = [c for c in columns if c not in types]
     if missing:
         raise QvlError(f"{path}: not {what} (no {', '.join(missing)})")

@@ -1,16 +1,20 @@
 """Where the records of `qvl format` and `qvl format export` come from: qvl's annotation files
 (JSONL, a JSON list, parquet — a curated one too), one ``(file, line, default id, record)`` at a
-time, a record that cannot be read arriving as its error, to become a reject."""
+time, a record that cannot be read arriving as its error, to become a reject; and the loop both
+commands run over them (``each_record``)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 import pyarrow.parquet as pq
 
 from qvl.common.inputs import DuplicateInput, input_names
+from qvl.common.progress import progress_bar
 from qvl.errors import AnnotationError, QvlError
 
 MAX_LINE_BYTES = 64 << 20  # a JSONL record: far past any real one; a longer line is skipped unread
@@ -116,3 +120,39 @@ def check_folders(images: Path | None, downloads: Path | None) -> None:
     for folder, option in ((images, "--images"), (downloads, "--downloads")):
         if folder is not None and not Path(folder).is_dir():
             raise FormatInputError(f"{option} {folder}: no such folder")
+
+
+@dataclass
+class Record:
+    """One record on its way through a command. ``id`` starts as the default one; the command's
+    step sets the record's own once it has read it, and a reject carries whichever it holds."""
+
+    file: str
+    line: int
+    id: str
+    data: dict | AnnotationError
+
+
+def each_record(records: Iterable[tuple[str, int, str, dict | AnnotationError]], step: Callable[[Record], Any],
+                sink: Callable[[Record, Any], None], reject: Callable[[Record, AnnotationError], None],
+                label: str, unit: str, show_progress: bool = True) -> int:
+    """The record loop of `qvl format` and `qvl format export`: each record through ``step``
+    into ``sink``, or — unreadable, or refused by ``step`` (a RecordError) — to ``reject``, so
+    that every record lands in one of the two; one progress bar. Returns how many were read,
+    for the commands' check that none was lost."""
+    n = 0
+    with progress_bar(disable=not show_progress) as bar:
+        task = bar.add_task(label, total=None, unit=unit)
+        for file, line, sample_id, data in records:
+            n += 1
+            bar.advance(task)
+            record = Record(file, line, sample_id, data)
+            try:
+                if isinstance(data, AnnotationError):
+                    raise data
+                out = step(record)
+            except AnnotationError as e:
+                reject(record, e)
+                continue
+            sink(record, out)
+    return n

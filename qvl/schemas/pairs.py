@@ -82,6 +82,26 @@ REJECTED_PAIR = pa.schema(
     ]
 )
 
+DOWNLOADED_PAIR = pa.schema(
+    [
+        pa.field("row_id", pa.string(), nullable=False),
+        pa.field("url", pa.string(), nullable=True),
+        pa.field("text", pa.string(), nullable=True),
+        pa.field("source", pa.string(), nullable=True),
+        pa.field("lang", pa.string(), nullable=True),
+        pa.field("download_status", pa.string(), nullable=False),  # img2dataset's status, or "not fetched"
+        # where the image is: the tar under the download folder (null when none was fetched) and
+        # its member's key (the member is KEY.jpg)
+        pa.field("image_tar", pa.string(), nullable=True),
+        pa.field("image_key", pa.string(), nullable=True),
+    ]
+)
+"""A kept pair of `qvl curate download` (``kept/*.parquet``): the filter's columns it relies on
+and where its image is; the curated pair's other columns and the image checks pass through."""
+
+# what `qvl format --downloads` reads of a download's kept table, as ``check_columns`` takes it
+DOWNLOADED_LOOKUP = {"url": "string", "image_tar": "string", "image_key": "string"}
+
 _KINDS = {
     "string": lambda t: pat.is_string(t) or pat.is_large_string(t) or pat.is_binary(t)
     or pat.is_large_binary(t) or pat.is_string_view(t) or pat.is_null(t),
@@ -112,6 +132,17 @@ def check_columns(
         t = schema.field(column).type
         if not _KINDS[kind](t):
             raise SchemaError(f"{where}: column {column!r} is {t}, expected a {kind} column")
+
+
+def conform(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
+    """``table`` with ``schema``'s columns cast to their types where they stand (the other
+    columns and the order kept), then validated: an output that keeps its layout, typed."""
+    for field in schema:
+        if field.name in table.column_names:
+            i = table.column_names.index(field.name)
+            table = table.set_column(i, field.name, table.column(i).cast(field.type))
+    validate_table(table, schema, where)
+    return table
 
 
 def validate_table(table: pa.Table, schema: pa.Schema, where: str) -> None:

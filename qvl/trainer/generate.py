@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from qvl.errors import QvlError
+from qvl.formats.families import picture
 from qvl.formats.render.sequence import Plan, assemble
 from qvl.formats.tokenizers import Tokenizer
 from qvl.trainer.data import load_image
@@ -94,7 +95,7 @@ def render_prompt(tok: Tokenizer, image_tokens: int, text: str, chat: bool = Fal
 
 def chat_prompt_ids(tok: Tokenizer, image_tokens: int, question: str) -> list[int]:
     """A one-turn ChatML conversation about one picture, ending where the assistant speaks."""
-    return render_prompt(tok, image_tokens, f"Picture 1: <img>x</img>\n{question}", chat=True)[0]
+    return render_prompt(tok, image_tokens, picture(1, "x") + question, chat=True)[0]
 
 
 def generate_text(model: QwenVL, tok: Tokenizer, resolution: int, prompt: str, images: Path | None = None,

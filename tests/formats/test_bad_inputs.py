@@ -466,9 +466,9 @@ def test_a_huge_image_file_is_refused_unread(tmp_path):
 
 
 def test_malformed_lines_numbers_and_nesting_are_rejects_of_their_line(tmp_path, images, monkeypatch):
-    from qvl.formats import records as build
+    from qvl.formats import records
 
-    monkeypatch.setattr(build, "MAX_LINE_BYTES", 8192)  # the same code as at 64 MiB, with a small file
+    monkeypatch.setattr(records, "MAX_LINE_BYTES", 8192)  # the same code as at 64 MiB, with a small file
     src = write_jsonl(tmp_path / "ann.jsonl", [
         REC,
         '{"task": "caption", "image": "red.png", "caption": "x", "width": 1' + "0" * 5000 + "}",  # int() refuses it
@@ -609,7 +609,9 @@ URL = "https://grit.example/0.jpg"
     ({"00000.parquet": {"url": [URL], "key": [0], "status": [1]}},
      "00000.parquet: not img2dataset output (key is int64, status is int64, not text)"),
     ({"kept/part-00000.parquet": {"url": [URL], "image_key": ["0"]}},
-     "part-00000.parquet: not a `qvl curate download` kept table (no image_tar)"),
+     "part-00000.parquet (not a `qvl curate download` kept table): missing column(s) image_tar"),
+    ({"kept/part-00000.parquet": {"url": [URL], "image_tar": [3], "image_key": ["0"]}},
+     "part-00000.parquet (not a `qvl curate download` kept table): column 'image_tar' is int64, expected a string"),
     ({"00000.parquet": {"x": [b"\x00"]}}, "00000.parquet: not img2dataset output (no url, key, status)"),
 ])
 def test_a_downloads_table_of_another_shape_is_one_error_naming_it(tmp_path, tables, words):

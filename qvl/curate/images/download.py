@@ -42,6 +42,7 @@ from qvl.curate.images.near_dups import near_duplicates
 from qvl.curate.settings import FilterSettings
 from qvl.errors import QvlError
 from qvl.recipes import require
+from qvl.schemas import DOWNLOADED_PAIR, conform
 
 # drop steps of this stage, in funnel order
 STEPS = ("bad_url", "private_address", "download_failed", "image_corrupt", "image_too_large", "image_too_small",
@@ -376,7 +377,8 @@ def derive(f: Folders, kept: pl.DataFrame, base_report: dict, s: DownloadSetting
         failed_rules=pl.concat_list(pl.col("drop_reason")))
     for folder in ("kept", "rejected"):
         shutil.rmtree(f.out / folder, ignore_errors=True)
-    storage.write_parquet(f.out / "kept" / "part-00000.parquet", kept_out.to_arrow())
+    storage.write_parquet(f.out / "kept" / "part-00000.parquet",
+                          conform(kept_out.to_arrow(), DOWNLOADED_PAIR, f"{f.out}/kept"))
     storage.write_parquet(f.out / "rejected" / "download-00000.parquet", rejected.to_arrow())
     ledger = frame.select(
         "row_id", "source", "url", pl.col("_refused").alias("refused"), "attempt",

@@ -94,6 +94,14 @@ def records(layout: str, files: list[Path], tasks: list[str] | None = None, spli
     return itertools.islice(importer.read([Path(p) for p in files], Options(wanted, split)), limit)
 
 
+def keyed_records(layout: str, files: list[Path], tasks: list[str] | None = None, split: str | None = None,
+                  limit: int | None = None) -> Iterator[tuple[str, int, str, dict | AnnotationError]]:
+    """``records`` as `qvl format` and `qvl format export` take them: each with its default id,
+    ``FILENAME:INDEX`` (the request checked here, before the first record is read)."""
+    found = records(layout, files, tasks, split, limit)
+    return ((file, index, f"{Path(file).name}:{index}", record) for file, index, record in found)
+
+
 def load_json(path: Path):
     import json
 
