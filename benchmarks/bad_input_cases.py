@@ -182,7 +182,8 @@ def _safetensors(path: Path, keys: list[str]) -> None:
 def _release_keys() -> list[str]:
     import msgspec
 
-    from qvl.trainer.release import ReleaseConfig, key_map, preset_from_config
+    from qvl.trainer.release import ReleaseConfig, preset_from_config
+    from qvl.trainer.release_keys import key_map
 
     preset = preset_from_config(msgspec.convert(_RELEASE, ReleaseConfig))
     return [key for entry in key_map(preset) for key in entry[0]]

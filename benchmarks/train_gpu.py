@@ -83,8 +83,9 @@ def main() -> None:
     from qvl.formats.build import FormatSettings, run_format
     from qvl.formats.families import picture
     from qvl.trainer.release import preset_from_config
+    from qvl.trainer.settings import TrainSettings
     from qvl.trainer.stages import STAGES
-    from qvl.trainer.train import TrainSettings, train
+    from qvl.trainer.train import train
 
     gpu = torch.cuda.is_available()
     config = json.loads(json.dumps(RELEASE if gpu else TINY))

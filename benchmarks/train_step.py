@@ -50,7 +50,8 @@ def main() -> None:
     from qvl.formats.build import FormatSettings, run_format
     from qvl.formats.tokenizers import load_tokenizer
     from qvl.trainer.data import Loader, Shards
-    from qvl.trainer.train import TrainSettings, train
+    from qvl.trainer.settings import TrainSettings
+    from qvl.trainer.train import train
 
     work = Path(tempfile.mkdtemp(prefix="qvl-bench-train-"))
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "

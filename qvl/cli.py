@@ -603,7 +603,7 @@ def train(
     """Train a Qwen-VL-style model, stage 1, 2 or 3 (torchrun for several processes)."""
     from qvl.recipes import RecipeError, load_recipe, merge
     from qvl.trainer.data import DataError
-    from qvl.trainer.train import TrainSettings, check_overrides
+    from qvl.trainer.settings import TrainSettings, check_overrides
     from qvl.trainer.train import train as run_train
 
     try:

@@ -15,6 +15,7 @@ import polars as pl
 from qvl.curate.filter import report as report_mod
 from qvl.curate.filter import rules
 from qvl.curate.images import download
+from qvl.curate.images.folders import Folders
 from qvl.errors import QvlError
 from qvl.recipes import short
 
@@ -132,7 +133,7 @@ def explain(folder: str | Path, row_id: str) -> dict:
     state = folder / "_qvl.json"
     try:
         if state.is_file():  # a download: start at its filter run
-            origin = Path(download.Folders(folder).read_state()["from"])
+            origin = Path(Folders(folder).read_state()["from"])
             steps, verdict = _filter_story(origin, row_id)
             if verdict.startswith("kept"):
                 more, verdict = _download_story(folder, row_id)

@@ -39,7 +39,8 @@ from qvl.trainer.data import load_image
 from qvl.trainer.generate import chat_prompt_ids, greedy_batch, prompt_ids
 from qvl.trainer.model import QwenVL
 from qvl.trainer.preset import load_preset
-from qvl.trainer.train import TrainSettings, train
+from qvl.trainer.settings import TrainSettings
+from qvl.trainer.train import train
 
 
 @dataclass

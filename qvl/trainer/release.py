@@ -4,12 +4,9 @@
 (``../shared/QWEN_VL_RELEASE.md``): a ViT without class token whose 16x16 position table is
 resized to the patch grid at every forward, the adapter's stored ``pos_embed``, LayerNorm eps
 1e-6, and Qwen-7B as transformers' Qwen2 (RMSNorm, q/k/v bias, SwiGLU with the release's
-``w2`` as the gate, untied ``lm_head``, rotary on the whole head). The key map moves every
-tensor across; two of them change layout on the way, exactly and reversibly:
-
-- the ViT's fused ``in_proj`` is interleaved per head (h0 q, h0 k, h0 v, h1 q …) in the
-  release and [all q; all k; all v] in ``nn.MultiheadAttention``: rows are permuted;
-- the LLM's fused ``c_attn`` (q | k | v) is split into Qwen2's ``q_proj``, ``k_proj``, ``v_proj``.
+``w2`` as the gate, untied ``lm_head``, rotary on the whole head). The key map
+(``release_keys``) moves every tensor across; two of them change layout on the way, exactly and
+reversibly.
 
 Every source tensor must be used exactly once and every model tensor filled, with the
 shape the preset builds; anything else is an error naming the keys. ``config.json`` and the
@@ -25,7 +22,7 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Annotated, Callable, Iterator
+from typing import Annotated, Iterator
 
 import msgspec
 import torch
@@ -47,6 +44,7 @@ from qvl.trainer.preset import (
     Resolution,
     VisionConfig,
 )
+from qvl.trainer.release_keys import key_map
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 SHARD_BYTES = 4 << 30  # release-style shards of the exported model
@@ -157,68 +155,7 @@ def config_from_preset(preset: ModelConfig, like: dict, resolution: int, where: 
     return out
 
 
-# ---------------------------------------------------------------- the key map
-
-
-def _per_head_to_mha(heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    def convert(t: torch.Tensor) -> torch.Tensor:
-        width = t.shape[0] // 3
-        return t.reshape(heads, 3, width // heads, *t.shape[1:]).transpose(0, 1).reshape(t.shape).contiguous()
-    return convert
-
-
-def _mha_to_per_head(heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    def convert(t: torch.Tensor) -> torch.Tensor:
-        width = t.shape[0] // 3
-        return t.reshape(3, heads, width // heads, *t.shape[1:]).transpose(0, 1).reshape(t.shape).contiguous()
-    return convert
-
-
-def key_map(preset: ModelConfig) -> list[tuple[tuple[str, ...], tuple[str, ...], Callable, Callable]]:
-    """(release keys, qvl keys, release -> qvl, qvl -> release), one entry per tensor group."""
-    same = (lambda t: t, lambda t: t)
-    entries: list = []
-
-    def add(release, qvl, there=same[0], back=same[1]):
-        entries.append(((release,) if isinstance(release, str) else release,
-                        (qvl,) if isinstance(qvl, str) else qvl, there, back))
-
-    v = "transformer.visual."
-    add(v + "conv1.weight", "vision.vit.conv1.weight")
-    add(v + "positional_embedding", "vision.vit.positional_embedding")
-    for part in ("weight", "bias"):
-        add(v + f"ln_pre.{part}", f"vision.vit.ln_pre.{part}")
-        add(v + f"ln_post.{part}", f"adapter.ln_post.{part}")
-    heads = preset.vision.heads
-    for m in range(preset.vision.layers):
-        src, dst = f"{v}transformer.resblocks.{m}.", f"vision.vit.transformer.resblocks.{m}."
-        for name in ("ln_1", "ln_2", "attn.out_proj", "mlp.c_fc", "mlp.c_proj"):
-            for part in ("weight", "bias"):
-                add(f"{src}{name}.{part}", f"{dst}{name}.{part}")
-        for part in ("weight", "bias"):
-            add(f"{src}attn.in_proj.{part}", f"{dst}attn.in_proj_{part}", _per_head_to_mha(heads),
-                _mha_to_per_head(heads))
-    add(v + "proj", "adapter.proj")
-    p = v + "attn_pool."
-    for name in ("pos_embed", "query", "kv_proj.weight", "attn.in_proj_weight", "attn.in_proj_bias",
-                 "attn.out_proj.weight", "attn.out_proj.bias", "ln_q.weight", "ln_q.bias", "ln_kv.weight",
-                 "ln_kv.bias"):
-        add(p + name, "adapter." + name)
-    add("transformer.wte.weight", "llm.model.embed_tokens.weight")
-    add("transformer.ln_f.weight", "llm.model.norm.weight")
-    add("lm_head.weight", "llm.lm_head.weight")
-    for n in range(preset.llm.num_hidden_layers):
-        src, dst = f"transformer.h.{n}.", f"llm.model.layers.{n}."
-        add(src + "ln_1.weight", dst + "input_layernorm.weight")
-        add(src + "ln_2.weight", dst + "post_attention_layernorm.weight")
-        add(src + "attn.c_proj.weight", dst + "self_attn.o_proj.weight")
-        add(src + "mlp.w1.weight", dst + "mlp.up_proj.weight")
-        add(src + "mlp.w2.weight", dst + "mlp.gate_proj.weight")  # the release's SiLU branch
-        add(src + "mlp.c_proj.weight", dst + "mlp.down_proj.weight")
-        for part in ("weight", "bias"):
-            add(src + f"attn.c_attn.{part}", tuple(dst + f"self_attn.{x}_proj.{part}" for x in "qkv"),
-                lambda t: [c.contiguous() for c in t.chunk(3)], lambda *ts: torch.cat(ts))
-    return entries
+# ---------------------------------------------------------------- the model's tensors against the map
 
 
 def expected_shapes(preset: ModelConfig, resolution: int) -> dict[str, torch.Size]:

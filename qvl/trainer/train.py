@@ -17,7 +17,6 @@ import os
 import random
 import shutil
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from qvl.boundary import Count, convert, decode_json
+from qvl.boundary import Count, decode_json
 from qvl.common import storage
 from qvl.common.progress import progress_bar
 from qvl.errors import QvlError, RecordError
@@ -46,81 +45,9 @@ from qvl.trainer.checkpoint import (
 )
 from qvl.trainer.data import Loader, Shards
 from qvl.trainer.model import QwenVL
-from qvl.trainer.preset import ModelConfig, StagesSpec, load_preset
+from qvl.trainer.preset import ModelConfig, load_preset
+from qvl.trainer.settings import TrainSettings, check_settings
 from qvl.trainer.stages import STAGES, Stage
-
-
-@dataclass
-class TrainSettings:
-    stage: int
-    data: Path
-    out: Path
-    preset: str | None = None  # None: the --init checkpoint's, else "tiny"
-    max_steps: int | None = None
-    init: Path | None = None  # a checkpoint folder of the previous stage
-    resume: bool = False
-    overwrite: bool = False  # replace the run in ``out`` (its checkpoint, metrics and plot)
-    llm: str | None = None  # local Hugging Face folder (real preset)
-    vision_weights: Path | None = None  # open_clip checkpoint (.safetensors) for the real preset
-    seed: int = 0
-    checkpoint_every: int = 100
-    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimiser state (else DDP)
-    precision: str = "auto"  # bf16 autocast where the device computes bf16 natively, else fp32; or bf16 / fp32
-    max_rejected: float = 0.01  # a fraction of the shards' input records
-    overrides: dict = dataclasses.field(default_factory=dict)  # stage fields from a recipe / CLI
-    overrides_from: str = "stage overrides"  # where they come from, for errors: a recipe's file and table
-    log: bool = True
-    progress: bool = False  # a progress bar (steps/s, ETA, loss) instead of a line every 10 steps
-
-
-class SettingsError(QvlError):
-    """A training setting out of range, said before anything loads (a micro-batch of 0 or a
-    seed numpy refuses would otherwise hang or fail minutes in)."""
-
-
-MAX_STEPS = 1 << 40  # as a preset's [stages] allows
-MAX_SEED = (1 << 32) - 1  # numpy's seeds
-
-
-def check_settings(s: TrainSettings) -> None:
-    """The run's own numbers, each named as its option: steps, seed, reject fraction, checkpoint
-    interval; then the stage overrides (``check_overrides``)."""
-    if s.stage not in STAGES:
-        raise SettingsError(f"--stage {s.stage!r}: use 1, 2 or 3")
-    if s.max_steps is not None and (isinstance(s.max_steps, bool) or not isinstance(s.max_steps, int)
-                                    or not 0 <= s.max_steps <= MAX_STEPS):
-        raise SettingsError(f"--max-steps {s.max_steps!r}: a number of optimiser steps from 0 to {MAX_STEPS:,}")
-    if isinstance(s.seed, bool) or not isinstance(s.seed, int) or not 0 <= s.seed <= MAX_SEED:
-        raise SettingsError(f"--seed {s.seed!r}: an integer from 0 to {MAX_SEED:,}")
-    if not isinstance(s.max_rejected, (int, float)) or not 0 <= s.max_rejected <= 1:  # NaN fails too
-        raise SettingsError(f"--max-rejected {s.max_rejected!r}: a fraction from 0 to 1")
-    if isinstance(s.checkpoint_every, bool) or not isinstance(s.checkpoint_every, int) or s.checkpoint_every < 1:
-        raise SettingsError(f"checkpoint_every {s.checkpoint_every!r}: at least 1 step")
-    check_overrides(s.overrides, s.overrides_from)
-
-
-def _one_stage(hint):
-    """``_per_stage(X) | None`` -> ``X``: the range a preset's [stages] allows for one value."""
-    per_stage = typing.get_args(hint)[0]  # Annotated[list[X], Meta]
-    return typing.get_args(typing.get_args(per_stage)[0])[0]
-
-
-StageValues = msgspec.defstruct(
-    "StageValues", [(name, _one_stage(hint) | None, None)
-                    for name, hint in typing.get_type_hints(StagesSpec, include_extras=True).items()])
-
-
-def check_overrides(overrides: dict, where: str) -> None:
-    """Stage overrides (a recipe's [stage], --micro-batch, --lr ...): known fields of ``Stage``
-    of the right type (``recipes.fill``), in the ranges a preset's [stages] allows; an error
-    names ``where`` and the setting."""
-    if not overrides:
-        return
-    resolve(Stage, dataclasses.asdict(STAGES[1]), overrides, where=where)
-    try:
-        convert({k: v for k, v in overrides.items() if k in StageValues.__struct_fields__}, StageValues)
-    except RecordError as e:
-        raise SettingsError(f"{where}: {e}") from None
 
 
 def stage_for(settings: TrainSettings, preset) -> Stage:

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from qvl.cli import app
 from qvl.eval.data import EvalDataError
 from qvl.eval.run import EvalSettings, evaluate
-from qvl.trainer.train import TrainSettings, train
+from qvl.trainer.settings import TrainSettings
+from qvl.trainer.train import train
 
 runner = CliRunner()
 

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from qvl.formats.build import FormatSettings, run_format
-from qvl.trainer.train import TrainSettings, train
+from qvl.trainer.settings import TrainSettings
+from qvl.trainer.train import train
 
 
 def losses(run: Path) -> list[float]:
@@ -81,7 +82,8 @@ def test_two_processes_give_the_loss_of_one(micro, tmp_path, fsdp, port):
     one process with accumulation 2 sees; the mean over supervised tokens makes their losses
     equal, and the checkpoint holds the whole model either way."""
     script = (
-        "import sys; from pathlib import Path; from qvl.trainer.train import TrainSettings, train; "
+        "import sys; from pathlib import Path; from qvl.trainer.settings import TrainSettings; "
+        "from qvl.trainer.train import train; "
         f"train(TrainSettings(stage=2, data=Path({str(micro['multitask'])!r}), out=Path(sys.argv[1]), "
         f"preset={micro['preset']!r}, max_steps=sys.argv[3] == 'resume' and 3 or 2, log=False, fsdp={fsdp}, "
         "checkpoint_every=2, resume=sys.argv[3] == 'resume', overrides={'accumulation': int(sys.argv[2])}))"

@@ -28,6 +28,8 @@ from PIL import Image
 from qvl.common import storage
 from qvl.common.progress import progress_bar
 from qvl.curate.images import download as dl
+from qvl.curate.images.folders import Folders
+from qvl.curate.images.pixel_checks import IMAGE_SUFFIXES
 from qvl.errors import QvlError
 from qvl.recipes import require
 
@@ -145,7 +147,7 @@ def score_shard(clip, preprocess, tokenizer, device, tar_path: Path, rows: pl.Da
     with tarfile.open(tar_path) as tar:
         for member in tar:
             stem, _, suffix = member.name.rpartition(".")
-            if stem not in wanted or f".{suffix.lower()}" not in dl.IMAGE_SUFFIXES:
+            if stem not in wanted or f".{suffix.lower()}" not in IMAGE_SUFFIXES:
                 continue
             with Image.open(io.BytesIO(tar.extractfile(member).read())) as im:
                 images.append(preprocess(im.convert("RGB")))
@@ -161,7 +163,7 @@ def score_shard(clip, preprocess, tokenizer, device, tar_path: Path, rows: pl.Da
 
 
 def run_clip_score(images: str | Path, s: ClipSettings, show_progress: bool = True) -> dict:
-    f = dl.Folders(Path(images))
+    f = Folders(Path(images))
     if not f.state.is_file() or not (f.ledger / "download.parquet").is_file():
         raise ClipScoreError(f"{images}: not the --out of a finished `qvl curate download`")
     state = f.read_state()

@@ -24,9 +24,7 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,23 +36,17 @@ from qvl.common.progress import progress_bar
 from qvl.curate.filter import report as report_mod
 from qvl.curate.filter import rules
 from qvl.curate.images import fetch, netcheck
+from qvl.curate.images.folders import DownloadError, Folders
 from qvl.curate.images.near_dups import near_duplicates
+from qvl.curate.images.pixel_checks import check_images
 from qvl.curate.settings import FilterSettings
-from qvl.errors import QvlError
 from qvl.recipes import require
 from qvl.schemas import DOWNLOADED_PAIR, conform
 
 # drop steps of this stage, in funnel order
 STEPS = ("bad_url", "private_address", "download_failed", "image_corrupt", "image_too_large", "image_too_small",
          "image_aspect_ratio", "clip_score_computed", "duplicate_image", "near_duplicate_image")
-CHECKS = {"key": pl.String, "image_width": pl.Int64, "image_height": pl.Int64, "image_error": pl.String,
-          "phash": pl.UInt64}
 TEXT_COLUMNS = ["row_id", "url", "text", "source", "lang"]  # what a filter output's kept rows hold, as text
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-
-
-class DownloadError(QvlError):
-    """A whole input or output folder cannot be used; the message names it."""
 
 
 @dataclass
@@ -80,38 +72,6 @@ class DownloadSettings:
             require(getattr(self, key) >= 1, key, f"{getattr(self, key)}: must be >= 1")
         require(self.image_size is None or self.image_size >= 1, "image_size", f"{self.image_size}: must be >= 1")
         require(-1 <= self.near_dup_bits <= 16, "near_dup_bits", f"{self.near_dup_bits}: -1 (off) to 16")
-
-
-@dataclass(frozen=True)
-class Folders:
-    out: Path
-
-    @property
-    def attempts(self) -> Path:
-        return self.out / "attempts"
-
-    def attempt(self, n: int) -> Path:
-        return self.attempts / f"{n:03d}"
-
-    @property
-    def ledger(self) -> Path:
-        return self.out / "ledger"
-
-    @property
-    def state(self) -> Path:
-        return self.out / "_qvl.json"
-
-    def read_state(self) -> dict:
-        """``_qvl.json``: where the download came from, and clip-score's choices. Damaged (not
-        JSON, nested past the recursion limit, NaN, no curated run, a clip that is no table)
-        is one DownloadError naming it, never a traceback in download, clip-score or why."""
-        try:
-            state = report_mod.read(self.state)
-            if not isinstance(state.get("from"), str) or not isinstance(state.get("clip", {}), dict):
-                raise ValueError("no curated run (`from`) or a `clip` that is not a table")
-        except (OSError, ValueError) as e:
-            raise DownloadError(f"{self.state}: damaged, not the state of a qvl curate download ({e})") from None
-        return state
 
 
 # ---------------------------------------------------------------- inputs
@@ -226,66 +186,6 @@ def fold(f: Folders) -> pl.DataFrame:
     return facts.sort("attempt").unique("row_id", keep="last", maintain_order=True)
 
 
-# ---------------------------------------------------------------- pixel checks
-
-
-def _phash(img) -> int:
-    import imagehash
-
-    return int(str(imagehash.phash(img)), 16)
-
-
-def _check_tar(tar_path: Path, max_pixels: int) -> pl.DataFrame:
-    """Decode every image of one shard fully: its real size and perceptual hash, or why it is
-    not an image."""
-    keys, widths, heights, errors, hashes = [], [], [], [], []
-    with tarfile.open(tar_path) as tar:
-        for member in tar:
-            stem, dot, suffix = member.name.rpartition(".")
-            if not dot or f".{suffix.lower()}" not in IMAGE_SUFFIXES:
-                continue
-            width = height = error = phash = None
-            try:
-                width, height, phash = pixels.decoded_size(tar.extractfile(member).read(), max_pixels, _phash)
-            except pixels.BadImage as e:
-                error = f"{e.reason}: {e}"
-            keys.append(stem)
-            widths.append(width)
-            heights.append(height)
-            errors.append(error)
-            hashes.append(phash)
-    return pl.DataFrame({"key": keys, "image_width": widths, "image_height": heights, "image_error": errors,
-                         "phash": hashes}, schema=CHECKS)
-
-
-def check_images(f: Folders, facts: pl.DataFrame, threads: int, max_pixels: int, show_progress: bool) -> pl.DataFrame:
-    """Pixel checks of every stored image, cached per shard beside its tar."""
-    shards = facts.filter(pl.col("status") == "success").select("attempt", "shard").unique().sort("attempt", "shard")
-    todo, frames = [], []
-    for attempt, shard in shards.iter_rows():
-        cache = f.attempt(attempt) / "_qvl" / f"{shard}.checks.parquet"
-        if cache.exists() and "phash" in pl.read_parquet_schema(cache):  # caches before pHash: checked again
-            frames.append(pl.read_parquet(cache).with_columns(attempt=pl.lit(attempt), shard=pl.lit(shard)))
-        else:
-            todo.append((attempt, shard, cache))
-
-    def run(job):
-        attempt, shard, cache = job
-        checks = _check_tar(f.attempt(attempt) / f"{shard}.tar", max_pixels)
-        storage.write_parquet(cache, checks.to_arrow())
-        return checks.with_columns(attempt=pl.lit(attempt), shard=pl.lit(shard))
-
-    with progress_bar(disable=not show_progress or not todo) as bar, \
-            ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:  # PIL decodes without the GIL
-        task = bar.add_task("check pixels", total=len(todo), unit="shards")
-        for checks in pool.map(run, todo):
-            frames.append(checks)
-            bar.advance(task)
-    if not frames:
-        return pl.DataFrame(schema={**CHECKS, "attempt": pl.Int64, "shard": pl.String})
-    return pl.concat(frames, how="vertical_relaxed")
-
-
 # ---------------------------------------------------------------- decisions
 
 
@@ -294,34 +194,39 @@ def clip_facts(f: Folders) -> pl.DataFrame | None:
     return pl.read_parquet(path) if path.exists() else None
 
 
-def derive(f: Folders, kept: pl.DataFrame, base_report: dict, s: DownloadSettings,
-           clip_thresholds: dict[str, float] | None = None, clip_default: float | None = None,
-           show_progress: bool = False, screened: pl.DataFrame | None = None) -> dict:
-    """kept/, rejected/, the ledger and the report from the stored facts and thresholds."""
-    settings = base_report["settings"]
-    min_side = s.min_side if s.min_side is not None else settings["min_side"]
-    max_ratio = s.max_aspect_ratio if s.max_aspect_ratio is not None else settings["max_aspect_ratio"]
+def _join_facts(f: Folders, kept: pl.DataFrame, s: DownloadSettings, show_progress: bool,
+                screened: pl.DataFrame | None) -> pl.DataFrame:
+    """The kept rows with everything found about them: the URL screen, img2dataset's latest
+    outcome and the pixel checks of the stored image."""
     facts = fold(f)
     checks = check_images(f, facts, s.check_threads, s.max_pixels, show_progress)
     if screened is None:
         screened = netcheck.screen(kept.select("row_id", "url"), s.allow_private, s.resolve_hosts)
-    frame = (kept.join(screened.select("row_id", "_refused", "_refused_why"), on="row_id", how="left")
-             .join(facts, on="row_id", how="left")
-             .join(checks, on=["attempt", "shard", "key"], how="left"))
-    clip = clip_facts(f)
-    if clip is not None:
-        frame = frame.join(clip.select("row_id", "clip_score_computed", "clip_model",
-                                       *[c for c in ("aesthetic_computed",) if c in clip.columns]),
-                           on="row_id", how="left")
-        chosen = f.read_state().get("clip", {}) if f.state.exists() else {}  # clip-score's thresholds
-        thresholds = next(t for t in (clip_thresholds, chosen.get("thresholds"), settings["clip_thresholds"])
-                          if t is not None)
-        default = next((t for t in (clip_default, chosen.get("default"), settings["clip_threshold_default"])
-                        if t is not None), None)
-        limit = pl.col("source").replace_strict(thresholds, default=default, return_dtype=pl.Float64)
-        clip_fail = (pl.col("clip_score_computed") < limit).fill_null(False)
-    else:
-        clip_fail = pl.lit(False)
+    return (kept.join(screened.select("row_id", "_refused", "_refused_why"), on="row_id", how="left")
+            .join(facts, on="row_id", how="left")
+            .join(checks, on=["attempt", "shard", "key"], how="left"))
+
+
+def _with_clip(f: Folders, frame: pl.DataFrame, clip: pl.DataFrame | None, settings: dict,
+               clip_thresholds: dict[str, float] | None, clip_default: float | None) -> tuple[pl.DataFrame, pl.Expr]:
+    """The computed CLIP scores joined, and whether each row fails its source's threshold: the
+    caller's, else clip-score's choice, else the filter run's."""
+    if clip is None:
+        return frame, pl.lit(False)
+    frame = frame.join(clip.select("row_id", "clip_score_computed", "clip_model",
+                                   *[c for c in ("aesthetic_computed",) if c in clip.columns]),
+                       on="row_id", how="left")
+    chosen = f.read_state().get("clip", {}) if f.state.exists() else {}  # clip-score's thresholds
+    thresholds = next(t for t in (clip_thresholds, chosen.get("thresholds"), settings["clip_thresholds"])
+                      if t is not None)
+    default = next((t for t in (clip_default, chosen.get("default"), settings["clip_threshold_default"])
+                    if t is not None), None)
+    limit = pl.col("source").replace_strict(thresholds, default=default, return_dtype=pl.Float64)
+    return frame, (pl.col("clip_score_computed") < limit).fill_null(False)
+
+
+def _drop_reasons(frame: pl.DataFrame, min_side: int, max_ratio: float, clip_fail: pl.Expr) -> pl.DataFrame:
+    """Each row's first failed step (``drop_reason``) and the error behind it, in funnel order."""
     # rules 8-9 of the filter (the same expressions) on the real pixels; the limits as given, unchecked, as ever
     limits = FilterSettings()
     limits.min_side, limits.max_aspect_ratio = min_side, max_ratio
@@ -330,7 +235,7 @@ def derive(f: Folders, kept: pl.DataFrame, base_report: dict, s: DownloadSetting
     # what the fetching processes refused: a connection or redirect to a private address,
     # bytes that are no image or have too many pixels (never stored)
     error = pl.coalesce("error_message", "image_error").fill_null("")
-    frame = frame.with_columns(drop_reason=pl.coalesce(
+    return frame.with_columns(drop_reason=pl.coalesce(
         pl.col("_refused"),
         pl.when(error.str.contains(netcheck.REFUSED, literal=True)).then(pl.lit("private_address")),
         pl.when(error.str.starts_with("too_many_pixels") | (error == "image area too large"))
@@ -342,6 +247,11 @@ def derive(f: Folders, kept: pl.DataFrame, base_report: dict, s: DownloadSetting
         pl.when(real.get_column("aspect_ratio")).then(pl.lit("image_aspect_ratio")),
         pl.when(clip_fail).then(pl.lit("clip_score_computed")),
     ), download_error=pl.coalesce("_refused_why", "error_message", "image_error"))
+
+
+def _drop_duplicates(frame: pl.DataFrame, near_dup_bits: int) -> pl.DataFrame:
+    """Among the survivors, one row per image: the same bytes (sha256), then the same photo
+    re-encoded, resized or lightly cropped (pHash); the longest text wins, then the first."""
     # rule 12 on the image hash: one image, several texts -> keep the longest (then the first)
     ranked = frame.with_columns(_len=pl.col("text").str.len_chars())
     survivors = ranked.filter(pl.col("drop_reason").is_null()).sort(
@@ -349,19 +259,22 @@ def derive(f: Folders, kept: pl.DataFrame, base_report: dict, s: DownloadSetting
     dup_ids = survivors.filter(~pl.col("sha256").is_first_distinct() & pl.col("sha256").is_not_null())
     frame = frame.with_columns(drop_reason=pl.when(pl.col("row_id").is_in(dup_ids.get_column("row_id").implode()))
                                .then(pl.lit("duplicate_image")).otherwise(pl.col("drop_reason")))
-    # the same photo re-encoded, resized or lightly cropped under other URLs: the longest text wins
     # a flat picture has no structure for pHash to see (its hash is one bit or none): never grouped
     informative = pl.col("phash").is_not_null() & pl.col("phash").bitwise_count_ones().is_between(2, 62)
     survivors = frame.filter(pl.col("drop_reason").is_null() & informative).with_columns(
         _len=pl.col("text").str.len_chars()).sort(["_len", "_order"], descending=[True, False])
-    winner_of = near_duplicates(survivors.get_column("phash").to_numpy(), s.near_dup_bits) \
-        if s.near_dup_bits >= 0 else {}
+    winner_of = near_duplicates(survivors.get_column("phash").to_numpy(), near_dup_bits) \
+        if near_dup_bits >= 0 else {}
     ids = survivors.get_column("row_id").to_list()
     lost = {ids[i]: ids[w] for i, w in winner_of.items()}
-    frame = frame.with_columns(
+    return frame.with_columns(
         near_duplicate_of=pl.col("row_id").replace_strict(lost, default=None, return_dtype=pl.String)).with_columns(
         drop_reason=pl.when(pl.col("near_duplicate_of").is_not_null()).then(pl.lit("near_duplicate_image"))
         .otherwise(pl.col("drop_reason")))
+
+
+def _write_outputs(f: Folders, frame: pl.DataFrame, clip: pl.DataFrame | None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """kept/, rejected/ and ``ledger/download.parquet`` written; (kept, rejected) as written."""
     frame = frame.sort("_order").with_columns(
         image_tar=pl.when(pl.col("status") == "success")
         .then(pl.format("attempts/{}/{}.tar", pl.col("attempt").cast(pl.String).str.zfill(3), pl.col("shard"))),
@@ -386,17 +299,23 @@ def derive(f: Folders, kept: pl.DataFrame, base_report: dict, s: DownloadSetting
         "image_tar", "sha256", "phash", "near_duplicate_of", "image_width", "image_height", "image_error",
         *([pl.col("clip_score_computed"), "clip_model"] if clip is not None else []), "drop_reason")
     storage.write_parquet(f.ledger / "download.parquet", ledger.to_arrow())
+    return kept_out, rejected
 
+
+def _report(f: Folders, base_report: dict, s: DownloadSettings, frame: pl.DataFrame, kept_out: pl.DataFrame,
+            rejected: pl.DataFrame, clip: pl.DataFrame | None, min_side: int, max_ratio: float) -> dict:
+    """The filter's funnel continued by this stage's steps, written beside the outputs."""
     dropped: dict[str, dict[str, int]] = {}
     for reason, source, n in rejected.group_by("drop_reason", "source").len().iter_rows():
         dropped.setdefault(reason, {})[source] = n
     kept_counts: dict[str, dict[str, int]] = {}
     for source, lang, n in kept_out.group_by("source", "lang").len().iter_rows():
         kept_counts.setdefault(source, {})[lang] = n
+    attempts = len(list(f.attempts.glob("[0-9]*")))
     step_settings = {
         "bad_url": "not an http(s) URL", "private_address": "private, loopback or link-local host"
         + (" (allowed)" if s.allow_private else ""),
-        "download_failed": f"img2dataset status, timeout {s.timeout}s, {len(list(f.attempts.glob('[0-9]*')))} attempt(s)",
+        "download_failed": f"img2dataset status, timeout {s.timeout}s, {attempts} attempt(s)",
         "image_corrupt": "the bytes do not decode as an image (never stored)",
         "image_too_large": f"over {s.max_pixels / 1e6:g} Mpx (refused before decoding)",
         "image_too_small": f"real short side < {min_side} px",
@@ -406,12 +325,27 @@ def derive(f: Folders, kept: pl.DataFrame, base_report: dict, s: DownloadSetting
         "duplicate_image": "same sha256: keep the longest text",
         "near_duplicate_image": f"pHash within {s.near_dup_bits} bits: keep the longest text"
         if s.near_dup_bits >= 0 else "off"}
-    stats = {"attempts": len(list(f.attempts.glob("[0-9]*"))), "fetched": int((frame["status"] == "success").sum()),
+    stats = {"attempts": attempts, "fetched": int((frame["status"] == "success").sum()),
              "settings": dataclasses.asdict(s)}
     step_settings = {name: step_settings[name] for name in STEPS}  # the funnel's order
     report = report_mod.extend(base_report, "download", step_settings, dropped, kept_counts, stats)
     report_mod.write(f.out, report)
     return report
+
+
+def derive(f: Folders, kept: pl.DataFrame, base_report: dict, s: DownloadSettings,
+           clip_thresholds: dict[str, float] | None = None, clip_default: float | None = None,
+           show_progress: bool = False, screened: pl.DataFrame | None = None) -> dict:
+    """kept/, rejected/, the ledger and the report from the stored facts and thresholds."""
+    settings = base_report["settings"]
+    min_side = s.min_side if s.min_side is not None else settings["min_side"]
+    max_ratio = s.max_aspect_ratio if s.max_aspect_ratio is not None else settings["max_aspect_ratio"]
+    clip = clip_facts(f)
+    frame, clip_fail = _with_clip(f, _join_facts(f, kept, s, show_progress, screened), clip, settings,
+                                  clip_thresholds, clip_default)
+    frame = _drop_duplicates(_drop_reasons(frame, min_side, max_ratio, clip_fail), s.near_dup_bits)
+    kept_out, rejected = _write_outputs(f, frame, clip)
+    return _report(f, base_report, s, frame, kept_out, rejected, clip, min_side, max_ratio)
 
 
 # ---------------------------------------------------------------- the command

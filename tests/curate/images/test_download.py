@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from qvl.curate.images import netcheck
-from qvl.curate.images.download import DownloadError, DownloadSettings, run_download
+from qvl.curate.images.download import DownloadSettings, run_download
+from qvl.curate.images.folders import DownloadError
 from qvl.formats.images import ImageStore
 from tests.curate.conftest import BODIES, PAIRS, SETTINGS
 
