@@ -1,5 +1,7 @@
-"""Language id on real text: what `qvl curate filter` keeps with fastText alone and with lingua's
-second opinion, and what it costs.
+"""Language id on real text: what `qvl curate filter` keeps, fastText alone and with lingua.
+
+What the whole filter keeps with fastText and the script alone and with lingua's second opinion,
+and what it costs.
 
     python benchmarks/curate_langid.py [--shared ../shared/data] [--rows 300000] [--repeat 2]
         [--compare-with OLD_CHECKOUT]

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -15,7 +16,7 @@ from rich.markdown import Markdown
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from qvl.common.progress import console
+from qvl.common.progress import answer, console
 from qvl.errors import QvlError
 
 if TYPE_CHECKING:
@@ -232,7 +233,14 @@ def curate_report(
     if as_json:
         typer.echo(text)
     else:
-        console.print(Markdown(text))
+        answer.print(_markdown(text))
+
+
+def _markdown(text: str) -> Markdown:
+    """Markdown for the terminal, with ``<PERSON>``-like text kept: outside code spans a ``<`` is
+    escaped, or rich would read it as HTML and drop it."""
+    parts = re.split(r"(`[^`]*`)", text)
+    return Markdown("".join(p if p.startswith("`") else p.replace("<", "\\<") for p in parts))
 
 
 @curate_app.command("why")
@@ -251,7 +259,7 @@ def curate_why(
     if as_json:
         typer.echo(json.dumps(story, indent=2, ensure_ascii=False))
     else:
-        console.print(Markdown(markdown(story)))
+        answer.print(_markdown(markdown(story)))
 
 
 @curate_app.command("download")
@@ -516,7 +524,7 @@ def format_export(
 
 @format_app.command("mix")
 def format_mix(
-    recipe: Annotated[Path, typer.Argument(help="a TOML/YAML recipe: [mix] and [[source]] tables")],
+    recipe: Annotated[Path, typer.Argument(help="a TOML/YAML recipe: \\[mix] and \\[\\[source]] tables")],
     out: Annotated[Path, typer.Option("--out", "-o")],
     overwrite: bool = False,
     progress: bool = True,
@@ -607,7 +615,11 @@ def train(
     from qvl.trainer.train import train as run_train
 
     try:
-        recipe_stage = dict(load_recipe(recipe).get("stage", {})) if recipe else {}
+        tables = load_recipe(recipe) if recipe else {}
+        if set(tables) - {"stage"}:
+            raise RecipeError(f"{recipe}: unknown table(s) {', '.join(sorted(map(str, set(tables) - {'stage'})))}; "
+                              "a train recipe holds one [stage] table of overrides (the model comes from --preset)")
+        recipe_stage = dict(tables.get("stage", {}))
         check_overrides(recipe_stage, f"{recipe} [stage]")
         options = {"micro_batch": micro_batch, "accumulation": accumulation, "lr": lr}
         for key, value in merge(options=options).items():

@@ -50,6 +50,8 @@ def test_filter_with_recipe_and_options(tmp_path):
     assert dropped["non_en_zh_chars"] == 1  # the emoji still is no en/zh character
     shown = runner.invoke(app, ["curate", "report", str(tmp_path / "o")])
     assert shown.exit_code == 0 and "Funnel" in shown.output
+    # the answer goes to stdout (to pipe or redirect), and <PERSON>-like settings survive the markdown
+    assert "Funnel" in shown.stdout and "<PERSON>" in shown.stdout, shown.stdout
 
 
 @pytest.mark.parametrize("recipe_text, message", [

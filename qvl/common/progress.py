@@ -15,7 +15,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
-console = Console(stderr=True)
+console = Console(stderr=True)  # progress, notes and errors
+answer = Console()  # what a command was asked for (a report, a story): stdout, to pipe or redirect
 
 
 class RateColumn(ProgressColumn):

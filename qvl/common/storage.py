@@ -128,7 +128,9 @@ def claim(out: Path, kind: str, legacy: tuple[str, ...] = (), create: bool = Tru
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: is a file, not a folder; choose a folder for --out")
     existing = False
-    if out.is_dir() and any(out.iterdir()):
+    # a folder holding only a marker is one a command claimed and then failed in (a typo in its
+    # settings): nothing to keep or resume, so any command may take it
+    if out.is_dir() and any(p.name != MARKER for p in out.iterdir()):
         marker = out / MARKER
         owner = None
         if marker.is_file():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from qvl.common import storage
 
@@ -46,3 +47,14 @@ def test_a_sink_streams_batches_and_commits_an_empty_file_with_its_schema(tmp_pa
     assert pq.read_table(tmp_path / "full.parquet").column("text").to_pylist() == ["a", "b", "c"]
     assert pq.read_table(tmp_path / "empty.parquet").schema == schema
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.parquet", "full.parquet"]
+
+
+def test_a_folder_a_failed_command_only_marked_can_be_claimed_again(tmp_path):
+    """A command that claims --out and then fails on a typo leaves only the marker: the corrected
+    command, or another command, may take the folder (it was refused as "holds a run")."""
+    out = tmp_path / "run"
+    assert storage.claim(out, "train") is False
+    assert storage.claim(out, "train") is False and storage.claim(out, "format") is False
+    (out / "state.json").write_text("{}")
+    with pytest.raises(storage.OutputError, match="holds a qvl format output"):
+        storage.claim(out, "train")

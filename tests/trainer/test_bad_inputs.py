@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -351,6 +352,25 @@ def test_a_recipe_stage_setting_is_named_with_its_file_and_table(micro, tmp_path
         message = one_line_error(train_cli(micro, out, "--recipe", str(recipe)))
         assert f"{recipe} [stage]: " in message and said in message, message
     assert not out.exists()
+
+
+def test_a_train_recipe_table_other_than_stage_is_refused(micro, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[stag]\nmicro_batch = 4\n")  # was ignored: the run went on with the defaults
+    message = one_line_error(train_cli(micro, tmp_path / "run", "--recipe", str(recipe)))
+    assert "unknown table(s) stag" in message, message
+
+
+def test_a_run_refused_after_its_folder_was_claimed_can_be_run_again_corrected(micro, tmp_path):
+    out = tmp_path / "run"
+    bad = tmp_path / "bad.toml"
+    tiny = (Path(__file__).parents[2] / "qvl" / "trainer" / "presets" / "tiny.toml").read_text()
+    bad.write_text(re.sub(r"(\[llm\][^\n]*\n)", r"\1num_hiden_layers = 1\n", tiny))
+    message = one_line_error(train_cli(micro, out, "--preset", str(bad)))
+    assert "num_hiden_layers" in message, message
+    assert [p.name for p in out.iterdir()] == [".qvl"]  # claimed, then refused
+    result = train_cli(micro, out)  # no "holds a training run" for a folder the failed run only marked
+    assert result.exit_code == 0, result.output
 
 
 def short_context(checkpoint: Path, positions: int) -> None:
