@@ -188,7 +188,7 @@ def main() -> None:
     model.f.multilinePredict([x + "\n" for x in lines], 1, 0.0, "replace")
     batch_call = len(lines) / (time.perf_counter() - t)
     tagged = langid.first_opinion(pl.DataFrame({"text": base}), FilterSettings())
-    doubtful = tagged.filter(langid.doubtful(FilterSettings())).get_column("text").unique().to_list()
+    doubtful = tagged.filter(langid.doubtful(tagged, FilterSettings())).get_column("text").unique().to_list()
     theirs = ident.top_labels(doubtful, second_opinion.FASTTEXT_CANDIDATES)
     second_opinion.judge(doubtful, theirs, ("en", "zh"))  # models loaded before timing
     t = time.perf_counter()

@@ -85,6 +85,10 @@ class LanguageIdentifier:
         except ValueError as e:
             raise LangModelError(f"{self.path}: not a fastText model ({e})") from None
 
+    def _ask(self, text: str, k: int) -> list[tuple[float, str]]:
+        """fastText's top ``k`` (probability, label) of one text, read as one line."""
+        return self._predict(text.replace("\n", " ") + "\n", k, 0.0, "replace")
+
     def predict(self, texts: list[str] | pl.Series, k: int = 2) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
         """(label1, prob1, label2, prob2) per text; labels without ``__label__``; with ``k=1``
         the second label is "" and its probability 0."""
@@ -92,11 +96,9 @@ class LanguageIdentifier:
         l2: list[str] = []
         p1: list[float] = []
         p2: list[float] = []
-        predict = self._predict
         none = (0.0, "__label__")  # what a text fastText finds no label for reads as
         for text in (texts.to_list() if isinstance(texts, pl.Series) else texts):
-            pairs = predict(text.replace("\n", " ") + "\n", k, 0.0, "replace")
-            (q1, a1), (q2, a2) = (*pairs, none, none)[:2]
+            (q1, a1), (q2, a2) = (*self._ask(text, k), none, none)[:2]
             l1.append(a1[9:])
             p1.append(q1)
             l2.append(a2[9:])
@@ -105,9 +107,7 @@ class LanguageIdentifier:
 
     def top_labels(self, texts: list[str], k: int) -> list[list[str]]:
         """fastText's ``k`` likeliest labels for each text, most likely first."""
-        predict = self._predict
-        return [[label[9:] for _, label in predict(text.replace("\n", " ") + "\n", k, 0.0, "replace")]
-                for text in texts]
+        return [[label[9:] for _, label in self._ask(text, k)] for text in texts]
 
 
 @lru_cache(maxsize=4)
@@ -171,22 +171,25 @@ def first_opinion(frame: pl.DataFrame, s: FilterSettings) -> pl.DataFrame:
     ).drop("_l2", "_p2", "_by_script", "_han_only_cjk", "_latin", "_has_han")
 
 
-def doubtful(s: FilterSettings) -> pl.Expr:
+def doubtful(frame: pl.DataFrame, s: FilterSettings) -> pl.Series:
     """Latin-script captions (no Han, kana or hangul) that fastText alone would drop: a kept
-    language below ``min_lang_score``, or another language below ``second_opinion_below``."""
+    language below ``min_lang_score``, or another language below ``second_opinion_below``. The
+    script is read only on those few unsure rows, not on every survivor again."""
     if not s.second_opinion:
-        return pl.lit(False)
+        return pl.Series([False] * frame.height, dtype=pl.Boolean)
     kept = pl.col("lang").is_in(list(s.languages))
-    unsure = pl.when(kept).then(pl.col("lang_score") < s.min_lang_score).otherwise(
-        pl.col("lang_score") < s.second_opinion_below)
-    return (unsure & pl.col("text").str.contains("[A-Za-z]")
-            & ~pl.col("text").str.contains(f"{HAN}|{KANA}|{HANGUL}")).fill_null(False)
+    unsure = frame.select(pl.when(kept).then(pl.col("lang_score") < s.min_lang_score)
+                          .otherwise(pl.col("lang_score") < s.second_opinion_below).fill_null(False)).to_series()
+    where = unsure.arg_true()
+    text = frame.get_column("text").gather(where)
+    latin = (text.str.contains("[A-Za-z]") & ~text.str.contains(f"{HAN}|{KANA}|{HANGUL}")).fill_null(False)
+    return pl.Series([False] * frame.height, dtype=pl.Boolean).scatter(where, latin)
 
 
 def settle(frame: pl.DataFrame, s: FilterSettings) -> pl.DataFrame:
     """lingua's opinion on the doubtful captions (``second_opinion``), which decides for them
     (``lang_by = "lingua"``), and ``_fail_lang``. Each distinct caption is judged once."""
-    ask = frame.select(doubtful(s)).to_series()
+    ask = doubtful(frame, s)
     lingua_label = pl.Series([None] * frame.height, dtype=pl.String)
     lingua_score = pl.Series([None] * frame.height, dtype=pl.Float32)
     if ask.any():
