@@ -65,3 +65,72 @@ def micro(tmp_path_factory) -> dict:
         run_format(kind, [world[kind]], shards[kind], world["images"],
                    settings=FormatSettings(tokenizer="bytes", image_tokens=4), show_progress=False)
     return {"preset": str(preset), "root": root, **shards}
+
+
+class S3Server:
+    """A real S3-compatible server (moto's server mode, what s3fs and pyarrow test against) in
+    its own process on 127.0.0.1; ``bucket()`` creates a fresh bucket and returns its URL."""
+
+    def __init__(self, tmp: Path):
+        import socket
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log = open(tmp / "moto.log", "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1)
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"moto server did not start; see {tmp / 'moto.log'}")
+                time.sleep(0.2)
+        self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "qvl-test-key",
+                    "AWS_SECRET_ACCESS_KEY": "qvl-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+        self.count = 0
+
+    def bucket(self, name: str = "qvl") -> str:
+        import boto3
+
+        self.count += 1
+        bucket = f"{name}-{self.count}"
+        boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="k", aws_secret_access_key="s",
+                     region_name="us-east-1").create_bucket(Bucket=bucket)
+        return f"s3://{bucket}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """The S3 server for the session, its endpoint and test credentials in the environment
+    (subprocesses and Ray workers started after this inherit them)."""
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    yield server
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, tmp_path, monkeypatch) -> S3Server:
+    """A test's own qvl cache (staging folders, mirrors) beside the session's S3 server."""
+    monkeypatch.setenv("QVL_CACHE", str(tmp_path / "qvl-cache"))
+    return s3_server

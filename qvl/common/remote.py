@@ -1,0 +1,255 @@
+"""Object storage beside local paths: ``s3://``, ``gs://``, ``hf://``, ``file://`` … through fsspec.
+
+An object store has no rename, so a qvl output there is committed the one way a bucket allows:
+every object first, then ``_QVL_COMMITTED.json`` (each object's name and size) last. Readers trust
+only a committed folder; a folder without the manifest is a run still writing or one that died.
+
+Commands work in a local staging folder (``output``), where the local guarantees hold as they
+are (atomic files, markers, resume); on success it is published: the objects not already in the
+bucket are uploaded, then the manifest. A run killed mid-work resumes from the staging folder; one
+killed mid-upload uploads the rest on the next run. Inputs that are qvl outputs are mirrored into
+a local cache (``input_folder``) from their manifest, only what changed. Credentials and endpoint
+come from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, profiles …) and are never
+printed or written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+from qvl.common import storage
+from qvl.common.progress import progress_bar
+from qvl.errors import QvlError
+
+COMMITTED = "_QVL_COMMITTED.json"
+STAGED_FROM = ".qvl-remote.json"  # in a staging or mirror folder: the manifest it matches
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+_FLATTENED = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):/(?!/)")  # what pathlib makes of "s3://b/k"
+
+
+class RemoteError(QvlError):
+    """A bucket or object that cannot be used; the message names the URL, never a credential."""
+
+
+def location(value: str | Path | None) -> str | Path | None:
+    """A command-line location as given: a URL stays a string, ``file://`` and plain paths
+    become Paths. A URL that went through ``pathlib`` (``s3:/b/k``) is mended."""
+    if value is None or (isinstance(value, Path) and not _FLATTENED.match(str(value))):
+        return value
+    text = str(value)
+    text = _FLATTENED.sub(r"\1://", text) if not _SCHEME.match(text) else text
+    match = _SCHEME.match(text)
+    if not match or len(match.group(1)) == 1:  # C:/… on Windows is a path
+        return Path(text)
+    if match.group(1).lower() == "file":
+        return Path(text[len("file://"):])
+    return text
+
+
+def is_remote(value: str | Path | None) -> bool:
+    return isinstance(location(value), str)
+
+
+def filesystem(url: str):
+    """(fsspec filesystem, path inside it) for ``url``; listings are not cached, since other
+    processes write the same bucket."""
+    import fsspec
+
+    try:
+        kwargs = {"use_listings_cache": False, "skip_instance_cache": True} if url.startswith("s3://") else {}
+        return fsspec.core.url_to_fs(url, **kwargs)
+    except (ImportError, ValueError) as e:
+        raise RemoteError(f"{url}: cannot open this kind of URL ({e}); s3:// needs s3fs, gs:// gcsfs") from None
+
+
+@contextlib.contextmanager
+def errors(url: str) -> Iterator[None]:
+    """Storage errors as one line naming ``url``: missing bucket or object, refused credentials."""
+    try:
+        yield
+    except QvlError:
+        raise
+    except FileNotFoundError as e:
+        raise RemoteError(f"{url}: no such bucket or object ({_brief(e)})") from None
+    except PermissionError as e:
+        raise RemoteError(f"{url}: access denied — check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the profile "
+                          f"({_brief(e)})") from None
+    except OSError as e:
+        raise RemoteError(f"{url}: {_brief(e)}") from None
+    except Exception as e:  # botocore's NoCredentialsError, EndpointConnectionError …: not OSErrors
+        if type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs", "gcsfs", "aiohttp", "fsspec"):
+            raise RemoteError(f"{url}: {_brief(e)}") from None
+        raise
+
+
+def _brief(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+def join(url: str, name: str) -> str:
+    return url.rstrip("/") + "/" + name
+
+
+def cache_root() -> Path:
+    """Where staging folders and mirrors live: ``QVL_CACHE``, else ``~/.cache/qvl``."""
+    return Path(os.environ.get("QVL_CACHE") or Path.home() / ".cache" / "qvl")
+
+
+def _cache_folder(kind: str, url: str) -> Path:
+    digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    tail = re.sub(r"[^A-Za-z0-9._-]", "_", url.rstrip("/").rsplit("/", 1)[-1])[:60]
+    return cache_root() / kind / f"{tail}-{digest}"
+
+
+# ---------------------------------------------------------------- committed folders
+
+
+def committed(url: str) -> dict | None:
+    """The manifest of the qvl output at ``url``, or None where none is committed."""
+    fs, path = filesystem(url)
+    with errors(url):
+        try:
+            with fs.open(join(path, COMMITTED), "rb") as f:
+                manifest = json.loads(f.read(64 << 20))
+        except FileNotFoundError:
+            return None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise RemoteError(f"{join(url, COMMITTED)}: not a qvl manifest")
+    return manifest
+
+
+def _local_files(folder: Path) -> dict[str, int]:
+    """Every finished file under ``folder`` (no ``*.tmp-*`` leftovers), relative name -> size."""
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and ".tmp-" not in p.name and p.name != STAGED_FROM}
+
+
+def publish(folder: Path, url: str, show_progress: bool = True) -> dict:
+    """Upload ``folder`` to ``url`` and commit it. The old manifest goes first (readers stop
+    trusting the folder), objects already there with the right size are not sent again,
+    objects of an older run that are not in this one are deleted, the manifest comes last."""
+    fs, path = filesystem(url)
+    files = _local_files(folder)
+    with errors(url):
+        fs.rm_file(join(path, COMMITTED)) if fs.exists(join(path, COMMITTED)) else None
+        there = {}
+        if fs.exists(path):
+            there = {p[len(path.rstrip("/")) + 1:]: int(info.get("size") or 0)
+                     for p, info in fs.find(path, detail=True).items()}
+        todo = [name for name, size in files.items() if there.get(name) != size]
+        with progress_bar(disable=not show_progress) as bar:
+            task = bar.add_task(f"upload {url}", total=sum(files[n] for n in todo), unit="B")
+            for name in todo:
+                fs.put_file(str(folder / name), join(path, name))
+                bar.advance(task, files[name])
+        stale = [join(path, name) for name in there if name not in files and name != COMMITTED]
+        if stale:
+            fs.rm(stale)
+        manifest = {"written_by": "qvl", "files": files}
+        with fs.open(join(path, COMMITTED), "wb") as f:
+            f.write(json.dumps(manifest, indent=1).encode())
+    storage.write_json(folder / STAGED_FROM, {"url": url, "manifest": _digest(manifest)})
+    return manifest
+
+
+def _digest(manifest: dict) -> str:
+    return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
+
+
+def mirror(url: str, folder: Path, show_progress: bool = True, manifest: dict | None = None) -> Path:
+    """Make ``folder`` hold the committed output at ``url``: files whose size differs are
+    fetched, files the manifest does not name are removed."""
+    manifest = manifest or committed(url)
+    if manifest is None:
+        raise RemoteError(f"{url}: no committed qvl output here (no {COMMITTED}): a run still writing, one that "
+                          "stopped before it finished, or not a qvl output")
+    fs, path = filesystem(url)
+    files = {name: int(size) for name, size in manifest["files"].items()}
+    for name in files:
+        if name.startswith("/") or ".." in Path(name).parts:
+            raise RemoteError(f"{join(url, COMMITTED)}: names a file outside the folder ({name!r})")
+    have = _local_files(folder) if folder.is_dir() else {}
+    for name in have.keys() - files.keys():
+        (folder / name).unlink()
+    todo = [name for name, size in files.items() if have.get(name) != size]
+    with errors(url), progress_bar(disable=not show_progress) as bar:
+        task = bar.add_task(f"fetch {url}", total=sum(files[n] for n in todo), unit="B")
+        for name in todo:
+            with storage.atomic_path(folder / name) as tmp:
+                fs.get_file(join(path, name), str(tmp))
+            if (folder / name).stat().st_size != files[name]:
+                raise RemoteError(f"{join(url, name)}: changed while being read (size differs from the manifest)")
+            bar.advance(task, files[name])
+    storage.write_json(folder / STAGED_FROM, {"url": url, "manifest": _digest(manifest)})
+    return folder
+
+
+def _staged_from(folder: Path) -> str | None:
+    try:
+        return storage.read_json(folder / STAGED_FROM).get("manifest")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+# ---------------------------------------------------------------- what commands call
+
+
+def input_folder(value: str | Path, show_progress: bool = True) -> Path:
+    """A local folder holding the input at ``value``: the path itself, or a mirror of the
+    committed output at a URL (fetched again only where the bucket changed)."""
+    value = location(value)
+    if isinstance(value, Path):
+        return value
+    folder = _cache_folder("mirror", value)
+    manifest = committed(value)
+    if manifest is not None and _staged_from(folder) == _digest(manifest):
+        return folder
+    return mirror(value, folder, show_progress, manifest)
+
+
+def input_file(value: str | Path, show_progress: bool = True) -> Path:
+    """A local copy of one file at ``value`` (a preset, a recipe, a checkpoint file)."""
+    value = location(value)
+    if isinstance(value, Path):
+        return value
+    fs, path = filesystem(value)
+    target = _cache_folder("files", value) / value.rstrip("/").rsplit("/", 1)[-1]
+    with errors(value):
+        info = fs.info(path)
+        if info.get("type") == "directory":
+            raise RemoteError(f"{value}: a folder; a file is expected here")
+        if not (target.is_file() and target.stat().st_size == int(info.get("size") or 0)):
+            with storage.atomic_path(target) as tmp:
+                fs.get_file(path, str(tmp))
+    return target
+
+
+@contextlib.contextmanager
+def output(value: str | Path, show_progress: bool = True) -> Iterator[Path]:
+    """The folder a command writes ``value``'s output in: the path itself, or a local staging
+    folder published to the URL when the block ends without error. The staging folder starts
+    as the bucket's committed output (to resume it, replace it, or add to it) unless it holds a
+    run of its own that was not published yet."""
+    value = location(value)
+    if isinstance(value, Path):
+        yield value
+        return
+    folder = _cache_folder("staging", value)
+    manifest = committed(value)
+    mine = _staged_from(folder)
+    if manifest is not None and mine != _digest(manifest) and (mine is not None or not folder.exists()):
+        shutil.rmtree(folder, ignore_errors=True)
+        mirror(value, folder, show_progress, manifest)
+    elif manifest is None and mine is not None:  # the bucket lost what this folder published
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    yield folder
+    publish(folder, value, show_progress)

@@ -1,0 +1,96 @@
+"""Object storage against a real S3-compatible server on 127.0.0.1: committed folders,
+resumed uploads, mirrors that fetch only what changed, and clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qvl.common import remote
+
+
+def _folder(root: Path, files: dict[str, bytes]) -> Path:
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("s3://bucket/run", "s3://bucket/run"), (Path("s3://bucket/run"), "s3://bucket/run"),
+    ("file:///tmp/x", Path("/tmp/x")), ("runs/a", Path("runs/a")), (Path("gs://b/k"), "gs://b/k"),
+])
+def test_location_keeps_urls_and_paths_apart(given, expected):
+    assert remote.location(given) == expected
+
+
+def test_publish_then_mirror_round_trips_a_folder(s3, tmp_path):
+    url = s3.bucket() + "/run"
+    src = _folder(tmp_path / "src", {"a.txt": b"alpha", "sub/b.bin": bytes(range(256)) * 10})
+    manifest = remote.publish(src, url, show_progress=False)
+    assert manifest["files"] == {"a.txt": 5, "sub/b.bin": 2560}
+    got = remote.input_folder(url, show_progress=False)
+    assert (got / "a.txt").read_bytes() == b"alpha" and (got / "sub/b.bin").read_bytes() == bytes(range(256)) * 10
+
+
+def test_a_folder_without_its_manifest_is_not_trusted(s3, tmp_path):
+    url = s3.bucket() + "/half"
+    fs, path = remote.filesystem(url)
+    fs.pipe(path + "/part-0.parquet", b"half a run")  # objects of a run that died before its manifest
+    with pytest.raises(remote.RemoteError, match="no committed qvl output"):
+        remote.input_folder(url, show_progress=False)
+
+
+def test_republishing_sends_only_what_changed_and_removes_what_went(s3, tmp_path):
+    url = s3.bucket() + "/run"
+    src = _folder(tmp_path / "src", {"keep.txt": b"same", "old.txt": b"gone soon"})
+    remote.publish(src, url, show_progress=False)
+    fs, path = remote.filesystem(url)
+    before = fs.info(path + "/keep.txt")["LastModified"]
+    (src / "old.txt").unlink()
+    (src / "new.txt").write_bytes(b"new")
+    remote.publish(src, url, show_progress=False)
+    assert sorted(fs.ls(path, detail=False)) == sorted(f"{path}/{n}" for n in ("keep.txt", "new.txt", remote.COMMITTED))
+    assert fs.info(path + "/keep.txt")["LastModified"] == before
+    mirror = remote.input_folder(url, show_progress=False)
+    assert sorted(p.name for p in mirror.iterdir() if p.name != remote.STAGED_FROM) == ["keep.txt", "new.txt"]
+
+
+def test_an_output_staged_and_killed_resumes_and_commits_once(s3, tmp_path):
+    url = s3.bucket() + "/out"
+    with pytest.raises(KeyboardInterrupt):
+        with remote.output(url, show_progress=False) as folder:
+            (folder / "done-part").write_text("1")
+            raise KeyboardInterrupt  # killed before the command finished: nothing committed
+    assert remote.committed(url) is None
+    with remote.output(url, show_progress=False) as again:
+        assert (again / "done-part").read_text() == "1"  # resumes from what the first run wrote
+        (again / "second-part").write_text("2")
+    assert set(remote.committed(url)["files"]) == {"done-part", "second-part"}
+
+
+def test_an_output_starts_from_what_the_bucket_committed(s3, tmp_path, monkeypatch):
+    url = s3.bucket() + "/out"
+    with remote.output(url, show_progress=False) as folder:
+        (folder / "report.json").write_text("{}")
+    monkeypatch.setenv("QVL_CACHE", str(tmp_path / "another-machine"))
+    with remote.output(url, show_progress=False) as folder:
+        assert (folder / "report.json").read_text() == "{}"
+
+
+def test_a_missing_bucket_and_wrong_credentials_are_one_clear_error(s3, tmp_path, monkeypatch):
+    with pytest.raises(remote.RemoteError, match="no-such-bucket-here"):
+        remote.input_folder("s3://no-such-bucket-here/run", show_progress=False)
+    with pytest.raises(remote.RemoteError, match="no-such-bucket-here") as e:
+        remote.publish(_folder(tmp_path / "x", {"a": b"1"}), "s3://no-such-bucket-here/run", show_progress=False)
+    assert "qvl-test-secret" not in str(e.value)
+
+
+def test_a_manifest_naming_files_outside_the_folder_is_refused(s3, tmp_path):
+    url = s3.bucket() + "/evil"
+    fs, path = remote.filesystem(url)
+    fs.pipe(path + "/" + remote.COMMITTED, json.dumps({"files": {"../../etc/x": 1}}).encode())
+    with pytest.raises(remote.RemoteError, match="outside the folder"):
+        remote.input_folder(url, show_progress=False)
