@@ -59,14 +59,19 @@ class _App(typer.Typer):
         kwargs.setdefault("cls", _Group)
         super().__init__(*args, **kwargs)
 
-    def command(self, *args, **kwargs):
+    def command(self, *args, reads: tuple[str, ...] = (), writes: tuple[str, ...] = (),
+                streams: tuple[str, ...] = (), **kwargs):
+        """``reads``, ``writes``, ``streams`` name the options that are locations: a URL there is
+        fetched (a committed qvl output, a file, a folder of objects), written through a staging
+        folder and committed, or handed on as it is to code that reads it in place."""
         register = super().command(*args, **kwargs)
 
         def wrap(function):
             @functools.wraps(function)
             def run(*a, **k):
                 try:
-                    return function(*a, **k)
+                    with _locations(k, reads, writes, streams) as local:
+                        return function(*a, **local)
                 except QvlError as e:
                     _fail(str(e))
 
@@ -74,6 +79,27 @@ class _App(typer.Typer):
             return function
 
         return wrap
+
+
+@contextlib.contextmanager
+def _locations(options: dict, reads, writes, streams):
+    """The command's options with every URL made something its code can use (see _App.command)."""
+    from qvl.common import remote
+
+    def each(value, convert):
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
+        return convert(value) if value is not None else None
+
+    local = dict(options)
+    with contextlib.ExitStack() as stack:
+        for name in streams:
+            local[name] = each(options[name], remote.location)
+        for name in reads:
+            local[name] = each(options[name], remote.input_any)
+        for name in writes:
+            local[name] = each(options[name], lambda v: stack.enter_context(remote.output(v)))
+        yield local
 
 
 app = _App(help="qvl — curate, format and train data for Qwen-VL-style models.",
@@ -127,7 +153,7 @@ def _thresholds(values: list[str], option: str) -> dict[str, float]:
     return out
 
 
-@curate_app.command("filter")
+@curate_app.command("filter", streams=("inputs",), reads=("from_ledger", "recipe", "lang_model", "balance"), writes=("out",))
 def curate_filter(
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
     inputs: Annotated[Optional[list[Path]], typer.Argument(help="parquet/jsonl/csv/tsv files or folders of shards")] = None,
@@ -214,7 +240,7 @@ def curate_filter(
                   f"{report['rejected_rows']:,} rejected. Report: {out / 'report.md'}, {out / 'funnel.png'}")
 
 
-@curate_app.command("report")
+@curate_app.command("report", reads=("out",))
 def curate_report(
     out: Annotated[Path, typer.Argument(help="the --out folder of a filter run")],
     as_json: Annotated[bool, typer.Option("--json", help="print report.json")] = False,
@@ -243,7 +269,7 @@ def _markdown(text: str) -> Markdown:
     return Markdown("".join(p if p.startswith("`") else p.replace("<", "\\<") for p in parts))
 
 
-@curate_app.command("why")
+@curate_app.command("why", reads=("folder",))
 def curate_why(
     folder: Annotated[Path, typer.Argument(help="the --out of `qvl curate filter` or `qvl curate download`")],
     row_id: Annotated[str, typer.Argument(help="the pair's row_id, FILE:LINE (text files) or FILE:ROW (parquet)")],
@@ -262,7 +288,7 @@ def curate_why(
         answer.print(_markdown(markdown(story)))
 
 
-@curate_app.command("download")
+@curate_app.command("download", reads=("curated",), writes=("out",))
 def curate_download(
     curated: Annotated[Path, typer.Argument(help="the --out folder of `qvl curate filter`")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder (webdataset shards, kept/, rejected/, report)")],
@@ -299,7 +325,7 @@ def curate_download(
                   f"checked images, {report['rejected_rows']:,} rejected. Report: {out / 'report.md'}")
 
 
-@curate_app.command("clip-score")
+@curate_app.command("clip-score", reads=("pretrained", "aesthetic_head"), writes=("images",))
 def curate_clip_score(
     images: Annotated[Path, typer.Argument(help="the --out folder of `qvl curate download`")],
     model: Annotated[str, typer.Option(help="open_clip config name (ViT-B-32 ...) or a JSON model config")],
@@ -355,7 +381,7 @@ ImagesOpt = Annotated[Optional[Path], typer.Option(help="folder that image paths
 DownloadsOpt = Annotated[Optional[Path], typer.Option(help="img2dataset output, for images given as URLs")]
 
 
-@format_app.command("multitask")
+@format_app.command("multitask", reads=("files", "inputs", "images", "downloads"), writes=("out",))
 def format_multitask(
     out: Annotated[Path, typer.Option("--out", "-o")],
     files: Annotated[Optional[list[Path]], typer.Argument(help="the published files, with --from")] = None,
@@ -399,7 +425,7 @@ def format_multitask(
     _format(FormatJob("multitask", paths, out, settings, images, downloads, overwrite, progress, records))
 
 
-@format_app.command("sft")
+@format_app.command("sft", reads=("inputs", "images", "downloads"), writes=("out",))
 def format_sft(
     inputs: Annotated[list[Path], typer.Option("--input", "-i", help="conversations (.jsonl or .json list)")],
     out: Annotated[Path, typer.Option("--out", "-o")],
@@ -426,7 +452,7 @@ def format_sft(
     _format(FormatJob("sft", inputs, out, settings, images, downloads, overwrite, progress))
 
 
-@format_app.command("export")
+@format_app.command("export", reads=("files", "inputs", "images", "downloads", "check"), writes=("out",))
 def format_export(
     to: Annotated[str, typer.Option("--to", help="ms-swift or llamafactory")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o")] = None,
@@ -522,7 +548,7 @@ def format_export(
         console.print(f"boxes computed for the resize of: {report['resize']['set']}")
 
 
-@format_app.command("mix")
+@format_app.command("mix", reads=("recipe",), writes=("out",))
 def format_mix(
     recipe: Annotated[Path, typer.Argument(help="a TOML/YAML recipe: \\[mix] and \\[\\[source]] tables")],
     out: Annotated[Path, typer.Option("--out", "-o")],
@@ -544,7 +570,7 @@ def format_mix(
         console.print(f"  {source}: {count:,} records of other tasks skipped")
 
 
-@format_app.command("inspect")
+@format_app.command("inspect", reads=("folder",))
 def format_inspect(
     folder: Annotated[Path, typer.Argument(help="output folder of qvl format")],
     row: Annotated[int, typer.Option(help="which row")] = 0,
@@ -587,7 +613,7 @@ def format_inspect(
     console.print(text)
 
 
-@app.command("train")
+@app.command("train", reads=("data", "recipe", "init"), writes=("out",))
 def train(
     stage: Annotated[int, typer.Option(help="1 pre-train, 2 multitask, 3 SFT (Qwen-VL Table 8)", min=1, max=3)],
     data: Annotated[Path, typer.Option(help="output folder of qvl format")],
@@ -606,6 +632,8 @@ def train(
     accumulation: Annotated[Optional[int], typer.Option(help="micro-batches per optimiser step")] = None,
     lr: Annotated[Optional[float], typer.Option(help="peak learning rate")] = None,
     max_rejected: Annotated[float, typer.Option(help="refuse shards whose rejects exceed this fraction")] = 0.01,
+    checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints (an --out URL: each one committed "
+                                                       "to the bucket)", min=1)] = 100,
     seed: int = 0,
 ) -> None:
     """Train a Qwen-VL-style model, stage 1, 2 or 3 (torchrun for several processes)."""
@@ -628,13 +656,14 @@ def train(
         result = run_train(TrainSettings(stage=stage, data=data, out=out, preset=preset, max_steps=max_steps,
                                          init=init, resume=resume, overwrite=overwrite, llm=llm, seed=seed, max_rejected=max_rejected,
                                          fsdp=fsdp, precision=precision, progress=progress, overrides=overrides,
+                                         checkpoint_every=checkpoint_every,
                                          overrides_from=f"{recipe} [stage] and options" if recipe else "options"))
     except (DataError, RecipeError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
     console.print(f"[green]trained {result['steps']} steps[/] -> {out}/checkpoint, {out}/metrics.jsonl, {out}/loss.png")
 
 
-@app.command("generate")
+@app.command("generate", reads=("checkpoint", "images", "image"))
 def generate(
     checkpoint: Annotated[Path, typer.Option(help="a checkpoint folder (a run's checkpoint/, or qvl convert's --out)")],
     prompt: Annotated[str, typer.Option(help="the prompt; <img>PATH</img> spans are images, e.g. "
@@ -669,7 +698,7 @@ convert_app = _App(help="The released Qwen-VL <-> qvl checkpoints.", no_args_is_
 app.add_typer(convert_app, name="convert")
 
 
-@convert_app.command("from-qwen-vl")
+@convert_app.command("from-qwen-vl", reads=("hf_dir",), writes=("out",))
 def convert_from(
     hf_dir: Annotated[Path, typer.Argument(help="the Hugging Face folder of Qwen-VL or Qwen-VL-Chat")],
     out: Annotated[Path, typer.Option("--out", "-o", help="the qvl checkpoint folder to write")],
@@ -686,7 +715,7 @@ def convert_from(
                   f"({meta['dtype']}) -> {out}")
 
 
-@convert_app.command("to-qwen-vl")
+@convert_app.command("to-qwen-vl", reads=("checkpoint", "like"), writes=("out",))
 def convert_to(
     checkpoint: Annotated[Path, typer.Argument(help="a qvl checkpoint folder")],
     out: Annotated[Path, typer.Option("--out", "-o", help="the Hugging Face folder to write")],
@@ -734,7 +763,7 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
 PromptOpt = Annotated[Optional[str], typer.Option(help="another prompt template ({image}, {sent}, {question})")]
 
 
-@eval_app.command("grounding")
+@eval_app.command("grounding", reads=("data", "checkpoint", "predictions", "images"), writes=("out",))
 def eval_grounding(data: DataArg, out: EvalOut, checkpoint: CheckpointOpt = None, predictions: PredictionsOpt = None,
                    images: EvalImages = None, chat: ChatOpt = False, batch_size: BatchOpt = 8,
                    device: DeviceOpt = "auto", prompt: PromptOpt = None,
@@ -745,7 +774,7 @@ def eval_grounding(data: DataArg, out: EvalOut, checkpoint: CheckpointOpt = None
           prompt=prompt, box_scale=box_scale, progress=progress)
 
 
-@eval_app.command("caption")
+@eval_app.command("caption", reads=("data", "checkpoint", "predictions", "images"), writes=("out",))
 def eval_caption(data: DataArg, out: EvalOut, checkpoint: CheckpointOpt = None, predictions: PredictionsOpt = None,
                  images: EvalImages = None, chat: ChatOpt = False, batch_size: BatchOpt = 8,
                  device: DeviceOpt = "auto", prompt: PromptOpt = None, progress: bool = True) -> None:
@@ -754,7 +783,7 @@ def eval_caption(data: DataArg, out: EvalOut, checkpoint: CheckpointOpt = None, 
           prompt=prompt, progress=progress)
 
 
-@eval_app.command("vqa")
+@eval_app.command("vqa", reads=("data", "checkpoint", "predictions", "images", "annotations"), writes=("out",))
 def eval_vqa(data: DataArg, out: EvalOut, checkpoint: CheckpointOpt = None, predictions: PredictionsOpt = None,
              images: EvalImages = None, chat: ChatOpt = False, batch_size: BatchOpt = 8,
              device: DeviceOpt = "auto", prompt: PromptOpt = None,

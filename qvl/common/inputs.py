@@ -9,7 +9,7 @@ twice — whose rows would be counted twice under one id — is refused.
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from qvl.errors import QvlError
 
@@ -18,13 +18,16 @@ class DuplicateInput(QvlError):
     pass
 
 
-def input_names(paths: list[Path]) -> list[str]:
-    resolved = [Path(p).resolve() for p in paths]
+def input_names(paths: list) -> list[str]:
+    """Paths or files in a bucket (``RemoteFile``: named from their URL, ``s3://b/`` kept apart
+    from local folders)."""
+    resolved = [Path(p).resolve() if isinstance(p, (str, Path)) else PurePosixPath("/", *str(p).split("://", 1))
+                for p in paths]
     seen: dict[Path, Path] = {}
     for given, real in zip(paths, resolved):
         if real in seen:
             raise DuplicateInput(f"{given}: given twice (also as {seen[real]}); each input file may appear once")
-        seen[real] = Path(given)
+        seen[real] = given
     if not resolved:
         return []
     root = os.path.commonpath([r.parent for r in resolved])

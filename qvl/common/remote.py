@@ -16,16 +16,18 @@ printed or written.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import re
 import shutil
-from pathlib import Path
-from typing import Iterator
+import types
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
 
 from qvl.common import storage
-from qvl.common.progress import progress_bar
+from qvl.common.progress import console, progress_bar
 from qvl.errors import QvlError
 
 COMMITTED = "_QVL_COMMITTED.json"
@@ -232,6 +234,40 @@ def input_file(value: str | Path, show_progress: bool = True) -> Path:
     return target
 
 
+_STAGED: dict[Path, str] = {}  # staging folder -> its URL, while a command writes it
+
+
+def commit_now(folder: Path) -> None:
+    """Commit a staging folder mid-run, at a point where it is whole (a trainer's checkpoint):
+    a run killed later resumes from this, on any machine. Nothing for a local folder."""
+    url = _STAGED.get(Path(folder))
+    if url is not None:
+        publish(Path(folder), url, show_progress=False)
+
+
+def input_any(value: str | Path | None, show_progress: bool = True) -> Path | None:
+    """A local path for an input option that is a qvl output, a file, or a folder of objects
+    someone uploaded (images, annotations): committed outputs are mirrored from their manifest,
+    a qvl output without one is refused (not finished), other folders are copied object by object."""
+    value = location(value)
+    if value is None or isinstance(value, Path):
+        return value
+    if committed(value) is not None:
+        return input_folder(value, show_progress)
+    fs, path = filesystem(value)
+    with errors(value):
+        if fs.isfile(path):
+            return input_file(value, show_progress)
+        found = fs.find(path, detail=True)
+    if not found:
+        raise RemoteError(f"{value}: no such file or folder")
+    names = {p[len(path.rstrip("/")) + 1:]: int(info.get("size") or 0) for p, info in found.items()}
+    if storage.MARKER in names:
+        raise RemoteError(f"{value}: a qvl output that was never committed (no {COMMITTED}): its run stopped before "
+                          "it finished; run it again to the same URL to complete it")
+    return mirror(value, _cache_folder("mirror", value), show_progress, {"files": names})
+
+
 @contextlib.contextmanager
 def output(value: str | Path, show_progress: bool = True) -> Iterator[Path]:
     """The folder a command writes ``value``'s output in: the path itself, or a local staging
@@ -243,6 +279,9 @@ def output(value: str | Path, show_progress: bool = True) -> Iterator[Path]:
         yield value
         return
     folder = _cache_folder("staging", value)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 stages and commits, the others only use its folder
+        yield folder
+        return
     manifest = committed(value)
     mine = _staged_from(folder)
     if manifest is not None and mine != _digest(manifest) and (mine is not None or not folder.exists()):
@@ -251,5 +290,71 @@ def output(value: str | Path, show_progress: bool = True) -> Iterator[Path]:
     elif manifest is None and mine is not None:  # the bucket lost what this folder published
         shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
-    yield folder
+    _STAGED[folder] = value
+    try:
+        yield folder
+    finally:
+        _STAGED.pop(folder, None)
     publish(folder, value, show_progress)
+    console.print(f"committed {value}", highlight=False, soft_wrap=True)
+
+
+# ---------------------------------------------------------------- files read in place
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteFile:
+    """An input file in a bucket, read in place: ranges for parquet (its footer, then row group
+    by row group), a stream for text. Enough of ``Path``'s face (name, suffixes, stat, open)
+    for the readers that take local files. ``version`` (the ETag) tells a changed object."""
+
+    url: str
+    size: int
+    version: str
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(self.url).name
+
+    @property
+    def suffixes(self) -> list[str]:
+        return PurePosixPath(self.url).suffixes
+
+    def __str__(self) -> str:
+        return self.url
+
+    def resolve(self) -> "RemoteFile":
+        return self
+
+    def stat(self):
+        return types.SimpleNamespace(st_size=self.size, st_mtime_ns=self.version)
+
+    def open(self, mode: str = "rb", block_size: int = 8 << 20):
+        if mode != "rb":
+            raise ValueError("remote inputs are read only")
+        fs, path = filesystem(self.url)
+        with errors(self.url):
+            return fs.open(path, "rb", block_size=block_size, cache_type="readahead")
+
+
+def _remote_file(url: str, info: dict) -> RemoteFile:
+    version = str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or "")
+    return RemoteFile(url, int(info.get("size") or 0), version.strip('"'))
+
+
+def list_files(url: str) -> list[RemoteFile] | RemoteFile:
+    """The object at ``url`` (a RemoteFile), or every object under it as a folder (sorted)."""
+    fs, path = filesystem(url)
+    scheme = url.split("://", 1)[0]
+    with errors(url):
+        if fs.isfile(path):
+            return _remote_file(url, fs.info(path))
+        found = fs.find(path, detail=True)
+    if not found:
+        raise RemoteError(f"{url}: no such file or folder")
+    return [_remote_file(f"{scheme}://{p}", info) for p, info in sorted(found.items())]
+
+
+def open_input(path: "Path | RemoteFile"):
+    """What pyarrow and the text readers are given: a local path as it is, a remote file opened."""
+    return path.open("rb") if isinstance(path, RemoteFile) else path

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from qvl.boundary import Count, decode_json
-from qvl.common import storage
+from qvl.common import remote, storage
 from qvl.common.progress import progress_bar
 from qvl.errors import QvlError, RecordError
 from qvl.formats.tokenizers import IMG_PAD, load_tokenizer
@@ -167,6 +167,8 @@ class Run:
                         {"stage": stage.number, "step": self.step, "preset": self.preset.name,
                          "resolution": stage.resolution, "precision": "bf16" if self.bf16 else "fp32",
                          "settings": str(s)})
+        if self.main:
+            remote.commit_now(s.out)  # a run in a bucket: a killed run resumes from here, on any machine
 
 
 def _start(s: TrainSettings) -> tuple[int, int, torch.device]:

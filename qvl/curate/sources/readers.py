@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from qvl.common import remote
 from qvl.curate.sources import layouts
 from qvl.curate.sources.shards import (
     BOM,
@@ -194,7 +195,7 @@ def read_batches(shard: Shard, batch_rows: int) -> Iterator[pl.DataFrame]:
 
 
 def _parquet_batches(shard: Shard, batch_rows: int) -> Iterator[pl.DataFrame]:
-    f = pq.ParquetFile(shard.path)
+    f = pq.ParquetFile(remote.open_input(shard.path))
     start = 0
     for batch in f.iter_batches(batch_size=batch_rows):
         lines = np.arange(start, start + batch.num_rows, dtype=np.int64)

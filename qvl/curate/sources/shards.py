@@ -17,6 +17,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qvl.common import remote
+from qvl.common.remote import RemoteFile
 from qvl.curate.sources import layouts
 from qvl.curate.sources.layouts import Layout, LayoutError
 from qvl.errors import QvlError
@@ -97,10 +99,22 @@ def _format_of(path: Path) -> tuple[str, str | None]:
     return fmt, compression
 
 
-def discover(inputs: list[str | Path]) -> list[Path]:
-    """Expand folders into their supported files; sorted so shard indices are stable."""
-    files: list[Path] = []
+def discover(inputs: list[str | Path]) -> list[Path | RemoteFile]:
+    """Expand folders into their supported files; sorted so shard indices are stable. A URL's
+    files are read where they are (``RemoteFile``), never copied here first."""
+    files: list[Path | RemoteFile] = []
     for item in inputs:
+        item = remote.location(item)
+        if isinstance(item, str):
+            found = remote.list_files(item)
+            if isinstance(found, RemoteFile):
+                files.append(found)
+                continue
+            found = [f for f in found if not f.name.startswith((".", "_")) and ".tmp-" not in f.name and _supported(f)]
+            if not found:
+                raise InputError(f"{item}: folder holds no parquet/jsonl/csv/tsv files")
+            files.extend(found)
+            continue
         p = Path(item)
         if p.is_dir():
             found = sorted(
@@ -125,12 +139,13 @@ def _supported(path: Path) -> bool:
         return False
 
 
-def open_text(path: Path, compression: str | None) -> io.BufferedIOBase:
+def open_text(path: Path | RemoteFile, compression: str | None) -> io.BufferedIOBase:
+    raw = path.open("rb") if isinstance(path, RemoteFile) else path  # a remote stream closes when dropped
     if compression == "gzip":
-        return gzip.open(path, "rb")
+        return gzip.open(raw, "rb")
     if compression == "bz2":
-        return bz2.open(path, "rb")
-    return open(path, "rb")
+        return bz2.open(raw, "rb")
+    return open(raw, "rb") if isinstance(raw, Path) else raw
 
 
 SAMPLE_LINES = 200  # lines read to recognise a text file's layout
@@ -183,7 +198,7 @@ def _open_shard(path: Path, index: int, mapping: dict[str, str] | None, source: 
     where = str(path)
     if fmt == "parquet":
         try:
-            meta = pq.ParquetFile(path).metadata
+            meta = pq.ParquetFile(remote.open_input(path)).metadata
         except (OSError, pa.ArrowException) as e:
             raise InputError(f"{path}: not a readable parquet file ({e})") from None
         columns = meta.schema.to_arrow_schema().names
