@@ -128,37 +128,69 @@ def committed(url: str) -> dict | None:
     return manifest
 
 
-def _local_files(folder: Path) -> dict[str, int]:
-    """Every finished file under ``folder`` (no ``*.tmp-*`` leftovers), relative name -> size."""
-    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
-            if p.is_file() and ".tmp-" not in p.name and p.name != STAGED_FROM}
+def _local_files(folder: Path) -> dict[str, str]:
+    """Every finished file under ``folder`` (no ``*.tmp-*`` leftovers): relative name -> its
+    local identity (size and modification time: a checkpoint rewritten at the same size differs)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and ".tmp-" not in p.name and p.name != STAGED_FROM:
+            st = p.stat()
+            out[p.relative_to(folder).as_posix()] = f"{st.st_size}-{st.st_mtime_ns}"
+    return out
+
+
+def _size(identity: str) -> int:
+    return int(identity.split("-", 1)[0])
+
+
+def _record(folder: Path) -> dict:
+    """What ``folder`` last synced with its URL: the manifest's digest, and per file its local
+    identity then and its id in the manifest."""
+    try:
+        record = storage.read_json(folder / STAGED_FROM)
+        return record if isinstance(record, dict) and isinstance(record.get("files"), dict) else {"files": {}}
+    except (OSError, ValueError):
+        return {"files": {}}
+
+
+def _remember(folder: Path, url: str, manifest: dict) -> None:
+    here = _local_files(folder)
+    storage.write_json(folder / STAGED_FROM, {"url": url, "manifest": _digest(manifest), "files": {
+        name: {"local": here.get(name), "id": entry["id"]} for name, entry in manifest["files"].items()}})
 
 
 def publish(folder: Path, url: str, show_progress: bool = True) -> dict:
     """Upload ``folder`` to ``url`` and commit it. The old manifest goes first (readers stop
-    trusting the folder), objects already there with the right size are not sent again,
-    objects of an older run that are not in this one are deleted, the manifest comes last."""
+    trusting the folder); a file is sent again only if it changed here since the last sync or
+    the bucket lacks it; objects of an older run that are not in this one are deleted; the
+    manifest comes last."""
     fs, path = filesystem(url)
     files = _local_files(folder)
+    synced = _record(folder)["files"]
     with errors(url):
-        fs.rm_file(join(path, COMMITTED)) if fs.exists(join(path, COMMITTED)) else None
+        if fs.exists(join(path, COMMITTED)):
+            fs.rm_file(join(path, COMMITTED))
         there = {}
         if fs.exists(path):
             there = {p[len(path.rstrip("/")) + 1:]: int(info.get("size") or 0)
                      for p, info in fs.find(path, detail=True).items()}
-        todo = [name for name, size in files.items() if there.get(name) != size]
+        same = {name for name, identity in files.items()
+                if there.get(name) == _size(identity) and (synced.get(name) or {}).get("local") == identity}
+        todo = [name for name in files if name not in same]
         with progress_bar(disable=not show_progress) as bar:
-            task = bar.add_task(f"upload {url}", total=sum(files[n] for n in todo), unit="B")
+            task = bar.add_task(f"upload {url}", total=sum(_size(files[n]) for n in todo), unit="B")
             for name in todo:
                 fs.put_file(str(folder / name), join(path, name))
-                bar.advance(task, files[name])
+                bar.advance(task, _size(files[name]))
         stale = [join(path, name) for name in there if name not in files and name != COMMITTED]
         if stale:
             fs.rm(stale)
-        manifest = {"written_by": "qvl", "files": files}
+        manifest = {"written_by": "qvl", "files": {
+            name: {"size": _size(identity), "id": synced[name]["id"] if name in same else identity}
+            for name, identity in files.items()}}
         with fs.open(join(path, COMMITTED), "wb") as f:
             f.write(json.dumps(manifest, indent=1).encode())
-    storage.write_json(folder / STAGED_FROM, {"url": url, "manifest": _digest(manifest)})
+    _remember(folder, url, manifest)
     return manifest
 
 
@@ -166,31 +198,44 @@ def _digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
 
 
+def _entries(url: str, manifest: dict) -> dict[str, dict]:
+    """The manifest's files, checked: names inside the folder, sizes and ids as qvl writes them."""
+    files = {}
+    for name, entry in manifest["files"].items():
+        if not isinstance(name, str) or name.startswith("/") or ".." in Path(name).parts or "\x00" in name:
+            raise RemoteError(f"{join(url, COMMITTED)}: names a file outside the folder ({name!r})")
+        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and entry["size"] >= 0
+                and isinstance(entry.get("id"), str)):
+            raise RemoteError(f"{join(url, COMMITTED)}: entry {name!r} is not {{size, id}} (not a qvl manifest)")
+        files[name] = entry
+    return files
+
+
 def mirror(url: str, folder: Path, show_progress: bool = True, manifest: dict | None = None) -> Path:
-    """Make ``folder`` hold the committed output at ``url``: files whose size differs are
-    fetched, files the manifest does not name are removed."""
+    """Make ``folder`` hold the committed output at ``url``: a file is fetched if the manifest's
+    id for it is not the one fetched before, or it changed here; files the manifest does not
+    name are removed."""
     manifest = manifest or committed(url)
     if manifest is None:
         raise RemoteError(f"{url}: no committed qvl output here (no {COMMITTED}): a run still writing, one that "
                           "stopped before it finished, or not a qvl output")
     fs, path = filesystem(url)
-    files = {name: int(size) for name, size in manifest["files"].items()}
-    for name in files:
-        if name.startswith("/") or ".." in Path(name).parts:
-            raise RemoteError(f"{join(url, COMMITTED)}: names a file outside the folder ({name!r})")
+    files = _entries(url, manifest)
     have = _local_files(folder) if folder.is_dir() else {}
+    synced = _record(folder)["files"]
     for name in have.keys() - files.keys():
         (folder / name).unlink()
-    todo = [name for name, size in files.items() if have.get(name) != size]
+    todo = [name for name, entry in files.items()
+            if have.get(name) is None or synced.get(name) != {"local": have[name], "id": entry["id"]}]
     with errors(url), progress_bar(disable=not show_progress) as bar:
-        task = bar.add_task(f"fetch {url}", total=sum(files[n] for n in todo), unit="B")
+        task = bar.add_task(f"fetch {url}", total=sum(files[n]["size"] for n in todo), unit="B")
         for name in todo:
             with storage.atomic_path(folder / name) as tmp:
                 fs.get_file(join(path, name), str(tmp))
-            if (folder / name).stat().st_size != files[name]:
+            if (folder / name).stat().st_size != files[name]["size"]:
                 raise RemoteError(f"{join(url, name)}: changed while being read (size differs from the manifest)")
-            bar.advance(task, files[name])
-    storage.write_json(folder / STAGED_FROM, {"url": url, "manifest": _digest(manifest)})
+            bar.advance(task, files[name]["size"])
+    _remember(folder, url, manifest)
     return folder
 
 
@@ -261,11 +306,12 @@ def input_any(value: str | Path | None, show_progress: bool = True) -> Path | No
         found = fs.find(path, detail=True)
     if not found:
         raise RemoteError(f"{value}: no such file or folder")
-    names = {p[len(path.rstrip("/")) + 1:]: int(info.get("size") or 0) for p, info in found.items()}
+    names = {p[len(path.rstrip("/")) + 1:]: {"size": int(info.get("size") or 0), "id": _remote_file(p, info).version}
+             for p, info in found.items()}
     if storage.MARKER in names:
         raise RemoteError(f"{value}: a qvl output that was never committed (no {COMMITTED}): its run stopped before "
                           "it finished; run it again to the same URL to complete it")
-    return mirror(value, _cache_folder("mirror", value), show_progress, {"files": names})
+    return mirror(value, _cache_folder("mirror", value), show_progress, {"files": names})  # ids: the ETags
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ def test_publish_then_mirror_round_trips_a_folder(s3, tmp_path):
     url = s3.bucket() + "/run"
     src = _folder(tmp_path / "src", {"a.txt": b"alpha", "sub/b.bin": bytes(range(256)) * 10})
     manifest = remote.publish(src, url, show_progress=False)
-    assert manifest["files"] == {"a.txt": 5, "sub/b.bin": 2560}
+    assert {name: entry["size"] for name, entry in manifest["files"].items()} == {"a.txt": 5, "sub/b.bin": 2560}
     got = remote.input_folder(url, show_progress=False)
     assert (got / "a.txt").read_bytes() == b"alpha" and (got / "sub/b.bin").read_bytes() == bytes(range(256)) * 10
 
@@ -56,6 +56,17 @@ def test_republishing_sends_only_what_changed_and_removes_what_went(s3, tmp_path
     assert fs.info(path + "/keep.txt")["LastModified"] == before
     mirror = remote.input_folder(url, show_progress=False)
     assert sorted(p.name for p in mirror.iterdir() if p.name != remote.STAGED_FROM) == ["keep.txt", "new.txt"]
+
+
+def test_a_file_rewritten_at_the_same_size_is_sent_and_fetched_again(s3, tmp_path):
+    """A checkpoint is rewritten at every save with the same size: size alone would keep the old one."""
+    url = s3.bucket() + "/run"
+    src = _folder(tmp_path / "src", {"model.bin": b"step-2"})
+    remote.publish(src, url, show_progress=False)
+    assert (remote.input_folder(url, show_progress=False) / "model.bin").read_bytes() == b"step-2"
+    (src / "model.bin").write_bytes(b"step-6")
+    remote.publish(src, url, show_progress=False)
+    assert (remote.input_folder(url, show_progress=False) / "model.bin").read_bytes() == b"step-6"
 
 
 def test_an_output_staged_and_killed_resumes_and_commits_once(s3, tmp_path):
