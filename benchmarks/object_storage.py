@@ -103,7 +103,6 @@ def main() -> None:
             remote.mirror("s3://bench/folder", tmp / "mirror", show_progress=False)
             down = time.perf_counter() - start
             start = time.perf_counter()
-            remote.input_folder("s3://bench/folder", show_progress=False)
             remote.mirror("s3://bench/folder", tmp / "mirror", show_progress=False)
             unchanged = time.perf_counter() - start
             mib = args.folder_mib // 16 * 16
