@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from curate_filter import generate  # noqa: E402  (a sibling benchmark's DataComp-shaped rows)
+from curate_filter import generate
 
 
 def start_s3(log: Path) -> tuple[subprocess.Popen, dict]:
@@ -68,8 +68,9 @@ def main() -> None:
         tmp = Path(tmp)
         proc, env = start_s3(tmp / "moto.log")
         try:
-            from qvl.common import remote
             import boto3
+
+            from qvl.common import remote
 
             boto3.client("s3").create_bucket(Bucket="bench")
             raw = tmp / "raw"

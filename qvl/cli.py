@@ -59,7 +59,7 @@ class _App(typer.Typer):
         kwargs.setdefault("cls", _Group)
         super().__init__(*args, **kwargs)
 
-    def command(self, *args, reads: tuple[str, ...] = (), writes: tuple[str, ...] = (),
+    def command(self, *args, reads: tuple = (), writes: tuple[str, ...] = (),
                 streams: tuple[str, ...] = (), **kwargs):
         """``reads``, ``writes``, ``streams`` name the options that are locations: a URL there is
         fetched (a committed qvl output, a file, a folder of objects), written through a staging
@@ -95,8 +95,9 @@ def _locations(options: dict, reads, writes, streams):
     with contextlib.ExitStack() as stack:
         for name in streams:
             local[name] = each(options[name], remote.location)
-        for name in reads:
-            local[name] = each(options[name], remote.input_any)
+        for read in reads:  # a name, or (name, the file names' beginnings that command needs)
+            name, only = (read, None) if isinstance(read, str) else read
+            local[name] = each(options[name], functools.partial(remote.input_any, only=only))
         for name in writes:
             local[name] = each(options[name], lambda v: stack.enter_context(remote.output(v)))
         yield local
@@ -240,7 +241,7 @@ def curate_filter(
                   f"{report['rejected_rows']:,} rejected. Report: {out / 'report.md'}, {out / 'funnel.png'}")
 
 
-@curate_app.command("report", reads=("out",))
+@curate_app.command("report", reads=(("out", ("report.json",)),))
 def curate_report(
     out: Annotated[Path, typer.Argument(help="the --out folder of a filter run")],
     as_json: Annotated[bool, typer.Option("--json", help="print report.json")] = False,
@@ -288,7 +289,7 @@ def curate_why(
         answer.print(_markdown(markdown(story)))
 
 
-@curate_app.command("download", reads=("curated",), writes=("out",))
+@curate_app.command("download", reads=(("curated", ("kept/", "report.json")),), writes=("out",))
 def curate_download(
     curated: Annotated[Path, typer.Argument(help="the --out folder of `qvl curate filter`")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder (webdataset shards, kept/, rejected/, report)")],

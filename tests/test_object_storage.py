@@ -39,7 +39,7 @@ def photos():
     bodies = {f"/p/{i}.jpg": _photo(100 + i) for i in range(len(CAPTIONS))}
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
+        def do_GET(self):
             body = bodies.get(self.path)
             if body is None:
                 self.send_error(404)
@@ -79,7 +79,8 @@ def test_the_pipeline_on_a_bucket_equals_the_pipeline_on_local_paths(s3, photos,
     fs.put_file(str(raw), bucket.removeprefix("s3://") + "/raw/pairs.parquet")  # the raw data, as a team uploads it
     local, url = tmp_path / "local", bucket + "/run"
     for base, source in ((local, str(raw.parent)), (url, f"{bucket}/raw")):
-        at = (lambda name: str(base / name)) if isinstance(base, Path) else (lambda name: f"{base}/{name}")
+        def at(name: str, base=base) -> str:
+            return str(base / name) if isinstance(base, Path) else f"{base}/{name}"
         qvl("curate", "filter", source, "--out", at("curated"), "--workers", "1")
         qvl("curate", "download", at("curated"), "--out", at("images"), "--allow-private", "--processes", "1",
             "--threads", "4", "--samples-per-shard", "8")

@@ -249,17 +249,38 @@ def _staged_from(folder: Path) -> str | None:
 # ---------------------------------------------------------------- what commands call
 
 
-def input_folder(value: str | Path, show_progress: bool = True) -> Path:
+def input_folder(value: str | Path, show_progress: bool = True, only: tuple[str, ...] | None = None) -> Path:
     """A local folder holding the input at ``value``: the path itself, or a mirror of the
-    committed output at a URL (fetched again only where the bucket changed)."""
+    committed output at a URL (fetched again only where the bucket changed); with ``only``,
+    just the files whose names start with one of those (a download needs a filter run's kept
+    rows and report, not its rejects and ledger)."""
     value = location(value)
     if isinstance(value, Path):
         return value
     folder = _cache_folder("mirror", value)
     manifest = committed(value)
+    if manifest is not None and only is not None:
+        wanted = (*only, storage.MARKER)
+        manifest = {**manifest, "files": {n: e for n, e in manifest["files"].items() if n.startswith(wanted)}}
     if manifest is not None and _staged_from(folder) == _digest(manifest):
         return folder
     return mirror(value, folder, show_progress, manifest)
+
+
+def origin(path: str | Path) -> str:
+    """Where ``path`` came from, as a run records it to know its input again: the URL for what
+    lies in a mirror or staging folder of a bucket (the cache differs between machines), else
+    the resolved local path."""
+    p = Path(path).resolve()
+    root = cache_root().resolve()
+    if root in p.parents:
+        for folder in (p, *p.parents):
+            if folder == root:
+                break
+            url = _record(folder).get("url") if (folder / STAGED_FROM).is_file() else None
+            if url:
+                return url if folder == p else join(url, p.relative_to(folder).as_posix())
+    return str(p)
 
 
 def input_file(value: str | Path, show_progress: bool = True) -> Path:
@@ -290,7 +311,8 @@ def commit_now(folder: Path) -> None:
         publish(Path(folder), url, show_progress=False)
 
 
-def input_any(value: str | Path | None, show_progress: bool = True) -> Path | None:
+def input_any(value: str | Path | None, show_progress: bool = True, only: tuple[str, ...] | None = None
+              ) -> Path | None:
     """A local path for an input option that is a qvl output, a file, or a folder of objects
     someone uploaded (images, annotations): committed outputs are mirrored from their manifest,
     a qvl output without one is refused (not finished), other folders are copied object by object."""
@@ -298,7 +320,7 @@ def input_any(value: str | Path | None, show_progress: bool = True) -> Path | No
     if value is None or isinstance(value, Path):
         return value
     if committed(value) is not None:
-        return input_folder(value, show_progress)
+        return input_folder(value, show_progress, only)
     fs, path = filesystem(value)
     with errors(value):
         if fs.isfile(path):
@@ -369,7 +391,7 @@ class RemoteFile:
     def __str__(self) -> str:
         return self.url
 
-    def resolve(self) -> "RemoteFile":
+    def resolve(self) -> RemoteFile:
         return self
 
     def stat(self):
@@ -401,6 +423,6 @@ def list_files(url: str) -> list[RemoteFile] | RemoteFile:
     return [_remote_file(f"{scheme}://{p}", info) for p, info in sorted(found.items())]
 
 
-def open_input(path: "Path | RemoteFile"):
+def open_input(path: Path | RemoteFile):
     """What pyarrow and the text readers are given: a local path as it is, a remote file opened."""
     return path.open("rb") if isinstance(path, RemoteFile) else path

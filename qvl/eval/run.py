@@ -262,8 +262,8 @@ def evaluate(s: EvalSettings) -> dict:
     out = Path(s.out)
     samples = read(s.task, Path(s.data), s.annotations, s.image_pattern)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    identity = {"task": s.task, "data": str(Path(s.data).resolve()), "checkpoint": _fingerprint(s.checkpoint),
-                "predictions": str(Path(s.predictions).resolve()) if s.predictions else None,
+    identity = {"task": s.task, "data": remote.origin(s.data), "checkpoint": _fingerprint(s.checkpoint),
+                "predictions": remote.origin(s.predictions) if s.predictions else None,
                 "chat": s.chat, "prompt": s.prompt, "system": s.system}
     if rank == 0:
         try:
@@ -322,7 +322,7 @@ def _fingerprint(checkpoint: Path | None) -> dict | None:
         return None
     weights = Path(checkpoint) / "model.safetensors"
     stat = weights.stat() if weights.is_file() else None
-    return {"path": str(Path(checkpoint).resolve()),
+    return {"path": remote.origin(checkpoint),
             "weights": [stat.st_size, stat.st_mtime_ns] if stat else None}
 
 

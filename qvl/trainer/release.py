@@ -28,7 +28,7 @@ import msgspec
 import torch
 
 from qvl.boundary import read_json_file
-from qvl.common import storage
+from qvl.common import remote, storage
 from qvl.errors import QvlError
 from qvl.trainer.checkpoint import (
     TensorEntry,
@@ -338,7 +338,7 @@ def from_qwen_vl(hf_dir: str | Path, out: str | Path, dtype: str | None = None) 
     storage.write_json(out / "preset.json", preset.to_dict())
     dtypes = sorted({str(t.dtype) for t in weights.values()})
     meta = {"stage": 0, "step": 0, "preset": preset.name, "resolution": resolution,
-            "converted_from": str(hf_dir.resolve()), "dtype": " and ".join(dtypes),
+            "converted_from": remote.origin(hf_dir), "dtype": " and ".join(dtypes),
             "tensors": len(weights), "parameters": sum(t.numel() for t in weights.values())}
     storage.write_json(out / "meta.json", meta)
     return meta

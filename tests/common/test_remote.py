@@ -71,10 +71,9 @@ def test_a_file_rewritten_at_the_same_size_is_sent_and_fetched_again(s3, tmp_pat
 
 def test_an_output_staged_and_killed_resumes_and_commits_once(s3, tmp_path):
     url = s3.bucket() + "/out"
-    with pytest.raises(KeyboardInterrupt):
-        with remote.output(url, show_progress=False) as folder:
-            (folder / "done-part").write_text("1")
-            raise KeyboardInterrupt  # killed before the command finished: nothing committed
+    with pytest.raises(KeyboardInterrupt), remote.output(url, show_progress=False) as folder:
+        (folder / "done-part").write_text("1")
+        raise KeyboardInterrupt  # killed before the command finished: nothing committed
     assert remote.committed(url) is None
     with remote.output(url, show_progress=False) as again:
         assert (again / "done-part").read_text() == "1"  # resumes from what the first run wrote

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import polars as pl
 
-from qvl.common import pixels, storage
+from qvl.common import pixels, remote, storage
 from qvl.common.lifeline import PARENT_ENV
 from qvl.common.progress import progress_bar
 from qvl.curate.filter import report as report_mod
@@ -357,7 +357,7 @@ def run_download(curated: str | Path, out: str | Path, s: DownloadSettings | Non
     curated, out = Path(curated), Path(out)
     f = Folders(out)
     kept, base_report = read_curated(curated)
-    state = {"kind": "download", "from": str(curated.resolve()), "kept_rows": kept.height}
+    state = {"kind": "download", "from": remote.origin(curated), "kept_rows": kept.height}
     try:
         existing = storage.claim(out, "curate download", legacy=("_qvl.json",))
     except storage.OutputError as e:
