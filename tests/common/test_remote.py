@@ -104,3 +104,24 @@ def test_a_manifest_naming_files_outside_the_folder_is_refused(s3, tmp_path):
     fs.pipe(path + "/" + remote.COMMITTED, json.dumps({"files": {"../../etc/x": 1}}).encode())
     with pytest.raises(remote.RemoteError, match="outside the folder"):
         remote.input_folder(url, show_progress=False)
+
+
+def test_a_mirrored_input_is_known_by_its_url_on_every_machine(s3, tmp_path, monkeypatch):
+    url = s3.bucket() + "/curated"
+    remote.publish(_folder(tmp_path / "src", {"kept/part-0.parquet": b"rows"}), url, show_progress=False)
+    origins = []
+    for machine in ("a", "b"):
+        monkeypatch.setenv("QVL_CACHE", str(tmp_path / machine))
+        folder = remote.input_folder(url, show_progress=False)
+        origins.append((remote.origin(folder), remote.origin(folder / "kept/part-0.parquet")))
+    assert origins == [(url, url + "/kept/part-0.parquet")] * 2
+    assert remote.origin(tmp_path / "src") == str((tmp_path / "src").resolve())
+
+
+def test_only_the_files_a_command_reads_are_fetched(s3, tmp_path):
+    url = s3.bucket() + "/curated"
+    remote.publish(_folder(tmp_path / "src", {".qvl": b"{}", "report.json": b"{}", "kept/a.parquet": b"k",
+                                              "ledger/a.parquet": b"big"}), url, show_progress=False)
+    folder = remote.input_folder(url, show_progress=False, only=("kept/", "report.json"))
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()
+                  and p.name != remote.STAGED_FROM) == [".qvl", "kept/a.parquet", "report.json"]
