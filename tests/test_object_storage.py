@@ -166,3 +166,31 @@ def test_an_object_deleted_mid_run_is_one_error_naming_it(s3, tmp_path):
     open_shard(files[0], 0)
     with pytest.raises(QvlError, match=r"s3://.*/raw/1\.parquet: no such"):
         open_shard(files[1], 1)
+
+
+def test_text_inputs_stream_from_a_bucket_as_from_disk(s3, tmp_path):
+    """JSONL (gzip), CSV and TSV read from the bucket in place give the rows, rejects and
+    row ids the same files give on disk."""
+    import gzip
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rows = [{"url": f"http://x.test/{i}.jpg", "text": CAPTIONS[i % len(CAPTIONS)] + f" number {i}"} for i in range(40)]
+    with gzip.open(raw / "a.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows[:20])
+        f.write("{not json\n")
+    pl.DataFrame(rows[20:30]).write_csv(raw / "b.csv")
+    (raw / "c.tsv").write_text("url\ttext\n" + "".join(f"{r['url']}\t{r['text']}\n" for r in rows[30:]) + "x\ty\tz\n")
+    bucket = s3.bucket()
+    fs, _ = remote.filesystem(bucket)
+    fs.put(str(raw) + "/", bucket.removeprefix("s3://") + "/raw/", recursive=True)
+    qvl("curate", "filter", str(raw), "--out", str(tmp_path / "local"), "--workers", "1", "--skip-rule", "lang")
+    qvl("curate", "filter", f"{bucket}/raw", "--out", str(tmp_path / "from-bucket"), "--workers", "1",
+        "--skip-rule", "lang")
+    for folder in ("kept", "rejected"):
+        a, b = (pl.concat([pl.read_parquet(f) for f in sorted((tmp_path / run / folder).glob("*.parquet"))],
+                          how="diagonal_relaxed").sort("row_id") for run in ("local", "from-bucket"))
+        assert a.equals(b), folder
+    report, local = (json.loads((tmp_path / run / "report.json").read_text()) for run in ("from-bucket", "local"))
+    assert report["funnel"] == local["funnel"] and report["input_rows"] > 40
+    assert report["inputs"] == [f"{bucket}/raw/{name}" for name in ("a.jsonl.gz", "b.csv", "c.tsv")]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
@@ -401,8 +402,8 @@ class RemoteFile:
         if mode != "rb":
             raise ValueError("remote inputs are read only")
         fs, path = filesystem(self.url)
-        with errors(self.url):
-            return fs.open(path, "rb", block_size=block_size, cache_type="readahead")
+        with errors(self.url):  # buffered: the text readers call readline(limit), which fsspec's files lack
+            return io.BufferedReader(fs.open(path, "rb", block_size=block_size, cache_type="readahead"), 1 << 20)
 
 
 def _remote_file(url: str, info: dict) -> RemoteFile:
