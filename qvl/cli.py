@@ -549,7 +549,7 @@ def format_export(
         console.print(f"boxes computed for the resize of: {report['resize']['set']}")
 
 
-@format_app.command("mix", reads=("recipe",), writes=("out",))
+@format_app.command("mix", streams=("recipe",), writes=("out",))
 def format_mix(
     recipe: Annotated[Path, typer.Argument(help="a TOML/YAML recipe: \\[mix] and \\[\\[source]] tables")],
     out: Annotated[Path, typer.Option("--out", "-o")],

@@ -194,3 +194,22 @@ def test_text_inputs_stream_from_a_bucket_as_from_disk(s3, tmp_path):
     report, local = (json.loads((tmp_path / run / "report.json").read_text()) for run in ("from-bucket", "local"))
     assert report["funnel"] == local["funnel"] and report["input_rows"] > 40
     assert report["inputs"] == [f"{bucket}/raw/{name}" for name in ("a.jsonl.gz", "b.csv", "c.tsv")]
+
+
+def test_a_mix_recipe_in_a_bucket_reads_its_sources_beside_it(s3, tmp_path):
+    from tests.formats.test_mix import source_files, write_recipe
+
+    data = tmp_path / "data"
+    source_files(data)
+    recipe = write_recipe(data / "mix.toml", {"tokenizer": "bytes", "image_tokens": 4, "seed": 1},
+                          [{"name": "caps", "layout": "qvl", "files": ["captions.jsonl"], "images": ".", "count": 5}])
+    bucket = s3.bucket()
+    fs, _ = remote.filesystem(bucket)
+    fs.put(str(data) + "/", bucket.removeprefix("s3://") + "/data/", recursive=True)
+    qvl("format", "mix", str(recipe), "--out", str(tmp_path / "local"))
+    qvl("format", "mix", f"{bucket}/data/mix.toml", "--out", f"{bucket}/mixed")
+    mixed = remote.input_folder(f"{bucket}/mixed", show_progress=False)
+    shards = sorted((tmp_path / "local").glob("*.arrow"))
+    assert shards and all((mixed / shard.name).read_bytes() == shard.read_bytes() for shard in shards)
+    a, b = (json.loads((folder / "manifest.json").read_text()) for folder in (mixed, tmp_path / "local"))
+    assert a["samples"] == b["samples"] >= 5 and a["mix"]["available"] == b["mix"]["available"]

@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 import re
 import shutil
 import types
@@ -99,6 +100,12 @@ def _brief(e: BaseException) -> str:
 
 def join(url: str, name: str) -> str:
     return url.rstrip("/") + "/" + name
+
+
+def relative(url: str, path: str) -> str:
+    """``path`` (``.``, ``..``, ``a/b``) taken from the folder ``url`` names, as a URL."""
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://{posixpath.normpath(posixpath.join(rest, path))}"
 
 
 def cache_root() -> Path:

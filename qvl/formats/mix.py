@@ -34,6 +34,7 @@ error in a source names the recipe and the source.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Iterator
 
 from qvl.boundary import MAX_ID, convert
+from qvl.common import remote
 from qvl.errors import AnnotationError, RecordError
 from qvl.recipes import RecipeError, SettingError, fill, load_recipe, require, table
 
@@ -93,7 +95,7 @@ class MixSettings:
 def load_mix(path: str | Path) -> MixSettings:
     """The recipe as typed settings: every key known, every value of its field's type, numbers
     finite and in range, text valid Unicode — or one error naming the file, the table and the key."""
-    data = load_recipe(path)
+    data = load_recipe(remote.input_file(path))
     try:
         convert(data, dict)
     except RecordError as e:
@@ -120,8 +122,18 @@ def load_mix(path: str | Path) -> MixSettings:
 
 
 def _at(recipe: str | Path, path: str) -> Path:
-    """A path of the recipe, relative to the recipe's folder (an absolute one stays as it is)."""
+    """A path of the recipe, relative to the recipe's folder (an absolute one stays as it is);
+    a URL, or a relative path in a recipe read from a bucket, is fetched (once) into the cache."""
+    if remote.is_remote(path):
+        return _fetched(path)
+    if remote.is_remote(recipe) and not Path(path).is_absolute():
+        return _fetched(remote.relative(str(recipe).rsplit("/", 1)[0], path))
     return Path(recipe).parent / path
+
+
+@functools.lru_cache(maxsize=256)
+def _fetched(url: str) -> Path:
+    return remote.input_any(url)
 
 
 def _check_files(source: Source, recipe: str | Path) -> None:
