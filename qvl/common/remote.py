@@ -176,7 +176,8 @@ def publish(folder: Path, url: str, show_progress: bool = True) -> dict:
     files = _local_files(folder)
     synced = _record(folder)["files"]
     with errors(url):
-        if fs.exists(join(path, COMMITTED)):
+        was_committed = fs.exists(join(path, COMMITTED))
+        if was_committed:
             fs.rm_file(join(path, COMMITTED))
         there = {}
         if fs.exists(path):
@@ -191,7 +192,7 @@ def publish(folder: Path, url: str, show_progress: bool = True) -> dict:
                 fs.put_file(str(folder / name), join(path, name))
                 bar.advance(task, _size(files[name]))
         stale = [join(path, name) for name in there if name not in files and name != COMMITTED]
-        if stale:
+        if stale and (was_committed or storage.MARKER in there):  # only ever what qvl wrote
             fs.rm(stale)
         manifest = {"written_by": "qvl", "files": {
             name: {"size": _size(identity), "id": synced[name]["id"] if name in same else identity}
@@ -344,6 +345,23 @@ def input_any(value: str | Path | None, show_progress: bool = True, only: tuple[
     return mirror(value, _cache_folder("mirror", value), show_progress, {"files": names})  # ids: the ETags
 
 
+def _check_writable(url: str, manifest: dict | None) -> None:
+    """Before a run, not after it: the bucket is there and these credentials reach it, the URL
+    is a folder inside it, and what it holds is a qvl output (qvl only ever replaces what it wrote)."""
+    fs, path = filesystem(url)
+    bucket = path.strip("/").split("/", 1)[0]
+    if "/" not in path.strip("/"):
+        raise RemoteError(f"{url}: the root of a bucket; give a folder inside it ({url.rstrip('/')}/run)")
+    with errors(url):
+        if not fs.exists(bucket):
+            raise RemoteError(f"{url}: no such bucket ({bucket})")
+        if manifest is None and fs.exists(path):
+            names = {p[len(path.rstrip("/")) + 1:] for p in fs.find(path)}
+            if names and storage.MARKER not in names:
+                raise RemoteError(f"{url}: holds objects qvl did not write (no {COMMITTED}); choose a new or empty "
+                                  "--out (qvl only ever replaces what it wrote)")
+
+
 @contextlib.contextmanager
 def output(value: str | Path, show_progress: bool = True) -> Iterator[Path]:
     """The folder a command writes ``value``'s output in: the path itself, or a local staging
@@ -359,6 +377,7 @@ def output(value: str | Path, show_progress: bool = True) -> Iterator[Path]:
         yield folder
         return
     manifest = committed(value)
+    _check_writable(value, manifest)
     mine = _staged_from(folder)
     if manifest is not None and mine != _digest(manifest) and (mine is not None or not folder.exists()):
         shutil.rmtree(folder, ignore_errors=True)

@@ -125,3 +125,18 @@ def test_only_the_files_a_command_reads_are_fetched(s3, tmp_path):
     folder = remote.input_folder(url, show_progress=False, only=("kept/", "report.json"))
     assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()
                   and p.name != remote.STAGED_FROM) == [".qvl", "kept/a.parquet", "report.json"]
+
+
+def test_an_output_never_replaces_what_qvl_did_not_write(s3, tmp_path):
+    bucket = s3.bucket()
+    fs, path = remote.filesystem(bucket)
+    fs.pipe(path + "/theirs/data.bin", b"someone's data")
+    with pytest.raises(remote.RemoteError, match="holds objects qvl did not write"), \
+            remote.output(bucket + "/theirs", show_progress=False):
+        pass
+    with pytest.raises(remote.RemoteError, match="the root of a bucket"), remote.output(bucket, show_progress=False):
+        pass
+    with pytest.raises(remote.RemoteError, match="no such bucket"), \
+            remote.output("s3://no-such-bucket-x/run", show_progress=False):
+        pass
+    assert fs.cat(path + "/theirs/data.bin") == b"someone's data"
