@@ -97,6 +97,9 @@ def test_the_pipeline_on_a_bucket_equals_the_pipeline_on_local_paths(s3, photos,
     for shard in (local / "shards").glob("*.arrow"):
         assert (mirror["shards"] / shard.name).read_bytes() == shard.read_bytes()
 
+    story = json.loads(CliRunner().invoke(app, ["curate", "why", f"{url}/images", here["row_id"][0], "--json"]).output)
+    assert story["verdict"].startswith("kept with its image") and f"{url}/images/kept" in story["verdict"]
+
     # train stage 2 from the bucket; killed after its first committed checkpoint; resumed elsewhere
     train = ["train", "--stage", "2", "--preset", micro["preset"], "--max-steps", "6", "--checkpoint-every", "2"]
     qvl(*train, "--data", str(local / "shards"), "--out", str(local / "train"))

@@ -292,6 +292,13 @@ def origin(path: str | Path) -> str:
     return str(p)
 
 
+def shown(path: str | Path) -> str:
+    """``path`` as a person should read it: the URL for what lies in a mirror or staging folder,
+    else the path as given."""
+    url = origin(path)
+    return url if is_remote(url) else str(path)
+
+
 def input_file(value: str | Path, show_progress: bool = True) -> Path:
     """A local copy of one file at ``value`` (a preset, a recipe, a checkpoint file)."""
     value = location(value)

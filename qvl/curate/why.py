@@ -12,6 +12,7 @@ from pathlib import Path
 
 import polars as pl
 
+from qvl.common import remote
 from qvl.curate.filter import report as report_mod
 from qvl.curate.filter import rules
 from qvl.curate.images import download
@@ -91,7 +92,7 @@ def _filter_story(folder: Path, row_id: str) -> tuple[list[dict], str]:
         dup = _lookup(sorted((folder / "ledger" / "duplicates").glob("*.parquet")), row_id)
         steps.append({"stage": "filter", "step": rules.DUPLICATE, "outcome": "FAIL" if dup else "pass",
                       "value": f"same image as {dup['duplicate_of']}, whose text is longer" if dup else "unique URL"})
-        verdict = f"rejected by {rules.DUPLICATE}" if dup else f"kept by the filter ({folder / 'kept'})"
+        verdict = f"rejected by {rules.DUPLICATE}" if dup else f"kept by the filter ({remote.shown(folder / 'kept')})"
         balanced = _lookup(sorted((folder / "ledger" / "balance").glob("*.parquet")), row_id) if not dup else None
         if balanced:
             steps.append({"stage": "filter", "step": balanced["drop_reason"], "outcome": "FAIL",
@@ -123,7 +124,7 @@ def _download_story(folder: Path, row_id: str) -> tuple[list[dict], str]:
         steps.append({"stage": "download", "step": name, "value": values.get(name, ""), "outcome": outcome})
     if reason:
         return steps, f"rejected by {reason}: {facts['download_error'] or ''}".rstrip(": ")
-    return steps, f"kept with its image {facts['image_tar']}#{facts['image_key']} ({folder / 'kept'})"
+    return steps, f"kept with its image {facts['image_tar']}#{facts['image_key']} ({remote.shown(folder / 'kept')})"
 
 
 def explain(folder: str | Path, row_id: str) -> dict:
@@ -133,7 +134,7 @@ def explain(folder: str | Path, row_id: str) -> dict:
     state = folder / "_qvl.json"
     try:
         if state.is_file():  # a download: start at its filter run
-            origin = Path(Folders(folder).read_state()["from"])
+            origin = remote.input_any(remote.location(Folders(folder).read_state()["from"]))  # a URL: its mirror
             steps, verdict = _filter_story(origin, row_id)
             if verdict.startswith("kept"):
                 more, verdict = _download_story(folder, row_id)
