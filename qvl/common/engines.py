@@ -147,10 +147,11 @@ class RayEngine:
         except ImportError:
             raise RuntimeError("--engine ray needs Ray: pip install 'qvl[ray]'") from None
         self.ray = ray
+        if self.address:
+            _check_reachable(self.address)
         if not ray.is_initialized():
             env = {"env_vars": {"POLARS_MAX_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}}
             if self.address:
-                _check_reachable(self.address)
                 try:
                     ray.init(address=self.address, runtime_env=env, log_to_driver=False, configure_logging=False)
                 except (ConnectionError, RuntimeError) as e:
