@@ -109,7 +109,7 @@ def _stop(pids: list[int]) -> None:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 3
         while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() and
                                                   "Z" not in _state(p) for p in pids):
             time.sleep(0.1)
