@@ -5,7 +5,7 @@ this machine, started once and timed on its own), on the same input:
 - `curate clip-score` with a tiny open_clip built from a config, random weights in a temp file;
 - `format multitask` of the demo's shape world.
 
-    python benchmarks/image_stages_ray.py [--images 400] [--scenes 300] [--cpus 2]
+    python benchmarks/image_stages_ray.py [--images 400] [--scenes 1000] [--cpus 2]
 
 On one machine Ray can only spread the same cores: what this shows is its overhead beside the
 local engine, and that the results agree (each line says so); the gain is on a cluster.
@@ -14,7 +14,6 @@ local engine, and that the results agree (each line says so); the gain is on a c
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -31,11 +30,11 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the local Ray
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
-from PIL import Image, ImageFilter  # noqa: E402
+import numpy as np
+import polars as pl
+from PIL import Image, ImageFilter
 
-from qvl.common.engines import EngineSettings, RayEngine  # noqa: E402
+from qvl.common.engines import EngineSettings, RayEngine
 
 TINY_CLIP = {"embed_dim": 64,
              "vision_cfg": {"image_size": 64, "layers": 2, "width": 128, "patch_size": 16, "head_width": 32},
@@ -85,8 +84,8 @@ def bench_download(work: Path, curated: Path, n: int, cpus: int) -> tuple[dict, 
     out, seconds = {}, {}
     for engine in ("local", "ray"):
         out[engine] = work / f"images-{engine}"
-        _, seconds[engine] = timed(lambda: run_download(curated, out[engine], settings, show_progress=False,
-                                                        engine=EngineSettings(engine)))
+        _, seconds[engine] = timed(partial(run_download, curated, out[engine], settings, show_progress=False,
+                                           engine=EngineSettings(engine)))
     same = all(pl.read_parquet(out["ray"] / p).sort("row_id").equals(pl.read_parquet(out["local"] / p).sort("row_id"))
                for p in ("kept/*.parquet", "rejected/*.parquet", "ledger/download.parquet"))
     kept = pl.read_parquet(out["local"] / "kept" / "*.parquet").height
@@ -111,8 +110,8 @@ def bench_clip(work: Path, images: Path, cpus: int) -> dict:
     for engine in ("local", "ray"):
         copy = work / f"clip-{engine}"
         shutil.copytree(images, copy)
-        _, seconds[engine] = timed(lambda: run_clip_score(copy, settings, show_progress=False,
-                                                          engine=EngineSettings(engine, workers=cpus)))
+        _, seconds[engine] = timed(partial(run_clip_score, copy, settings, show_progress=False,
+                                           engine=EngineSettings(engine, workers=cpus)))
         scores[engine] = pl.read_parquet(copy / "ledger" / "clip.parquet")
     diff = (scores["ray"]["clip_score_computed"] - scores["local"]["clip_score_computed"]).abs().max()
     return {"stage": "curate clip-score", "items": scores["local"].height, "unit": "images", "seconds": seconds,
@@ -147,7 +146,7 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=400)
-    parser.add_argument("--scenes", type=int, default=300)
+    parser.add_argument("--scenes", type=int, default=1000)
     parser.add_argument("--cpus", type=int, default=2, help="processes of the local engine, CPUs of the local Ray")
     a = parser.parse_args()
     print("command:", " ".join([os.path.basename(sys.executable), *sys.argv]))

@@ -13,11 +13,10 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from multiprocessing.managers import SyncManager
-
 import socket
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
+from multiprocessing.managers import SyncManager
 
 from qvl.common.lifeline import exit_with_parent
 from qvl.errors import QvlError
@@ -39,7 +38,7 @@ class LocalEngine:
         self.workers = workers
         self.pool: ProcessPoolExecutor | None = None
 
-    def __enter__(self) -> "LocalEngine":
+    def __enter__(self) -> LocalEngine:
         if self.workers > 1:
             ctx = mp.get_context("spawn")
             self.manager = SyncManager(ctx=ctx)
@@ -138,7 +137,7 @@ class RayEngine:
         self.address, self.cpus = address or os.environ.get("RAY_ADDRESS") or None, cpus
         self.started = False
 
-    def __enter__(self) -> "RayEngine":
+    def __enter__(self) -> RayEngine:
         if not self.address:  # set before Ray reads its constants
             os.environ.setdefault(LOOPBACK_ENV, "0")
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -16,7 +16,6 @@ are the local engine's too.
 from __future__ import annotations
 
 import shutil
-from collections import Counter
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path

@@ -22,9 +22,9 @@ import hashlib
 import io
 import os
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import polars as pl
 import torch
@@ -219,7 +219,7 @@ def _score_on_ray(s: ClipSettings, jobs: list[tuple], engine: EngineSettings) ->
     with RayEngine(engine.address, engine.workers) as ray:
         gpus = int(ray.resources().get("GPU", 0))
         count = min(gpus or int(ray.resources().get("CPU", 1)), engine.workers or len(jobs), len(jobs))
-        actor = ray.ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)(Scorer)
+        actor = ray.ray.remote(num_cpus=1, num_gpus=1 if gpus else 0)(Scorer)
         actors = [actor.remote(s, None if gpus else 1) for _ in range(max(1, count))]
         try:
             yield from ActorPool(actors).map_unordered(lambda a, job: a.score.remote(*job), jobs)

@@ -106,7 +106,7 @@ def test_an_interrupted_ray_download_resumes_like_a_local_one(tmp_path, curated,
     shutil.copytree(downloaded, out)
     attempt = out / "attempts" / "000"
     (attempt / "_qvl" / "done.json").unlink()
-    last = sorted(attempt.glob("*.tar"))[-1].stem
+    last = max(attempt.glob("*.tar")).stem
     queue_urls = set(pl.read_parquet(attempt / f"{last}.parquet")["url"])
     for name in (f"{last}.tar", f"{last}.parquet", f"{last}_stats.json", f"_qvl/{last}.checks.parquet"):
         (attempt / name).unlink(missing_ok=True)
