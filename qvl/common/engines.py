@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import secrets
 import socket
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -129,7 +130,7 @@ def _check_reachable(address: str) -> None:
 
 class RayEngine:
     """Tasks on a Ray cluster (``address``, else ``$RAY_ADDRESS``) or a local Ray started here
-    (its node on 127.0.0.1, no dashboard, no usage stats). One CPU per task, one polars thread
+    (its node on 127.0.0.1, no dashboard, no usage stats, a token made for it). One CPU per task, one polars thread
     per task. The output folder must be storage every node sees (a shared file system or a
     mounted bucket). Inside a process already connected to Ray, that connection is used."""
 
@@ -138,9 +139,11 @@ class RayEngine:
         self.started = False
 
     def __enter__(self) -> RayEngine:
-        if not self.address:  # set before Ray reads its constants
+        if not self.address:  # set before Ray reads them; inherited by a process that joins (img2dataset's)
             os.environ.setdefault(LOOPBACK_ENV, "0")
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            os.environ.setdefault("RAY_AUTH_MODE", "token")  # a token of this run's own, not ~/.ray/auth_token
+            os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
         try:
             import ray
         except ImportError:
