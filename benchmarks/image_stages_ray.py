@@ -150,12 +150,12 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=2, help="processes of the local engine, CPUs of the local Ray")
     a = parser.parse_args()
     print("command:", " ".join([os.path.basename(sys.executable), *sys.argv]))
-    print("machine:", machine())
     with tempfile.TemporaryDirectory(prefix="qvl-bench-") as d:
         work = Path(d)
         httpd = serve_photos(work / "www", a.images)
         curated = curated_pairs(work, f"http://127.0.0.1:{httpd.server_address[1]}", a.images)
         engine, start = timed(lambda: RayEngine(None, a.cpus).__enter__())
+        print("machine:", machine())
         print(f"local Ray started in {start:.1f} s ({a.cpus} CPUs), once for every stage below")
         try:
             rows = []

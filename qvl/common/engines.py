@@ -15,6 +15,7 @@ import os
 import queue
 import secrets
 import socket
+import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing.managers import SyncManager
@@ -139,7 +140,8 @@ class RayEngine:
         self.started = False
 
     def __enter__(self) -> RayEngine:
-        if not self.address:  # set before Ray reads them; inherited by a process that joins (img2dataset's)
+        if not self.address and "ray" not in sys.modules:  # Ray reads these when imported; a process
+            # that joins the local Ray (img2dataset's) inherits them
             os.environ.setdefault(LOOPBACK_ENV, "0")
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             os.environ.setdefault("RAY_AUTH_MODE", "token")  # a token of this run's own, not ~/.ray/auth_token
