@@ -131,9 +131,10 @@ def _check_reachable(address: str) -> None:
 
 class RayEngine:
     """Tasks on a Ray cluster (``address``, else ``$RAY_ADDRESS``) or a local Ray started here
-    (its node on 127.0.0.1, no dashboard, no usage stats, a token made for it). One CPU per task, one polars thread
-    per task. The output folder must be storage every node sees (a shared file system or a
-    mounted bucket). Inside a process already connected to Ray, that connection is used."""
+    (its node on 127.0.0.1, no dashboard, no usage stats, a token made for it). One CPU per
+    task, one polars thread per task. The output folder must be storage every node sees (a
+    shared file system or a mounted bucket). Inside a process already connected to Ray, that
+    connection is used."""
 
     def __init__(self, address: str | None, cpus: int | None):
         self.address, self.cpus = address or os.environ.get("RAY_ADDRESS") or None, cpus
