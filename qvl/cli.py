@@ -121,6 +121,9 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+EngineOpt = Annotated[str, typer.Option(help="local (this machine) or ray (a Ray cluster: the same results)")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(
+    help="with --engine ray: the cluster, host:port (default: $RAY_ADDRESS, else a local Ray started here)")]
 MaxPixelsOpt = Annotated[int, typer.Option(help="reject larger images before decoding them (decompression bombs)")]
 ModelOpt = Annotated[str, typer.Option(help="qwen-vl, qwen2-vl, qwen2.5-vl or qwen3-vl: template, image tokens, boxes")]
 MinImagePixelsOpt = Annotated[Optional[int], typer.Option(
@@ -307,9 +310,12 @@ def curate_download(
     allow_private: Annotated[bool, typer.Option(help="also fetch private, loopback and link-local addresses")] = False,
     retry_failed: Annotated[bool, typer.Option(help="a new attempt with only the rows whose download failed")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing download in --out")] = False,
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Fetch the kept pairs' images with img2dataset, check the real pixels, continue the funnel."""
+    from qvl.common.engines import EngineSettings
     from qvl.curate.images.download import DownloadSettings, run_download
 
     try:
@@ -319,7 +325,7 @@ def curate_download(
                                     max_aspect_ratio=max_aspect_ratio, max_pixels=max_pixels,
                                     near_dup_bits=near_dup_bits)
         report = run_download(curated, out, settings, retry_failed=retry_failed, overwrite=overwrite,
-                              show_progress=progress)
+                              show_progress=progress, engine=EngineSettings(engine, ray_address))
     except ValueError as e:  # DownloadError, a setting out of range
         _fail(str(e))
     console.print(f"[green]{report['input_rows']:,}[/] input rows -> [green]{report['kept_rows']:,}[/] pairs with "
@@ -337,9 +343,14 @@ def curate_clip_score(
     clip_threshold_default: Annotated[Optional[float], typer.Option(help="threshold for other sources")] = None,
     aesthetic_head: Annotated[Optional[Path], typer.Option(help="a LAION aesthetic linear head (.pth): "
                                                                 "aesthetic_computed for every scored image")] = None,
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = None,
+    actors: Annotated[Optional[int], typer.Option(help="with --engine ray: at most this many scoring actors "
+                                                       "(default: one a GPU, else one a CPU)")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Score image-text similarity with open_clip from a local checkpoint; threshold per source."""
+    from qvl.common.engines import EngineSettings
     from qvl.curate.images.clipscore import ClipScoreError, ClipSettings, run_clip_score
 
     thresholds = _thresholds(clip_threshold, "--clip-threshold") or None
@@ -347,18 +358,24 @@ def curate_clip_score(
                             thresholds=thresholds, threshold_default=clip_threshold_default,
                             aesthetic_head=aesthetic_head)
     try:
-        report = run_clip_score(images, settings, show_progress=progress)
+        report = run_clip_score(images, settings, show_progress=progress,
+                                engine=EngineSettings(engine, ray_address, actors))
     except ClipScoreError as e:
         _fail(str(e))
     console.print(f"scored; [green]{report['kept_rows']:,}[/] pairs kept. Report: {images / 'report.md'}")
 
 
 def _format(job: FormatJob) -> None:
-    from qvl.formats.build import run_format
+    from qvl.formats.build import produce_here, run_format
 
     try:
+        produce = produce_here
+        if job.engine.on_ray:
+            from qvl.formats.on_ray import produce_on_ray
+
+            produce = produce_on_ray(job.engine)
         manifest = run_format(job.kind, job.inputs, job.out, job.images, job.downloads, job.settings, job.overwrite,
-                              job.show_progress, job.records)
+                              job.show_progress, job.records, produce=produce)
     except (ValueError, FileExistsError) as e:  # bad inputs, tokenizer or --out: a message
         _fail(str(e))
     _report_format(manifest, job.out)
@@ -402,12 +419,15 @@ def format_multitask(
     model: ModelOpt = "qwen-vl",
     min_image_pixels: MinImagePixelsOpt = None,
     max_image_pixels: MaxImagePixelsOpt = None,
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> None:
     """Render the seven multitask pre-training formats into tokenized Arrow shards (qvl's own
     annotation files, or a published dataset's with --from LAYOUT); with --model, as one chat
     exchange each in Qwen2-VL's, Qwen2.5-VL's or Qwen3-VL's template and box convention."""
+    from qvl.common.engines import EngineSettings
     from qvl.formats.build import FormatJob, FormatSettings
 
     records = None
@@ -423,7 +443,8 @@ def format_multitask(
     settings = FormatSettings(tokenizer=tokenizer, image_tokens=image_tokens, max_len=max_len, pack_to=pack_to,
                               max_pixels=max_pixels, model=model, min_image_pixels=min_image_pixels,
                               max_image_pixels=max_image_pixels)
-    _format(FormatJob("multitask", paths, out, settings, images, downloads, overwrite, progress, records))
+    _format(FormatJob("multitask", paths, out, settings, images, downloads, overwrite, progress, records,
+                      EngineSettings(engine, ray_address)))
 
 
 @format_app.command("sft", reads=("inputs", "images", "downloads"), writes=("out",))
@@ -440,17 +461,21 @@ def format_sft(
     model: ModelOpt = "qwen-vl",
     min_image_pixels: MinImagePixelsOpt = None,
     max_image_pixels: MaxImagePixelsOpt = None,
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> None:
     """Render conversations (Qwen-VL, LLaVA, ShareGPT) in ChatML into tokenized shards: Qwen-VL's,
     or with --model the template, image tokens and box conventions of Qwen2-VL, Qwen2.5-VL or Qwen3-VL."""
+    from qvl.common.engines import EngineSettings
     from qvl.formats.build import FormatJob, FormatSettings
 
     settings = FormatSettings(tokenizer=tokenizer, image_tokens=image_tokens, max_len=max_len, pack_to=pack_to,
                               max_pixels=max_pixels, model=model, min_image_pixels=min_image_pixels,
                               max_image_pixels=max_image_pixels)
-    _format(FormatJob("sft", inputs, out, settings, images, downloads, overwrite, progress))
+    _format(FormatJob("sft", inputs, out, settings, images, downloads, overwrite, progress,
+                      engine=EngineSettings(engine, ray_address)))
 
 
 @format_app.command("export", reads=("files", "inputs", "images", "downloads", "check"), writes=("out",))

@@ -22,6 +22,9 @@ class RecordError(QvlError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self):  # pickled with its reason (a record sent to a Ray task keeps it)
+        return type(self), (str(self), self.reason)
+
 
 # One sample is wrong: it goes to the rejects with ``reason`` and the message. The name the
 # formats have always used for ``RecordError``, of which it is the same class.

@@ -1,6 +1,14 @@
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +19,13 @@ from qvl.formats.build import FormatSettings, run_format
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray, whoever starts it in the tests: its nodes on 127.0.0.1 (not the LAN address Ray picks
+# for clusters), no usage stats sent anywhere. Set before any test module imports ray.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# and its clusters ask for a token made for this session (Ray reads these when it is imported)
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -134,3 +149,71 @@ def s3(s3_server, tmp_path, monkeypatch) -> S3Server:
     """A test's own qvl cache (staging folders, mirrors) beside the session's S3 server."""
     monkeypatch.setenv("QVL_CACHE", str(tmp_path / "qvl-cache"))
     return s3_server
+
+
+def _processes_under(marker: str) -> list[int]:
+    """Processes whose command line names ``marker`` (the cluster's own temp dir), and their children."""
+    found, parents = set(), {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.add(int(entry.name))
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    grown = True
+    while grown:
+        children = {pid for pid, parent in parents.items() if parent in found} - found
+        grown = bool(children)
+        found |= children
+    return sorted(found)
+
+
+def _stop(pids: list[int]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() and
+                                                  "Z" not in _state(p) for p in pids):
+            time.sleep(0.1)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> str:
+    """A Ray cluster of its own for the session: ``ray start --head`` (its GCS, raylet and worker
+    processes) on 127.0.0.1 with two CPUs and a token made here; this process joins it once and
+    the commands under test are given its address. Stopped by ending the processes it started
+    (found by its own temp dir), never ``ray stop``, which would end other Ray on the machine.
+    Ray binds a second node to the machine's LAN address, never 127.0.0.1: one node it is."""
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'qvl[ray]'); CI installs it")
+    temp = tempfile.mkdtemp(prefix="qvlray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
+               "--port", str(port), "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard", "false",
+               "--temp-dir", temp, "--disable-usage-stats"]
+    try:
+        subprocess.run(command, check=True, capture_output=True, timeout=120)
+        ray.init(address=address, log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "POLARS_MAX_THREADS": "1"}})
+        yield address
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        _stop(_processes_under(temp))
+        shutil.rmtree(temp, ignore_errors=True)

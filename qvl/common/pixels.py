@@ -7,6 +7,7 @@ JPEG at 1/8 scale, which its format allows: every byte is still read, at a tenth
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from typing import BinaryIO
 
@@ -53,7 +54,7 @@ def _header_size(f: BinaryIO, max_pixels: int) -> None:
     except Image.DecompressionBombError as e:
         raise BadImage(f"over the limit of {max_pixels / 1e6:g} Mpx ({e})", "too_many_pixels") from None
     except Exception as e:  # PIL raises many types for bad bytes (OSError, SyntaxError, ValueError...)
-        raise BadImage(f"not a decodable image ({type(e).__name__}: {e})"[:300], "corrupt_image") from None
+        raise BadImage(f"not a decodable image ({_said(e)})"[:300], "corrupt_image") from None
     if width * height > max_pixels:
         raise BadImage(f"{width}x{height} = {width * height / 1e6:.0f} Mpx, over the limit of "
                        f"{max_pixels / 1e6:g} Mpx", "too_many_pixels")
@@ -78,5 +79,10 @@ def decoded_size(data: bytes, max_pixels: int = MAX_PIXELS, inspect=None):
     except Image.DecompressionBombError as e:  # PIL's own guard, above twice its default limit
         raise BadImage(f"over the limit of {max_pixels / 1e6:g} Mpx ({e})", "too_many_pixels") from None
     except Exception as e:  # PIL raises many types for bad bytes (OSError, SyntaxError, ValueError...)
-        raise BadImage(f"not a decodable image ({type(e).__name__}: {e})"[:300], "corrupt_image") from None
+        raise BadImage(f"not a decodable image ({_said(e)})"[:300], "corrupt_image") from None
 
+
+def _said(e: Exception) -> str:
+    """An exception as a ledger may keep it: without the memory addresses PIL puts in some
+    (``<_io.BytesIO object at 0x7f…>``), so the same bytes give the same words in every run."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(e).__name__}: {e}")

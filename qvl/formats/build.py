@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from qvl import __version__
 from qvl.common import pixels, storage
+from qvl.common.engines import EngineSettings
 from qvl.errors import AnnotationError
 from qvl.formats import families, shards
 from qvl.formats.families import MODELS, vision
@@ -84,6 +85,7 @@ class FormatJob:
     overwrite: bool = False
     show_progress: bool = True
     records: Iterable[tuple[str, int, str, dict | AnnotationError]] | None = None  # from importers, for --from
+    engine: EngineSettings = dataclasses.field(default_factory=EngineSettings)  # where: the same samples
 
 
 # Upper bounds of the settings: far past any real use, each keeps one number from asking for
@@ -118,12 +120,30 @@ def _position_lists(rows: list[list[Encoded]], lengths: list[int]) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(outer), pa.ListArray.from_arrays(pa.array(inner), pa.array(flat)))
 
 
-def _best_fit(samples: list[Encoded], capacity: int) -> list[list[Encoded]]:
+def row_columns(rows: list[list[Encoded]], positions: bool) -> dict:
+    """The shard columns of ``rows``, each a list of samples laid end to end (one: unpacked)."""
+    lengths = [sum(len(s.input_ids) for s in row) for row in rows]
+    columns = {
+        "id": [row[0].id if len(row) == 1 else f"packed:{row[0].id}+{len(row) - 1}" for row in rows],
+        "input_ids": _int_lists([s.input_ids for row in rows for s in row], lengths),
+        "labels": _int_lists([s.labels for row in rows for s in row], lengths),
+        "images": [[img for s in row for img in s.loaded] for row in rows],
+        "task": [row[0].task for row in rows],
+        "source": [row[0].source for row in rows],
+        "sample_ids": [[s.id for s in row] for row in rows],
+        "sample_lengths": [[len(s.input_ids) for s in row] for row in rows],
+    }
+    if positions:  # each sample's own positions, from 0: a packed row trains as its samples alone
+        columns["position_ids"] = _position_lists(rows, lengths)
+    return columns
+
+
+def _best_fit(samples: list, capacity: int, size=lambda e: len(e.input_ids)) -> list[list]:
     """Best-fit decreasing: each sample into the fullest bin it still fits."""
-    bins: list[list[Encoded]] = []
+    bins: list[list] = []
     free: list[int] = []
-    for s in sorted(samples, key=lambda e: -len(e.input_ids)):
-        n = len(s.input_ids)
+    for s in sorted(samples, key=lambda e: -size(e)):
+        n = size(s)
         best = -1
         for i, room in enumerate(free):
             if n <= room and (best < 0 or room < free[best]):
@@ -169,6 +189,7 @@ class _Build:
         self.tok, self.image_tokens, self.resized_of, self.grid, self.image_pad = _vision(settings, model, store)
         self.ctx = multitask.Context(self.tok, self.image_tokens, store.size, model, self.resized_of)
         self.limit = min(settings.max_len, settings.pack_to or settings.max_len)
+        self.pack_to = settings.pack_to  # None: every sample its own row
         self.stats: Counter = Counter()
         self.rejected: Counter = Counter()
         self.by_task: dict[str, Counter] = defaultdict(Counter)
@@ -215,25 +236,12 @@ class _Build:
     def emit(self, rows: list[list[Encoded]]) -> None:
         if not rows:
             return
-        lengths = [sum(len(s.input_ids) for s in row) for row in rows]
-        columns = {
-            "id": [row[0].id if len(row) == 1 else f"packed:{row[0].id}+{len(row) - 1}" for row in rows],
-            "input_ids": _int_lists([s.input_ids for row in rows for s in row], lengths),
-            "labels": _int_lists([s.labels for row in rows for s in row], lengths),
-            "images": [[img for s in row for img in s.loaded] for row in rows],
-            "task": [row[0].task for row in rows],
-            "source": [row[0].source for row in rows],
-            "sample_ids": [[s.id for s in row] for row in rows],
-            "sample_lengths": [[len(s.input_ids) for s in row] for row in rows],
-        }
-        if self.model.sized_images:  # each sample's own positions, from 0: a packed row trains as its samples alone
-            columns["position_ids"] = _position_lists(rows, lengths)
         self.stats["rows"] += len(rows)
-        self.stats["row_tokens"] += sum(lengths)
-        self.writer.write(columns)
+        self.stats["row_tokens"] += sum(len(s.input_ids) for row in rows for s in row)
+        self.writer.write(row_columns(rows, self.model.sized_images))
 
     def flush_packed(self, task: str) -> None:
-        self.emit(_best_fit(self.buffers.pop(task, []), self.settings.pack_to))
+        self.emit(_best_fit(self.buffers.pop(task, []), self.pack_to))
 
     def _tokenized(self, batch: list[tuple[str, int, Plan]]) -> list[tuple[tuple[str, int, Plan], Encoded]]:
         try:
@@ -272,7 +280,7 @@ class _Build:
             self.by_source[(sample.source, sample.task)]["samples"] += 1
             self.by_source[(sample.source, sample.task)]["tokens"] += n
             ready.append(sample)
-        if self.settings.pack_to:
+        if self.pack_to:
             for sample in ready:
                 self.buffers[sample.task].append(sample)
                 if len(self.buffers[sample.task]) >= self.settings.pack_buffer:
@@ -313,12 +321,21 @@ class _Build:
         return manifest
 
 
+def produce_here(build: _Build, records: Iterable, show_progress: bool) -> None:
+    """The local engine: every record through this process, rows written as they come."""
+    build.stats["records"] = each_record(records, build.render, build.add, build.reject_record,
+                                         f"format {build.kind}", "samples", show_progress)
+    build.finish()
+
+
 def run_format(
     kind: str, inputs: list[Path], out: Path, images: Path | None = None, downloads: Path | None = None,
     settings: FormatSettings | None = None, overwrite: bool = False, show_progress: bool = True,
     records: Iterable[tuple[str, int, str, dict | AnnotationError]] | None = None, extra: dict | None = None,
+    produce=produce_here,
 ) -> dict:
-    """Render ``inputs`` (qvl's annotation files; or ``records``, from importers) into shards."""
+    """Render ``inputs`` (qvl's annotation files; or ``records``, from importers) into shards;
+    ``produce`` fills the shards and counts (here, or ``qvl.formats.on_ray.produce_on_ray``)."""
     settings = settings or FormatSettings()
     check_folders(images, downloads)
     records = file_records(inputs) if records is None else records
@@ -329,9 +346,7 @@ def run_format(
     with storage.replacing(out) as tmp:
         build.writer = writer = ShardWriter(tmp, max_rows=settings.shard_rows, positions=model.sized_images)
         try:
-            build.stats["records"] = each_record(records, build.render, build.add, build.reject_record,
-                                                 f"format {kind}", "samples", show_progress)
-            build.finish()
+            produce(build, records, show_progress)
             manifest = build.manifest(inputs, extra)
             order = {str(p): i for i, p in enumerate(inputs)}
             writer.rejects.sort(key=lambda r: (order.get(r["file"], len(order)), r["file"], r["line"]))

@@ -79,12 +79,23 @@ class ShardWriter:
     def reject(self, file: str, line: int, sample_id: str | None, reason: str, detail: str) -> None:
         self.rejects.append({"file": file, "line": line, "id": sample_id, "reason": reason, "detail": detail})
 
+    def close(self) -> None:
+        """The shard being written, closed: its rows are final (a Ray part's output)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def adopt(self, path: Path) -> None:
+        """A finished shard written elsewhere (a Ray task) becomes this output's next one."""
+        self.close()
+        self.files.append(path)
+
     def finish(self, manifest: dict) -> None:
-        if self._writer is None:  # no sample: one shard holding one empty batch, which datasets opens
+        if self._writer is None and not self.files:  # no sample: one shard holding one empty batch
             self._open()
             self._writer.write_batch(pa.RecordBatch.from_arrays([pa.array([], f.type) for f in self.schema],
                                                                schema=self.schema))
-        self._writer.close()
+        self.close()
         n = len(self.files)
         names = []
         for i, path in enumerate(self.files):

@@ -10,6 +10,10 @@ scores go to ``IMAGES/ledger/clip.parquet``; the download's outputs are then re-
 with the ``clip_score`` rule on the computed score (per-source thresholds), as
 ``clip_score_computed`` in the funnel. Kept rows carry ``clip_score`` (computed) and
 ``clip_score_dataset`` (the score the dataset shipped, if any).
+
+On Ray (``engine=EngineSettings("ray")``) a pool of ``Scorer`` actors, each loading the model
+once (one GPU each where the cluster has GPUs, else one CPU), scores the shards; the shards,
+their batches and the cache are the local engine's, so the scores and outputs are too.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import hashlib
 import io
 import os
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +31,7 @@ import torch
 from PIL import Image
 
 from qvl.common import storage
+from qvl.common.engines import EngineSettings
 from qvl.common.progress import progress_bar
 from qvl.curate.images import download as dl
 from qvl.curate.images.folders import Folders
@@ -78,8 +84,9 @@ class AestheticHead:
         return unit_embeddings.float() @ self.weight.to(unit_embeddings.device) + self.bias.to(unit_embeddings.device)
 
 
-def load_model(model: str, pretrained: Path | None, device: torch.device):
-    """(model, preprocess, tokenizer, name) from local files only."""
+def model_name(model: str, pretrained: Path | None) -> str:
+    """The open_clip name of ``model`` (a config name, or a JSON config registered here), its
+    checkpoint checked to be a local file: what is wrong is said before any model is built."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import open_clip
 
@@ -94,6 +101,14 @@ def load_model(model: str, pretrained: Path | None, device: torch.device):
         raise ClipScoreError(f"{model}: not an open_clip model config (see open_clip.list_models()) or a .json file")
     if pretrained is None or not Path(pretrained).is_file():
         raise ClipScoreError(f"--pretrained {pretrained}: a local checkpoint file is required (nothing is downloaded)")
+    return name
+
+
+def load_model(model: str, pretrained: Path | None, device: torch.device):
+    """(model, preprocess, tokenizer, name) from local files only."""
+    import open_clip
+
+    name = model_name(model, pretrained)
     try:
         clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device=device)
         _load_weights(clip, Path(pretrained))
@@ -162,34 +177,86 @@ def score_shard(clip, preprocess, tokenizer, device, tar_path: Path, rows: pl.Da
     return frame.with_columns(aesthetic_computed=pl.Series(aesthetic, dtype=pl.Float64)) if head is not None else frame
 
 
-def run_clip_score(images: str | Path, s: ClipSettings, show_progress: bool = True) -> dict:
+def _device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                        ("cpu" if name == "auto" else name))
+
+
+class Scorer:
+    """The model loaded once; then shard after shard scored and cached. Here, or as a Ray actor."""
+
+    def __init__(self, s: ClipSettings, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = _device(s.device)
+        self.clip, self.preprocess, self.tokenizer, _ = load_model(s.model, s.pretrained, self.device)
+        self.head = AestheticHead(Path(s.aesthetic_head), self.clip.visual.output_dim) if s.aesthetic_head else None
+        self.batch_size = s.batch_size
+
+    def score(self, tar_path: Path, rows: pl.DataFrame, cache: Path) -> int:
+        part = score_shard(self.clip, self.preprocess, self.tokenizer, self.device, tar_path, rows, self.batch_size,
+                           self.head)
+        storage.write_parquet(cache, part.to_arrow())
+        return part.height
+
+
+def _score_here(s: ClipSettings, jobs: list[tuple], engine: EngineSettings) -> Iterator[int]:
+    scorer = Scorer(s)
+    for job in jobs:
+        yield scorer.score(*job)
+
+
+def _score_on_ray(s: ClipSettings, jobs: list[tuple], engine: EngineSettings) -> Iterator[int]:
+    """An actor pool over the shards: one actor a GPU where the cluster has GPUs, else one a CPU
+    (``engine.workers`` of them at most). A model that fails to load in an actor is one error."""
+    from ray.exceptions import RayError
+    from ray.util import ActorPool
+
+    from qvl.common.engines import RayEngine
+
+    if not jobs:
+        return
+    with RayEngine(engine.address, engine.workers) as ray:
+        gpus = int(ray.resources().get("GPU", 0))
+        count = min(gpus or int(ray.resources().get("CPU", 1)), engine.workers or len(jobs), len(jobs))
+        actor = ray.ray.remote(num_cpus=1, num_gpus=1 if gpus else 0)(Scorer)
+        actors = [actor.remote(s, None if gpus else 1) for _ in range(max(1, count))]
+        try:
+            yield from ActorPool(actors).map_unordered(lambda a, job: a.score.remote(*job), jobs)
+        except RayError as e:
+            cause = getattr(e, "cause", None) or e
+            raise ClipScoreError(f"clip-score on Ray: {str(cause).strip().splitlines()[-1][:500]}") from None
+        finally:
+            for a in actors:
+                ray.ray.kill(a)
+
+
+SCORERS = {"local": _score_here, "ray": _score_on_ray}
+
+
+def run_clip_score(images: str | Path, s: ClipSettings, show_progress: bool = True,
+                   engine: EngineSettings | None = None) -> dict:
+    engine = engine or EngineSettings()
     f = Folders(Path(images))
     if not f.state.is_file() or not (f.ledger / "download.parquet").is_file():
         raise ClipScoreError(f"{images}: not the --out of a finished `qvl curate download`")
     state = f.read_state()
-    device = torch.device("cuda" if s.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if s.device == "auto" else s.device))
-    clip, preprocess, tokenizer, name = load_model(s.model, s.pretrained, device)
-    head = AestheticHead(Path(s.aesthetic_head), clip.visual.output_dim) if s.aesthetic_head else None
+    name = model_name(s.model, s.pretrained)
     kept, base_report = dl.read_curated(Path(state["from"]))
     ledger = pl.read_parquet(f.ledger / "download.parquet")
     scorable = (ledger.filter((pl.col("download_status") == "success") & pl.col("image_error").is_null())
                 .join(kept.select("row_id", "text"), on="row_id"))
     cache = f.out / "_qvl" / "clip" / _fingerprint(s)
-    parts = []
     shards = scorable.partition_by("image_tar", as_dict=True, maintain_order=True)
+    paths = {tar: cache / (tar.replace("/", "_").removesuffix(".tar") + ".parquet") for (tar,) in shards}
+    jobs = [(f.out / tar, rows.rename({"image_key": "key"}), paths[tar]) for (tar,), rows in shards.items()
+            if not paths[tar].exists()]
     with progress_bar(disable=not show_progress) as bar:
-        task = bar.add_task("clip-score", total=scorable.height, unit="images")
-        for (tar,), rows in shards.items():
-            path = cache / (tar.replace("/", "_").removesuffix(".tar") + ".parquet")
-            if path.exists():
-                part = pl.read_parquet(path)
-            else:
-                part = score_shard(clip, preprocess, tokenizer, device, f.out / tar, rows.rename({"image_key": "key"}),
-                                   s.batch_size, head)
-                storage.write_parquet(path, part.to_arrow())
-            parts.append(part)
-            bar.advance(task, rows.height)
+        task = bar.add_task("clip-score", total=scorable.height, completed=scorable.height - sum(
+            job[1].height for job in jobs), unit="images")
+        for scored in SCORERS[engine.engine](s, jobs, engine):
+            bar.advance(task, scored)
+    parts = [pl.read_parquet(paths[tar]) for (tar,) in shards]  # shard order, whichever engine finished first
     scores = (pl.concat(parts) if parts else pl.DataFrame(schema={"row_id": pl.String, "clip_score_computed": pl.Float64}))
     storage.write_parquet(f.ledger / "clip.parquet", scores.with_columns(clip_model=pl.lit(name)).to_arrow())
     storage.write_json(f.state, {**state, "clip": {"model": name, "pretrained": str(s.pretrained),

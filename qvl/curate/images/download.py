@@ -8,6 +8,12 @@ decoded (a file that is not an image, or is truncated, is ``image_corrupt``), an
 image rules of the filter (``too_small``, ``aspect_ratio``) run again on the real size.
 Rows whose URL is not http(s) or points at a private address are never fetched.
 
+On Ray (``engine=EngineSettings("ray")``) the same img2dataset run hands each of its shards
+to a Ray task (img2dataset's own Ray distributor; every worker of the job installs the address
+screen and the decode check first, ``fetch.guard``) and the pixel checks run as one Ray task a
+shard. The queue, its sharding, the shard names and keys are the local engine's, so the
+outputs, the resume and the near-duplicate grouping (over the whole run, here) are too.
+
 Outputs continue the filter's contract: ``IMAGES/kept/`` (the curated columns plus the
 image's tar, key, sha256 and size), ``IMAGES/rejected/`` (with ``drop_reason`` and
 ``download_error``), ``IMAGES/report.*`` (the filter's funnel continued, so input ==
@@ -25,12 +31,14 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
 from qvl.common import pixels, remote, storage
+from qvl.common.engines import EngineSettings, RayEngine
 from qvl.common.lifeline import PARENT_ENV
 from qvl.common.progress import progress_bar
 from qvl.curate.filter import report as report_mod
@@ -113,8 +121,10 @@ def read_curated(curated: Path) -> tuple[pl.DataFrame, dict]:
 # ---------------------------------------------------------------- fetching
 
 
-def _fetch(queue: pl.DataFrame, folder: Path, s: DownloadSettings, show_progress: bool) -> None:
-    """One img2dataset run over ``queue`` (row_id, url, text) into ``folder``; resumable."""
+def _fetch(queue: pl.DataFrame, folder: Path, s: DownloadSettings, show_progress: bool,
+           ray: RayEngine | None = None) -> None:
+    """One img2dataset run over ``queue`` (row_id, url, text) into ``folder``; resumable. With
+    ``ray``, its shards are fetched by Ray tasks of the cluster ``ray`` is connected to."""
     own = folder / "_qvl"  # img2dataset reads every *.json of its output folder as a shard's stats
     own.mkdir(parents=True, exist_ok=True)
     queue_path = own / "queue.parquet"
@@ -128,6 +138,7 @@ def _fetch(queue: pl.DataFrame, folder: Path, s: DownloadSettings, show_progress
         "number_sample_per_shard": s.samples_per_shard, "timeout": s.timeout, "retries": s.retries,
         "incremental_mode": "incremental", "enable_wandb": False, "compute_hash": "sha256",
         "user_agent_token": "qvl", "disallowed_header_directives": [], "max_image_area": s.max_pixels,
+        "distributor": "ray" if ray else "multiprocessing",
     }
     if s.image_size:
         config.update(image_size=s.image_size, resize_mode=s.resize_mode, resize_only_if_bigger=True)
@@ -138,9 +149,11 @@ def _fetch(queue: pl.DataFrame, folder: Path, s: DownloadSettings, show_progress
     log = open(own / "img2dataset.log", "ab")
     try:
         proc = subprocess.Popen([sys.executable, "-m", "qvl.curate.images.fetch", str(own / "img2dataset.json")],
-                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", fetch.MAX_PIXELS: str(s.max_pixels),
+                                stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", fetch.MAX_PIXELS: str(s.max_pixels),
                                      fetch.ALLOW_PRIVATE: "1" if s.allow_private else "0",
-                                     PARENT_ENV: str(os.getpid())})
+                                     PARENT_ENV: str(os.getpid()),
+                                     **({fetch.RAY_ADDRESS: ray.gcs_address} if ray else {})})
         with progress_bar(disable=not show_progress) as bar:
             task = bar.add_task(f"download {folder.name}", total=rows, unit="images")
             while proc.poll() is None:
@@ -195,11 +208,11 @@ def clip_facts(f: Folders) -> pl.DataFrame | None:
 
 
 def _join_facts(f: Folders, kept: pl.DataFrame, s: DownloadSettings, show_progress: bool,
-                screened: pl.DataFrame | None) -> pl.DataFrame:
+                screened: pl.DataFrame | None, ray: RayEngine | None = None) -> pl.DataFrame:
     """The kept rows with everything found about them: the URL screen, img2dataset's latest
     outcome and the pixel checks of the stored image."""
     facts = fold(f)
-    checks = check_images(f, facts, s.check_threads, s.max_pixels, show_progress)
+    checks = check_images(f, facts, s.check_threads, s.max_pixels, show_progress, ray)
     if screened is None:
         screened = netcheck.screen(kept.select("row_id", "url"), s.allow_private, s.resolve_hosts)
     return (kept.join(screened.select("row_id", "_refused", "_refused_why"), on="row_id", how="left")
@@ -335,13 +348,14 @@ def _report(f: Folders, base_report: dict, s: DownloadSettings, frame: pl.DataFr
 
 def derive(f: Folders, kept: pl.DataFrame, base_report: dict, s: DownloadSettings,
            clip_thresholds: dict[str, float] | None = None, clip_default: float | None = None,
-           show_progress: bool = False, screened: pl.DataFrame | None = None) -> dict:
-    """kept/, rejected/, the ledger and the report from the stored facts and thresholds."""
+           show_progress: bool = False, screened: pl.DataFrame | None = None, ray: RayEngine | None = None) -> dict:
+    """kept/, rejected/, the ledger and the report from the stored facts and thresholds (all
+    of them here: duplicates and near-duplicates are grouped across the whole run)."""
     settings = base_report["settings"]
     min_side = s.min_side if s.min_side is not None else settings["min_side"]
     max_ratio = s.max_aspect_ratio if s.max_aspect_ratio is not None else settings["max_aspect_ratio"]
     clip = clip_facts(f)
-    frame, clip_fail = _with_clip(f, _join_facts(f, kept, s, show_progress, screened), clip, settings,
+    frame, clip_fail = _with_clip(f, _join_facts(f, kept, s, show_progress, screened, ray), clip, settings,
                                   clip_thresholds, clip_default)
     frame = _drop_duplicates(_drop_reasons(frame, min_side, max_ratio, clip_fail), s.near_dup_bits)
     kept_out, rejected = _write_outputs(f, frame, clip)
@@ -351,8 +365,13 @@ def derive(f: Folders, kept: pl.DataFrame, base_report: dict, s: DownloadSetting
 # ---------------------------------------------------------------- the command
 
 
+def open_ray(engine: EngineSettings | None):
+    """A connected ``RayEngine`` for the Ray engine (yielded by ``with``), else None."""
+    return RayEngine(engine.address, engine.workers) if engine and engine.on_ray else nullcontext()
+
+
 def run_download(curated: str | Path, out: str | Path, s: DownloadSettings | None = None, retry_failed: bool = False,
-                 overwrite: bool = False, show_progress: bool = True) -> dict:
+                 overwrite: bool = False, show_progress: bool = True, engine: EngineSettings | None = None) -> dict:
     s = s or DownloadSettings()
     curated, out = Path(curated), Path(out)
     f = Folders(out)
@@ -372,11 +391,18 @@ def run_download(curated: str | Path, out: str | Path, s: DownloadSettings | Non
     clip = f.read_state().get("clip") if f.state.exists() else None
     storage.write_json(f.state, {**state, "settings": dataclasses.asdict(s), **({"clip": clip} if clip else {})})
 
+    with open_ray(engine) as ray:
+        return _download(f, kept, base_report, s, retry_failed, show_progress, ray)
+
+
+def _download(f: Folders, kept: pl.DataFrame, base_report: dict, s: DownloadSettings, retry_failed: bool,
+              show_progress: bool, ray: RayEngine | None) -> dict:
+    """The attempt to make (a new one, a killed one resumed, or none), then the outputs derived."""
     attempts = sorted(int(p.name) for p in f.attempts.glob("[0-9]*")) if f.attempts.exists() else []
     screened = netcheck.screen(kept.select("row_id", "url"), s.allow_private, s.resolve_hosts)
     unfinished = [n for n in attempts if not (f.attempt(n) / "_qvl" / "done.json").exists()]
     if unfinished:  # a killed run: img2dataset resumes the same attempt shard by shard
-        _fetch(pl.DataFrame(), f.attempt(unfinished[0]), s, show_progress)
+        _fetch(pl.DataFrame(), f.attempt(unfinished[0]), s, show_progress, ray)
     elif not attempts or retry_failed:
         allowed = screened.filter(pl.col("_refused").is_null()).get_column("row_id")
         queue = kept.filter(pl.col("row_id").is_in(allowed.implode()))  # input order
@@ -386,5 +412,5 @@ def run_download(curated: str | Path, out: str | Path, s: DownloadSettings | Non
                                     .str.contains(netcheck.REFUSED, literal=True)).get_column("row_id")
             queue = queue.filter(pl.col("row_id").is_in(failed.implode()))
         if queue.height:
-            _fetch(queue, f.attempt(attempts[-1] + 1 if attempts else 0), s, show_progress)
-    return derive(f, kept, base_report, s, show_progress=show_progress, screened=screened)
+            _fetch(queue, f.attempt(attempts[-1] + 1 if attempts else 0), s, show_progress, ray)
+    return derive(f, kept, base_report, s, show_progress=show_progress, screened=screened, ray=ray)

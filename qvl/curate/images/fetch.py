@@ -7,6 +7,10 @@ address screen (every connection and redirect hop, unless ``QVL_ALLOW_PRIVATE=1`
 makes its store-as-served path decode every image before it is written, so bytes that are
 not an image (a page, a truncated file, a decompression bomb) never reach a shard.
 albumentations (imported by img2dataset) must not look for updates over the network.
+
+With ``distributor: ray`` in the config, this process joins the Ray cluster at ``$QVL_RAY_ADDRESS``
+and img2dataset runs each shard as a Ray task; every worker process of the job runs ``guard``
+when it starts (Ray's ``worker_process_setup_hook``), before it fetches anything.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import sys
 
 ALLOW_PRIVATE = "QVL_ALLOW_PRIVATE"
 MAX_PIXELS = "QVL_MAX_PIXELS"
+RAY_ADDRESS = "QVL_RAY_ADDRESS"
 
 
 def guard() -> None:
@@ -55,6 +60,15 @@ if __name__ in ("__main__", "__mp_main__"):  # this process, or a worker img2dat
     guard()
 
 
+def join_ray() -> None:
+    """Connect to the cluster as a job whose every worker screens and checks as this process does."""
+    import ray
+
+    passed = {key: os.environ[key] for key in (ALLOW_PRIVATE, MAX_PIXELS, "NO_ALBUMENTATIONS_UPDATE") if key in os.environ}
+    ray.init(address=os.environ[RAY_ADDRESS], log_to_driver=False, configure_logging=False,
+             runtime_env={"worker_process_setup_hook": "qvl.curate.images.fetch.guard", "env_vars": passed})
+
+
 def main() -> None:
     from img2dataset import download
 
@@ -63,7 +77,10 @@ def main() -> None:
     os.environ[PARENT_ENV] = str(os.getpid())  # img2dataset's workers watch this process
 
     with open(sys.argv[1], encoding="utf-8") as f:
-        download(**json.load(f))
+        config = json.load(f)
+    if config.get("distributor") == "ray":
+        join_ray()
+    download(**config)
 
 
 if __name__ == "__main__":

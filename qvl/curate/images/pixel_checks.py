@@ -48,8 +48,17 @@ def _check_tar(tar_path: Path, max_pixels: int) -> pl.DataFrame:
                          "phash": hashes}, schema=CHECKS)
 
 
-def check_images(f: Folders, facts: pl.DataFrame, threads: int, max_pixels: int, show_progress: bool) -> pl.DataFrame:
-    """Pixel checks of every stored image, cached per shard beside its tar."""
+def check_shard(tar_path: Path, cache: Path, max_pixels: int) -> pl.DataFrame:
+    """One shard's checks, cached; the unit of work of either engine."""
+    checks = _check_tar(tar_path, max_pixels)
+    storage.write_parquet(cache, checks.to_arrow())
+    return checks
+
+
+def check_images(f: Folders, facts: pl.DataFrame, threads: int, max_pixels: int, show_progress: bool,
+                 ray=None) -> pl.DataFrame:
+    """Pixel checks of every stored image, cached per shard beside its tar: in threads here,
+    or one Ray task a shard on the cluster ``ray`` (a ``RayEngine``) is connected to."""
     shards = facts.filter(pl.col("status") == "success").select("attempt", "shard").unique().sort("attempt", "shard")
     todo, frames = [], []
     for attempt, shard in shards.iter_rows():
@@ -59,17 +68,15 @@ def check_images(f: Folders, facts: pl.DataFrame, threads: int, max_pixels: int,
         else:
             todo.append((attempt, shard, cache))
 
-    def run(job):
-        attempt, shard, cache = job
-        checks = _check_tar(f.attempt(attempt) / f"{shard}.tar", max_pixels)
-        storage.write_parquet(cache, checks.to_arrow())
-        return checks.with_columns(attempt=pl.lit(attempt), shard=pl.lit(shard))
-
+    jobs = {(attempt, shard): (f.attempt(attempt) / f"{shard}.tar", cache, max_pixels)
+            for attempt, shard, cache in todo}
     with progress_bar(disable=not show_progress or not todo) as bar, \
             ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:  # PIL decodes without the GIL
         task = bar.add_task("check pixels", total=len(todo), unit="shards")
-        for checks in pool.map(run, todo):
-            frames.append(checks)
+        done = ray.run(check_shard, jobs) if ray is not None else \
+            zip(jobs, pool.map(lambda args: check_shard(*args), jobs.values()))
+        for (attempt, shard), checks in done:
+            frames.append(checks.with_columns(attempt=pl.lit(attempt), shard=pl.lit(shard)))
             bar.advance(task)
     if not frames:
         return pl.DataFrame(schema={**CHECKS, "attempt": pl.Int64, "shard": pl.String})
