@@ -101,7 +101,8 @@ def test_the_pipeline_on_a_bucket_equals_the_pipeline_on_local_paths(s3, photos,
     assert story["verdict"].startswith("kept with its image") and f"{url}/images/kept" in story["verdict"]
 
     # train stage 2 from the bucket; killed after its first committed checkpoint; resumed elsewhere
-    train = ["train", "--stage", "2", "--preset", micro["preset"], "--max-steps", "6", "--checkpoint-every", "2"]
+    steps = 16  # room to be killed mid-run on a slow machine (the kill comes at the first commit seen)
+    train = ["train", "--stage", "2", "--preset", micro["preset"], "--max-steps", str(steps), "--checkpoint-every", "2"]
     qvl(*train, "--data", str(local / "shards"), "--out", str(local / "train"))
     env = {**os.environ, "QVL_CACHE": str(tmp_path / "machine-a"), "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.Popen([sys.executable, "-m", "qvl.cli", *train, "--data", f"{url}/shards", "--out",
@@ -114,7 +115,7 @@ def test_the_pipeline_on_a_bucket_equals_the_pipeline_on_local_paths(s3, photos,
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     step = json.loads((remote.input_folder(f"{url}/train", show_progress=False) / "checkpoint/meta.json").read_text())
-    assert step["step"] < 6  # killed mid-run: the bucket holds an earlier checkpoint
+    assert step["step"] < steps  # killed mid-run: the bucket holds an earlier checkpoint
     monkeypatch.setenv("QVL_CACHE", str(tmp_path / "machine-b"))  # nothing staged here: all from the bucket
     qvl(*train, "--data", f"{url}/shards", "--out", f"{url}/train", "--resume")
     resumed = load_file(str(remote.input_folder(f"{url}/train", show_progress=False) / "checkpoint/model.safetensors"))
