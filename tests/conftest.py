@@ -192,9 +192,11 @@ def _state(pid: int) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> str:
+def ray_cluster(s3_server) -> str:
     """A Ray cluster of its own for the session: ``ray start --head`` (its GCS, raylet and worker
-    processes) on 127.0.0.1 with two CPUs and a token made here; this process joins it once and
+    processes) on 127.0.0.1 with two CPUs and a token made here, started after the S3 server so
+    its workers reach the bucket as a real cluster's nodes do (endpoint and credentials in their
+    environment, never shipped by qvl); this process joins it once and
     the commands under test are given its address. Stopped by ending the processes it started
     (found by its own temp dir), never ``ray stop``, which would end other Ray on the machine.
     Ray binds a second node to the machine's LAN address, never 127.0.0.1: one node it is."""

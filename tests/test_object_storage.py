@@ -217,3 +217,19 @@ def test_a_mix_recipe_in_a_bucket_reads_its_sources_beside_it(s3, tmp_path):
     assert shards and all((mixed / shard.name).read_bytes() == shard.read_bytes() for shard in shards)
     a, b = (json.loads((folder / "manifest.json").read_text()) for folder in (mixed, tmp_path / "local"))
     assert a["samples"] == b["samples"] >= 5 and a["mix"]["available"] == b["mix"]["available"]
+
+
+def test_the_filter_on_a_ray_cluster_reads_and_writes_a_bucket(s3, ray_cluster, tmp_path):
+    from qvl.demo.pairs import write_demo_pairs
+
+    write_demo_pairs(tmp_path / "raw", rows_per_shard=400)
+    bucket = s3.bucket()
+    fs, _ = remote.filesystem(bucket)
+    fs.put(str(tmp_path / "raw") + "/", bucket.removeprefix("s3://") + "/raw/", recursive=True)
+    qvl("curate", "filter", str(tmp_path / "raw"), "--out", str(tmp_path / "local"), "--workers", "2")
+    qvl("curate", "filter", f"{bucket}/raw", "--out", f"{bucket}/curated", "--engine", "ray", "--address",
+        ray_cluster, "--workers", "2")
+    on_ray = remote.input_folder(f"{bucket}/curated", show_progress=False)
+    assert kept(on_ray).equals(kept(tmp_path / "local")) and len(kept(on_ray)) > 500
+    a, b = (json.loads((folder / "report.json").read_text()) for folder in (on_ray, tmp_path / "local"))
+    assert a["funnel"] == b["funnel"]
