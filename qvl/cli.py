@@ -590,7 +590,7 @@ def format_inspect(
 @app.command("train")
 def train(
     stage: Annotated[int, typer.Option(help="1 pre-train, 2 multitask, 3 SFT (Qwen-VL Table 8)", min=1, max=3)],
-    data: Annotated[Path, typer.Option(help="output folder of qvl format")],
+    data: Annotated[str, typer.Option(help="output folder of qvl format, or its URL (s3://…, gs://…: streamed)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="run folder: metrics.jsonl, loss.png, checkpoint/")],
     preset: Annotated[Optional[str], typer.Option(help="tiny, qwen-vl, or a preset .toml (default: --init's, else tiny)")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="TOML/YAML with a \\[stage] table of overrides")] = None,
@@ -606,9 +606,13 @@ def train(
     accumulation: Annotated[Optional[int], typer.Option(help="micro-batches per optimiser step")] = None,
     lr: Annotated[Optional[float], typer.Option(help="peak learning rate")] = None,
     max_rejected: Annotated[float, typer.Option(help="refuse shards whose rejects exceed this fraction")] = 0.01,
+    cache_gb: Annotated[float, typer.Option(help="local disk for shards streamed from a URL (LRU)")] = 4.0,
+    data_workers: Annotated[int, typer.Option(help="loader processes decoding images (0: none)")] = 2,
+    shuffle_window: Annotated[int, typer.Option(help="shards whose rows are shuffled together")] = 4,
     seed: int = 0,
 ) -> None:
     """Train a Qwen-VL-style model, stage 1, 2 or 3 (torchrun for several processes)."""
+    from qvl.common import remote
     from qvl.recipes import RecipeError, load_recipe, merge
     from qvl.trainer.data import DataError
     from qvl.trainer.settings import TrainSettings, check_overrides
@@ -625,8 +629,9 @@ def train(
         for key, value in merge(options=options).items():
             check_overrides({key: value}, f"--{key.replace('_', '-')}")
         overrides = merge(recipe_stage, options=options)  # over the preset's stage table: resolved in train.stage_for
-        result = run_train(TrainSettings(stage=stage, data=data, out=out, preset=preset, max_steps=max_steps,
+        result = run_train(TrainSettings(stage=stage, data=remote.location(data), out=out, preset=preset, max_steps=max_steps,
                                          init=init, resume=resume, overwrite=overwrite, llm=llm, seed=seed, max_rejected=max_rejected,
+                                         cache_gb=cache_gb, data_workers=data_workers, shuffle_window=shuffle_window,
                                          fsdp=fsdp, precision=precision, progress=progress, overrides=overrides,
                                          overrides_from=f"{recipe} [stage] and options" if recipe else "options"))
     except (DataError, RecipeError, ValueError, FileNotFoundError) as e:
