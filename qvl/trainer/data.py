@@ -306,10 +306,11 @@ class StreamSettings:
 
 @dataclass
 class Item:
-    """What a loader worker hands over: a micro-batch (or the error that ended its reading), the
-    rank's position after it, and the rows it skipped (said by the main process)."""
+    """What a loader worker hands over: a micro-batch (or the error that ended its reading), its
+    epoch, the rank's position after it, and the rows it skipped (said by the main process)."""
 
     batch: Batch | None
+    epoch: int
     after: Position
     skipped: list[str]
     error: QvlError | None = None
@@ -350,12 +351,17 @@ class StreamDataset(IterableDataset):
                 batch = self._batch(rows, skipped)
                 if batch is not None:
                     fed = position.epoch
-                    yield Item(batch, after, skipped)
+                    yield Item(batch, position.epoch, after, skipped)
                     skipped = []
                 elif self.position.epoch > fed + 1:  # a whole epoch without one row to train on
                     raise DataError("no row of the shards can be trained on (see the skipped rows above)")
         except QvlError as e:  # handed over as an item: a worker's exception would arrive with its traceback
-            yield Item(None, self.position, skipped, e)
+            yield Item(None, self.position.epoch, self.position, skipped, e)
+
+    def check(self, position: Position) -> None:
+        """Read the window ``position`` needs, here: a shard missing, damaged or refused is said
+        before a run starts (the reading itself happens in the loader's workers)."""
+        self._fit(_Walker(self.shards, self.settings.seed, self.settings.window), position)
 
     def _fit(self, walker: _Walker, position: Position) -> Position:
         """``position``, or the next epoch's start where its slot does not fit whole."""
@@ -453,11 +459,8 @@ class Loader:
                                                  collate_fn=_as_is, generator=torch.Generator().manual_seed(seed),
                                                  multiprocessing_context="fork" if workers else None)
         self.position = Position()
+        self.epoch = 0  # of the last batch
         self._batches = None
-
-    @property
-    def epoch(self) -> int:
-        return self.position.epoch
 
     def next(self) -> Batch:
         if self._batches is None:
@@ -467,8 +470,11 @@ class Loader:
             self.log(message)
         if item.error is not None:
             raise item.error
-        self.position = item.after
+        self.position, self.epoch = item.after, item.epoch
         return item.batch
+
+    def check(self) -> None:
+        self.dataset.check(self.position)
 
     def state(self) -> dict:
         return {"position": msgspec.to_builtins(self.position), "world": self.settings.world,

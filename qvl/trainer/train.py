@@ -259,6 +259,7 @@ def setup(s: TrainSettings) -> Run:
             storage.write_text(metrics_path, "".join(line + "\n" for line in _metrics_until(metrics_path, run.step)))
     elif main and metrics_path.exists():
         metrics_path.unlink()
+    loader.check()
     return run
 
 
