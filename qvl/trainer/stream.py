@@ -78,20 +78,21 @@ class ShardCache:
         self.url, self.sizes, self.limit = url, sizes, limit
         self.folder = folder or remote.cache_root() / "shards" / digest
         self.in_use: set[str] = set()  # this process's: never evicted by it
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: dict[str, Future] = {}
-        self._lock = threading.Lock()
-        self._fs = None
+        self._process = -1  # the process the fields below belong to (``_own``)
 
-    def __getstate__(self) -> dict:  # loader workers get their own filesystem, thread and locks
-        return {k: v for k, v in self.__dict__.items() if k not in ("_pool", "_pending", "_lock", "_fs")}
+    def _own(self) -> None:
+        """A prefetch thread, its futures, a lock and a filesystem of this process: a loader
+        worker forked from one holding them would wait on futures no thread of its own completes."""
+        if self._process != os.getpid():
+            self._process, self._pool, self._pending = os.getpid(), None, {}
+            self._lock, self._fs = threading.Lock(), None
 
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._pool, self._pending, self._lock, self._fs = None, {}, threading.Lock(), None
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_process": -1, "_pool": None, "_pending": {}, "_lock": None, "_fs": None}
 
     def use(self, names: list[str]) -> list[Path]:
         """Local files of ``names``, fetched if missing; they stay until the next ``use``."""
+        self._own()
         self.in_use = set(names)
         paths = []
         for name in names:
@@ -105,6 +106,7 @@ class ShardCache:
     def prefetch(self, names: list[str]) -> None:
         """Start fetching ``names`` in a background thread; where there is no room without
         evicting what is in use, the shard is fetched when it is used instead."""
+        self._own()
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="qvl-prefetch")
