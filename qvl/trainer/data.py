@@ -111,13 +111,17 @@ class Shards:
         """The manifest of the output committed at ``url``, and its objects' sizes; an output
         not committed (still writing, or died) is refused."""
         committed = remote.committed(url)
+        fs, path = remote.filesystem(url)
         if committed is None:
+            bucket = path.split("/", 1)[0]
+            with remote.errors(url):
+                if not fs.exists(bucket):
+                    raise remote.RemoteError(f"{url}: no such bucket ({bucket})")
             raise remote.RemoteError(f"{url}: no committed qvl output here (no {remote.COMMITTED}): a run still "
                                      "writing, one that stopped before it finished, or not a qvl format output")
         sizes = {str(name): int(size) for name, size in committed["files"].items()}
         if "manifest.json" not in sizes:
             raise DataError(f"{url}: no manifest.json (is this the --out of `qvl format`?)")
-        fs, path = remote.filesystem(url)
         name = remote.join(url, "manifest.json")
         with remote.errors(name), fs.open(remote.join(path, "manifest.json"), "rb") as f:
             data = f.read(MAX_MANIFEST_BYTES + 1)

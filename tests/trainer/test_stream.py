@@ -19,6 +19,7 @@ from qvl.demo.world import write_annotations
 from qvl.formats.build import FormatSettings, run_format
 from qvl.trainer.data import DataError, Loader, Shards
 from qvl.trainer.stream import CacheError, windows
+from tests.conftest import S3Server
 
 runner = CliRunner()
 ROWS = 108  # the multitask rows of 16 scenes: 22 shards of at most 5
@@ -155,8 +156,8 @@ def train_args(micro, data: str, out: Path) -> list[str]:
 
 
 def test_a_missing_bucket_an_uncommitted_folder_and_no_credentials_are_one_line(micro, s3, tmp_path, monkeypatch):
-    assert "s3://no-such-bucket-qvl/shards" in one_line_error(train_args(micro, "s3://no-such-bucket-qvl/shards",
-                                                                       tmp_path / "a"))
+    assert "s3://no-such-bucket-qvl/shards: no such bucket" in one_line_error(
+        train_args(micro, "s3://no-such-bucket-qvl/shards", tmp_path / "a"))
     url = s3.bucket() + "/shards"
     fs, path = remote.filesystem(url)
     fs.put(str(micro["multitask"]) + "/", path, recursive=True)  # objects, never committed
@@ -209,3 +210,17 @@ def test_a_damaged_local_shard_in_a_later_window_is_named(shards, tmp_path):
     with pytest.raises(DataError, match=f"{last}: not a readable shard"):
         for _ in range(ROWS):
             source.next()
+
+
+def test_wrong_credentials_are_access_denied_in_one_line(micro, tmp_path, monkeypatch):
+    """A second S3 server that checks credentials (moto's IAM on from the first request)."""
+    monkeypatch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "0")
+    server = S3Server(tmp_path)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "not-a-key")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        message = one_line_error(train_args(micro, "s3://any-bucket/shards", tmp_path / "run"))
+    finally:
+        server.stop()
+    assert "s3://any-bucket/shards: access denied" in message and "not-the-secret" not in message, message
