@@ -94,7 +94,7 @@ class Shards:
         for i, name in enumerate(self.manifest.shards):
             if Path(name).name != name or name in (".", "..") or "\x00" in name:
                 raise DataError(f"{self._name('manifest.json')}: shards[{i}] {name!r} is not a file name in the folder")
-            if not (name in sizes if self.cache else (self.where / name).is_file()):
+            if not (name in self.cache.sizes if self.cache else (self.where / name).is_file()):
                 raise DataError(f"{self._name(name)}: listed in manifest.json but missing")
         if not self.manifest.shards:
             raise DataError(f"{self.where}: holds no rows")

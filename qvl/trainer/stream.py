@@ -25,9 +25,9 @@ import fcntl
 import hashlib
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import msgspec
 import numpy as np
