@@ -639,10 +639,10 @@ def format_inspect(
     console.print(text)
 
 
-@app.command("train", reads=("data", "recipe", "init"), writes=("out",))
+@app.command("train", streams=("data",), reads=("recipe", "init"), writes=("out",))
 def train(
     stage: Annotated[int, typer.Option(help="1 pre-train, 2 multitask, 3 SFT (Qwen-VL Table 8)", min=1, max=3)],
-    data: Annotated[Path, typer.Option(help="output folder of qvl format")],
+    data: Annotated[str, typer.Option(help="output folder of qvl format, or its URL (s3://…, gs://…: streamed)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="run folder: metrics.jsonl, loss.png, checkpoint/")],
     preset: Annotated[Optional[str], typer.Option(help="tiny, qwen-vl, or a preset .toml (default: --init's, else tiny)")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="TOML/YAML with a \\[stage] table of overrides")] = None,
@@ -660,6 +660,9 @@ def train(
     max_rejected: Annotated[float, typer.Option(help="refuse shards whose rejects exceed this fraction")] = 0.01,
     checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints (an --out URL: each one committed "
                                                        "to the bucket)", min=1)] = 100,
+    cache_gb: Annotated[float, typer.Option(help="local disk for shards streamed from a URL (LRU)")] = 4.0,
+    data_workers: Annotated[int, typer.Option(help="loader processes decoding images (0: none)")] = 2,
+    shuffle_window: Annotated[int, typer.Option(help="shards whose rows are shuffled together")] = 4,
     seed: int = 0,
 ) -> None:
     """Train a Qwen-VL-style model, stage 1, 2 or 3 (torchrun for several processes)."""
@@ -681,6 +684,7 @@ def train(
         overrides = merge(recipe_stage, options=options)  # over the preset's stage table: resolved in train.stage_for
         result = run_train(TrainSettings(stage=stage, data=data, out=out, preset=preset, max_steps=max_steps,
                                          init=init, resume=resume, overwrite=overwrite, llm=llm, seed=seed, max_rejected=max_rejected,
+                                         cache_gb=cache_gb, data_workers=data_workers, shuffle_window=shuffle_window,
                                          fsdp=fsdp, precision=precision, progress=progress, overrides=overrides,
                                          checkpoint_every=checkpoint_every,
                                          overrides_from=f"{recipe} [stage] and options" if recipe else "options"))

@@ -205,9 +205,10 @@ def save_checkpoint(folder: Path, model: QwenVL, optimizer, loader_state: dict, 
     storage.write_json(folder / "meta.json", meta)
 
 
-def resume(folder: Path, model: QwenVL, optimizer, loader, fsdp: bool, main: bool, rank: int) -> int:
-    """Weights, optimiser, this rank's data position and the torch RNG from ``save_checkpoint``'s
-    folder; its step. Anything damaged is one CheckpointError naming the folder."""
+def resume(folder: Path, model: QwenVL, optimizer, loader, fsdp: bool, main: bool) -> int:
+    """Weights, optimiser, the data position and the torch RNG from ``save_checkpoint``'s
+    folder; its step. The loader is given every rank's position (the run may have had another
+    world size). Anything damaged is one CheckpointError naming the folder."""
     from safetensors.torch import load_file, load_model
 
     try:
@@ -218,7 +219,7 @@ def resume(folder: Path, model: QwenVL, optimizer, loader, fsdp: bool, main: boo
         else:
             load_model(model, str(folder / "model.safetensors"))
             optimizer.load_state_dict(state["optimizer"])
-        loader.restore(state["loader"][rank])
+        loader.restore(state["loader"])
         step = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
     except Exception as e:  # torch/safetensors raise many types for a damaged file

@@ -21,7 +21,7 @@ from qvl.trainer.stages import STAGES, Stage
 @dataclass
 class TrainSettings:
     stage: int
-    data: Path
+    data: Path | str  # a `qvl format` output folder, or its URL (s3://…: streamed, see data.Shards)
     out: Path
     preset: str | None = None  # None: the --init checkpoint's, else "tiny"
     max_steps: int | None = None
@@ -37,6 +37,9 @@ class TrainSettings:
     max_rejected: float = 0.01  # a fraction of the shards' input records
     overrides: dict = dataclasses.field(default_factory=dict)  # stage fields from a recipe / CLI
     overrides_from: str = "stage overrides"  # where they come from, for errors: a recipe's file and table
+    cache_gb: float = 4.0  # local disk for shards streamed from a URL (an LRU cache, never a full copy)
+    data_workers: int = 2  # loader processes decoding images (0: in the training process)
+    shuffle_window: int = 4  # shards whose rows are shuffled together
     log: bool = True
     progress: bool = False  # a progress bar (steps/s, ETA, loss) instead of a line every 10 steps
 
@@ -64,6 +67,12 @@ def check_settings(s: TrainSettings) -> None:
         raise SettingsError(f"--max-rejected {s.max_rejected!r}: a fraction from 0 to 1")
     if isinstance(s.checkpoint_every, bool) or not isinstance(s.checkpoint_every, int) or s.checkpoint_every < 1:
         raise SettingsError(f"checkpoint_every {s.checkpoint_every!r}: at least 1 step")
+    if not isinstance(s.cache_gb, (int, float)) or not 0 < s.cache_gb < 1e6:  # NaN fails too
+        raise SettingsError(f"--cache-gb {s.cache_gb!r}: gigabytes of local disk, above 0")
+    if isinstance(s.data_workers, bool) or not isinstance(s.data_workers, int) or not 0 <= s.data_workers <= 256:
+        raise SettingsError(f"--data-workers {s.data_workers!r}: loader processes, 0 to 256")
+    if isinstance(s.shuffle_window, bool) or not isinstance(s.shuffle_window, int) or not 1 <= s.shuffle_window <= 4096:
+        raise SettingsError(f"--shuffle-window {s.shuffle_window!r}: shards shuffled together, 1 to 4,096")
     check_overrides(s.overrides, s.overrides_from)
 
 

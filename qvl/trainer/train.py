@@ -212,9 +212,9 @@ def _build_model(s: TrainSettings, preset: ModelConfig, stage: Stage, tok) -> Qw
 
 def _open_data(s: TrainSettings, preset: ModelConfig, stage: Stage, tok, rows: int, rank: int, world: int,
                say) -> Loader:
-    """The shards' loader, once their manifest matches the model (architecture, tokenizer,
-    image tokens, a vocabulary inside the embedding's ``rows``)."""
-    shards = Shards(s.data, s.max_rejected)
+    """The shards' loader (local or streamed: ``data.Shards``), once their manifest matches the
+    model (architecture, tokenizer, image tokens, a vocabulary inside the embedding's ``rows``)."""
+    shards = Shards(s.data, s.max_rejected, s.cache_gb)
     manifest = shards.manifest
     if manifest.model != "qwen-vl":
         raise ValueError(f"{s.data}: rendered for {manifest.model}; qvl train trains Qwen-VL's architecture "
@@ -227,7 +227,8 @@ def _open_data(s: TrainSettings, preset: ModelConfig, stage: Stage, tok, rows: i
         raise ValueError(f"{s.data}: its tokenizer has {manifest.vocab_size:,} ids; the model's embedding "
                          f"{rows:,} rows")
     return Loader(shards, stage.micro_batch, stage.resolution, tok.special("<|endoftext|>"), stage.seq_len,
-                  s.seed, rank, world, log=say, vocab_size=rows, image_pad=(tok.special(IMG_PAD), preset.image_tokens))
+                  s.seed, rank, world, log=say, vocab_size=rows, image_pad=(tok.special(IMG_PAD), preset.image_tokens),
+                  workers=s.data_workers, window=s.shuffle_window)
 
 
 def setup(s: TrainSettings) -> Run:
@@ -252,7 +253,7 @@ def setup(s: TrainSettings) -> Run:
     metrics_path = s.out / "metrics.jsonl"
     if s.resume:
         try:
-            run.step = resume(s.out / "checkpoint", model, optimizer, loader, fsdp, main, rank)
+            run.step = resume(s.out / "checkpoint", model, optimizer, loader, fsdp, main)
         except CheckpointError as e:
             raise RunError(f"{e}; --overwrite starts the run again") from None
         say(f"resumed at step {run.step}")
@@ -260,6 +261,7 @@ def setup(s: TrainSettings) -> Run:
             storage.write_text(metrics_path, "".join(line + "\n" for line in _metrics_until(metrics_path, run.step)))
     elif main and metrics_path.exists():
         metrics_path.unlink()
+    loader.check()
     return run
 
 

@@ -88,8 +88,7 @@ def test_a_packed_micro_batch_has_the_padded_batchs_loss_and_gradient(micro):
     from qvl.trainer.train import IGNORE_INDEX
 
     preset = load_preset(micro["preset"])
-    shards = Shards(micro["multitask"])
-    rows = [shards.row(i) for i in range(12)]
+    rows = Shards(micro["multitask"]).tables([0])[0].slice(0, 12).to_pylist()
     rows.append({"input_ids": [65, 66, 67], "labels": [65, 66, 67], "images": [], "task": "text",
                  "sample_ids": ["t"], "sample_lengths": [3]})  # a text row: its first label is supervised
     lengths = [len(r["input_ids"]) for r in rows]
