@@ -207,7 +207,7 @@ def _digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
 
 
-def _entries(url: str, manifest: dict) -> dict[str, dict]:
+def entries(url: str, manifest: dict) -> dict[str, dict]:
     """The manifest's files, checked: names inside the folder, sizes and ids as qvl writes them."""
     files = {}
     for name, entry in manifest["files"].items():
@@ -229,7 +229,7 @@ def mirror(url: str, folder: Path, show_progress: bool = True, manifest: dict | 
         raise RemoteError(f"{url}: no committed qvl output here (no {COMMITTED}): a run still writing, one that "
                           "stopped before it finished, or not a qvl output")
     fs, path = filesystem(url)
-    files = _entries(url, manifest)
+    files = entries(url, manifest)
     have = _local_files(folder) if folder.is_dir() else {}
     synced = _record(folder)["files"]
     for name in have.keys() - files.keys():

@@ -107,9 +107,10 @@ class Shards:
         return read_json_file(path, Manifest, MAX_MANIFEST_BYTES, DataError)
 
     @staticmethod
-    def _remote_manifest(url: str) -> tuple[Manifest, dict[str, int]]:
-        """The manifest of the output committed at ``url``, and its objects' sizes; an output
-        not committed (still writing, or died) is refused."""
+    def _remote_manifest(url: str) -> tuple[Manifest, dict[str, dict]]:
+        """The manifest of the output committed at ``url``, and its objects (name -> size and
+        id: a shard republished at the same size is another shard); an output not committed
+        (still writing, or died) is refused."""
         committed = remote.committed(url)
         fs, path = remote.filesystem(url)
         if committed is None:
@@ -119,7 +120,7 @@ class Shards:
                     raise remote.RemoteError(f"{url}: no such bucket ({bucket})")
             raise remote.RemoteError(f"{url}: no committed qvl output here (no {remote.COMMITTED}): a run still "
                                      "writing, one that stopped before it finished, or not a qvl format output")
-        sizes = {str(name): int(size) for name, size in committed["files"].items()}
+        sizes = remote.entries(url, committed)
         if "manifest.json" not in sizes:
             raise DataError(f"{url}: no manifest.json (is this the --out of `qvl format`?)")
         name = remote.join(url, "manifest.json")

@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -70,12 +71,17 @@ def window_rows(seed: int, epoch: int, window: int, rows: int) -> np.ndarray:
 
 
 class ShardCache:
-    """Shards of ``url`` (name -> size from its committed manifest) as local files, at most
-    ``limit`` bytes of them, least recently used evicted; ``prefetch`` fetches in the background."""
+    """Shards of ``url`` (name -> size and id from its committed manifest) as local files, at
+    most ``limit`` bytes of them, least recently used evicted; ``prefetch`` fetches in the
+    background. A cached file is named by the shard's id too: a folder committed again with a
+    shard of the same name and size is fetched anew, never read stale."""
 
-    def __init__(self, url: str, sizes: dict[str, int], limit: int, folder: Path | None = None):
+    def __init__(self, url: str, entries: dict[str, dict], limit: int, folder: Path | None = None):
         digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
-        self.url, self.sizes, self.limit = url, sizes, limit
+        self.url, self.limit = url, limit
+        self.sizes = {name: entry["size"] for name, entry in entries.items()}
+        self.local = {name: re.sub(r"[^A-Za-z0-9]", "", entry["id"])[:40] + "-" + name
+                      for name, entry in entries.items()}
         self.folder = folder or remote.cache_root() / "shards" / digest
         self.in_use: set[str] = set()  # this process's: never evicted by it
         self._process = -1  # the process the fields below belong to (``_own``)
@@ -119,7 +125,7 @@ class ShardCache:
             self._fetch(name, required=False)
 
     def _fetch(self, name: str, required: bool) -> Path | None:
-        target = self.folder / name
+        target = self.folder / self.local[name]
         self.folder.mkdir(parents=True, exist_ok=True)
         with _locked(self.folder / f".{name}.lock"):
             if target.is_file() and target.stat().st_size == self.sizes[name]:
@@ -127,7 +133,7 @@ class ShardCache:
                 return target
             if not self._reserve(name, required):
                 return None
-            part = self.folder / (name + PART)
+            part = self.folder / (self.local[name] + PART)
             url = remote.join(self.url, name)
             try:
                 with remote.errors(url):
@@ -157,11 +163,13 @@ class ShardCache:
         with _locked(self.folder / ".cache.lock"):
             files = [p for p in self.folder.iterdir() if p.is_file() and not p.name.startswith(".")]
             used = sum(p.stat().st_size for p in files)
-            spare = sorted((p for p in files if p.name not in self.in_use and not p.name.endswith(PART)),
+            in_use = {self.local[n] for n in self.in_use}
+            upcoming = {self.local[n] for n in self._next_names()}
+            spare = sorted((p for p in files if p.name not in in_use and not p.name.endswith(PART)),
                            key=lambda p: p.stat().st_mtime)
             while used + size > self.limit and spare:
                 victim = spare.pop(0)
-                if required or victim.name not in self._next_names():
+                if required or victim.name not in upcoming:
                     used -= victim.stat().st_size
                     victim.unlink(missing_ok=True)
             if used + size > self.limit:
@@ -170,7 +178,7 @@ class ShardCache:
                 raise CacheError(f"{remote.join(self.url, name)}: the shard cache ({self.limit / 1e9:.2f} GB, "
                                  f"{self.folder}) cannot hold it beside the {len(self.in_use)} shards in use "
                                  f"({used / 1e9:.2f} GB); raise --cache-gb or lower --shuffle-window")
-            with open(self.folder / (name + PART), "wb") as f:
+            with open(self.folder / (self.local[name] + PART), "wb") as f:
                 f.truncate(size)
         return True
 

@@ -224,3 +224,21 @@ def test_wrong_credentials_are_access_denied_in_one_line(micro, tmp_path, monkey
     finally:
         server.stop()
     assert "s3://any-bucket/shards: access denied" in message and "not-the-secret" not in message, message
+
+
+def test_a_shard_committed_again_at_the_same_size_is_fetched_anew(micro, s3, tmp_path):
+    """The cache knows a shard by its manifest id, not its name and size: re-formatted shards
+    of the same sizes are never read stale."""
+    folder = tmp_path / "shards"
+    shutil.copytree(micro["multitask"], folder)
+    url = published(s3, folder)
+    first = Shards(url, cache_gb=1)
+    name = first.manifest.shards[0]
+    before = first.cache.use([name])[0].read_bytes()
+    shard = folder / name
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes: what a folder committed again can hold
+    shard.write_bytes(bytes(data))
+    remote.publish(folder, url, show_progress=False)
+    again = Shards(url, cache_gb=1).cache.use([name])[0]
+    assert again.read_bytes() == bytes(data) != before
