@@ -8,6 +8,7 @@ import functools
 import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -114,7 +115,14 @@ app.add_typer(format_app, name="format")
 MAX_MESSAGE = 2000  # an error line quotes input; a hostile input cannot make it a flood
 
 
+def _url(path) -> str:
+    """A path as the user named it: the URL where it is a bucket's staging or mirror folder."""
+    remote = sys.modules.get("qvl.common.remote")  # loaded only by commands that met a URL
+    return remote.urls_in(str(path)) if remote is not None else str(path)
+
+
 def _fail(message: str, code: int = 1) -> None:
+    message = _url(message)
     if len(message) > MAX_MESSAGE:
         message = message[:MAX_MESSAGE] + f" … ({len(message) - MAX_MESSAGE:,} more characters)"
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # "[filter]" is text
@@ -193,7 +201,8 @@ def curate_filter(
     workers: Annotated[Optional[int], typer.Option(help="processes (default: one per core)")] = None,
     batch_rows: Annotated[Optional[int], typer.Option(help="rows per batch")] = None,
     engine: Annotated[Optional[str], typer.Option(help="local (processes here) or ray")] = None,
-    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: a local Ray)")] = None,
+    address: Annotated[Optional[str], typer.Option("--ray-address", "--address", help="Ray cluster address "
+                                                   "(default: $RAY_ADDRESS, else a local Ray)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run in --out")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
@@ -241,7 +250,7 @@ def curate_filter(
             RuntimeError) as e:
         _fail(str(e))
     console.print(f"[green]{report['input_rows']:,}[/] rows -> [green]{report['kept_rows']:,}[/] kept, "
-                  f"{report['rejected_rows']:,} rejected. Report: {out / 'report.md'}, {out / 'funnel.png'}")
+                  f"{report['rejected_rows']:,} rejected. Report: {_url(out / 'report.md')}, {_url(out / 'funnel.png')}")
 
 
 @curate_app.command("report", reads=(("out", ("report.json",)),))
@@ -329,7 +338,7 @@ def curate_download(
     except ValueError as e:  # DownloadError, a setting out of range
         _fail(str(e))
     console.print(f"[green]{report['input_rows']:,}[/] input rows -> [green]{report['kept_rows']:,}[/] pairs with "
-                  f"checked images, {report['rejected_rows']:,} rejected. Report: {out / 'report.md'}")
+                  f"checked images, {report['rejected_rows']:,} rejected. Report: {_url(out / 'report.md')}")
 
 
 @curate_app.command("clip-score", reads=("pretrained", "aesthetic_head"), writes=("images",))
@@ -362,7 +371,7 @@ def curate_clip_score(
                                 engine=EngineSettings(engine, ray_address, actors))
     except ClipScoreError as e:
         _fail(str(e))
-    console.print(f"scored; [green]{report['kept_rows']:,}[/] pairs kept. Report: {images / 'report.md'}")
+    console.print(f"scored; [green]{report['kept_rows']:,}[/] pairs kept. Report: {_url(images / 'report.md')}")
 
 
 def _format(job: FormatJob) -> None:
@@ -391,7 +400,7 @@ def _report_format(manifest: dict, out: Path) -> None:
         f"[green]{manifest['samples']:,}[/] samples ({manifest['tokens']:,} tokens, "
         f"{manifest['supervised_tokens']:,} supervised) in {manifest['rows']:,} rows, "
         f"{manifest['rejected']:,} rejected {manifest['rejected_by_reason'] or ''}"
-        + (f"; packing efficiency {packing:.1%}" if packing is not None else "") + f" -> {out}")
+        + (f"; packing efficiency {packing:.1%}" if packing is not None else "") + f" -> {_url(out)}")
 
 
 TokenizerOpt = Annotated[str, typer.Option(help="qwen-vl, bytes, or a folder with tokenizer.json")]
@@ -569,7 +578,7 @@ def format_export(
     except (ValueError, FileExistsError) as e:
         _fail(str(e))
     console.print(f"[green]{report['samples']:,}[/] records for {to} ({model}), {report['rejected']:,} rejected "
-                  f"{report['rejected_by_reason'] or ''} -> {out}/data.jsonl")
+                  f"{report['rejected_by_reason'] or ''} -> {_url(out)}/data.jsonl")
     if report["resize"]:
         console.print(f"boxes computed for the resize of: {report['resize']['set']}")
 
@@ -672,6 +681,10 @@ def train(
     from qvl.trainer.train import train as run_train
 
     try:
+        if preset is not None and "://" in preset:  # a preset file in a bucket
+            from qvl.common import remote
+
+            preset = str(remote.input_file(preset))
         tables = load_recipe(recipe) if recipe else {}
         if set(tables) - {"stage"}:
             raise RecipeError(f"{recipe}: unknown table(s) {', '.join(sorted(map(str, set(tables) - {'stage'})))}; "
@@ -690,7 +703,7 @@ def train(
                                          overrides_from=f"{recipe} [stage] and options" if recipe else "options"))
     except (DataError, RecipeError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
-    console.print(f"[green]trained {result['steps']} steps[/] -> {out}/checkpoint, {out}/metrics.jsonl, {out}/loss.png")
+    console.print(f"[green]trained {result['steps']} steps[/] -> {_url(out)}/checkpoint, metrics.jsonl, loss.png")
 
 
 @app.command("generate", reads=("checkpoint", "images", "image"))
@@ -742,7 +755,7 @@ def convert_from(
     except ConvertError as e:
         _fail(str(e))
     console.print(f"[green]{meta['tensors']:,}[/] tensors, {meta['parameters'] / 1e9:.2f}B parameters "
-                  f"({meta['dtype']}) -> {out}")
+                  f"({meta['dtype']}) -> {_url(out)}")
 
 
 @convert_app.command("to-qwen-vl", reads=("checkpoint", "like"), writes=("out",))
@@ -760,7 +773,7 @@ def convert_to(
     except (ConvertError, ValueError) as e:
         _fail(str(e))
     console.print(f"[green]{done['tensors']:,}[/] tensors in {done['shards']} shard(s), "
-                  f"{done['bytes'] / 1e9:.2f} GB -> {out}")
+                  f"{done['bytes'] / 1e9:.2f} GB -> {_url(out)}")
 
 
 eval_app = _App(help="Score a checkpoint the way the Qwen-VL paper did (RefCOCO, COCO captions, VQAv2 ...).",
@@ -778,8 +791,8 @@ def _eval(task: str, data: Path, out: Path, checkpoint: Optional[Path], predicti
     except ValueError as e:  # bad data, predictions, settings or --out
         _fail(str(e))
     if metrics:  # rank 0 under torchrun
-        console.print(f"[green]{metrics['n']:,}[/] samples: {headline(metrics)} -> {out / 'metrics.json'}, "
-                      f"{out / 'report.md'}")
+        console.print(f"[green]{metrics['n']:,}[/] samples: {headline(metrics)} -> {_url(out / 'metrics.json')}, "
+                      f"{_url(out / 'report.md')}")
 
 
 DataArg = Annotated[Path, typer.Option("--data", help="the evaluation data (see qvl/eval/data.py for layouts)")]

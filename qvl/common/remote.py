@@ -33,6 +33,7 @@ from qvl.common.progress import console, progress_bar
 from qvl.errors import QvlError
 
 COMMITTED = "_QVL_COMMITTED.json"
+MAX_MANIFEST_BYTES = 64 << 20  # ~500k files' names, sizes and ids
 STAGED_FROM = ".qvl-remote.json"  # in a staging or mirror folder: the manifest it matches
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _FLATTENED = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):/(?!/)")  # what pathlib makes of "s3://b/k"
@@ -43,18 +44,22 @@ class RemoteError(QvlError):
 
 
 def location(value: str | Path | None) -> str | Path | None:
-    """A command-line location as given: a URL stays a string, ``file://`` and plain paths
-    become Paths. A URL that went through ``pathlib`` (``s3:/b/k``) is mended."""
+    """A command-line location as given: a URL stays a string (its scheme in lower case, ``.``
+    and ``..`` resolved), ``file://`` and plain paths become Paths. A URL that went through
+    ``pathlib`` (``s3:/b/k``, ``file:/abs``) is mended."""
     if value is None or (isinstance(value, Path) and not _FLATTENED.match(str(value))):
         return value
     text = str(value)
+    if text[:5].lower() == "file:":  # file:///abs, or file:/abs after pathlib
+        return Path("/" + text[5:].lstrip("/"))
     text = _FLATTENED.sub(r"\1://", text) if not _SCHEME.match(text) else text
     match = _SCHEME.match(text)
     if not match or len(match.group(1)) == 1:  # C:/… on Windows is a path
         return Path(text)
-    if match.group(1).lower() == "file":
-        return Path(text[len("file://"):])
-    return text
+    rest = posixpath.normpath(text[match.end():]).lstrip("/") if text[match.end():].strip("/") else ""
+    if not rest or rest.startswith(".."):
+        raise RemoteError(f"{value}: names no bucket (write {match.group(1).lower()}://BUCKET/FOLDER)")
+    return f"{match.group(1).lower()}://{rest}"
 
 
 def is_remote(value: str | Path | None) -> bool:
@@ -88,6 +93,9 @@ def errors(url: str) -> Iterator[None]:
     except OSError as e:
         raise RemoteError(f"{url}: {_brief(e)}") from None
     except Exception as e:  # botocore's NoCredentialsError, EndpointConnectionError …: not OSErrors
+        if type(e).__name__ == "NoCredentialsError":
+            raise RemoteError(f"{url}: no credentials found — set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+                              "AWS_PROFILE (and AWS_ENDPOINT_URL for a store other than AWS)") from None
         if type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs", "gcsfs", "aiohttp", "fsspec"):
             raise RemoteError(f"{url}: {_brief(e)}") from None
         raise
@@ -128,11 +136,18 @@ def committed(url: str) -> dict | None:
     with errors(url):
         try:
             with fs.open(join(path, COMMITTED), "rb") as f:
-                manifest = json.loads(f.read(64 << 20))
+                data = f.read(MAX_MANIFEST_BYTES + 1)
         except FileNotFoundError:
             return None
+    try:
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ValueError(f"over {MAX_MANIFEST_BYTES >> 20} MiB")
+        manifest = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise RemoteError(f"{join(url, COMMITTED)}: not a qvl manifest ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise RemoteError(f"{join(url, COMMITTED)}: not a qvl manifest")
+    entries(url, manifest)
     return manifest
 
 
@@ -161,42 +176,67 @@ def _record(folder: Path) -> dict:
         return {"files": {}}
 
 
+_URL_OF: dict[str, str] = {}  # staging and mirror folders of this process -> their URLs
+
+
+def urls_in(text: str) -> str:
+    """``text`` with every staging or mirror folder this process used written as its URL: what a
+    person reads names the bucket, not this machine's cache."""
+    for local in sorted(_URL_OF, key=len, reverse=True):
+        text = text.replace(local, _URL_OF[local])
+    return text
+
+
 def _remember(folder: Path, url: str, manifest: dict) -> None:
+    _URL_OF[str(folder)] = url
     here = _local_files(folder)
     storage.write_json(folder / STAGED_FROM, {"url": url, "manifest": _digest(manifest), "files": {
         name: {"local": here.get(name), "id": entry["id"]} for name, entry in manifest["files"].items()}})
 
 
+def _listing(fs, path: str) -> dict[str, tuple[int, str]]:
+    """Objects under ``path``: relative name -> (size, ETag or the store's version)."""
+    if not fs.exists(path):
+        return {}
+    root = path.rstrip("/") + "/"
+    return {p[len(root):]: (int(info.get("size") or 0), _remote_file(p, info).version)
+            for p, info in fs.find(path, detail=True).items() if p.startswith(root)}
+
+
 def publish(folder: Path, url: str, show_progress: bool = True) -> dict:
     """Upload ``folder`` to ``url`` and commit it. The old manifest goes first (readers stop
-    trusting the folder); a file is sent again only if it changed here since the last sync or
-    the bucket lacks it; objects of an older run that are not in this one are deleted; the
-    manifest comes last."""
+    trusting the folder); a file is sent again unless it is unchanged both here and in the
+    bucket since the last sync (an object damaged in the bucket is healed); objects the last
+    commit or sync named that this run no longer has are deleted — nothing else, whoever wrote
+    it; the manifest, with each object's ETag as the bucket reports it, comes last."""
     fs, path = filesystem(url)
     files = _local_files(folder)
     synced = _record(folder)["files"]
+    previous = committed(url)
     with errors(url):
-        was_committed = fs.exists(join(path, COMMITTED))
-        if was_committed:
+        if previous is not None:
             fs.rm_file(join(path, COMMITTED))
-        there = {}
-        if fs.exists(path):
-            there = {p[len(path.rstrip("/")) + 1:]: int(info.get("size") or 0)
-                     for p, info in fs.find(path, detail=True).items()}
+        there = _listing(fs, path)
         same = {name for name, identity in files.items()
-                if there.get(name) == _size(identity) and (synced.get(name) or {}).get("local") == identity}
+                if (synced.get(name) or {}).get("local") == identity and name in there
+                and there[name][1] == synced[name]["id"]}
         todo = [name for name in files if name not in same]
-        with progress_bar(disable=not show_progress) as bar:
+        with progress_bar(disable=not show_progress or not todo) as bar:
             task = bar.add_task(f"upload {url}", total=sum(_size(files[n]) for n in todo), unit="B")
             for name in todo:
-                fs.put_file(str(folder / name), join(path, name))
+                with errors(join(url, name)):
+                    fs.put_file(str(folder / name), join(path, name))
                 bar.advance(task, _size(files[name]))
-        stale = [join(path, name) for name in there if name not in files and name != COMMITTED]
-        if stale and (was_committed or storage.MARKER in there):  # only ever what qvl wrote
+        ours = set(previous["files"] if previous else ()) | set(synced)
+        stale = [join(path, name) for name in ours if name not in files and name in there and name != COMMITTED]
+        if stale:
             fs.rm(stale)
-        manifest = {"written_by": "qvl", "files": {
-            name: {"size": _size(identity), "id": synced[name]["id"] if name in same else identity}
-            for name, identity in files.items()}}
+        after = _listing(fs, path)
+        missing = [name for name in files if name not in after]
+        if missing:
+            raise RemoteError(f"{join(url, missing[0])}: uploaded but not listed by the store")
+        manifest = {"written_by": "qvl", "files": {name: {"size": after[name][0], "id": after[name][1]}
+                                                   for name in files}}
         with fs.open(join(path, COMMITTED), "wb") as f:
             f.write(json.dumps(manifest, indent=1).encode())
     _remember(folder, url, manifest)
@@ -213,8 +253,9 @@ def entries(url: str, manifest: dict) -> dict[str, dict]:
     for name, entry in manifest["files"].items():
         if not isinstance(name, str) or name.startswith("/") or ".." in Path(name).parts or "\x00" in name:
             raise RemoteError(f"{join(url, COMMITTED)}: names a file outside the folder ({name!r})")
-        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and entry["size"] >= 0
-                and isinstance(entry.get("id"), str)):
+        size = entry.get("size") if isinstance(entry, dict) else None
+        if not (type(size) is int and 0 <= size < 1 << 50 and isinstance(entry.get("id"), str)
+                and len(entry["id"]) <= 200):
             raise RemoteError(f"{join(url, COMMITTED)}: entry {name!r} is not {{size, id}} (not a qvl manifest)")
         files[name] = entry
     return files
@@ -234,15 +275,25 @@ def mirror(url: str, folder: Path, show_progress: bool = True, manifest: dict | 
     synced = _record(folder)["files"]
     for name in have.keys() - files.keys():
         (folder / name).unlink()
+    with errors(url):
+        there = _listing(fs, path)
+    for name, entry in files.items():  # what the bucket holds is what was committed, or nothing is read
+        if name not in there:
+            raise RemoteError(f"{join(url, name)}: named by {COMMITTED} but not in the bucket (deleted after the "
+                              "commit); run the command that wrote it again")
+        if there[name] != (entry["size"], entry["id"]):
+            raise RemoteError(f"{join(url, name)}: changed after it was committed (size {there[name][0]:,} and "
+                              f"ETag {there[name][1]!r}, the manifest says {entry['size']:,} and {entry['id']!r}); "
+                              "run the command that wrote it again")
     todo = [name for name, entry in files.items()
             if have.get(name) is None or synced.get(name) != {"local": have[name], "id": entry["id"]}]
-    with errors(url), progress_bar(disable=not show_progress) as bar:
+    with progress_bar(disable=not show_progress or not todo) as bar:
         task = bar.add_task(f"fetch {url}", total=sum(files[n]["size"] for n in todo), unit="B")
         for name in todo:
-            with storage.atomic_path(folder / name) as tmp:
+            with errors(join(url, name)), storage.atomic_path(folder / name) as tmp:
                 fs.get_file(join(path, name), str(tmp))
             if (folder / name).stat().st_size != files[name]["size"]:
-                raise RemoteError(f"{join(url, name)}: changed while being read (size differs from the manifest)")
+                raise RemoteError(f"{join(url, name)}: replaced while being read (its size is not the manifest's)")
             bar.advance(task, files[name]["size"])
     _remember(folder, url, manifest)
     return folder
@@ -305,14 +356,19 @@ def input_file(value: str | Path, show_progress: bool = True) -> Path:
     if isinstance(value, Path):
         return value
     fs, path = filesystem(value)
-    target = _cache_folder("files", value) / value.rstrip("/").rsplit("/", 1)[-1]
+    folder = _cache_folder("files", value)
+    target = folder / value.rstrip("/").rsplit("/", 1)[-1]
     with errors(value):
         info = fs.info(path)
         if info.get("type") == "directory":
             raise RemoteError(f"{value}: a folder; a file is expected here")
-        if not (target.is_file() and target.stat().st_size == int(info.get("size") or 0)):
+        version = _remote_file(path, info).version
+        fetched = _record(folder)["files"].get(target.name) or {}
+        if not (target.is_file() and fetched == {"local": _local_files(folder).get(target.name), "id": version}):
             with storage.atomic_path(target) as tmp:
                 fs.get_file(path, str(tmp))
+            _remember(folder, value.rstrip("/").rsplit("/", 1)[0],  # origin(target) is then ``value``
+                      {"files": {target.name: {"size": target.stat().st_size, "id": version}}})
     return target
 
 
@@ -392,7 +448,7 @@ def output(value: str | Path, show_progress: bool = True) -> Iterator[Path]:
     elif manifest is None and mine is not None:  # the bucket lost what this folder published
         shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
-    _STAGED[folder] = value
+    _STAGED[folder] = _URL_OF[str(folder)] = value
     try:
         yield folder
     finally:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qvl.boundary import MAX_COORD
-from qvl.common import storage
+from qvl.common import remote, storage
 from qvl.eval import caption as caption_scorer
 from qvl.eval import grounding as grounding_scorer
 from qvl.eval import vqa as vqa_scorer

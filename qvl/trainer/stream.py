@@ -162,15 +162,15 @@ class ShardCache:
         size = self.sizes[name]
         with _locked(self.folder / ".cache.lock"):
             files = [p for p in self.folder.iterdir() if p.is_file() and not p.name.startswith(".")]
-            used = sum(p.stat().st_size for p in files)
+            used = sum(_stat(p).st_size for p in files)
             in_use = {self.local[n] for n in self.in_use}
             upcoming = {self.local[n] for n in self._next_names()}
             spare = sorted((p for p in files if p.name not in in_use and not p.name.endswith(PART)),
-                           key=lambda p: p.stat().st_mtime)
+                           key=lambda p: _stat(p).st_mtime)
             while used + size > self.limit and spare:
                 victim = spare.pop(0)
                 if required or victim.name not in upcoming:
-                    used -= victim.stat().st_size
+                    used -= _stat(victim).st_size
                     victim.unlink(missing_ok=True)
             if used + size > self.limit:
                 if not required:
@@ -185,6 +185,15 @@ class ShardCache:
     def _next_names(self) -> set[str]:
         with self._lock:
             return set(self._pending)
+
+
+def _stat(path: Path) -> os.stat_result:
+    """A cached file's stat, or zeros for one another process renamed (``.part`` -> its name)
+    between the listing and now: counting it once is enough."""
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return os.stat_result((0,) * 10)
 
 
 @contextlib.contextmanager

@@ -140,3 +140,50 @@ def test_an_output_never_replaces_what_qvl_did_not_write(s3, tmp_path):
             remote.output("s3://no-such-bucket-x/run", show_progress=False):
         pass
     assert fs.cat(path + "/theirs/data.bin") == b"someone's data"
+
+
+def test_rerunning_deletes_only_what_qvl_committed_before(s3, tmp_path):
+    url = s3.bucket() + "/run"
+    src = _folder(tmp_path / "src", {".qvl": b"{}", "a.txt": b"1", "old.txt": b"2"})
+    remote.publish(src, url, show_progress=False)
+    fs, path = remote.filesystem(url)
+    fs.pipe({path + "/notes.txt": b"a user's note", path + "/nested/part.bin": b"another output"})
+    (src / "old.txt").unlink()
+    remote.publish(src, url, show_progress=False)
+    assert fs.cat(path + "/notes.txt") == b"a user's note" and fs.cat(path + "/nested/part.bin") == b"another output"
+    assert not fs.exists(path + "/old.txt")
+
+
+def test_an_object_changed_after_its_commit_is_refused_and_healed_by_the_next_commit(s3, tmp_path):
+    url = s3.bucket() + "/run"
+    src = _folder(tmp_path / "src", {"kept.parquet": b"good rows"})
+    remote.publish(src, url, show_progress=False)
+    fs, path = remote.filesystem(url)
+    fs.pipe(path + "/kept.parquet", b"\x00" * 9)  # same size, other bytes
+    with pytest.raises(remote.RemoteError, match=r"kept\.parquet: changed after it was committed"):
+        remote.input_folder(url, show_progress=False)
+    remote.publish(src, url, show_progress=False)  # the writer's next commit sends it again
+    assert (remote.input_folder(url, show_progress=False) / "kept.parquet").read_bytes() == b"good rows"
+
+
+def test_a_file_overwritten_at_the_same_size_is_fetched_again(s3, tmp_path):
+    url = s3.bucket() + "/recipe.toml"
+    fs, path = remote.filesystem(url)
+    fs.pipe(path, b"count = 20")
+    assert remote.input_file(url).read_bytes() == b"count = 20"
+    fs.pipe(path, b"count = 10")
+    assert remote.input_file(url).read_bytes() == b"count = 10"
+    assert remote.origin(remote.input_file(url)) == url
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"not json", "not a qvl manifest"), (b"[" * 100_000, "not a qvl manifest"),
+    (b'{"files": {"a": {"size": true, "id": "x"}}}', "is not {size, id}"),
+    (b'{"files": {"a": {"size": 1e30, "id": "x"}}}', "is not {size, id}"),
+])
+def test_a_damaged_manifest_is_one_error(s3, body, message):
+    url = s3.bucket() + "/run"
+    fs, path = remote.filesystem(url)
+    fs.pipe(path + "/" + remote.COMMITTED, body)
+    with pytest.raises(remote.RemoteError, match=message):
+        remote.input_folder(url, show_progress=False)

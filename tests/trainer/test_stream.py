@@ -111,7 +111,7 @@ def test_the_cache_never_holds_more_than_its_limit(shards, s3):
     for _ in range(ROWS // 2 + 10):  # an epoch and some: every shard, more than fit
         source.next()
         on_disk = [p for p in folder.iterdir() if not p.name.startswith(".")]
-        assert sum(p.stat().st_size for p in on_disk) <= limit
+        assert sum(p.stat().st_size for p in on_disk if p.exists()) <= limit  # a loader worker may rename one
         fetched |= {p.name.removesuffix(".part") for p in on_disk}
     assert len(fetched) == 22 and len(on_disk) < 22
     tiny = loader(url, window=4, cache_gb=sizes[-1] * 2 / 1e9)
