@@ -20,10 +20,17 @@ def _folder(root: Path, files: dict[str, bytes]) -> Path:
 
 @pytest.mark.parametrize("given, expected", [
     ("s3://bucket/run", "s3://bucket/run"), (Path("s3://bucket/run"), "s3://bucket/run"),
-    ("file:///tmp/x", Path("/tmp/x")), ("runs/a", Path("runs/a")), (Path("gs://b/k"), "gs://b/k"),
+    ("file:///tmp/x", Path("/tmp/x")), (Path("file:///tmp/x"), Path("/tmp/x")), ("runs/a", Path("runs/a")),
+    (Path("gs://b/k"), "gs://b/k"), ("S3://b/a/../c/", "s3://b/c"), ("s3:/b/k", "s3://b/k"),
 ])
 def test_location_keeps_urls_and_paths_apart(given, expected):
     assert remote.location(given) == expected
+
+
+@pytest.mark.parametrize("given", ["s3://", "s3:///..", "s3://b/../.."])
+def test_a_url_without_a_bucket_is_refused(given):
+    with pytest.raises(remote.RemoteError, match="names no bucket"):
+        remote.location(given)
 
 
 def test_publish_then_mirror_round_trips_a_folder(s3, tmp_path):
