@@ -80,6 +80,16 @@ class QwenVL(nn.Module):
         if isinstance(self.adapter.pos_embed, nn.Parameter):
             self.adapter.pos_embed.requires_grad_(False)
 
+    def set_activation_checkpointing(self, on: bool) -> None:
+        """Keep only each ViT block's and LLM layer's input in the forward pass and recompute the
+        rest in the backward (non-reentrant: the gradients are the ones kept activations give)."""
+        self.vision.vit.transformer.grad_checkpointing = on
+        if on:
+            self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            self.llm.config.use_cache = False  # a KV cache is for generation; with recomputation it is refused
+        else:
+            self.llm.activation_checkpointing_disable()
+
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.adapter(self.vision(pixels))
 

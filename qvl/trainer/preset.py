@@ -31,13 +31,17 @@ class ModelConfig:
     adapter: AdapterConfig
     llm: LLMConfig
     stages: dict = field(default_factory=dict)  # StagesSpec's fields set: one value per stage
+    # recompute each ViT block's and LLM layer's activations in the backward pass instead of keeping
+    # them: a 9.6B model at 448 px with 2,048-token rows does not fit its activations otherwise
+    activation_checkpointing: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def architecture(self) -> dict:
-        """What the weights' shapes and computation depend on (the stage table does not)."""
-        return {k: v for k, v in self.to_dict().items() if k not in ("name", "stages")}
+        """What the weights' shapes and computation depend on (the stage table and how
+        activations are kept do not)."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("name", "stages", "activation_checkpointing")}
 
 
 MAX_RESOLUTION = 4096  # image side a model is built at: 448 in the paper; 4096 px is 200 MB of pixels
@@ -184,6 +188,7 @@ class PresetSpec(msgspec.Struct, forbid_unknown_fields=True):
     tokenizer: Name
     image_tokens: Annotated[int, msgspec.Meta(ge=1, le=4096)]
     stages: StagesSpec = msgspec.field(default_factory=StagesSpec)
+    activation_checkpointing: bool = False
 
 
 NAMED_TOKENIZERS = ("qwen-vl", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "bytes")  # those load_tokenizer knows by name
@@ -225,7 +230,8 @@ def preset_from_dict(data: object, where: str) -> ModelConfig:
     except RecipeError as e:
         raise PresetError(str(e)) from None
     config = ModelConfig(spec.name, spec.tokenizer, spec.image_tokens, **parts,
-                         stages={k: v for k, v in msgspec.structs.asdict(spec.stages).items() if v is not None})
+                         stages={k: v for k, v in msgspec.structs.asdict(spec.stages).items() if v is not None},
+                         activation_checkpointing=spec.activation_checkpointing)
     problem = _check_preset(config)
     if problem:
         raise PresetError(f"{where}: {problem}")

@@ -125,7 +125,7 @@ def preset_from_config(config: ReleaseConfig, where: str = "config.json") -> Mod
                       intermediate_size=config.intermediate_size // 2,  # the release halves it
                       rms_norm_eps=config.layer_norm_epsilon, rope_theta=config.rotary_emb_base,
                       max_position_embeddings=config.seq_length, tie_word_embeddings=config.tie_word_embeddings),
-        stages={"resolution": [visual.image_size] * 3},
+        stages={"resolution": [visual.image_size] * 3}, activation_checkpointing=True,
     )
 
 

@@ -40,6 +40,7 @@ class TrainSettings:
     cache_gb: float = 4.0  # local disk for shards streamed from a URL (an LRU cache, never a full copy)
     data_workers: int = 2  # loader processes decoding images (0: in the training process)
     shuffle_window: int = 4  # shards whose rows are shuffled together
+    activation_checkpointing: bool | None = None  # None: as the preset says (on for qwen-vl, off for tiny)
     log: bool = True
     progress: bool = False  # a progress bar (steps/s, ETA, loss) instead of a line every 10 steps
 

@@ -207,6 +207,8 @@ def _build_model(s: TrainSettings, preset: ModelConfig, stage: Stage, tok) -> Qw
         load_weights(model, Path(s.init) / "model.safetensors", f"preset {preset.name} (--init)")
     model.vision.set_resolution(stage.resolution)
     model.set_trainable(stage.trains)
+    checkpointing = s.activation_checkpointing
+    model.set_activation_checkpointing(preset.activation_checkpointing if checkpointing is None else checkpointing)
     return model
 
 

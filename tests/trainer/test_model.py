@@ -153,3 +153,45 @@ def test_a_preset_json_written_before_typed_configs_still_loads(tmp_path):
                                         "num_key_value_heads": 4, "intermediate_size": 512,
                                         "max_position_embeddings": 2048}}))
     assert load_preset(str(path)).architecture() == load_preset("tiny").architecture()
+
+
+@pytest.mark.parametrize("class_token", [True, False])  # open_clip's ViT, and the release's PatchViT
+def test_activation_checkpointing_keeps_less_and_changes_no_number(micro, class_token):
+    """With checkpointing the forward pass keeps a fraction of the activations for the backward
+    (the ViT blocks' and LLM layers' are recomputed), and the loss and every gradient are the ones
+    kept activations give."""
+    import dataclasses
+
+    preset = load_preset(micro["preset"])
+    preset = dataclasses.replace(preset, vision=dataclasses.replace(preset.vision, class_token=class_token))
+    ids = torch.tensor([[256 + 216] * 4 + [5, 6, 7, 8] * 8, [9, 10] + [256 + 216] * 4 + [11, 12] * 15])
+    pixels = torch.randn(2, 3, 32, 32)
+    results = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = QwenVL(preset, 256 + 217, 256 + 216, 32).train()
+        model.set_activation_checkpointing(on)
+        kept = []
+
+        def pack(t, kept=kept):
+            kept.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = model(ids, pixels)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                        sum(kept)))
+    (loss_off, grads_off, kept_off), (loss_on, grads_on, kept_on) = results
+    assert kept_on < 0.6 * kept_off  # what the forward pass holds for the backward
+    assert torch.equal(loss_on, loss_off) and grads_on.keys() == grads_off.keys()
+    assert all(torch.allclose(grads_on[n], grads_off[n], rtol=0, atol=1e-7) for n in grads_off)
+
+
+def test_the_real_presets_checkpoint_activations_and_tiny_does_not():
+    """On for qwen-vl (and the converted release: ``release.preset_from_config``), off for tiny;
+    it is not part of the architecture a checkpoint must match."""
+    assert load_preset("qwen-vl").activation_checkpointing and not load_preset("tiny").activation_checkpointing
+    assert load_preset("qwen-vl").architecture() == preset_from_dict(
+        {**load_preset("qwen-vl").to_dict(), "activation_checkpointing": False}, "x").architecture()

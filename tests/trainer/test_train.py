@@ -104,3 +104,12 @@ def test_two_processes_give_the_loss_of_one(micro, tmp_path, fsdp, port):
     done = subprocess.run(torchrun + ["resume"], capture_output=True, text=True, timeout=300)  # one more step
     assert done.returncode == 0, done.stderr[-3000:]
     assert losses(tmp_path / "two")[:2] == two and len(losses(tmp_path / "two")) == 3
+
+
+def test_activation_checkpointing_trains_the_same_curve(micro, tmp_path):
+    common = dict(stage=2, data=micro["multitask"], preset=micro["preset"], log=False, max_steps=3)
+    train(TrainSettings(out=tmp_path / "kept", activation_checkpointing=False, **common))
+    train(TrainSettings(out=tmp_path / "recomputed", activation_checkpointing=True, **common))
+    assert losses(tmp_path / "recomputed") == losses(tmp_path / "kept")
+    a, b = weights(tmp_path / "recomputed"), weights(tmp_path / "kept")
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in b)
