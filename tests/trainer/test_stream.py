@@ -242,3 +242,13 @@ def test_a_shard_committed_again_at_the_same_size_is_fetched_anew(micro, s3, tmp
     remote.publish(folder, url, show_progress=False)
     again = Shards(url, cache_gb=1).cache.use([name])[0]
     assert again.read_bytes() == bytes(data) != before
+
+
+def test_one_window_is_drawn_as_the_loader_before_streaming_drew_it():
+    """Runs measured before streaming (the demo's README figures) keep their batches."""
+    import numpy as np
+
+    from qvl.trainer.stream import window_rows
+
+    for seed, epoch in ((2, 0), (0, 3)):
+        assert (window_rows(seed, epoch, 0, 500) == np.random.default_rng([seed, epoch]).permutation(500)).all()
