@@ -1,8 +1,9 @@
 """Object storage beside local paths: ``s3://``, ``gs://``, ``hf://``, ``file://`` … through fsspec.
 
 An object store has no rename, so a qvl output there is committed the one way a bucket allows:
-every object first, then ``_QVL_COMMITTED.json`` (each object's name and size) last. Readers trust
-only a committed folder; a folder without the manifest is a run still writing or one that died.
+every object first, then ``_QVL_COMMITTED.json`` (each object's name, size and ETag) last. Readers
+trust only a committed folder, and only objects the manifest names as they were committed; a folder
+without the manifest is a run still writing or one that died.
 
 Commands work in a local staging folder (``output``), where the local guarantees hold as they
 are (atomic files, markers, resume); on success it is published: the objects not already in the
