@@ -109,9 +109,17 @@ def test_the_pipeline_on_a_bucket_equals_the_pipeline_on_local_paths(s3, photos,
                              f"{url}/train", "--no-progress"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
-    while not ((m := remote.committed(f"{url}/train")) and "checkpoint/state.pt" in m["files"]):
+    fs, path = remote.filesystem(f"{url}/train")  # one client, one request a look: a commit is seen at once
+
+    def committed_checkpoint() -> bool:
+        try:
+            return "checkpoint/state.pt" in json.loads(fs.cat(f"{path}/{remote.COMMITTED}"))["files"]
+        except (FileNotFoundError, ValueError):  # not committed yet, or being written
+            return False
+
+    while not committed_checkpoint():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     step = json.loads((remote.input_folder(f"{url}/train", show_progress=False) / "checkpoint/meta.json").read_text())
