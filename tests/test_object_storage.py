@@ -1,5 +1,5 @@
 """The demo's pipeline against a real S3-compatible server on 127.0.0.1: raw parquet in a
-bucket -> filter -> download (from a local HTTP server) -> format -> train stage 2, killed and
+bucket -> filter -> download (from a local HTTP server) -> format -> train stage 2, stopped and
 resumed from the bucket on "another machine" — every result equal to the same commands on
 local paths; and the bucket's failures (missing bucket, no credentials, a half-written run,
 an object deleted mid-run) as one clear error."""
@@ -7,12 +7,7 @@ an object deleted mid-run) as one clear error."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -100,32 +95,18 @@ def test_the_pipeline_on_a_bucket_equals_the_pipeline_on_local_paths(s3, photos,
     story = json.loads(CliRunner().invoke(app, ["curate", "why", f"{url}/images", here["row_id"][0], "--json"]).output)
     assert story["verdict"].startswith("kept with its image") and f"{url}/images/kept" in story["verdict"]
 
-    # train stage 2 from the bucket; killed after its first committed checkpoint; resumed elsewhere
-    steps = 16  # room to be killed mid-run on a slow machine (the kill comes at the first commit seen)
-    train = ["train", "--stage", "2", "--preset", micro["preset"], "--max-steps", str(steps), "--checkpoint-every", "2"]
-    qvl(*train, "--data", str(local / "shards"), "--out", str(local / "train"))
-    env = {**os.environ, "QVL_CACHE": str(tmp_path / "machine-a"), "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "qvl.cli", *train, "--data", f"{url}/shards", "--out",
-                             f"{url}/train", "--no-progress"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    fs, path = remote.filesystem(f"{url}/train")  # one client, one request a look: a commit is seen at once
-
-    def committed_checkpoint() -> bool:
-        try:
-            return "checkpoint/state.pt" in json.loads(fs.cat(f"{path}/{remote.COMMITTED}"))["files"]
-        except (FileNotFoundError, ValueError):  # not committed yet, or being written
-            return False
-
-    while not committed_checkpoint():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # train stage 2 from the bucket, stopped after 3 steps on one machine, resumed on another. The
+    # stop is at the first step after the micro preset's 2 warm-up steps, where --max-steps (the
+    # cosine schedule's end) does not change the learning rate yet: the stopped run is a prefix
+    steps = 16
+    train = ["train", "--stage", "2", "--preset", micro["preset"], "--checkpoint-every", "2"]
+    qvl(*train, "--max-steps", str(steps), "--data", str(local / "shards"), "--out", str(local / "train"))
+    monkeypatch.setenv("QVL_CACHE", str(tmp_path / "machine-a"))
+    qvl(*train, "--max-steps", "3", "--data", f"{url}/shards", "--out", f"{url}/train")
     step = json.loads((remote.input_folder(f"{url}/train", show_progress=False) / "checkpoint/meta.json").read_text())
-    assert step["step"] < steps  # killed mid-run: the bucket holds an earlier checkpoint
+    assert step["step"] == 3
     monkeypatch.setenv("QVL_CACHE", str(tmp_path / "machine-b"))  # nothing staged here: all from the bucket
-    qvl(*train, "--data", f"{url}/shards", "--out", f"{url}/train", "--resume")
+    qvl(*train, "--max-steps", str(steps), "--data", f"{url}/shards", "--out", f"{url}/train", "--resume")
     resumed = load_file(str(remote.input_folder(f"{url}/train", show_progress=False) / "checkpoint/model.safetensors"))
     whole = load_file(str(local / "train" / "checkpoint/model.safetensors"))
     assert resumed.keys() == whole.keys() and all((resumed[k] == whole[k]).all() for k in whole)
