@@ -300,13 +300,6 @@ def mirror(url: str, folder: Path, show_progress: bool = True, manifest: dict | 
     return folder
 
 
-def _staged_from(folder: Path) -> str | None:
-    try:
-        return storage.read_json(folder / STAGED_FROM).get("manifest")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 # ---------------------------------------------------------------- what commands call
 
 
@@ -323,7 +316,7 @@ def input_folder(value: str | Path, show_progress: bool = True, only: tuple[str,
     if manifest is not None and only is not None:
         wanted = (*only, storage.MARKER)
         manifest = {**manifest, "files": {n: e for n, e in manifest["files"].items() if n.startswith(wanted)}}
-    if manifest is not None and _staged_from(folder) == _digest(manifest):
+    if manifest is not None and _record(folder).get("manifest") == _digest(manifest):
         return folder
     return mirror(value, folder, show_progress, manifest)
 
@@ -442,7 +435,7 @@ def output(value: str | Path, show_progress: bool = True) -> Iterator[Path]:
         return
     manifest = committed(value)
     _check_writable(value, manifest)
-    mine = _staged_from(folder)
+    mine = _record(folder).get("manifest")
     if manifest is not None and mine != _digest(manifest) and (mine is not None or not folder.exists()):
         shutil.rmtree(folder, ignore_errors=True)
         mirror(value, folder, show_progress, manifest)
