@@ -93,14 +93,15 @@ def _locations(options: dict, reads, writes, streams):
         return convert(value) if value is not None else None
 
     local = dict(options)
+    shown = options.get("progress", True)  # --no-progress quiets the uploads and fetches too
     with contextlib.ExitStack() as stack:
         for name in streams:
             local[name] = each(options[name], remote.location)
         for read in reads:  # a name, or (name, the file names' beginnings that command needs)
             name, only = (read, None) if isinstance(read, str) else read
-            local[name] = each(options[name], functools.partial(remote.input_any, only=only))
+            local[name] = each(options[name], functools.partial(remote.input_any, only=only, show_progress=shown))
         for name in writes:
-            local[name] = each(options[name], lambda v: stack.enter_context(remote.output(v)))
+            local[name] = each(options[name], lambda v: stack.enter_context(remote.output(v, show_progress=shown)))
         yield local
 
 
