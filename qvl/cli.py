@@ -712,6 +712,32 @@ def train(
     console.print(f"[green]trained {result['steps']} steps[/] -> {_url(out)}/checkpoint, metrics.jsonl, loss.png")
 
 
+@app.command("plan")
+def plan(
+    preset: Annotated[str, typer.Option(help="qwen-vl-chat (the released 9.6B), tiny, or a preset .toml with every size")] = "qwen-vl-chat",
+    stage: Annotated[int, typer.Option(help="1, 2 or 3: what trains, resolution and length (Qwen-VL Table 8)")] = 3,
+    micro_batch: Annotated[int, typer.Option(help="rows per micro-batch")] = 1,
+    seq_len: Annotated[Optional[int], typer.Option(help="tokens per row (default: the stage's)")] = None,
+    lora: Annotated[bool, typer.Option("--lora", help="LoRA r=64 on the LLM (the release's targets)")] = False,
+    q_lora: Annotated[bool, typer.Option("--q-lora", help="LoRA over NF4 4-bit LLM linears")] = False,
+    lora_base: Annotated[bool, typer.Option("--lora-base", help="LoRA on the base model: wte, lm_head trained too")] = False,
+    gpus: Annotated[int, typer.Option(help="GPUs (full training: FSDP shards over them)")] = 1,
+    activation_checkpointing: Annotated[Optional[bool], typer.Option(
+        "--activation-checkpointing/--no-activation-checkpointing", help="default: the preset's")] = None,
+    cpu_offload: Annotated[bool, typer.Option(help="full training: master weights, gradients, AdamW on the CPU")] = False,
+) -> None:
+    """GPU memory per device for a training run, before it: weights, gradients, optimizer, measured activations."""
+    from qvl.trainer.plan import PlanSettings, table
+    from qvl.trainer.plan import plan as make_plan
+
+    if lora and q_lora:
+        _fail("--lora and --q-lora: choose one")
+    mode = "q-lora" if q_lora else "lora" if lora else "full"
+    console.print(table(make_plan(PlanSettings(
+        preset=preset, stage=stage, micro_batch=micro_batch, seq_len=seq_len, mode=mode, lora_base=lora_base,
+        gpus=gpus, activation_checkpointing=activation_checkpointing, cpu_offload=cpu_offload))))
+
+
 @app.command("generate", reads=("checkpoint", "images", "image"))
 def generate(
     checkpoint: Annotated[Path, typer.Option(help="a checkpoint folder (a run's checkpoint/, or qvl convert's --out)")],

@@ -1,0 +1,408 @@
+"""`qvl plan`: GPU memory per device for a training run, known before the run.
+
+Weights, gradients and optimiser state are counted from the model built on the meta device
+(no memory, no download), part by part, by training mode. Activations are **measured**: the
+same forward + loss as ``train._optimizer_step`` runs on a copy of the model with 1-3 ViT
+blocks and LLM layers at the real widths, resolution and sequence length, and a
+``saved_tensors_hooks`` sums the bytes of the distinct storages autograd keeps for the
+backward pass; a per-layer and a fixed part are fitted and extrapolated to the full depth.
+On the GPU training computes in bf16, which a CPU only emulates (~80x slower), so the plan's
+run is on the meta device in bf16 (shapes and dtypes, no arithmetic: a few seconds, so it is
+run live and nothing is cached); ``benchmarks/train_memory.py`` and the tests check that the
+meta device saves exactly what a real fp32 CPU run saves.
+
+Attention: GPUs run flash / memory-efficient kernels that keep O(S) per head (output and
+log-sum-exp), not the S x S probabilities of the math kernel. The measurement routes every
+``scaled_dot_product_attention`` to torch's CPU flash kernel, which keeps the same tensors
+(q, k, v, the mask, output, log-sum-exp) and, unlike the meta device's default, takes qvl's
+block-diagonal mask. What is modelled rather than measured is said in the table: the
+backward's transient peak, the CUDA context, the FSDP units in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qvl.errors import QvlError
+from qvl.trainer.model import QwenVL
+from qvl.trainer.preset import ModelConfig, load_preset
+from qvl.trainer.stages import STAGES
+
+GiB = 1 << 30
+CARDS = (24, 40, 80)  # GiB: A10 / RTX 4090, A100-40GB, A100 / H100-80GB
+CUDA_OVERHEAD = 0.75 * GiB  # CUDA context + cuBLAS workspace: an estimate (0.5-1 GiB), not measured
+MODES = ("full", "lora", "q-lora")
+FIT_DEPTHS = (1, 2, 3)  # reduced depths the per-layer figures are fitted on
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj")  # release: c_attn, attn.c_proj, w1, w2
+NF4_BLOCK, NF4_BLOCK2 = 64, 256  # bitsandbytes: 64 weights per absmax; 256 absmax per fp32 constant (double quant)
+
+
+class PlanError(QvlError):
+    pass
+
+
+@dataclass
+class PlanSettings:
+    """What run to plan: a preset's stage at a micro-batch and length, a mode, a GPU count."""
+
+    preset: str = "qwen-vl-chat"
+    stage: int = 3
+    micro_batch: int = 1
+    seq_len: int | None = None  # None: the stage's (2048 in stages 2 and 3)
+    resolution: int | None = None  # None: the stage's (448 px in stages 2 and 3)
+    images_per_row: int = 1
+    mode: str = "full"  # full (FSDP over the GPUs), lora, q-lora (one model per GPU)
+    lora_base: bool = False  # LoRA on the base model: wte and lm_head trained too (the release's modules_to_save)
+    lora_r: int = 64
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    gpus: int = 1
+    activation_checkpointing: bool | None = None  # None: the preset's
+    cpu_offload: bool = False  # full: fp32 master weights, gradients and AdamW state on the CPU
+
+
+def check_plan(s: PlanSettings) -> None:
+    """Each setting in range, named as its option, before anything is built."""
+    if s.stage not in STAGES:
+        raise PlanError(f"--stage {s.stage!r}: use 1, 2 or 3")
+    if s.mode not in MODES:
+        raise PlanError(f"mode {s.mode!r}: use {', '.join(MODES)}")
+    for option, value, low, high in (("--gpus", s.gpus, 1, 1 << 16), ("--micro-batch", s.micro_batch, 1, 1024),
+                                     ("--seq-len", s.seq_len, 2, 1 << 20), ("--resolution", s.resolution, 1, 4096),
+                                     ("--images-per-row", s.images_per_row, 0, 64), ("--lora-r", s.lora_r, 1, 4096)):
+        if value is not None and (isinstance(value, bool) or not low <= value <= high):
+            raise PlanError(f"{option} {value!r}: from {low:,} to {high:,}")
+    if s.cpu_offload and s.mode != "full":
+        raise PlanError("--cpu-offload: for full training under FSDP (LoRA keeps one model per GPU)")
+    if s.lora_base and s.mode == "full":
+        raise PlanError("--lora-base: with --lora or --q-lora")
+
+
+# ---------------------------------------------------------------- the model and its parameters
+
+
+def build(cfg: ModelConfig, resolution: int, vit_layers: int | None = None, llm_layers: int | None = None,
+          device: str = "meta") -> QwenVL:
+    """The preset's model (or a copy with fewer ViT blocks / LLM layers) on ``device``, unfilled:
+    built on the meta device, then given uninitialised storage (saved bytes do not depend on values)."""
+    vision = cfg.vision.resolved()
+    cfg = dataclasses.replace(
+        cfg, vision=dataclasses.replace(vision, layers=vit_layers or vision.layers),
+        llm=dataclasses.replace(cfg.llm, num_hidden_layers=llm_layers or cfg.llm.num_hidden_layers))
+    if cfg.llm.vocab_size is None:
+        raise PlanError(f"preset {cfg.name}: [llm] needs every size (vocab_size too) to plan without its weights")
+    with torch.device("meta"):
+        model = QwenVL(cfg, cfg.llm.vocab_size, 0, resolution)  # the plan's rows are never decoded
+    return model if device == "meta" else model.to_empty(device=device)
+
+
+class _Down(nn.Module):
+    """LoRA's dropout and A: computed once per input, so q, k and v share them as the release's
+    fused ``c_attn`` does (one A r x h)."""
+
+    def __init__(self, features: int, r: int, dropout: float):
+        super().__init__()
+        self.a = nn.Linear(features, r, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._last is None or self._last[0] is not x:
+            self._last = (x, self.a(self.dropout(x)))
+        return self._last[1]
+
+
+class _LoRA(nn.Module):
+    """base(x) + B(A(dropout(x))) * alpha / r: the release's LoRA on one projection."""
+
+    def __init__(self, base: nn.Linear, down: _Down, r: int, alpha: float):
+        super().__init__()
+        self.base, self.down = base, down
+        self.b = nn.Linear(r, base.out_features, bias=False)
+        self.scale = alpha / r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.b(self.down(x)) * self.scale
+
+
+def add_lora(model: QwenVL, s: PlanSettings) -> None:
+    """Freeze the model and add the release's LoRA (finetune.py): on each LLM layer's q/k/v (one
+    shared A, as its fused c_attn), attention output, up and gate projections; with
+    ``lora_base`` the embeddings and lm_head train too (its ``modules_to_save``)."""
+    model.requires_grad_(False)
+    for layer in model.llm.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = _Down(attn.q_proj.in_features, s.lora_r, s.lora_dropout)
+        for parent, name in ((attn, "q_proj"), (attn, "k_proj"), (attn, "v_proj"), (attn, "o_proj"),
+                             (mlp, "up_proj"), (mlp, "gate_proj")):
+            base = getattr(parent, name)
+            down = qkv if name in ("q_proj", "k_proj", "v_proj") else _Down(base.in_features, s.lora_r, s.lora_dropout)
+            setattr(parent, name, _LoRA(base, down, s.lora_r, s.lora_alpha))
+    if s.lora_base:
+        model.llm.get_input_embeddings().requires_grad_(True)
+        model.llm.get_output_embeddings().requires_grad_(True)
+
+
+def prepare(model: QwenVL, s: PlanSettings, trains: tuple[str, ...], checkpointing: bool) -> QwenVL:
+    """Trainable parts as the mode says (full: the stage's parts; LoRA: the adapters only)."""
+    if s.mode == "full":
+        model.set_trainable(trains)
+    else:
+        add_lora(model, s)
+    model.set_activation_checkpointing(checkpointing)
+    return model.train()
+
+
+@dataclass
+class Counts:
+    """Parameters by role, counted on the meta-device model."""
+
+    vision: int
+    adapter: int
+    llm: int
+    trainable: int
+    frozen: int
+    lora: int  # LoRA A and B (0 in full training)
+    modules_to_save: int  # LoRA on the base model: wte + lm_head trained
+    nf4: int  # Q-LoRA: the LLM layers' linear weights stored in 4 bits
+    largest_unit: int  # the largest FSDP unit (a ViT block or an LLM layer)
+    root: int  # parameters of no block or layer: FSDP's root unit (embeddings, lm_head, adapter, ViT stem)
+
+
+def count(model: QwenVL) -> Counts:
+    """Parameters of the prepared model: per part, trainable, LoRA, what Q-LoRA quantises, FSDP units."""
+    def n(params) -> int:
+        return sum(p.numel() for p in params)
+
+    adapters = {id(p): p for m in model.modules() if isinstance(m, (_Down, _LoRA))
+                for p in (m.a if isinstance(m, _Down) else m.b).parameters()}
+    lora = n(adapters.values())
+    embeddings = [model.llm.get_input_embeddings().weight, model.llm.get_output_embeddings().weight]
+    saved = n(p for p in embeddings if p.requires_grad) if lora else 0
+    units = [*model.vision.vit.transformer.resblocks, *model.llm.model.layers]
+    nf4 = n(m.weight for layer in model.llm.model.layers for m in layer.modules()
+            if isinstance(m, nn.Linear) and id(m.weight) not in adapters)
+    trainable = n(p for p in model.parameters() if p.requires_grad)
+    return Counts(vision=n(model.vision.parameters()), adapter=n(model.adapter.parameters()),
+                  llm=n(model.llm.parameters()) - lora, trainable=trainable, frozen=n(model.parameters()) - trainable,
+                  lora=lora, modules_to_save=saved, nf4=nf4, largest_unit=max(n(u.parameters()) for u in units),
+                  root=n(model.parameters()) - sum(n(u.parameters()) for u in units))
+
+
+def nf4_bytes(params: int) -> float:
+    """NF4 with double quantisation: 4 bits a weight, one 8-bit absmax per 64 weights, one fp32
+    constant per 256 absmax (bitsandbytes' defaults)."""
+    return params * 0.5 + params / NF4_BLOCK + params / (NF4_BLOCK * NF4_BLOCK2) * 4
+
+
+# ---------------------------------------------------------------- activations
+
+
+@contextlib.contextmanager
+def flash_attention():
+    """Every scaled_dot_product_attention as torch's CPU flash kernel: what GPU flash /
+    memory-efficient kernels keep (O(S): output and log-sum-exp), on the CPU and the meta device."""
+    original = F.scaled_dot_product_attention
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if attn_mask is not None and attn_mask.dtype != query.dtype:
+            attn_mask = attn_mask.to(query.dtype)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def inputs(s: PlanSettings, image_tokens: int, resolution: int, seq_len: int, dtype: torch.dtype, device: str):
+    """A micro-batch as the loader makes it: ``images_per_row`` image spans per row,
+    position ids, the [B, 1, T, T] additive block-diagonal mask, labels."""
+    b = s.micro_batch
+    ids = torch.zeros(b, seq_len, dtype=torch.long, device=device)
+    pad = torch.zeros(b, seq_len, dtype=torch.bool, device=device)
+    pad[:, 1:1 + image_tokens * s.images_per_row] = True
+    pixels = torch.zeros(b * s.images_per_row, 3, resolution, resolution, dtype=dtype, device=device)
+    positions = torch.arange(seq_len, device=device).expand(b, -1)
+    mask = torch.full((seq_len, seq_len), float("-inf"), device=device).triu(1).expand(b, 1, -1, -1).to(dtype)
+    return ids, pad, pixels if s.images_per_row else None, mask, positions
+
+
+def saved_bytes(model: QwenVL, s: PlanSettings, resolution: int, seq_len: int, dtype: torch.dtype) -> int:
+    """Bytes autograd keeps from the forward and loss to the backward: the distinct storages
+    the saved tensors live in, parameters excluded (counted as weights). The forward is
+    ``QwenVL.forward``'s (the embedding splice without its count check, which needs values)."""
+    device = next(model.parameters()).device.type
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    storages: dict[int, int] = {}
+    kept: list[torch.Tensor] = []  # alive until counted: a freed storage's address may be reused
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in params:
+            storages[storage._cdata] = storage.nbytes()
+            kept.append(t)
+        return t
+
+    ids, pad, pixels, mask, positions = inputs(s, model.config.image_tokens, resolution, seq_len, dtype, device)
+    with flash_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        embeds = model.llm.get_input_embeddings()(ids)
+        if pixels is not None:
+            features = model.image_features(pixels).to(embeds.dtype)
+            embeds = embeds.masked_scatter(pad.unsqueeze(-1), features.reshape(-1, features.shape[-1]))
+        logits = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+        F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="sum")
+    return sum(storages.values())
+
+
+@dataclass
+class Activations:
+    """Saved bytes = fixed + per_vit_block x blocks + per_llm_layer x layers, fitted on reduced depths."""
+
+    fixed: int
+    per_vit_block: int
+    per_llm_layer: int
+    measured: dict[tuple[int, int], int]  # (ViT blocks, LLM layers) -> saved bytes
+
+    def predict(self, vit_blocks: int, llm_layers: int) -> int:
+        return self.fixed + self.per_vit_block * vit_blocks + self.per_llm_layer * llm_layers
+
+    @property
+    def nonlinear(self) -> int:
+        """Largest gap between a measured depth and the fit (0 when each layer adds the same)."""
+        return max(abs(v - self.predict(*k)) for k, v in self.measured.items())
+
+
+def measure(cfg: ModelConfig, s: PlanSettings, trains: tuple[str, ...], resolution: int, seq_len: int,
+            dtype: torch.dtype, checkpointing: bool, device: str = "meta",
+            depths: tuple[int, ...] = FIT_DEPTHS) -> Activations:
+    """Saved bytes at ``depths`` ViT blocks (one LLM layer) and LLM layers (one ViT block): the
+    slopes are the per-layer figures, the rest is fixed (embeddings, ViT stem, adapter, logits
+    and the loss's fp32 upcast)."""
+    def at(vit: int, llm: int) -> int:
+        model = prepare(build(cfg, resolution, vit, llm, device).to(dtype), s, trains, checkpointing)
+        return saved_bytes(model, s, resolution, seq_len, dtype)
+
+    first = depths[0]
+    measured = {(d, first): at(d, first) for d in depths} | {(first, d): at(first, d) for d in depths[1:]}
+    span = depths[-1] - first
+    vit = (measured[depths[-1], first] - measured[first, first]) // span
+    llm = (measured[first, depths[-1]] - measured[first, first]) // span
+    return Activations(measured[first, first] - (vit + llm) * first, vit, llm, measured)
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass
+class Plan:
+    """Bytes per GPU, each line as the table prints it, with how it was obtained."""
+
+    settings: PlanSettings
+    preset: str
+    resolution: int
+    seq_len: int
+    checkpointing: bool
+    counts: Counts
+    activations: Activations
+    lines: list[tuple[str, float, str]]  # (what, bytes, how: measured / counted / modelled / estimate)
+
+    @property
+    def total(self) -> float:
+        return sum(b for _, b, _ in self.lines)
+
+    def fits(self) -> dict[int, bool]:
+        return {card: self.total <= card * GiB for card in CARDS}
+
+
+def plan(s: PlanSettings) -> Plan:
+    """The memory one GPU needs for the run ``s`` describes."""
+    check_plan(s)
+    cfg = load_preset(s.preset)
+    stage = dataclasses.replace(STAGES[s.stage])
+    for key, values in cfg.stages.items():
+        setattr(stage, key, values[s.stage - 1])
+    resolution, seq_len = s.resolution or stage.resolution, s.seq_len or stage.seq_len
+    if cfg.image_tokens * s.images_per_row + 2 > seq_len:
+        raise PlanError(f"--seq-len {seq_len}: too short for {s.images_per_row} image(s) of {cfg.image_tokens} "
+                        "tokens per row")
+    checkpointing = cfg.activation_checkpointing if s.activation_checkpointing is None else s.activation_checkpointing
+    counts = count(prepare(build(cfg, resolution), s, stage.trains, checkpointing))
+    acts = measure(cfg, s, stage.trains, resolution, seq_len, torch.bfloat16, checkpointing)
+    layers, blocks = cfg.llm.num_hidden_layers, cfg.vision.resolved().layers
+    saved = acts.predict(blocks, layers)
+    n = s.gpus
+    logits = s.micro_batch * seq_len * cfg.llm.vocab_size
+    # the loss's backward starts with fp32 gradients of log-softmax and of the upcast, and bf16 ones of the logits;
+    # under checkpointing each layer's activations come back, one layer at a time, in its backward
+    transient = logits * (4 + 4 + 2)
+    if checkpointing:
+        full = measure(cfg, s, stage.trains, resolution, seq_len, torch.bfloat16, False, depths=(1, 2))
+        transient = max(transient, full.per_llm_layer, full.per_vit_block)
+    lines: list[tuple[str, float, str]] = []
+    if s.mode == "full":
+        on_gpu = 0 if s.cpu_offload else 1
+        lines += [("weights: fp32 master of trainable / N", on_gpu * counts.trainable * 4 / n, "counted"),
+                  ("weights: frozen bf16 / N", on_gpu * counts.frozen * 2 / n, "counted"),
+                  ("gradients: fp32 / N", on_gpu * counts.trainable * 4 / n, "counted"),
+                  ("optimizer: AdamW m, v fp32 / N", on_gpu * counts.trainable * 8 / n, "counted"),
+                  ("FSDP in flight: bf16 root + 2 largest units", (counts.root + 2 * counts.largest_unit) * 2,
+                   "modelled")]
+    else:
+        base = counts.vision + counts.adapter + counts.llm
+        if s.mode == "q-lora":
+            lines += [("weights: LLM linears NF4 (double quant)", nf4_bytes(counts.nf4), "counted"),
+                      ("weights: rest bf16 (ViT, adapter, embeddings, norms)", (base - counts.nf4) * 2, "counted")]
+            transient += 2 * max(cfg.llm.hidden_size * cfg.llm.intermediate_size, cfg.llm.hidden_size ** 2)
+        else:
+            lines.append(("weights: base bf16 (frozen, whole on each GPU)", base * 2, "counted"))
+        trained = counts.lora + counts.modules_to_save
+        lines += [("weights: LoRA" + (" + wte, lm_head" if counts.modules_to_save else "") + " fp32", trained * 4,
+                   "counted"),
+                  ("gradients: fp32", trained * 4, "counted"),
+                  ("optimizer: AdamW m, v fp32", trained * 8, "counted")]
+    lines += [(f"activations: saved for backward ({'checkpointed' if checkpointing else 'all kept'})", saved,
+               "measured (meta bf16, fitted)"),
+              ("activations: backward transient peak", transient, "modelled"),
+              ("CUDA context + workspace", CUDA_OVERHEAD, "estimate")]
+    return Plan(s, cfg.name, resolution, seq_len, checkpointing, counts, acts, lines)
+
+
+def describe(p: Plan) -> str:
+    """One line naming the run the table is for."""
+    s = p.settings
+    mode = {"full": "full training (FSDP)" if s.gpus > 1 else "full training", "lora": "LoRA",
+            "q-lora": "Q-LoRA"}[s.mode] + (" on the base model (wte, lm_head trained)" if s.lora_base else "")
+    return (f"{p.preset} stage {s.stage}, {mode}, {s.gpus} GPU(s), micro-batch {s.micro_batch} x {p.seq_len} tokens, "
+            f"{s.images_per_row} image(s) of {p.resolution} px per row, activation checkpointing "
+            f"{'on' if p.checkpointing else 'off'}{', CPU offload' if s.cpu_offload else ''}")
+
+
+def table(p: Plan):
+    """The plan as a rich table: one line per kind of memory, the total, and which cards it fits."""
+    from rich.table import Table
+
+    t = Table(title=describe(p), title_justify="left")
+    t.add_column("per GPU")
+    t.add_column("GiB", justify="right")
+    t.add_column("how")
+    for what, value, how in p.lines:
+        t.add_row(what, f"{value / GiB:.2f}", how)
+    t.add_row("[bold]total[/]", f"[bold]{p.total / GiB:.2f}[/]", "", end_section=True)
+    t.add_row("fits", "  ".join(f"{card} GB: {'[green]yes[/]' if ok else '[red]no[/]'}" for card, ok in p.fits().items()),
+              "cards of 24 / 40 / 80 GiB, the whole card usable")
+    c = p.counts
+    t.caption = (f"parameters: vision {c.vision / 1e9:.2f}B, adapter {c.adapter / 1e6:.0f}M, LLM {c.llm / 1e9:.2f}B; "
+                 f"trainable {c.trainable / 1e6:,.1f}M (meta device). Activations: "
+                 f"{p.activations.fixed / GiB:.2f} GiB fixed + {p.activations.per_vit_block / 2 ** 20:.1f} MiB per ViT "
+                 f"block + {p.activations.per_llm_layer / 2 ** 20:.1f} MiB per LLM layer (bf16, flash-type attention)")
+    t.caption_justify = "left"
+    return t
