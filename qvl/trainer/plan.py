@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -90,7 +91,8 @@ def check_plan(s: PlanSettings) -> None:
 def build(cfg: ModelConfig, resolution: int, vit_layers: int | None = None, llm_layers: int | None = None,
           device: str = "meta") -> QwenVL:
     """The preset's model (or a copy with fewer ViT blocks / LLM layers) on ``device``, unfilled:
-    built on the meta device, then given uninitialised storage (saved bytes do not depend on values)."""
+    built on the meta device, then given zeroed storage on another device (saved bytes do not depend on
+    values; zeros skip random initialisation and the slow arithmetic of garbage denormals)."""
     vision = cfg.vision.resolved()
     cfg = dataclasses.replace(
         cfg, vision=dataclasses.replace(vision, layers=vit_layers or vision.layers),
@@ -99,7 +101,12 @@ def build(cfg: ModelConfig, resolution: int, vit_layers: int | None = None, llm_
         raise PlanError(f"preset {cfg.name}: [llm] needs every size (vocab_size too) to plan without its weights")
     with torch.device("meta"):
         model = QwenVL(cfg, cfg.llm.vocab_size, 0, resolution)  # the plan's rows are never decoded
-    return model if device == "meta" else model.to_empty(device=device)
+    if device != "meta":
+        model.to_empty(device=device)
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                t.zero_()
+    return model
 
 
 class _Down(nn.Module):
@@ -289,7 +296,10 @@ def measure(cfg: ModelConfig, s: PlanSettings, trains: tuple[str, ...], resoluti
     and the loss's fp32 upcast)."""
     def at(vit: int, llm: int) -> int:
         model = prepare(build(cfg, resolution, vit, llm, device).to(dtype), s, trains, checkpointing)
-        return saved_bytes(model, s, resolution, seq_len, dtype)
+        saved = saved_bytes(model, s, resolution, seq_len, dtype)
+        del model
+        gc.collect()  # the model's reference cycles: two real-width copies at once would not fit a small machine
+        return saved
 
     first = depths[0]
     measured = {(d, first): at(d, first) for d in depths} | {(first, d): at(first, d) for d in depths[1:]}
@@ -341,12 +351,14 @@ def plan(s: PlanSettings) -> Plan:
     saved = acts.predict(blocks, layers)
     n = s.gpus
     logits = s.micro_batch * seq_len * cfg.llm.vocab_size
-    # the loss's backward starts with fp32 gradients of log-softmax and of the upcast, and bf16 ones of the logits;
-    # under checkpointing each layer's activations come back, one layer at a time, in its backward
-    transient = logits * (4 + 4 + 2)
+    # beyond the saved bytes: the bf16 logits the step keeps referenced through its backward, plus either the
+    # loss's backward (two fp32 logits-sized gradients at once: log-softmax's and the upcast's) or, under
+    # checkpointing, one layer's activations recomputed in its backward, whichever is larger
+    redone = 0
     if checkpointing:
-        full = measure(cfg, s, stage.trains, resolution, seq_len, torch.bfloat16, False, depths=(1, 2))
-        transient = max(transient, full.per_llm_layer, full.per_vit_block)
+        kept = measure(cfg, s, stage.trains, resolution, seq_len, torch.bfloat16, False, depths=(1, 2))
+        redone = max(kept.per_llm_layer, kept.per_vit_block)
+    transient = logits * 2 + max(logits * 8, redone)
     lines: list[tuple[str, float, str]] = []
     if s.mode == "full":
         on_gpu = 0 if s.cpu_offload else 1
@@ -361,7 +373,7 @@ def plan(s: PlanSettings) -> Plan:
         if s.mode == "q-lora":
             lines += [("weights: LLM linears NF4 (double quant)", nf4_bytes(counts.nf4), "counted"),
                       ("weights: rest bf16 (ViT, adapter, embeddings, norms)", (base - counts.nf4) * 2, "counted")]
-            transient += 2 * max(cfg.llm.hidden_size * cfg.llm.intermediate_size, cfg.llm.hidden_size ** 2)
+            transient += 2 * max(cfg.llm.hidden_size * cfg.llm.intermediate_size, cfg.llm.hidden_size ** 2)  # dequantised
         else:
             lines.append(("weights: base bf16 (frozen, whole on each GPU)", base * 2, "counted"))
         trained = counts.lora + counts.modules_to_save
