@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from qvl.trainer.plan import GiB, PlanSettings, load_preset, measure, plan
+    from qvl.trainer.plan import GiB, PlanSettings, load_preset, measure, plan, saved_at
 
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
@@ -60,8 +60,7 @@ def main() -> None:
               f"{mib(a.per_vit_block)}, per LLM layer {mib(a.per_llm_layer)}; largest gap to the fit on depths 1-3: "
               f"{a.nonlinear} bytes ({time.perf_counter() - started:.1f} s)")
         for depth in ((4, 4), (48, 32)):
-            deep = measure(cfg, full, trains, 448, 2048, torch.bfloat16, ckpt, depths=(depth[0],))
-            got, want = deep.measured[depth], a.predict(*depth)
+            got, want = saved_at(cfg, full, trains, 448, 2048, torch.bfloat16, ckpt, *depth), a.predict(*depth)
             print(f"      {depth[0]} blocks, {depth[1]} layers: predicted {want / GiB:.3f} GiB, measured {got / GiB:.3f} "
                   f"GiB ({100 * (want - got) / got:+.4f}%)")
     print()

@@ -256,8 +256,8 @@ def saved_bytes(model: QwenVL, s: PlanSettings, resolution: int, seq_len: int, d
         storage = t.untyped_storage()
         if storage._cdata not in params:
             storages[storage._cdata] = storage.nbytes()
-            kept.append(t)
-        return t
+            kept.append(t.detach())
+        return t.detach()  # t itself would be a cycle through the graph (a node keeping its own output)
 
     ids, pad, pixels, mask, positions = inputs(s, model.config.image_tokens, resolution, seq_len, dtype, device)
     with flash_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -288,6 +288,16 @@ class Activations:
         return max(abs(v - self.predict(*k)) for k, v in self.measured.items())
 
 
+def saved_at(cfg: ModelConfig, s: PlanSettings, trains: tuple[str, ...], resolution: int, seq_len: int,
+             dtype: torch.dtype, checkpointing: bool, vit_blocks: int, llm_layers: int, device: str = "meta") -> int:
+    """Saved bytes of the preset's model with ``vit_blocks`` ViT blocks and ``llm_layers`` LLM layers."""
+    model = prepare(build(cfg, resolution, vit_blocks, llm_layers, device).to(dtype), s, trains, checkpointing)
+    saved = saved_bytes(model, s, resolution, seq_len, dtype)
+    del model
+    gc.collect()  # the model's reference cycles: two real-width copies at once would not fit a small machine
+    return saved
+
+
 def measure(cfg: ModelConfig, s: PlanSettings, trains: tuple[str, ...], resolution: int, seq_len: int,
             dtype: torch.dtype, checkpointing: bool, device: str = "meta",
             depths: tuple[int, ...] = FIT_DEPTHS) -> Activations:
@@ -295,17 +305,12 @@ def measure(cfg: ModelConfig, s: PlanSettings, trains: tuple[str, ...], resoluti
     slopes are the per-layer figures, the rest is fixed (embeddings, ViT stem, adapter, logits
     and the loss's fp32 upcast)."""
     def at(vit: int, llm: int) -> int:
-        model = prepare(build(cfg, resolution, vit, llm, device).to(dtype), s, trains, checkpointing)
-        saved = saved_bytes(model, s, resolution, seq_len, dtype)
-        del model
-        gc.collect()  # the model's reference cycles: two real-width copies at once would not fit a small machine
-        return saved
+        return saved_at(cfg, s, trains, resolution, seq_len, dtype, checkpointing, vit, llm, device)
 
-    first = depths[0]
+    first, last = depths[0], depths[-1]
     measured = {(d, first): at(d, first) for d in depths} | {(first, d): at(first, d) for d in depths[1:]}
-    span = depths[-1] - first
-    vit = (measured[depths[-1], first] - measured[first, first]) // span
-    llm = (measured[first, depths[-1]] - measured[first, first]) // span
+    vit = (measured[last, first] - measured[first, first]) // (last - first)
+    llm = (measured[first, last] - measured[first, first]) // (last - first)
     return Activations(measured[first, first] - (vit + llm) * first, vit, llm, measured)
 
 
