@@ -293,8 +293,9 @@ def saved_at(cfg: ModelConfig, s: PlanSettings, trains: tuple[str, ...], resolut
     """Saved bytes of the preset's model with ``vit_blocks`` ViT blocks and ``llm_layers`` LLM layers."""
     model = prepare(build(cfg, resolution, vit_blocks, llm_layers, device).to(dtype), s, trains, checkpointing)
     saved = saved_bytes(model, s, resolution, seq_len, dtype)
-    del model
-    gc.collect()  # the model's reference cycles: two real-width copies at once would not fit a small machine
+    if device != "meta":
+        del model
+        gc.collect()  # freed before the next is built: two real-width copies would not fit a small machine
     return saved
 
 
@@ -408,14 +409,14 @@ def table(p: Plan):
     from rich.table import Table
 
     t = Table(title=describe(p), title_justify="left")
-    t.add_column("per GPU")
-    t.add_column("GiB", justify="right")
+    t.add_column("per GPU", no_wrap=True)
+    t.add_column("GiB", justify="right", no_wrap=True)
     t.add_column("how")
     for what, value, how in p.lines:
         t.add_row(what, f"{value / GiB:.2f}", how)
     t.add_row("[bold]total[/]", f"[bold]{p.total / GiB:.2f}[/]", "", end_section=True)
-    t.add_row("fits", "  ".join(f"{card} GB: {'[green]yes[/]' if ok else '[red]no[/]'}" for card, ok in p.fits().items()),
-              "cards of 24 / 40 / 80 GiB, the whole card usable")
+    t.add_row(f"fits {' / '.join(map(str, CARDS))} GB", " / ".join(
+        "[green]yes[/]" if ok else "[red]no[/]" for ok in p.fits().values()), "the whole card's GiB usable")
     c = p.counts
     t.caption = (f"parameters: vision {c.vision / 1e9:.2f}B, adapter {c.adapter / 1e6:.0f}M, LLM {c.llm / 1e9:.2f}B; "
                  f"trainable {c.trainable / 1e6:,.1f}M (meta device). Activations: "
