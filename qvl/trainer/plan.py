@@ -76,7 +76,7 @@ def check_plan(s: PlanSettings) -> None:
         raise PlanError(f"mode {s.mode!r}: use {', '.join(MODES)}")
     for option, value, low, high in (("--gpus", s.gpus, 1, 1 << 16), ("--micro-batch", s.micro_batch, 1, 1024),
                                      ("--seq-len", s.seq_len, 2, 1 << 20), ("--resolution", s.resolution, 1, 4096),
-                                     ("--images-per-row", s.images_per_row, 0, 64), ("--lora-r", s.lora_r, 1, 4096)):
+                                     ("--images-per-row", s.images_per_row, 1, 64), ("--lora-r", s.lora_r, 1, 4096)):
         if value is not None and (isinstance(value, bool) or not low <= value <= high):
             raise PlanError(f"{option} {value!r}: from {low:,} to {high:,}")
     if s.cpu_offload and s.mode != "full":
@@ -416,11 +416,14 @@ def table(p: Plan):
         t.add_row(what, f"{value / GiB:.2f}", how)
     t.add_row("[bold]total[/]", f"[bold]{p.total / GiB:.2f}[/]", "", end_section=True)
     t.add_row(f"fits {' / '.join(map(str, CARDS))} GB", " / ".join(
-        "[green]yes[/]" if ok else "[red]no[/]" for ok in p.fits().values()), "the whole card's GiB usable")
+        "[green]yes[/]" if ok else "[red]no[/]" for ok in p.fits().values()), "GiB, the whole card")
     c = p.counts
     t.caption = (f"parameters: vision {c.vision / 1e9:.2f}B, adapter {c.adapter / 1e6:.0f}M, LLM {c.llm / 1e9:.2f}B; "
                  f"trainable {c.trainable / 1e6:,.1f}M (meta device). Activations: "
                  f"{p.activations.fixed / GiB:.2f} GiB fixed + {p.activations.per_vit_block / 2 ** 20:.1f} MiB per ViT "
                  f"block + {p.activations.per_llm_layer / 2 ** 20:.1f} MiB per LLM layer (bf16, flash-type attention)")
+    if p.settings.cpu_offload:
+        host = (c.trainable * 16 + c.frozen * 2) / p.settings.gpus
+        t.caption += f". CPU memory per GPU's process for the offloaded state: {host / GiB:.1f} GiB"
     t.caption_justify = "left"
     return t
