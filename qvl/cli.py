@@ -714,7 +714,7 @@ def train(
 
 @app.command("plan")
 def plan(
-    preset: Annotated[str, typer.Option(help="qwen-vl-chat (the released 9.6B), tiny, or a preset .toml with every size")] = "qwen-vl-chat",
+    preset: Annotated[str, typer.Option(help="qwen-vl-chat (the released 9.6B), or a preset .toml with every size")] = "qwen-vl-chat",
     stage: Annotated[int, typer.Option(help="1, 2 or 3: what trains, resolution and length (Qwen-VL Table 8)")] = 3,
     micro_batch: Annotated[int, typer.Option(help="rows per micro-batch")] = 1,
     seq_len: Annotated[Optional[int], typer.Option(help="tokens per row (default: the stage's)")] = None,
