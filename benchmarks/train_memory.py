@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from qvl.trainer.plan import GiB, PlanSettings, load_preset, measure, plan, saved_at
+    from qvl.trainer.plan import GiB, PlanSettings, load_preset, measure, plan, step_at
 
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
@@ -46,23 +46,29 @@ def main() -> None:
     for name, device, dtype in (("real fp32 CPU", "cpu", torch.float32), ("meta fp32", "meta", torch.float32),
                                 ("meta bf16", "meta", torch.bfloat16)):
         started = time.perf_counter()
-        fits[name] = a = measure(cfg, full, trains, 448, args.real_seq, dtype, False, device, depths=(1, 2))
+        fits[name] = a = measure(cfg, full, trains, 448, args.real_seq, dtype, False, device, depths=(1, 2),
+                                 backward=False)[0]
         print(f"   {name:14} fixed {mib(a.fixed):>13}  per ViT block {mib(a.per_vit_block):>11}  per LLM layer "
               f"{mib(a.per_llm_layer):>11}  ({time.perf_counter() - started:.1f} s, forward + loss only)")
     same = fits["real fp32 CPU"].measured == fits["meta fp32"].measured
     print(f"   meta fp32 == real fp32 at every depth: {same} {sorted(fits['meta fp32'].measured.items())}\n")
 
-    print("2. extrapolation, meta bf16 at 448 px / 2048 tokens: fitted on depths 1-3, checked on deeper models")
+    print("2. extrapolation, meta bf16 at 448 px / 2048 tokens: fitted on depths 1-3, checked on deeper models; "
+          "saved for backward, and the peak of forward + loss + backward (activations, the batch, the loss's "
+          "gradients; not parameters or their gradients)")
     for ckpt in (False, True):
         started = time.perf_counter()
-        a = measure(cfg, full, trains, 448, 2048, torch.bfloat16, ckpt)
-        print(f"   checkpointing {'on ' if ckpt else 'off'}: fixed {mib(a.fixed)}, per ViT block "
-              f"{mib(a.per_vit_block)}, per LLM layer {mib(a.per_llm_layer)}; largest gap to the fit on depths 1-3: "
-              f"{a.nonlinear} bytes ({time.perf_counter() - started:.1f} s)")
+        fitted = measure(cfg, full, trains, 448, 2048, torch.bfloat16, ckpt)
+        for what, a in zip(("saved", "peak"), fitted):
+            print(f"   checkpointing {'on ' if ckpt else 'off'}, {what:5}: fixed {mib(a.fixed)}, per ViT block "
+                  f"{mib(a.per_vit_block)}, per LLM layer {mib(a.per_llm_layer)}; largest gap to the fit on depths "
+                  f"1-3: {a.nonlinear} bytes")
         for depth in ((4, 4), (48, 32)):
-            got, want = saved_at(cfg, full, trains, 448, 2048, torch.bfloat16, ckpt, *depth), a.predict(*depth)
-            print(f"      {depth[0]} blocks, {depth[1]} layers: predicted {want / GiB:.3f} GiB, measured {got / GiB:.3f} "
-                  f"GiB ({100 * (want - got) / got:+.4f}%)")
+            got = step_at(cfg, full, trains, 448, 2048, torch.bfloat16, ckpt, *depth)
+            print(f"      {depth[0]} blocks, {depth[1]} layers: " + "; ".join(
+                f"{what} predicted {a.predict(*depth) / GiB:.3f} GiB, measured {g / GiB:.3f} GiB "
+                f"({100 * (a.predict(*depth) - g) / g:+.4f}%)" for what, a, g in zip(("saved", "peak"), fitted, got)))
+        print(f"      ({time.perf_counter() - started:.1f} s)")
     print()
 
     print("3. plans for the released 9.6B (GiB per GPU; fits: cards of 24 / 40 / 80 GiB)")
@@ -72,7 +78,7 @@ def main() -> None:
              ("stage 3 Q-LoRA, 1 GPU", PlanSettings(stage=3, mode="q-lora")),
              ("stage 2 full, 8 GPUs", PlanSettings(stage=2, gpus=8)),
              ("stage 2 full, 8 GPUs, CPU offload", PlanSettings(stage=2, gpus=8, cpu_offload=True))]
-    print(f"   {'run':36} {'ckpt':4} {'weights':>7} {'grads':>6} {'optim':>6} {'FSDP':>5} {'saved':>6} {'trans':>6} "
+    print(f"   {'run':36} {'ckpt':4} {'weights':>7} {'grads':>6} {'optim':>6} {'FSDP':>5} {'saved':>6} {'trans.':>6} "
           f"{'CUDA':>5} {'total':>6}  fits 24/40/80")
     for name, settings in cases:
         for ckpt in (True, False):
@@ -84,7 +90,8 @@ def main() -> None:
                 by[key] = by.get(key, 0) + value
             acts = [v for w, v, _ in p.lines if w.startswith("activations")]
             print(f"   {name:36} {'on' if ckpt else 'off':4} {by['weights'] / GiB:7.2f} {by['gradients'] / GiB:6.2f} "
-                  f"{by['optimizer'] / GiB:6.2f} {by.get('FSDP', 0) / GiB:5.2f} {acts[0] / GiB:6.2f} {acts[1] / GiB:6.2f} "
+                  f"{by['optimizer'] / GiB:6.2f} {by.get('FSDP', 0) / GiB:5.2f} {acts[0] / GiB:6.2f} "
+                  f"{(acts[1] + by.get('Q-LoRA', 0)) / GiB:6.2f} "
                   f"{by['CUDA'] / GiB:5.2f} {p.total / GiB:6.2f}  "
                   + " ".join("yes" if ok else "no" for ok in p.fits().values()))
     print()

@@ -24,11 +24,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from qvl.errors import QvlError
 from qvl.trainer.model import QwenVL
@@ -113,9 +116,9 @@ class _Down(nn.Module):
     """LoRA's dropout and A: computed once per input, so q, k and v share them as the release's
     fused ``c_attn`` does (one A r x h)."""
 
-    def __init__(self, features: int, r: int, dropout: float):
+    def __init__(self, like: nn.Linear, r: int, dropout: float):
         super().__init__()
-        self.a = nn.Linear(features, r, bias=False)
+        self.a = nn.Linear(like.in_features, r, bias=False, device=like.weight.device, dtype=like.weight.dtype)
         self.dropout = nn.Dropout(dropout)
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -131,7 +134,7 @@ class _LoRA(nn.Module):
     def __init__(self, base: nn.Linear, down: _Down, r: int, alpha: float):
         super().__init__()
         self.base, self.down = base, down
-        self.b = nn.Linear(r, base.out_features, bias=False)
+        self.b = nn.Linear(r, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype)
         self.scale = alpha / r
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,11 +148,11 @@ def add_lora(model: QwenVL, s: PlanSettings) -> None:
     model.requires_grad_(False)
     for layer in model.llm.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        qkv = _Down(attn.q_proj.in_features, s.lora_r, s.lora_dropout)
+        qkv = _Down(attn.q_proj, s.lora_r, s.lora_dropout)
         for parent, name in ((attn, "q_proj"), (attn, "k_proj"), (attn, "v_proj"), (attn, "o_proj"),
                              (mlp, "up_proj"), (mlp, "gate_proj")):
             base = getattr(parent, name)
-            down = qkv if name in ("q_proj", "k_proj", "v_proj") else _Down(base.in_features, s.lora_r, s.lora_dropout)
+            down = qkv if name in ("q_proj", "k_proj", "v_proj") else _Down(base, s.lora_r, s.lora_dropout)
             setattr(parent, name, _LoRA(base, down, s.lora_r, s.lora_alpha))
     if s.lora_base:
         model.llm.get_input_embeddings().requires_grad_(True)
@@ -243,10 +246,53 @@ def inputs(s: PlanSettings, image_tokens: int, resolution: int, seq_len: int, dt
     return ids, pad, pixels if s.images_per_row else None, mask, positions
 
 
-def saved_bytes(model: QwenVL, s: PlanSettings, resolution: int, seq_len: int, dtype: torch.dtype) -> int:
-    """Bytes autograd keeps from the forward and loss to the backward: the distinct storages
-    the saved tensors live in, parameters excluded (counted as weights). The forward is
-    ``QwenVL.forward``'s (the embedding splice without its count check, which needs values)."""
+class _Live(TorchDispatchMode):
+    """Every storage an op creates and when it is freed (a weak reference to it fires when the
+    storage itself goes, however it was held), in order: the timeline of live bytes."""
+
+    def __init__(self):
+        super().__init__()
+        self.events: list[tuple[int, int | None]] = []  # (allocation, bytes); (allocation, None): freed
+        self.current: dict[int, int] = {}  # a live storage's address -> its allocation
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in self.current:
+                storage, n = t.untyped_storage(), len(self.events)
+                self.current[storage._cdata] = n
+                self.events.append((n, storage.nbytes()))
+                weakref.finalize(storage, self._free, storage._cdata, n)
+        return out
+
+    def _free(self, address: int, n: int) -> None:
+        if self.current.get(address) == n:
+            del self.current[address]
+        self.events.append((n, None))
+
+    def peak(self, leaving_out: set[int]) -> int:
+        """The most bytes live at once, ``leaving_out`` some allocations (the gradients, counted apart)."""
+        live = best = 0
+        sizes: dict[int, int] = {}
+        for n, size in self.events:
+            if n in leaving_out:
+                continue
+            if size is None:
+                live -= sizes.pop(n, 0)
+            else:
+                sizes[n] = size
+                live += size
+                best = max(best, live)
+        return best
+
+
+def step_bytes(model: QwenVL, s: PlanSettings, resolution: int, seq_len: int, dtype: torch.dtype,
+               backward: bool = True) -> tuple[int, int]:
+    """(saved, peak) of one micro-batch. Saved: the bytes autograd keeps from the forward and loss
+    to the backward, the distinct storages the saved tensors live in, parameters excluded (counted
+    as weights). Peak: the most bytes live at once in the forward, loss and backward (``backward``),
+    the batch, activations and the loss's gradients, parameters and their gradients excluded. The
+    forward is ``QwenVL.forward``'s (the embedding splice without its count check, which needs values)."""
     device = next(model.parameters()).device.type
     params = {p.untyped_storage()._cdata for p in model.parameters()}
     storages: dict[int, int] = {}
@@ -259,25 +305,39 @@ def saved_bytes(model: QwenVL, s: PlanSettings, resolution: int, seq_len: int, d
             kept.append(t.detach())
         return t.detach()  # t itself would be a cycle through the graph (a node keeping its own output)
 
-    ids, pad, pixels, mask, positions = inputs(s, model.config.image_tokens, resolution, seq_len, dtype, device)
-    with flash_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        embeds = model.llm.get_input_embeddings()(ids)
-        if pixels is not None:
-            features = model.image_features(pixels).to(embeds.dtype)
-            embeds = embeds.masked_scatter(pad.unsqueeze(-1), features.reshape(-1, features.shape[-1]))
-        logits = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
-        F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="sum")
-    return sum(storages.values())
+    live = _Live()
+    with flash_attention(), live:
+        ids, pad, pixels, mask, positions = inputs(s, model.config.image_tokens, resolution, seq_len, dtype, device)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            embeds = model.llm.get_input_embeddings()(ids)
+            if pixels is not None:
+                features = model.image_features(pixels).to(embeds.dtype)
+                embeds = embeds.masked_scatter(pad.unsqueeze(-1), features.reshape(-1, features.shape[-1]))
+            logits = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+            loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="sum")
+        saved = sum(storages.values())
+        kept.clear()  # else the backward could not free what it has used
+        if backward:
+            loss.backward()
+    grads = {live.current.get(p.grad.untyped_storage()._cdata) for p in model.parameters() if p.grad is not None}
+    return saved, live.peak(grads) if backward else 0
 
 
 @dataclass
 class Activations:
-    """Saved bytes = fixed + per_vit_block x blocks + per_llm_layer x layers, fitted on reduced depths."""
+    """Bytes = fixed + per_vit_block x blocks + per_llm_layer x layers, fitted on reduced depths."""
 
     fixed: int
     per_vit_block: int
     per_llm_layer: int
-    measured: dict[tuple[int, int], int]  # (ViT blocks, LLM layers) -> saved bytes
+    measured: dict[tuple[int, int], int]  # (ViT blocks, LLM layers) -> bytes
+
+    @classmethod
+    def fit(cls, measured: dict[tuple[int, int], int], first: int, last: int) -> Activations:
+        """The slopes over ViT blocks (one LLM layer) and LLM layers (one ViT block); the rest is fixed."""
+        vit = (measured[last, first] - measured[first, first]) // (last - first)
+        llm = (measured[first, last] - measured[first, first]) // (last - first)
+        return cls(measured[first, first] - (vit + llm) * first, vit, llm, measured)
 
     def predict(self, vit_blocks: int, llm_layers: int) -> int:
         return self.fixed + self.per_vit_block * vit_blocks + self.per_llm_layer * llm_layers
@@ -288,31 +348,29 @@ class Activations:
         return max(abs(v - self.predict(*k)) for k, v in self.measured.items())
 
 
-def saved_at(cfg: ModelConfig, s: PlanSettings, trains: tuple[str, ...], resolution: int, seq_len: int,
-             dtype: torch.dtype, checkpointing: bool, vit_blocks: int, llm_layers: int, device: str = "meta") -> int:
-    """Saved bytes of the preset's model with ``vit_blocks`` ViT blocks and ``llm_layers`` LLM layers."""
+def step_at(cfg: ModelConfig, s: PlanSettings, trains: tuple[str, ...], resolution: int, seq_len: int,
+            dtype: torch.dtype, checkpointing: bool, vit_blocks: int, llm_layers: int, device: str = "meta",
+            backward: bool = True) -> tuple[int, int]:
+    """(saved, peak) of the preset's model with ``vit_blocks`` ViT blocks and ``llm_layers`` LLM layers."""
     model = prepare(build(cfg, resolution, vit_blocks, llm_layers, device).to(dtype), s, trains, checkpointing)
-    saved = saved_bytes(model, s, resolution, seq_len, dtype)
+    result = step_bytes(model, s, resolution, seq_len, dtype, backward)
     if device != "meta":
         del model
         gc.collect()  # freed before the next is built: two real-width copies would not fit a small machine
-    return saved
+    return result
 
 
 def measure(cfg: ModelConfig, s: PlanSettings, trains: tuple[str, ...], resolution: int, seq_len: int,
-            dtype: torch.dtype, checkpointing: bool, device: str = "meta",
-            depths: tuple[int, ...] = FIT_DEPTHS) -> Activations:
-    """Saved bytes at ``depths`` ViT blocks (one LLM layer) and LLM layers (one ViT block): the
-    slopes are the per-layer figures, the rest is fixed (embeddings, ViT stem, adapter, logits
-    and the loss's fp32 upcast)."""
-    def at(vit: int, llm: int) -> int:
-        return saved_at(cfg, s, trains, resolution, seq_len, dtype, checkpointing, vit, llm, device)
-
+            dtype: torch.dtype, checkpointing: bool, device: str = "meta", depths: tuple[int, ...] = FIT_DEPTHS,
+            backward: bool = True) -> tuple[Activations, Activations]:
+    """Saved and peak bytes fitted on ``depths`` ViT blocks (one LLM layer) and LLM layers (one
+    ViT block): the slopes are the per-layer figures, the rest is fixed (the batch, embeddings,
+    ViT stem, adapter, logits and the loss's fp32 upcast and gradients)."""
     first, last = depths[0], depths[-1]
-    measured = {(d, first): at(d, first) for d in depths} | {(first, d): at(first, d) for d in depths[1:]}
-    vit = (measured[last, first] - measured[first, first]) // (last - first)
-    llm = (measured[first, last] - measured[first, first]) // (last - first)
-    return Activations(measured[first, first] - (vit + llm) * first, vit, llm, measured)
+    runs = {(d, first): None for d in depths} | {(first, d): None for d in depths[1:]}
+    for vit, llm in runs:
+        runs[vit, llm] = step_at(cfg, s, trains, resolution, seq_len, dtype, checkpointing, vit, llm, device, backward)
+    return tuple(Activations.fit({k: v[i] for k, v in runs.items()}, first, last) for i in (0, 1))
 
 
 # ---------------------------------------------------------------- the plan
@@ -328,7 +386,8 @@ class Plan:
     seq_len: int
     checkpointing: bool
     counts: Counts
-    activations: Activations
+    activations: Activations  # saved for backward
+    peak: Activations  # the most live at once in forward, loss and backward
     lines: list[tuple[str, float, str]]  # (what, bytes, how: measured / counted / modelled / estimate)
 
     @property
@@ -352,19 +411,10 @@ def plan(s: PlanSettings) -> Plan:
                         "tokens per row")
     checkpointing = cfg.activation_checkpointing if s.activation_checkpointing is None else s.activation_checkpointing
     counts = count(prepare(build(cfg, resolution), s, stage.trains, checkpointing))
-    acts = measure(cfg, s, stage.trains, resolution, seq_len, torch.bfloat16, checkpointing)
+    acts, peak = measure(cfg, s, stage.trains, resolution, seq_len, torch.bfloat16, checkpointing)
     layers, blocks = cfg.llm.num_hidden_layers, cfg.vision.resolved().layers
     saved = acts.predict(blocks, layers)
     n = s.gpus
-    logits = s.micro_batch * seq_len * cfg.llm.vocab_size
-    # beyond the saved bytes: the bf16 logits the step keeps referenced through its backward, plus either the
-    # loss's backward (two fp32 logits-sized gradients at once: log-softmax's and the upcast's) or, under
-    # checkpointing, one layer's activations recomputed in its backward, whichever is larger
-    redone = 0
-    if checkpointing:
-        kept = measure(cfg, s, stage.trains, resolution, seq_len, torch.bfloat16, False, depths=(1, 2))
-        redone = max(kept.per_llm_layer, kept.per_vit_block)
-    transient = logits * 2 + max(logits * 8, redone)
     lines: list[tuple[str, float, str]] = []
     if s.mode == "full":
         on_gpu = 0 if s.cpu_offload else 1
@@ -379,7 +429,8 @@ def plan(s: PlanSettings) -> Plan:
         if s.mode == "q-lora":
             lines += [("weights: LLM linears NF4 (double quant)", nf4_bytes(counts.nf4), "counted"),
                       ("weights: rest bf16 (ViT, adapter, embeddings, norms)", (base - counts.nf4) * 2, "counted")]
-            transient += 2 * max(cfg.llm.hidden_size * cfg.llm.intermediate_size, cfg.llm.hidden_size ** 2)  # dequantised
+            lines.append(("Q-LoRA: one LLM weight dequantised to bf16", 2 * max(
+                cfg.llm.hidden_size * cfg.llm.intermediate_size, cfg.llm.hidden_size ** 2), "modelled"))
         else:
             lines.append(("weights: base bf16 (frozen, whole on each GPU)", base * 2, "counted"))
         trained = counts.lora + counts.modules_to_save
@@ -389,9 +440,10 @@ def plan(s: PlanSettings) -> Plan:
                   ("optimizer: AdamW m, v fp32", trained * 8, "counted")]
     lines += [(f"activations: saved for backward ({'checkpointed' if checkpointing else 'all kept'})", saved,
                "measured (meta bf16, fitted)"),
-              ("activations: backward transient peak", transient, "modelled"),
+              ("activations: backward's transient (peak - saved)", peak.predict(blocks, layers) - saved,
+               "measured (meta bf16, fitted)"),
               ("CUDA context + workspace", CUDA_OVERHEAD, "estimate")]
-    return Plan(s, cfg.name, resolution, seq_len, checkpointing, counts, acts, lines)
+    return Plan(s, cfg.name, resolution, seq_len, checkpointing, counts, acts, peak, lines)
 
 
 def describe(p: Plan) -> str:

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from qvl.cli import app
-from qvl.trainer.plan import PlanSettings, build, count, measure, plan, prepare, saved_at
+from qvl.trainer.plan import PlanSettings, build, count, measure, plan, prepare, step_at
 from qvl.trainer.preset import load_preset
 
 runner = CliRunner()
@@ -59,26 +59,29 @@ def test_meta_device_saves_what_a_real_cpu_run_saves(small, mode, trains, ckpt):
     cfg = load_preset(small)
     real = measure(cfg, s, trains, 56, 64, torch.float32, ckpt, device="cpu", depths=(1, 2))
     meta = measure(cfg, s, trains, 56, 64, torch.float32, ckpt, depths=(1, 2))
-    assert real.measured == meta.measured
-    assert real.per_llm_layer > 0
+    assert [fit.measured for fit in real] == [fit.measured for fit in meta]  # saved, and the peak
+    saved, peak = meta
+    assert 0 < saved.per_llm_layer and all(peak.measured[k] > saved.measured[k] for k in saved.measured)
 
 
 def test_fit_on_one_and_two_layers_predicts_three(small):
     cfg, s = load_preset(small), PlanSettings(preset=small)
     for dtype in (torch.float32, torch.bfloat16):
-        fit = measure(cfg, s, EVERY, 56, 64, dtype, False, depths=(1, 2))
-        assert saved_at(cfg, s, EVERY, 56, 64, dtype, False, 3, 3) == fit.predict(3, 3)
-    bf16 = measure(cfg, s, EVERY, 56, 64, torch.bfloat16, False, depths=(1, 2))
-    fp32 = measure(cfg, s, EVERY, 56, 64, torch.float32, False, depths=(1, 2))
+        for ckpt in (False, True):
+            saved, peak = measure(cfg, s, EVERY, 56, 64, dtype, ckpt, depths=(1, 2))
+            assert step_at(cfg, s, EVERY, 56, 64, dtype, ckpt, 3, 3) == (saved.predict(3, 3), peak.predict(3, 3))
+    bf16, _ = measure(cfg, s, EVERY, 56, 64, torch.bfloat16, False, depths=(1, 2))
+    fp32, _ = measure(cfg, s, EVERY, 56, 64, torch.float32, False, depths=(1, 2))
     assert bf16.per_llm_layer < fp32.per_llm_layer  # bf16 halves most of what is kept (RMSNorm keeps fp32)
 
 
 def test_checkpointing_keeps_only_layer_inputs(small):
     cfg, s = load_preset(small), PlanSettings(preset=small)
-    kept = measure(cfg, s, EVERY, 56, 64, torch.float32, False, depths=(1, 2))
-    redone = measure(cfg, s, EVERY, 56, 64, torch.float32, True, depths=(1, 2))
+    kept, kept_peak = measure(cfg, s, EVERY, 56, 64, torch.float32, False, depths=(1, 2))
+    redone, redone_peak = measure(cfg, s, EVERY, 56, 64, torch.float32, True, depths=(1, 2))
     assert redone.per_llm_layer == 64 * 64 * 4  # one [1, 64 tokens, 64] fp32 input per layer
     assert redone.per_vit_block < kept.per_vit_block and redone.per_llm_layer < kept.per_llm_layer
+    assert redone_peak.per_llm_layer < kept_peak.per_llm_layer
 
 
 def test_parameters_by_mode(small):
