@@ -113,19 +113,25 @@ def build(cfg: ModelConfig, resolution: int, vit_layers: int | None = None, llm_
 
 
 class _Down(nn.Module):
-    """LoRA's dropout and A: computed once per input, so q, k and v share them as the release's
-    fused ``c_attn`` does (one A r x h)."""
+    """LoRA's dropout and A. Shared by ``users`` projections of the same input (q, k and v, as
+    the release's fused ``c_attn``: one A r x h), it is computed by the first and handed to the
+    others, then let go (holding it would be memory a fused layer never keeps)."""
 
-    def __init__(self, like: nn.Linear, r: int, dropout: float):
+    def __init__(self, like: nn.Linear, r: int, dropout: float, users: int = 1):
         super().__init__()
         self.a = nn.Linear(like.in_features, r, bias=False, device=like.weight.device, dtype=like.weight.dtype)
         self.dropout = nn.Dropout(dropout)
-        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.users = users
+        self._shared: list = []  # [input, output, uses left] between the first user and the last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._last is None or self._last[0] is not x:
-            self._last = (x, self.a(self.dropout(x)))
-        return self._last[1]
+        if not self._shared or self._shared[0] is not x:
+            self._shared = [x, self.a(self.dropout(x)), self.users]
+        out = self._shared[1]
+        self._shared[2] -= 1
+        if self._shared[2] == 0:
+            self._shared = []
+        return out
 
 
 class _LoRA(nn.Module):
@@ -148,7 +154,7 @@ def add_lora(model: QwenVL, s: PlanSettings) -> None:
     model.requires_grad_(False)
     for layer in model.llm.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        qkv = _Down(attn.q_proj, s.lora_r, s.lora_dropout)
+        qkv = _Down(attn.q_proj, s.lora_r, s.lora_dropout, users=3)
         for parent, name in ((attn, "q_proj"), (attn, "k_proj"), (attn, "v_proj"), (attn, "o_proj"),
                              (mlp, "up_proj"), (mlp, "gate_proj")):
             base = getattr(parent, name)
@@ -248,17 +254,20 @@ def inputs(s: PlanSettings, image_tokens: int, resolution: int, seq_len: int, dt
 
 class _Live(TorchDispatchMode):
     """Every storage an op creates and when it is freed (a weak reference to it fires when the
-    storage itself goes, however it was held), in order: the timeline of live bytes."""
+    storage itself goes, however it was held), in order: the timeline of live bytes. Views of
+    ``existing`` storages (the parameters: ``weight.t()``) are not new memory."""
 
-    def __init__(self):
+    def __init__(self, existing: set[int]):
         super().__init__()
         self.events: list[tuple[int, int | None]] = []  # (allocation, bytes); (allocation, None): freed
         self.current: dict[int, int] = {}  # a live storage's address -> its allocation
+        self.existing = existing
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in self.current:
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in self.current \
+                    and t.untyped_storage()._cdata not in self.existing:
                 storage, n = t.untyped_storage(), len(self.events)
                 self.current[storage._cdata] = n
                 self.events.append((n, storage.nbytes()))
@@ -294,7 +303,7 @@ def step_bytes(model: QwenVL, s: PlanSettings, resolution: int, seq_len: int, dt
     the batch, activations and the loss's gradients, parameters and their gradients excluded. The
     forward is ``QwenVL.forward``'s (the embedding splice without its count check, which needs values)."""
     device = next(model.parameters()).device.type
-    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    params = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
     storages: dict[int, int] = {}
     kept: list[torch.Tensor] = []  # alive until counted: a freed storage's address may be reused
 
@@ -305,7 +314,7 @@ def step_bytes(model: QwenVL, s: PlanSettings, resolution: int, seq_len: int, dt
             kept.append(t.detach())
         return t.detach()  # t itself would be a cycle through the graph (a node keeping its own output)
 
-    live = _Live()
+    live = _Live(params)
     with flash_attention(), live:
         ids, pad, pixels, mask, positions = inputs(s, model.config.image_tokens, resolution, seq_len, dtype, device)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
