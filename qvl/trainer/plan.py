@@ -5,7 +5,8 @@ Weights, gradients and optimiser state are counted from the model built on the m
 same forward + loss as ``train._optimizer_step`` runs on a copy of the model with 1-3 ViT
 blocks and LLM layers at the real widths, resolution and sequence length, and a
 ``saved_tensors_hooks`` sums the bytes of the distinct storages autograd keeps for the
-backward pass; a per-layer and a fixed part are fitted and extrapolated to the full depth.
+backward pass, and a dispatch mode follows every storage ops create until it is freed, through
+the backward too, for the peak; per-layer and fixed parts are fitted and extrapolated to the full depth.
 On the GPU training computes in bf16, which a CPU only emulates (~80x slower), so the plan's
 run is on the meta device in bf16 (shapes and dtypes, no arithmetic: a few seconds, so it is
 run live and nothing is cached); ``benchmarks/train_memory.py`` and the tests check that the
@@ -15,8 +16,8 @@ Attention: GPUs run flash / memory-efficient kernels that keep O(S) per head (ou
 log-sum-exp), not the S x S probabilities of the math kernel. The measurement routes every
 ``scaled_dot_product_attention`` to torch's CPU flash kernel, which keeps the same tensors
 (q, k, v, the mask, output, log-sum-exp) and, unlike the meta device's default, takes qvl's
-block-diagonal mask. What is modelled rather than measured is said in the table: the
-backward's transient peak, the CUDA context, the FSDP units in flight.
+block-diagonal mask. What is modelled rather than measured is said in the table: the FSDP
+units in flight, Q-LoRA's dequantised weight, the CUDA context.
 """
 
 from __future__ import annotations
