@@ -483,7 +483,9 @@ def table(p: Plan):
     t.caption = (f"parameters: vision {c.vision / 1e9:.2f}B, adapter {c.adapter / 1e6:.0f}M, LLM {c.llm / 1e9:.2f}B; "
                  f"trainable {c.trainable / 1e6:,.1f}M (meta device). Activations: "
                  f"{p.activations.fixed / GiB:.2f} GiB fixed + {p.activations.per_vit_block / 2 ** 20:.1f} MiB per ViT "
-                 f"block + {p.activations.per_llm_layer / 2 ** 20:.1f} MiB per LLM layer (bf16, flash-type attention)")
+                 f"block + {p.activations.per_llm_layer / 2 ** 20:.1f} MiB per LLM layer saved, peak "
+                 f"{p.peak.fixed / GiB:.2f} GiB fixed + {p.peak.per_vit_block / 2 ** 20:.1f} + "
+                 f"{p.peak.per_llm_layer / 2 ** 20:.1f} MiB (bf16, flash-type attention)")
     if p.settings.cpu_offload:
         host = (c.trainable * 16 + c.frozen * 2) / p.settings.gpus
         t.caption += f". CPU memory per GPU's process for the offloaded state: {host / GiB:.1f} GiB"
