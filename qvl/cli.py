@@ -678,10 +678,22 @@ def train(
     data_workers: Annotated[int, typer.Option(help="loader processes decoding images (0: none)")] = 2,
     shuffle_window: Annotated[int, typer.Option(help="shards whose rows are shuffled together")] = 4,
     seed: int = 0,
+    lora: Annotated[bool, typer.Option(help="LoRA on the --init base, as the release's finetune.py (r 64, alpha 16, "
+                                            "dropout 0.05 on c_attn, attn.c_proj, w1, w2; a base model also trains "
+                                            "wte and lm_head; everything else frozen)")] = False,
+    lora_r: Annotated[Optional[int], typer.Option(help="LoRA rank (default 64)")] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha: the update is scaled by alpha / r "
+                                                             "(default 16)")] = None,
+    lora_dropout: Annotated[Optional[float], typer.Option(help="dropout on the LoRA input (default 0.05)")] = None,
+    lora_chat: Annotated[Optional[bool], typer.Option("--lora-chat/--lora-base", help="a chat model (no "
+                                                      "modules_to_save) or a base one (wte, lm_head train); default: "
+                                                      "as the release, 'chat' in the --init's or its source's name")] = None,
+    q_lora: Annotated[bool, typer.Option(help="with --lora: the base in 4-bit NF4 (bitsandbytes)")] = False,
 ) -> None:
     """Train a Qwen-VL-style model, stage 1, 2 or 3 (torchrun for several processes)."""
     from qvl.recipes import RecipeError, load_recipe, merge
     from qvl.trainer.data import DataError
+    from qvl.trainer.lora import LoraSettings
     from qvl.trainer.settings import TrainSettings, check_overrides
     from qvl.trainer.train import train as run_train
 
@@ -700,19 +712,28 @@ def train(
         for key, value in merge(options=options).items():
             check_overrides({key: value}, f"--{key.replace('_', '-')}")
         overrides = merge(recipe_stage, options=options)  # over the preset's stage table: resolved in train.stage_for
+        lora_options = {k: v for k, v in (("r", lora_r), ("alpha", lora_alpha), ("dropout", lora_dropout),
+                                          ("chat", lora_chat)) if v is not None}
+        if (lora_options or q_lora) and not lora:
+            raise ValueError(f"--{'q-lora' if q_lora else 'lora-' + next(iter(lora_options))} needs --lora")
         result = run_train(TrainSettings(stage=stage, data=data, out=out, preset=preset, max_steps=max_steps,
                                          init=init, resume=resume, overwrite=overwrite, llm=llm, seed=seed, max_rejected=max_rejected,
                                          cache_gb=cache_gb, data_workers=data_workers, shuffle_window=shuffle_window,
                                          fsdp=fsdp, precision=precision, progress=progress, overrides=overrides,
                                          checkpoint_every=checkpoint_every,
                                          activation_checkpointing=activation_checkpointing,
+                                         lora=LoraSettings(**lora_options, q_lora=q_lora) if lora else None,
                                          overrides_from=f"{recipe} [stage] and options" if recipe else "options"))
     except (DataError, RecipeError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
     console.print(f"[green]trained {result['steps']} steps[/] -> {_url(out)}/checkpoint, metrics.jsonl, loss.png")
 
 
-@app.command("generate", reads=("checkpoint", "images", "image"))
+BaseOpt = Annotated[Optional[Path], typer.Option(help="a LoRA run's checkpoint: its base checkpoint, if it moved "
+                                                    "(default: the one it recorded)")]
+
+
+@app.command("generate", reads=("checkpoint", "images", "image", "base"))
 def generate(
     checkpoint: Annotated[Path, typer.Option(help="a checkpoint folder (a run's checkpoint/, or qvl convert's --out)")],
     prompt: Annotated[str, typer.Option(help="the prompt; <img>PATH</img> spans are images, e.g. "
@@ -724,6 +745,7 @@ def generate(
     max_new_tokens: int = 64,
     as_json: Annotated[bool, typer.Option("--json", help='print {"ids": [...], "text": ...}')] = False,
     preset: Annotated[Optional[str], typer.Option(help="only for checkpoints that carry no preset.json")] = None,
+    base: BaseOpt = None,
 ) -> None:
     """Greedy generation from a checkpoint; stops at <|endoftext|>, <|im_end|> or --max-new-tokens."""
     from qvl.formats.families import picture
@@ -731,7 +753,7 @@ def generate(
     from qvl.trainer.generate import generate_text
 
     try:
-        model, cfg, tok, meta = load_checkpoint(checkpoint, preset)
+        model, cfg, tok, meta = load_checkpoint(checkpoint, preset, base)
         if image is not None:
             if images is not None:
                 raise ValueError("give --image or --images, not both")
@@ -764,18 +786,34 @@ def convert_from(
                   f"({meta['dtype']}) -> {_url(out)}")
 
 
-@convert_app.command("to-qwen-vl", reads=("checkpoint", "like"), writes=("out",))
+@convert_app.command("merge", reads=("checkpoint", "base"), writes=("out",))
+def convert_merge(
+    checkpoint: Annotated[Path, typer.Argument(help="a LoRA run's checkpoint folder")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the qvl checkpoint folder to write")],
+    dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 (default: fp32)")] = None,
+    base: BaseOpt = None,
+) -> None:
+    """Merge a LoRA run's adapters into its base: a plain qvl checkpoint (for generate, eval, train --init)."""
+    from qvl.trainer.release import merge_lora
+
+    meta = merge_lora(checkpoint, out, dtype, base)
+    console.print(f"[green]{meta['tensors']:,}[/] tensors, adapters merged -> {_url(out)}")
+
+
+@convert_app.command("to-qwen-vl", reads=("checkpoint", "like", "base"), writes=("out",))
 def convert_to(
     checkpoint: Annotated[Path, typer.Argument(help="a qvl checkpoint folder")],
     out: Annotated[Path, typer.Option("--out", "-o", help="the Hugging Face folder to write")],
     like: Annotated[Path, typer.Option(help="the release's folder: its config.json and remote code are used")],
     dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 (default: as stored)")] = None,
+    base: BaseOpt = None,
 ) -> None:
-    """Write a qvl checkpoint back in the release's layout (loads with trust_remote_code=True)."""
+    """Write a qvl checkpoint back in the release's layout (loads with trust_remote_code=True); a
+    LoRA run's checkpoint is merged into its base first."""
     from qvl.trainer.release import ConvertError, to_qwen_vl
 
     try:
-        done = to_qwen_vl(checkpoint, out, like, dtype)
+        done = to_qwen_vl(checkpoint, out, like, dtype, base)
     except (ConvertError, ValueError) as e:
         _fail(str(e))
     console.print(f"[green]{done['tensors']:,}[/] tensors in {done['shards']} shard(s), "
