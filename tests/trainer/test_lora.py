@@ -198,8 +198,15 @@ def test_merged_logits_equal_the_adapters_and_generation_agrees(world, run, tmp_
     outputs = [runner.invoke(app, ["generate", "--checkpoint", str(c)] + prompt)
                for c in (run["checkpoint"], tmp_path / "merged")]
     assert all(o.exit_code == 0 for o in outputs), outputs[0].output
-    assert json.loads(outputs[0].output)["ids"] == json.loads(outputs[1].output)["ids"]
-    assert len(json.loads(outputs[0].output)["ids"]) >= 1
+    assert json.loads(outputs[0].output) == json.loads(outputs[1].output)
+    from qvl.trainer.data import load_image
+    from qvl.trainer.generate import greedy_batch, render_prompt
+
+    on_disk, _, tok, _ = load_checkpoint(tmp_path / "merged")
+    prompt_ids, _ = render_prompt(tok, 256, "<img>red.png</img>What colour dominates?", chat=True)
+    pixels = load_image((world["images"] / "red.png").read_bytes(), 56)[None]
+    tokens = [greedy_batch(m, tok, [prompt_ids], pixels, 6, min_new_tokens=6)[0] for m in (unmerged, on_disk)]
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 6
 
 
 def test_to_qwen_vl_merges_into_the_release_layout(world, run, tmp_path):
@@ -255,7 +262,7 @@ def test_q_lora_trains_on_a_4bit_base(world, tmp_path):
     bnb = pytest.importorskip("bitsandbytes")
     from qvl.trainer.train import loop, setup
 
-    s = settings(world, tmp_path, max_steps=4, lora=lora.LoraSettings(q_lora=True))
+    s = settings(world, tmp_path, max_steps=3, lora=lora.LoraSettings(q_lora=True))
     r = setup(s)
     attn = r.model.llm.model.layers[0].self_attn
     assert isinstance(attn.q_proj.base_layer, bnb.nn.Linear4bit) and attn.q_proj.base_layer.weight.dtype == torch.uint8
@@ -263,6 +270,6 @@ def test_q_lora_trains_on_a_4bit_base(world, tmp_path):
     loop(r)
     r.save()
     found = losses(tmp_path)
-    assert len(found) == 4 and found[-1] < found[0], found
+    assert len(found) == 3 and found[-1] < found[0], found
     merged, *_ = load_checkpoint(tmp_path / "checkpoint")  # on the full-precision base
     assert isinstance(merged.llm.model.layers[0].self_attn.q_proj, nn.Linear)
