@@ -850,37 +850,39 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
 PromptOpt = Annotated[Optional[str], typer.Option(help="another prompt template ({image}, {sent}, {question})")]
 
 
-@eval_app.command("grounding", reads=("data", "checkpoint", "predictions", "images"), writes=("out",))
+@eval_app.command("grounding", reads=("data", "checkpoint", "predictions", "images", "base"), writes=("out",))
 def eval_grounding(data: DataArg, out: EvalOut, checkpoint: CheckpointOpt = None, predictions: PredictionsOpt = None,
                    images: EvalImages = None, chat: ChatOpt = False, batch_size: BatchOpt = 8,
                    device: DeviceOpt = "auto", prompt: PromptOpt = None,
                    box_scale: Annotated[float, typer.Option(help="999 as the paper's script; 1000 undoes training's")] = 999.0,
-                   progress: bool = True) -> None:
+                   progress: bool = True, base: BaseOpt = None) -> None:
     """Referring grounding: accuracy at IoU >= 0.5 (RefCOCO/+/g layout: image, sent, bbox, width, height)."""
     _eval("grounding", data, out, checkpoint, predictions, images, chat=chat, batch_size=batch_size, device=device,
-          prompt=prompt, box_scale=box_scale, progress=progress)
+          prompt=prompt, box_scale=box_scale, progress=progress, base=base)
 
 
-@eval_app.command("caption", reads=("data", "checkpoint", "predictions", "images"), writes=("out",))
+@eval_app.command("caption", reads=("data", "checkpoint", "predictions", "images", "base"), writes=("out",))
 def eval_caption(data: DataArg, out: EvalOut, checkpoint: CheckpointOpt = None, predictions: PredictionsOpt = None,
                  images: EvalImages = None, chat: ChatOpt = False, batch_size: BatchOpt = 8,
-                 device: DeviceOpt = "auto", prompt: PromptOpt = None, progress: bool = True) -> None:
+                 device: DeviceOpt = "auto", prompt: PromptOpt = None, progress: bool = True,
+                 base: BaseOpt = None) -> None:
     """Captions: CIDEr, BLEU-4, METEOR, ROUGE-L with pycocoevalcap (JSONL or COCO captions JSON)."""
     _eval("caption", data, out, checkpoint, predictions, images, chat=chat, batch_size=batch_size, device=device,
-          prompt=prompt, progress=progress)
+          prompt=prompt, progress=progress, base=base)
 
 
-@eval_app.command("vqa", reads=("data", "checkpoint", "predictions", "images", "annotations"), writes=("out",))
+@eval_app.command("vqa", reads=("data", "checkpoint", "predictions", "images", "base", "annotations"), writes=("out",))
 def eval_vqa(data: DataArg, out: EvalOut, checkpoint: CheckpointOpt = None, predictions: PredictionsOpt = None,
              images: EvalImages = None, chat: ChatOpt = False, batch_size: BatchOpt = 8,
              device: DeviceOpt = "auto", prompt: PromptOpt = None,
              annotations: Annotated[Optional[Path], typer.Option(help="VQAv2's annotations JSON (--data: its questions)")] = None,
              image_pattern: Annotated[Optional[str], typer.Option(help="VQAv2 image names, e.g. COCO_val2014_{image_id:012d}.jpg")] = None,
              metric: Annotated[str, typer.Option(help="auto, vqa (ten human answers) or gqa (one answer)")] = "auto",
-             progress: bool = True) -> None:
+             progress: bool = True, base: BaseOpt = None) -> None:
     """VQA: the VQAv2 accuracy (or GQA's exact match), with per-type scores."""
     _eval("vqa", data, out, checkpoint, predictions, images, chat=chat, batch_size=batch_size, device=device,
-          prompt=prompt, annotations=annotations, image_pattern=image_pattern, metric=metric, progress=progress)
+          prompt=prompt, annotations=annotations, image_pattern=image_pattern, metric=metric, progress=progress,
+          base=base)
 
 
 @app.command("demo")

@@ -93,6 +93,7 @@ class EvalSettings:
     max_new_tokens: int | None = None
     min_new_tokens: int | None = None
     preset: str | None = None
+    base: Path | None = None  # a LoRA run's checkpoint: its base, if it moved (default: the recorded one)
     use_java: bool | None = None  # captions: None = when Java is installed
     progress: bool = True
 
@@ -212,7 +213,7 @@ def _generate(s: EvalSettings, samples: list[Sample], out: Path, rank: int, worl
 
     protocol = PROTOCOLS[s.task]
     template = s.prompt or (protocol.chat if s.chat else protocol.base)
-    model, preset, tok, meta = load_checkpoint(s.checkpoint, s.preset)
+    model, preset, tok, meta = load_checkpoint(s.checkpoint, s.preset, s.base)
     budget = token_budget(protocol, tok)
     max_new = s.max_new_tokens or budget[0]
     min_new = budget[1] if s.min_new_tokens is None else s.min_new_tokens

@@ -238,6 +238,15 @@ def test_a_base_that_is_not_the_recorded_one_is_one_line(world, run, tmp_path):
     assert missing.exit_code == 1 and "gone is missing (no model.safetensors)" in missing.output
     moved = runner.invoke(app, args + ["--base", str(world["chat"])])  # the right one, given again
     assert moved.exit_code == 0, moved.output
+    data = tmp_path / "ref.jsonl"
+    data.write_text(json.dumps({"image": "red.png", "sent": "the red", "bbox": [2, 3, 20, 25], "width": 90,
+                                "height": 70}) + "\n")
+    evaluate = ["eval", "grounding", "--data", str(data), "--checkpoint", str(run["checkpoint"]), "--images",
+                str(world["images"]), "--device", "cpu", "--no-progress"]
+    scored = runner.invoke(app, evaluate + ["--out", str(tmp_path / "e1"), "--base", str(world["chat"])])
+    assert scored.exit_code == 0 and json.loads((tmp_path / "e1" / "metrics.json").read_text())["n"] == 1, scored.output
+    refused = runner.invoke(app, evaluate + ["--out", str(tmp_path / "e2"), "--base", str(other)])
+    assert refused.exit_code == 1 and f"{other} is another model" in refused.output
 
 
 @pytest.mark.parametrize("extra, message", [
