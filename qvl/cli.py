@@ -749,8 +749,8 @@ def generate(
 ) -> None:
     """Greedy generation from a checkpoint; stops at <|endoftext|>, <|im_end|> or --max-new-tokens."""
     from qvl.formats.families import picture
-    from qvl.trainer.checkpoint import load_checkpoint
     from qvl.trainer.generate import generate_text
+    from qvl.trainer.lora import load_checkpoint  # whole weights, or a LoRA run's on its base
 
     try:
         model, cfg, tok, meta = load_checkpoint(checkpoint, preset, base)

@@ -207,9 +207,9 @@ def _generate(s: EvalSettings, samples: list[Sample], out: Path, rank: int, worl
     from qvl.common.progress import progress_bar
     from qvl.errors import AnnotationError
     from qvl.formats.images import ImageStore
-    from qvl.trainer.checkpoint import load_checkpoint
     from qvl.trainer.data import load_image
     from qvl.trainer.generate import greedy_batch, render_prompt
+    from qvl.trainer.lora import load_checkpoint
 
     protocol = PROTOCOLS[s.task]
     template = s.prompt or (protocol.chat if s.chat else protocol.base)

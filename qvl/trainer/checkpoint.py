@@ -163,17 +163,13 @@ def load_weights(model: QwenVL, path: Path, what: str) -> None:
             raise CheckpointError(f"{path}: tensor {key} holds NaN or infinite values; a model cannot run on it")
 
 
-def load_checkpoint(folder: str | Path, explicit_preset: str | None = None, base: Path | None = None):
+def load_checkpoint(folder: str | Path, explicit_preset: str | None = None):
     """(model in eval mode, preset, tokenizer, meta) of a checkpoint folder, on the CPU;
-    ``meta`` is ``meta.json``'s checked fields as a dict. A LoRA run's checkpoint is its base
-    (``base``, else the recorded one) with the adapters merged (``lora.load``)."""
+    ``meta`` is ``meta.json``'s checked fields as a dict."""
     from qvl.formats.tokenizers import IMG_PAD, load_tokenizer
-    from qvl.trainer import lora
 
     folder = Path(folder)
     meta = read_meta(folder)
-    if lora.read_record(folder) is not None:
-        return lora.load(folder, explicit_preset, base)
     preset = read_preset(folder, explicit_preset)
     tok = load_tokenizer(preset.tokenizer)
     model = QwenVL(preset, tok.vocab_size, tok.special(IMG_PAD), meta.resolution)

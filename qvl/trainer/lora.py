@@ -57,25 +57,23 @@ class LoraSettings:
 
 def check(lora: LoraSettings, stage: int, init, fsdp: bool) -> None:
     """Each LoRA option in range, and a run it can apply to; one line naming the option."""
-    from qvl.trainer.settings import SettingsError
-
     if stage == 1:
-        raise SettingsError("--lora: stage 1 trains the ViT and adapter with the LLM frozen; LoRA adapts the LLM "
+        raise LoraError("--lora: stage 1 trains the ViT and adapter with the LLM frozen; LoRA adapts the LLM "
                             "(use --stage 2 or 3)")
     if init is None:
-        raise SettingsError("--lora needs --init: the base or chat checkpoint the adapters apply to "
+        raise LoraError("--lora needs --init: the base or chat checkpoint the adapters apply to "
                             "(e.g. qvl convert from-qwen-vl's --out)")
     if fsdp:
-        raise SettingsError("--lora with --fsdp: LoRA's trainable tensors are small; run it under DDP (no --fsdp)")
+        raise LoraError("--lora with --fsdp: LoRA's trainable tensors are small; run it under DDP (no --fsdp)")
     if isinstance(lora.r, bool) or not isinstance(lora.r, int) or not 1 <= lora.r <= 4096:
-        raise SettingsError(f"--lora-r {lora.r!r}: the adapters' rank, an integer from 1 to 4,096")
+        raise LoraError(f"--lora-r {lora.r!r}: the adapters' rank, an integer from 1 to 4,096")
     if not isinstance(lora.alpha, (int, float)) or not 0 < lora.alpha < 1e6:  # NaN fails too
-        raise SettingsError(f"--lora-alpha {lora.alpha!r}: above 0 (the update is scaled by alpha / r)")
+        raise LoraError(f"--lora-alpha {lora.alpha!r}: above 0 (the update is scaled by alpha / r)")
     if not isinstance(lora.dropout, (int, float)) or not 0 <= lora.dropout < 1:
-        raise SettingsError(f"--lora-dropout {lora.dropout!r}: a probability from 0 to below 1")
+        raise LoraError(f"--lora-dropout {lora.dropout!r}: a probability from 0 to below 1")
     unknown = [t for t in lora.targets if t not in TO_QVL or t in RELEASE_SAVED]
     if unknown or not lora.targets:
-        raise SettingsError(f"LoRA targets {list(lora.targets)!r}: use the release's {', '.join(RELEASE_TARGETS)}")
+        raise LoraError(f"LoRA targets {list(lora.targets)!r}: use the release's {', '.join(RELEASE_TARGETS)}")
     if lora.q_lora:
         check_q_lora()
 
@@ -84,9 +82,7 @@ def check_q_lora() -> None:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        from qvl.trainer.settings import SettingsError
-
-        raise SettingsError("--q-lora needs bitsandbytes (pip install 'qvl[qlora]'): its 4-bit NF4 layers "
+        raise LoraError("--q-lora needs bitsandbytes (pip install 'qvl[qlora]'): its 4-bit NF4 layers "
                             "hold the base") from None
 
 
@@ -302,6 +298,16 @@ def base_of(folder: Path, rec: LoraRecord, base: Path | None) -> Path:
         raise LoraError(f"{folder}: LoRA adapters trained on {rec.base.path} ({rec.base.fingerprint[-12:]}); "
                         f"{chosen} is another model ({found[-12:]}): give --base with the checkpoint they were trained on")
     return chosen
+
+
+def load_checkpoint(folder: str | Path, explicit_preset: str | None = None, base: Path | None = None):
+    """``checkpoint.load_checkpoint``'s (model, preset, tokenizer, meta) for any checkpoint: whole
+    weights, or a LoRA run's (its base with the adapters merged, ``load``)."""
+    from qvl.trainer import checkpoint
+
+    if read_record(Path(folder)) is not None:
+        return load(Path(folder), explicit_preset, base)
+    return checkpoint.load_checkpoint(folder, explicit_preset)
 
 
 def load(folder: Path, explicit_preset: str | None = None, base: Path | None = None, merge: bool = True):

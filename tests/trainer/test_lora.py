@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 from qvl.cli import app
 from qvl.trainer import lora
-from qvl.trainer.checkpoint import load_checkpoint
+from qvl.trainer.lora import load_checkpoint
 from qvl.trainer.release import from_qwen_vl, to_qwen_vl
-from qvl.trainer.settings import SettingsError, TrainSettings
+from qvl.trainer.settings import TrainSettings
 from qvl.trainer.train import train
 from tests.reference import release_forward as ref
 
@@ -262,7 +262,7 @@ def test_bad_lora_options_are_one_line(world, tmp_path, extra, message):
 
 
 def test_lora_needs_init(world, tmp_path):
-    with pytest.raises(SettingsError, match="--lora needs --init"):
+    with pytest.raises(lora.LoraError, match="--lora needs --init"):
         train(settings(world, tmp_path, init=None))
 
 
