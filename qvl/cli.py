@@ -800,6 +800,19 @@ def convert_merge(
     console.print(f"[green]{meta['tensors']:,}[/] tensors, adapters merged -> {_url(out)}")
 
 
+@convert_app.command("lora-to-peft", reads=("checkpoint",), writes=("out",))
+def convert_lora_to_peft(
+    checkpoint: Annotated[Path, typer.Argument(help="a LoRA run's checkpoint folder")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the peft adapter folder to write")],
+) -> None:
+    """A LoRA run's adapters in the release's names, as the peft folder its own LoRA runs write
+    (PeftModel.from_pretrained(Qwen-VL-Chat, folder))."""
+    from qvl.trainer.lora import export_peft
+
+    done = export_peft(checkpoint, out)
+    console.print(f"[green]{done['tensors']:,}[/] adapter tensors, {done['bytes'] / 1e6:.1f} MB -> {_url(out)}")
+
+
 @convert_app.command("to-qwen-vl", reads=("checkpoint", "like", "base"), writes=("out",))
 def convert_to(
     checkpoint: Annotated[Path, typer.Argument(help="a qvl checkpoint folder")],

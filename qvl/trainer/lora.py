@@ -18,6 +18,7 @@ A run's checkpoint holds the trainable tensors only (``adapter.safetensors``) an
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -345,6 +346,62 @@ def write_merged(checkpoint: Path, out: Path, base: Path | None = None, dtype: t
               "merged_from": remote.origin(checkpoint), "tensors": len(weights)}
     storage.write_json(out / "meta.json", merged)
     return merged
+
+
+# ---------------------------------------------------------------- the adapters for the release's model
+
+
+QVL_TO_RELEASE = {"q_proj": "attn.c_attn", "k_proj": "attn.c_attn", "v_proj": "attn.c_attn", "o_proj": "attn.c_proj",
+                  "up_proj": "mlp.w1", "gate_proj": "mlp.w2"}
+LORA_KEY = re.compile(r"llm\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.default\.(?:down\.)?weight")
+SAVED_KEY = {"llm.model.embed_tokens.modules_to_save.default.weight": "transformer.wte.weight",
+             "llm.lm_head.modules_to_save.default.weight": "lm_head.weight"}
+
+
+def release_adapters(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``save_adapters``' tensors in the names peft saves for the release's model: q, k and v's
+    B stacked into ``c_attn``'s (their shared A is its A), the saved modules as ``wte``/``lm_head``."""
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if key in SAVED_KEY:
+            out[SAVED_KEY[key]] = tensor
+            continue
+        m = LORA_KEY.fullmatch(key)
+        if m is None or m.group(2) not in QVL_TO_RELEASE:
+            raise LoraError(f"{key}: not an adapter tensor qvl's LoRA trains")
+        layer, proj, side = m.groups()
+        name = f"transformer.h.{layer}.{QVL_TO_RELEASE[proj]}.lora_{side}.weight"
+        if QVL_TO_RELEASE[proj] == "attn.c_attn" and side == "B":
+            fused.setdefault(name, {})[proj] = tensor
+        else:
+            out[name] = tensor
+    for name, parts in fused.items():
+        out[name] = torch.cat([parts[p] for p in ("q_proj", "k_proj", "v_proj")])
+    return {"base_model.model." + k: v.contiguous() for k, v in out.items()}
+
+
+def export_peft(checkpoint: Path, out: Path) -> dict:
+    """A LoRA run's adapters as a peft folder for the release's model (``adapter_config.json`` with
+    finetune.py's config, ``adapter_model.safetensors``): ``PeftModel.from_pretrained`` on
+    ``Qwen-VL(-Chat)`` loads them, as it loads the adapters of the release's own LoRA runs."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file, save_file
+
+    rec = read_record(checkpoint)
+    if rec is None:
+        raise LoraError(f"{checkpoint}: not a LoRA run's checkpoint (its meta.json has no lora record)")
+    config = LoraConfig(r=rec.r, lora_alpha=rec.alpha, lora_dropout=rec.dropout, bias="none", task_type="CAUSAL_LM",
+                        target_modules=list(rec.targets), modules_to_save=list(rec.modules_to_save) or None)
+    tensors = release_adapters(load_file(str(checkpoint / ADAPTERS)))
+    try:
+        storage.claim(out, "peft adapters")
+    except storage.OutputError as e:
+        raise LoraError(str(e)) from None
+    config.save_pretrained(str(out))
+    with storage.atomic_path(out / "adapter_model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    return {"tensors": len(tensors), "bytes": (out / "adapter_model.safetensors").stat().st_size}
 
 
 # ---------------------------------------------------------------- a run's checkpoint

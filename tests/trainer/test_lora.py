@@ -103,21 +103,22 @@ def release_tree(sd: dict[str, torch.Tensor]) -> nn.Module:
     return root
 
 
-def release_peft_count(sd, chat: bool) -> int:
-    """Real peft with finetune.py's LoraConfig, its modules_to_save rule and get_peft_model."""
-    from peft import LoraConfig, get_peft_model
+def release_peft(sd, chat: bool) -> tuple[int, dict]:
+    """Real peft with finetune.py's LoraConfig, its modules_to_save rule and get_peft_model: the
+    trainable count, and the shapes of what peft saves (its adapter file)."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
     with torch.device("meta"):
         tree = release_tree(sd)
     config = LoraConfig(r=64, lora_alpha=16, target_modules=["c_attn", "attn.c_proj", "w1", "w2"], lora_dropout=0.05,
                         bias="none", task_type="CAUSAL_LM", modules_to_save=None if chat else ["wte", "lm_head"])
-    trainable, _ = get_peft_model(tree, config).get_nb_trainable_parameters()
-    return trainable
+    model = get_peft_model(tree, config)
+    return model.get_nb_trainable_parameters()[0], {k: tuple(t.shape) for k, t in get_peft_model_state_dict(model).items()}
 
 
 @pytest.mark.parametrize("chat", [True, False])
 def test_trainable_parameters_are_the_release_finetunes(world, chat):
-    expected = release_peft_count(world["sd"], chat)
+    expected, saved = release_peft(world["sd"], chat)
     model, *_ = load_checkpoint(world["chat" if chat else "base"])
     init = world["chat" if chat else "base"]
     record = lora.record(lora.LoraSettings(), init)
@@ -129,6 +130,8 @@ def test_trainable_parameters_are_the_release_finetunes(world, chat):
     trained = set(lora.trainable(model))
     assert not any(name.startswith(("vision.", "adapter.")) for name in trained)  # the ViT and attn_pool too
     assert any(".q_proj.lora_A." in n for n in trained) and not any(".k_proj.lora_A." in n for n in trained)
+    exported = lora.release_adapters(lora.trainable(model))  # what `convert lora-to-peft` writes
+    assert {k: tuple(t.shape) for k, t in exported.items()} == saved
 
 
 def test_shared_a_computes_lora_on_the_fused_c_attn(world):
@@ -222,6 +225,29 @@ def test_to_qwen_vl_merges_into_the_release_layout(world, run, tmp_path):
     assert not list((tmp_path).glob(".merged-*"))
 
 
+def test_adapters_load_into_the_release_model_with_peft(world, run, tmp_path):
+    """`convert lora-to-peft`: real peft's PeftModel.from_pretrained on a model in the release's
+    names gets the LoRA deltas qvl trained (c_attn's = q, k, v's stacked)."""
+    from peft import PeftModel
+
+    result = runner.invoke(app, ["convert", "lora-to-peft", str(run["checkpoint"]), "--out", str(tmp_path / "peft")])
+    assert result.exit_code == 0, result.output
+    tree = release_tree(world["sd"])
+    tree.load_state_dict(world["sd"])
+    release = PeftModel.from_pretrained(tree, str(tmp_path / "peft"))
+    ours, *_ = lora.load(run["checkpoint"], merge=False)
+    for n in range(2):
+        theirs, mine = getattr(release.base_model.model.transformer.h, str(n)), ours.llm.model.layers[n]
+        pairs = [(theirs.attn.c_attn, [mine.self_attn.q_proj, mine.self_attn.k_proj, mine.self_attn.v_proj]),
+                 (theirs.attn.c_proj, [mine.self_attn.o_proj]), (theirs.mlp.w1, [mine.mlp.up_proj]),
+                 (theirs.mlp.w2, [mine.mlp.gate_proj])]
+        for module, parts in pairs:
+            expected = torch.cat([p.get_delta_weight("default") for p in parts])
+            assert torch.allclose(module.get_delta_weight("default"), expected, atol=1e-7)
+            assert expected.abs().max() > 1e-4  # trained: not the zero update of a fresh B
+    assert release.peft_config["default"].r == 64 and release.peft_config["default"].lora_alpha == 16
+
+
 # ---------------------------------------------------------------- refusals
 
 
@@ -275,7 +301,7 @@ def test_q_lora_trains_on_a_4bit_base(world, tmp_path):
     r = setup(s)
     attn = r.model.llm.model.layers[0].self_attn
     assert isinstance(attn.q_proj.base_layer, bnb.nn.Linear4bit) and attn.q_proj.base_layer.weight.dtype == torch.uint8
-    assert lora.count(r.model) == release_peft_count(world["sd"], chat=True)  # Q-LoRA: no modules_to_save
+    assert lora.count(r.model) == release_peft(world["sd"], chat=True)[0]  # Q-LoRA: no modules_to_save
     loop(r)
     r.save()
     found = losses(tmp_path)
