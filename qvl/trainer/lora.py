@@ -130,7 +130,7 @@ class SharedDown(nn.Module):
 
 def _share_fused(llm: nn.Module, groups: list[tuple[str, ...]]) -> None:
     """Every layer's projections of each group (q, k, v) share the first one's A and dropout."""
-    for module in llm.modules():
+    for module in list(llm.modules()):
         for group in groups:
             layers = [getattr(module, name, None) for name in group]
             if len(group) < 2 or not all(hasattr(layer, "lora_A") for layer in layers):
@@ -173,8 +173,7 @@ def apply(model: nn.Module, lora: LoraSettings, saved: tuple[str, ...], device: 
     model.requires_grad_(False)
     if lora.q_lora:
         quantize_llm(model.llm, device or torch.device("cpu"))
-        prepare_model_for_kbit_training(model.llm, use_gradient_checkpointing=False)
-        model.requires_grad_(False)  # it casts, and may unfreeze nothing else; keep the release's frozen base
+        prepare_model_for_kbit_training(model.llm, use_gradient_checkpointing=False)  # qvl's own checkpointing
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
                         target_modules=[name for t in lora.targets for name in TO_QVL[t]],
                         modules_to_save=[name for release in saved for name in TO_QVL[release]] or None)
@@ -419,7 +418,6 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer, loader_state: dic
     if not main:
         return
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model.safetensors").unlink(missing_ok=True)
     save_adapters(model, folder / ADAPTERS)
     with storage.atomic_path(folder / "state.pt") as tmp:
         torch.save({"optimizer": optimizer.state_dict(), "loader": loaders, "step": step,
@@ -430,11 +428,14 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer, loader_state: dic
 
 def resume(folder: Path, model: nn.Module, optimizer, loader, run_record: dict) -> int:
     """Adapters, optimiser, data position and torch RNG of ``save_checkpoint``'s folder, once its
-    LoRA record is the run's (same settings, same base); its step."""
+    LoRA record is the run's (same settings, same base by fingerprint: it may have moved); its step."""
     from qvl.trainer.checkpoint import CheckpointError
 
+    def same(rec: dict) -> dict:
+        return {**rec, "base": rec["base"]["fingerprint"]}
+
     saved = read_record(folder)
-    if saved is None or msgspec.to_builtins(saved) != run_record:
+    if saved is None or same(msgspec.to_builtins(saved)) != same(run_record):
         raise CheckpointError(f"{folder}: its LoRA settings or base differ from this run's (--init, --lora-*)")
     load_adapters(model, folder / ADAPTERS)
     try:
