@@ -254,6 +254,8 @@ def test_adapters_load_into_the_release_model_with_peft(world, run, tmp_path):
 
 
 def test_a_base_that_is_not_the_recorded_one_is_one_line(world, run, tmp_path):
+    """generate and eval: a changed base, a missing one, a recorded one that is gone: one line
+    each naming both; a copied base (another path) is accepted."""
     other = tmp_path / "other"
     shutil.copytree(world["chat"], other)
     weights = load_file(str(other / "model.safetensors"))
@@ -264,8 +266,17 @@ def test_a_base_that_is_not_the_recorded_one_is_one_line(world, run, tmp_path):
     assert f"trained on {world['chat'].resolve()}" in wrong.output and f"{other} is another model" in wrong.output
     missing = runner.invoke(app, args + ["--base", str(tmp_path / "gone")])
     assert missing.exit_code == 1 and "gone is missing (no model.safetensors)" in missing.output
-    moved = runner.invoke(app, args + ["--base", str(world["chat"])])  # the right one, given again
-    assert moved.exit_code == 0, moved.output
+    moved = tmp_path / "moved-base"
+    shutil.copytree(world["chat"], moved)  # a copy: new path and mtime, same fingerprint
+    assert runner.invoke(app, args + ["--base", str(moved)]).exit_code == 0
+    lost = tmp_path / "lost"  # the checkpoint of a run whose recorded base is gone
+    shutil.copytree(run["checkpoint"], lost)
+    meta = json.loads((lost / "meta.json").read_text())
+    meta["lora"]["base"]["path"] = str(tmp_path / "was-here")
+    (lost / "meta.json").write_text(json.dumps(meta))
+    gone = runner.invoke(app, ["generate", "--checkpoint", str(lost), "--prompt", "Hi"])
+    assert gone.exit_code == 1 and gone.output.count("\n") == 1 and "was-here is missing" in gone.output
+    assert "give --base" in gone.output
     data = tmp_path / "ref.jsonl"
     data.write_text(json.dumps({"image": "red.png", "sent": "the red", "bbox": [2, 3, 20, 25], "width": 90,
                                 "height": 70}) + "\n")
