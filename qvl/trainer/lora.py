@@ -105,7 +105,8 @@ class SharedDown(nn.Module):
     """One LoRA A for q, k and v: LoRA on the release's fused ``c_attn``. Qwen2's attention
     calls q, k and v on the same hidden states one after another; the first call computes
     A(dropout(x)) and the next ``users - 1`` calls on that tensor reuse it (one dropout mask, as
-    one fused layer has). ``weight`` is A's, for peft's merge."""
+    one fused layer has; a call on another tensor computes afresh, so a recomputed forward under
+    activation checkpointing is exact too). ``weight`` is A's, for peft's merge."""
 
     def __init__(self, down: nn.Linear, dropout: nn.Module, users: int):
         super().__init__()
@@ -266,6 +267,9 @@ class _Meta(msgspec.Struct):
 
 def record(lora: LoraSettings, init: Path) -> dict:
     """What a run's checkpoint says about its adapters (``LoraRecord``), for the --init base."""
+    if not (init / "model.safetensors").is_file():
+        raise LoraError(f"--init {init}: no model.safetensors (a LoRA run's checkpoint holds its adapters only; "
+                        "qvl convert merge makes a base of it)")
     converted = msgspec.json.decode((init / "meta.json").read_bytes()).get("converted_from")  # checked: read_meta
     chat = lora.chat if lora.chat is not None else is_chat(init, converted if isinstance(converted, str) else None)
     return {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(lora.targets),

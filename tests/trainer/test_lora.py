@@ -300,9 +300,11 @@ def test_bad_lora_options_are_one_line(world, tmp_path, extra, message):
     assert result.exit_code == 1 and message in result.output and result.output.count("\n") == 1, result.output
 
 
-def test_lora_needs_init(world, tmp_path):
+def test_lora_needs_a_whole_init(world, run, tmp_path):
     with pytest.raises(lora.LoraError, match="--lora needs --init"):
-        train(settings(world, tmp_path, init=None))
+        train(settings(world, tmp_path / "a", init=None))
+    with pytest.raises(lora.LoraError, match="checkpoint: no model.safetensors .a LoRA run's checkpoint holds its "):
+        train(settings(world, tmp_path / "b", init=run["checkpoint"]))
 
 
 def test_q_lora_trains_on_a_4bit_base(world, tmp_path):
