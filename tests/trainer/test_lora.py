@@ -303,6 +303,7 @@ def test_bad_lora_options_are_one_line(world, tmp_path, extra, message):
 def test_lora_needs_a_whole_init(world, run, tmp_path):
     with pytest.raises(lora.LoraError, match="--lora needs --init"):
         train(settings(world, tmp_path / "a", init=None))
+    lora.check(lora.LoraSettings(), 2, world["chat"], False)  # stage 2 trains the LLM: LoRA is allowed
     with pytest.raises(lora.LoraError, match="checkpoint: no model.safetensors .a LoRA run's checkpoint holds its "):
         train(settings(world, tmp_path / "b", init=run["checkpoint"]))
 
