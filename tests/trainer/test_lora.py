@@ -31,7 +31,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
     """The tiny release as Qwen-VL-Chat, converted; the same weights as a base model's
-    conversion (what `from-qwen-vl` writes for a folder named Qwen-VL); SFT shards."""
+    conversion (what `from-qwen-vl` writes for a folder named Qwen-VL); SFT shards; two images."""
     from qvl.formats.build import FormatSettings, run_format
 
     root = tmp_path_factory.mktemp("lora")
@@ -47,10 +47,9 @@ def world(tmp_path_factory) -> dict:
     Image.new("RGB", (90, 70), (200, 40, 40)).save(images / "red.png")
     Image.new("RGB", (60, 80), (30, 60, 220)).save(images / "blue.png")
     convo = root / "convo.jsonl"
-    records = [{"id": f"c{i}", "conversations": [
-        {"from": "user", "value": f"Picture 1: <img>{img}</img>\nWhat colour dominates?"},
-        {"from": "assistant", "value": answer}]} for i, (img, answer) in
-        enumerate([("red.png", "Red, all of it."), ("blue.png", "Blue, like the sea.")] * 2)]
+    records = [{"id": f"c{i}", "conversations": [  # text only: 30 tokens a row, not 290 (the ViT is frozen anyway)
+        {"from": "user", "value": question}, {"from": "assistant", "value": answer}]} for i, (question, answer) in
+        enumerate([("Which colour is the sky?", "Blue, like the sea."), ("And a ripe tomato?", "Red, all of it.")] * 2)]
     convo.write_text("".join(json.dumps(r) + "\n" for r in records))
     run_format("sft", [convo], root / "sft", images, settings=FormatSettings(), show_progress=False)
     return {"root": root, "hf": hf, "sd": sd, "chat": root / "converted", "base": base, "images": images,
