@@ -337,7 +337,8 @@ def loop(run: Run) -> None:
     """Steps to the stage's ``max_steps``: a metrics line each, a checkpoint every ``checkpoint_every``."""
     s, stage = run.settings, run.stage
     metrics_path = s.out / "metrics.jsonl"
-    run.say(f"stage {stage.number} ({stage.name}): trains {', '.join(stage.trains)}; {stage.max_steps} steps of "
+    trains = "LoRA (the rest frozen)" if run.lora else ", ".join(stage.trains)
+    run.say(f"stage {stage.number} ({stage.name}): trains {trains}; {stage.max_steps} steps of "
             f"{stage.micro_batch}x{stage.accumulation}x{run.world}; lr {stage.lr:g}->{stage.min_lr:g}, "
             f"res {stage.resolution}, "
             f"{sum(p.numel() for p in run.model.parameters() if p.requires_grad) / 1e6:.2f}M trainable, "
