@@ -678,10 +678,22 @@ def train(
     data_workers: Annotated[int, typer.Option(help="loader processes decoding images (0: none)")] = 2,
     shuffle_window: Annotated[int, typer.Option(help="shards whose rows are shuffled together")] = 4,
     seed: int = 0,
+    lora: Annotated[bool, typer.Option(help="LoRA on the --init base, as the release's finetune.py (r 64, alpha 16, "
+                                            "dropout 0.05 on c_attn, attn.c_proj, w1, w2; a base model also trains "
+                                            "wte and lm_head; everything else frozen)")] = False,
+    lora_r: Annotated[Optional[int], typer.Option(help="LoRA rank (default 64)")] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha: the update is scaled by alpha / r "
+                                                             "(default 16)")] = None,
+    lora_dropout: Annotated[Optional[float], typer.Option(help="dropout on the LoRA input (default 0.05)")] = None,
+    lora_chat: Annotated[Optional[bool], typer.Option("--lora-chat/--lora-base", help="a chat model (no "
+                                                      "modules_to_save) or a base one (wte, lm_head train); default: "
+                                                      "as the release, 'chat' in the --init's or its source's name")] = None,
+    q_lora: Annotated[bool, typer.Option(help="with --lora: the base in 4-bit NF4 (bitsandbytes)")] = False,
 ) -> None:
     """Train a Qwen-VL-style model, stage 1, 2 or 3 (torchrun for several processes)."""
     from qvl.recipes import RecipeError, load_recipe, merge
     from qvl.trainer.data import DataError
+    from qvl.trainer.lora import LoraSettings
     from qvl.trainer.settings import TrainSettings, check_overrides
     from qvl.trainer.train import train as run_train
 
@@ -700,12 +712,17 @@ def train(
         for key, value in merge(options=options).items():
             check_overrides({key: value}, f"--{key.replace('_', '-')}")
         overrides = merge(recipe_stage, options=options)  # over the preset's stage table: resolved in train.stage_for
+        lora_options = {k: v for k, v in (("r", lora_r), ("alpha", lora_alpha), ("dropout", lora_dropout),
+                                          ("chat", lora_chat)) if v is not None}
+        if (lora_options or q_lora) and not lora:
+            raise ValueError(f"--{'q-lora' if q_lora else 'lora-' + next(iter(lora_options))} needs --lora")
         result = run_train(TrainSettings(stage=stage, data=data, out=out, preset=preset, max_steps=max_steps,
                                          init=init, resume=resume, overwrite=overwrite, llm=llm, seed=seed, max_rejected=max_rejected,
                                          cache_gb=cache_gb, data_workers=data_workers, shuffle_window=shuffle_window,
                                          fsdp=fsdp, precision=precision, progress=progress, overrides=overrides,
                                          checkpoint_every=checkpoint_every,
                                          activation_checkpointing=activation_checkpointing,
+                                         lora=LoraSettings(**lora_options, q_lora=q_lora) if lora else None,
                                          overrides_from=f"{recipe} [stage] and options" if recipe else "options"))
     except (DataError, RecipeError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
@@ -719,7 +736,7 @@ def plan(
     micro_batch: Annotated[int, typer.Option(help="rows per micro-batch")] = 1,
     seq_len: Annotated[Optional[int], typer.Option(help="tokens per row (default: the stage's)")] = None,
     lora: Annotated[bool, typer.Option("--lora", help="LoRA r=64 on the LLM (the release's targets)")] = False,
-    q_lora: Annotated[bool, typer.Option("--q-lora", help="LoRA over NF4 4-bit LLM linears")] = False,
+    q_lora: Annotated[bool, typer.Option("--q-lora", help="LoRA over NF4 4-bit LLM linears (implies --lora)")] = False,
     lora_base: Annotated[bool, typer.Option("--lora-base", help="LoRA on the base model: wte, lm_head trained too")] = False,
     gpus: Annotated[int, typer.Option(help="GPUs (full training: FSDP shards over them)")] = 1,
     activation_checkpointing: Annotated[Optional[bool], typer.Option(
@@ -730,15 +747,17 @@ def plan(
     from qvl.trainer.plan import PlanSettings, table
     from qvl.trainer.plan import plan as make_plan
 
-    if lora and q_lora:
-        _fail("--lora and --q-lora: choose one")
     mode = "q-lora" if q_lora else "lora" if lora else "full"
     console.print(table(make_plan(PlanSettings(
         preset=preset, stage=stage, micro_batch=micro_batch, seq_len=seq_len, mode=mode, lora_base=lora_base,
         gpus=gpus, activation_checkpointing=activation_checkpointing, cpu_offload=cpu_offload))))
 
 
-@app.command("generate", reads=("checkpoint", "images", "image"))
+BaseOpt = Annotated[Optional[Path], typer.Option(help="a LoRA run's checkpoint: its base checkpoint, if it moved "
+                                                    "(default: the one it recorded)")]
+
+
+@app.command("generate", reads=("checkpoint", "images", "image", "base"))
 def generate(
     checkpoint: Annotated[Path, typer.Option(help="a checkpoint folder (a run's checkpoint/, or qvl convert's --out)")],
     prompt: Annotated[str, typer.Option(help="the prompt; <img>PATH</img> spans are images, e.g. "
@@ -750,14 +769,15 @@ def generate(
     max_new_tokens: int = 64,
     as_json: Annotated[bool, typer.Option("--json", help='print {"ids": [...], "text": ...}')] = False,
     preset: Annotated[Optional[str], typer.Option(help="only for checkpoints that carry no preset.json")] = None,
+    base: BaseOpt = None,
 ) -> None:
     """Greedy generation from a checkpoint; stops at <|endoftext|>, <|im_end|> or --max-new-tokens."""
     from qvl.formats.families import picture
-    from qvl.trainer.checkpoint import load_checkpoint
     from qvl.trainer.generate import generate_text
+    from qvl.trainer.lora import load_checkpoint  # whole weights, or a LoRA run's on its base
 
     try:
-        model, cfg, tok, meta = load_checkpoint(checkpoint, preset)
+        model, cfg, tok, meta = load_checkpoint(checkpoint, preset, base)
         if image is not None:
             if images is not None:
                 raise ValueError("give --image or --images, not both")
@@ -790,18 +810,47 @@ def convert_from(
                   f"({meta['dtype']}) -> {_url(out)}")
 
 
-@convert_app.command("to-qwen-vl", reads=("checkpoint", "like"), writes=("out",))
+@convert_app.command("merge", reads=("checkpoint", "base"), writes=("out",))
+def convert_merge(
+    checkpoint: Annotated[Path, typer.Argument(help="a LoRA run's checkpoint folder")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the qvl checkpoint folder to write")],
+    dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 (default: fp32)")] = None,
+    base: BaseOpt = None,
+) -> None:
+    """Merge a LoRA run's adapters into its base: a plain qvl checkpoint (for generate, eval, train --init)."""
+    from qvl.trainer.release import merge_lora
+
+    meta = merge_lora(checkpoint, out, dtype, base)
+    console.print(f"[green]{meta['tensors']:,}[/] tensors, adapters merged -> {_url(out)}")
+
+
+@convert_app.command("lora-to-peft", reads=("checkpoint",), writes=("out",))
+def convert_lora_to_peft(
+    checkpoint: Annotated[Path, typer.Argument(help="a LoRA run's checkpoint folder")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the peft adapter folder to write")],
+) -> None:
+    """A LoRA run's adapters in the release's names, as the peft folder its own LoRA runs write
+    (PeftModel.from_pretrained(Qwen-VL-Chat, folder))."""
+    from qvl.trainer.lora import export_peft
+
+    done = export_peft(checkpoint, out)
+    console.print(f"[green]{done['tensors']:,}[/] adapter tensors, {done['bytes'] / 1e6:.1f} MB -> {_url(out)}")
+
+
+@convert_app.command("to-qwen-vl", reads=("checkpoint", "like", "base"), writes=("out",))
 def convert_to(
     checkpoint: Annotated[Path, typer.Argument(help="a qvl checkpoint folder")],
     out: Annotated[Path, typer.Option("--out", "-o", help="the Hugging Face folder to write")],
     like: Annotated[Path, typer.Option(help="the release's folder: its config.json and remote code are used")],
     dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 (default: as stored)")] = None,
+    base: BaseOpt = None,
 ) -> None:
-    """Write a qvl checkpoint back in the release's layout (loads with trust_remote_code=True)."""
+    """Write a qvl checkpoint back in the release's layout (loads with trust_remote_code=True); a
+    LoRA run's checkpoint is merged into its base first."""
     from qvl.trainer.release import ConvertError, to_qwen_vl
 
     try:
-        done = to_qwen_vl(checkpoint, out, like, dtype)
+        done = to_qwen_vl(checkpoint, out, like, dtype, base)
     except (ConvertError, ValueError) as e:
         _fail(str(e))
     console.print(f"[green]{done['tensors']:,}[/] tensors in {done['shards']} shard(s), "
@@ -838,37 +887,39 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
 PromptOpt = Annotated[Optional[str], typer.Option(help="another prompt template ({image}, {sent}, {question})")]
 
 
-@eval_app.command("grounding", reads=("data", "checkpoint", "predictions", "images"), writes=("out",))
+@eval_app.command("grounding", reads=("data", "checkpoint", "predictions", "images", "base"), writes=("out",))
 def eval_grounding(data: DataArg, out: EvalOut, checkpoint: CheckpointOpt = None, predictions: PredictionsOpt = None,
                    images: EvalImages = None, chat: ChatOpt = False, batch_size: BatchOpt = 8,
                    device: DeviceOpt = "auto", prompt: PromptOpt = None,
                    box_scale: Annotated[float, typer.Option(help="999 as the paper's script; 1000 undoes training's")] = 999.0,
-                   progress: bool = True) -> None:
+                   progress: bool = True, base: BaseOpt = None) -> None:
     """Referring grounding: accuracy at IoU >= 0.5 (RefCOCO/+/g layout: image, sent, bbox, width, height)."""
     _eval("grounding", data, out, checkpoint, predictions, images, chat=chat, batch_size=batch_size, device=device,
-          prompt=prompt, box_scale=box_scale, progress=progress)
+          prompt=prompt, box_scale=box_scale, progress=progress, base=base)
 
 
-@eval_app.command("caption", reads=("data", "checkpoint", "predictions", "images"), writes=("out",))
+@eval_app.command("caption", reads=("data", "checkpoint", "predictions", "images", "base"), writes=("out",))
 def eval_caption(data: DataArg, out: EvalOut, checkpoint: CheckpointOpt = None, predictions: PredictionsOpt = None,
                  images: EvalImages = None, chat: ChatOpt = False, batch_size: BatchOpt = 8,
-                 device: DeviceOpt = "auto", prompt: PromptOpt = None, progress: bool = True) -> None:
+                 device: DeviceOpt = "auto", prompt: PromptOpt = None, progress: bool = True,
+                 base: BaseOpt = None) -> None:
     """Captions: CIDEr, BLEU-4, METEOR, ROUGE-L with pycocoevalcap (JSONL or COCO captions JSON)."""
     _eval("caption", data, out, checkpoint, predictions, images, chat=chat, batch_size=batch_size, device=device,
-          prompt=prompt, progress=progress)
+          prompt=prompt, progress=progress, base=base)
 
 
-@eval_app.command("vqa", reads=("data", "checkpoint", "predictions", "images", "annotations"), writes=("out",))
+@eval_app.command("vqa", reads=("data", "checkpoint", "predictions", "images", "base", "annotations"), writes=("out",))
 def eval_vqa(data: DataArg, out: EvalOut, checkpoint: CheckpointOpt = None, predictions: PredictionsOpt = None,
              images: EvalImages = None, chat: ChatOpt = False, batch_size: BatchOpt = 8,
              device: DeviceOpt = "auto", prompt: PromptOpt = None,
              annotations: Annotated[Optional[Path], typer.Option(help="VQAv2's annotations JSON (--data: its questions)")] = None,
              image_pattern: Annotated[Optional[str], typer.Option(help="VQAv2 image names, e.g. COCO_val2014_{image_id:012d}.jpg")] = None,
              metric: Annotated[str, typer.Option(help="auto, vqa (ten human answers) or gqa (one answer)")] = "auto",
-             progress: bool = True) -> None:
+             progress: bool = True, base: BaseOpt = None) -> None:
     """VQA: the VQAv2 accuracy (or GQA's exact match), with per-type scores."""
     _eval("vqa", data, out, checkpoint, predictions, images, chat=chat, batch_size=batch_size, device=device,
-          prompt=prompt, annotations=annotations, image_pattern=image_pattern, metric=metric, progress=progress)
+          prompt=prompt, annotations=annotations, image_pattern=image_pattern, metric=metric, progress=progress,
+          base=base)
 
 
 @app.command("demo")

@@ -93,6 +93,7 @@ class EvalSettings:
     max_new_tokens: int | None = None
     min_new_tokens: int | None = None
     preset: str | None = None
+    base: Path | None = None  # a LoRA run's checkpoint: its base, if it moved (default: the recorded one)
     use_java: bool | None = None  # captions: None = when Java is installed
     progress: bool = True
 
@@ -206,13 +207,13 @@ def _generate(s: EvalSettings, samples: list[Sample], out: Path, rank: int, worl
     from qvl.common.progress import progress_bar
     from qvl.errors import AnnotationError
     from qvl.formats.images import ImageStore
-    from qvl.trainer.checkpoint import load_checkpoint
     from qvl.trainer.data import load_image
     from qvl.trainer.generate import greedy_batch, render_prompt
+    from qvl.trainer.lora import load_checkpoint
 
     protocol = PROTOCOLS[s.task]
     template = s.prompt or (protocol.chat if s.chat else protocol.base)
-    model, preset, tok, meta = load_checkpoint(s.checkpoint, s.preset)
+    model, preset, tok, meta = load_checkpoint(s.checkpoint, s.preset, s.base)
     budget = token_budget(protocol, tok)
     max_new = s.max_new_tokens or budget[0]
     min_new = budget[1] if s.min_new_tokens is None else s.min_new_tokens

@@ -344,14 +344,36 @@ def from_qwen_vl(hf_dir: str | Path, out: str | Path, dtype: str | None = None) 
     return meta
 
 
-def to_qwen_vl(checkpoint: str | Path, out: str | Path, like: str | Path, dtype: str | None = None) -> dict:
+def merge_lora(checkpoint: str | Path, out: str | Path, dtype: str | None = None, base: Path | None = None) -> dict:
+    """A LoRA run's checkpoint merged into its base: a plain qvl checkpoint folder."""
+    from qvl.trainer import lora
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    if lora.read_record(checkpoint) is None:
+        raise ConvertError(f"{checkpoint}: not a LoRA run's checkpoint (its meta.json has no lora record); "
+                           "it holds whole weights already")
+    return lora.write_merged(checkpoint, out, base, _prepare(out, "checkpoint", dtype))
+
+
+def to_qwen_vl(checkpoint: str | Path, out: str | Path, like: str | Path, dtype: str | None = None,
+               base: Path | None = None) -> dict:
     """A qvl checkpoint -> a Hugging Face folder the release's own code loads
     (``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)``): its weights in
     release names, ``like``'s config.json with this model's sizes, and every other file of
-    ``like`` (the remote code, tokenizer files) copied — qvl ships none of them."""
+    ``like`` (the remote code, tokenizer files) copied — qvl ships none of them. A LoRA run's
+    checkpoint is merged into its base (``base``, else the recorded one) in a folder beside ``out``."""
+    import tempfile
+
     from safetensors.torch import save_file
 
+    from qvl.trainer import lora
+
     checkpoint, out, like = Path(checkpoint), Path(out), Path(like)
+    if lora.read_record(checkpoint) is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".merged-") as merged:
+            lora.write_merged(checkpoint, Path(merged), base)
+            return to_qwen_vl(merged, out, like, dtype)
     if not (like / "config.json").is_file():
         raise ConvertError(f"--like {like}: no config.json (give the release's Hugging Face folder)")
     read_config(like / "config.json")  # checked; copied as it is with this model's sizes

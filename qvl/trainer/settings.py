@@ -8,6 +8,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -16,6 +17,9 @@ from qvl.errors import QvlError, RecordError
 from qvl.recipes import resolve
 from qvl.trainer.preset import StagesSpec
 from qvl.trainer.stages import STAGES, Stage
+
+if TYPE_CHECKING:
+    from qvl.trainer.lora import LoraSettings
 
 
 @dataclass
@@ -43,6 +47,7 @@ class TrainSettings:
     activation_checkpointing: bool | None = None  # None: as the preset says (on for qwen-vl, off for tiny)
     log: bool = True
     progress: bool = False  # a progress bar (steps/s, ETA, loss) instead of a line every 10 steps
+    lora: LoraSettings | None = None  # LoRA / Q-LoRA on the --init base (qvl/trainer/lora.py)
 
 
 class SettingsError(QvlError):
@@ -74,6 +79,10 @@ def check_settings(s: TrainSettings) -> None:
         raise SettingsError(f"--data-workers {s.data_workers!r}: loader processes, 0 to 256")
     if isinstance(s.shuffle_window, bool) or not isinstance(s.shuffle_window, int) or not 1 <= s.shuffle_window <= 4096:
         raise SettingsError(f"--shuffle-window {s.shuffle_window!r}: shards shuffled together, 1 to 4,096")
+    if s.lora is not None:
+        from qvl.trainer import lora
+
+        lora.check(s.lora, s.stage, s.init, s.fsdp)
     check_overrides(s.overrides, s.overrides_from)
 
 

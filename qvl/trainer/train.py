@@ -34,7 +34,7 @@ from qvl.errors import QvlError, RecordError
 from qvl.formats.tokenizers import IMG_PAD, load_tokenizer
 from qvl.recipes import resolve
 from qvl.schemas.samples import IGNORE_INDEX
-from qvl.trainer import parallel
+from qvl.trainer import lora, parallel
 from qvl.trainer.checkpoint import (
     CheckpointError,
     load_weights,
@@ -154,6 +154,7 @@ class Run:
     bf16: bool
     say: Callable[[str], None]
     step: int = 0
+    lora: dict | None = None  # a LoRA run's record (lora.record): its settings and base
 
     @property
     def main(self) -> bool:
@@ -162,11 +163,14 @@ class Run:
     def save(self) -> None:
         """The checkpoint at this step (a collective: every rank calls it)."""
         s, stage = self.settings, self.stage
-        save_checkpoint(s.out / "checkpoint", self.model, self.optimizer, self.loader.state(), self.step,
-                        self.fsdp, self.world, self.main, self.preset,
-                        {"stage": stage.number, "step": self.step, "preset": self.preset.name,
-                         "resolution": stage.resolution, "precision": "bf16" if self.bf16 else "fp32",
-                         "settings": str(s)})
+        meta = {"stage": stage.number, "step": self.step, "preset": self.preset.name,
+                "resolution": stage.resolution, "precision": "bf16" if self.bf16 else "fp32", "settings": str(s)}
+        if self.lora is not None:
+            lora.save_checkpoint(s.out / "checkpoint", self.model, self.optimizer, self.loader.state(), self.step,
+                                 self.world, self.main, self.preset, {**meta, "lora": self.lora})
+        else:
+            save_checkpoint(s.out / "checkpoint", self.model, self.optimizer, self.loader.state(), self.step,
+                            self.fsdp, self.world, self.main, self.preset, meta)
         if self.main:
             remote.commit_now(s.out)  # a run in a bucket: a killed run resumes from here, on any machine
 
@@ -198,7 +202,8 @@ def _start(s: TrainSettings) -> tuple[int, int, torch.device]:
     return world, rank, device
 
 
-def _build_model(s: TrainSettings, preset: ModelConfig, stage: Stage, tok) -> QwenVL:
+def _build_model(s: TrainSettings, preset: ModelConfig, stage: Stage, tok, record: dict | None = None,
+                 device: torch.device | None = None) -> QwenVL:
     """Built at the resolution the weights were trained at (``--init``), then interpolated to
     this stage's; trainable parts as the stage says."""
     start_res = read_meta(Path(s.init)).resolution if s.init else stage.resolution
@@ -207,6 +212,8 @@ def _build_model(s: TrainSettings, preset: ModelConfig, stage: Stage, tok) -> Qw
         load_weights(model, Path(s.init) / "model.safetensors", f"preset {preset.name} (--init)")
     model.vision.set_resolution(stage.resolution)
     model.set_trainable(stage.trains)
+    if record is not None:  # what the release trains under LoRA: the adapters alone (lora.apply)
+        lora.apply(model, s.lora, tuple(record["modules_to_save"]), device)
     checkpointing = s.activation_checkpointing
     model.set_activation_checkpointing(preset.activation_checkpointing if checkpointing is None else checkpointing)
     return model
@@ -243,7 +250,8 @@ def setup(s: TrainSettings) -> Run:
     preset = read_preset(s.init, s.preset) if s.init is not None else load_preset(s.preset or "tiny")
     stage = stage_for(s, preset)
     tok = load_tokenizer(preset.tokenizer)
-    model = _build_model(s, preset, stage, tok)
+    record = lora.record(s.lora, Path(s.init)) if s.lora is not None else None
+    model = _build_model(s, preset, stage, tok, record, device)
     model.to(device)
     fsdp = s.fsdp and world > 1
     wrapped = parallel.wrap(model, world, fsdp)
@@ -251,11 +259,12 @@ def setup(s: TrainSettings) -> Run:
     loader = _open_data(s, preset, stage, tok, rows, rank, world, say)
     optimizer = torch.optim.AdamW(param_groups(model, stage), lr=stage.lr, betas=stage.betas, eps=stage.eps)
     run = Run(s, world, rank, device, preset, stage, model, wrapped, fsdp, loader, optimizer,
-              use_bf16(s.precision, device), say)
+              use_bf16(s.precision, device), say, lora=record)
     metrics_path = s.out / "metrics.jsonl"
     if s.resume:
         try:
-            run.step = resume(s.out / "checkpoint", model, optimizer, loader, fsdp, main)
+            run.step = lora.resume(s.out / "checkpoint", model, optimizer, loader, record) if record else \
+                resume(s.out / "checkpoint", model, optimizer, loader, fsdp, main)
         except CheckpointError as e:
             raise RunError(f"{e}; --overwrite starts the run again") from None
         say(f"resumed at step {run.step}")
@@ -328,7 +337,8 @@ def loop(run: Run) -> None:
     """Steps to the stage's ``max_steps``: a metrics line each, a checkpoint every ``checkpoint_every``."""
     s, stage = run.settings, run.stage
     metrics_path = s.out / "metrics.jsonl"
-    run.say(f"stage {stage.number} ({stage.name}): trains {', '.join(stage.trains)}; {stage.max_steps} steps of "
+    trains = "LoRA (the rest frozen)" if run.lora else ", ".join(stage.trains)
+    run.say(f"stage {stage.number} ({stage.name}): trains {trains}; {stage.max_steps} steps of "
             f"{stage.micro_batch}x{stage.accumulation}x{run.world}; lr {stage.lr:g}->{stage.min_lr:g}, "
             f"res {stage.resolution}, "
             f"{sum(p.numel() for p in run.model.parameters() if p.requires_grad) / 1e6:.2f}M trainable, "

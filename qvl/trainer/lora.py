@@ -1,0 +1,458 @@
+"""LoRA and Q-LoRA fine-tuning through ``peft``, as the released Qwen-VL's ``finetune.py`` does it.
+
+What the release trains with ``--use_lora`` (its ``finetune.py``): LoRA r=64, alpha=16, dropout
+0.05, bias none on ``c_attn``, ``attn.c_proj``, ``w1``, ``w2``; ``modules_to_save = ["wte",
+"lm_head"]`` unless the model's path contains "chat" or it is Q-LoRA. Its ``fix_vit`` block runs only
+*without* LoRA, and ``get_peft_model`` freezes every base parameter, so under LoRA the ViT **and**
+the adapter (``attn_pool``) stay fixed: only the LoRA matrices (and the saved modules) train.
+
+qvl's model uses Qwen2's names: the release's fused ``c_attn`` is ``q_proj``/``k_proj``/``v_proj``.
+LoRA on ``c_attn`` (A: r x h, B: 3h x r) is LoRA on q, k, v sharing one A (and one dropout mask)
+with three B's (``SharedDown``), so the parameters and the computation are the release's.
+
+A run's checkpoint holds the trainable tensors only (``adapter.safetensors``) and, in
+``meta.json``'s ``lora``, the settings and the base checkpoint they apply to (its path and
+``fingerprint``); loading it rebuilds the base, applies the adapters and merges them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from qvl.common import storage
+from qvl.errors import QvlError
+
+ADAPTERS = "adapter.safetensors"
+RELEASE_TARGETS = ("c_attn", "attn.c_proj", "w1", "w2")
+TO_QVL = {"c_attn": ("q_proj", "k_proj", "v_proj"), "attn.c_proj": ("o_proj",), "w1": ("up_proj",),
+          "w2": ("gate_proj",), "wte": ("embed_tokens",), "lm_head": ("lm_head",)}
+RELEASE_SAVED = ("wte", "lm_head")  # the base model's modules_to_save in the release (for new tokens)
+ADAPTER = "default"  # peft's adapter name
+
+
+class LoraError(QvlError):
+    pass
+
+
+@dataclass
+class LoraSettings:
+    """The release's ``LoraArguments`` defaults; the CLI only fills them."""
+
+    r: int = 64
+    alpha: float = 16
+    dropout: float = 0.05
+    targets: tuple[str, ...] = RELEASE_TARGETS  # release names (TO_QVL maps them)
+    chat: bool | None = None  # None: as the release decides, "chat" in the base's name
+    q_lora: bool = False  # the base's linear layers in 4-bit NF4 (bitsandbytes)
+
+
+def check(lora: LoraSettings, stage: int, init, fsdp: bool) -> None:
+    """Each LoRA option in range, and a run it can apply to; one line naming the option."""
+    if stage == 1:
+        raise LoraError("--lora: stage 1 trains the ViT and adapter with the LLM frozen; LoRA adapts the LLM "
+                            "(use --stage 2 or 3)")
+    if init is None:
+        raise LoraError("--lora needs --init: the base or chat checkpoint the adapters apply to "
+                            "(e.g. qvl convert from-qwen-vl's --out)")
+    if fsdp:
+        raise LoraError("--lora with --fsdp: LoRA's trainable tensors are small; run it under DDP (no --fsdp)")
+    if isinstance(lora.r, bool) or not isinstance(lora.r, int) or not 1 <= lora.r <= 4096:
+        raise LoraError(f"--lora-r {lora.r!r}: the adapters' rank, an integer from 1 to 4,096")
+    if not isinstance(lora.alpha, (int, float)) or not 0 < lora.alpha < 1e6:  # NaN fails too
+        raise LoraError(f"--lora-alpha {lora.alpha!r}: above 0 (the update is scaled by alpha / r)")
+    if not isinstance(lora.dropout, (int, float)) or not 0 <= lora.dropout < 1:
+        raise LoraError(f"--lora-dropout {lora.dropout!r}: a probability from 0 to below 1")
+    unknown = [t for t in lora.targets if t not in TO_QVL or t in RELEASE_SAVED]
+    if unknown or not lora.targets:
+        raise LoraError(f"LoRA targets {list(lora.targets)!r}: use the release's {', '.join(RELEASE_TARGETS)}")
+    if lora.q_lora:
+        check_q_lora()
+
+
+def check_q_lora() -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise LoraError("--q-lora needs bitsandbytes (pip install 'qvl[qlora]'): its 4-bit NF4 layers "
+                            "hold the base") from None
+
+
+def modules_to_save(lora: LoraSettings, chat: bool) -> tuple[str, ...]:
+    """The release's rule: the base model (not chat, not Q-LoRA) also trains ``wte`` and ``lm_head``."""
+    return () if lora.q_lora or chat else RELEASE_SAVED
+
+
+def is_chat(init: Path, converted_from: str | None) -> bool:
+    """The release's test, ``"chat" in model_name_or_path.lower()``, on the --init folder and the
+    release folder it was converted from."""
+    return any("chat" in str(name).lower() for name in (init, converted_from) if name)
+
+
+# ---------------------------------------------------------------- the adapters in the model
+
+
+class SharedDown(nn.Module):
+    """One LoRA A for q, k and v: LoRA on the release's fused ``c_attn``. Qwen2's attention
+    calls q, k and v on the same hidden states one after another; the first call computes
+    A(dropout(x)) and the next ``users - 1`` calls on that tensor reuse it (one dropout mask, as
+    one fused layer has; a call on another tensor computes afresh, so a recomputed forward under
+    activation checkpointing is exact too). ``weight`` is A's, for peft's merge."""
+
+    def __init__(self, down: nn.Linear, dropout: nn.Module, users: int):
+        super().__init__()
+        self.down, self.dropout, self.users = down, dropout, users
+        self._input: torch.Tensor | None = None
+        self._output: torch.Tensor | None = None
+        self._left = 0
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.down.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x is not self._input or self._left == 0:
+            self._input, self._output, self._left = x, self.down(self.dropout(x)), self.users
+        out = self._output
+        self._left -= 1
+        if self._left == 0:  # hold no activations past the attention call
+            self._input = self._output = None
+        return out
+
+
+def _share_fused(llm: nn.Module, groups: list[tuple[str, ...]]) -> None:
+    """Every layer's projections of each group (q, k, v) share the first one's A and dropout."""
+    for module in list(llm.modules()):
+        for group in groups:
+            layers = [getattr(module, name, None) for name in group]
+            if len(group) < 2 or not all(hasattr(layer, "lora_A") for layer in layers):
+                continue
+            first = layers[0]
+            shared = SharedDown(first.lora_A[ADAPTER], first.lora_dropout[ADAPTER], len(group))
+            for layer in layers:
+                layer.lora_A[ADAPTER] = shared
+                layer.lora_dropout[ADAPTER] = nn.Identity()
+
+
+def quantize_llm(llm: nn.Module, device: torch.device) -> None:
+    """Q-LoRA's base: every linear layer of the LLM's blocks as bitsandbytes 4-bit NF4 (double
+    quantisation, QLoRA's defaults), computing in fp32 (bf16 on CUDA); ``lm_head`` and the
+    embedding stay as they are, as in transformers' ``load_in_4bit``."""
+    import bitsandbytes as bnb
+
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for module in list(llm.model.layers.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, child.bias is not None,
+                                      compute_dtype=compute, quant_type="nf4", compress_statistics=True)
+                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True)
+                if child.bias is not None:
+                    q.bias = nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(module, name, q.to(device))
+    llm.is_loaded_in_4bit = True  # what prepare_model_for_kbit_training reads
+
+
+def apply(model: nn.Module, lora: LoraSettings, saved: tuple[str, ...], device: torch.device | None = None):
+    """Freeze the whole model (as ``get_peft_model`` does: the ViT and adapter too), then LoRA on
+    the LLM's targets and trainable copies of ``saved`` (release names, ``modules_to_save``);
+    q, k, v share one A. Q-LoRA first quantises the base (``quantize_llm``) and prepares it with
+    peft's ``prepare_model_for_kbit_training``. Returns peft's ``LoraModel`` (to merge)."""
+    from peft import LoraConfig, prepare_model_for_kbit_training
+    from peft.tuners.lora import LoraModel
+
+    model.requires_grad_(False)
+    if lora.q_lora:
+        quantize_llm(model.llm, device or torch.device("cpu"))
+        prepare_model_for_kbit_training(model.llm, use_gradient_checkpointing=False)  # qvl's own checkpointing
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
+                        target_modules=[name for t in lora.targets for name in TO_QVL[t]],
+                        modules_to_save=[name for release in saved for name in TO_QVL[release]] or None)
+    tuner = LoraModel(model.llm, config, ADAPTER)
+    _share_fused(model.llm, [TO_QVL[t] for t in lora.targets])
+    return tuner
+
+
+def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors LoRA trains, by name (a shared A once)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapters(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    with storage.atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable(model).items()}, str(tmp))
+
+
+def load_adapters(model: nn.Module, path: Path) -> None:
+    """``save_adapters``'s file into a model ``apply`` prepared: the same names and shapes, or one
+    error naming the file and the tensors."""
+    from safetensors.torch import load_file
+
+    from qvl.trainer.checkpoint import CheckpointError, read_safetensors_header
+
+    entries = read_safetensors_header(path)
+    own = trainable(model)
+    wrong = sorted(set(entries) ^ set(own)) + sorted(
+        f"{k} {tuple(e.shape)} (the model's {tuple(own[k].shape)})" for k, e in entries.items()
+        if k in own and tuple(e.shape) != tuple(own[k].shape))
+    if wrong:
+        raise CheckpointError(f"{path}: not the adapters of this model and LoRA settings: {', '.join(wrong[:3])}"
+                              + (f" and {len(wrong) - 3:,} more" if len(wrong) > 3 else ""))
+    with torch.no_grad():
+        for key, tensor in load_file(str(path)).items():
+            own[key].copy_(tensor)
+
+
+# ---------------------------------------------------------------- the base a run applies to
+
+
+SAMPLES, SAMPLE_BYTES = 64, 64 << 10
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 of a safetensors file's header (names, dtypes, shapes), its size and 64 blocks of
+    64 KiB spread over its data: 4 MiB read whatever the size, so checking a 19 GB base costs
+    milliseconds, unlike a full hash (minutes). It survives a copy or a move (size and mtime
+    would not), and a fine-tuned or re-converted base differs in every tensor, so in the
+    samples; a single edited value elsewhere would go unseen."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        h.update(f.read(min(length, 16 << 20)))
+        h.update(str(size).encode())
+        start = 8 + length
+        for i in range(SAMPLES):
+            f.seek(start + (size - start) * i // SAMPLES)
+            h.update(f.read(SAMPLE_BYTES))
+    return "sha256-sampled:" + h.hexdigest()
+
+
+class BaseRecord(msgspec.Struct):
+    path: str
+    fingerprint: str
+
+
+class LoraRecord(msgspec.Struct):
+    """``meta.json``'s ``lora``: the settings and the base they apply to."""
+
+    r: int
+    alpha: float
+    dropout: float
+    targets: list[Literal["c_attn", "attn.c_proj", "w1", "w2"]]
+    modules_to_save: list[Literal["wte", "lm_head"]]
+    chat: bool
+    q_lora: bool
+    base: BaseRecord
+
+    def settings(self) -> LoraSettings:
+        return LoraSettings(self.r, self.alpha, self.dropout, tuple(self.targets), self.chat, self.q_lora)
+
+
+class _Meta(msgspec.Struct):
+    lora: LoraRecord | None = None
+
+
+def record(lora: LoraSettings, init: Path) -> dict:
+    """What a run's checkpoint says about its adapters (``LoraRecord``), for the --init base."""
+    if not (init / "model.safetensors").is_file():
+        raise LoraError(f"--init {init}: no model.safetensors (a LoRA run's checkpoint holds its adapters only; "
+                        "qvl convert merge makes a base of it)")
+    converted = msgspec.json.decode((init / "meta.json").read_bytes()).get("converted_from")  # checked: read_meta
+    chat = lora.chat if lora.chat is not None else is_chat(init, converted if isinstance(converted, str) else None)
+    return {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(lora.targets),
+            "modules_to_save": list(modules_to_save(lora, chat)), "chat": chat, "q_lora": lora.q_lora,
+            "base": {"path": str(init.resolve()), "fingerprint": fingerprint(init / "model.safetensors")}}
+
+
+def read_record(folder: Path) -> LoraRecord | None:
+    """The checkpoint's LoRA record, None for a checkpoint of whole weights."""
+    from qvl.boundary import read_json_file
+    from qvl.trainer.checkpoint import MAX_META_BYTES, CheckpointError
+
+    path = folder / "meta.json"
+    if not path.is_file():
+        return None
+    return read_json_file(path, _Meta, MAX_META_BYTES, CheckpointError).lora
+
+
+def base_of(folder: Path, rec: LoraRecord, base: Path | None) -> Path:
+    """The base checkpoint of a LoRA checkpoint: ``base`` (--base) or the recorded one, checked
+    against the recorded fingerprint."""
+    chosen = Path(base) if base is not None else Path(rec.base.path)
+    weights = chosen / "model.safetensors"
+    if not weights.is_file():
+        given = f"--base {chosen}" if base is not None else f"its base {chosen}"
+        raise LoraError(f"{folder}: LoRA adapters; {given} is missing (no model.safetensors): give --base with the "
+                        f"checkpoint they were trained on ({rec.base.path})")
+    found = fingerprint(weights)
+    if found != rec.base.fingerprint:
+        raise LoraError(f"{folder}: LoRA adapters trained on {rec.base.path} ({rec.base.fingerprint[-12:]}); "
+                        f"{chosen} is another model ({found[-12:]}): give --base with the checkpoint they were trained on")
+    return chosen
+
+
+def load_checkpoint(folder: str | Path, explicit_preset: str | None = None, base: Path | None = None):
+    """``checkpoint.load_checkpoint``'s (model, preset, tokenizer, meta) for any checkpoint: whole
+    weights, or a LoRA run's (its base with the adapters merged, ``load``)."""
+    from qvl.trainer import checkpoint
+
+    if read_record(Path(folder)) is not None:
+        return load(Path(folder), explicit_preset, base)
+    return checkpoint.load_checkpoint(folder, explicit_preset)
+
+
+def load(folder: Path, explicit_preset: str | None = None, base: Path | None = None, merge: bool = True):
+    """(model in eval mode, preset, tokenizer, meta) of a LoRA checkpoint: its base (``base_of``)
+    at the run's resolution, the adapters applied (on a full-precision base, also for Q-LoRA) and,
+    with ``merge``, merged into it (peft's ``merge_and_unload``: a plain qvl model)."""
+    from qvl.trainer.checkpoint import load_checkpoint, read_meta
+
+    folder = Path(folder)
+    rec = read_record(folder)
+    model, preset, tok, _ = load_checkpoint(base_of(folder, rec, base), explicit_preset)
+    meta = read_meta(folder)
+    model.vision.set_resolution(meta.resolution)
+    settings = rec.settings()
+    settings.q_lora = False
+    tuner = apply(model, settings, tuple(rec.modules_to_save))
+    load_adapters(model, folder / ADAPTERS)
+    if merge:
+        tuner.merge_and_unload()
+    return model.eval(), preset, tok, msgspec.structs.asdict(meta)
+
+
+def write_merged(checkpoint: Path, out: Path, base: Path | None = None, dtype: torch.dtype | None = None) -> dict:
+    """A LoRA checkpoint merged into its base, written as a plain qvl checkpoint folder."""
+    from safetensors.torch import save_file
+
+    from qvl.common import remote
+
+    model, preset, _, meta = load(checkpoint, None, base)
+    weights = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in model.state_dict().items()}
+    with storage.atomic_path(out / "model.safetensors") as tmp:
+        save_file(weights, str(tmp), metadata={"format": "pt"})
+    storage.write_json(out / "preset.json", preset.to_dict())
+    merged = {"stage": meta["stage"], "step": meta["step"], "preset": preset.name, "resolution": meta["resolution"],
+              "merged_from": remote.origin(checkpoint), "tensors": len(weights)}
+    storage.write_json(out / "meta.json", merged)
+    return merged
+
+
+# ---------------------------------------------------------------- the adapters for the release's model
+
+
+QVL_TO_RELEASE = {"q_proj": "attn.c_attn", "k_proj": "attn.c_attn", "v_proj": "attn.c_attn", "o_proj": "attn.c_proj",
+                  "up_proj": "mlp.w1", "gate_proj": "mlp.w2"}
+LORA_KEY = re.compile(r"llm\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.default\.(?:down\.)?weight")
+SAVED_KEY = {"llm.model.embed_tokens.modules_to_save.default.weight": "transformer.wte.weight",
+             "llm.lm_head.modules_to_save.default.weight": "lm_head.weight"}
+
+
+def release_adapters(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``save_adapters``' tensors in the names peft saves for the release's model: q, k and v's
+    B stacked into ``c_attn``'s (their shared A is its A), the saved modules as ``wte``/``lm_head``."""
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if key in SAVED_KEY:
+            out[SAVED_KEY[key]] = tensor
+            continue
+        m = LORA_KEY.fullmatch(key)
+        if m is None or m.group(2) not in QVL_TO_RELEASE:
+            raise LoraError(f"{key}: not an adapter tensor qvl's LoRA trains")
+        layer, proj, side = m.groups()
+        name = f"transformer.h.{layer}.{QVL_TO_RELEASE[proj]}.lora_{side}.weight"
+        if QVL_TO_RELEASE[proj] == "attn.c_attn" and side == "B":
+            fused.setdefault(name, {})[proj] = tensor
+        else:
+            out[name] = tensor
+    for name, parts in fused.items():
+        out[name] = torch.cat([parts[p] for p in ("q_proj", "k_proj", "v_proj")])
+    return {"base_model.model." + k: v.contiguous() for k, v in out.items()}
+
+
+def export_peft(checkpoint: Path, out: Path) -> dict:
+    """A LoRA run's adapters as a peft folder for the release's model (``adapter_config.json`` with
+    finetune.py's config, ``adapter_model.safetensors``): ``PeftModel.from_pretrained`` on
+    ``Qwen-VL(-Chat)`` loads them, as it loads the adapters of the release's own LoRA runs."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file, save_file
+
+    rec = read_record(checkpoint)
+    if rec is None:
+        raise LoraError(f"{checkpoint}: not a LoRA run's checkpoint (its meta.json has no lora record)")
+    config = LoraConfig(r=rec.r, lora_alpha=rec.alpha, lora_dropout=rec.dropout, bias="none", task_type="CAUSAL_LM",
+                        target_modules=list(rec.targets), modules_to_save=list(rec.modules_to_save) or None)
+    tensors = release_adapters(load_file(str(checkpoint / ADAPTERS)))
+    try:
+        storage.claim(out, "peft adapters")
+    except storage.OutputError as e:
+        raise LoraError(str(e)) from None
+    config.save_pretrained(str(out))
+    with storage.atomic_path(out / "adapter_model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    return {"tensors": len(tensors), "bytes": (out / "adapter_model.safetensors").stat().st_size}
+
+
+# ---------------------------------------------------------------- a run's checkpoint
+
+
+def save_checkpoint(folder: Path, model: nn.Module, optimizer, loader_state: dict, step: int, world: int,
+                    main: bool, preset, meta: dict) -> None:
+    """A LoRA run's checkpoint: ``adapter.safetensors`` (the trainable tensors) in place of the
+    whole model, and what ``checkpoint.save_checkpoint`` writes besides (a collective)."""
+    loaders = [None] * world
+    if world > 1:
+        dist.all_gather_object(loaders, loader_state)
+    else:
+        loaders = [loader_state]
+    if not main:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    save_adapters(model, folder / ADAPTERS)
+    with storage.atomic_path(folder / "state.pt") as tmp:
+        torch.save({"optimizer": optimizer.state_dict(), "loader": loaders, "step": step,
+                    "torch_rng": torch.get_rng_state()}, tmp)
+    storage.write_json(folder / "preset.json", preset.to_dict())
+    storage.write_json(folder / "meta.json", meta)
+
+
+def resume(folder: Path, model: nn.Module, optimizer, loader, run_record: dict) -> int:
+    """Adapters, optimiser, data position and torch RNG of ``save_checkpoint``'s folder, once its
+    LoRA record is the run's (same settings, same base by fingerprint: it may have moved); its step."""
+    from qvl.trainer.checkpoint import CheckpointError
+
+    def same(rec: dict) -> dict:
+        return {**rec, "base": rec["base"]["fingerprint"]}
+
+    saved = read_record(folder)
+    if saved is None or same(msgspec.to_builtins(saved)) != same(run_record):
+        raise CheckpointError(f"{folder}: its LoRA settings or base differ from this run's (--init, --lora-*)")
+    load_adapters(model, folder / ADAPTERS)
+    try:
+        state = torch.load(folder / "state.pt", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        loader.restore(state["loader"])
+        torch.set_rng_state(state["torch_rng"])
+        return int(state["step"])
+    except Exception as e:  # torch raises many types for a damaged file
+        raise CheckpointError(f"{folder}: cannot resume from this checkpoint ({type(e).__name__}: "
+                              f"{str(e)[:300]})") from None
+
+
+def count(model: nn.Module) -> int:
+    return sum(p.numel() for p in trainable(model).values())
+

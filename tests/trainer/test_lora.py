@@ -1,0 +1,325 @@
+"""LoRA fine-tuning as the released finetune.py does it, on the tiny random release converted to
+qvl: the trainable parameters are the release's (real peft on a module tree in the release's
+names), LoRA on q/k/v with one A is LoRA on the fused c_attn, a run learns, saves only its
+adapters, resumes bit-identically, merges exactly, exports to the release layout, generates the
+same with adapters as merged, and refuses bad inputs in one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+from typer.testing import CliRunner
+
+from qvl.cli import app
+from qvl.trainer import lora
+from qvl.trainer.lora import load_checkpoint
+from qvl.trainer.release import from_qwen_vl, to_qwen_vl
+from qvl.trainer.settings import TrainSettings
+from qvl.trainer.train import train
+from tests.reference import release_forward as ref
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """The tiny release as Qwen-VL-Chat, converted; the same weights as a base model's
+    conversion (what `from-qwen-vl` writes for a folder named Qwen-VL); SFT shards; two images."""
+    from qvl.formats.build import FormatSettings, run_format
+
+    root = tmp_path_factory.mktemp("lora")
+    sd = ref.random_release()
+    hf = ref.write_release(root / "Qwen-VL-Chat", sd)
+    from_qwen_vl(hf, root / "converted")
+    base = root / "converted-base"
+    shutil.copytree(root / "converted", base)
+    meta = json.loads((base / "meta.json").read_text())
+    (base / "meta.json").write_text(json.dumps({**meta, "converted_from": str(root / "Qwen-VL")}))
+    images = root / "images"
+    images.mkdir()
+    Image.new("RGB", (90, 70), (200, 40, 40)).save(images / "red.png")
+    Image.new("RGB", (60, 80), (30, 60, 220)).save(images / "blue.png")
+    convo = root / "convo.jsonl"
+    records = [{"id": f"c{i}", "conversations": [  # text only: 30 tokens a row, not 290 (the ViT is frozen anyway)
+        {"from": "user", "value": question}, {"from": "assistant", "value": answer}]} for i, (question, answer) in
+        enumerate([("Which colour is the sky?", "Blue, like the sea."), ("And a ripe tomato?", "Red, all of it.")] * 2)]
+    convo.write_text("".join(json.dumps(r) + "\n" for r in records))
+    run_format("sft", [convo], root / "sft", images, settings=FormatSettings(), show_progress=False)
+    return {"root": root, "hf": hf, "sd": sd, "chat": root / "converted", "base": base, "images": images,
+            "sft": root / "sft"}
+
+
+def settings(world, out, **kw) -> TrainSettings:
+    common = dict(stage=3, data=world["sft"], out=out, init=world["chat"], max_steps=6, log=False, data_workers=0,
+                  activation_checkpointing=False,
+                  overrides={"micro_batch": 1, "lr": 3e-2, "warmup_steps": 1, "min_lr": 3e-2},  # flat: resumes alike
+                  lora=lora.LoraSettings())
+    return TrainSettings(**{**common, **kw})
+
+
+def losses(run) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- what trains: the release's count
+
+
+class _Tree(nn.Module):
+    """Modules at the release's names and shapes: Linear for 2-D weights, Embedding for wte;
+    other tensors as parameters of a plain module. Enough for peft to find its targets."""
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):  # PeftModelForCausalLM reads it
+        return kwargs
+
+
+def release_tree(sd: dict[str, torch.Tensor]) -> nn.Module:
+    root = _Tree()
+    weights = {k.rsplit(".", 1)[0] for k, t in sd.items() if k.endswith(".weight") and t.ndim == 2}
+    for key, tensor in sd.items():
+        path, leaf = key.rsplit(".", 1) if "." in key else ("", key)
+        parent = root
+        parts = path.split(".") if path else []
+        owner = path if path in weights else None
+        for i, part in enumerate(parts[:-1] if owner else parts):
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        if owner:
+            name = parts[-1]
+            if not hasattr(parent, name):
+                out, inp = sd[path + ".weight"].shape
+                parent.add_module(name, nn.Embedding(out, inp) if name == "wte" else
+                                  nn.Linear(inp, out, bias=path + ".bias" in sd))
+        else:
+            parent.register_parameter(leaf, nn.Parameter(torch.empty(tensor.shape)))
+    return root
+
+
+def release_peft(sd, chat: bool) -> tuple[int, dict]:
+    """Real peft with finetune.py's LoraConfig, its modules_to_save rule and get_peft_model: the
+    trainable count, and the shapes of what peft saves (its adapter file)."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    with torch.device("meta"):
+        tree = release_tree(sd)
+    config = LoraConfig(r=64, lora_alpha=16, target_modules=["c_attn", "attn.c_proj", "w1", "w2"], lora_dropout=0.05,
+                        bias="none", task_type="CAUSAL_LM", modules_to_save=None if chat else ["wte", "lm_head"])
+    model = get_peft_model(tree, config)
+    return model.get_nb_trainable_parameters()[0], {k: tuple(t.shape) for k, t in get_peft_model_state_dict(model).items()}
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_trainable_parameters_are_the_release_finetunes(world, chat):
+    expected, saved = release_peft(world["sd"], chat)
+    model, *_ = load_checkpoint(world["chat" if chat else "base"])
+    init = world["chat" if chat else "base"]
+    record = lora.record(lora.LoraSettings(), init)
+    assert record["chat"] is chat  # the release's rule: "chat" in the name it came from
+    lora.apply(model, lora.LoraSettings(), tuple(record["modules_to_save"]))
+    h, r, inner, layers, vocab = 128, 64, 256, 2, 151936
+    per_layer = (r * h + 3 * h * r) + 2 * r * h + 2 * (r * h + inner * r)  # c_attn, c_proj, w1, w2
+    assert lora.count(model) == expected == layers * per_layer + (0 if chat else 2 * vocab * h)
+    trained = set(lora.trainable(model))
+    assert not any(name.startswith(("vision.", "adapter.")) for name in trained)  # the ViT and attn_pool too
+    assert any(".q_proj.lora_A." in n for n in trained) and not any(".k_proj.lora_A." in n for n in trained)
+    exported = lora.release_adapters(lora.trainable(model))  # what `convert lora-to-peft` writes
+    assert {k: tuple(t.shape) for k, t in exported.items()} == saved
+
+
+def test_shared_a_computes_lora_on_the_fused_c_attn(world):
+    """q, k, v with one A, one dropout mask and three B's = peft's LoRA on the release's c_attn."""
+    model, *_ = load_checkpoint(world["chat"])
+    settings = lora.LoraSettings(r=8, dropout=0.5)
+    lora.apply(model, settings, ())
+    attn = model.llm.model.layers[0].self_attn
+    with torch.no_grad():
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+            proj.lora_B["default"].weight.normal_()
+    model.train()
+    x = torch.randn(2, 5, 128)
+    torch.manual_seed(7)
+    ours = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+    base = [getattr(attn, f"{p}_proj").base_layer for p in "qkv"]
+    weight, bias = torch.cat([b.weight for b in base]), torch.cat([b.bias for b in base])
+    down = attn.q_proj.lora_A["default"].weight
+    up = torch.cat([getattr(attn, f"{p}_proj").lora_B["default"].weight for p in "qkv"])
+    torch.manual_seed(7)
+    fused = F.linear(x, weight, bias) + F.linear(F.linear(F.dropout(x, 0.5, True), down), up) * (16 / 8)
+    assert torch.allclose(ours, fused, atol=1e-5) and (ours - F.linear(x, weight, bias)).abs().max() > 0.1
+
+
+# ---------------------------------------------------------------- a run
+
+
+@pytest.fixture(scope="module")
+def run(world, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("run")
+    train(settings(world, out, checkpoint_every=3))
+    return {"out": out, "checkpoint": out / "checkpoint"}
+
+
+def test_a_lora_run_learns_and_saves_only_its_adapters(world, run):
+    found = losses(run["out"])
+    assert len(found) == 6 and sum(found[-2:]) < 0.7 * sum(found[:2]), found
+    checkpoint = run["checkpoint"]
+    assert not (checkpoint / "model.safetensors").exists()
+    adapters, full = (checkpoint / lora.ADAPTERS).stat().st_size, (world["chat"] / "model.safetensors").stat().st_size
+    assert adapters < 0.02 * full  # fp32 adapters against the bf16 model: 0.6% here
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    assert meta["lora"]["base"]["path"] == str(world["chat"].resolve()) and meta["lora"]["modules_to_save"] == []
+    assert meta["lora"]["r"] == 64 and meta["lora"]["alpha"] == 16 and meta["lora"]["dropout"] == 0.05
+
+
+def test_resume_is_bit_identical(world, run, tmp_path):
+    """Stopped at step 3 and resumed = the unbroken run, to the bit. The first half recomputes
+    activations (the qwen-vl preset's default): the shared A's cache and dropout mask survive it."""
+    train(settings(world, tmp_path, max_steps=3, activation_checkpointing=True))
+    train(settings(world, tmp_path, resume=True))
+    assert losses(tmp_path) == losses(run["out"])
+    whole, split = (load_file(str(p / "checkpoint" / lora.ADAPTERS)) for p in (run["out"], tmp_path))
+    assert whole.keys() == split.keys() and all(torch.equal(whole[k], split[k]) for k in whole)
+
+
+def test_merged_logits_equal_the_adapters_and_generation_agrees(world, run, tmp_path):
+    merged, *_ = load_checkpoint(run["checkpoint"])
+    unmerged, *_ = lora.load(run["checkpoint"], merge=False)
+    base, *_ = load_checkpoint(world["chat"])
+    ids = torch.tensor([[151644, 872, 198, 9707, 11, 1128, 374, 419, 30, 151645]])
+    with torch.no_grad():
+        a, b, c = merged(ids, None), unmerged(ids, None), base(ids, None)
+    assert (a - b).abs().max() < 1e-5 and (a - c).abs().max() > 1e-2
+    result = runner.invoke(app, ["convert", "merge", str(run["checkpoint"]), "--out", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    prompt = ["--prompt", "<img>red.png</img>What colour dominates?", "--images", str(world["images"]), "--chat",
+              "--max-new-tokens", "5", "--json"]
+    outputs = [runner.invoke(app, ["generate", "--checkpoint", str(c)] + prompt)
+               for c in (run["checkpoint"], tmp_path / "merged")]
+    assert all(o.exit_code == 0 for o in outputs), outputs[0].output
+    assert json.loads(outputs[0].output) == json.loads(outputs[1].output)
+    from qvl.trainer.data import load_image
+    from qvl.trainer.generate import greedy_batch, render_prompt
+
+    on_disk, _, tok, _ = load_checkpoint(tmp_path / "merged")
+    prompt_ids, _ = render_prompt(tok, 256, "<img>red.png</img>What colour dominates?", chat=True)
+    pixels = load_image((world["images"] / "red.png").read_bytes(), 56)[None]
+    tokens = [greedy_batch(m, tok, [prompt_ids], pixels, 6, min_new_tokens=6)[0] for m in (unmerged, on_disk)]
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 6
+
+
+def test_to_qwen_vl_merges_into_the_release_layout(world, run, tmp_path):
+    from qvl.trainer.release import Tensors, _weight_files
+
+    to_qwen_vl(run["checkpoint"], tmp_path / "hf", world["hf"])
+    written = Tensors(*_weight_files(tmp_path / "hf"))
+    assert {k: tuple(e.shape) for k, e in written.entries.items()} == {k: tuple(t.shape) for k, t in world["sd"].items()}
+    vit = "transformer.visual.transformer.resblocks.0.attn.in_proj.weight"
+    assert torch.equal(written.get(vit), world["sd"][vit].bfloat16().float())  # frozen: only the LLM moved
+    c_attn = "transformer.h.0.attn.c_attn.weight"
+    assert (written.get(c_attn) - world["sd"][c_attn].bfloat16().float()).abs().max() > 1e-4
+    assert not list((tmp_path).glob(".merged-*"))
+
+
+def test_adapters_load_into_the_release_model_with_peft(world, run, tmp_path):
+    """`convert lora-to-peft`: real peft's PeftModel.from_pretrained on a model in the release's
+    names gets the LoRA deltas qvl trained (c_attn's = q, k, v's stacked)."""
+    from peft import PeftModel
+
+    result = runner.invoke(app, ["convert", "lora-to-peft", str(run["checkpoint"]), "--out", str(tmp_path / "peft")])
+    assert result.exit_code == 0, result.output
+    tree = release_tree(world["sd"])
+    tree.load_state_dict(world["sd"])
+    release = PeftModel.from_pretrained(tree, str(tmp_path / "peft"))
+    ours, *_ = lora.load(run["checkpoint"], merge=False)
+    for n in range(2):
+        theirs, mine = getattr(release.base_model.model.transformer.h, str(n)), ours.llm.model.layers[n]
+        pairs = [(theirs.attn.c_attn, [mine.self_attn.q_proj, mine.self_attn.k_proj, mine.self_attn.v_proj]),
+                 (theirs.attn.c_proj, [mine.self_attn.o_proj]), (theirs.mlp.w1, [mine.mlp.up_proj]),
+                 (theirs.mlp.w2, [mine.mlp.gate_proj])]
+        for module, parts in pairs:
+            expected = torch.cat([p.get_delta_weight("default") for p in parts])
+            assert torch.allclose(module.get_delta_weight("default"), expected, atol=1e-7)
+            assert expected.abs().max() > 1e-4  # trained: not the zero update of a fresh B
+    assert release.peft_config["default"].r == 64 and release.peft_config["default"].lora_alpha == 16
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def test_a_base_that_is_not_the_recorded_one_is_one_line(world, run, tmp_path):
+    """generate and eval: a changed base, a missing one, a recorded one that is gone: one line
+    each naming both; a copied base (another path) is accepted."""
+    other = tmp_path / "other"
+    shutil.copytree(world["chat"], other)
+    weights = load_file(str(other / "model.safetensors"))
+    save_file({k: v * 1.01 for k, v in weights.items()}, str(other / "model.safetensors"), {"format": "pt"})
+    args = ["generate", "--checkpoint", str(run["checkpoint"]), "--prompt", "Hi", "--max-new-tokens", "1"]
+    wrong = runner.invoke(app, args + ["--base", str(other)])
+    assert wrong.exit_code == 1 and wrong.output.count("\n") == 1, wrong.output
+    assert f"trained on {world['chat'].resolve()}" in wrong.output and f"{other} is another model" in wrong.output
+    missing = runner.invoke(app, args + ["--base", str(tmp_path / "gone")])
+    assert missing.exit_code == 1 and "gone is missing (no model.safetensors)" in missing.output
+    moved = tmp_path / "moved-base"
+    shutil.copytree(world["chat"], moved)  # a copy: new path and mtime, same fingerprint
+    assert runner.invoke(app, args + ["--base", str(moved)]).exit_code == 0
+    lost = tmp_path / "lost"  # the checkpoint of a run whose recorded base is gone
+    shutil.copytree(run["checkpoint"], lost)
+    meta = json.loads((lost / "meta.json").read_text())
+    meta["lora"]["base"]["path"] = str(tmp_path / "was-here")
+    (lost / "meta.json").write_text(json.dumps(meta))
+    gone = runner.invoke(app, ["generate", "--checkpoint", str(lost), "--prompt", "Hi"])
+    assert gone.exit_code == 1 and gone.output.count("\n") == 1 and "was-here is missing" in gone.output
+    assert "give --base" in gone.output
+    data = tmp_path / "ref.jsonl"
+    data.write_text(json.dumps({"image": "red.png", "sent": "the red", "bbox": [2, 3, 20, 25], "width": 90,
+                                "height": 70}) + "\n")
+    evaluate = ["eval", "grounding", "--data", str(data), "--checkpoint", str(run["checkpoint"]), "--images",
+                str(world["images"]), "--device", "cpu", "--no-progress"]
+    scored = runner.invoke(app, evaluate + ["--out", str(tmp_path / "e1"), "--base", str(world["chat"])])
+    assert scored.exit_code == 0 and json.loads((tmp_path / "e1" / "metrics.json").read_text())["n"] == 1, scored.output
+    refused = runner.invoke(app, evaluate + ["--out", str(tmp_path / "e2"), "--base", str(other)])
+    assert refused.exit_code == 1 and f"{other} is another model" in refused.output
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--stage", "1", "--lora"], "--lora: stage 1 trains the ViT and adapter with the LLM frozen"),
+    (["--stage", "3", "--lora", "--lora-r", "0"], "--lora-r 0: the adapters' rank, an integer from 1 to 4,096"),
+    (["--stage", "3", "--lora", "--lora-dropout", "1"], "--lora-dropout 1.0: a probability from 0 to below 1"),
+    (["--stage", "3", "--q-lora"], "--q-lora needs --lora"),
+])
+def test_bad_lora_options_are_one_line(world, tmp_path, extra, message):
+    result = runner.invoke(app, ["train", "--data", str(world["sft"]), "--out", str(tmp_path / "r"), "--init",
+                                 str(world["chat"]), "--max-steps", "1", "--no-progress"] + extra)
+    assert result.exit_code == 1 and message in result.output and result.output.count("\n") == 1, result.output
+
+
+def test_lora_needs_a_whole_init(world, run, tmp_path):
+    with pytest.raises(lora.LoraError, match="--lora needs --init"):
+        train(settings(world, tmp_path / "a", init=None))
+    lora.check(lora.LoraSettings(), 2, world["chat"], False)  # stage 2 trains the LLM: LoRA is allowed
+    with pytest.raises(lora.LoraError, match="checkpoint: no model.safetensors .a LoRA run's checkpoint holds its "):
+        train(settings(world, tmp_path / "b", init=run["checkpoint"]))
+
+
+def test_q_lora_trains_on_a_4bit_base(world, tmp_path):
+    """bitsandbytes quantises NF4 on the CPU here: the LLM's blocks in 4 bits, LoRA on top."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from qvl.trainer.train import loop, setup
+
+    s = settings(world, tmp_path, max_steps=3, lora=lora.LoraSettings(q_lora=True))
+    r = setup(s)
+    attn = r.model.llm.model.layers[0].self_attn
+    assert isinstance(attn.q_proj.base_layer, bnb.nn.Linear4bit) and attn.q_proj.base_layer.weight.dtype == torch.uint8
+    assert lora.count(r.model) == release_peft(world["sd"], chat=True)[0]  # Q-LoRA: no modules_to_save
+    loop(r)
+    r.save()
+    found = losses(tmp_path)
+    assert len(found) == 3 and found[-1] < found[0], found
+    merged, *_ = load_checkpoint(tmp_path / "checkpoint")  # on the full-precision base
+    assert isinstance(merged.llm.model.layers[0].self_attn.q_proj, nn.Linear)
