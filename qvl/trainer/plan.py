@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 import gc
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from qvl.errors import QvlError
+from qvl.trainer import lora
+from qvl.trainer.lora import LoraSettings
 from qvl.trainer.model import QwenVL
 from qvl.trainer.preset import ModelConfig, load_preset
 from qvl.trainer.stages import STAGES
@@ -64,9 +66,7 @@ class PlanSettings:
     images_per_row: int = 1
     mode: str = "full"  # full (FSDP over the GPUs), lora, q-lora (one model per GPU)
     lora_base: bool = False  # LoRA on the base model: wte and lm_head trained too (the release's modules_to_save)
-    lora_r: int = 64
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
+    lora: LoraSettings = field(default_factory=LoraSettings)  # r, alpha, dropout as `qvl train --lora` takes them
     gpus: int = 1
     activation_checkpointing: bool | None = None  # None: the preset's
     cpu_offload: bool = False  # full: fp32 master weights, gradients and AdamW state on the CPU
@@ -80,11 +80,14 @@ def check_plan(s: PlanSettings) -> None:
         raise PlanError(f"mode {s.mode!r}: use {', '.join(MODES)}")
     for option, value, low, high in (("--gpus", s.gpus, 1, 1 << 16), ("--micro-batch", s.micro_batch, 1, 1024),
                                      ("--seq-len", s.seq_len, 2, 1 << 20), ("--resolution", s.resolution, 1, 4096),
-                                     ("--images-per-row", s.images_per_row, 1, 64), ("--lora-r", s.lora_r, 1, 4096)):
+                                     ("--images-per-row", s.images_per_row, 1, 64), ("--lora-r", s.lora.r, 1, 4096)):
         if value is not None and (isinstance(value, bool) or not low <= value <= high):
             raise PlanError(f"{option} {value!r}: from {low:,} to {high:,}")
     if s.cpu_offload and s.mode != "full":
         raise PlanError("--cpu-offload: for full training under FSDP (LoRA keeps one model per GPU)")
+    if s.mode != "full" and s.stage == 1:
+        raise PlanError(f"--{s.mode}: stage 1 trains the ViT and adapter with the LLM frozen; LoRA adapts the LLM "
+                        "(use --stage 2 or 3)")
     if s.lora_base and s.mode == "full":
         raise PlanError("--lora-base: with --lora or --q-lora")
 
@@ -113,65 +116,12 @@ def build(cfg: ModelConfig, resolution: int, vit_layers: int | None = None, llm_
     return model
 
 
-class _Down(nn.Module):
-    """LoRA's dropout and A. Shared by ``users`` projections of the same input (q, k and v, as
-    the release's fused ``c_attn``: one A r x h), it is computed by the first and handed to the
-    others, then let go (holding it would be memory a fused layer never keeps)."""
-
-    def __init__(self, like: nn.Linear, r: int, dropout: float, users: int = 1):
-        super().__init__()
-        self.a = nn.Linear(like.in_features, r, bias=False, device=like.weight.device, dtype=like.weight.dtype)
-        self.dropout = nn.Dropout(dropout)
-        self.users = users
-        self._shared: list = []  # [input, output, uses left] between the first user and the last
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._shared or self._shared[0] is not x:
-            self._shared = [x, self.a(self.dropout(x)), self.users]
-        out = self._shared[1]
-        self._shared[2] -= 1
-        if self._shared[2] == 0:
-            self._shared = []
-        return out
-
-
-class _LoRA(nn.Module):
-    """base(x) + B(A(dropout(x))) * alpha / r: the release's LoRA on one projection."""
-
-    def __init__(self, base: nn.Linear, down: _Down, r: int, alpha: float):
-        super().__init__()
-        self.base, self.down = base, down
-        self.b = nn.Linear(r, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype)
-        self.scale = alpha / r
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.b(self.down(x)) * self.scale
-
-
-def add_lora(model: QwenVL, s: PlanSettings) -> None:
-    """Freeze the model and add the release's LoRA (finetune.py): on each LLM layer's q/k/v (one
-    shared A, as its fused c_attn), attention output, up and gate projections; with
-    ``lora_base`` the embeddings and lm_head train too (its ``modules_to_save``)."""
-    model.requires_grad_(False)
-    for layer in model.llm.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        qkv = _Down(attn.q_proj, s.lora_r, s.lora_dropout, users=3)
-        for parent, name in ((attn, "q_proj"), (attn, "k_proj"), (attn, "v_proj"), (attn, "o_proj"),
-                             (mlp, "up_proj"), (mlp, "gate_proj")):
-            base = getattr(parent, name)
-            down = qkv if name in ("q_proj", "k_proj", "v_proj") else _Down(base, s.lora_r, s.lora_dropout)
-            setattr(parent, name, _LoRA(base, down, s.lora_r, s.lora_alpha))
-    if s.lora_base:
-        model.llm.get_input_embeddings().requires_grad_(True)
-        model.llm.get_output_embeddings().requires_grad_(True)
-
-
 def prepare(model: QwenVL, s: PlanSettings, trains: tuple[str, ...], checkpointing: bool) -> QwenVL:
     """Trainable parts as the mode says (full: the stage's parts; LoRA: the adapters only)."""
     if s.mode == "full":
         model.set_trainable(trains)
     else:
-        add_lora(model, s)
+        lora.apply(model, dataclasses.replace(s.lora, q_lora=False), lora.RELEASE_SAVED if s.lora_base else ())
     model.set_activation_checkpointing(checkpointing)
     return model.train()
 
@@ -197,18 +147,16 @@ def count(model: QwenVL) -> Counts:
     def n(params) -> int:
         return sum(p.numel() for p in params)
 
-    adapters = {id(p): p for m in model.modules() if isinstance(m, (_Down, _LoRA))
-                for p in (m.a if isinstance(m, _Down) else m.b).parameters()}
-    lora = n(adapters.values())
-    embeddings = [model.llm.get_input_embeddings().weight, model.llm.get_output_embeddings().weight]
-    saved = n(p for p in embeddings if p.requires_grad) if lora else 0
+    adapters = {id(p): p for name, p in model.named_parameters() if ".lora_" in name}
+    adapters_n = n(adapters.values())
+    saved = n(p for name, p in model.named_parameters() if ".modules_to_save." in name)
     units = [*model.vision.vit.transformer.resblocks, *model.llm.model.layers]
     nf4 = n(m.weight for layer in model.llm.model.layers for m in layer.modules()
             if isinstance(m, nn.Linear) and id(m.weight) not in adapters)
     trainable = n(p for p in model.parameters() if p.requires_grad)
     return Counts(vision=n(model.vision.parameters()), adapter=n(model.adapter.parameters()),
-                  llm=n(model.llm.parameters()) - lora, trainable=trainable, frozen=n(model.parameters()) - trainable,
-                  lora=lora, modules_to_save=saved, nf4=nf4, largest_unit=max(n(u.parameters()) for u in units),
+                  llm=n(model.llm.parameters()) - adapters_n - saved, trainable=trainable, frozen=n(model.parameters()) - trainable,
+                  lora=adapters_n, modules_to_save=saved, nf4=nf4, largest_unit=max(n(u.parameters()) for u in units),
                   root=n(model.parameters()) - sum(n(u.parameters()) for u in units))
 
 

@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from qvl.cli import app
+from qvl.trainer.lora import LoraSettings
 from qvl.trainer.plan import PlanSettings, build, count, measure, plan, prepare, step_at
 from qvl.trainer.preset import load_preset
 
@@ -87,10 +88,10 @@ def test_checkpointing_keeps_only_layer_inputs(small):
 def test_parameters_by_mode(small):
     cfg = load_preset(small)
     h, ff, r, layers, vocab = 64, 160, 8, 3, 1000
-    lora = count(prepare(build(cfg, 56), PlanSettings(mode="lora", lora_r=r), (), False))
+    lora = count(prepare(build(cfg, 56), PlanSettings(mode="lora", lora=LoraSettings(r=r)), (), False))
     assert lora.lora == layers * (r * (h + 3 * h) + r * 2 * h + 2 * r * (h + ff))  # fused qkv: one A, B 3h x r
     assert lora.trainable == lora.lora and lora.modules_to_save == 0
-    base = count(prepare(build(cfg, 56), PlanSettings(mode="lora", lora_r=r, lora_base=True), (), False))
+    base = count(prepare(build(cfg, 56), PlanSettings(mode="lora", lora=LoraSettings(r=r), lora_base=True), (), False))
     assert base.modules_to_save == 2 * vocab * h and base.trainable == base.lora + base.modules_to_save
     assert base.nf4 == layers * (4 * h * h + 3 * h * ff)
     full = count(prepare(build(cfg, 56), PlanSettings(), ("adapter", "llm"), False))
@@ -124,7 +125,7 @@ def test_plan_cli_prints_a_table(small):
 
 
 @pytest.mark.parametrize("args,message", [(["--gpus", "0"], "--gpus 0"), (["--preset", "nope"], "preset 'nope'"),
-                                          (["--lora", "--q-lora"], "choose one"),
+                                          (["--q-lora", "--stage", "1"], "stage 1"),
                                           (["--cpu-offload", "--lora"], "--cpu-offload")])
 def test_plan_bad_inputs_one_line(args, message):
     result = runner.invoke(app, ["plan", *args])
