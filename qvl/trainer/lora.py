@@ -17,9 +17,12 @@ A run's checkpoint holds the trainable tensors only (``adapter.safetensors``) an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import re
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -42,6 +45,34 @@ ADAPTER = "default"  # peft's adapter name
 
 class LoraError(QvlError):
     pass
+
+
+@contextlib.contextmanager
+def _no_hub_kernels():
+    """Import peft and bitsandbytes without bitsandbytes fetching a CPU kernel's code from the
+    Hugging Face hub (it tries ``kernels.get_kernel`` on AVX512-BF16 CPUs, and warns when it
+    cannot): qvl runs no code from a hub. Its own CPU 4-bit path is used instead."""
+    held = sys.modules.get("kernels", ...)
+    sys.modules["kernels"] = None  # `from kernels import get_kernel` -> ImportError, handled by bitsandbytes
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+        if held is ...:
+            sys.modules.pop("kernels", None)
+        else:
+            sys.modules["kernels"] = held
+
+
+def _peft():
+    """The ``peft`` module, imported without hub kernels (``_no_hub_kernels``)."""
+    with _no_hub_kernels():
+        import peft
+        import peft.tuners.lora  # noqa: F401  (imports bitsandbytes where it is installed)
+    return peft
 
 
 @dataclass
@@ -81,7 +112,8 @@ def check(lora: LoraSettings, stage: int, init, fsdp: bool) -> None:
 
 def check_q_lora() -> None:
     try:
-        import bitsandbytes  # noqa: F401
+        with _no_hub_kernels():
+            import bitsandbytes  # noqa: F401
     except ImportError:
         raise LoraError("--q-lora needs bitsandbytes (pip install 'qvl[qlora]'): its 4-bit NF4 layers "
                             "hold the base") from None
@@ -147,7 +179,8 @@ def quantize_llm(llm: nn.Module, device: torch.device) -> None:
     """Q-LoRA's base: every linear layer of the LLM's blocks as bitsandbytes 4-bit NF4 (double
     quantisation, QLoRA's defaults), computing in fp32 (bf16 on CUDA); ``lm_head`` and the
     embedding stay as they are, as in transformers' ``load_in_4bit``."""
-    import bitsandbytes as bnb
+    with _no_hub_kernels():
+        import bitsandbytes as bnb
 
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
     for module in list(llm.model.layers.modules()):
@@ -168,6 +201,7 @@ def apply(model: nn.Module, lora: LoraSettings, saved: tuple[str, ...], device: 
     the LLM's targets and trainable copies of ``saved`` (release names, ``modules_to_save``);
     q, k, v share one A. Q-LoRA first quantises the base (``quantize_llm``) and prepares it with
     peft's ``prepare_model_for_kbit_training``. Returns peft's ``LoraModel`` (to merge)."""
+    _peft()
     from peft import LoraConfig, prepare_model_for_kbit_training
     from peft.tuners.lora import LoraModel
 
@@ -388,6 +422,7 @@ def export_peft(checkpoint: Path, out: Path) -> dict:
     """A LoRA run's adapters as a peft folder for the release's model (``adapter_config.json`` with
     finetune.py's config, ``adapter_model.safetensors``): ``PeftModel.from_pretrained`` on
     ``Qwen-VL(-Chat)`` loads them, as it loads the adapters of the release's own LoRA runs."""
+    _peft()
     from peft import LoraConfig
     from safetensors.torch import load_file, save_file
 
