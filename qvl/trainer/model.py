@@ -21,11 +21,13 @@ from qvl.trainer.vision import VisionEncoder
 LLM_NEEDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
-def check_buildable(cfg: ModelConfig, vocab_size: int, resolution: int, llm_path: str | None) -> None:
+def check_buildable(cfg: ModelConfig, vocab_size: int, resolution: int, llm_path: str | None,
+                    shards: int = 1) -> None:
     """Refuse, before allocating anything, a preset whose model cannot be built here: an
     ``[llm]`` table without its sizes (transformers' defaults are a 7B model) or a model whose
-    fp32 weights alone exceed this machine's memory (counted on the meta device). An LLM from a
-    local folder (``--llm``) is the folder's own."""
+    fp32 weights alone exceed this machine's memory (counted on the meta device; under FSDP
+    this machine holds 1/``shards`` of them: its processes' shares). An LLM from a local folder (``--llm``) is the
+    folder's own."""
     if llm_path is not None:
         return
     missing = [k for k in LLM_NEEDS if getattr(cfg.llm, k) is None]
@@ -35,9 +37,10 @@ def check_buildable(cfg: ModelConfig, vocab_size: int, resolution: int, llm_path
         model = QwenVL(cfg, vocab_size, 0, resolution)
     parameters = sum(p.numel() for p in model.parameters())
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if parameters * 4 > memory:
+    if parameters * 4 / shards > memory:
         raise PresetError(f"preset {cfg.name}: a model of {parameters / 1e9:.1f}B parameters "
-                          f"({parameters * 4 / 2 ** 30:.0f} GiB in fp32), more than this machine's "
+                          f"({parameters * 4 / 2 ** 30:.0f} GiB in fp32"
+                          f"{f', over {shards} processes' if shards > 1 else ''}), more than this machine's "
                           f"{memory / 2 ** 30:.0f} GiB of memory")
 
 

@@ -37,17 +37,21 @@ from qvl.schemas.samples import IGNORE_INDEX
 from qvl.trainer import parallel
 from qvl.trainer.checkpoint import (
     CheckpointError,
+    SafetensorsReader,
+    check_names,
     load_weights,
     read_meta,
     read_preset,
     resume,
     save_checkpoint,
+    weights_path,
 )
 from qvl.trainer.data import Loader, Shards
-from qvl.trainer.model import QwenVL
+from qvl.trainer.model import QwenVL, check_buildable
 from qvl.trainer.preset import ModelConfig, load_preset
 from qvl.trainer.settings import TrainSettings, check_settings
 from qvl.trainer.stages import STAGES, Stage
+from qvl.trainer.vision import resize_class_positions
 
 
 def stage_for(settings: TrainSettings, preset) -> Stage:
@@ -160,13 +164,14 @@ class Run:
         return self.rank == 0
 
     def save(self) -> None:
-        """The checkpoint at this step (a collective: every rank calls it)."""
+        """The checkpoint at this step (a collective: every rank calls it); under FSDP sharded,
+        with the whole ``model.safetensors`` at the run's end."""
         s, stage = self.settings, self.stage
         save_checkpoint(s.out / "checkpoint", self.model, self.optimizer, self.loader.state(), self.step,
                         self.fsdp, self.world, self.main, self.preset,
                         {"stage": stage.number, "step": self.step, "preset": self.preset.name,
                          "resolution": stage.resolution, "precision": "bf16" if self.bf16 else "fp32",
-                         "settings": str(s)})
+                         "settings": str(s)}, consolidate=self.step >= stage.max_steps)
         if self.main:
             remote.commit_now(s.out)  # a run in a bucket: a killed run resumes from here, on any machine
 
@@ -198,18 +203,47 @@ def _start(s: TrainSettings) -> tuple[int, int, torch.device]:
     return world, rank, device
 
 
-def _build_model(s: TrainSettings, preset: ModelConfig, stage: Stage, tok) -> QwenVL:
+def _build_model(s: TrainSettings, preset: ModelConfig, stage: Stage, tok, fsdp: bool = False,
+                 device: torch.device = torch.device("cpu"), bf16: bool = False, world: int = 1) -> QwenVL:
     """Built at the resolution the weights were trained at (``--init``), then interpolated to
-    this stage's; trainable parts as the stage says."""
+    this stage's; trainable parts as the stage says; on ``device``. Under FSDP
+    (``parallel.build_sharded``) built on the meta device and each rank's shards read from
+    ``--init``'s file one tensor at a time; a fresh model has no file (its random weights are
+    built here whole, as without FSDP: same seed, same weights), and an LLM folder (``--llm``)
+    is loaded whole by transformers, then sharded."""
     start_res = read_meta(Path(s.init)).resolution if s.init else stage.resolution
-    model = QwenVL(preset, tok.vocab_size, tok.special(IMG_PAD), start_res, s.llm)
-    if s.init is not None:
-        load_weights(model, Path(s.init) / "model.safetensors", f"preset {preset.name} (--init)")
-    model.vision.set_resolution(stage.resolution)
-    model.set_trainable(stage.trains)
-    checkpointing = s.activation_checkpointing
-    model.set_activation_checkpointing(preset.activation_checkpointing if checkpointing is None else checkpointing)
-    return model
+    init = None if s.init is None else weights_path(s.init)
+    what = f"preset {preset.name} (--init)"
+
+    def build(load: bool) -> QwenVL:
+        model = QwenVL(preset, tok.vocab_size, tok.special(IMG_PAD), start_res, s.llm)
+        if load and init is not None:
+            load_weights(model, init, what)
+        model.vision.set_resolution(stage.resolution)
+        model.set_trainable(stage.trains)
+        checkpointing = s.activation_checkpointing
+        model.set_activation_checkpointing(preset.activation_checkpointing if checkpointing is None else checkpointing)
+        return model
+
+    if not fsdp or s.llm is not None:
+        model = build(True).to(device)
+        if fsdp:
+            parallel.shard(model, bf16, s.cpu_offload)
+        return model
+    check_buildable(preset, tok.vocab_size, start_res, None, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if init is None:
+        weights = build(False).state_dict()
+    else:
+        weights = SafetensorsReader(init)
+        with torch.device("meta"):
+            check_names(QwenVL(preset, tok.vocab_size, tok.special(IMG_PAD), start_res), weights.entries, init, what)
+    grid = stage.resolution // preset.vision.patch_size
+
+    def adapt(name: str, tensor: torch.Tensor) -> torch.Tensor:  # --init's positions at this stage's resolution
+        class_token = name == "vision.vit.positional_embedding" and preset.vision.resolved().class_token
+        return resize_class_positions(tensor, grid) if class_token else tensor
+
+    return parallel.build_sharded(lambda: build(False), weights, what, device, bf16, s.cpu_offload, adapt)
 
 
 def _open_data(s: TrainSettings, preset: ModelConfig, stage: Stage, tok, rows: int, rank: int, world: int,
@@ -243,15 +277,14 @@ def setup(s: TrainSettings) -> Run:
     preset = read_preset(s.init, s.preset) if s.init is not None else load_preset(s.preset or "tiny")
     stage = stage_for(s, preset)
     tok = load_tokenizer(preset.tokenizer)
-    model = _build_model(s, preset, stage, tok)
-    model.to(device)
     fsdp = s.fsdp and world > 1
-    wrapped = parallel.wrap(model, world, fsdp)
+    bf16 = use_bf16(s.precision, device)
+    model = _build_model(s, preset, stage, tok, fsdp, device, bf16, world)
+    wrapped = model if fsdp else parallel.wrap(model, world)
     rows = model.llm.get_input_embeddings().weight.shape[0]
     loader = _open_data(s, preset, stage, tok, rows, rank, world, say)
     optimizer = torch.optim.AdamW(param_groups(model, stage), lr=stage.lr, betas=stage.betas, eps=stage.eps)
-    run = Run(s, world, rank, device, preset, stage, model, wrapped, fsdp, loader, optimizer,
-              use_bf16(s.precision, device), say)
+    run = Run(s, world, rank, device, preset, stage, model, wrapped, fsdp, loader, optimizer, bf16, say)
     metrics_path = s.out / "metrics.jsonl"
     if s.resume:
         try:
