@@ -261,15 +261,20 @@ def write_safetensors(path: Path, tensors: list[tuple[str, tuple, torch.dtype]],
             f.close()
 
 
+def saved_names(model: torch.nn.Module) -> list[str]:
+    """The model's tensors as ``model.safetensors`` holds them: tied ones once, under the name
+    safetensors' ``save_model`` keeps (the first in sorted order)."""
+    aliases: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        aliases.setdefault(id(tensor), []).append(name)
+    return [min(group) for group in aliases.values()]
+
+
 def write_consolidated(path: Path, model: torch.nn.Module, main: bool) -> None:
     """The whole weights of a sharded model into ``path`` (rank 0 writes), gathered one tensor
     at a time (a collective: every rank calls it); the optimiser stays sharded."""
     state = model.state_dict(keep_vars=True)
-    aliases: dict[int, list[str]] = {}
-    for name, tensor in state.items():
-        aliases.setdefault(id(tensor), []).append(name)
-    names = [min(group) for group in aliases.values()]  # tied weights once, named as safetensors' save_model does
-
+    names = saved_names(model)
     def produce(name):
         tensor = state[name]
         return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
@@ -302,8 +307,14 @@ def consolidate(folder: str | Path) -> dict:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    from qvl.formats.tokenizers import IMG_PAD, load_tokenizer
+
     folder = Path(folder)
-    read_meta(folder)
+    meta = read_meta(folder)
+    preset = read_preset(folder)
+    tok = load_tokenizer(preset.tokenizer)
+    with torch.device("meta"):
+        keep = set(saved_names(QwenVL(preset, tok.vocab_size, tok.special(IMG_PAD), meta.resolution)))
     try:
         name = torch.load(folder / "state.pt", weights_only=True).get("shards")
     except Exception as e:  # torch raises many types for a damaged file
@@ -314,13 +325,16 @@ def consolidate(folder: str | Path) -> dict:
     _dcp_files_check(shards)
     items = [(key, tuple(m.size), m.properties.dtype)
              for key, m in FileSystemReader(str(shards)).read_metadata().state_dict_metadata.items()
-             if key.startswith("model.") and isinstance(m, TensorStorageMetadata)]
+             if key[len("model."):] in keep and isinstance(m, TensorStorageMetadata)]
 
     layout = {key: (shape, dtype) for key, shape, dtype in items}
+    missing = sorted(keep - {key[len("model."):] for key in layout})
+    if missing:
+        raise CheckpointError(f"{shards}: not weights of preset {preset.name}: missing tensors: {_few(missing)}")
 
     def produce(key):
         tensor = torch.empty(layout[key][0], dtype=layout[key][1])
-        dcp.load({key: tensor}, storage_reader=FileSystemReader(str(shards)))
+        dcp.load({key: tensor}, storage_reader=FileSystemReader(str(shards)), no_dist=True)
         return tensor
 
     write_safetensors(folder / "model.safetensors", [(k[len("model."):], s, d) for k, s, d in items],
@@ -420,5 +434,5 @@ def _load_sharded(shards: Path, model, optimizer) -> None:
     _dcp_files_check(shards)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optimizer_state}
-    dcp.load(state, checkpoint_id=str(shards))
+    dcp.load(state, checkpoint_id=str(shards), no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
