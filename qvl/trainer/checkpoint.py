@@ -365,6 +365,7 @@ def save_checkpoint(folder: Path, model: QwenVL, optimizer, loader_state: dict, 
         with storage.atomic_path(folder / "state.pt") as tmp:
             torch.save({"optimizer": optimizer.state_dict(), "loader": loaders, "step": step,
                         "torch_rng": torch.get_rng_state()}, tmp)
+        _remove_shards(folder, keep=None)  # of a sharded run resumed here, or a save killed while writing
     if main:
         storage.write_json(folder / "preset.json", preset.to_dict())
         storage.write_json(folder / "meta.json", meta)
@@ -391,11 +392,15 @@ def _save_sharded(folder: Path, model, optimizer, loaders: list, step: int, main
     if main:
         with storage.atomic_path(folder / "state.pt") as tmp:
             torch.save({"shards": name, "loader": loaders, "step": step, "torch_rng": torch.get_rng_state()}, tmp)
-        for old in folder.glob(f"{SHARDS}*"):
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
+        _remove_shards(folder, keep=name)
     if consolidate:
         write_consolidated(folder / "model.safetensors", model, main)
+
+
+def _remove_shards(folder: Path, keep: str | None) -> None:
+    for old in folder.glob(f"{SHARDS}*"):
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def resume(folder: Path, model: QwenVL, optimizer, loader, fsdp: bool, main: bool) -> int:

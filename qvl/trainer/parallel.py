@@ -88,8 +88,9 @@ def _fresh_buffer(module: nn.Module, name: str) -> torch.Tensor:
 def fill(model: nn.Module, weights: Mapping[str, torch.Tensor], what: str,
          adapt: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, tensor: tensor) -> None:
     """Every tensor of a sharded model after ``to_empty``: ``weights[name]`` (read now, whole,
-    then dropped), ``adapt``-ed (a position table resized), this rank's rows of it copied into
-    the rank's shard (FSDP2 shards dim 0 as ``torch.chunk``); tied names read once."""
+    then dropped), ``adapt``-ed in fp32 (a position table resized, as an eager build does after
+    loading into fp32), this rank's rows of it copied into the rank's shard (FSDP2 shards dim 0
+    as ``torch.chunk``); tied names read once; computed buffers computed again."""
     from torch.distributed.tensor import DTensor, Shard
 
     groups: dict[int, list[str]] = {}
@@ -102,7 +103,8 @@ def fill(model: nn.Module, weights: Mapping[str, torch.Tensor], what: str,
             name = next((n for n in names if n in weights), None)
             if name is None:
                 raise ShardingError(f"{what}: no tensor {names[0]}")
-            full = adapt(name, weights[name])
+            full = weights[name]
+            full = adapt(name, full.float() if full.is_floating_point() else full)  # as an eager build: fp32, then cast
             if tuple(full.shape) != tuple(target.shape):
                 raise ShardingError(f"{what}: tensor {name} has shape {tuple(full.shape)}, the model's "
                                     f"{tuple(target.shape)}")

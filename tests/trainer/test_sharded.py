@@ -55,7 +55,8 @@ def test_sharded_runs_resume_anywhere_and_consolidate(micro, tmp_path):
       global batch;
     - 4 steps in one go (activation checkpointing and CPU offload on) equal 2 steps, then a
       resume from the sharded checkpoint to 4 (both off): same losses, same weights;
-    - the step-2 checkpoint resumes in one process (no FSDP) with the next step's loss;
+    - the step-2 checkpoint resumes in one process (no FSDP) with the next step's loss, a later
+      save killed while writing its shards beside it;
     - the end-of-run model.safetensors equals `qvl convert consolidate` of the shards."""
     train(TrainSettings(stage=1, data=micro["multitask"], out=tmp_path / "s1", preset=micro["preset"], max_steps=1,
                         log=False))
@@ -82,7 +83,11 @@ def test_sharded_runs_resume_anywhere_and_consolidate(micro, tmp_path):
     assert whole["vision.vit.positional_embedding"].shape[0] == 1 + 6 * 6
     assert losses(tmp_path / "eager") == pytest.approx(losses(tmp_path / "whole")[:2], rel=2e-3)
 
+    killed = tmp_path / "one" / "checkpoint" / "shards-000000004-dead"  # a save killed while writing
+    killed.mkdir()
+    (killed / "__0_0.distcp").write_bytes(b"half")
     train(TrainSettings(out=tmp_path / "one", max_steps=3, resume=True, overrides={"accumulation": 2}, **common))
+    assert not killed.exists() and not list((tmp_path / "one" / "checkpoint").glob("shards-*"))
     assert losses(tmp_path / "one")[:2] == losses(tmp_path / "whole")[:2]
     assert losses(tmp_path / "one")[2] == pytest.approx(losses(tmp_path / "whole")[2], rel=2e-3)
 
