@@ -5,8 +5,9 @@ one tensor at a time, against the whole model's size and a one-process build.
 
 A ~0.4B-parameter preset (tiny's layout, wider and deeper; ~1.6 GB in fp32) is saved as an
 --init checkpoint, then stage 2 starts from it under torchrun with 2 gloo CPU processes
-(--fsdp) and, for comparison, in one process. Each prints its resident-set high-water mark
-after setup (model built and loaded, optimiser made) and after one optimiser step.
+(--fsdp) and, for comparison, in one process. Each prints its resident set after the imports
+(torch, transformers, open_clip, pyarrow: ~0.9 GB that any process pays), and its high-water
+mark after setup (model built and loaded, optimiser made) and after one optimiser step.
 """
 
 from __future__ import annotations
@@ -48,14 +49,17 @@ from pathlib import Path
 from qvl.trainer.settings import TrainSettings
 from qvl.trainer import train as T
 
-def hwm():
-    return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]) / 2**20
+def hwm(key="VmHWM"):
+    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) / 2**20
 
+import torch.distributed, transformers, open_clip, pyarrow  # what setup imports: counted in the baseline
+baseline = hwm("VmRSS")
 kwargs = json.loads(sys.argv[1])
 run = T.setup(TrainSettings(**{**kwargs, "out": Path(kwargs["out"]), "data": Path(kwargs["data"])}))
 after_setup = hwm()
 T.loop(run)
-print(json.dumps({"rank": run.rank, "setup_gib": round(after_setup, 2), "step_gib": round(hwm(), 2)}), flush=True)
+print(json.dumps({"rank": run.rank, "baseline_gib": round(baseline, 2), "setup_gib": round(after_setup, 2),
+                  "step_gib": round(hwm(), 2)}), flush=True)
 """
 
 
@@ -86,8 +90,9 @@ def main(work: Path) -> None:
         for line in done.stdout.splitlines():
             if line.startswith("{"):
                 r = json.loads(line)
-                print(f"{label}: rank {r['rank']} peak RSS after setup {r['setup_gib']:.2f} GiB, "
-                      f"after 1 step {r['step_gib']:.2f} GiB")
+                print(f"{label}: rank {r['rank']} RSS after imports {r['baseline_gib']:.2f} GiB; peak after setup "
+                      f"{r['setup_gib']:.2f} GiB (+{r['setup_gib'] - r['baseline_gib']:.2f}), after 1 step "
+                      f"{r['step_gib']:.2f} GiB (+{r['step_gib'] - r['baseline_gib']:.2f})")
 
 
 if __name__ == "__main__":
