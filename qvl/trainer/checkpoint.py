@@ -184,6 +184,35 @@ class SafetensorsReader:
         return tensor
 
 
+class Weights:
+    """Several sources of tensors as one: (``prefix``, a mapping) pairs, a name found in the
+    first whose keys hold it without its prefix, read when asked."""
+
+    def __init__(self, *sources: tuple[str, object]):
+        self.sources = sources
+
+    def _source(self, name: str):
+        return next(((prefix, source) for prefix, source in self.sources
+                     if name.startswith(prefix) and name[len(prefix):] in source), (None, None))
+
+    def __contains__(self, name: str) -> bool:
+        return self._source(name)[1] is not None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        prefix, source = self._source(name)
+        if source is None:
+            raise KeyError(name)
+        return source[name[len(prefix):]]
+
+
+def llm_folder_weights(folder: str | Path) -> list[tuple[str, SafetensorsReader]]:
+    """A Hugging Face LLM folder's safetensors files as the ``llm.`` part of a model's weights."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"--llm {folder}: no .safetensors files (a sharded build reads only safetensors)")
+    return [("llm.", SafetensorsReader(path)) for path in files]
+
+
 def check_names(model: torch.nn.Module, entries: dict[str, TensorEntry], path: Path, what: str,
                 shapes: dict[str, tuple] | None = None) -> None:
     """The file holds the model's tensors (tied ones once), of its shapes (``shapes``: the ones

@@ -9,6 +9,7 @@ the LLM's input embeddings at the ``<imgpad>`` positions, image by image, in ord
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -49,6 +50,12 @@ def build_llm(cfg: LLMConfig, vocab_size: int, llm_path: str | None) -> nn.Modul
     wins over the tokenizer's: a converted release has 151,936 rows), or a local folder."""
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    if llm_path and torch.empty(0).device.type == "meta":  # a sharded build: the folder's architecture, filled later
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(llm_path, local_files_only=True)
+        config._attn_implementation = "sdpa"
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if llm_path:
         return AutoModelForCausalLM.from_pretrained(llm_path, local_files_only=True, attn_implementation="sdpa",
                                                     torch_dtype=torch.float32)
@@ -59,14 +66,18 @@ def build_llm(cfg: LLMConfig, vocab_size: int, llm_path: str | None) -> nn.Modul
 
 class QwenVL(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, image_pad_id: int, resolution: int,
-                 llm_path: str | None = None):
+                 llm_path: str | None = None, llm_on_meta: bool = False):
+        """``llm_on_meta``: the LLM only as an architecture (the meta device), the ViT and adapter
+        built for real: the random weights a whole build gives them, for a sharded build whose
+        LLM comes from a folder (loading one draws no random numbers)."""
         super().__init__()
         if torch.empty(0).device.type != "meta":
             check_buildable(cfg, vocab_size, resolution, llm_path)
         self.config = cfg
         self.image_pad_id = image_pad_id
         self.vision = VisionEncoder(cfg.vision, resolution)
-        self.llm = build_llm(cfg.llm, vocab_size, llm_path)
+        with torch.device("meta") if llm_on_meta else contextlib.nullcontext():
+            self.llm = build_llm(cfg.llm, vocab_size, llm_path)
         width = self.llm.get_input_embeddings().weight.shape[1]
         a = cfg.adapter
         self.adapter = Adapter(cfg.image_tokens, self.vision.width, width, a.heads, a.window, a.slot_positions,

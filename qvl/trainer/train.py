@@ -38,7 +38,9 @@ from qvl.trainer import parallel
 from qvl.trainer.checkpoint import (
     CheckpointError,
     SafetensorsReader,
+    Weights,
     check_names,
+    llm_folder_weights,
     load_weights,
     read_meta,
     read_preset,
@@ -208,12 +210,12 @@ def _build_model(s: TrainSettings, preset: ModelConfig, stage: Stage, tok, fsdp:
     """Built at the resolution the weights were trained at (``--init``), then interpolated to
     this stage's; trainable parts as the stage says; on ``device``. Under FSDP
     (``parallel.build_sharded``) built on the meta device and each rank's shards read from
-    ``--init``'s file one tensor at a time; a fresh model has no file (its random weights are
-    built here whole, as without FSDP: same seed, same weights), and an LLM folder (``--llm``)
-    is loaded whole by transformers, then sharded."""
+    ``--init``'s file, or the ``--llm`` folder's safetensors, one tensor at a time; random
+    weights no file holds (a fresh model, or the ViT and adapter beside ``--llm``) are built
+    here whole, as without FSDP: same seed, same weights."""
     start_res = read_meta(Path(s.init)).resolution if s.init else stage.resolution
     init = None if s.init is None else weights_path(s.init)
-    what = f"preset {preset.name} (--init)"
+    what = f"preset {preset.name} (--init)" if s.init is not None else f"--llm {s.llm}"
 
     def build(load: bool) -> QwenVL:
         model = QwenVL(preset, tok.vocab_size, tok.special(IMG_PAD), start_res, s.llm)
@@ -225,18 +227,22 @@ def _build_model(s: TrainSettings, preset: ModelConfig, stage: Stage, tok, fsdp:
         model.set_activation_checkpointing(preset.activation_checkpointing if checkpointing is None else checkpointing)
         return model
 
-    if not fsdp or s.llm is not None:
-        model = build(True).to(device)
-        if fsdp:
-            parallel.shard(model, bf16, s.cpu_offload)
-        return model
-    check_buildable(preset, tok.vocab_size, start_res, None, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    if init is None:
+    if not fsdp:
+        return build(True).to(device)
+    if s.llm is None:
+        check_buildable(preset, tok.vocab_size, start_res, None,
+                        world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if init is None and s.llm is None:
         weights = build(False).state_dict()
+    elif init is None:
+        parts = QwenVL(preset, tok.vocab_size, tok.special(IMG_PAD), start_res, s.llm, llm_on_meta=True)
+        weights = Weights(*llm_folder_weights(s.llm), ("", {k: v for k, v in parts.state_dict().items()
+                                                            if not k.startswith("llm.")}))
     else:
         weights = SafetensorsReader(init)
         with torch.device("meta"):
-            check_names(QwenVL(preset, tok.vocab_size, tok.special(IMG_PAD), start_res), weights.entries, init, what)
+            check_names(QwenVL(preset, tok.vocab_size, tok.special(IMG_PAD), start_res, s.llm), weights.entries, init,
+                        what)
     grid = stage.resolution // preset.vision.patch_size
 
     def adapt(name: str, tensor: torch.Tensor) -> torch.Tensor:  # --init's positions at this stage's resolution

@@ -111,6 +111,26 @@ def test_sharded_runs_resume_anywhere_and_consolidate(micro, tmp_path):
         train(TrainSettings(out=tmp_path / "split", max_steps=5, resume=True, **common))
 
 
+def test_sharded_build_from_an_llm_folder_is_the_whole_build(micro, tmp_path):
+    """--llm FOLDER under --fsdp: the LLM's shards read from the folder's safetensors, the ViT
+    and adapter given the random weights a one-process build gives them: the same model."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from qvl.trainer.preset import load_preset
+
+    llm = load_preset(micro["preset"]).llm
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=473, **llm.qwen2_fields())).save_pretrained(tmp_path / "llm")
+    common = dict(stage=2, data=micro["multitask"], preset=micro["preset"], llm=str(tmp_path / "llm"), max_steps=0,
+                  precision="fp32", log=False, data_workers=0)
+    torchrun(tmp_path, 29544, out=tmp_path / "two", fsdp=True, **common)
+    train(TrainSettings(out=tmp_path / "one", **common))
+    two, one = weights(tmp_path / "two"), weights(tmp_path / "one")
+    assert two.keys() == one.keys()
+    assert all(torch.equal(two[k], one[k]) for k in one)
+    assert torch.equal(two["llm.model.layers.1.mlp.up_proj.weight"],
+                       load_file(str(tmp_path / "llm" / "model.safetensors"))["model.layers.1.mlp.up_proj.weight"])
+
+
 def test_cpu_offload_needs_fsdp(micro, tmp_path):
     with pytest.raises(SettingsError, match="--cpu-offload: offloads FSDP's shards; add --fsdp"):
         train(TrainSettings(stage=2, data=micro["multitask"], out=tmp_path, cpu_offload=True, log=False))
