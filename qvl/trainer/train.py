@@ -187,6 +187,8 @@ def _start(s: TrainSettings) -> tuple[int, int, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # FSDP's mesh and NCCL use the current device, else every rank takes cuda:0
     random.seed(s.seed)
     np.random.seed(s.seed)
     torch.manual_seed(s.seed)
