@@ -3,8 +3,10 @@
 optimiser state sharded, for models that do not fit one device).
 
 Under FSDP the model is built on the meta device (no memory), sharded, and each rank then
-fills only its own shards from the weights' file, one tensor at a time (``build_sharded``):
-no rank ever holds the whole model. Checkpoints are sharded too (``checkpoint``, DCP).
+fills only its own shards from the weights' files, one tensor at a time (``build_sharded``):
+started from files (``--init``, ``--llm``) no rank holds the whole model. Checkpoints are
+sharded too (``checkpoint``, DCP). ``--cpu-offload`` keeps the shards, their gradients and
+the AdamW step in host memory (FSDP2's ``CPUOffloadPolicy``).
 
 Precision under FSDP with bf16 on (``policies``): compute in bf16 (parameters all-gathered
 in bf16), gradients reduced in fp32, the trained parameters kept as fp32 sharded master
@@ -155,17 +157,6 @@ def no_sync(wrapped: nn.Module, world: int, fsdp: bool):
     else:
         with wrapped.no_sync():
             yield
-
-
-def unique_tensors(state: dict) -> dict:
-    """Tied weights (the LLM's embeddings and output layer) once: safetensors refuses aliases."""
-    seen, out = set(), {}
-    for name, tensor in state.items():
-        key = (tensor.data_ptr(), tensor.shape)
-        if key not in seen:
-            seen.add(key)
-            out[name] = tensor.contiguous()
-    return out
 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
