@@ -21,6 +21,7 @@ one error naming the file, never a read past its end).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import shutil
 import struct
@@ -266,8 +267,6 @@ def write_safetensors(path: Path, tensors: list[tuple[str, tuple, torch.dtype]],
     """A ``.safetensors`` file written one tensor at a time: the header from names, shapes and
     dtypes, then ``produce(name)`` for each in order (called on every rank: it may be a
     collective; only where ``write`` is the file written)."""
-    import json
-
     offsets, end = {}, 0
     for name, shape, dtype in tensors:
         size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
@@ -284,10 +283,8 @@ def write_safetensors(path: Path, tensors: list[tuple[str, tuple, torch.dtype]],
         for name, _, _ in tensors:
             tensor = produce(name)
             if f is not None:
-                f.write(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+                f.write(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
             del tensor
-        if f is not None:
-            f.close()
 
 
 def saved_names(model: torch.nn.Module) -> list[str]:
@@ -304,6 +301,7 @@ def write_consolidated(path: Path, model: torch.nn.Module, main: bool) -> None:
     at a time (a collective: every rank calls it); the optimiser stays sharded."""
     state = model.state_dict(keep_vars=True)
     names = saved_names(model)
+
     def produce(name):
         tensor = state[name]
         return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
