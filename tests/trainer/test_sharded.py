@@ -129,6 +129,10 @@ def test_sharded_build_from_an_llm_folder_is_the_whole_build(micro, tmp_path):
     assert all(torch.equal(two[k], one[k]) for k in one)
     assert torch.equal(two["llm.model.layers.1.mlp.up_proj.weight"],
                        load_file(str(tmp_path / "llm" / "model.safetensors"))["model.layers.1.mlp.up_proj.weight"])
+    done = CliRunner().invoke(app, ["convert", "consolidate", str(tmp_path / "one" / "checkpoint")])
+    assert done.exit_code == 1
+    assert done.output.strip() == f"error: {tmp_path / 'one' / 'checkpoint'}: not a sharded checkpoint (its " \
+                                  "model.safetensors is the whole model)"
 
 
 def test_cpu_offload_needs_fsdp(micro, tmp_path):
