@@ -661,6 +661,8 @@ def train(
     resume: Annotated[bool, typer.Option(help="continue this run from its checkpoint")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace the run in --out (its checkpoint and metrics)")] = False,
     fsdp: Annotated[bool, typer.Option(help="under torchrun: shard the model (FSDP) instead of replicating it (DDP)")] = False,
+    cpu_offload: Annotated[bool, typer.Option(help="with --fsdp: keep the shards, gradients and the optimiser step on "
+                                                   "the CPU (the device holds one unit's weights at a time)")] = False,
     precision: Annotated[str, typer.Option(help="auto (bf16 where the device has it natively, else fp32), bf16, fp32")] = "auto",
     progress: Annotated[bool, typer.Option(help="a progress bar (else a log line every 10 steps)")] = True,
     llm: Annotated[Optional[str], typer.Option(help="local Hugging Face LLM folder (real preset)")] = None,
@@ -719,7 +721,7 @@ def train(
         result = run_train(TrainSettings(stage=stage, data=data, out=out, preset=preset, max_steps=max_steps,
                                          init=init, resume=resume, overwrite=overwrite, llm=llm, seed=seed, max_rejected=max_rejected,
                                          cache_gb=cache_gb, data_workers=data_workers, shuffle_window=shuffle_window,
-                                         fsdp=fsdp, precision=precision, progress=progress, overrides=overrides,
+                                         fsdp=fsdp, cpu_offload=cpu_offload, precision=precision, progress=progress, overrides=overrides,
                                          checkpoint_every=checkpoint_every,
                                          activation_checkpointing=activation_checkpointing,
                                          lora=LoraSettings(**lora_options, q_lora=q_lora) if lora else None,
@@ -855,6 +857,19 @@ def convert_to(
         _fail(str(e))
     console.print(f"[green]{done['tensors']:,}[/] tensors in {done['shards']} shard(s), "
                   f"{done['bytes'] / 1e9:.2f} GB -> {_url(out)}")
+
+
+@convert_app.command("consolidate")
+def convert_consolidate(
+    checkpoint: Annotated[Path, typer.Argument(help="a local checkpoint folder of an FSDP run (holds shards-*/)")],
+) -> None:
+    """Write an FSDP checkpoint's whole weights (model.safetensors, for generate, eval, --init and
+    to-qwen-vl) from its shards, one tensor at a time; a run that ends writes it itself."""
+    from qvl.trainer.checkpoint import consolidate
+
+    done = consolidate(checkpoint)
+    console.print(f"[green]{done['tensors']:,}[/] tensors, {done['parameters'] / 1e9:.3f}B parameters "
+                  f"-> {done['out']}")
 
 
 eval_app = _App(help="Score a checkpoint the way the Qwen-VL paper did (RefCOCO, COCO captions, VQAv2 ...).",

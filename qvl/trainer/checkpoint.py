@@ -4,6 +4,14 @@ architecture it was built with), ``meta.json`` (stage, step, resolution) and, fo
 travels with the weights, so ``qvl generate``, ``qvl train --init`` (and evaluation) need no
 ``--preset``; one given that builds another architecture is an error.
 
+An FSDP run's checkpoint is sharded (``torch.distributed.checkpoint``): each rank writes its own
+shards of the weights and AdamW state into ``shards-STEP-ID/``, no rank gathers the model, and
+``state.pt`` (data positions, RNG, the folder's name) is written last: the commit point, so a run
+killed while writing keeps the previous checkpoint. It resumes on any number of processes (DCP
+reshards; one process loads it into an unsharded model). ``model.safetensors`` is written, tensor
+by tensor, at the run's end; ``qvl convert consolidate`` writes it from the shards of a run that
+stopped before (``consolidate``).
+
 Every file is decoded here into a typed, ranged structure before anything is built from it:
 ``meta.json`` into ``CheckpointMeta``, a ``.safetensors`` header into ``TensorEntry``s whose
 offsets are checked against the file's size (a truncated file or a header that claims 4 TB is
@@ -12,7 +20,10 @@ one error naming the file, never a read past its end).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import shutil
 import struct
 from pathlib import Path
 from typing import Annotated
@@ -126,10 +137,98 @@ def read_preset(folder: str | Path, explicit: str | None = None) -> ModelConfig:
 
 
 FLOATING = {"F16", "BF16", "F32", "F64"}  # a model's weights; anything else is not a checkpoint qvl wrote
+TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+SAFETENSORS_DTYPES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+SHARDS = "shards-"  # an FSDP run's sharded weights and optimiser state: shards-STEP-ID/ (DCP)
 
 
 def _few(items: list[str], n: int = 3) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n:,} more" if len(items) > n else "")
+
+
+def weights_path(folder: str | Path) -> Path:
+    """``folder``'s ``model.safetensors``; a folder with only an FSDP run's shards says how to
+    consolidate them."""
+    folder = Path(folder)
+    path = folder / "model.safetensors"
+    if not path.is_file() and any(folder.glob(f"{SHARDS}*")):
+        raise CheckpointError(f"{folder}: holds sharded weights only (an FSDP run stopped before its end); "
+                              f"qvl convert consolidate {folder} writes its model.safetensors")
+    return path
+
+
+class SafetensorsReader:
+    """The tensors of a checked ``.safetensors`` file, each read from disk when asked (no memory
+    map: pages of a whole mapped file would count against the process), float ones only."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries = read_safetensors_header(path)
+        odd = sorted(f"{key} ({entry.dtype})" for key, entry in self.entries.items() if entry.dtype not in FLOATING)
+        if odd:
+            raise CheckpointError(f"{path}: tensors that are not floating point ({', '.join(sorted(FLOATING))}): "
+                                  f"{_few(odd)}")
+        with open(path, "rb") as f:
+            self.data_start = 8 + struct.unpack("<Q", f.read(8))[0]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        entry = self.entries[name]
+        tensor = torch.empty(entry.shape, dtype=TORCH_DTYPES[entry.dtype])
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + entry.data_offsets[0])
+            f.readinto(tensor.view(-1).view(torch.uint8).numpy())
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{self.path}: tensor {name} holds NaN or infinite values; a model cannot run on it")
+        return tensor
+
+
+class Weights:
+    """Several sources of tensors as one: (``prefix``, a mapping) pairs, a name found in the
+    first whose keys hold it without its prefix, read when asked."""
+
+    def __init__(self, *sources: tuple[str, object]):
+        self.sources = sources
+
+    def _source(self, name: str):
+        return next(((prefix, source) for prefix, source in self.sources
+                     if name.startswith(prefix) and name[len(prefix):] in source), (None, None))
+
+    def __contains__(self, name: str) -> bool:
+        return self._source(name)[1] is not None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        prefix, source = self._source(name)
+        if source is None:
+            raise KeyError(name)
+        return source[name[len(prefix):]]
+
+
+def llm_folder_weights(folder: str | Path) -> list[tuple[str, SafetensorsReader]]:
+    """A Hugging Face LLM folder's safetensors files as the ``llm.`` part of a model's weights."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"--llm {folder}: no .safetensors files (a sharded build reads only safetensors)")
+    return [("llm.", SafetensorsReader(path)) for path in files]
+
+
+def check_names(model: torch.nn.Module, entries: dict[str, TensorEntry], path: Path, what: str,
+                shapes: dict[str, tuple] | None = None) -> None:
+    """The file holds the model's tensors (tied ones once), of its shapes (``shapes``: the ones
+    the file should have where they differ from the model's, e.g. before a resize)."""
+    own = model.state_dict(keep_vars=True)
+    expected = {key: tuple(t.shape) for key, t in own.items()} | (shapes or {})
+    wrong = sorted(f"{key} {tuple(entry.shape)} (the model's {expected[key]})"
+                   for key, entry in entries.items() if key in own and tuple(entry.shape) != expected[key])
+    stored = {id(own[key]) for key in entries if key in own}
+    missing = sorted(key for key in own if key not in entries and id(own[key]) not in stored)  # tied: saved once
+    unexpected = sorted(key for key in entries if key not in own)
+    for problem, keys in (("shapes that differ", wrong), ("missing tensors", missing),
+                          ("tensors the model does not have", unexpected)):
+        if keys:
+            raise CheckpointError(f"{path}: not weights of {what}: {problem}: {_few(keys)}")
 
 
 def load_weights(model: QwenVL, path: Path, what: str) -> None:
@@ -139,21 +238,7 @@ def load_weights(model: QwenVL, path: Path, what: str) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
-    entries = read_safetensors_header(path)
-    odd = sorted(f"{key} ({entry.dtype})" for key, entry in entries.items() if entry.dtype not in FLOATING)
-    if odd:
-        raise CheckpointError(f"{path}: tensors that are not floating point ({', '.join(sorted(FLOATING))}): "
-                              f"{_few(odd)}")
-    own = model.state_dict()
-    shapes = sorted(f"{key} {tuple(entry.shape)} (the model's {tuple(own[key].shape)})"
-                    for key, entry in entries.items() if key in own and tuple(entry.shape) != tuple(own[key].shape))
-    stored = {own[key].data_ptr() for key in entries if key in own}
-    missing = sorted(key for key in own if key not in entries and own[key].data_ptr() not in stored)  # tied: saved once
-    unexpected = sorted(key for key in entries if key not in own)
-    for problem, keys in (("shapes that differ", shapes), ("missing tensors", missing),
-                          ("tensors the model does not have", unexpected)):
-        if keys:
-            raise CheckpointError(f"{path}: not weights of {what}: {problem}: {_few(keys)}")
+    check_names(model, SafetensorsReader(path).entries, path, what)
     try:
         load_model(model, str(path))
     except (OSError, RuntimeError, ValueError, SafetensorError) as e:
@@ -171,49 +256,192 @@ def load_checkpoint(folder: str | Path, explicit_preset: str | None = None):
     folder = Path(folder)
     meta = read_meta(folder)
     preset = read_preset(folder, explicit_preset)
+    path = weights_path(folder)
     tok = load_tokenizer(preset.tokenizer)
     model = QwenVL(preset, tok.vocab_size, tok.special(IMG_PAD), meta.resolution)
-    load_weights(model, folder / "model.safetensors", f"preset {preset.name}")
+    load_weights(model, path, f"preset {preset.name}")
     return model.eval(), preset, tok, msgspec.structs.asdict(meta)
 
 
+def write_safetensors(path: Path, tensors: list[tuple[str, tuple, torch.dtype]], produce, write: bool) -> None:
+    """A ``.safetensors`` file written one tensor at a time: the header from names, shapes and
+    dtypes, then ``produce(name)`` for each in order (called on every rank: it may be a
+    collective; only where ``write`` is the file written)."""
+    offsets, end = {}, 0
+    for name, shape, dtype in tensors:
+        size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        offsets[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [end, end + size]}
+        end += size
+    header = json.dumps(offsets, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    with contextlib.ExitStack() as stack:
+        f = None
+        if write:
+            tmp = stack.enter_context(storage.atomic_path(path))
+            f = stack.enter_context(open(tmp, "wb"))
+            f.write(struct.pack("<Q", len(header)) + header)
+        for name, _, _ in tensors:
+            tensor = produce(name)
+            if f is not None:
+                f.write(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+            del tensor
+
+
+def saved_names(model: torch.nn.Module) -> list[str]:
+    """The model's tensors as ``model.safetensors`` holds them: tied ones once, under the name
+    safetensors' ``save_model`` keeps (the first in sorted order)."""
+    aliases: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        aliases.setdefault(id(tensor), []).append(name)
+    return [min(group) for group in aliases.values()]
+
+
+def write_consolidated(path: Path, model: torch.nn.Module, main: bool) -> None:
+    """The whole weights of a sharded model into ``path`` (rank 0 writes), gathered one tensor
+    at a time (a collective: every rank calls it); the optimiser stays sharded."""
+    state = model.state_dict(keep_vars=True)
+    names = saved_names(model)
+
+    def produce(name):
+        tensor = state[name]
+        return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+    write_safetensors(path, [(n, tuple(state[n].shape), state[n].dtype) for n in names], produce, main)
+
+
+def _dcp_files_check(folder: Path) -> None:
+    """Every file a DCP checkpoint's ``.metadata`` names is there and long enough: a missing or
+    truncated shard is one error naming it, not a torch traceback."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not (folder / ".metadata").is_file():
+        raise CheckpointError(f"{folder / '.metadata'}: missing (the shards' index)")
+    needed: dict[str, int] = {}
+    for info in FileSystemReader(str(folder)).read_metadata().storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (a shard of this checkpoint)")
+        if path.stat().st_size < size:
+            raise CheckpointError(f"{path}: truncated ({path.stat().st_size:,} bytes, its index needs {size:,})")
+
+
+def consolidate(folder: str | Path) -> dict:
+    """``model.safetensors`` of an FSDP run's checkpoint folder from its shards, in one process,
+    one tensor at a time (the optimiser state is not read)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from qvl.formats.tokenizers import IMG_PAD, load_tokenizer
+
+    folder = Path(folder)
+    meta = read_meta(folder)
+    preset = read_preset(folder)
+    tok = load_tokenizer(preset.tokenizer)
+    with torch.device("meta"):
+        keep = set(saved_names(QwenVL(preset, tok.vocab_size, tok.special(IMG_PAD), meta.resolution)))
+    try:
+        name = torch.load(folder / "state.pt", weights_only=True).get("shards")
+    except Exception as e:  # torch raises many types for a damaged file
+        raise CheckpointError(f"{folder / 'state.pt'}: unreadable ({type(e).__name__}: {str(e)[:200]})") from None
+    if name is None:
+        raise CheckpointError(f"{folder}: not a sharded checkpoint (its model.safetensors is the whole model)")
+    shards = folder / name
+    _dcp_files_check(shards)
+    items = [(key, tuple(m.size), m.properties.dtype)
+             for key, m in FileSystemReader(str(shards)).read_metadata().state_dict_metadata.items()
+             if key[len("model."):] in keep and isinstance(m, TensorStorageMetadata)]
+
+    layout = {key: (shape, dtype) for key, shape, dtype in items}
+    missing = sorted(keep - {key[len("model."):] for key in layout})
+    if missing:
+        raise CheckpointError(f"{shards}: not weights of preset {preset.name}: missing tensors: {_few(missing)}")
+
+    def produce(key):
+        tensor = torch.empty(layout[key][0], dtype=layout[key][1])
+        dcp.load({key: tensor}, storage_reader=FileSystemReader(str(shards)), no_dist=True)
+        return tensor
+
+    write_safetensors(folder / "model.safetensors", [(k[len("model."):], s, d) for k, s, d in items],
+                      lambda n: produce("model." + n), True)
+    return {"tensors": len(items), "parameters": sum(math.prod(s) for _, s, _ in items),
+            "out": str(folder / "model.safetensors")}
+
+
 def save_checkpoint(folder: Path, model: QwenVL, optimizer, loader_state: dict, step: int, fsdp: bool, world: int,
-                    main: bool, preset: ModelConfig, meta: dict) -> None:
-    """A training run's checkpoint: whole weights, optimiser, every rank's data position and the
+                    main: bool, preset: ModelConfig, meta: dict, consolidate: bool = True) -> None:
+    """A training run's checkpoint: weights, optimiser, every rank's data position and the
     torch RNG (``state.pt``, for resuming), ``preset.json`` and ``meta.json``. A collective:
-    every rank calls it, rank 0 writes."""
-    from safetensors.torch import save_file, save_model
+    every rank calls it. Under FSDP every rank writes its shards (``_save_sharded``) and the
+    whole ``model.safetensors`` only when ``consolidate``; otherwise rank 0 writes it all."""
+    from safetensors.torch import save_model
 
     loaders = [None] * world
     if world > 1:
         dist.all_gather_object(loaders, loader_state)
     else:
         loaders = [loader_state]
-    weights, optimizer_state = parallel.full_state(model, optimizer, fsdp)  # a collective under FSDP
-    if not main:
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    with storage.atomic_path(folder / "model.safetensors") as tmp:
-        if fsdp:
-            save_file(parallel.unique_tensors(weights), str(tmp))
-        else:
+    if fsdp:
+        _save_sharded(folder, model, optimizer, loaders, step, main, consolidate)
+    elif main:
+        folder.mkdir(parents=True, exist_ok=True)
+        with storage.atomic_path(folder / "model.safetensors") as tmp:
             save_model(model, str(tmp))
-    with storage.atomic_path(folder / "state.pt") as tmp:
-        torch.save({"optimizer": optimizer_state, "loader": loaders, "step": step,
-                    "torch_rng": torch.get_rng_state()}, tmp)
-    storage.write_json(folder / "preset.json", preset.to_dict())
-    storage.write_json(folder / "meta.json", meta)
+        with storage.atomic_path(folder / "state.pt") as tmp:
+            torch.save({"optimizer": optimizer.state_dict(), "loader": loaders, "step": step,
+                        "torch_rng": torch.get_rng_state()}, tmp)
+        _remove_shards(folder, keep=None)  # of a sharded run resumed here, or a save killed while writing
+    if main:
+        storage.write_json(folder / "preset.json", preset.to_dict())
+        storage.write_json(folder / "meta.json", meta)
+
+
+def _save_sharded(folder: Path, model, optimizer, loaders: list, step: int, main: bool, consolidate: bool) -> None:
+    """Each rank's shards into a new ``shards-STEP-ID/`` (DCP), then ``state.pt`` naming it
+    (the commit), then the previous shards removed. ``model.safetensors`` of an earlier step is
+    removed first: a folder never holds weights older than its shards."""
+    import time
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    shared = [f"{SHARDS}{step:09d}-{time.time_ns():x}"]
+    dist.broadcast_object_list(shared, src=0)
+    name = shared[0]
+    if main:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "model.safetensors").unlink(missing_ok=True)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=str(folder / name))
+    dist.barrier()
+    if main:
+        with storage.atomic_path(folder / "state.pt") as tmp:
+            torch.save({"shards": name, "loader": loaders, "step": step, "torch_rng": torch.get_rng_state()}, tmp)
+        _remove_shards(folder, keep=name)
+    if consolidate:
+        write_consolidated(folder / "model.safetensors", model, main)
+
+
+def _remove_shards(folder: Path, keep: str | None) -> None:
+    for old in folder.glob(f"{SHARDS}*"):
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def resume(folder: Path, model: QwenVL, optimizer, loader, fsdp: bool, main: bool) -> int:
     """Weights, optimiser, the data position and the torch RNG from ``save_checkpoint``'s
     folder; its step. The loader is given every rank's position (the run may have had another
-    world size). Anything damaged is one CheckpointError naming the folder."""
+    world size); sharded weights load on any number of processes, sharded or not. Anything
+    damaged is one CheckpointError naming the folder (a missing or truncated shard: the file)."""
     from safetensors.torch import load_file, load_model
 
     try:
         state = torch.load(folder / "state.pt", weights_only=True)
-        if fsdp:
+        if "shards" in state:
+            _load_sharded(folder / state["shards"], model, optimizer)
+        elif fsdp:
             weights = load_file(str(folder / "model.safetensors")) if main else {}
             parallel.load_full_state(model, optimizer, weights, state["optimizer"] if main else {})
         else:
@@ -222,7 +450,21 @@ def resume(folder: Path, model: QwenVL, optimizer, loader, fsdp: bool, main: boo
         loader.restore(state["loader"])
         step = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
+    except CheckpointError:
+        raise
     except Exception as e:  # torch/safetensors raise many types for a damaged file
         raise CheckpointError(f"{folder}: cannot resume from this checkpoint ({type(e).__name__}: "
-                              f"{str(e)[:300]})") from None
+                              f"{' '.join(str(e).split())[:300]})") from None
     return step
+
+
+def _load_sharded(shards: Path, model, optimizer) -> None:
+    """DCP shards into this run's model and optimiser, resharded to however they are spread now."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    _dcp_files_check(shards)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optimizer_state}
+    dcp.load(state, checkpoint_id=str(shards), no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

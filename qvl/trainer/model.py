@@ -9,6 +9,7 @@ the LLM's input embeddings at the ``<imgpad>`` positions, image by image, in ord
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -21,11 +22,13 @@ from qvl.trainer.vision import VisionEncoder
 LLM_NEEDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
-def check_buildable(cfg: ModelConfig, vocab_size: int, resolution: int, llm_path: str | None) -> None:
+def check_buildable(cfg: ModelConfig, vocab_size: int, resolution: int, llm_path: str | None,
+                    shards: int = 1) -> None:
     """Refuse, before allocating anything, a preset whose model cannot be built here: an
     ``[llm]`` table without its sizes (transformers' defaults are a 7B model) or a model whose
-    fp32 weights alone exceed this machine's memory (counted on the meta device). An LLM from a
-    local folder (``--llm``) is the folder's own."""
+    fp32 weights alone exceed this machine's memory (counted on the meta device; under FSDP
+    this machine holds 1/``shards`` of them: its processes' shares). An LLM from a local folder (``--llm``) is the
+    folder's own."""
     if llm_path is not None:
         return
     missing = [k for k in LLM_NEEDS if getattr(cfg.llm, k) is None]
@@ -35,9 +38,10 @@ def check_buildable(cfg: ModelConfig, vocab_size: int, resolution: int, llm_path
         model = QwenVL(cfg, vocab_size, 0, resolution)
     parameters = sum(p.numel() for p in model.parameters())
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if parameters * 4 > memory:
+    if parameters * 4 / shards > memory:
         raise PresetError(f"preset {cfg.name}: a model of {parameters / 1e9:.1f}B parameters "
-                          f"({parameters * 4 / 2 ** 30:.0f} GiB in fp32), more than this machine's "
+                          f"({parameters * 4 / 2 ** 30:.0f} GiB in fp32"
+                          f"{f', over {shards} processes' if shards > 1 else ''}), more than this machine's "
                           f"{memory / 2 ** 30:.0f} GiB of memory")
 
 
@@ -46,6 +50,12 @@ def build_llm(cfg: LLMConfig, vocab_size: int, llm_path: str | None) -> nn.Modul
     wins over the tokenizer's: a converted release has 151,936 rows), or a local folder."""
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    if llm_path and torch.empty(0).device.type == "meta":  # a sharded build: the folder's architecture, filled later
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(llm_path, local_files_only=True)
+        config._attn_implementation = "sdpa"
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if llm_path:
         return AutoModelForCausalLM.from_pretrained(llm_path, local_files_only=True, attn_implementation="sdpa",
                                                     torch_dtype=torch.float32)
@@ -56,14 +66,18 @@ def build_llm(cfg: LLMConfig, vocab_size: int, llm_path: str | None) -> nn.Modul
 
 class QwenVL(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, image_pad_id: int, resolution: int,
-                 llm_path: str | None = None):
+                 llm_path: str | None = None, llm_on_meta: bool = False):
+        """``llm_on_meta``: the LLM only as an architecture (the meta device), the ViT and adapter
+        built for real: the random weights a whole build gives them, for a sharded build whose
+        LLM comes from a folder (loading one draws no random numbers)."""
         super().__init__()
         if torch.empty(0).device.type != "meta":
             check_buildable(cfg, vocab_size, resolution, llm_path)
         self.config = cfg
         self.image_pad_id = image_pad_id
         self.vision = VisionEncoder(cfg.vision, resolution)
-        self.llm = build_llm(cfg.llm, vocab_size, llm_path)
+        with torch.device("meta") if llm_on_meta else contextlib.nullcontext():
+            self.llm = build_llm(cfg.llm, vocab_size, llm_path)
         width = self.llm.get_input_embeddings().weight.shape[1]
         a = cfg.adapter
         self.adapter = Adapter(cfg.image_tokens, self.vision.width, width, a.heads, a.window, a.slot_positions,

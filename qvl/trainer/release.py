@@ -34,6 +34,7 @@ from qvl.trainer.checkpoint import (
     TensorEntry,
     read_meta,
     read_preset,
+    weights_path,
     read_safetensors_header,
 )
 from qvl.trainer.model import QwenVL
@@ -384,7 +385,7 @@ def to_qwen_vl(checkpoint: str | Path, out: str | Path, like: str | Path, dtype:
     preset = read_preset(checkpoint)
     config = config_from_preset(preset, like_config, meta.resolution, str(checkpoint))
     entries = key_map(preset)
-    tensors = Tensors([checkpoint / "model.safetensors"], floating=True)
+    tensors = Tensors([weights_path(checkpoint)], floating=True)
     _check_names({k for e in entries for k in e[1]}, tensors.keys(), {k for e in entries for k in e[0]}, None,
                  str(checkpoint))
     target = _prepare(out, "hf export", dtype)

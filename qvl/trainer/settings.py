@@ -37,6 +37,7 @@ class TrainSettings:
     seed: int = 0
     checkpoint_every: int = 100
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimiser state (else DDP)
+    cpu_offload: bool = False  # under --fsdp: sharded parameters, gradients and the optimiser step on the CPU
     precision: str = "auto"  # bf16 autocast where the device computes bf16 natively, else fp32; or bf16 / fp32
     max_rejected: float = 0.01  # a fraction of the shards' input records
     overrides: dict = dataclasses.field(default_factory=dict)  # stage fields from a recipe / CLI
@@ -79,6 +80,8 @@ def check_settings(s: TrainSettings) -> None:
         raise SettingsError(f"--data-workers {s.data_workers!r}: loader processes, 0 to 256")
     if isinstance(s.shuffle_window, bool) or not isinstance(s.shuffle_window, int) or not 1 <= s.shuffle_window <= 4096:
         raise SettingsError(f"--shuffle-window {s.shuffle_window!r}: shards shuffled together, 1 to 4,096")
+    if s.cpu_offload and not s.fsdp:
+        raise SettingsError("--cpu-offload: offloads FSDP's shards; add --fsdp (under torchrun)")
     if s.lora is not None:
         from qvl.trainer import lora
 

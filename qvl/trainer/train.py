@@ -37,17 +37,23 @@ from qvl.schemas.samples import IGNORE_INDEX
 from qvl.trainer import lora, parallel
 from qvl.trainer.checkpoint import (
     CheckpointError,
+    SafetensorsReader,
+    Weights,
+    check_names,
+    llm_folder_weights,
     load_weights,
     read_meta,
     read_preset,
     resume,
     save_checkpoint,
+    weights_path,
 )
 from qvl.trainer.data import Loader, Shards
-from qvl.trainer.model import QwenVL
+from qvl.trainer.model import QwenVL, check_buildable
 from qvl.trainer.preset import ModelConfig, load_preset
 from qvl.trainer.settings import TrainSettings, check_settings
 from qvl.trainer.stages import STAGES, Stage
+from qvl.trainer.vision import resize_class_positions
 
 
 def stage_for(settings: TrainSettings, preset) -> Stage:
@@ -161,7 +167,8 @@ class Run:
         return self.rank == 0
 
     def save(self) -> None:
-        """The checkpoint at this step (a collective: every rank calls it)."""
+        """The checkpoint at this step (a collective: every rank calls it); under FSDP sharded,
+        with the whole ``model.safetensors`` at the run's end."""
         s, stage = self.settings, self.stage
         meta = {"stage": stage.number, "step": self.step, "preset": self.preset.name,
                 "resolution": stage.resolution, "precision": "bf16" if self.bf16 else "fp32", "settings": str(s)}
@@ -170,7 +177,8 @@ class Run:
                                  self.world, self.main, self.preset, {**meta, "lora": self.lora})
         else:
             save_checkpoint(s.out / "checkpoint", self.model, self.optimizer, self.loader.state(), self.step,
-                            self.fsdp, self.world, self.main, self.preset, meta)
+                            self.fsdp, self.world, self.main, self.preset, meta,
+                            consolidate=self.step >= stage.max_steps)
         if self.main:
             remote.commit_now(s.out)  # a run in a bucket: a killed run resumes from here, on any machine
 
@@ -184,6 +192,8 @@ def _start(s: TrainSettings) -> tuple[int, int, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # FSDP's mesh and NCCL use the current device, else every rank takes cuda:0
     random.seed(s.seed)
     np.random.seed(s.seed)
     torch.manual_seed(s.seed)
@@ -203,20 +213,53 @@ def _start(s: TrainSettings) -> tuple[int, int, torch.device]:
 
 
 def _build_model(s: TrainSettings, preset: ModelConfig, stage: Stage, tok, record: dict | None = None,
-                 device: torch.device | None = None) -> QwenVL:
+                 device: torch.device = torch.device("cpu"), fsdp: bool = False, bf16: bool = False,
+                 world: int = 1) -> QwenVL:
     """Built at the resolution the weights were trained at (``--init``), then interpolated to
-    this stage's; trainable parts as the stage says."""
+    this stage's; trainable parts as the stage says; on ``device``. Under FSDP
+    (``parallel.build_sharded``) built on the meta device and each rank's shards read from
+    ``--init``'s file, or the ``--llm`` folder's safetensors, one tensor at a time; random
+    weights no file holds (a fresh model, or the ViT and adapter beside ``--llm``) are built
+    here whole, as without FSDP: same seed, same weights."""
     start_res = read_meta(Path(s.init)).resolution if s.init else stage.resolution
-    model = QwenVL(preset, tok.vocab_size, tok.special(IMG_PAD), start_res, s.llm)
-    if s.init is not None:
-        load_weights(model, Path(s.init) / "model.safetensors", f"preset {preset.name} (--init)")
-    model.vision.set_resolution(stage.resolution)
-    model.set_trainable(stage.trains)
-    if record is not None:  # what the release trains under LoRA: the adapters alone (lora.apply)
-        lora.apply(model, s.lora, tuple(record["modules_to_save"]), device)
-    checkpointing = s.activation_checkpointing
-    model.set_activation_checkpointing(preset.activation_checkpointing if checkpointing is None else checkpointing)
-    return model
+    init = None if s.init is None else weights_path(s.init)
+    what = f"preset {preset.name} (--init)" if s.init is not None else f"--llm {s.llm}"
+
+    def build(load: bool) -> QwenVL:
+        model = QwenVL(preset, tok.vocab_size, tok.special(IMG_PAD), start_res, s.llm)
+        if load and init is not None:
+            load_weights(model, init, what)
+        model.vision.set_resolution(stage.resolution)
+        model.set_trainable(stage.trains)
+        if record is not None:  # what the release trains under LoRA: the adapters alone (lora.apply)
+            lora.apply(model, s.lora, tuple(record["modules_to_save"]), device)
+        checkpointing = s.activation_checkpointing
+        model.set_activation_checkpointing(preset.activation_checkpointing if checkpointing is None else checkpointing)
+        return model
+
+    if not fsdp:
+        return build(True).to(device)
+    if s.llm is None:
+        check_buildable(preset, tok.vocab_size, start_res, None,
+                        world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if init is None and s.llm is None:
+        weights = build(False).state_dict()
+    elif init is None:
+        parts = QwenVL(preset, tok.vocab_size, tok.special(IMG_PAD), start_res, s.llm, llm_on_meta=True)
+        weights = Weights(*llm_folder_weights(s.llm), ("", {k: v for k, v in parts.state_dict().items()
+                                                            if not k.startswith("llm.")}))
+    else:
+        weights = SafetensorsReader(init)
+        with torch.device("meta"):
+            check_names(QwenVL(preset, tok.vocab_size, tok.special(IMG_PAD), start_res, s.llm), weights.entries, init,
+                        what)
+    grid = stage.resolution // preset.vision.patch_size
+
+    def adapt(name: str, tensor: torch.Tensor) -> torch.Tensor:  # --init's positions at this stage's resolution
+        class_token = name == "vision.vit.positional_embedding" and preset.vision.resolved().class_token
+        return resize_class_positions(tensor, grid) if class_token else tensor
+
+    return parallel.build_sharded(lambda: build(False), weights, what, device, bf16, s.cpu_offload, adapt)
 
 
 def _open_data(s: TrainSettings, preset: ModelConfig, stage: Stage, tok, rows: int, rank: int, world: int,
@@ -251,15 +294,14 @@ def setup(s: TrainSettings) -> Run:
     stage = stage_for(s, preset)
     tok = load_tokenizer(preset.tokenizer)
     record = lora.record(s.lora, Path(s.init)) if s.lora is not None else None
-    model = _build_model(s, preset, stage, tok, record, device)
-    model.to(device)
     fsdp = s.fsdp and world > 1
-    wrapped = parallel.wrap(model, world, fsdp)
+    bf16 = use_bf16(s.precision, device)
+    model = _build_model(s, preset, stage, tok, record, device, fsdp, bf16, world)
+    wrapped = model if fsdp else parallel.wrap(model, world)
     rows = model.llm.get_input_embeddings().weight.shape[0]
     loader = _open_data(s, preset, stage, tok, rows, rank, world, say)
     optimizer = torch.optim.AdamW(param_groups(model, stage), lr=stage.lr, betas=stage.betas, eps=stage.eps)
-    run = Run(s, world, rank, device, preset, stage, model, wrapped, fsdp, loader, optimizer,
-              use_bf16(s.precision, device), say, lora=record)
+    run = Run(s, world, rank, device, preset, stage, model, wrapped, fsdp, loader, optimizer, bf16, say, lora=record)
     metrics_path = s.out / "metrics.jsonl"
     if s.resume:
         try:

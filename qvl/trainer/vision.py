@@ -23,6 +23,17 @@ def resize_positions(table: torch.Tensor, side: int) -> torch.Tensor:
     return grid.permute(0, 2, 3, 1).reshape(side * side, -1).to(table.dtype)
 
 
+def resize_class_positions(table: torch.Tensor, side: int) -> torch.Tensor:
+    """open_clip's position table (class token, then a square grid) with its grid resized to
+    side x side (bicubic); also used on a table read from a file for a sharded model."""
+    old = int(math.isqrt(table.shape[0] - 1))
+    if old == side:
+        return table
+    cls, grid = table[:1], table[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)
+    return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(side * side, -1)])
+
+
 class PatchViT(nn.Module):
     """The released Qwen-VL's ViT: no class token; a learned position table of its own
     size (16x16: 224 / 14) resized to the patch grid at every forward, so one set of weights
@@ -84,12 +95,10 @@ class VisionEncoder(nn.Module):
         if isinstance(self.vit, PatchViT):
             self.resolution = size
             return
-        old, new = self.grid, size // self.patch_size
-        pos = self.vit.positional_embedding.data
-        cls, grid = pos[:1], pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
-        self.vit.positional_embedding = nn.Parameter(
-            torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(new * new, -1)]), requires_grad=pos.requires_grad)
+        new = size // self.patch_size
+        pos = self.vit.positional_embedding
+        self.vit.positional_embedding = nn.Parameter(resize_class_positions(pos.data, new),
+                                                     requires_grad=pos.requires_grad)
         self.vit.grid_size = (new, new)
         self.vit.image_size = (size, size)
         self.resolution = size

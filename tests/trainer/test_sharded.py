@@ -1,0 +1,153 @@
+"""Sharded training (FSDP2 under torchrun, 2 gloo CPU processes): the meta-device build filled
+from --init, sharded DCP checkpoints resumed on 2 ranks and on 1, their consolidation, CPU
+offload and activation checkpointing — and bf16's master weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from qvl.cli import app
+from qvl.trainer.checkpoint import CheckpointError, load_checkpoint
+from qvl.trainer.settings import SettingsError, TrainSettings
+from qvl.trainer.train import RunError, train
+
+SCRIPT = """
+import json, sys
+from pathlib import Path
+from qvl.trainer.settings import TrainSettings
+from qvl.trainer.train import train
+kwargs = json.loads(sys.argv[1])
+train(TrainSettings(**{**kwargs, "out": Path(kwargs["out"]), "data": Path(kwargs["data"])}))
+"""
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoint" / "model.safetensors"))
+
+
+def torchrun(tmp_path: Path, port: int, **settings) -> None:
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(port), str(script), json.dumps(settings, default=str)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_sharded_runs_resume_anywhere_and_consolidate(micro, tmp_path):
+    """Stage 3 from a stage-1 checkpoint at another resolution, sharded over 2 ranks, bf16:
+    - built on the meta device and filled from --init: the frozen ViT (its position table
+      interpolated 32 -> 48 px), stored in bf16, equals the one-process build's in bf16 bit for
+      bit, the trained parts are fp32, and the first losses match one process with the same
+      global batch;
+    - 4 steps in one go (activation checkpointing and CPU offload on) equal 2 steps, then a
+      resume from the sharded checkpoint to 4 (both off): same losses, same weights;
+    - the step-2 checkpoint resumes in one process (no FSDP) with the next step's loss, a later
+      save killed while writing its shards beside it;
+    - the end-of-run model.safetensors equals `qvl convert consolidate` of the shards."""
+    train(TrainSettings(stage=1, data=micro["multitask"], out=tmp_path / "s1", preset=micro["preset"], max_steps=1,
+                        log=False))
+    init = tmp_path / "s1" / "checkpoint"
+    common = dict(stage=3, data=micro["sft"], init=init, log=False, checkpoint_every=2, data_workers=0,
+                  precision="bf16")
+    torchrun(tmp_path, 29541, out=tmp_path / "whole", max_steps=4, fsdp=True, activation_checkpointing=True,
+             cpu_offload=True, **common)
+    torchrun(tmp_path, 29542, out=tmp_path / "split", max_steps=2, fsdp=True, **common)
+    shutil.copytree(tmp_path / "split", tmp_path / "one")
+    torchrun(tmp_path, 29543, out=tmp_path / "split", max_steps=4, fsdp=True, resume=True, **common)
+
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+    whole, split = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    assert whole.keys() == split.keys()
+    assert all(torch.allclose(whole[k], split[k], rtol=0, atol=1e-6) for k in whole)
+
+    train(TrainSettings(out=tmp_path / "eager", max_steps=2, overrides={"accumulation": 2}, **common))
+    eager = weights(tmp_path / "eager")
+    assert eager.keys() == whole.keys()
+    for name, tensor in whole.items():  # the frozen ViT stored in bf16, the trained parts' masters in fp32
+        assert tensor.dtype == (torch.bfloat16 if name.startswith("vision.") else torch.float32), name
+    assert all(torch.equal(eager[k].to(torch.bfloat16), whole[k]) for k in whole if k.startswith("vision."))
+    assert whole["vision.vit.positional_embedding"].shape[0] == 1 + 6 * 6
+    assert losses(tmp_path / "eager") == pytest.approx(losses(tmp_path / "whole")[:2], rel=2e-3)
+
+    killed = tmp_path / "one" / "checkpoint" / "shards-000000004-dead"  # a save killed while writing
+    killed.mkdir()
+    (killed / "__0_0.distcp").write_bytes(b"half")
+    train(TrainSettings(out=tmp_path / "one", max_steps=3, resume=True, overrides={"accumulation": 2}, **common))
+    assert not killed.exists() and not list((tmp_path / "one" / "checkpoint").glob("shards-*"))
+    assert losses(tmp_path / "one")[:2] == losses(tmp_path / "whole")[:2]
+    assert losses(tmp_path / "one")[2] == pytest.approx(losses(tmp_path / "whole")[2], rel=2e-3)
+
+    checkpoint = tmp_path / "whole" / "checkpoint"
+    (checkpoint / "model.safetensors").rename(tmp_path / "gathered.safetensors")
+    with pytest.raises(CheckpointError, match=f"{checkpoint}: holds sharded weights only .*; "
+                                              f"qvl convert consolidate {checkpoint} writes"):
+        load_checkpoint(checkpoint)
+    done = CliRunner().invoke(app, ["convert", "consolidate", str(checkpoint)])
+    assert done.exit_code == 0, done.output
+    consolidated, gathered = load_file(str(checkpoint / "model.safetensors")), load_file(
+        str(tmp_path / "gathered.safetensors"))
+    assert set(gathered) == set(consolidated)
+    assert all(torch.equal(consolidated[k], gathered[k]) for k in gathered)
+    load_checkpoint(checkpoint)
+
+    damaged = tmp_path / "split" / "checkpoint"
+    shard = next(damaged.glob("shards-*")) / "__1_0.distcp"
+    shard.unlink()
+    with pytest.raises(RunError, match=f"{shard}: missing \\(a shard of this checkpoint\\)"):
+        train(TrainSettings(out=tmp_path / "split", max_steps=5, resume=True, **common))
+
+
+def test_sharded_build_from_an_llm_folder_is_the_whole_build(micro, tmp_path):
+    """--llm FOLDER under --fsdp: the LLM's shards read from the folder's safetensors, the ViT
+    and adapter given the random weights a one-process build gives them: the same model."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from qvl.trainer.preset import load_preset
+
+    llm = load_preset(micro["preset"]).llm
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=473, **llm.qwen2_fields())).save_pretrained(tmp_path / "llm")
+    common = dict(stage=2, data=micro["multitask"], preset=micro["preset"], llm=str(tmp_path / "llm"), max_steps=0,
+                  precision="fp32", log=False, data_workers=0)
+    torchrun(tmp_path, 29544, out=tmp_path / "two", fsdp=True, **common)
+    train(TrainSettings(out=tmp_path / "one", **common))
+    two, one = weights(tmp_path / "two"), weights(tmp_path / "one")
+    assert two.keys() == one.keys()
+    assert all(torch.equal(two[k], one[k]) for k in one)
+    assert torch.equal(two["llm.model.layers.1.mlp.up_proj.weight"],
+                       load_file(str(tmp_path / "llm" / "model.safetensors"))["model.layers.1.mlp.up_proj.weight"])
+    done = CliRunner().invoke(app, ["convert", "consolidate", str(tmp_path / "one" / "checkpoint")])
+    assert done.exit_code == 1
+    assert done.output.strip() == f"error: {tmp_path / 'one' / 'checkpoint'}: not a sharded checkpoint (its " \
+                                  "model.safetensors is the whole model)"
+
+
+def test_cpu_offload_needs_fsdp(micro, tmp_path):
+    with pytest.raises(SettingsError, match="--cpu-offload: offloads FSDP's shards; add --fsdp"):
+        train(TrainSettings(stage=2, data=micro["multitask"], out=tmp_path, cpu_offload=True, log=False))
+
+
+def test_bf16_master_weights_lose_small_updates():
+    """Why the trained weights stay fp32 under bf16 compute: an AdamW step of lr 1e-5 moves a
+    weight of ~1 by ~1e-5, below bf16's spacing there (2**-7): in bf16 a thousand such steps
+    leave the weight where it was; in fp32 they add up."""
+    update = torch.tensor(1e-5)
+    master, bf16 = torch.ones(()), torch.ones((), dtype=torch.bfloat16)
+    for _ in range(1000):
+        master -= update
+        bf16 -= update.to(torch.bfloat16)
+    assert bf16 == 1.0
+    assert master == pytest.approx(0.99, abs=1e-4)
