@@ -238,7 +238,10 @@ def _build_model(s: TrainSettings, preset: ModelConfig, stage: Stage, tok, recor
         return model
 
     if not fsdp:
-        return build(True).to(device)
+        model = build(True)
+        if bf16 and record is not None:  # LoRA's frozen base in bf16, as the release fine-tunes it: half its memory
+            parallel.freeze_in_bf16(model)
+        return model.to(device)
     if s.llm is None:
         check_buildable(preset, tok.vocab_size, start_res, None,
                         world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))

@@ -323,3 +323,14 @@ def test_q_lora_trains_on_a_4bit_base(world, tmp_path):
     assert len(found) == 3 and found[-1] < found[0], found
     merged, *_ = load_checkpoint(tmp_path / "checkpoint")  # on the full-precision base
     assert isinstance(merged.llm.model.layers[0].self_attn.q_proj, nn.Linear)
+
+
+@pytest.mark.parametrize("precision, frozen", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_the_frozen_base_is_kept_in_bf16_when_computing_in_bf16(world, tmp_path, precision, frozen):
+    """What `qvl plan` counts for LoRA: the frozen base in bf16 (half of 4 bytes a parameter), the
+    adapters fp32 for AdamW."""
+    from qvl.trainer.train import setup
+
+    run = setup(settings(world, tmp_path / "run", precision=precision))
+    kinds = {(p.requires_grad, p.dtype) for p in run.model.parameters()}
+    assert kinds == {(False, frozen), (True, torch.float32)}
