@@ -1,11 +1,12 @@
-"""Training throughput of the released Qwen-VL's architecture on one GPU: a stage-2 and a
-stage-3 step loop through `qvl train` itself (random weights), on packed 2,048-token rows of
-448-px images, bf16 autocast — tokens/s, images/s, step time, peak memory and MFU.
+"""Training throughput of the released Qwen-VL's architecture on one GPU: stage-2, stage-3 and
+stage-3 LoRA step loops through `qvl train` itself (random weights; LoRA on the stage-3 run's),
+on packed 2,048-token rows of 448-px images, bf16 — tokens/s, images/s, step time, peak memory
+(for LoRA beside `qvl plan`'s prediction of it, the CUDA context left out) and MFU.
 
     python benchmarks/train_gpu.py [--steps 12] [--llm-layers N] [--peak-tflops 989]
 
 At real widths: ViT-bigG/14 (1.84B), the 256-query adapter, and Qwen-7B's layer shape (hidden
-4096, 32 heads, MLP 11008, vocabulary 151,936). qvl keeps fp32 weights (16 bytes per trained
+4096, 32 heads, MLP 11008, vocabulary 151,936). One process keeps fp32 weights (16 bytes per trained
 parameter with gradients and AdamW), so the whole 9.66B model does not fit one 141 GB GPU:
 the LLM gets as many of its 32 layers as the device's memory allows (``--llm-layers`` to set
 it), and the figure says how many. MFU counts model FLOPs only (matrix products of ViT,
@@ -48,9 +49,10 @@ def parameters(preset) -> dict[str, int]:
 def layers_that_fit(memory_bytes: int, config: dict) -> int:
     """LLM layers such that weights, gradients and AdamW (16 B per parameter, stage 2 trains all)
     leave a quarter of the device for activations."""
-    from qvl.trainer.release import preset_from_config
+    from qvl.boundary import convert
+    from qvl.trainer.release import ReleaseConfig, preset_from_config
 
-    full = parameters(preset_from_config(config))
+    full = parameters(preset_from_config(convert(config, ReleaseConfig)))
     per_layer = (full["llm"] - 2 * config["vocab_size"] * config["hidden_size"]) / config["num_hidden_layers"]
     fixed = full["vision"] + full["adapter"] + 2 * config["vocab_size"] * config["hidden_size"]
     return max(1, min(config["num_hidden_layers"], int((0.75 * memory_bytes / 16 - fixed) // per_layer)))
@@ -82,7 +84,10 @@ def main() -> None:
 
     from qvl.formats.build import FormatSettings, run_format
     from qvl.formats.families import picture
-    from qvl.trainer.release import preset_from_config
+    from qvl.trainer.lora import LoraSettings
+    from qvl.trainer.plan import CUDA_OVERHEAD, PlanSettings, plan
+    from qvl.boundary import convert
+    from qvl.trainer.release import ReleaseConfig, preset_from_config
     from qvl.trainer.settings import TrainSettings
     from qvl.trainer.stages import STAGES
     from qvl.trainer.train import train
@@ -97,7 +102,7 @@ def main() -> None:
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     if not gpu:
         print("NOTE: no GPU here — the loop runs at tiny widths on the CPU; these are not GPU figures.")
-    preset = preset_from_config(config)
+    preset = preset_from_config(convert(config, ReleaseConfig))
     size = config["visual"]["image_size"]
     work = Path(tempfile.mkdtemp(prefix="qvl-bench-gpu-"))
     (work / "images").mkdir()
@@ -116,31 +121,39 @@ def main() -> None:
     shape = f"{config['num_hidden_layers']} of Qwen-7B's 32 layers" if gpu else "tiny widths"
     print(f"model: ViT {counts['vision'] / 1e9:.2f}B, adapter {counts['adapter'] / 1e9:.3f}B, LLM "
           f"{counts['llm'] / 1e9:.2f}B ({shape}) at {size} px, 256 image tokens\n")
-    print("| stage | trains | tokens/s | images/s | s/step | peak memory | MFU |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for stage, kind, source in ((2, "multitask", "s2.jsonl"), (3, "sft", "s3.jsonl")):
-        shards = work / f"shards-{stage}"
-        run_format(kind, [work / source], shards, work / "images", show_progress=False, overwrite=True,
-                   settings=FormatSettings(pack_to=2048, max_len=2048))
+    print("| stage | trains | tokens/s | images/s | s/step | peak memory | `qvl plan` | MFU |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for stage, kind, source in ((2, "multitask", "s2.jsonl"), (3, "sft", "s3.jsonl"), (3, "lora", "s3.jsonl")):
+        shards = work / f"shards-{kind}"
+        run_format("multitask" if stage == 2 else "sft", [work / source], shards, work / "images",
+                   show_progress=False, overwrite=True, settings=FormatSettings(pack_to=2048, max_len=2048))
+        lora = LoraSettings(chat=True) if kind == "lora" else None  # on the full stage-3 run's weights
         if gpu:
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        train(TrainSettings(stage=stage, data=shards, out=work / f"run-{stage}", preset=str(work / "preset.json"),
-                            max_steps=args.steps, log=False, overwrite=True, precision="auto",
+        train(TrainSettings(stage=stage, data=shards, out=work / f"run-{kind}", preset=str(work / "preset.json"),
+                            max_steps=args.steps, log=False, overwrite=True, precision="auto", lora=lora,
+                            init=work / "run-sft" / "checkpoint" if lora else None,
                             overrides={"resolution": size, "micro_batch": 1, "warmup_steps": 2},
                             checkpoint_every=10 ** 9))
         wall = time.perf_counter() - started
-        metrics = [json.loads(line) for line in (work / f"run-{stage}" / "metrics.jsonl").read_text().splitlines()]
+        # the plan counts the trainer's precision for LoRA (bf16 base, fp32 adapters); full training on one
+        # process keeps fp32 weights under autocast, which the plan (FSDP's precision) does not describe
+        planned = plan(PlanSettings(preset=str(work / "preset.json"), stage=3, mode="lora", seq_len=2048,
+                                    resolution=size)).total - CUDA_OVERHEAD if lora else None
+        metrics = [json.loads(line) for line in (work / f"run-{kind}" / "metrics.jsonl").read_text().splitlines()]
         steady = metrics[2:] or metrics  # the first steps pay for kernels and allocation
         tok_s = sum(m["tokens_per_s"] for m in steady) / len(steady)
         img_s = sum(m["images_per_s"] for m in steady) / len(steady)
         images_per_row = img_s / tok_s * 2048 if tok_s else 0
         seconds = 2048 / tok_s if tok_s else float("nan")
-        flops = step_flops(preset, counts, STAGES[stage].trains, 2048, images_per_row, size)
+        flops = step_flops(preset, counts, () if lora else STAGES[stage].trains, 2048, images_per_row, size)
         mfu = flops / seconds / (args.peak_tflops * 1e12) if gpu else None
         peak = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
-        print(f"| {stage} | {', '.join(STAGES[stage].trains)} | {tok_s:,.0f} | {img_s:,.1f} | {seconds:.3f} | "
+        trains = "LoRA (chat): adapters" if lora else ", ".join(STAGES[stage].trains)
+        print(f"| {stage} | {trains} | {tok_s:,.0f} | {img_s:,.1f} | {seconds:.3f} | "
               + (f"{peak:.1f} GiB" if peak is not None else "n/a (CPU)") + " | "
+              + (f"{planned / 2**30:.1f} GiB" if planned is not None else "–") + " | "
               + (f"{mfu:.1%}" if mfu is not None else "n/a (CPU)") + f" |   ({wall:.0f} s for {args.steps} steps)")
 
 
