@@ -717,7 +717,10 @@ def train(
         lora_options = {k: v for k, v in (("r", lora_r), ("alpha", lora_alpha), ("dropout", lora_dropout),
                                           ("chat", lora_chat)) if v is not None}
         if (lora_options or q_lora) and not lora:
-            raise ValueError(f"--{'q-lora' if q_lora else 'lora-' + next(iter(lora_options))} needs --lora")
+            given = next(iter(lora_options), None)
+            option = ("--q-lora" if q_lora else "--lora-chat" if lora_chat else "--lora-base" if given == "chat"
+                      else f"--lora-{given}")
+            raise ValueError(f"{option} needs --lora")
         result = run_train(TrainSettings(stage=stage, data=data, out=out, preset=preset, max_steps=max_steps,
                                          init=init, resume=resume, overwrite=overwrite, llm=llm, seed=seed, max_rejected=max_rejected,
                                          cache_gb=cache_gb, data_workers=data_workers, shuffle_window=shuffle_window,

@@ -25,7 +25,7 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 import torch
@@ -41,6 +41,7 @@ TO_QVL = {"c_attn": ("q_proj", "k_proj", "v_proj"), "attn.c_proj": ("o_proj",), 
           "w2": ("gate_proj",), "wte": ("embed_tokens",), "lm_head": ("lm_head",)}
 RELEASE_SAVED = ("wte", "lm_head")  # the base model's modules_to_save in the release (for new tokens)
 ADAPTER = "default"  # peft's adapter name
+MAX_ALPHA = 1e4  # alpha / r scales the update: above this it is no fine-tune (and 1e300 overflows to NaN)
 
 
 class LoraError(QvlError):
@@ -99,13 +100,17 @@ def check(lora: LoraSettings, stage: int, init, fsdp: bool) -> None:
         raise LoraError("--lora with --fsdp: LoRA's trainable tensors are small; run it under DDP (no --fsdp)")
     if isinstance(lora.r, bool) or not isinstance(lora.r, int) or not 1 <= lora.r <= 4096:
         raise LoraError(f"--lora-r {lora.r!r}: the adapters' rank, an integer from 1 to 4,096")
-    if not isinstance(lora.alpha, (int, float)) or not 0 < lora.alpha < 1e6:  # NaN fails too
-        raise LoraError(f"--lora-alpha {lora.alpha!r}: above 0 (the update is scaled by alpha / r)")
+    if isinstance(lora.alpha, bool) or not isinstance(lora.alpha, (int, float)) or not 0 < lora.alpha <= MAX_ALPHA:
+        raise LoraError(f"--lora-alpha {lora.alpha!r}: above 0 and at most {MAX_ALPHA:,.0f} (the update is scaled "
+                        "by alpha / r)")  # NaN fails too
     if not isinstance(lora.dropout, (int, float)) or not 0 <= lora.dropout < 1:
         raise LoraError(f"--lora-dropout {lora.dropout!r}: a probability from 0 to below 1")
     unknown = [t for t in lora.targets if t not in TO_QVL or t in RELEASE_SAVED]
     if unknown or not lora.targets:
         raise LoraError(f"LoRA targets {list(lora.targets)!r}: use the release's {', '.join(RELEASE_TARGETS)}")
+    if lora.q_lora and lora.chat is False:
+        raise LoraError("--q-lora with --lora-base: the release's Q-LoRA trains no wte/lm_head (modules_to_save), "
+                        "on a base model too; use --lora --lora-base, or --q-lora alone")
     if lora.q_lora:
         check_q_lora()
 
@@ -196,7 +201,20 @@ def quantize_llm(llm: nn.Module, device: torch.device) -> None:
     llm.is_loaded_in_4bit = True  # what prepare_model_for_kbit_training reads
 
 
-def apply(model: nn.Module, lora: LoraSettings, saved: tuple[str, ...], device: torch.device | None = None):
+def check_rank(llm: nn.Module, lora: LoraSettings, option: str = "--lora-r") -> None:
+    """A rank at most min(in, out) of every layer it adapts: above it, A and B only add parameters
+    (the update's rank cannot exceed the layer's)."""
+    names = {name for t in lora.targets for name in TO_QVL[t]}
+    layers = [(min(m.in_features, m.out_features), n.rsplit(".", 1)[-1], m.in_features, m.out_features)
+              for n, m in llm.named_modules() if n.rsplit(".", 1)[-1] in names and isinstance(m, nn.Linear)]
+    if layers and lora.r > min(layers)[0]:
+        width, name, inp, out = min(layers)
+        raise LoraError(f"{option} {lora.r}: above the width of a layer it adapts ({name}, {inp:,} -> {out:,}): "
+                        f"a rank above min(in, out) = {width:,} adds parameters, not rank")
+
+
+def apply(model: nn.Module, lora: LoraSettings, saved: tuple[str, ...], device: torch.device | None = None,
+          option: str = "--lora-r"):
     """Freeze the whole model (as ``get_peft_model`` does: the ViT and adapter too), then LoRA on
     the LLM's targets and trainable copies of ``saved`` (release names, ``modules_to_save``);
     q, k, v share one A. Q-LoRA first quantises the base (``quantize_llm``) and prepares it with
@@ -205,6 +223,7 @@ def apply(model: nn.Module, lora: LoraSettings, saved: tuple[str, ...], device: 
     from peft import LoraConfig, prepare_model_for_kbit_training
     from peft.tuners.lora import LoraModel
 
+    check_rank(model.llm, lora, option)
     model.requires_grad_(False)
     if lora.q_lora:
         quantize_llm(model.llm, device or torch.device("cpu"))
@@ -244,23 +263,63 @@ def load_adapters(model: nn.Module, path: Path) -> None:
     if wrong:
         raise CheckpointError(f"{path}: not the adapters of this model and LoRA settings: {', '.join(wrong[:3])}"
                               + (f" and {len(wrong) - 3:,} more" if len(wrong) > 3 else ""))
+    for key, entry in sorted(entries.items()):
+        if entry.dtype not in FLOATS:
+            raise CheckpointError(f"{path}: tensor {key} is {entry.dtype}; adapters are floating point "
+                                  f"({', '.join(FLOATS)})")
+    loaded = load_file(str(path))
+    for key, tensor in sorted(loaded.items()):
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: tensor {key} holds NaN or infinite values ("
+                                  f"{int((~torch.isfinite(tensor)).sum()):,} of {tensor.numel():,})")
     with torch.no_grad():
-        for key, tensor in load_file(str(path)).items():
+        for key, tensor in loaded.items():
             own[key].copy_(tensor)
 
 
 # ---------------------------------------------------------------- the base a run applies to
 
 
-SAMPLES, SAMPLE_BYTES = 64, 64 << 10
+FINGERPRINT_BUDGET, SAMPLE_BYTES, MIN_SAMPLE_BYTES = 32 << 20, 64 << 10, 256
+FLOATS = ("F16", "BF16", "F32", "F64")  # safetensors dtypes an adapter tensor may have
 
 
 def fingerprint(path: Path) -> str:
-    """sha256 of a safetensors file's header (names, dtypes, shapes), its size and 64 blocks of
-    64 KiB spread over its data: 4 MiB read whatever the size, so checking a 19 GB base costs
-    milliseconds, unlike a full hash (minutes). It survives a copy or a move (size and mtime
-    would not), and a fine-tuned or re-converted base differs in every tensor, so in the
-    samples; a single edited value elsewhere would go unseen."""
+    """sha256 of a safetensors file's header (names, dtypes, shapes, offsets), its size and
+    three blocks of every tensor's bytes (start, middle, end; a small tensor whole). The block is
+    64 KiB, shrunk so that all of them fit ``FINGERPRINT_BUDGET`` (32 MiB; ~11 KiB a block for
+    the 9.6B model's ~1,000 tensors) but never below 256 bytes (so a file of more than ~44,000
+    tensors reads 768 bytes a tensor): the read is bounded whatever the size, so checking a 19 GB base costs a fraction
+    of a second, unlike a full hash (minutes). It survives a copy or a move (size and mtime
+    would not). Sampling every tensor, not the file (where the embedding and ``lm_head`` fill
+    most blocks), catches a base that differs in any tensor that changed throughout, as every
+    weight a LoRA merge or a fine-tune touches does; a single edited value elsewhere would go unseen."""
+    from qvl.trainer.checkpoint import read_safetensors_header
+
+    entries = read_safetensors_header(path, LoraError)
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        h.update(f.read(length))  # read_safetensors_header bounds it
+        h.update(str(size).encode())
+        start = 8 + length
+        block = max(MIN_SAMPLE_BYTES, min(SAMPLE_BYTES, FINGERPRINT_BUDGET // (3 * max(len(entries), 1))))
+        for _, entry in sorted(entries.items(), key=lambda item: tuple(item[1].data_offsets)):
+            begin, stop = entry.data_offsets
+            if stop - begin <= 3 * block:
+                spans = [(begin, stop - begin)]
+            else:
+                spans = [(begin, block), ((begin + stop - block) // 2, block), (stop - block, block)]
+            for offset, n in spans:
+                f.seek(start + offset)
+                h.update(f.read(n))
+    return "sha256-tensors:" + h.hexdigest()
+
+
+def _legacy_fingerprint(path: Path) -> str:
+    """The first releases' fingerprint (64 blocks of 64 KiB spread over the file): recomputed
+    only to check a checkpoint that recorded one."""
     h = hashlib.sha256()
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -268,23 +327,29 @@ def fingerprint(path: Path) -> str:
         h.update(f.read(min(length, 16 << 20)))
         h.update(str(size).encode())
         start = 8 + length
-        for i in range(SAMPLES):
-            f.seek(start + (size - start) * i // SAMPLES)
-            h.update(f.read(SAMPLE_BYTES))
+        for i in range(64):
+            f.seek(start + (size - start) * i // 64)
+            h.update(f.read(64 << 10))
     return "sha256-sampled:" + h.hexdigest()
 
 
-class BaseRecord(msgspec.Struct):
+def fingerprint_as(path: Path, recorded: str) -> str:
+    """``path``'s fingerprint in the scheme of a ``recorded`` one (a run may predate the current one)."""
+    return _legacy_fingerprint(path) if recorded.startswith("sha256-sampled:") else fingerprint(path)
+
+
+class BaseRecord(msgspec.Struct, forbid_unknown_fields=True):
     path: str
     fingerprint: str
 
 
-class LoraRecord(msgspec.Struct):
-    """``meta.json``'s ``lora``: the settings and the base they apply to."""
+class LoraRecord(msgspec.Struct, forbid_unknown_fields=True):
+    """``meta.json``'s ``lora``: the settings and the base they apply to, in the ranges ``check``
+    allows the options (a damaged record: one line naming the file and the field)."""
 
-    r: int
-    alpha: float
-    dropout: float
+    r: Annotated[int, msgspec.Meta(ge=1, le=4096)]
+    alpha: Annotated[float, msgspec.Meta(gt=0, le=MAX_ALPHA)]
+    dropout: Annotated[float, msgspec.Meta(ge=0, lt=1)]
     targets: list[Literal["c_attn", "attn.c_proj", "w1", "w2"]]
     modules_to_save: list[Literal["wte", "lm_head"]]
     chat: bool
@@ -322,19 +387,31 @@ def read_record(folder: Path) -> LoraRecord | None:
     return read_json_file(path, _Meta, MAX_META_BYTES, CheckpointError).lora
 
 
+def shown(path) -> str:
+    """A path for a message: as it is, or escaped (repr) when it holds control characters (a
+    recorded path is read from a file)."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
 def base_of(folder: Path, rec: LoraRecord, base: Path | None) -> Path:
     """The base checkpoint of a LoRA checkpoint: ``base`` (--base) or the recorded one, checked
     against the recorded fingerprint."""
     chosen = Path(base) if base is not None else Path(rec.base.path)
     weights = chosen / "model.safetensors"
+    recorded = shown(rec.base.path)
     if not weights.is_file():
-        given = f"--base {chosen}" if base is not None else f"its base {chosen}"
+        if base is not None and read_record(chosen) is not None:
+            raise LoraError(f"{folder}: LoRA adapters; --base {shown(chosen)} is a LoRA run's checkpoint too (adapters "
+                            f"only), not a base: give the checkpoint they were trained on ({recorded})")
+        given = f"--base {shown(chosen)}" if base is not None else f"its base {recorded}"
         raise LoraError(f"{folder}: LoRA adapters; {given} is missing (no model.safetensors): give --base with the "
-                        f"checkpoint they were trained on ({rec.base.path})")
-    found = fingerprint(weights)
+                        f"checkpoint they were trained on ({recorded})")
+    found = fingerprint_as(weights, rec.base.fingerprint)
     if found != rec.base.fingerprint:
-        raise LoraError(f"{folder}: LoRA adapters trained on {rec.base.path} ({rec.base.fingerprint[-12:]}); "
-                        f"{chosen} is another model ({found[-12:]}): give --base with the checkpoint they were trained on")
+        raise LoraError(f"{folder}: LoRA adapters trained on {recorded} ({shown(rec.base.fingerprint[-12:])}); "
+                        f"{shown(chosen)} is another model ({found[-12:]}): give --base with the checkpoint they were "
+                        "trained on")
     return chosen
 
 
@@ -345,7 +422,15 @@ def load_checkpoint(folder: str | Path, explicit_preset: str | None = None, base
 
     if read_record(Path(folder)) is not None:
         return load(Path(folder), explicit_preset, base)
+    refuse_base(folder, base)
     return checkpoint.load_checkpoint(folder, explicit_preset)
+
+
+def refuse_base(folder, base: Path | None) -> None:
+    """--base names a LoRA run's base: for a checkpoint of whole weights it would be ignored."""
+    if base is not None:
+        raise LoraError(f"--base {base}: {folder} is not a LoRA run's checkpoint (it holds whole weights, no "
+                        "adapters to apply to a base): drop --base")
 
 
 def load(folder: Path, explicit_preset: str | None = None, base: Path | None = None, merge: bool = True):
@@ -361,7 +446,7 @@ def load(folder: Path, explicit_preset: str | None = None, base: Path | None = N
     model.vision.set_resolution(meta.resolution)
     settings = rec.settings()
     settings.q_lora = False
-    tuner = apply(model, settings, tuple(rec.modules_to_save))
+    tuner = apply(model, settings, tuple(rec.modules_to_save), option=f"{folder / 'meta.json'}: lora.r")
     load_adapters(model, folder / ADAPTERS)
     if merge:
         tuner.merge_and_unload()
@@ -465,17 +550,53 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer, loader_state: dic
     storage.write_json(folder / "meta.json", meta)
 
 
+def refuse_as_init(init: Path | None) -> None:
+    """None; for a full run's --init that is a LoRA run's checkpoint (adapters only), one line
+    saying so and how to make a base of it."""
+    if init is None:
+        return None
+    init = Path(init)
+    if not (init / "model.safetensors").is_file() and read_record(init) is not None:
+        raise LoraError(f"--init {init}: a LoRA run's checkpoint (its adapters only, no model.safetensors): "
+                        "qvl convert merge makes a base of it, or continue it with --lora on its base")
+    return None
+
+
+def check_resume_kind(folder: Path, record: dict | None) -> None:
+    """A full run resumes a full run's checkpoint: a LoRA run's (adapters only) needs --lora."""
+    from qvl.trainer.checkpoint import CheckpointError
+
+    if record is None and read_record(folder) is not None:
+        raise CheckpointError(f"{folder}: a LoRA run's checkpoint (adapters only): add --lora, with the run's "
+                              "--lora-* settings, to resume it")
+
+
 def resume(folder: Path, model: nn.Module, optimizer, loader, run_record: dict) -> int:
     """Adapters, optimiser, data position and torch RNG of ``save_checkpoint``'s folder, once its
     LoRA record is the run's (same settings, same base by fingerprint: it may have moved); its step."""
     from qvl.trainer.checkpoint import CheckpointError
 
-    def same(rec: dict) -> dict:
-        return {**rec, "base": rec["base"]["fingerprint"]}
-
     saved = read_record(folder)
-    if saved is None or same(msgspec.to_builtins(saved)) != same(run_record):
-        raise CheckpointError(f"{folder}: its LoRA settings or base differ from this run's (--init, --lora-*)")
+    if saved is None:
+        raise CheckpointError(f"{folder}: not a LoRA run's checkpoint (its meta.json has no lora record): "
+                              "resume it without --lora")
+    saved_rec = msgspec.to_builtins(saved)
+    options = {"r": "--lora-r", "alpha": "--lora-alpha", "dropout": "--lora-dropout", "chat": "--lora-chat/--lora-base",
+               "q_lora": "--q-lora", "modules_to_save": "--lora-chat/--lora-base"}
+    for key, option in options.items():
+        if saved_rec[key] != run_record[key]:
+            raise CheckpointError(f"{folder}: its LoRA {key} is {saved_rec[key]!r}, this run's {run_record[key]!r} "
+                                  f"({option}): resume with the checkpoint's settings")
+    if saved_rec["targets"] != run_record["targets"]:
+        raise CheckpointError(f"{folder}: its LoRA targets are {saved_rec['targets']!r}, this run's "
+                              f"{run_record['targets']!r}")
+    base = Path(run_record["base"]["path"]) / "model.safetensors"
+    found = run_record["base"]["fingerprint"]
+    if saved.base.fingerprint.split(":")[0] != found.split(":")[0]:
+        found = fingerprint_as(base, saved.base.fingerprint)
+    if found != saved.base.fingerprint:
+        raise CheckpointError(f"{folder}: its LoRA base is {shown(saved.base.path)} ({shown(saved.base.fingerprint[-12:])}), "
+                              f"this run's --init {shown(run_record['base']['path'])} another model ({found[-12:]})")
     load_adapters(model, folder / ADAPTERS)
     try:
         state = torch.load(folder / "state.pt", weights_only=True)

@@ -89,7 +89,10 @@ def check_plan(s: PlanSettings) -> None:
         raise PlanError(f"--{s.mode}: stage 1 trains the ViT and adapter with the LLM frozen; LoRA adapts the LLM "
                         "(use --stage 2 or 3)")
     if s.lora_base and s.mode == "full":
-        raise PlanError("--lora-base: with --lora or --q-lora")
+        raise PlanError("--lora-base: with --lora")
+    if s.lora_base and s.mode == "q-lora":
+        raise PlanError("--q-lora with --lora-base: the release's Q-LoRA trains no wte/lm_head (modules_to_save), on "
+                        "a base model too; plan --lora --lora-base, or --q-lora alone")
 
 
 # ---------------------------------------------------------------- the model and its parameters
@@ -360,6 +363,15 @@ def plan(s: PlanSettings) -> Plan:
     """The memory one GPU needs for the run ``s`` describes."""
     check_plan(s)
     cfg = load_preset(s.preset)
+    if cfg.llm.vocab_size is None:  # the tokenizer's, as qvl train builds it
+        from qvl.formats.tokenizers import load_tokenizer
+
+        try:
+            vocab = load_tokenizer(cfg.tokenizer).vocab_size
+        except (QvlError, OSError) as e:
+            raise PlanError(f"preset {s.preset}: [llm] has no vocab_size and its tokenizer {cfg.tokenizer!r} does not "
+                            f"load ({str(e)[:200]}); set vocab_size to plan without it") from None
+        cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab_size=vocab))
     stage = dataclasses.replace(STAGES[s.stage])
     for key, values in cfg.stages.items():
         setattr(stage, key, values[s.stage - 1])
@@ -425,7 +437,7 @@ def table(p: Plan):
     for what, value, how in p.lines:
         t.add_row(what, f"{value / GiB:.2f}", how)
     t.add_row("[bold]total[/]", f"[bold]{p.total / GiB:.2f}[/]", "", end_section=True)
-    t.add_row(f"fits {' / '.join(map(str, CARDS))} GB", " / ".join(
+    t.add_row(f"fits {' / '.join(map(str, CARDS))} GiB", " / ".join(
         "[green]yes[/]" if ok else "[red]no[/]" for ok in p.fits().values()), "GiB, the whole card")
     c = p.counts
     t.caption = (f"parameters: vision {c.vision / 1e9:.2f}B, adapter {c.adapter / 1e6:.0f}M, LLM {c.llm / 1e9:.2f}B; "

@@ -375,6 +375,7 @@ def to_qwen_vl(checkpoint: str | Path, out: str | Path, like: str | Path, dtype:
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=".merged-") as merged:
             lora.write_merged(checkpoint, Path(merged), base)
             return to_qwen_vl(merged, out, like, dtype)
+    lora.refuse_base(checkpoint, base)
     if not (like / "config.json").is_file():
         raise ConvertError(f"--like {like}: no config.json (give the release's Hugging Face folder)")
     read_config(like / "config.json")  # checked; copied as it is with this model's sizes

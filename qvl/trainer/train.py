@@ -97,6 +97,10 @@ class RunError(QvlError):
     """A run folder that cannot be used as asked; the message says what to do instead."""
 
 
+class LossError(QvlError, FloatingPointError):
+    """A loss that is NaN or infinite: the run stops, in one line naming the step and the samples."""
+
+
 def check_run_folder(s: TrainSettings) -> None:
     """Never destroy a run silently: training into a folder that holds one needs --resume
     (continue it) or --overwrite (replace it); --resume needs a checkpoint to resume from."""
@@ -296,7 +300,7 @@ def setup(s: TrainSettings) -> Run:
     preset = read_preset(s.init, s.preset) if s.init is not None else load_preset(s.preset or "tiny")
     stage = stage_for(s, preset)
     tok = load_tokenizer(preset.tokenizer)
-    record = lora.record(s.lora, Path(s.init)) if s.lora is not None else None
+    record = lora.record(s.lora, Path(s.init)) if s.lora is not None else lora.refuse_as_init(s.init)
     fsdp = s.fsdp and world > 1
     bf16 = use_bf16(s.precision, device)
     model = _build_model(s, preset, stage, tok, record, device, fsdp, bf16, world)
@@ -308,6 +312,7 @@ def setup(s: TrainSettings) -> Run:
     metrics_path = s.out / "metrics.jsonl"
     if s.resume:
         try:
+            lora.check_resume_kind(s.out / "checkpoint", record)
             run.step = lora.resume(s.out / "checkpoint", model, optimizer, loader, record) if record else \
                 resume(s.out / "checkpoint", model, optimizer, loader, fsdp, main)
         except CheckpointError as e:
@@ -344,7 +349,8 @@ def _optimizer_step(run: Run, autocast) -> tuple[dict, float, float, float]:
                                     ignore_index=IGNORE_INDEX, reduction="none")
         loss = per_token.sum() / tokens.clamp(min=1) * world  # DDP and FSDP average gradients over ranks
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {run.step}: loss is {loss.item()} on samples {batch.sample_ids}")
+            raise LossError(f"step {run.step}: loss is {loss.item()} on samples {batch.sample_ids}; try a lower "
+                            "--lr, or look at those samples")
         if i == len(micro) - 1:
             loss.backward()
         else:

@@ -116,7 +116,7 @@ def test_release_preset_is_the_release_config():
 def test_plan_cli_prints_a_table(small):
     result = runner.invoke(app, ["plan", "--preset", small, "--stage", "2", "--gpus", "2"])
     assert result.exit_code == 0, result.output
-    assert "activations: saved for backward" in result.output and "fits 24 / 40 / 80 GB" in result.output
+    assert "activations: saved for backward" in result.output and "fits 24 / 40 / 80 GiB" in result.output
     lora = plan(PlanSettings(preset=small, mode="lora"))
     full = plan(PlanSettings(preset=small, gpus=1))
     assert lora.total < full.total and all(lora.fits().values())
