@@ -18,6 +18,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from qvl.cli import app
+from qvl.errors import QvlError
 from qvl.trainer import lora
 from qvl.trainer.lora import load_checkpoint
 from qvl.trainer.release import from_qwen_vl, to_qwen_vl
@@ -185,6 +186,12 @@ def test_resume_is_bit_identical(world, run, tmp_path):
     assert losses(tmp_path) == losses(run["out"])
     whole, split = (load_file(str(p / "checkpoint" / lora.ADAPTERS)) for p in (run["out"], tmp_path))
     assert whole.keys() == split.keys() and all(torch.equal(whole[k], split[k]) for k in whole)
+    from qvl.trainer.train import RunError
+
+    with pytest.raises(RunError, match="its LoRA r is 64, this run's 8 .--lora-r."):
+        train(settings(world, tmp_path, resume=True, max_steps=7, lora=lora.LoraSettings(r=8)))
+    with pytest.raises(RunError, match="a LoRA run's checkpoint .adapters only.: add --lora"):
+        train(settings(world, tmp_path, resume=True, max_steps=7, lora=None))
 
 
 def test_merged_logits_equal_the_adapters_and_generation_agrees(world, run, tmp_path):
@@ -285,6 +292,71 @@ def test_a_base_that_is_not_the_recorded_one_is_one_line(world, run, tmp_path):
     assert scored.exit_code == 0 and json.loads((tmp_path / "e1" / "metrics.json").read_text())["n"] == 1, scored.output
     refused = runner.invoke(app, evaluate + ["--out", str(tmp_path / "e2"), "--base", str(other)])
     assert refused.exit_code == 1 and f"{other} is another model" in refused.output
+    # a LoRA-merged base: the same file but for the LLM's linears (which the old fingerprint,
+    # 64 blocks of the file, landing mostly in wte/lm_head, let pass)
+    merged = tmp_path / "merged-base"
+    shutil.copytree(world["chat"], merged)
+    base_weights = load_file(str(world["chat"] / "model.safetensors"))
+    trained, *_ = load_checkpoint(run["checkpoint"])
+    state = trained.state_dict()
+    linears = [k for k in base_weights if k.startswith("llm.model.layers.") and "_proj." in k]
+    assert sum(not torch.equal(state[k].to(base_weights[k].dtype), base_weights[k]) for k in linears) == 12  # 6 a layer
+    save_file({k: state[k].to(v.dtype) if k in linears else v for k, v in base_weights.items()},
+              str(merged / "model.safetensors"), {"format": "pt"})
+    assert lora._legacy_fingerprint(merged / "model.safetensors") == lora._legacy_fingerprint(
+        world["chat"] / "model.safetensors")  # what the old scheme missed
+    swapped = runner.invoke(app, args + ["--base", str(merged)])
+    assert swapped.exit_code == 1 and swapped.output.count("\n") == 1, swapped.output
+    assert f"trained on {world['chat'].resolve()}" in swapped.output and f"{merged} is another model" in swapped.output
+    # --base given a LoRA checkpoint; --base for a checkpoint of whole weights; a recorded path with control characters
+    adapters_only = runner.invoke(app, args + ["--base", str(lost)])
+    assert adapters_only.exit_code == 1 and "is a LoRA run's checkpoint too" in adapters_only.output
+    whole = runner.invoke(app, ["generate", "--checkpoint", str(world["chat"]), "--prompt", "Hi", "--base", str(other)])
+    assert whole.exit_code == 1 and "is not a LoRA run's checkpoint" in whole.output and "drop --base" in whole.output
+    meta["lora"]["base"]["path"] = str(tmp_path / "was\x1b[2Jhere")
+    (lost / "meta.json").write_text(json.dumps(meta))
+    escaped = runner.invoke(app, ["generate", "--checkpoint", str(lost), "--prompt", "Hi"])
+    assert escaped.exit_code == 1 and "\x1b" not in escaped.output and "was\\x1b[2Jhere" in escaped.output, escaped.output
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("r", 1_000_000_000, "<= 4096 - at `$.lora.r`"), ("r", -8, ">= 1 - at `$.lora.r`"),
+    ("dropout", 2.0, "< 1.0 - at `$.lora.dropout`"), ("alpha", 0, "> 0.0 - at `$.lora.alpha`"),
+    ("alpha", -16, "> 0.0 - at `$.lora.alpha`"), ("alpha", 1e300, "<= 10000.0 - at `$.lora.alpha`"),
+    ("extra", 1, "unknown field `extra` - at `$.lora`"),
+])
+def test_a_damaged_lora_record_is_one_line(run, tmp_path, field, value, message):
+    """meta.json's lora record in the ranges the options take, no unknown keys: one line naming the file and field."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    meta = json.loads((run["checkpoint"] / "meta.json").read_text())
+    meta["lora"][field] = value
+    (folder / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(QvlError) as e:
+        lora.read_record(folder)
+    assert str(e.value).startswith(str(folder / "meta.json")) and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_damaged_adapters_are_one_line(world, run, tmp_path):
+    """A rank above the layers' width, NaN and integer adapter tensors: one line naming the file, field or tensor."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(run["checkpoint"], folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "lora": {**meta["lora"], "r": 4096}}))
+    with pytest.raises(lora.LoraError, match=r"meta.json: lora.r 4096: above the width of a layer it adapts .* "
+                                             r"min\(in, out\) = 128"):
+        lora.load(folder)
+    (folder / "meta.json").write_text(json.dumps(meta))
+    tensors = load_file(str(folder / lora.ADAPTERS))
+    key = sorted(tensors)[0]
+    for damaged, message in [({key: torch.full_like(tensors[key], float("nan"))}, f"tensor {key} holds NaN"),
+                             ({key: tensors[key].to(torch.int8)}, f"tensor {key} is I8; adapters are floating point")]:
+        save_file({**tensors, **damaged}, str(folder / lora.ADAPTERS))
+        with pytest.raises(QvlError, match=message) as e:
+            lora.load(folder)
+        assert str(e.value).startswith(str(folder / lora.ADAPTERS))
+    save_file({k: v.half() for k, v in tensors.items()}, str(folder / lora.ADAPTERS))
+    lora.load(folder)  # fp16 adapters: upcast
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -292,6 +364,10 @@ def test_a_base_that_is_not_the_recorded_one_is_one_line(world, run, tmp_path):
     (["--stage", "3", "--lora", "--lora-r", "0"], "--lora-r 0: the adapters' rank, an integer from 1 to 4,096"),
     (["--stage", "3", "--lora", "--lora-dropout", "1"], "--lora-dropout 1.0: a probability from 0 to below 1"),
     (["--stage", "3", "--q-lora"], "--q-lora needs --lora"),
+    (["--stage", "3", "--lora-base"], "--lora-base needs --lora"),
+    (["--stage", "3", "--lora", "--lora-alpha", "1e6"], "--lora-alpha 1000000.0: above 0 and at most 10,000"),
+    (["--stage", "3", "--lora", "--q-lora", "--lora-base"], "--q-lora with --lora-base: the release's Q-LoRA trains no"),
+    (["--stage", "3", "--lora", "--lora-r", "4096"], "--lora-r 4096: above the width of a layer it adapts"),
 ])
 def test_bad_lora_options_are_one_line(world, tmp_path, extra, message):
     result = runner.invoke(app, ["train", "--data", str(world["sft"]), "--out", str(tmp_path / "r"), "--init",
@@ -305,6 +381,8 @@ def test_lora_needs_a_whole_init(world, run, tmp_path):
     lora.check(lora.LoraSettings(), 2, world["chat"], False)  # stage 2 trains the LLM: LoRA is allowed
     with pytest.raises(lora.LoraError, match="checkpoint: no model.safetensors .a LoRA run's checkpoint holds its "):
         train(settings(world, tmp_path / "b", init=run["checkpoint"]))
+    with pytest.raises(lora.LoraError, match="checkpoint: a LoRA run's checkpoint .* qvl convert merge makes a base"):
+        train(settings(world, tmp_path / "c", init=run["checkpoint"], lora=None))  # full training from it
 
 
 def test_q_lora_trains_on_a_4bit_base(world, tmp_path):
@@ -334,3 +412,25 @@ def test_the_frozen_base_is_kept_in_bf16_when_computing_in_bf16(world, tmp_path,
     run = setup(settings(world, tmp_path / "run", precision=precision))
     kinds = {(p.requires_grad, p.dtype) for p in run.model.parameters()}
     assert kinds == {(False, frozen), (True, torch.float32)}
+
+
+def test_a_nan_loss_and_plan_refusals_are_one_line(world, tmp_path, monkeypatch):
+    """A NaN loss stops train in one line; `qvl plan` refuses --q-lora --lora-base as train does,
+    and plans a preset without a vocab_size, as tiny (its vocabulary from its tokenizer)."""
+    tiny = (tmp_path / "tiny.toml")
+    from qvl.trainer.preset import PRESETS
+
+    text = (PRESETS / "tiny.toml").read_text()
+    tiny.write_text(text.replace('name = "tiny"', 'name = "inner"').replace("hidden_size = 192", "hidden_size = 64"))
+    refused = runner.invoke(app, ["plan", "--q-lora", "--lora-base"])
+    assert refused.exit_code == 1 and "--q-lora with --lora-base" in refused.output and refused.output.count("\n") == 1
+    for preset in ("tiny", str(tiny)):  # no vocab_size in [llm]: its tokenizer's, as qvl train builds it
+        planned = runner.invoke(app, ["plan", "--preset", preset, "--lora"])
+        assert planned.exit_code == 0 and "fits 24 / 40 / 80 GiB" in planned.output, planned.output
+    monkeypatch.setattr("torch.nn.functional.cross_entropy", lambda logits, *a, **k: logits.sum(1) * float("nan"))
+    result = runner.invoke(app, ["train", "--data", str(world["sft"]), "--out", str(tmp_path / "r"), "--init",
+                                 str(world["chat"]), "--max-steps", "1", "--no-progress", "--stage", "3", "--lora", "--micro-batch", "1",
+                                 "--accumulation", "1", "--data-workers", "0"])
+    last = result.output.splitlines()[-1]  # after train's header line
+    assert result.exit_code == 1 and last.startswith("error: step 0: loss is nan on samples"), result.output
+    assert "Traceback" not in result.output
