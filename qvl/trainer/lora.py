@@ -248,11 +248,29 @@ def save_adapters(model: nn.Module, path: Path) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable(model).items()}, str(tmp))
 
 
+def read_adapters(path: Path, entries: dict | None = None) -> dict[str, torch.Tensor]:
+    """``save_adapters``' tensors, each floating point (fp16/bf16 are upcast where they are copied)
+    and finite, or one error naming the file and the tensor."""
+    from safetensors.torch import load_file
+
+    from qvl.trainer.checkpoint import CheckpointError, read_safetensors_header
+
+    entries = read_safetensors_header(path) if entries is None else entries
+    for key, entry in sorted(entries.items()):
+        if entry.dtype not in FLOATS:
+            raise CheckpointError(f"{path}: tensor {key} is {entry.dtype}; adapters are floating point "
+                                  f"({', '.join(FLOATS)})")
+    loaded = load_file(str(path))
+    for key, tensor in sorted(loaded.items()):
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: tensor {key} holds NaN or infinite values ("
+                                  f"{int((~torch.isfinite(tensor)).sum()):,} of {tensor.numel():,})")
+    return loaded
+
+
 def load_adapters(model: nn.Module, path: Path) -> None:
     """``save_adapters``'s file into a model ``apply`` prepared: the same names and shapes, or one
     error naming the file and the tensors."""
-    from safetensors.torch import load_file
-
     from qvl.trainer.checkpoint import CheckpointError, read_safetensors_header
 
     entries = read_safetensors_header(path)
@@ -263,15 +281,7 @@ def load_adapters(model: nn.Module, path: Path) -> None:
     if wrong:
         raise CheckpointError(f"{path}: not the adapters of this model and LoRA settings: {', '.join(wrong[:3])}"
                               + (f" and {len(wrong) - 3:,} more" if len(wrong) > 3 else ""))
-    for key, entry in sorted(entries.items()):
-        if entry.dtype not in FLOATS:
-            raise CheckpointError(f"{path}: tensor {key} is {entry.dtype}; adapters are floating point "
-                                  f"({', '.join(FLOATS)})")
-    loaded = load_file(str(path))
-    for key, tensor in sorted(loaded.items()):
-        if not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{path}: tensor {key} holds NaN or infinite values ("
-                                  f"{int((~torch.isfinite(tensor)).sum()):,} of {tensor.numel():,})")
+    loaded = read_adapters(path, entries)
     with torch.no_grad():
         for key, tensor in loaded.items():
             own[key].copy_(tensor)
@@ -509,14 +519,14 @@ def export_peft(checkpoint: Path, out: Path) -> dict:
     ``Qwen-VL(-Chat)`` loads them, as it loads the adapters of the release's own LoRA runs."""
     _peft()
     from peft import LoraConfig
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     rec = read_record(checkpoint)
     if rec is None:
         raise LoraError(f"{checkpoint}: not a LoRA run's checkpoint (its meta.json has no lora record)")
     config = LoraConfig(r=rec.r, lora_alpha=rec.alpha, lora_dropout=rec.dropout, bias="none", task_type="CAUSAL_LM",
                         target_modules=list(rec.targets), modules_to_save=list(rec.modules_to_save) or None)
-    tensors = release_adapters(load_file(str(checkpoint / ADAPTERS)))
+    tensors = release_adapters(read_adapters(checkpoint / ADAPTERS))
     try:
         storage.claim(out, "peft adapters")
     except storage.OutputError as e:

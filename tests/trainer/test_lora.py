@@ -355,6 +355,8 @@ def test_damaged_adapters_are_one_line(world, run, tmp_path):
         with pytest.raises(QvlError, match=message) as e:
             lora.load(folder)
         assert str(e.value).startswith(str(folder / lora.ADAPTERS))
+        exported = runner.invoke(app, ["convert", "lora-to-peft", str(folder), "--out", str(tmp_path / "peft")])
+        assert exported.exit_code == 1 and message in exported.output and not (tmp_path / "peft").exists()
     save_file({k: v.half() for k, v in tensors.items()}, str(folder / lora.ADAPTERS))
     lora.load(folder)  # fp16 adapters: upcast
 
