@@ -718,8 +718,8 @@ def train(
                                           ("chat", lora_chat)) if v is not None}
         if (lora_options or q_lora) and not lora:
             given = next(iter(lora_options), None)
-            option = ("--q-lora" if q_lora else "--lora-chat" if lora_chat else "--lora-base" if given == "chat"
-                      else f"--lora-{given}")
+            option = ("--q-lora" if q_lora else f"--lora-{given}" if given != "chat"
+                      else "--lora-chat" if lora_chat else "--lora-base")
             raise ValueError(f"{option} needs --lora")
         result = run_train(TrainSettings(stage=stage, data=data, out=out, preset=preset, max_steps=max_steps,
                                          init=init, resume=resume, overwrite=overwrite, llm=llm, seed=seed, max_rejected=max_rejected,
