@@ -152,6 +152,11 @@ def test_sharded_runs_resume_anywhere_and_consolidate(micro, tmp_path):
     consolidate_fails(f"{checkpoint}: not a sharded checkpoint (its model.safetensors is the whole model)")
 
     damaged = tmp_path / "split" / "checkpoint"
+    index = next(damaged.glob("shards-*")) / ".metadata"
+    index.write_bytes(pickle.dumps(Exploit(tmp_path / "PWNED")))
+    with pytest.raises(RunError, match=f"{index}: not a DCP index qvl reads: it refers to posix.system"):
+        train(TrainSettings(out=tmp_path / "split", max_steps=5, resume=True, **common))
+    assert not (tmp_path / "PWNED").exists()
     shard = next(damaged.glob("shards-*")) / "__1_0.distcp"
     shard.unlink()
     with pytest.raises(RunError, match=f"{shard}: missing \\(a shard of this checkpoint\\)"):
@@ -180,6 +185,17 @@ def test_sharded_build_from_an_llm_folder_is_the_whole_build(micro, tmp_path):
     assert done.exit_code == 1
     assert done.output.strip() == f"error: {tmp_path / 'one' / 'checkpoint'}: not a sharded checkpoint (its " \
                                   "model.safetensors is the whole model)"
+
+
+def test_one_process_notices(micro, tmp_path, capsys):
+    """--fsdp on one process says it runs unsharded; a resume with another global batch says so."""
+    common = dict(stage=2, data=micro["multitask"], out=tmp_path, preset=micro["preset"], data_workers=0,
+                  progress=False)
+    train(TrainSettings(max_steps=1, fsdp=True, **common))
+    assert "notice: --fsdp shards the model over the processes of torchrun" in capsys.readouterr().out
+    train(TrainSettings(max_steps=2, resume=True, overrides={"accumulation": 2}, **common))
+    out = capsys.readouterr().out
+    assert "notice: the global batch changed from " in out and "--fsdp" not in out
 
 
 def test_cpu_offload_needs_fsdp(micro, tmp_path):
