@@ -132,7 +132,9 @@ def load_state(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")
     try:
-        state = torch.load(path, weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a pickle protocol it did not write: the error says it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file
         raise CheckpointError(f"{path}: damaged, or not written by qvl ({_why(e)})") from None
     if not isinstance(state, dict):
@@ -460,9 +462,7 @@ def consolidate(folder: str | Path) -> dict:
     name = load_state(folder / "state.pt").get("shards")
     if name is None:
         raise CheckpointError(whole)
-    if not isinstance(name, str) or not name.startswith(SHARDS) or "/" in name or "\\" in name:
-        raise CheckpointError(f"{folder / 'state.pt'}: damaged, or not written by qvl (names shards {str(name)[:80]!r})")
-    shards = folder / name
+    shards = _shards_folder(folder, name)
     _dcp_files_check(shards)
     index = read_dcp_index(shards)
     items = [(key, tuple(m.size), m.properties.dtype)
@@ -549,6 +549,13 @@ def _save_sharded(folder: Path, model, optimizer, loaders: list, step: int, main
         write_consolidated(folder / "model.safetensors", model, main)
 
 
+def _shards_folder(folder: Path, name) -> Path:
+    """The shards folder ``state.pt`` names: a ``shards-*`` folder beside it, nothing else."""
+    if not isinstance(name, str) or not name.startswith(SHARDS) or "/" in name or "\\" in name or ".." in name:
+        raise CheckpointError(f"{folder / 'state.pt'}: damaged, or not written by qvl (names shards {str(name)[:80]!r})")
+    return folder / name
+
+
 def _remove_shards(folder: Path, keep: str | None) -> None:
     for old in folder.glob(f"{SHARDS}*"):
         if old.name != keep:
@@ -566,7 +573,7 @@ def resume(folder: Path, model: QwenVL, optimizer, loader, fsdp: bool, main: boo
     state = load_state(folder / "state.pt")
     try:
         if "shards" in state:
-            _load_sharded(folder / state["shards"], model, optimizer)
+            _load_sharded(_shards_folder(folder, state["shards"]), model, optimizer)
         elif fsdp:
             weights = load_file(str(folder / "model.safetensors")) if main else {}
             parallel.load_full_state(model, optimizer, weights,

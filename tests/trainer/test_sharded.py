@@ -153,10 +153,12 @@ def test_sharded_runs_resume_anywhere_and_consolidate(micro, tmp_path):
 
     damaged = tmp_path / "split" / "checkpoint"
     index = next(damaged.glob("shards-*")) / ".metadata"
+    saved = index.read_bytes()
     index.write_bytes(pickle.dumps(Exploit(tmp_path / "PWNED")))
     with pytest.raises(RunError, match=f"{index}: not a DCP index qvl reads: it refers to posix.system"):
         train(TrainSettings(out=tmp_path / "split", max_steps=5, resume=True, **common))
     assert not (tmp_path / "PWNED").exists()
+    index.write_bytes(saved)
     shard = next(damaged.glob("shards-*")) / "__1_0.distcp"
     shard.unlink()
     with pytest.raises(RunError, match=f"{shard}: missing \\(a shard of this checkpoint\\)"):
