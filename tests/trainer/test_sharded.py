@@ -200,6 +200,34 @@ def test_one_process_notices(micro, tmp_path, capsys):
     assert "notice: the global batch changed from " in out and "--fsdp" not in out
 
 
+def test_a_sharded_save_killed_before_its_commit_keeps_the_whole_checkpoint(tmp_path, monkeypatch):
+    """A whole checkpoint (one process wrote it) resumed under FSDP: its next save, killed while
+    writing shards, leaves model.safetensors and state.pt as they were (1-rank gloo group)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from qvl.trainer.checkpoint import _save_sharded
+
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    for name in ("model.safetensors", "state.pt"):
+        (folder / name).write_bytes(b"step 2")
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dcp, "save", killed)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _save_sharded(folder, model, optimizer, [{}], 4, True, False)
+    finally:
+        dist.destroy_process_group()
+    assert all((folder / name).read_bytes() == b"step 2" for name in ("model.safetensors", "state.pt"))
+
+
 def test_cpu_offload_needs_fsdp(micro, tmp_path):
     with pytest.raises(SettingsError, match="--cpu-offload: offloads FSDP's shards; add --fsdp"):
         train(TrainSettings(stage=2, data=micro["multitask"], out=tmp_path, cpu_offload=True, log=False))
