@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -731,7 +732,8 @@ def train(
                                          overrides_from=f"{recipe} [stage] and options" if recipe else "options"))
     except (DataError, RecipeError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
-    console.print(f"[green]trained {result['steps']} steps[/] -> {_url(out)}/checkpoint, metrics.jsonl, loss.png")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: once, not once per rank
+        console.print(f"[green]trained {result['steps']} steps[/] -> {_url(out)}/checkpoint, metrics.jsonl, loss.png")
 
 
 @app.command("plan")

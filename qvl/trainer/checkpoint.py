@@ -21,10 +21,13 @@ one error naming the file, never a read past its end).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
+import pickle
 import shutil
 import struct
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -41,6 +44,7 @@ from qvl.trainer.preset import ModelConfig, Name, Resolution, load_preset
 
 MAX_HEADER_BYTES = 16 << 20  # a safetensors header: Qwen-VL-Chat's largest is ~100 KB
 MAX_META_BYTES = 1 << 20
+MAX_DCP_INDEX_BYTES = 256 << 20  # a DCP .metadata: ~200 bytes a chunk, a 9B model's on 64 ranks is ~30 MB
 
 # safetensors dtype -> bytes per element (the format's whole list)
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -58,6 +62,7 @@ class CheckpointMeta(msgspec.Struct):
     stage: Annotated[int, msgspec.Meta(ge=0, le=3)] = 0
     step: Count = 0
     preset: Name | None = None
+    global_batch: Count | None = None  # rows per optimiser step (micro-batch x accumulation x ranks)
 
 
 class TensorEntry(msgspec.Struct, forbid_unknown_fields=True):
@@ -104,6 +109,119 @@ def read_safetensors_header(path: Path, error=CheckpointError) -> dict[str, Tens
         raise error(f"{path}: truncated or padded: its header describes {end:,} bytes of tensors, "
                     f"the file holds {data_bytes:,}")
     return entries
+
+
+def _why(e: BaseException) -> str:
+    """An exception as a short clause for a one-line error: torch's weights-only refusal without
+    its advice to load the file with ``weights_only=False`` (bad advice for a damaged or hostile
+    file), the first line of anything else."""
+    failures = getattr(e, "failures", None)  # DCP's CheckpointException: each rank's error
+    if isinstance(failures, dict) and failures:
+        e = getattr(next(iter(failures.values())), "exc", e)
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    elif "weights_only" in text:
+        text = ""
+    text = " ".join(text.strip().split("\n")[0].split())[:200]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def load_state(path: Path) -> dict:
+    """``state.pt``, read weights-only; anything else is one error naming the file."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        with warnings.catch_warnings():  # torch's note on a pickle protocol it did not write: the error says it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged file
+        raise CheckpointError(f"{path}: damaged, or not written by qvl ({_why(e)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: damaged, or not written by qvl (not a dict)")
+    return state
+
+
+def _dcp_globals() -> dict[tuple[str, str], object]:
+    """Exactly the globals a DCP ``.metadata`` written by torch refers to (found by logging the
+    unpickling of the ones qvl's runs write): DCP's own records, ``torch.Size``, dtypes, layouts
+    and a path (the checkpoint id)."""
+    import pathlib
+
+    from torch.distributed.checkpoint import filesystem, metadata
+
+    allowed = {("torch.distributed.checkpoint.metadata", name): getattr(metadata, name)
+               for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+                            "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")}
+    allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = filesystem._StorageInfo
+    allowed[("torch", "Size")] = torch.Size
+    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
+    allowed |= {("torch", name): value for name, value in vars(torch).items()
+                if isinstance(value, (torch.dtype, torch.layout, torch.memory_format))}
+    allowed |= {("pathlib", name): getattr(pathlib, name) for name in ("PosixPath", "PurePosixPath", "Path")}
+    return allowed
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    def __init__(self, file, path: Path):
+        super().__init__(file)
+        self.path, self.allowed = path, _dcp_globals()
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.allowed:
+            raise CheckpointError(f"{self.path}: not a DCP index qvl reads: it refers to {module[:80]}.{name[:80]} "
+                                  "(a DCP .metadata holds only torch's checkpoint records); refusing to load it")
+        return self.allowed[(module, name)]
+
+
+def read_dcp_index(folder: Path):
+    """A DCP folder's ``.metadata`` (a pickle) through an unpickler that builds only the
+    classes such a file holds: a crafted file cannot run code. Bounded in size."""
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    path = folder / ".metadata"
+    try:
+        size = path.stat().st_size
+        if size > MAX_DCP_INDEX_BYTES:
+            raise CheckpointError(f"{path}: {size:,} bytes; qvl reads DCP indexes up to {MAX_DCP_INDEX_BYTES:,}")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (the shards' index)") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable ({e.strerror or e})") from None
+    try:
+        index = _IndexUnpickler(io.BytesIO(data), path).load()
+    except CheckpointError:
+        raise
+    except Exception as e:  # pickle raises many types for a damaged file
+        raise CheckpointError(f"{path}: damaged, or not a DCP index ({_why(e)})") from None
+    if not isinstance(index, Metadata) or not isinstance(getattr(index, "storage_data", None), dict):
+        raise CheckpointError(f"{path}: damaged, or not a DCP index (holds a {type(index).__name__})")
+    if getattr(index, "storage_meta", None) is None:
+        index.storage_meta = StorageMeta()
+    return index
+
+
+def dcp_reader(folder: Path):
+    """A DCP ``FileSystemReader`` of ``folder`` whose index is read by ``read_dcp_index``:
+    every DCP read of qvl's goes through it."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            index = read_dcp_index(folder)
+            index.storage_meta.load_id = self.load_id
+            return index
+
+    return SafeReader(str(folder))
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP read on purpose without a process group: its warning that it assumes so is noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def read_meta(folder: Path) -> CheckpointMeta:
@@ -312,12 +430,8 @@ def write_consolidated(path: Path, model: torch.nn.Module, main: bool) -> None:
 def _dcp_files_check(folder: Path) -> None:
     """Every file a DCP checkpoint's ``.metadata`` names is there and long enough: a missing or
     truncated shard is one error naming it, not a torch traceback."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    if not (folder / ".metadata").is_file():
-        raise CheckpointError(f"{folder / '.metadata'}: missing (the shards' index)")
     needed: dict[str, int] = {}
-    for info in FileSystemReader(str(folder)).read_metadata().storage_data.values():
+    for info in read_dcp_index(folder).storage_data.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
     for name, size in sorted(needed.items()):
         path = folder / name
@@ -331,7 +445,7 @@ def consolidate(folder: str | Path) -> dict:
     """``model.safetensors`` of an FSDP run's checkpoint folder from its shards, in one process,
     one tensor at a time (the optimiser state is not read)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from qvl.formats.tokenizers import IMG_PAD, load_tokenizer
@@ -342,16 +456,17 @@ def consolidate(folder: str | Path) -> dict:
     tok = load_tokenizer(preset.tokenizer)
     with torch.device("meta"):
         keep = set(saved_names(QwenVL(preset, tok.vocab_size, tok.special(IMG_PAD), meta.resolution)))
-    try:
-        name = torch.load(folder / "state.pt", weights_only=True).get("shards")
-    except Exception as e:  # torch raises many types for a damaged file
-        raise CheckpointError(f"{folder / 'state.pt'}: unreadable ({type(e).__name__}: {str(e)[:200]})") from None
+    whole = f"{folder}: not a sharded checkpoint (its model.safetensors is the whole model)"
+    if not (folder / "state.pt").is_file() and (folder / "model.safetensors").is_file():
+        raise CheckpointError(whole)
+    name = load_state(folder / "state.pt").get("shards")
     if name is None:
-        raise CheckpointError(f"{folder}: not a sharded checkpoint (its model.safetensors is the whole model)")
-    shards = folder / name
+        raise CheckpointError(whole)
+    shards = _shards_folder(folder, name)
     _dcp_files_check(shards)
+    index = read_dcp_index(shards)
     items = [(key, tuple(m.size), m.properties.dtype)
-             for key, m in FileSystemReader(str(shards)).read_metadata().state_dict_metadata.items()
+             for key, m in index.state_dict_metadata.items()
              if key[len("model."):] in keep and isinstance(m, TensorStorageMetadata)]
 
     layout = {key: (shape, dtype) for key, shape, dtype in items}
@@ -361,7 +476,16 @@ def consolidate(folder: str | Path) -> dict:
 
     def produce(key):
         tensor = torch.empty(layout[key][0], dtype=layout[key][1])
-        dcp.load({key: tensor}, storage_reader=FileSystemReader(str(shards)), no_dist=True)
+        try:
+            with _quiet_single_process():
+                dcp.load({key: tensor}, storage_reader=dcp_reader(shards), no_dist=True)
+        except CheckpointError:
+            raise
+        except (Exception, CheckpointException) as e:  # DCP wraps a damaged shard's error in its own
+            files = sorted({info.relative_path for index_key, info in index.storage_data.items()
+                            if index_key.fqn == key})
+            raise CheckpointError(f"{', '.join(str(shards / f) for f in files) or shards}: damaged "
+                                  f"(tensor {key} cannot be read: {_why(e)})") from None
         return tensor
 
     write_safetensors(folder / "model.safetensors", [(k[len("model."):], s, d) for k, s, d in items],
@@ -400,8 +524,9 @@ def save_checkpoint(folder: Path, model: QwenVL, optimizer, loader_state: dict, 
 
 def _save_sharded(folder: Path, model, optimizer, loaders: list, step: int, main: bool, consolidate: bool) -> None:
     """Each rank's shards into a new ``shards-STEP-ID/`` (DCP), then ``state.pt`` naming it
-    (the commit), then the previous shards removed. ``model.safetensors`` of an earlier step is
-    removed first: a folder never holds weights older than its shards."""
+    (the commit), then the previous checkpoint's files removed: its shards, or the whole
+    ``model.safetensors`` of an earlier step (a folder never holds weights older than its shards).
+    A save killed before the commit leaves the previous checkpoint whole."""
     import time
 
     import torch.distributed.checkpoint as dcp
@@ -412,16 +537,23 @@ def _save_sharded(folder: Path, model, optimizer, loaders: list, step: int, main
     name = shared[0]
     if main:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "model.safetensors").unlink(missing_ok=True)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=str(folder / name))
     dist.barrier()
     if main:
         with storage.atomic_path(folder / "state.pt") as tmp:
             torch.save({"shards": name, "loader": loaders, "step": step, "torch_rng": torch.get_rng_state()}, tmp)
+        (folder / "model.safetensors").unlink(missing_ok=True)
         _remove_shards(folder, keep=name)
     if consolidate:
         write_consolidated(folder / "model.safetensors", model, main)
+
+
+def _shards_folder(folder: Path, name) -> Path:
+    """The shards folder ``state.pt`` names: a ``shards-*`` folder beside it, nothing else."""
+    if not isinstance(name, str) or not name.startswith(SHARDS) or "/" in name or "\\" in name or ".." in name:
+        raise CheckpointError(f"{folder / 'state.pt'}: damaged, or not written by qvl (names shards {str(name)[:80]!r})")
+    return folder / name
 
 
 def _remove_shards(folder: Path, keep: str | None) -> None:
@@ -436,14 +568,16 @@ def resume(folder: Path, model: QwenVL, optimizer, loader, fsdp: bool, main: boo
     world size); sharded weights load on any number of processes, sharded or not. Anything
     damaged is one CheckpointError naming the folder (a missing or truncated shard: the file)."""
     from safetensors.torch import load_file, load_model
+    from torch.distributed.checkpoint.api import CheckpointException
 
+    state = load_state(folder / "state.pt")
     try:
-        state = torch.load(folder / "state.pt", weights_only=True)
         if "shards" in state:
-            _load_sharded(folder / state["shards"], model, optimizer)
+            _load_sharded(_shards_folder(folder, state["shards"]), model, optimizer)
         elif fsdp:
             weights = load_file(str(folder / "model.safetensors")) if main else {}
-            parallel.load_full_state(model, optimizer, weights, state["optimizer"] if main else {})
+            parallel.load_full_state(model, optimizer, weights,
+                                     parallel.named_optimizer_state(model, optimizer, state["optimizer"]) if main else {})
         else:
             load_model(model, str(folder / "model.safetensors"))
             optimizer.load_state_dict(state["optimizer"])
@@ -452,9 +586,8 @@ def resume(folder: Path, model: QwenVL, optimizer, loader, fsdp: bool, main: boo
         torch.set_rng_state(state["torch_rng"])
     except CheckpointError:
         raise
-    except Exception as e:  # torch/safetensors raise many types for a damaged file
-        raise CheckpointError(f"{folder}: cannot resume from this checkpoint ({type(e).__name__}: "
-                              f"{' '.join(str(e).split())[:300]})") from None
+    except (Exception, CheckpointException) as e:  # torch/safetensors/DCP raise many types for a damaged file
+        raise CheckpointError(f"{folder}: cannot resume from this checkpoint ({_why(e)})") from None
     return step
 
 
@@ -466,5 +599,6 @@ def _load_sharded(shards: Path, model, optimizer) -> None:
     _dcp_files_check(shards)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optimizer_state}
-    dcp.load(state, checkpoint_id=str(shards), no_dist=not dist.is_initialized())
+    with _quiet_single_process():
+        dcp.load(state, storage_reader=dcp_reader(shards), no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

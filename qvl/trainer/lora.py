@@ -584,7 +584,8 @@ def check_resume_kind(folder: Path, record: dict | None) -> None:
 def resume(folder: Path, model: nn.Module, optimizer, loader, run_record: dict) -> int:
     """Adapters, optimiser, data position and torch RNG of ``save_checkpoint``'s folder, once its
     LoRA record is the run's (same settings, same base by fingerprint: it may have moved); its step."""
-    from qvl.trainer.checkpoint import CheckpointError
+    from qvl.trainer.checkpoint import CheckpointError, load_state
+    from qvl.trainer.checkpoint import _why as why
 
     saved = read_record(folder)
     if saved is None:
@@ -608,15 +609,14 @@ def resume(folder: Path, model: nn.Module, optimizer, loader, run_record: dict) 
         raise CheckpointError(f"{folder}: its LoRA base is {shown(saved.base.path)} ({shown(saved.base.fingerprint[-12:])}), "
                               f"this run's --init {shown(run_record['base']['path'])} another model ({found[-12:]})")
     load_adapters(model, folder / ADAPTERS)
+    state = load_state(folder / "state.pt")  # weights-only; a damaged file is one line without torch's advice
     try:
-        state = torch.load(folder / "state.pt", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         loader.restore(state["loader"])
         torch.set_rng_state(state["torch_rng"])
         return int(state["step"])
-    except Exception as e:  # torch raises many types for a damaged file
-        raise CheckpointError(f"{folder}: cannot resume from this checkpoint ({type(e).__name__}: "
-                              f"{str(e)[:300]})") from None
+    except Exception as e:  # a state.pt of another run
+        raise CheckpointError(f"{folder}: cannot resume from this checkpoint ({why(e)})") from None
 
 
 def count(model: nn.Module) -> int:

@@ -159,6 +159,25 @@ def no_sync(wrapped: nn.Module, world: int, fsdp: bool):
             yield
 
 
+def named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """A whole checkpoint's ``optimizer.state_dict()`` (parameters numbered in the optimiser's
+    order) keyed by parameter names instead, as FSDP's ``set_optimizer_state_dict`` reads it;
+    this run's optimiser is built the same way (``param_groups``), so number i is its i-th
+    parameter. A state already keyed by names passes through."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups = state.get("param_groups", [])
+    numbered = [i for group in groups for i in group.get("params", [])]
+    if not numbered or not all(isinstance(i, int) for i in numbered):
+        return state
+    if sorted(numbered) != list(range(len(params))) or len(groups) != len(optimizer.param_groups):
+        raise ShardingError(f"the checkpoint's optimiser holds {len(numbered)} parameters in {len(groups)} groups, "
+                            f"this run's {len(params)} in {len(optimizer.param_groups)}")
+    fqn = [names[id(p)] for p in params]
+    return {"state": {fqn[i]: value for i, value in state.get("state", {}).items()},
+            "param_groups": [{**group, "params": [fqn[i] for i in group["params"]]} for group in groups]}
+
+
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
                     optim_state: dict) -> None:
     """A whole-model checkpoint (one process or DDP wrote it) into a sharded model: rank 0's

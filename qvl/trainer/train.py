@@ -175,6 +175,7 @@ class Run:
         with the whole ``model.safetensors`` at the run's end."""
         s, stage = self.settings, self.stage
         meta = {"stage": stage.number, "step": self.step, "preset": self.preset.name,
+                "global_batch": stage.micro_batch * stage.accumulation * self.world,
                 "resolution": stage.resolution, "precision": "bf16" if self.bf16 else "fp32", "settings": str(s)}
         if self.lora is not None:
             lora.save_checkpoint(s.out / "checkpoint", self.model, self.optimizer, self.loader.state(), self.step,
@@ -302,6 +303,9 @@ def setup(s: TrainSettings) -> Run:
     tok = load_tokenizer(preset.tokenizer)
     record = lora.record(s.lora, Path(s.init)) if s.lora is not None else lora.refuse_as_init(s.init)
     fsdp = s.fsdp and world > 1
+    if s.fsdp and world == 1:
+        say("notice: --fsdp shards the model over the processes of torchrun (--nproc_per_node 2 or more); "
+            "this run is one process, unsharded")
     bf16 = use_bf16(s.precision, device)
     model = _build_model(s, preset, stage, tok, record, device, fsdp, bf16, world)
     wrapped = model if fsdp else parallel.wrap(model, world)
@@ -315,9 +319,15 @@ def setup(s: TrainSettings) -> Run:
             lora.check_resume_kind(s.out / "checkpoint", record)
             run.step = lora.resume(s.out / "checkpoint", model, optimizer, loader, record) if record else \
                 resume(s.out / "checkpoint", model, optimizer, loader, fsdp, main)
+            before = read_meta(s.out / "checkpoint").global_batch
         except CheckpointError as e:
             raise RunError(f"{e}; --overwrite starts the run again") from None
         say(f"resumed at step {run.step}")
+        now = stage.micro_batch * stage.accumulation * world
+        if before is not None and before != now:
+            say(f"notice: the global batch changed from {before} to {now} rows per step (micro-batch "
+                f"{stage.micro_batch} x accumulation {stage.accumulation} x {world} processes); --accumulation "
+                "keeps it")
         if main and metrics_path.exists():  # drop lines past the checkpoint: the curve continues exactly
             storage.write_text(metrics_path, "".join(line + "\n" for line in _metrics_until(metrics_path, run.step)))
     elif main and metrics_path.exists():

@@ -5,6 +5,8 @@ offload and activation checkpointing — and bf16's master weights."""
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -25,9 +27,19 @@ import json, sys
 from pathlib import Path
 from qvl.trainer.settings import TrainSettings
 from qvl.trainer.train import train
-kwargs = json.loads(sys.argv[1])
-train(TrainSettings(**{**kwargs, "out": Path(kwargs["out"]), "data": Path(kwargs["data"])}))
+for kwargs in json.loads(sys.argv[1]):  # runs one after another in the same processes
+    train(TrainSettings(**{**kwargs, "out": Path(kwargs["out"]), "data": Path(kwargs["data"])}))
 """
+
+
+class Exploit:
+    """A pickle that runs a command when loaded."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"echo code-ran > {self.path}",)
 
 
 def losses(run: Path) -> list[float]:
@@ -38,11 +50,13 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "checkpoint" / "model.safetensors"))
 
 
-def torchrun(tmp_path: Path, port: int, **settings) -> None:
+def torchrun(tmp_path: Path, port: int, *more: dict, **settings) -> None:
+    """A run on 2 ranks; ``more``: runs after it in the same processes (a launch costs seconds)."""
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(port), str(script), json.dumps(settings, default=str)],
+                           "127.0.0.1", "--master_port", str(port), str(script),
+                           json.dumps([settings, *more], default=str)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -56,8 +70,10 @@ def test_sharded_runs_resume_anywhere_and_consolidate(micro, tmp_path):
     - 4 steps in one go (activation checkpointing and CPU offload on) equal 2 steps, then a
       resume from the sharded checkpoint to 4 (both off): same losses, same weights;
     - the step-2 checkpoint resumes in one process (no FSDP) with the next step's loss, a later
-      save killed while writing its shards beside it;
-    - the end-of-run model.safetensors equals `qvl convert consolidate` of the shards."""
+      save killed while writing its shards beside it; that one-process checkpoint (whole weights,
+      AdamW state keyed by numbers) resumes on 2 ranks under FSDP and saves sharded;
+    - the end-of-run model.safetensors equals `qvl convert consolidate` of the shards; a crafted
+      .metadata or state.pt runs nothing, damaged shards, index or state.pt are one line each."""
     train(TrainSettings(stage=1, data=micro["multitask"], out=tmp_path / "s1", preset=micro["preset"], max_steps=1,
                         log=False))
     init = tmp_path / "s1" / "checkpoint"
@@ -67,7 +83,22 @@ def test_sharded_runs_resume_anywhere_and_consolidate(micro, tmp_path):
              cpu_offload=True, **common)
     torchrun(tmp_path, 29542, out=tmp_path / "split", max_steps=2, fsdp=True, **common)
     shutil.copytree(tmp_path / "split", tmp_path / "one")
-    torchrun(tmp_path, 29543, out=tmp_path / "split", max_steps=4, fsdp=True, resume=True, **common)
+
+    killed = tmp_path / "one" / "checkpoint" / "shards-000000004-dead"  # a save killed while writing
+    killed.mkdir()
+    (killed / "__0_0.distcp").write_bytes(b"half")
+    train(TrainSettings(out=tmp_path / "one", max_steps=3, resume=True, overrides={"accumulation": 2}, **common))
+    assert not killed.exists() and not list((tmp_path / "one" / "checkpoint").glob("shards-*"))
+    assert losses(tmp_path / "one")[:2] == losses(tmp_path / "whole")[:2]
+    assert losses(tmp_path / "one")[2] == pytest.approx(losses(tmp_path / "whole")[2], rel=2e-3)
+
+    # 2 -> 2 resumed; in the same launch the one-process checkpoint (whole weights, AdamW state
+    # numbered) resumed on 2 ranks under FSDP, its next save sharded
+    torchrun(tmp_path, 29543, dict(out=tmp_path / "one", max_steps=4, fsdp=True, resume=True, **common),
+             out=tmp_path / "split", max_steps=4, fsdp=True, resume=True, **common)
+    assert losses(tmp_path / "one")[3] == pytest.approx(losses(tmp_path / "whole")[3], rel=5e-3)
+    assert len(list((tmp_path / "one" / "checkpoint").glob("shards-000000004-*"))) == 1
+    assert torch.load(tmp_path / "one" / "checkpoint" / "state.pt", weights_only=True)["step"] == 4
 
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
     whole, split = weights(tmp_path / "whole"), weights(tmp_path / "split")
@@ -83,14 +114,6 @@ def test_sharded_runs_resume_anywhere_and_consolidate(micro, tmp_path):
     assert whole["vision.vit.positional_embedding"].shape[0] == 1 + 6 * 6
     assert losses(tmp_path / "eager") == pytest.approx(losses(tmp_path / "whole")[:2], rel=2e-3)
 
-    killed = tmp_path / "one" / "checkpoint" / "shards-000000004-dead"  # a save killed while writing
-    killed.mkdir()
-    (killed / "__0_0.distcp").write_bytes(b"half")
-    train(TrainSettings(out=tmp_path / "one", max_steps=3, resume=True, overrides={"accumulation": 2}, **common))
-    assert not killed.exists() and not list((tmp_path / "one" / "checkpoint").glob("shards-*"))
-    assert losses(tmp_path / "one")[:2] == losses(tmp_path / "whole")[:2]
-    assert losses(tmp_path / "one")[2] == pytest.approx(losses(tmp_path / "whole")[2], rel=2e-3)
-
     checkpoint = tmp_path / "whole" / "checkpoint"
     (checkpoint / "model.safetensors").rename(tmp_path / "gathered.safetensors")
     with pytest.raises(CheckpointError, match=f"{checkpoint}: holds sharded weights only .*; "
@@ -104,7 +127,38 @@ def test_sharded_runs_resume_anywhere_and_consolidate(micro, tmp_path):
     assert all(torch.equal(consolidated[k], gathered[k]) for k in gathered)
     load_checkpoint(checkpoint)
 
+    # hostile or damaged files: one line naming the file, nothing run, no advice to unpickle
+    shards = next(checkpoint.glob("shards-*"))
+    index = (shards / ".metadata").read_bytes()
+
+    def consolidate_fails(expected: str, *also: str) -> None:
+        done = CliRunner().invoke(app, ["convert", "consolidate", str(checkpoint)])
+        assert done.exit_code == 1 and len(done.output.strip().splitlines()) == 1, done.output
+        assert done.output.startswith(f"error: {expected}") and "weights_only" not in done.output, done.output
+        assert all(fragment in done.output for fragment in also), done.output
+
+    (shards / ".metadata").write_bytes(pickle.dumps(Exploit(tmp_path / "PWNED")))
+    consolidate_fails(f"{shards / '.metadata'}: not a DCP index qvl reads: it refers to posix.system")
+    assert not (tmp_path / "PWNED").exists()
+    (shards / ".metadata").write_bytes(b"\x80\x04garbage")
+    consolidate_fails(f"{shards / '.metadata'}: damaged, or not a DCP index")
+    (shards / ".metadata").write_bytes(index)
+    (shards / "__0_0.distcp").write_bytes(b"\0" * (shards / "__0_0.distcp").stat().st_size)
+    consolidate_fails(f"{shards / '__0_0.distcp'}", ": damaged (tensor model.")
+    (checkpoint / "state.pt").write_bytes(pickle.dumps(Exploit(tmp_path / "PWNED")))
+    consolidate_fails(f"{checkpoint / 'state.pt'}: damaged, or not written by qvl")
+    assert not (tmp_path / "PWNED").exists()
+    (checkpoint / "state.pt").unlink()
+    consolidate_fails(f"{checkpoint}: not a sharded checkpoint (its model.safetensors is the whole model)")
+
     damaged = tmp_path / "split" / "checkpoint"
+    index = next(damaged.glob("shards-*")) / ".metadata"
+    saved = index.read_bytes()
+    index.write_bytes(pickle.dumps(Exploit(tmp_path / "PWNED")))
+    with pytest.raises(RunError, match=f"{index}: not a DCP index qvl reads: it refers to posix.system"):
+        train(TrainSettings(out=tmp_path / "split", max_steps=5, resume=True, **common))
+    assert not (tmp_path / "PWNED").exists()
+    index.write_bytes(saved)
     shard = next(damaged.glob("shards-*")) / "__1_0.distcp"
     shard.unlink()
     with pytest.raises(RunError, match=f"{shard}: missing \\(a shard of this checkpoint\\)"):
@@ -133,6 +187,45 @@ def test_sharded_build_from_an_llm_folder_is_the_whole_build(micro, tmp_path):
     assert done.exit_code == 1
     assert done.output.strip() == f"error: {tmp_path / 'one' / 'checkpoint'}: not a sharded checkpoint (its " \
                                   "model.safetensors is the whole model)"
+
+
+def test_one_process_notices(micro, tmp_path, capsys):
+    """--fsdp on one process says it runs unsharded; a resume with another global batch says so."""
+    common = dict(stage=2, data=micro["multitask"], out=tmp_path, preset=micro["preset"], data_workers=0,
+                  progress=False)
+    train(TrainSettings(max_steps=1, fsdp=True, **common))
+    assert "notice: --fsdp shards the model over the processes of torchrun" in capsys.readouterr().out
+    train(TrainSettings(max_steps=2, resume=True, overrides={"accumulation": 2}, **common))
+    out = capsys.readouterr().out
+    assert "notice: the global batch changed from " in out and "--fsdp" not in out
+
+
+def test_a_sharded_save_killed_before_its_commit_keeps_the_whole_checkpoint(tmp_path, monkeypatch):
+    """A whole checkpoint (one process wrote it) resumed under FSDP: its next save, killed while
+    writing shards, leaves model.safetensors and state.pt as they were (1-rank gloo group)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from qvl.trainer.checkpoint import _save_sharded
+
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    for name in ("model.safetensors", "state.pt"):
+        (folder / name).write_bytes(b"step 2")
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dcp, "save", killed)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _save_sharded(folder, model, optimizer, [{}], 4, True, False)
+    finally:
+        dist.destroy_process_group()
+    assert all((folder / name).read_bytes() == b"step 2" for name in ("model.safetensors", "state.pt"))
 
 
 def test_cpu_offload_needs_fsdp(micro, tmp_path):
