@@ -33,7 +33,6 @@ class TrainSettings:
     resume: bool = False
     overwrite: bool = False  # replace the run in ``out`` (its checkpoint, metrics and plot)
     llm: str | None = None  # local Hugging Face folder (real preset)
-    vision_weights: Path | None = None  # open_clip checkpoint (.safetensors) for the real preset
     seed: int = 0
     checkpoint_every: int = 100
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimiser state (else DDP)
