@@ -14,12 +14,15 @@ def test_demo_runs_every_stage_and_writes_eval(tmp_path):
     report = json.loads((tmp_path / "curated" / "report.json").read_text())
     assert report["accounted"] and report["input_rows"] == 300 * 3 + 150
     evaluation = json.loads((tmp_path / "eval.json").read_text())
-    for key in ("grounding_acc", "grounding_acc_untrained", "chat_caption_em"):
+    for key in ("grounding_acc", "grounding_acc_untrained", "chat_caption_em", "lora_grounding_acc",
+                "stage2_chat_grounding_acc"):
         assert 0.0 <= evaluation[key] <= 1.0
     assert set(evaluation["stage2"]) == {"grounding_acc", "caption_em", "vqa_em"}
     assert evaluation["held_out_images"] == 6 and evaluation["examples"]
     for stage in (1, 2, 3):
         assert (tmp_path / "learn" / f"stage{stage}" / "checkpoint" / "model.safetensors").is_file()
+    lora_run = tmp_path / "learn" / "stage3-lora" / "checkpoint"
+    assert (lora_run / "adapter.safetensors").is_file() and not (lora_run / "model.safetensors").exists()
     assert "grounding accuracy" in results["summary"]
     # the demo's stage-2 grounding is `qvl eval grounding` on its held-out set: the same figure from the CLI
     from typer.testing import CliRunner
@@ -51,6 +54,8 @@ def test_the_demo_learns_what_the_readme_says(tmp_path):
     assert result["grounding_acc"] >= 0.8 and result["grounding_acc_untrained"] <= 0.1, result
     assert result["stage2"]["grounding_acc"] >= 0.8 and result["stage2_untrained"]["grounding_acc"] <= 0.1, result
     assert result["chat_caption_em"] >= 0.8 and result["held_out_images"] == 200
+    # LoRA (the release's r 64, alpha 16) teaches the stage-2 model the chat form, as a full stage 3 does
+    assert result["lora_grounding_acc"] >= 0.6 and result["stage2_chat_grounding_acc"] <= 0.1, result
     world = tmp_path / "learn" / "world"
     again = CliRunner().invoke(app, ["eval", "grounding", "--data", str(world / "held.jsonl"), "--predictions",
                                      str(tmp_path / "learn" / "eval" / "final-chat" / "answers.jsonl"),

@@ -37,6 +37,7 @@ from qvl.formats.tokenizers import load_tokenizer
 from qvl.trainer.checkpoint import load_checkpoint
 from qvl.trainer.data import load_image
 from qvl.trainer.generate import chat_prompt_ids, greedy_batch, prompt_ids
+from qvl.trainer.lora import LoraSettings
 from qvl.trainer.model import QwenVL
 from qvl.trainer.preset import load_preset
 from qvl.trainer.settings import TrainSettings
@@ -53,6 +54,7 @@ class DemoWorld:
     steps: tuple[int, int, int] = (100, 300, 150)
     micro_batch: tuple[int, int, int] = (32, 64, 16)  # images a step, stages 1-3 (the tiny preset's)
     lr: tuple[float, float, float] = (1.5e-3, 1.5e-3, 5e-4)  # peak learning rates, stages 1-3 (the tiny preset's)
+    lora_lr: float = 2e-3  # stage 3 again with LoRA (the release's r 64, alpha 16) from stage 2: adapters want more
     seed: int = 2  # when *where* is learnt depends on the seed (module docstring): 2 learns it in time
 
 
@@ -199,6 +201,13 @@ def run_learning_demo(out: Path, eval_path: Path, world: DemoWorld | None = None
                                 seed=world.seed, log=False, progress=show_progress, overwrite=True,
                                 overrides={"micro_batch": world.micro_batch[stage - 1], "lr": world.lr[stage - 1]}))
         init = run / "checkpoint"
+    # stage 3 again as most people fine-tune Qwen-VL-Chat: LoRA with the release's defaults, from stage 2
+    log(f"training stage 3 with LoRA for {world.steps[2]} steps ...")
+    with timed(seconds, "stage 3 LoRA", log):
+        train(TrainSettings(stage=3, data=shards["sft"], out=out / "stage3-lora", init=out / "stage2" / "checkpoint",
+                            max_steps=world.steps[2], seed=world.seed, log=False, progress=show_progress,
+                            overwrite=True, lora=LoraSettings(),
+                            overrides={"micro_batch": world.micro_batch[2], "lr": world.lora_lr}))
     # the same model before any step: the baseline every figure is held against
     train(TrainSettings(stage=2, data=shards["stage2"], out=out / "untrained", preset="tiny", max_steps=0,
                         seed=world.seed, log=False, overwrite=True))
@@ -221,8 +230,9 @@ def _evaluate(out: Path, files: dict, init: Path, preset, world: DemoWorld) -> d
     tok = load_tokenizer(preset.tokenizer)
     resolution = json.loads((init / "meta.json").read_text())["resolution"]
     held = files["held"]
+    checkpoints["lora"] = out / "stage3-lora" / "checkpoint"
     chat = {name: grounding(checkpoints[name], files, out / "eval" / f"{name}-chat", chat=True)
-            for name in ("final", "untrained")}
+            for name in ("final", "untrained", "lora", "stage2")}
     stage2 = {name: {"grounding_acc": grounding(checkpoints[name], files, out / "eval" / f"{name}-referring",
                                                 chat=False)["accuracy"],
                      **evaluate_multitask(models[name], tok, held, resolution)} for name in ("stage2", "untrained")}
@@ -230,6 +240,9 @@ def _evaluate(out: Path, files: dict, init: Path, preset, world: DemoWorld) -> d
         # the finished model (stage 3), asked as a user would: "Where is the red circle?"
         "grounding_acc": chat["final"]["accuracy"],
         "grounding_acc_untrained": chat["untrained"]["accuracy"],
+        # stage 3 with LoRA instead, beside the stage-2 model it adapts, both asked in chat
+        "lora_grounding_acc": chat["lora"]["accuracy"],
+        "stage2_chat_grounding_acc": chat["stage2"]["accuracy"],
         "chat_caption_em": chat_caption(models["final"], tok, held, resolution),
         "chat_caption_em_untrained": chat_caption(models["untrained"], tok, held, resolution),
         # the stage-2 model on the paper's referring prompt (through `qvl eval grounding`) and multitask prompts

@@ -49,5 +49,6 @@ def run_demo(out: Path, rows_per_shard: int = 4000, show_progress: bool = True, 
             f"(untrained {learned['grounding_acc_untrained']:.2f}), caption exact match "
             f"{learned['chat_caption_em']:.2f}; stage 2 on the multitask prompts: grounding "
             f"{learned['stage2']['grounding_acc']:.2f}, caption {learned['stage2']['caption_em']:.2f}, "
-            f"VQA {learned['stage2']['vqa_em']:.2f}")
+            f"VQA {learned['stage2']['vqa_em']:.2f}; stage 3 with LoRA instead: grounding "
+            f"{learned['lora_grounding_acc']:.2f} (the stage-2 model in chat {learned['stage2_chat_grounding_acc']:.2f})")
     return results
