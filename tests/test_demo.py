@@ -23,6 +23,19 @@ def test_demo_runs_every_stage_and_writes_eval(tmp_path):
         assert (tmp_path / "learn" / f"stage{stage}" / "checkpoint" / "model.safetensors").is_file()
     lora_run = tmp_path / "learn" / "stage3-lora" / "checkpoint"
     assert (lora_run / "adapter.safetensors").is_file() and not (lora_run / "model.safetensors").exists()
+    # the tiny preset ties embeddings and lm_head: LoRA on the base trains one copy of both, and the merge keeps them tied
+    import torch
+
+    from qvl.trainer.checkpoint import load_checkpoint as load_whole
+    from qvl.trainer.lora import load_checkpoint, write_merged
+
+    adapted = load_checkpoint(lora_run)[0]
+    write_merged(lora_run, tmp_path / "merged")
+    merged = load_whole(tmp_path / "merged")[0]
+    assert merged.llm.lm_head.weight is merged.llm.model.embed_tokens.weight
+    ids = torch.arange(40).reshape(1, 40)
+    with torch.no_grad():
+        assert torch.allclose(adapted(ids, None), merged(ids, None), atol=1e-5)
     assert "grounding accuracy" in results["summary"]
     # the demo's stage-2 grounding is `qvl eval grounding` on its held-out set: the same figure from the CLI
     from typer.testing import CliRunner

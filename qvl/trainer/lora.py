@@ -230,7 +230,9 @@ def apply(model: nn.Module, lora: LoraSettings, saved: tuple[str, ...], device: 
         prepare_model_for_kbit_training(model.llm, use_gradient_checkpointing=False)  # qvl's own checkpointing
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
                         target_modules=[name for t in lora.targets for name in TO_QVL[t]],
-                        modules_to_save=[name for release in saved for name in TO_QVL[release]] or None)
+                        modules_to_save=[name for release in saved for name in TO_QVL[release]] or None,
+                        # a preset whose LLM ties embeddings and lm_head (tiny) keeps one trained copy of both
+                        ensure_weight_tying=bool(getattr(model.llm.config, "tie_word_embeddings", False)))
     tuner = LoraModel(model.llm, config, ADAPTER)
     _share_fused(model.llm, [TO_QVL[t] for t in lora.targets])
     return tuner
@@ -469,8 +471,11 @@ def write_merged(checkpoint: Path, out: Path, base: Path | None = None, dtype: t
 
     from qvl.common import remote
 
+    from qvl.trainer.checkpoint import saved_names
+
     model, preset, _, meta = load(checkpoint, None, base)
-    weights = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    weights = {k: (state[k].to(dtype) if dtype else state[k]).contiguous() for k in saved_names(model)}  # tied: once
     with storage.atomic_path(out / "model.safetensors") as tmp:
         save_file(weights, str(tmp), metadata={"format": "pt"})
     storage.write_json(out / "preset.json", preset.to_dict())
