@@ -88,11 +88,16 @@ class LoraSettings:
     q_lora: bool = False  # the base's linear layers in 4-bit NF4 (bitsandbytes)
 
 
+def check_stage(stage: int, option: str = "--lora") -> None:
+    """LoRA adapts the LLM: stage 1, where the LLM is frozen, has nothing for it (train and plan)."""
+    if stage == 1:
+        raise LoraError(f"{option}: stage 1 trains the ViT and adapter with the LLM frozen; LoRA adapts the LLM "
+                        "(use --stage 2 or 3)")
+
+
 def check(lora: LoraSettings, stage: int, init, fsdp: bool) -> None:
     """Each LoRA option in range, and a run it can apply to; one line naming the option."""
-    if stage == 1:
-        raise LoraError("--lora: stage 1 trains the ViT and adapter with the LLM frozen; LoRA adapts the LLM "
-                            "(use --stage 2 or 3)")
+    check_stage(stage)
     if init is None:
         raise LoraError("--lora needs --init: the base or chat checkpoint the adapters apply to "
                             "(e.g. qvl convert from-qwen-vl's --out)")

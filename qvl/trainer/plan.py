@@ -85,9 +85,11 @@ def check_plan(s: PlanSettings) -> None:
             raise PlanError(f"{option} {value!r}: from {low:,} to {high:,}")
     if s.cpu_offload and s.mode != "full":
         raise PlanError("--cpu-offload: for full training under FSDP (LoRA keeps one model per GPU)")
-    if s.mode != "full" and s.stage == 1:
-        raise PlanError(f"--{s.mode}: stage 1 trains the ViT and adapter with the LLM frozen; LoRA adapts the LLM "
-                        "(use --stage 2 or 3)")
+    if s.mode != "full":
+        try:
+            lora.check_stage(s.stage, f"--{s.mode}")
+        except lora.LoraError as e:
+            raise PlanError(str(e)) from None
     if s.lora_base and s.mode == "full":
         raise PlanError("--lora-base: with --lora")
     if s.lora_base and s.mode == "q-lora":
