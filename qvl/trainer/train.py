@@ -422,6 +422,11 @@ def loop(run: Run) -> None:
 
 
 def train(s: TrainSettings) -> dict:
+    """One stage's run. Under torchrun it joins the process group and leaves it at the end,
+    unless the caller joined one already: then it is used and kept, which is how to call
+    ``train`` twice in one process (torch re-joining a group it left in the same launch reads
+    the last group's rendezvous and can hang)."""
+    own_group = not dist.is_initialized()
     run = setup(s)
     loop(run)
     run.save()  # the final weights, also for a zero-step run (a stage's starting point)
@@ -429,7 +434,8 @@ def train(s: TrainSettings) -> dict:
         plot_loss(s.out / "metrics.jsonl", s.out / "loss.png")
     if run.world > 1:
         dist.barrier()
-        dist.destroy_process_group()
+        if own_group:
+            dist.destroy_process_group()
     return {"steps": run.step, "out": str(s.out)}
 
 

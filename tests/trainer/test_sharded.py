@@ -25,10 +25,13 @@ from qvl.trainer.train import RunError, train
 SCRIPT = """
 import json, sys
 from pathlib import Path
+import torch.distributed as dist
 from qvl.trainer.settings import TrainSettings
 from qvl.trainer.train import train
-for kwargs in json.loads(sys.argv[1]):  # runs one after another in the same processes
+dist.init_process_group("gloo")  # joined once: runs one after another in the same processes keep it
+for kwargs in json.loads(sys.argv[1]):
     train(TrainSettings(**{**kwargs, "out": Path(kwargs["out"]), "data": Path(kwargs["data"])}))
+dist.destroy_process_group()
 """
 
 
@@ -70,7 +73,8 @@ def test_sharded_runs_resume_anywhere_and_consolidate(micro, tmp_path):
     - 4 steps in one go (activation checkpointing and CPU offload on) equal 2 steps, then a
       resume from the sharded checkpoint to 4 (both off): same losses, same weights;
     - the step-2 checkpoint resumes in one process (no FSDP) with the next step's loss, a later
-      save killed while writing its shards beside it;
+      save killed while writing its shards beside it; that one-process checkpoint (whole weights,
+      AdamW state keyed by numbers) resumes on 2 ranks under FSDP and saves sharded;
     - the end-of-run model.safetensors equals `qvl convert consolidate` of the shards; a crafted
       .metadata or state.pt runs nothing, damaged shards, index or state.pt are one line each."""
     train(TrainSettings(stage=1, data=micro["multitask"], out=tmp_path / "s1", preset=micro["preset"], max_steps=1,
@@ -91,9 +95,13 @@ def test_sharded_runs_resume_anywhere_and_consolidate(micro, tmp_path):
     assert losses(tmp_path / "one")[:2] == losses(tmp_path / "whole")[:2]
     assert losses(tmp_path / "one")[2] == pytest.approx(losses(tmp_path / "whole")[2], rel=2e-3)
 
-    # 2 -> 2 resumed. (The one-process checkpoint resumed on 2 ranks under FSDP passed here several
-    # times but hung once in a fresh-clone run on a loaded machine: out of the suite until diagnosed.)
-    torchrun(tmp_path, 29543, out=tmp_path / "split", max_steps=4, fsdp=True, resume=True, **common)
+    # 2 -> 2 resumed; in the same launch the one-process checkpoint (whole weights, AdamW state
+    # numbered) resumed on 2 ranks under FSDP, its next save sharded
+    torchrun(tmp_path, 29543, dict(out=tmp_path / "one", max_steps=4, fsdp=True, resume=True, **common),
+             out=tmp_path / "split", max_steps=4, fsdp=True, resume=True, **common)
+    assert losses(tmp_path / "one")[3] == pytest.approx(losses(tmp_path / "whole")[3], rel=5e-3)
+    assert len(list((tmp_path / "one" / "checkpoint").glob("shards-000000004-*"))) == 1
+    assert torch.load(tmp_path / "one" / "checkpoint" / "state.pt", weights_only=True)["step"] == 4
 
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
     whole, split = weights(tmp_path / "whole"), weights(tmp_path / "split")
