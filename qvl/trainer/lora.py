@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qvl.common import storage
+from qvl.common import remote, storage
 from qvl.errors import QvlError
 
 ADAPTERS = "adapter.safetensors"
@@ -382,7 +382,8 @@ class _Meta(msgspec.Struct):
 
 
 def record(lora: LoraSettings, init: Path) -> dict:
-    """What a run's checkpoint says about its adapters (``LoraRecord``), for the --init base."""
+    """What a run's checkpoint says about its adapters (``LoraRecord``), for the --init base
+    (recorded by its URL where it came from a bucket: the local mirror differs between machines)."""
     if not (init / "model.safetensors").is_file():
         raise LoraError(f"--init {init}: no model.safetensors (a LoRA run's checkpoint holds its adapters only; "
                         "qvl convert merge makes a base of it)")
@@ -390,7 +391,7 @@ def record(lora: LoraSettings, init: Path) -> dict:
     chat = lora.chat if lora.chat is not None else is_chat(init, converted if isinstance(converted, str) else None)
     return {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(lora.targets),
             "modules_to_save": list(modules_to_save(lora, chat)), "chat": chat, "q_lora": lora.q_lora,
-            "base": {"path": str(init.resolve()), "fingerprint": fingerprint(init / "model.safetensors")}}
+            "base": {"path": remote.origin(init), "fingerprint": fingerprint(init / "model.safetensors")}}
 
 
 def read_record(folder: Path) -> LoraRecord | None:
@@ -413,8 +414,13 @@ def shown(path) -> str:
 
 def base_of(folder: Path, rec: LoraRecord, base: Path | None) -> Path:
     """The base checkpoint of a LoRA checkpoint: ``base`` (--base) or the recorded one, checked
-    against the recorded fingerprint."""
-    chosen = Path(base) if base is not None else Path(rec.base.path)
+    against the recorded fingerprint; a recorded URL is fetched (or its mirror reused)."""
+    if base is not None:
+        chosen = Path(base)
+    elif remote.is_remote(rec.base.path):
+        chosen = remote.input_folder(rec.base.path, show_progress=False)
+    else:
+        chosen = Path(rec.base.path)
     weights = chosen / "model.safetensors"
     recorded = shown(rec.base.path)
     if not weights.is_file():
@@ -474,7 +480,6 @@ def write_merged(checkpoint: Path, out: Path, base: Path | None = None, dtype: t
     """A LoRA checkpoint merged into its base, written as a plain qvl checkpoint folder."""
     from safetensors.torch import save_file
 
-    from qvl.common import remote
 
     from qvl.trainer.checkpoint import saved_names
 
@@ -591,7 +596,7 @@ def check_resume_kind(folder: Path, record: dict | None) -> None:
                               "--lora-* settings, to resume it")
 
 
-def resume(folder: Path, model: nn.Module, optimizer, loader, run_record: dict) -> int:
+def resume(folder: Path, model: nn.Module, optimizer, loader, run_record: dict, init: Path) -> int:
     """Adapters, optimiser, data position and torch RNG of ``save_checkpoint``'s folder, once its
     LoRA record is the run's (same settings, same base by fingerprint: it may have moved); its step."""
     from qvl.trainer.checkpoint import CheckpointError, load_state
@@ -611,7 +616,7 @@ def resume(folder: Path, model: nn.Module, optimizer, loader, run_record: dict) 
     if saved_rec["targets"] != run_record["targets"]:
         raise CheckpointError(f"{folder}: its LoRA targets are {saved_rec['targets']!r}, this run's "
                               f"{run_record['targets']!r}")
-    base = Path(run_record["base"]["path"]) / "model.safetensors"
+    base = init / "model.safetensors"
     found = run_record["base"]["fingerprint"]
     if saved.base.fingerprint.split(":")[0] != found.split(":")[0]:
         found = fingerprint_as(base, saved.base.fingerprint)

@@ -317,7 +317,7 @@ def setup(s: TrainSettings) -> Run:
     if s.resume:
         try:
             lora.check_resume_kind(s.out / "checkpoint", record)
-            run.step = lora.resume(s.out / "checkpoint", model, optimizer, loader, record) if record else \
+            run.step = lora.resume(s.out / "checkpoint", model, optimizer, loader, record, Path(s.init)) if record else \
                 resume(s.out / "checkpoint", model, optimizer, loader, fsdp, main)
             before = read_meta(s.out / "checkpoint").global_batch
         except CheckpointError as e:

@@ -436,3 +436,24 @@ def test_a_nan_loss_and_plan_refusals_are_one_line(world, tmp_path, monkeypatch)
     last = result.output.splitlines()[-1]  # after train's header line
     assert result.exit_code == 1 and last.startswith("error: step 0: loss is nan on samples"), result.output
     assert "Traceback" not in result.output
+
+
+def test_a_base_from_a_bucket_is_recorded_by_its_url(world, s3, tmp_path):
+    """--init s3://…: the record names the URL, not this machine's mirror of it; on "another
+    machine" (the mirror gone) loading the adapters fetches the base from the bucket again."""
+    from qvl.common import remote
+
+    shutil.copytree(world["chat"], tmp_path / "chat")
+    url = s3.bucket() + "/runs/chat"
+    remote.publish(tmp_path / "chat", url, show_progress=False)
+    done = runner.invoke(app, ["train", "--stage", "3", "--lora", "--init", url, "--data", str(world["sft"]),
+                               "--out", str(tmp_path / "run"), "--max-steps", "1", "--micro-batch", "1",
+                               "--accumulation", "1", "--data-workers", "0", "--no-progress"])
+    assert done.exit_code == 0, done.output
+    checkpoint = tmp_path / "run" / "checkpoint"
+    assert json.loads((checkpoint / "meta.json").read_text())["lora"]["base"]["path"] == url
+    shutil.rmtree(remote.cache_root())
+    fetched = load_checkpoint(checkpoint)[0].state_dict()
+    assert (remote.cache_root() / "mirror").is_dir()
+    local = load_checkpoint(checkpoint, base=tmp_path / "chat")[0].state_dict()
+    assert fetched.keys() == local.keys() and all(torch.equal(fetched[k], local[k]) for k in local)
