@@ -428,8 +428,11 @@ def train(s: TrainSettings) -> dict:
     the last group's rendezvous and can hang)."""
     own_group = not dist.is_initialized()
     run = setup(s)
-    loop(run)
-    run.save()  # the final weights, also for a zero-step run (a stage's starting point)
+    try:
+        loop(run)
+        run.save()  # the final weights, also for a zero-step run (a stage's starting point)
+    finally:
+        run.loader.close()
     if run.main and (s.out / "metrics.jsonl").exists():
         plot_loss(s.out / "metrics.jsonl", s.out / "loss.png")
     if run.world > 1:

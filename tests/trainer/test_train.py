@@ -76,6 +76,27 @@ def test_init_from_previous_stage_and_bad_data(micro, tmp_path):
                             max_steps=1, log=False))
 
 
+def test_a_run_leaves_no_loader_processes_behind(micro, tmp_path, monkeypatch):
+    """The loader's workers stop when the run ends, finished or failed (left to the garbage
+    collector, each lingered, then took its 5 s join timeout)."""
+    import multiprocessing
+
+    from qvl.trainer import train as trainer
+
+    before = {p.pid for p in multiprocessing.active_children()}
+    common = dict(stage=2, data=micro["multitask"], preset=micro["preset"], max_steps=2, data_workers=2, log=False)
+    train(TrainSettings(out=tmp_path / "done", **common))
+    assert {p.pid for p in multiprocessing.active_children()} == before
+
+    def disk_full(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer.Run, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        train(TrainSettings(out=tmp_path / "failed", **common))
+    assert {p.pid for p in multiprocessing.active_children()} == before
+
+
 @pytest.mark.parametrize("fsdp, port", [(False, 29533), (True, 29534)])
 def test_two_processes_give_the_loss_of_one(micro, tmp_path, fsdp, port):
     """torchrun with 2 CPU processes (gloo; DDP or FSDP) and micro-batch 4 sees the rows that
