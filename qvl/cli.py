@@ -864,17 +864,23 @@ def convert_to(
                   f"{done['bytes'] / 1e9:.2f} GB -> {_url(out)}")
 
 
-@convert_app.command("consolidate")
+@convert_app.command("consolidate", writes=("out",))  # the checkpoint is fetched below, once --out is known fine
 def convert_consolidate(
-    checkpoint: Annotated[Path, typer.Argument(help="a local checkpoint folder of an FSDP run (holds shards-*/)")],
+    checkpoint: Annotated[Path, typer.Argument(help="the checkpoint folder of an FSDP run (holds shards-*/), or its URL")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="a new checkpoint folder (or URL) for the whole weights; "
+                                                     "default: beside the shards (a local checkpoint only)")] = None,
 ) -> None:
     """Write an FSDP checkpoint's whole weights (model.safetensors, for generate, eval, --init and
     to-qwen-vl) from its shards, one tensor at a time; a run that ends writes it itself."""
+    from qvl.common import remote
     from qvl.trainer.checkpoint import consolidate
 
-    done = consolidate(checkpoint)
+    if out is None and remote.is_remote(checkpoint):
+        _fail(f"{remote.location(checkpoint)}: a checkpoint in a bucket is read, not changed: give --out (a folder or "
+              "URL for the whole weights)")
+    done = consolidate(remote.input_any(checkpoint), out)
     console.print(f"[green]{done['tensors']:,}[/] tensors, {done['parameters'] / 1e9:.3f}B parameters "
-                  f"-> {done['out']}")
+                  f"-> {_url(out) + '/model.safetensors' if out is not None else done['out']}")
 
 
 eval_app = _App(help="Score a checkpoint the way the Qwen-VL paper did (RefCOCO, COCO captions, VQAv2 ...).",

@@ -441,9 +441,10 @@ def _dcp_files_check(folder: Path) -> None:
             raise CheckpointError(f"{path}: truncated ({path.stat().st_size:,} bytes, its index needs {size:,})")
 
 
-def consolidate(folder: str | Path) -> dict:
+def consolidate(folder: str | Path, out: str | Path | None = None) -> dict:
     """``model.safetensors`` of an FSDP run's checkpoint folder from its shards, in one process,
-    one tensor at a time (the optimiser state is not read)."""
+    one tensor at a time (the optimiser state is not read): beside them, or with ``out`` a new
+    checkpoint folder of whole weights (its ``preset.json`` and ``meta.json`` the run's)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -488,10 +489,16 @@ def consolidate(folder: str | Path) -> dict:
                                   f"(tensor {key} cannot be read: {_why(e)})") from None
         return tensor
 
-    write_safetensors(folder / "model.safetensors", [(k[len("model."):], s, d) for k, s, d in items],
+    target = folder if out is None or Path(out).resolve() == folder.resolve() else Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    write_safetensors(target / "model.safetensors", [(k[len("model."):], s, d) for k, s, d in items],
                       lambda n: produce("model." + n), True)
+    if target != folder:
+        for name in ("preset.json", "meta.json"):
+            with storage.atomic_path(target / name) as tmp:
+                shutil.copyfile(folder / name, tmp)
     return {"tensors": len(items), "parameters": sum(math.prod(s) for _, s, _ in items),
-            "out": str(folder / "model.safetensors")}
+            "out": str(target / "model.safetensors")}
 
 
 def save_checkpoint(folder: Path, model: QwenVL, optimizer, loader_state: dict, step: int, fsdp: bool, world: int,

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from qvl.cli import app
+from qvl.common import remote
 from qvl.trainer.checkpoint import CheckpointError, load_checkpoint
 from qvl.trainer.settings import SettingsError, TrainSettings
 from qvl.trainer.train import RunError, train
@@ -64,7 +65,7 @@ def torchrun(tmp_path: Path, port: int, *more: dict, **settings) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_sharded_runs_resume_anywhere_and_consolidate(micro, tmp_path):
+def test_sharded_runs_resume_anywhere_and_consolidate(micro, s3, tmp_path):
     """Stage 3 from a stage-1 checkpoint at another resolution, sharded over 2 ranks, bf16:
     - built on the meta device and filled from --init: the frozen ViT (its position table
       interpolated 32 -> 48 px), stored in bf16, equals the one-process build's in bf16 bit for
@@ -75,7 +76,8 @@ def test_sharded_runs_resume_anywhere_and_consolidate(micro, tmp_path):
     - the step-2 checkpoint resumes in one process (no FSDP) with the next step's loss, a later
       save killed while writing its shards beside it; that one-process checkpoint (whole weights,
       AdamW state keyed by numbers) resumes on 2 ranks under FSDP and saves sharded;
-    - the end-of-run model.safetensors equals `qvl convert consolidate` of the shards; a crafted
+    - the end-of-run model.safetensors equals `qvl convert consolidate` of the shards (beside
+      them, into --out, and from a run in a bucket into a URL); a crafted
       .metadata or state.pt runs nothing, damaged shards, index or state.pt are one line each."""
     train(TrainSettings(stage=1, data=micro["multitask"], out=tmp_path / "s1", preset=micro["preset"], max_steps=1,
                         log=False))
@@ -122,13 +124,31 @@ def test_sharded_runs_resume_anywhere_and_consolidate(micro, tmp_path):
     with pytest.raises(CheckpointError, match=f"{checkpoint}: holds sharded weights only .*; "
                                               f"qvl convert consolidate {checkpoint} writes"):
         load_checkpoint(checkpoint)
-    done = CliRunner().invoke(app, ["convert", "consolidate", str(checkpoint)])
+    gathered = load_file(str(tmp_path / "gathered.safetensors"))
+
+    def same_weights(folder: Path) -> None:
+        consolidated = load_file(str(folder / "model.safetensors"))
+        assert set(gathered) == set(consolidated)
+        assert all(torch.equal(consolidated[k], gathered[k]) for k in gathered)
+        load_checkpoint(folder)
+
+    # a run in a bucket: read, never changed there; --out a new folder of whole weights (a URL too)
+    run = s3.bucket() + "/whole"
+    shutil.copytree(tmp_path / "whole", tmp_path / "upload")
+    remote.publish(tmp_path / "upload", run, show_progress=False)
+    done = CliRunner().invoke(app, ["convert", "consolidate", f"{run}/checkpoint"])
+    assert done.exit_code == 1 and done.output.strip().startswith(f"error: {run}/checkpoint: a checkpoint in a bucket "
+                                                                  "is read, not changed: give --out"), done.output
+    done = CliRunner().invoke(app, ["convert", "consolidate", f"{run}/checkpoint", "--out", f"{run}-weights"])
     assert done.exit_code == 0, done.output
-    consolidated, gathered = load_file(str(checkpoint / "model.safetensors")), load_file(
-        str(tmp_path / "gathered.safetensors"))
-    assert set(gathered) == set(consolidated)
-    assert all(torch.equal(consolidated[k], gathered[k]) for k in gathered)
-    load_checkpoint(checkpoint)
+    same_weights(remote.input_folder(f"{run}-weights", show_progress=False))
+    done = CliRunner().invoke(app, ["convert", "consolidate", str(checkpoint), "--out", str(tmp_path / "weights")])
+    assert done.exit_code == 0, done.output
+    same_weights(tmp_path / "weights")
+    assert not (checkpoint / "model.safetensors").exists()
+    done = CliRunner().invoke(app, ["convert", "consolidate", str(checkpoint)])  # beside the shards
+    assert done.exit_code == 0, done.output
+    same_weights(checkpoint)
 
     # hostile or damaged files: one line naming the file, nothing run, no advice to unpickle
     shards = next(checkpoint.glob("shards-*"))
