@@ -864,7 +864,7 @@ def convert_to(
                   f"{done['bytes'] / 1e9:.2f} GB -> {_url(out)}")
 
 
-@convert_app.command("consolidate", writes=("out",))  # the checkpoint is fetched below, once --out is known fine
+@convert_app.command("consolidate", writes=("out",))  # the checkpoint: fetched in the body, after --out is checked
 def convert_consolidate(
     checkpoint: Annotated[Path, typer.Argument(help="the checkpoint folder of an FSDP run (holds shards-*/), or its URL")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="a new checkpoint folder (or URL) for the whole weights; "

@@ -480,7 +480,6 @@ def write_merged(checkpoint: Path, out: Path, base: Path | None = None, dtype: t
     """A LoRA checkpoint merged into its base, written as a plain qvl checkpoint folder."""
     from safetensors.torch import save_file
 
-
     from qvl.trainer.checkpoint import saved_names
 
     model, preset, _, meta = load(checkpoint, None, base)
@@ -598,7 +597,8 @@ def check_resume_kind(folder: Path, record: dict | None) -> None:
 
 def resume(folder: Path, model: nn.Module, optimizer, loader, run_record: dict, init: Path) -> int:
     """Adapters, optimiser, data position and torch RNG of ``save_checkpoint``'s folder, once its
-    LoRA record is the run's (same settings, same base by fingerprint: it may have moved); its step."""
+    LoRA record is the run's (same settings, same base by fingerprint: it may have moved; ``init``
+    is where this run reads it); its step."""
     from qvl.trainer.checkpoint import CheckpointError, load_state
     from qvl.trainer.checkpoint import _why as why
 
