@@ -111,7 +111,7 @@ def read_safetensors_header(path: Path, error=CheckpointError) -> dict[str, Tens
     return entries
 
 
-def _why(e: BaseException) -> str:
+def error_clause(e: BaseException) -> str:
     """An exception as a short clause for a one-line error: torch's weights-only refusal without
     its advice to load the file with ``weights_only=False`` (bad advice for a damaged or hostile
     file), the first line of anything else."""
@@ -136,7 +136,7 @@ def load_state(path: Path) -> dict:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             state = torch.load(path, weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file
-        raise CheckpointError(f"{path}: damaged, or not written by qvl ({_why(e)})") from None
+        raise CheckpointError(f"{path}: damaged, or not written by qvl ({error_clause(e)})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: damaged, or not written by qvl (not a dict)")
     return state
@@ -194,7 +194,7 @@ def read_dcp_index(folder: Path):
     except CheckpointError:
         raise
     except Exception as e:  # pickle raises many types for a damaged file
-        raise CheckpointError(f"{path}: damaged, or not a DCP index ({_why(e)})") from None
+        raise CheckpointError(f"{path}: damaged, or not a DCP index ({error_clause(e)})") from None
     if not isinstance(index, Metadata) or not isinstance(getattr(index, "storage_data", None), dict):
         raise CheckpointError(f"{path}: damaged, or not a DCP index (holds a {type(index).__name__})")
     if getattr(index, "storage_meta", None) is None:
@@ -486,7 +486,7 @@ def consolidate(folder: str | Path, out: str | Path | None = None) -> dict:
             files = sorted({info.relative_path for index_key, info in index.storage_data.items()
                             if index_key.fqn == key})
             raise CheckpointError(f"{', '.join(str(shards / f) for f in files) or shards}: damaged "
-                                  f"(tensor {key} cannot be read: {_why(e)})") from None
+                                  f"(tensor {key} cannot be read: {error_clause(e)})") from None
         return tensor
 
     target = folder if out is None or Path(out).resolve() == folder.resolve() else Path(out)
@@ -545,7 +545,12 @@ def _save_sharded(folder: Path, model, optimizer, loaders: list, step: int, main
     if main:
         folder.mkdir(parents=True, exist_ok=True)
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=str(folder / name))
+    try:
+        dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=str(folder / name))
+    except BaseException:  # every rank raises (DCP gathers each rank's result): its partial shards go
+        if main:
+            shutil.rmtree(folder / name, ignore_errors=True)
+        raise
     dist.barrier()
     if main:
         with storage.atomic_path(folder / "state.pt") as tmp:
@@ -594,7 +599,7 @@ def resume(folder: Path, model: QwenVL, optimizer, loader, fsdp: bool, main: boo
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as e:  # torch/safetensors/DCP raise many types for a damaged file
-        raise CheckpointError(f"{folder}: cannot resume from this checkpoint ({_why(e)})") from None
+        raise CheckpointError(f"{folder}: cannot resume from this checkpoint ({error_clause(e)})") from None
     return step
 
 

@@ -481,6 +481,15 @@ class Loader:
     def check(self) -> None:
         self.dataset.check(self.position)
 
+    def explain(self, e: RuntimeError) -> DataError | None:
+        """A worker killed by SIGBUS as what it almost always is here: torch blames shared memory
+        (its error surfaces wherever the main process is, e.g. in the backward)."""
+        if "DataLoader worker" in str(e) and "Bus error" in str(e):
+            return DataError(f"{self.shards.where}: a loader process died of a bus error: a shard changed or was cut "
+                             "short while this run read it (local shards are memory-mapped); write or restore the "
+                             "shards, then --resume")
+        return None
+
     def close(self) -> None:
         """Stop the worker processes now: left to the garbage collector, which may finalise the
         iterator's queues first, each worker waited out its 5 s join timeout (10 s a run)."""

@@ -418,7 +418,7 @@ def base_of(folder: Path, rec: LoraRecord, base: Path | None) -> Path:
     if base is not None:
         chosen = Path(base)
     elif remote.is_remote(rec.base.path):
-        chosen = remote.input_folder(rec.base.path, show_progress=False)
+        chosen = remote.input_any(rec.base.path, show_progress=False)  # a run's checkpoint/: inside its commit
     else:
         chosen = Path(rec.base.path)
     weights = chosen / "model.safetensors"
@@ -600,7 +600,7 @@ def resume(folder: Path, model: nn.Module, optimizer, loader, run_record: dict, 
     LoRA record is the run's (same settings, same base by fingerprint: it may have moved; ``init``
     is where this run reads it); its step."""
     from qvl.trainer.checkpoint import CheckpointError, load_state
-    from qvl.trainer.checkpoint import _why as why
+    from qvl.trainer.checkpoint import error_clause as why
 
     saved = read_record(folder)
     if saved is None:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
 from qvl.boundary import Count, decode_json
 from qvl.common import remote, storage
@@ -40,6 +41,7 @@ from qvl.trainer.checkpoint import (
     SafetensorsReader,
     Weights,
     check_names,
+    error_clause,
     llm_folder_weights,
     load_weights,
     read_meta,
@@ -172,7 +174,17 @@ class Run:
 
     def save(self) -> None:
         """The checkpoint at this step (a collective: every rank calls it); under FSDP sharded,
-        with the whole ``model.safetensors`` at the run's end."""
+        with the whole ``model.safetensors`` at the run's end. A save that fails (a full disk)
+        is one line; the previous checkpoint stays whole (writes are atomic, shards committed last)."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            self._save()
+        except (OSError, RuntimeError, CheckpointException, SafetensorError) as e:
+            raise RunError(f"{self.settings.out / 'checkpoint'}: the checkpoint of step {self.step} could not be "
+                           f"written ({error_clause(e)}); the previous one is kept: free space, then --resume") from None
+
+    def _save(self) -> None:
         s, stage = self.settings, self.stage
         meta = {"stage": stage.number, "step": self.step, "preset": self.preset.name,
                 "global_batch": stage.micro_batch * stage.accumulation * self.world,
@@ -421,6 +433,21 @@ def loop(run: Run) -> None:
                 run.save()
 
 
+def run_to_end(run: Run) -> None:
+    """The loop and the final save (the final weights, also for a zero-step run: a stage's
+    starting point); the loader's workers stopped however it ends."""
+    try:
+        loop(run)
+        run.save()
+    except RuntimeError as e:
+        explained = run.loader.explain(e)
+        if explained is None:
+            raise
+        raise explained from None
+    finally:
+        run.loader.close()
+
+
 def train(s: TrainSettings) -> dict:
     """One stage's run. Under torchrun it joins the process group and leaves it at the end,
     unless the caller joined one already: then it is used and kept, which is how to call
@@ -428,11 +455,7 @@ def train(s: TrainSettings) -> dict:
     the last group's rendezvous and can hang)."""
     own_group = not dist.is_initialized()
     run = setup(s)
-    try:
-        loop(run)
-        run.save()  # the final weights, also for a zero-step run (a stage's starting point)
-    finally:
-        run.loader.close()
+    run_to_end(run)
     if run.main and (s.out / "metrics.jsonl").exists():
         plot_loss(s.out / "metrics.jsonl", s.out / "loss.png")
     if run.world > 1:

@@ -432,3 +432,22 @@ def test_a_prompt_that_is_not_unicode_names_the_option(checkpoint, option):
     message = one_line_error(runner.invoke(app, ["generate", "--checkpoint", str(checkpoint), "--chat",
                                                  "--prompt", args["--prompt"], "--system", args["--system"]]))
     assert message.startswith(f"error: {option}: not valid Unicode"), message
+
+
+def test_a_shard_cut_short_while_a_run_reads_it_is_one_error(micro, tmp_path):
+    """A shard truncated after the run checked it (another job rewrote it): a loader process
+    dies of SIGBUS on the memory-mapped file; the run says so about the data, not shared memory."""
+    from qvl.trainer.data import DataError
+    from qvl.trainer.settings import TrainSettings
+    from qvl.trainer.train import run_to_end, setup
+
+    data = copy_shards(micro, tmp_path)
+    run = setup(TrainSettings(stage=2, data=data, out=tmp_path / "run", preset=micro["preset"], max_steps=50,
+                              data_workers=2, log=False, progress=False))
+    run.loader.next()  # the workers have the shard mapped
+    for shard in sorted(data.glob("*.arrow")):
+        with open(shard, "r+b") as f:
+            f.truncate(shard.stat().st_size // 3)
+    with pytest.raises(DataError, match=f"^{re.escape(str(data))}: a loader process died of a bus error: a shard "
+                                        "changed or was cut short while this run read it"):
+        run_to_end(run)

@@ -444,8 +444,11 @@ def test_a_base_from_a_bucket_is_recorded_by_its_url(world, s3, tmp_path):
     from qvl.common import remote
 
     shutil.copytree(world["chat"], tmp_path / "chat")
-    url = s3.bucket() + "/runs/chat"
-    remote.publish(tmp_path / "chat", url, show_progress=False)
+    shutil.copytree(world["chat"], tmp_path / "upload" / "checkpoint",  # as a run with --out s3://… leaves it
+                    ignore=shutil.ignore_patterns(".qvl"))
+    run = s3.bucket() + "/runs/chat"
+    remote.publish(tmp_path / "upload", run, show_progress=False)
+    url = run + "/checkpoint"
     done = runner.invoke(app, ["train", "--stage", "3", "--lora", "--init", url, "--data", str(world["sft"]),
                                "--out", str(tmp_path / "run"), "--max-steps", "1", "--micro-batch", "1",
                                "--accumulation", "1", "--data-workers", "0", "--no-progress"])

@@ -97,6 +97,33 @@ def test_a_run_leaves_no_loader_processes_behind(micro, tmp_path, monkeypatch):
     assert {p.pid for p in multiprocessing.active_children()} == before
 
 
+def test_a_save_that_cannot_write_is_one_line_and_keeps_the_last_checkpoint(micro, tmp_path):
+    """A real write failure (the file-size limit below the model's size, as a full disk fails a
+    write): one line naming the checkpoint, and the step-2 checkpoint still resumes."""
+    common = ["train", "--stage", "2", "--data", str(micro["multitask"]), "--out", str(tmp_path / "run"), "--preset",
+              micro["preset"], "--checkpoint-every", "2", "--no-progress",
+              "--data-workers", "0"]  # the limit would also fail the workers' batches in /dev/shm
+    limit = "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); " \
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv.pop(1)),) * 2); from qvl.cli import app; app()"
+    done = subprocess.run([sys.executable, "-c", limit, str(2 ** 40), *common, "--max-steps", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    checkpoint = tmp_path / "run" / "checkpoint"
+    size = (checkpoint / "model.safetensors").stat().st_size
+    before = {f.name: f.read_bytes() for f in checkpoint.iterdir()}
+    done = subprocess.run([sys.executable, "-c", limit, str(size // 2), *common, "--max-steps", "4", "--resume"],
+                          capture_output=True, text=True, timeout=300)
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert lines[-1].startswith(f"error: {checkpoint}: the checkpoint of step 4 could not be written (") and \
+        "the previous one is kept" in lines[-1], lines
+    assert {f.name: f.read_bytes() for f in checkpoint.iterdir()} == before  # nothing half-written beside it
+    train(TrainSettings(stage=2, data=micro["multitask"], out=tmp_path / "run", preset=micro["preset"], max_steps=4,
+                        resume=True, log=False, data_workers=0))
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == \
+        [1, 2, 3, 4]
+
+
 @pytest.mark.parametrize("fsdp, port", [(False, 29533), (True, 29534)])
 def test_two_processes_give_the_loss_of_one(micro, tmp_path, fsdp, port):
     """torchrun with 2 CPU processes (gloo; DDP or FSDP) and micro-batch 4 sees the rows that
