@@ -181,6 +181,8 @@ class Run:
         try:
             self._save()
         except (OSError, RuntimeError, CheckpointException, SafetensorError) as e:
+            if isinstance(e, RuntimeError) and self.loader.explain(e) is not None:
+                raise  # a loader worker died meanwhile: run_to_end says why
             raise RunError(f"{self.settings.out / 'checkpoint'}: the checkpoint of step {self.step} could not be "
                            f"written ({error_clause(e)}); the previous one is kept: free space, then --resume") from None
 
