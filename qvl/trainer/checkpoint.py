@@ -202,14 +202,14 @@ def read_dcp_index(folder: Path):
     return index
 
 
-def dcp_reader(folder: Path):
-    """A DCP ``FileSystemReader`` of ``folder`` whose index is read by ``read_dcp_index``:
-    every DCP read of qvl's goes through it."""
+def dcp_reader(folder: Path, index):
+    """A DCP ``FileSystemReader`` of ``folder`` that hands DCP ``index`` (``read_dcp_index``'s,
+    read once by the caller): every DCP read of qvl's goes through it, and consolidating a
+    model tensor by tensor does not unpickle the index once a tensor."""
     from torch.distributed.checkpoint import FileSystemReader
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
-            index = read_dcp_index(folder)
             index.storage_meta.load_id = self.load_id
             return index
 
@@ -427,11 +427,12 @@ def write_consolidated(path: Path, model: torch.nn.Module, main: bool) -> None:
     write_safetensors(path, [(n, tuple(state[n].shape), state[n].dtype) for n in names], produce, main)
 
 
-def _dcp_files_check(folder: Path) -> None:
-    """Every file a DCP checkpoint's ``.metadata`` names is there and long enough: a missing or
-    truncated shard is one error naming it, not a torch traceback."""
+def _dcp_index_checked(folder: Path):
+    """The DCP index of ``folder``, once every file it names is there and long enough: a missing
+    or truncated shard is one error naming it, not a torch traceback."""
+    index = read_dcp_index(folder)
     needed: dict[str, int] = {}
-    for info in read_dcp_index(folder).storage_data.values():
+    for info in index.storage_data.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
     for name, size in sorted(needed.items()):
         path = folder / name
@@ -439,6 +440,7 @@ def _dcp_files_check(folder: Path) -> None:
             raise CheckpointError(f"{path}: missing (a shard of this checkpoint)")
         if path.stat().st_size < size:
             raise CheckpointError(f"{path}: truncated ({path.stat().st_size:,} bytes, its index needs {size:,})")
+    return index
 
 
 def consolidate(folder: str | Path, out: str | Path | None = None) -> dict:
@@ -464,8 +466,7 @@ def consolidate(folder: str | Path, out: str | Path | None = None) -> dict:
     if name is None:
         raise CheckpointError(whole)
     shards = _shards_folder(folder, name)
-    _dcp_files_check(shards)
-    index = read_dcp_index(shards)
+    index = _dcp_index_checked(shards)
     items = [(key, tuple(m.size), m.properties.dtype)
              for key, m in index.state_dict_metadata.items()
              if key[len("model."):] in keep and isinstance(m, TensorStorageMetadata)]
@@ -479,7 +480,7 @@ def consolidate(folder: str | Path, out: str | Path | None = None) -> dict:
         tensor = torch.empty(layout[key][0], dtype=layout[key][1])
         try:
             with _quiet_single_process():
-                dcp.load({key: tensor}, storage_reader=dcp_reader(shards), no_dist=True)
+                dcp.load({key: tensor}, storage_reader=dcp_reader(shards, index), no_dist=True)
         except CheckpointError:
             raise
         except (Exception, CheckpointException) as e:  # DCP wraps a damaged shard's error in its own
@@ -608,9 +609,9 @@ def _load_sharded(shards: Path, model, optimizer) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    _dcp_files_check(shards)
+    index = _dcp_index_checked(shards)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optimizer_state}
     with _quiet_single_process():
-        dcp.load(state, storage_reader=dcp_reader(shards), no_dist=not dist.is_initialized())
+        dcp.load(state, storage_reader=dcp_reader(shards, index), no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

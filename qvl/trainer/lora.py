@@ -575,15 +575,14 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer, loader_state: dic
 
 
 def refuse_as_init(init: Path | None) -> None:
-    """None; for a full run's --init that is a LoRA run's checkpoint (adapters only), one line
-    saying so and how to make a base of it."""
+    """A full run's --init that is a LoRA run's checkpoint (adapters only): one line saying so
+    and how to make a base of it."""
     if init is None:
-        return None
+        return
     init = Path(init)
     if not (init / "model.safetensors").is_file() and read_record(init) is not None:
         raise LoraError(f"--init {init}: a LoRA run's checkpoint (its adapters only, no model.safetensors): "
                         "qvl convert merge makes a base of it, or continue it with --lora on its base")
-    return None
 
 
 def check_resume_kind(folder: Path, record: dict | None) -> None:

@@ -172,6 +172,11 @@ class Run:
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def global_batch(self) -> int:
+        """Rows per optimiser step, over every rank."""
+        return self.stage.micro_batch * self.stage.accumulation * self.world
+
     def save(self) -> None:
         """The checkpoint at this step (a collective: every rank calls it); under FSDP sharded,
         with the whole ``model.safetensors`` at the run's end. A save that fails (a full disk)
@@ -189,7 +194,7 @@ class Run:
     def _save(self) -> None:
         s, stage = self.settings, self.stage
         meta = {"stage": stage.number, "step": self.step, "preset": self.preset.name,
-                "global_batch": stage.micro_batch * stage.accumulation * self.world,
+                "global_batch": self.global_batch,
                 "resolution": stage.resolution, "precision": "bf16" if self.bf16 else "fp32", "settings": str(s)}
         if self.lora is not None:
             lora.save_checkpoint(s.out / "checkpoint", self.model, self.optimizer, self.loader.state(), self.step,
@@ -315,7 +320,9 @@ def setup(s: TrainSettings) -> Run:
     preset = read_preset(s.init, s.preset) if s.init is not None else load_preset(s.preset or "tiny")
     stage = stage_for(s, preset)
     tok = load_tokenizer(preset.tokenizer)
-    record = lora.record(s.lora, Path(s.init)) if s.lora is not None else lora.refuse_as_init(s.init)
+    record = lora.record(s.lora, Path(s.init)) if s.lora is not None else None
+    if record is None:
+        lora.refuse_as_init(s.init)
     fsdp = s.fsdp and world > 1
     if s.fsdp and world == 1:
         say("notice: --fsdp shards the model over the processes of torchrun (--nproc_per_node 2 or more); "
@@ -337,9 +344,8 @@ def setup(s: TrainSettings) -> Run:
         except CheckpointError as e:
             raise RunError(f"{e}; --overwrite starts the run again") from None
         say(f"resumed at step {run.step}")
-        now = stage.micro_batch * stage.accumulation * world
-        if before is not None and before != now:
-            say(f"notice: the global batch changed from {before} to {now} rows per step (micro-batch "
+        if before is not None and before != run.global_batch:
+            say(f"notice: the global batch changed from {before} to {run.global_batch} rows per step (micro-batch "
                 f"{stage.micro_batch} x accumulation {stage.accumulation} x {world} processes); --accumulation "
                 "keeps it")
         if main and metrics_path.exists():  # drop lines past the checkpoint: the curve continues exactly
