@@ -454,6 +454,12 @@ def consolidate(folder: str | Path, out: str | Path | None = None) -> dict:
     from qvl.formats.tokenizers import IMG_PAD, load_tokenizer
 
     folder = Path(folder)
+    target = folder if out is None or Path(out).resolve() == folder.resolve() else Path(out)
+    if target != folder:
+        try:  # a new folder, or one a consolidation wrote: never a file, never others' files
+            storage.claim(target, "consolidated checkpoint")
+        except storage.OutputError as e:
+            raise CheckpointError(str(e)) from None
     meta = read_meta(folder)
     preset = read_preset(folder)
     tok = load_tokenizer(preset.tokenizer)
@@ -490,8 +496,6 @@ def consolidate(folder: str | Path, out: str | Path | None = None) -> dict:
                                   f"(tensor {key} cannot be read: {error_clause(e)})") from None
         return tensor
 
-    target = folder if out is None or Path(out).resolve() == folder.resolve() else Path(out)
-    target.mkdir(parents=True, exist_ok=True)
     write_safetensors(target / "model.safetensors", [(k[len("model."):], s, d) for k, s, d in items],
                       lambda n: produce("model." + n), True)
     if target != folder:

@@ -460,3 +460,23 @@ def test_a_base_from_a_bucket_is_recorded_by_its_url(world, s3, tmp_path):
     assert (remote.cache_root() / "mirror").is_dir()
     local = load_checkpoint(checkpoint, base=tmp_path / "chat")[0].state_dict()
     assert fetched.keys() == local.keys() and all(torch.equal(fetched[k], local[k]) for k in local)
+
+
+@pytest.mark.parametrize("url, message", [
+    ("s3://", "names no bucket"), ("s3://no-such-bucket-qvl/run/checkpoint", "no credentials found"),
+    ("nosuch://b/x", "cannot open this kind of URL"), ("http://127.0.0.1:9/x", "no such file or folder"),
+    ("s3://b/" + "a" * 5000, "more characters"),
+])
+def test_a_recorded_base_url_that_cannot_be_fetched_is_one_line(run, tmp_path, monkeypatch, url, message):
+    """meta.json's base a URL that names no bucket, needs credentials nobody gave, no protocol
+    qvl reads, nothing there, or 5,000 characters: one line, quickly, never a traceback."""
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    lost = tmp_path / "lost"
+    shutil.copytree(run["checkpoint"], lost)
+    meta = json.loads((lost / "meta.json").read_text())
+    meta["lora"]["base"]["path"] = url
+    (lost / "meta.json").write_text(json.dumps(meta))
+    done = runner.invoke(app, ["generate", "--checkpoint", str(lost), "--prompt", "Hi"])
+    assert done.exit_code == 1 and done.output.startswith("error: ") and done.output.count("\n") == 1, done.output
+    assert message in done.output and len(done.output) < 2100, done.output

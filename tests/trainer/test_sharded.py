@@ -142,9 +142,18 @@ def test_sharded_runs_resume_anywhere_and_consolidate(micro, s3, tmp_path):
     done = CliRunner().invoke(app, ["convert", "consolidate", f"{run}/checkpoint", "--out", f"{run}-weights"])
     assert done.exit_code == 0, done.output
     same_weights(remote.input_folder(f"{run}-weights", show_progress=False))
-    done = CliRunner().invoke(app, ["convert", "consolidate", str(checkpoint), "--out", str(tmp_path / "weights")])
-    assert done.exit_code == 0, done.output
-    same_weights(tmp_path / "weights")
+    for _ in range(2):  # again into its own output: replaced
+        done = CliRunner().invoke(app, ["convert", "consolidate", str(checkpoint), "--out", str(tmp_path / "weights")])
+        assert done.exit_code == 0, done.output
+        same_weights(tmp_path / "weights")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "others").mkdir()
+    (tmp_path / "others" / "mine.txt").write_text("mine")
+    for target, says in ((tmp_path / "notes.txt", "is a file, not a folder"), (tmp_path / "others", "is not a qvl output")):
+        done = CliRunner().invoke(app, ["convert", "consolidate", str(checkpoint), "--out", str(target)])
+        assert done.exit_code == 1 and done.output.startswith(f"error: {target}: ") and says in done.output, done.output
+    assert (tmp_path / "notes.txt").read_text() == "mine" and [f.name for f in (tmp_path / "others").iterdir()] == \
+        ["mine.txt"]
     assert not (checkpoint / "model.safetensors").exists()
     done = CliRunner().invoke(app, ["convert", "consolidate", str(checkpoint)])  # beside the shards
     assert done.exit_code == 0, done.output
