@@ -875,10 +875,17 @@ def convert_consolidate(
     from qvl.common import remote
     from qvl.trainer.checkpoint import consolidate
 
-    if out is None and remote.is_remote(checkpoint):
-        _fail(f"{remote.location(checkpoint)}: a checkpoint in a bucket is read, not changed: give --out (a folder or "
-              "URL for the whole weights)")
-    done = consolidate(remote.input_any(checkpoint), out)
+    url = remote.location(checkpoint)
+    if remote.is_remote(checkpoint):  # --out arrives as its staging folder: urls_in names its URL
+        target = remote.urls_in(str(out)).rstrip("/") if out is not None else None
+        if target is None or target == url.rstrip("/") or target.startswith(url.rstrip("/") + "/"):
+            _fail(f"{url}: a checkpoint in a bucket is read, not changed: give --out (a folder or URL for the whole "
+                  "weights) outside it")
+    local = remote.input_any(checkpoint)
+    try:
+        done = consolidate(local, out)
+    except QvlError as e:  # named by its URL, not this machine's mirror of it
+        _fail(str(e).replace(str(local), str(url)))
     console.print(f"[green]{done['tensors']:,}[/] tensors, {done['parameters'] / 1e9:.3f}B parameters "
                   f"-> {_url(out) + '/model.safetensors' if out is not None else done['out']}")
 

@@ -421,9 +421,15 @@ def base_of(folder: Path, rec: LoraRecord, base: Path | None) -> Path:
         chosen = remote.input_any(rec.base.path, show_progress=False)  # a run's checkpoint/: inside its commit
     else:
         chosen = Path(rec.base.path)
-    weights = chosen / "model.safetensors"
-    recorded = shown(rec.base.path)
-    if not weights.is_file():
+    from qvl.trainer.checkpoint import weights_path
+
+    recorded = shown(rec.base.path[:300] + ("…" if len(rec.base.path) > 300 else ""))
+    try:
+        weights = weights_path(chosen)  # a base with shards only: says to consolidate it
+        present = weights.is_file()
+    except OSError:  # a recorded path no file system takes (too long)
+        weights, present = chosen / "model.safetensors", False
+    if not present:
         if base is not None and read_record(chosen) is not None:
             raise LoraError(f"{folder}: LoRA adapters; --base {shown(chosen)} is a LoRA run's checkpoint too (adapters "
                             f"only), not a base: give the checkpoint they were trained on ({recorded})")

@@ -465,11 +465,12 @@ def test_a_base_from_a_bucket_is_recorded_by_its_url(world, s3, tmp_path):
 @pytest.mark.parametrize("url, message", [
     ("s3://", "names no bucket"), ("s3://no-such-bucket-qvl/run/checkpoint", "no credentials found"),
     ("nosuch://b/x", "cannot open this kind of URL"), ("http://127.0.0.1:9/x", "no such file or folder"),
-    ("s3://b/" + "a" * 5000, "more characters"),
+    ("s3://b/" + "a" * 5000, "more characters"), ("x" * 100_000, "is missing (no model.safetensors)"),
 ])
 def test_a_recorded_base_url_that_cannot_be_fetched_is_one_line(run, tmp_path, monkeypatch, url, message):
     """meta.json's base a URL that names no bucket, needs credentials nobody gave, no protocol
-    qvl reads, nothing there, or 5,000 characters: one line, quickly, never a traceback."""
+    qvl reads, nothing there, 5,000 characters, or a path no file system takes: one line, quickly,
+    never a traceback."""
     for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     lost = tmp_path / "lost"

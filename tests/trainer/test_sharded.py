@@ -139,6 +139,11 @@ def test_sharded_runs_resume_anywhere_and_consolidate(micro, s3, tmp_path):
     done = CliRunner().invoke(app, ["convert", "consolidate", f"{run}/checkpoint"])
     assert done.exit_code == 1 and done.output.strip().startswith(f"error: {run}/checkpoint: a checkpoint in a bucket "
                                                                   "is read, not changed: give --out"), done.output
+    for inside in (f"{run}/checkpoint", f"{run}/checkpoint/", f"{run}/checkpoint/whole"):  # the run's own objects
+        done = CliRunner().invoke(app, ["convert", "consolidate", f"{run}/checkpoint", "--out", inside])
+        assert done.exit_code == 1 and done.output.startswith(f"error: {run}/checkpoint"), done.output
+        assert "is read, not changed" in done.output or "holds objects qvl did not write" in done.output, done.output
+    assert (remote.input_any(f"{run}/checkpoint", show_progress=False) / "state.pt").is_file()
     done = CliRunner().invoke(app, ["convert", "consolidate", f"{run}/checkpoint", "--out", f"{run}-weights"])
     assert done.exit_code == 0, done.output
     same_weights(remote.input_folder(f"{run}-weights", show_progress=False))
