@@ -484,7 +484,11 @@ class Loader:
     def explain(self, e: RuntimeError) -> DataError | None:
         """A worker killed by SIGBUS as what it almost always is here: torch blames shared memory
         (its error surfaces wherever the main process is, e.g. in the backward)."""
-        if "DataLoader worker" in str(e) and "Bus error" in str(e):
+        chain, seen = [], e  # torch may raise "exited unexpectedly" from the "killed by signal: Bus error"
+        while seen is not None and len(chain) < 8:
+            chain.append(str(seen))
+            seen = seen.__cause__ or seen.__context__
+        if any("DataLoader worker" in text and "Bus error" in text for text in chain):
             return DataError(f"{self.shards.where}: a loader process died of a bus error: a shard changed or was cut "
                              "short while this run read it (local shards are memory-mapped); write or restore the "
                              "shards, then --resume")
